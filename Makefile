@@ -1,0 +1,42 @@
+# quorumd developer targets. Every target creates .venv when missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint typecheck unit sim soak bench chaos clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/quorumd demo --nodes 3
+
+lint: $(STAMP)
+	$(BIN)/ruff check raft api node tests bench
+
+typecheck: $(STAMP)
+	cd /tmp && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml $(CURDIR)/raft $(CURDIR)/api $(CURDIR)/node
+
+unit: $(STAMP)
+	$(BIN)/pytest -q -n 2 tests
+
+test: lint typecheck unit
+
+# 10,000 simulator seeds (long; see README for the last run's time)
+soak: $(STAMP)
+	$(BIN)/python -m quorumd.raft.sim --sweep 10000 --steps 5000 --jobs 2
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos --minutes 30
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
