@@ -469,7 +469,16 @@ class RaftCore:
             self.election_elapsed = 0
             self.leader_id = m.frm
             self.log.commit_to(min(m.commit, self.log.last_index))
-            self._send(Message(MT.HEARTBEAT_RESP, to=m.frm, frm=self.id, term=self.term, context=m.context))
+            self._send(
+                Message(
+                    MT.HEARTBEAT_RESP,
+                    to=m.frm,
+                    frm=self.id,
+                    term=self.term,
+                    index=self.log.last_index,
+                    context=m.context,
+                )
+            )
         elif t == MT.SNAPSHOT:
             self.election_elapsed = 0
             self.leader_id = m.frm
@@ -580,6 +589,9 @@ class RaftCore:
         elif t == MT.HEARTBEAT_RESP:
             if pr.state == ProgressState.PROBE:
                 pr.paused = False
+            elif pr.state == ProgressState.REPLICATE and m.index + 1 < pr.next and pr.match < self.log.last_index:
+                # Appends sent before this heartbeat never arrived: resend from the match point.
+                pr.become_probe()
             if pr.match < self.log.last_index or pr.state == ProgressState.SNAPSHOT:
                 self._send_append(m.frm, pr)
             if m.context:
@@ -628,7 +640,7 @@ class RaftCore:
         if self.cfg.bug_nonvoter_counts:
             members = self.config.members()
         matches = [
-            self.log.last_index if nid == self.id else self.progress[nid].match
+            self.log.stable_index if nid == self.id else self.progress[nid].match
             for nid in members
             if nid in self.progress
         ]
@@ -792,6 +804,8 @@ class RaftCore:
         self.transfer_target = target
         self._transfer_elapsed = 0
         pr = self.progress[target]
+        if pr.state == ProgressState.REPLICATE and pr.match < self.log.last_index:
+            pr.become_probe()  # catch the target up from what it is known to have
         if pr.match == self.log.last_index:
             self._send(Message(MT.TIMEOUT_NOW, to=target, frm=self.id, term=self.term))
         else:
@@ -926,5 +940,9 @@ class RaftCore:
         if rd.entries:
             last = rd.entries[-1]
             self.log.stable_to(last.index, last.term)
+            # Thesis 10.2.1: the leader's own entries count toward commit once durable, so the
+            # driver may send appends before its local fsync completes.
+            if self.role == Role.LEADER and self._maybe_commit():
+                self._needs_broadcast = True
         if rd.committed_entries:
             self.log.applied = max(self.log.applied, rd.committed_entries[-1].index)

@@ -1,0 +1,97 @@
+"""The ``quorumd`` command: ``run``, ``demo``, ``recover`` and ``version`` (SPEC 2).
+
+Exit codes: 0 clean stop, 2 bad configuration or usage (the message names the key), 1 any other
+fatal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import ConfigError, load_config
+from .version import VERSION
+
+log = logging.getLogger(__name__)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"quorumd: config error: {exc}", file=sys.stderr)
+        return 2
+    from .daemon import FatalError, main_async
+    from .logs import configure_logging
+
+    configure_logging(cfg.log_level, cfg.log_format, cfg.node_id)
+    try:
+        import uvloop
+
+        return int(uvloop.run(main_async(cfg)))
+    except FatalError as exc:
+        log.error("fatal error=%s", exc)
+        print(f"quorumd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        log.error("fatal error=%s", exc)
+        print(f"quorumd: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cmd_recover(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"quorumd: config error: {exc}", file=sys.stderr)
+        return 2
+    from .recover import RecoverError, parse_peers, recover
+
+    try:
+        peers = parse_peers(args.peers)
+        summary = recover(cfg, peers)
+    except RecoverError as exc:
+        print(f"quorumd recover: {exc}", file=sys.stderr)
+        return 1
+    print(summary)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(nodes=args.nodes, base_port=args.base_port, directory=args.dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="quorumd", description="Raft membership daemon with an HTTPS API")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the daemon")
+    r.add_argument("--config", required=True)
+    d = sub.add_parser("demo", help="start a local cluster on 127.0.0.1")
+    d.add_argument("--nodes", type=int, default=3)
+    d.add_argument("--base-port", type=int, default=15000)
+    d.add_argument("--dir", default=None)
+    rc = sub.add_parser("recover", help="offline quorum-loss recovery: rewrite the stored voters")
+    rc.add_argument("--config", required=True)
+    rc.add_argument("--peers", required=True, help="ID=HOST:PORT,...")
+    sub.add_parser("version", help="print the version")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if args.cmd == "version":
+        print(f"quorumd {VERSION}")
+        return 0
+    if args.cmd == "run":
+        return _cmd_run(args)
+    if args.cmd == "recover":
+        return _cmd_recover(args)
+    return _cmd_demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,556 @@
+"""The composition root of ``quorumd run``: builds every runtime object from the validated config.
+
+Each startup step is paired with its cleanup on one ``AsyncExitStack`` and unwound in reverse
+order with bounded timeouts. SIGTERM/SIGINT set the stop event (a second signal exits at once);
+a stopping leader hands leadership to the best voter first. Under systemd the daemon speaks
+sd_notify (READY=1 once the API serves and the node has joined, WATCHDOG=1, STOPPING=1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import secrets
+import signal
+import ssl
+import time
+import uuid
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from quorumd.api.app import build_app, dispatch_forwarded
+from quorumd.api.errors import ApiError
+from quorumd.api.ports import DrainState, ForwardedRequest
+from quorumd.raft.aio.driver import DriverHooks, RaftDriver
+from quorumd.raft.aio.storage import LogStorage, RecoveredState
+from quorumd.raft.aio.transport import ClusterTransport, join_call
+from quorumd.raft.core.node import RaftCore
+from quorumd.raft.core.ready import CoreConfig, SoftState
+from quorumd.raft.core.types import ConfChange, Entry, HardState, Role
+
+from . import jointoken, pki
+from .autopilot import AutopilotSettings, AutopilotView
+from .bgp import StubBgpSpeaker
+from .commands import (
+    CreateApiToken,
+    MarkNodeLeft,
+    RegisterNodeInfo,
+    SetClusterSecrets,
+)
+from .config import Config
+from .metrics import Metrics
+from .operations import ClusterNode
+from .ran import WebhookRanNotifier
+from .sdnotify import SdNotifier
+from .service import Identity, pack, unpack
+from .state import ApplyResult, StateMachine
+from .version import VERSION
+
+log = logging.getLogger(__name__)
+
+
+class FatalError(Exception):
+    """Startup cannot continue; the message is for the operator (exit code 1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    tick_seconds: float
+    heartbeat_ticks: int
+    election_ticks: int
+
+
+def timing_for(cfg: Config) -> Timing:
+    hb = cfg.cluster.heartbeat_interval_seconds
+    tick = min(hb / 2.0, 0.025)
+    return Timing(tick, max(1, round(hb / tick)), max(2, round(cfg.cluster.election_timeout_seconds / tick)))
+
+
+# --- data directory ---------------------------------------------------------------------------
+def ensure_data_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    for sub in ("raft", "tls"):
+        (path / sub).mkdir(exist_ok=True)
+        os.chmod(path / sub, 0o700)
+
+
+def read_node_file(data_dir: Path) -> dict[str, Any] | None:
+    p = data_dir / "node.json"
+    if not p.exists():
+        return None
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise FatalError(f"{p}: unreadable node identity file: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("node_id"), int):
+        raise FatalError(f"{p}: malformed node identity file")
+    return data
+
+
+def write_node_file(data_dir: Path, data: dict[str, Any]) -> None:
+    pki.write_private_file(data_dir / "node.json", json.dumps(data, sort_keys=True).encode())
+
+
+def load_identity_files(data_dir: Path) -> tuple[bytes, bytes]:
+    return (data_dir / "tls" / "node.crt").read_bytes(), (data_dir / "tls" / "node.key").read_bytes()
+
+
+def api_url(cfg: Config) -> str:
+    host = cfg.api.address
+    if host in ("0.0.0.0", "::", ""):
+        host = cfg.cluster.advertise_address.host
+    if ":" in host:
+        host = f"[{host}]"
+    return f"https://{host}:{cfg.api.port}"
+
+
+# --- the daemon ---------------------------------------------------------------------------
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.data_dir = cfg.data_dir
+        self.stop_event = asyncio.Event()
+        self.notifier = SdNotifier.from_env()
+        self.metrics = Metrics(VERSION)
+        self.timing = timing_for(cfg)
+        self.node: ClusterNode | None = None
+        self.transport: ClusterTransport | None = None
+        self.driver: RaftDriver | None = None
+        self.api_port = 0
+        self.cluster_port = 0
+        self._bootstrap_pins: dict[int, str] = {}
+        self._bootstrap_addrs: dict[int, str] = {}
+        self._founder = False
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # --- startup -----------------------------------------------------------------------------
+    async def run(self) -> int:
+        async with AsyncExitStack() as stack:
+            await self._start(stack)
+            await self.stop_event.wait()
+            log.info("shutdown_start node=%d", self.cfg.node_id)
+            self.notifier.notify("STOPPING=1")
+            await self._graceful_stop()
+        log.info("shutdown_done node=%d", self.cfg.node_id)
+        return 0
+
+    async def _start(self, stack: AsyncExitStack) -> None:
+        cfg = self.cfg
+        for note in cfg.notes:
+            log.info("config_note %s", note)
+        ensure_data_dir(self.data_dir)
+        meta = read_node_file(self.data_dir)
+        if meta is not None and meta["node_id"] != cfg.node_id:
+            raise FatalError(
+                f"data-dir {self.data_dir} belongs to node {meta['node_id']}, but cluster.node-id is {cfg.node_id}"
+            )
+        loop = asyncio.get_running_loop()
+        storage, recovered = await loop.run_in_executor(None, LogStorage.open, self.data_dir / "raft")
+        stack.callback(storage.close)
+        has_state = bool(recovered.entries) or recovered.snapshot is not None or recovered.hard_state.term > 0
+        claims: jointoken.JoinClaims | None = None
+        if has_state:
+            if meta is None:
+                raise FatalError(f"{self.data_dir}: Raft state present but node.json is missing")
+            cluster_id = str(meta["cluster_id"])
+            self._founder = bool(meta.get("founder"))
+            cert_pem, key_pem = load_identity_files(self.data_dir)
+            log.info("node_restart node=%d cluster=%s", cfg.node_id, cluster_id)
+        elif cfg.cluster.enabled and cfg.cluster.join_token is not None:
+            try:
+                claims = jointoken.parse_join_token(cfg.cluster.join_token)
+            except jointoken.JoinTokenError as exc:
+                raise FatalError(f"cluster.join-token: {exc}") from exc
+            if claims.node_id != cfg.node_id:
+                raise FatalError(f"join token is for node {claims.node_id}, this is node {cfg.node_id}")
+            cluster_id = claims.cluster_id
+            cert_pem, key_pem = self._new_identity(cluster_id, founder=False)
+        else:
+            cluster_id = uuid.uuid4().hex
+            cert_pem, key_pem = self._new_identity(cluster_id, founder=True)
+            self._founder = True
+        fp = pki.fingerprint(pki.pem_to_der(cert_pem))
+        identity = Identity(
+            node_id=cfg.node_id,
+            cluster_id=cluster_id,
+            version=VERSION,
+            raft_address=str(cfg.cluster.advertise_address),
+            api_address=api_url(cfg),
+            fingerprint=fp,
+            cert_pem=cert_pem.decode(),
+        )
+        sm = StateMachine()
+        if recovered.snapshot is not None:
+            sm.restore(recovered.snapshot.data)
+        node = self._build_node(identity, sm)
+        self.node = node
+        if not has_state and claims is None:
+            hs, entries = await loop.run_in_executor(None, self._bootstrap, storage, node)
+            recovered = RecoveredState(hs, None, entries)
+        core = RaftCore(
+            CoreConfig(
+                node_id=cfg.node_id,
+                election_ticks=self.timing.election_ticks,
+                heartbeat_ticks=self.timing.heartbeat_ticks,
+                trailing_logs=cfg.cluster.trailing_logs,
+            ),
+            random.Random(secrets.randbits(64)),
+            hard_state=recovered.hard_state,
+            snapshot=recovered.snapshot,
+            entries=recovered.entries,
+        )
+        transport: ClusterTransport | None = None
+        if cfg.cluster.enabled:
+            transport = ClusterTransport(
+                node_id=cfg.node_id,
+                cluster_id=cluster_id,
+                cert_pem=cert_pem,
+                key_pem=key_pem,
+                pins={},
+                addresses={},
+                on_raft_frame=self._on_raft_frame,
+            )
+            self.transport = transport
+            node.set_rpc(transport.rpc)
+        driver = RaftDriver(
+            core,
+            storage,
+            node,
+            transport.send if transport else (lambda _to, _frame: True),
+            tick_seconds=self.timing.tick_seconds,
+            snapshot_threshold=cfg.cluster.snapshot_threshold,
+            hooks=DriverHooks(
+                on_soft_state=self._on_soft_state,
+                on_fsync=self.metrics.observe_fsync,
+                on_commit_latency=self.metrics.observe_commit,
+                on_snapshot=lambda _i: self.metrics.count_snapshot(),
+                on_bad_message=lambda _p, _r: self.metrics.count_bad_message(),
+            ),
+        )
+        self.driver = driver
+        node.driver = driver
+        node.add_apply_listener(self._after_apply)
+        self._update_pins()
+
+        if transport is not None:
+            self._register_rpcs(transport, node)
+            self.cluster_port = await transport.start(str(cfg.cluster.bind_address))
+            stack.push_async_callback(self._bounded, transport.close(), 5.0)
+        driver.start()
+        stack.push_async_callback(self._bounded, driver.close(), 5.0)
+
+        if claims is not None:
+            await self._join(claims, node, transport)
+
+        # API server
+        app = build_app(
+            node,
+            node_id=cfg.node_id,
+            registry=self.metrics.registry,
+            forward_timeout_seconds=cfg.cluster.propose_timeout_seconds,
+            propose_timeout_seconds=cfg.cluster.propose_timeout_seconds,
+        )
+        self.app = app
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        stack.push_async_callback(self._bounded, runner.cleanup(), 5.0)
+        site = web.TCPSite(runner, cfg.api.address, cfg.api.port, ssl_context=self._api_ssl(), reuse_address=True)
+        await site.start()
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            self.api_port = server.sockets[0].getsockname()[1]
+        log.info("api_listening node=%d address=%s port=%d", cfg.node_id, cfg.api.address, self.api_port)
+
+        for coro, name in (
+            (node.reconcile_loop(), "reconcile"),
+            (self._metrics_loop(), "metrics"),
+            (self._announce_loop(), "announce"),
+            (self._ready_loop(), "ready"),
+        ):
+            self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
+        stack.push_async_callback(self._cancel_tasks)
+        await node.ran.start() if hasattr(node.ran, "start") else None
+        stack.push_async_callback(self._bounded, node.ran.close(), 3.0)
+        if cfg.bgp.enabled:
+            node.kick_drain_side_effects()
+
+    def _new_identity(self, cluster_id: str, *, founder: bool) -> tuple[bytes, bytes]:
+        ident = pki.generate_node_identity(self.cfg.node_id, cluster_id)
+        pki.write_private_file(self.data_dir / "tls" / "node.crt", ident.cert_pem)
+        pki.write_private_file(self.data_dir / "tls" / "node.key", ident.key_pem)
+        write_node_file(self.data_dir, {"node_id": self.cfg.node_id, "cluster_id": cluster_id, "founder": founder})
+        return ident.cert_pem, ident.key_pem
+
+    def _bootstrap(self, storage: LogStorage, node: ClusterNode) -> tuple[HardState, list[Entry]]:
+        hs, entries = RaftCore.bootstrap_entries(self.cfg.node_id, node.member_context(None))
+        storage.append(entries)
+        storage.set_hard_state(hs)
+        storage.sync()
+        log.info("cluster_bootstrapped node=%d cluster=%s", self.cfg.node_id, node.identity.cluster_id)
+        return hs, entries
+
+    def _build_node(self, identity: Identity, sm: StateMachine) -> ClusterNode:
+        cfg = self.cfg
+        ap = cfg.cluster.autopilot
+        bgp = StubBgpSpeaker(on_change=self.metrics.set_bgp)
+        ran = WebhookRanNotifier(cfg.ran.notify_url, on_event=self.metrics.count_ran)
+        node = ClusterNode(
+            identity,
+            sm,
+            cluster_enabled=cfg.cluster.enabled,
+            propose_timeout_seconds=cfg.cluster.propose_timeout_seconds,
+            tick_seconds=self.timing.tick_seconds,
+            max_trailing_logs=ap.max_trailing_logs,
+            autopilot=AutopilotSettings(
+                last_contact_threshold_seconds=ap.last_contact_threshold_seconds,
+                max_trailing_logs=ap.max_trailing_logs,
+                server_stabilization_seconds=ap.server_stabilization_time_seconds,
+                cleanup_dead_servers=ap.cleanup_dead_servers,
+                min_quorum=ap.min_quorum,
+            ),
+            reconcile_interval_seconds=ap.reconcile_interval_seconds,
+            bgp=bgp,
+            bgp_enabled=cfg.bgp.enabled,
+            ran=ran,
+            election_timeout_seconds=cfg.cluster.election_timeout_seconds,
+        )
+        node.on_join_result = self.metrics.count_join
+        node.on_autopilot = self._on_autopilot
+        return node
+
+    def _api_ssl(self) -> ssl.SSLContext:
+        cfg = self.cfg
+        if cfg.api.tls is not None:
+            cert, key = cfg.api.tls.cert, cfg.api.tls.key
+        else:
+            hosts = sorted({cfg.cluster.advertise_address.host, cfg.api.address} - {"0.0.0.0", "::"})
+            cert, key = pki.load_or_create_api_cert(self.data_dir / "tls", hosts)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(cert), str(key))
+        return ctx
+
+    # --- joining -------------------------------------------------------------------------------
+    async def _join(self, claims: jointoken.JoinClaims, node: ClusterNode, transport: ClusterTransport | None) -> None:
+        assert transport is not None and self.cfg.cluster.join_token is not None
+        cfg = self.cfg
+        cert_pem, key_pem = load_identity_files(self.data_dir)
+        payload = pack(
+            {"token": cfg.cluster.join_token, "node_id": cfg.node_id, "context": node.member_context(claims.token_id)}
+        )
+        addresses = list(dict.fromkeys([*claims.leader_addresses, *(str(p) for p in cfg.cluster.peers)]))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.cluster.join_timeout_seconds
+        attempt = 0
+        last_error = "no peer answered"
+        while loop.time() < deadline:
+            for addr in addresses:
+                try:
+                    raw = await join_call(addr, claims.leader_fingerprint, payload, cert_pem, key_pem, timeout=10.0)
+                    resp = unpack(raw)
+                except Exception as exc:  # network errors, pin mismatch: try the next peer
+                    last_error = f"{addr}: {type(exc).__name__}: {exc}"
+                    log.info("join_attempt_failed address=%s error=%s", addr, type(exc).__name__)
+                    continue
+                if resp.get("ok"):
+                    for nid, raddr, fp in resp["members"]:
+                        self._bootstrap_pins[int(nid)] = str(fp)
+                        self._bootstrap_addrs[int(nid)] = str(raddr)
+                    self._update_pins()
+                    log.info("join_accepted node=%d members=%d", cfg.node_id, len(resp["members"]))
+                    return
+                reason = str(resp.get("reason"))
+                if reason not in ("no_leader", "retry"):
+                    raise FatalError(f"join refused: {reason}: {resp.get('message')}")
+                last_error = f"{addr}: {reason}"
+            attempt += 1
+            await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+        raise FatalError(f"could not join within {cfg.cluster.join_timeout_seconds:g}s: {last_error}")
+
+    # --- runtime hooks --------------------------------------------------------------------------
+    def _on_raft_frame(self, from_id: int, frame: bytes) -> None:
+        if self.driver is not None:
+            self.driver.deliver(from_id, frame)
+
+    def _update_pins(self) -> None:
+        if self.transport is None or self.node is None:
+            return
+        sm = self.node.sm
+        pins = sm.pins()
+        addrs = {m.node_id: m.raft_address for m in sm.members()}
+        if self.cfg.node_id not in pins:
+            # Not yet in our own replica (a joiner catching up): trust what the join returned.
+            for nid, fp in self._bootstrap_pins.items():
+                pins.setdefault(nid, fp)
+                addrs.setdefault(nid, self._bootstrap_addrs[nid])
+        pins.pop(self.cfg.node_id, None)
+        addrs.pop(self.cfg.node_id, None)
+        self.transport.update_pins(pins, addrs)
+
+    def _after_apply(self, results: Sequence[ApplyResult]) -> None:
+        if not results or any(isinstance(r.command, ConfChange) for r in results):
+            self._update_pins()
+
+    def _on_soft_state(self, old: SoftState, new: SoftState) -> None:
+        if old.leader_id != new.leader_id:
+            self.metrics.count_leader_change()
+        if self.node is not None and (old.role == Role.LEADER) != (new.role == Role.LEADER):
+            self.node.on_leadership_change(new.role == Role.LEADER)
+            if new.role == Role.LEADER:
+                self._tasks.append(asyncio.get_running_loop().create_task(self._on_became_leader()))
+
+    def _on_autopilot(self, view: AutopilotView) -> None:
+        self.metrics.set_autopilot(view)
+
+    async def _on_became_leader(self) -> None:
+        """Founder duties that need a leader: cluster secrets and the first admin token."""
+        node = self.node
+        assert node is not None
+        try:
+            if node.sm.cluster_id is None:
+                await node.propose(SetClusterSecrets(time.time(), node.identity.cluster_id, secrets.token_bytes(32)))
+            token_file = self.data_dir / "admin.token"
+            if self._founder and not token_file.exists():
+                from . import apitoken
+
+                token_id = apitoken.token_id_from_bytes(secrets.token_bytes(6))
+                secret = secrets.token_bytes(32)
+                from quorumd.api.ports import TokenRole
+
+                await node.propose(
+                    CreateApiToken(time.time(), token_id, "admin", TokenRole.ADMIN, apitoken.hash_secret(secret), None)
+                )
+                pki.write_private_file(token_file, (apitoken.format_api_token(token_id, secret) + "\n").encode())
+                log.info("admin_token_written path=%s", token_file)
+        except ApiError as exc:
+            log.warning("leader_init_deferred reason=%s", exc.code)
+
+    async def _announce_loop(self) -> None:
+        """Keep this node's registry record current (version, API address, left flag)."""
+        node = self.node
+        assert node is not None
+        while True:
+            m = node.sm.member(self.cfg.node_id)
+            try:
+                if m is not None and node.leader_id() != 0:
+                    if m.binary_version != VERSION or m.api_address != node.identity.api_address:
+                        await node.announce(
+                            RegisterNodeInfo(time.time(), self.cfg.node_id, node.identity.api_address, VERSION)
+                        )
+                    elif m.left:
+                        await node.announce(MarkNodeLeft(time.time(), self.cfg.node_id, False))
+                    else:
+                        await asyncio.sleep(2.0)
+                        continue
+            except ApiError as exc:
+                log.info("announce_retry reason=%s", exc.code)
+            await asyncio.sleep(0.2)
+
+    async def _ready_loop(self) -> None:
+        node = self.node
+        assert node is not None
+        while not node.is_ready():
+            await node.wait_state(node.is_ready, 0.5)
+        self.notifier.notify("READY=1")
+        log.info("node_ready node=%d", self.cfg.node_id)
+        interval = self.notifier.watchdog_interval_seconds()
+        if interval:
+            while True:
+                self.notifier.notify("WATCHDOG=1")
+                await asyncio.sleep(interval / 2)
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            if self.node is not None and self.driver is not None:
+                self.metrics.update_from(self.node, self.driver.core, self.timing.tick_seconds)
+            await asyncio.sleep(1.0)
+
+    def _register_rpcs(self, transport: ClusterTransport, node: ClusterNode) -> None:
+        async def api_forward(from_id: int, payload: bytes) -> bytes:
+            method, path, query, body, token, hops = unpack(payload)
+            req = ForwardedRequest(
+                str(method), str(path), tuple((str(k), str(v)) for k, v in query), bytes(body), str(token), int(hops)
+            )
+            resp = await dispatch_forwarded(self.app, req)
+            return pack([resp.status, resp.body, [list(h) for h in resp.headers], resp.applied_index])
+
+        def wrap(fn: Any) -> Any:
+            async def handler(from_id: int, payload: bytes) -> bytes:
+                try:
+                    return await fn(from_id, payload)  # type: ignore[no-any-return]
+                except ApiError as exc:
+                    raise RuntimeError(f"{exc.code}: {exc.message}") from exc
+
+            return handler
+
+        transport.register_rpc("api.forward", api_forward)
+        transport.register_rpc("node.propose", wrap(node.rpc_node_propose))
+        transport.register_rpc("member.remove", wrap(node.rpc_member_remove))
+        transport.register_rpc("join.forward", node.rpc_join_forward)
+        transport.register_join_handler(node.handle_join)
+
+    # --- shutdown ------------------------------------------------------------------------------
+    async def _graceful_stop(self) -> None:
+        node = self.node
+        if node is None or not self.cfg.cluster.enabled:
+            return
+        try:
+            if node.is_leader() and len(node.d.core.config.voters) > 1:
+                await asyncio.wait_for(node.hand_off_leadership(), self.cfg.cluster.election_timeout_seconds * 3)
+            if node.leader_id() != 0 and len(node.d.core.config.members()) > 1:
+                await asyncio.wait_for(
+                    node.announce(MarkNodeLeft(time.time(), self.cfg.node_id, True)),
+                    self.cfg.cluster.propose_timeout_seconds,
+                )
+        except (TimeoutError, ApiError) as exc:
+            log.info("graceful_stop_partial reason=%s", type(exc).__name__)
+
+    async def _cancel_tasks(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    @staticmethod
+    async def _bounded(aw: Any, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(aw, timeout)
+        except TimeoutError:
+            log.warning("cleanup_timeout")
+
+
+def install_signal_handlers(daemon: Daemon) -> None:
+    loop = asyncio.get_running_loop()
+    count = 0
+
+    def on_signal(signame: str) -> None:
+        nonlocal count
+        count += 1
+        if count > 1:
+            log.warning("second_signal_exit signal=%s", signame)
+            os._exit(1)
+        log.info("signal_received signal=%s", signame)
+        daemon.stop_event.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+
+
+async def main_async(cfg: Config) -> int:
+    daemon = Daemon(cfg)
+    install_signal_handlers(daemon)
+    return await daemon.run()
+
+
+__all__ = ["Daemon", "DrainState", "FatalError", "main_async"]

@@ -1,0 +1,380 @@
+"""ClusterNode: membership operations, drain side effects, autopilot and the leader's reconcile loop.
+
+Builds on ``ClusterService`` (state, proposing, reads) with what changes the cluster:
+remove/promote/drain/resume (SPEC 5, 7), the join handler (SPEC 4), autopilot (SPEC 6), and the
+node-local drain side effects (RAN notification, BGP speaker stop, leadership hand-off), which
+every node runs for itself from the replicated registry, so they also run when a node comes
+back after being drained while down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from quorumd.api.errors import ApiError
+from quorumd.api.ports import DrainState
+from quorumd.raft.core.types import ConfChange, ConfChangeType, Role
+
+from . import jointoken, pki
+from .autopilot import Autopilot, AutopilotSettings, AutopilotView, ServerInput
+from .bgp import BgpSpeaker
+from .commands import AllocateLease, ReleaseLease, SetDrain, decode_member_context
+from .ran import RanNotifier
+from .service import ClusterService, pack, unpack
+from .state import ApplyResult
+
+log = logging.getLogger(__name__)
+
+
+class ClusterNode(ClusterService):
+    def __init__(
+        self,
+        *args: Any,
+        autopilot: AutopilotSettings,
+        reconcile_interval_seconds: float,
+        bgp: BgpSpeaker,
+        bgp_enabled: bool,
+        ran: RanNotifier,
+        election_timeout_seconds: float,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.autopilot_settings = autopilot
+        self.reconcile_interval = reconcile_interval_seconds
+        self.bgp = bgp
+        self.bgp_enabled = bgp_enabled
+        self.ran = ran
+        self.election_timeout = election_timeout_seconds
+        self._autopilot: Autopilot | None = None
+        self._last_view: AutopilotView | None = None
+        self._drain_epoch_done: float | None = None
+        self._side_effects: asyncio.Task[None] | None = None
+        self._prefixes_dirty = True
+        self.on_autopilot: Any = None  # metrics hook: fn(view)
+        self.add_apply_listener(self._after_apply)
+
+    # --- apply hook ------------------------------------------------------------------------
+    def _after_apply(self, results: Sequence[ApplyResult]) -> None:
+        me = self.identity.node_id
+        for r in results:
+            cmd = r.command
+            if isinstance(cmd, AllocateLease | ReleaseLease) or isinstance(cmd, ConfChange):
+                self._prefixes_dirty = True
+            if isinstance(cmd, SetDrain) and cmd.node_id == me:
+                self.kick_drain_side_effects()
+        if not results:  # snapshot restored
+            self._prefixes_dirty = True
+            self.kick_drain_side_effects()
+        if self._prefixes_dirty and self.bgp.running:
+            self._prefixes_dirty = False
+            self.bgp.set_prefixes(self.sm.announced_prefixes(me))
+
+    def kick_drain_side_effects(self) -> None:
+        if self.driver is None:
+            return
+        if self._side_effects is None or self._side_effects.done():
+            self._side_effects = asyncio.get_running_loop().create_task(
+                self._run_drain_side_effects(), name="drain-side-effects"
+            )
+
+    async def _run_drain_side_effects(self) -> None:
+        me = self.identity.node_id
+        m = self.sm.member(me)
+        if m is None:
+            return
+        core = self.d.core
+        if m.drain_state == DrainState.ACTIVE:
+            core.set_campaign_suppressed(False)
+            self._drain_epoch_done = None
+            if self.bgp_enabled and not self.bgp.running:
+                self.bgp.start()
+                self.bgp.set_prefixes(self.sm.announced_prefixes(me))
+            return
+        core.set_campaign_suppressed(True)
+        if self._drain_epoch_done != m.drain_changed_at:
+            log.info("drain_side_effects node=%d state=%s", me, m.drain_state)
+            await self.ran.notify_guami_unavailable(me, "drain")
+            if self.bgp.running:
+                self.bgp.stop()
+            if self.is_leader():
+                await self.hand_off_leadership()
+            self._drain_epoch_done = m.drain_changed_at
+        # Synchronous drain: confirm to the leader until it records "drained".
+        attempt = 0
+        while True:
+            m = self.sm.member(me)
+            if m is None or m.drain_state != DrainState.DRAINING or m.drain_deadline is not None:
+                return
+            try:
+                await self.announce(SetDrain(time.time(), me, DrainState.DRAINED, None))
+                await self.wait_state(lambda: self._drain_state(me) != "draining", self.propose_timeout)
+            except ApiError as exc:
+                log.info("drain_confirm_retry node=%d error=%s", me, exc.code)
+                attempt += 1
+                await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
+
+    # --- leadership ----------------------------------------------------------------------------
+    def best_transfer_target(self, exclude: int) -> int:
+        """The most up-to-date healthy voter that is not draining (0 when none)."""
+        st = self.d.core.status()
+        best, best_match = 0, -1
+        threshold_ticks = max(1, int(self.election_timeout / self.tick_seconds))
+        for p in st.peers:
+            if p.node_id == exclude or not p.voter or p.node_id == self.identity.node_id:
+                continue
+            mem = self.sm.member(p.node_id)
+            if mem is None or mem.drain_state != DrainState.ACTIVE:
+                continue
+            if p.last_contact_ticks > threshold_ticks:
+                continue
+            if p.match_index > best_match:
+                best, best_match = p.node_id, p.match_index
+        return best
+
+    async def hand_off_leadership(self) -> int:
+        """Transfer leadership away from this node; returns the new leader (0 if none)."""
+        me = self.identity.node_id
+        target = self.best_transfer_target(exclude=me)
+        if target == 0:
+            log.warning("leader_transfer_skipped reason=no_eligible_voter")
+            return 0
+        log.info("leader_transfer_start from=%d to=%d", me, target)
+        self.d.step_now(lambda c: c.transfer_leadership(target))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.election_timeout * 2
+        while self.is_leader() and loop.time() < deadline:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.d.wait_leader_change(), deadline - loop.time())
+        new = self.leader_id()
+        log.info("leader_transfer_done new_leader=%d", new)
+        return new if new != me else 0
+
+    # --- NodeApi: membership operations ---------------------------------------------------
+    def _need_member(self, node_id: int) -> Any:
+        m = self.sm.member(node_id)
+        if m is None:
+            raise ApiError(404, "member_not_found", f"node {node_id} is not a member")
+        return m
+
+    async def autopilot(self) -> dict[str, Any]:
+        return self.evaluate_autopilot().as_dict()
+
+    async def remove_member(self, node_id: int, *, force: bool) -> None:
+        m = self._need_member(node_id)
+        if m.drain_state != DrainState.DRAINED and not force:
+            raise ApiError(409, "not_drained", f"node {node_id} must be drained first (or use force=true)")
+        config = self.d.core.config
+        if config.voters == frozenset({node_id}):
+            raise ApiError(409, "last_voter", "cannot remove the last voter")
+        if node_id == self.identity.node_id:
+            new_leader = await self.hand_off_leadership()
+            if new_leader == 0:
+                raise ApiError(409, "last_voter", "no other healthy voter can take over leadership")
+            await self.call_member(new_leader, "member.remove", pack([node_id]), self.propose_timeout)
+            return
+        res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, node_id))
+        if not res.ok:
+            raise ApiError(409, res.error or "conflict", res.message)
+        log.info("member_removed node_id=%d force=%s", node_id, force)
+
+    async def rpc_member_remove(self, from_id: int, payload: bytes) -> bytes:
+        (node_id,) = unpack(payload)
+        if not self.is_leader():
+            raise ApiError(503, "no_leader", "not the leader")
+        res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, int(node_id)))
+        if not res.ok:
+            raise ApiError(409, res.error or "conflict", res.message)
+        log.info("member_removed node_id=%d by_request_of=%d", node_id, from_id)
+        return pack(True)
+
+    async def promote_member(self, node_id: int) -> None:
+        self._need_member(node_id)
+        core = self.d.core
+        if node_id in core.config.voters:
+            raise ApiError(409, "already_voter", f"node {node_id} is already a voter")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(3.0, self.propose_timeout)
+        while True:
+            peer = next((p for p in core.status().peers if p.node_id == node_id), None)
+            lag = core.last_index - (peer.match_index if peer else 0)
+            if peer is not None and lag <= self.max_trailing_logs:
+                break
+            if loop.time() >= deadline:
+                raise ApiError(409, "not_caught_up", f"node {node_id} is {lag} entries behind the leader")
+            await asyncio.sleep(self.tick_seconds)  # polling the leader's progress view
+        res = await self.change_membership(ConfChange(ConfChangeType.PROMOTE, node_id))
+        if not res.ok:
+            raise ApiError(409, res.error or "conflict", res.message)
+        log.info("member_promoted node_id=%d", node_id)
+
+    async def drain_member(self, node_id: int, *, deadline_seconds: int) -> DrainState:
+        m = self._need_member(node_id)
+        if m.drain_state == DrainState.DRAINED:
+            return DrainState.DRAINED
+        if m.drain_state == DrainState.ACTIVE or deadline_seconds > 0 or m.drain_deadline is not None:
+            deadline_ts = time.time() + deadline_seconds if deadline_seconds > 0 else None
+            await self.propose(SetDrain(time.time(), node_id, DrainState.DRAINING, deadline_ts))
+            log.info("member_draining node_id=%d deadline_seconds=%d", node_id, deadline_seconds)
+        if deadline_seconds > 0:
+            return DrainState.DRAINING
+        # Synchronous: the target runs its side effects and confirms through the leader.
+        if node_id == self.identity.node_id:
+            self.kick_drain_side_effects()
+        ok = await self.wait_state(lambda: self._drain_state(node_id) == "drained", self.propose_timeout * 2)
+        if not ok:
+            raise ApiError(504, "drain_timeout", f"node {node_id} did not confirm its drain in time; state stays draining")
+        return DrainState.DRAINED
+
+    async def resume_member(self, node_id: int) -> None:
+        m = self._need_member(node_id)
+        if m.drain_state != DrainState.ACTIVE:
+            await self.propose(SetDrain(time.time(), node_id, DrainState.ACTIVE, None))
+            log.info("member_resumed node_id=%d", node_id)
+
+    # --- autopilot ---------------------------------------------------------------------------
+    def evaluate_autopilot(self) -> AutopilotView:
+        if not self.is_leader():
+            raise ApiError(503, "no_leader", "autopilot runs on the leader", headers={"Retry-After": "1"})
+        if self._autopilot is None:
+            self._autopilot = Autopilot(self.autopilot_settings)
+        core = self.d.core
+        st = core.status()
+        servers = []
+        for p in st.peers:
+            mem = self.sm.member(p.node_id)
+            last_term = core.log.term(p.match_index) or 0 if p.node_id != core.node_id else core.term
+            servers.append(
+                ServerInput(
+                    node_id=p.node_id,
+                    raft_address=mem.raft_address if mem else "",
+                    voter=p.voter,
+                    is_leader=p.node_id == core.node_id,
+                    last_contact_seconds=p.last_contact_ticks * self.tick_seconds,
+                    match_index=p.match_index,
+                    last_term=core.term if p.recent_active or p.node_id == core.node_id else last_term,
+                    left=bool(mem and mem.left),
+                )
+            )
+        view = self._autopilot.evaluate(
+            now=time.time(), leader_id=core.node_id, leader_term=core.term,
+            leader_last_index=core.last_index, servers=servers,
+        )
+        self._last_view = view
+        if self.on_autopilot is not None:
+            self.on_autopilot(view)
+        return view
+
+    def on_leadership_change(self, is_leader: bool) -> None:
+        # A new leader resumes autopilot with fresh stabilization clocks (SPEC 6).
+        self._autopilot = Autopilot(self.autopilot_settings) if is_leader else None
+
+    async def reconcile_loop(self) -> None:
+        """Leader-only duties, every reconcile interval: drain deadlines, promotion, cleanup."""
+        last_autopilot = 0.0
+        while True:
+            await asyncio.sleep(min(self.reconcile_interval, 0.25))
+            if not self.is_leader():
+                continue
+            try:
+                await self._reconcile_drains()
+                loop_now = asyncio.get_running_loop().time()
+                if loop_now - last_autopilot >= self.reconcile_interval:
+                    last_autopilot = loop_now
+                    await self._reconcile_autopilot()
+            except ApiError as exc:
+                log.info("reconcile_deferred reason=%s", exc.code)
+
+    async def _reconcile_drains(self) -> None:
+        now = time.time()
+        for m in self.sm.members():
+            if m.drain_state != DrainState.DRAINING or m.drain_deadline is None:
+                continue
+            leases = self.sm.active_lease_count(m.node_id)
+            if leases == 0 or now >= m.drain_deadline:
+                reason = "leases_released" if leases == 0 else "deadline"
+                await self.propose(SetDrain(now, m.node_id, DrainState.DRAINED, None))
+                log.info("member_drained node_id=%d reason=%s", m.node_id, reason)
+
+    async def _reconcile_autopilot(self) -> None:
+        view = self.evaluate_autopilot()
+        draining = frozenset(m.node_id for m in self.sm.members() if m.drain_state != DrainState.ACTIVE)
+        decisions = self._autopilot.decide(view, time.time(), draining=draining) if self._autopilot else None
+        if decisions is None:
+            return
+        for nid in decisions.promote:
+            res = await self.change_membership(ConfChange(ConfChangeType.PROMOTE, nid))
+            log.info("autopilot_promoted node_id=%d ok=%s", nid, res.ok)
+        for nid in decisions.remove:
+            res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, nid))
+            log.warning("autopilot_removed_dead_server node_id=%d ok=%s", nid, res.ok)
+
+    # --- join (SPEC 4) -----------------------------------------------------------------------
+    async def handle_join(self, payload: bytes, client_cert_der: bytes) -> bytes:
+        """The join bootstrap handler (any node; a follower forwards to the leader)."""
+        try:
+            req = unpack(payload)
+            token, node_id = str(req["token"]), int(req["node_id"])
+            ctx_bytes = bytes(req["context"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return self._join_refused("malformed", f"bad join request: {exc}")
+        if not self.is_leader():
+            leader = self.leader_id()
+            if leader == 0:
+                return pack({"ok": False, "reason": "no_leader", "message": "no leader; retry"})
+            try:
+                return await self.call_member(
+                    leader, "join.forward", pack([payload, client_cert_der]), self.propose_timeout * 2
+                )
+            except ApiError as exc:
+                return pack({"ok": False, "reason": "no_leader", "message": exc.message})
+        return await self._join_as_leader(token, node_id, ctx_bytes, client_cert_der)
+
+    async def rpc_join_forward(self, from_id: int, payload: bytes) -> bytes:
+        inner, der = unpack(payload)
+        if not self.is_leader():
+            return pack({"ok": False, "reason": "no_leader", "message": "not the leader"})
+        req = unpack(bytes(inner))
+        return await self._join_as_leader(str(req["token"]), int(req["node_id"]), bytes(req["context"]), bytes(der))
+
+    def _join_refused(self, reason: str, message: str) -> bytes:
+        log.warning("join_refused reason=%s detail=%s", reason, message)
+        if self.on_join_result:
+            self.on_join_result("rejected")
+        return pack({"ok": False, "reason": reason, "message": message})
+
+    async def _join_as_leader(self, token: str, node_id: int, ctx_bytes: bytes, der: bytes) -> bytes:
+        key, cluster_id = self.sm.join_key, self.sm.cluster_id
+        if key is None or cluster_id is None:
+            return pack({"ok": False, "reason": "no_leader", "message": "cluster not initialized"})
+        try:
+            claims = jointoken.verify_join_token(key, token, now=time.time(), cluster_id=cluster_id, node_id=node_id)
+        except jointoken.JoinTokenError as exc:
+            return self._join_refused(exc.reason, str(exc))
+        if self.sm.is_join_token_consumed(claims.token_id):
+            return self._join_refused("replayed", "join token was already used")
+        if self.sm.has_member(node_id):
+            return self._join_refused("already_member", f"node {node_id} is already a member")
+        try:
+            ctx = decode_member_context(ctx_bytes)
+            fp = pki.fingerprint(der)
+            ident = pki.identity_of(der)
+        except Exception as exc:  # any malformed context or certificate is a refusal
+            return self._join_refused("bad_certificate", str(exc))
+        if fp != ctx.cert_fingerprint or ident != (node_id, cluster_id) or ctx.join_token_id != claims.token_id:
+            return self._join_refused("bad_certificate", "certificate does not match the joining node")
+        try:
+            res = await self.change_membership(ConfChange(ConfChangeType.ADD_NONVOTER, node_id, ctx_bytes))
+        except ApiError as exc:
+            return pack({"ok": False, "reason": "retry", "message": exc.message})
+        if not res.ok:
+            return self._join_refused(res.error or "rejected", res.message)
+        if self.on_join_result:
+            self.on_join_result("consumed")
+        log.info("join_accepted node_id=%d", node_id)
+        members = [[m.node_id, m.raft_address, m.cert_fingerprint] for m in self.sm.members()]
+        return pack({"ok": True, "cluster_id": cluster_id, "members": members})

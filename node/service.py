@@ -1,0 +1,480 @@
+"""ClusterService: the running node's replicated state, its Raft driver, and the API operations.
+
+It implements ``quorumd.api.ports.NodeApi`` (what the HTTP layer calls), the driver's
+``Application`` (applying committed entries to ``StateMachine``), and the internal RPCs members
+send each other over the cluster channel (``join``, ``api.forward``, ``drain.confirm``,
+``member.remove``, ``node.register``, ``node.left``). Drain side effects and the leader's
+reconcile loop live in ``quorumd.node.operations``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from quorumd.api.errors import ApiError
+from quorumd.api.ports import (
+    DrainState,
+    ForwardedRequest,
+    ForwardedResponse,
+    Principal,
+    TokenRole,
+)
+from quorumd.raft.aio.driver import ProposalLostError, RaftDriver
+from quorumd.raft.codec import decode_conf_change
+from quorumd.raft.core.ready import ConfChangeError, NotLeaderError, ProposalDroppedError
+from quorumd.raft.core.types import ConfChange, ConfChangeType, Entry, EntryType, Role, SnapshotMeta
+
+from . import apitoken, jointoken
+from .commands import (
+    AllocateLease,
+    Command,
+    CreateApiToken,
+    CreatePool,
+    DeletePool,
+    MarkNodeLeft,
+    MemberContext,
+    RegisterNodeInfo,
+    ReleaseLease,
+    RevokeApiToken,
+    SetDrain,
+    decode_command,
+    encode_command,
+    encode_member_context,
+)
+from .state import ApplyResult, StateMachine
+
+log = logging.getLogger(__name__)
+
+# ApplyCode -> (HTTP status, API code)
+_ERRORS: dict[str, tuple[int, str]] = {
+    "bad_command": (400, "bad_request"),
+    "invalid_argument": (400, "bad_request"),
+    "unknown_node": (404, "member_not_found"),
+    "node_draining": (409, "node_draining"),
+    "unknown_pool": (404, "pool_not_found"),
+    "pool_exists": (409, "pool_exists"),
+    "invalid_cidr": (400, "invalid_cidr"),
+    "pool_overlap": (409, "pool_overlap"),
+    "pool_in_use": (409, "pool_in_use"),
+    "pool_exhausted": (409, "pool_exhausted"),
+    "unknown_lease": (404, "lease_not_found"),
+    "unknown_token": (404, "token_not_found"),
+    "token_exists": (409, "token_exists"),
+    "join_token_reused": (409, "join_token_reused"),
+}
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def commit_timeout(message: str = "the change was not committed in time") -> ApiError:
+    return ApiError(503, "commit_timeout", message, headers={"Retry-After": "1"})
+
+
+def no_leader() -> ApiError:
+    return ApiError(503, "no_leader", "no leader is known; retry shortly", headers={"Retry-After": "1"})
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    node_id: int
+    cluster_id: str
+    version: str
+    raft_address: str
+    api_address: str
+    fingerprint: str
+    cert_pem: str
+
+
+class ClusterService:
+    """See the module docstring. Built by the daemon; ``driver`` is attached after recovery."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        sm: StateMachine,
+        *,
+        cluster_enabled: bool,
+        propose_timeout_seconds: float,
+        tick_seconds: float,
+        max_trailing_logs: int,
+        rpc: Callable[[int, str, bytes, float], Any] | None = None,
+    ) -> None:
+        self.identity = identity
+        self.sm = sm
+        self._cluster_enabled = cluster_enabled
+        self.propose_timeout = propose_timeout_seconds
+        self.tick_seconds = tick_seconds
+        self.max_trailing_logs = max_trailing_logs
+        self.driver: RaftDriver | None = None
+        self._rpc = rpc  # (node_id, method, payload, timeout) -> awaitable bytes
+        self._apply_listeners: list[Callable[[Sequence[ApplyResult]], None]] = []
+        self._state_waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self.on_join_result: Callable[[str], None] | None = None
+
+    # --- wiring ---------------------------------------------------------------------------
+    @property
+    def d(self) -> RaftDriver:
+        assert self.driver is not None, "raft driver not attached"
+        return self.driver
+
+    def add_apply_listener(self, fn: Callable[[Sequence[ApplyResult]], None]) -> None:
+        self._apply_listeners.append(fn)
+
+    def set_rpc(self, rpc: Callable[[int, str, bytes, float], Any]) -> None:
+        self._rpc = rpc
+
+    # --- Application (driver) ---------------------------------------------------------------
+    def apply_entries(self, entries: Sequence[Entry]) -> list[Any]:
+        results: list[ApplyResult] = []
+        for e in entries:
+            if e.type == EntryType.CONF_CHANGE:
+                results.append(self.sm.apply_conf_change(e.index, decode_conf_change(e.data)))
+            else:
+                results.append(self.sm.apply(e.index, e.data))
+        for fn in self._apply_listeners:
+            fn(results)
+        self._wake_state_waiters()
+        return list(results)
+
+    def snapshot(self) -> bytes:
+        return self.sm.snapshot()
+
+    def restore(self, data: bytes, meta: SnapshotMeta) -> None:
+        self.sm.restore(data)
+        for fn in self._apply_listeners:
+            fn([])
+        self._wake_state_waiters()
+
+    def _wake_state_waiters(self) -> None:
+        if not self._state_waiters:
+            return
+        keep = []
+        for pred, fut in self._state_waiters:
+            if fut.done():
+                continue
+            if pred():
+                fut.set_result(None)
+            else:
+                keep.append((pred, fut))
+        self._state_waiters = keep
+
+    async def wait_state(self, pred: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``pred()`` holds after some apply; False on timeout."""
+        if pred():
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._state_waiters.append((pred, fut))
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    # --- proposing --------------------------------------------------------------------------
+    async def propose(self, cmd: Command) -> ApplyResult:
+        try:
+            res = await asyncio.wait_for(self.d.propose(encode_command(cmd)), self.propose_timeout)
+        except NotLeaderError as exc:
+            raise no_leader() from exc
+        except ProposalDroppedError as exc:
+            raise commit_timeout(f"cannot accept writes now: {exc}") from exc
+        except ProposalLostError as exc:
+            raise commit_timeout("leadership changed before the change committed") from exc
+        except TimeoutError as exc:
+            raise commit_timeout() from exc
+        assert isinstance(res, ApplyResult)
+        if not res.ok:
+            status, code = _ERRORS.get(res.error or "", (409, res.error or "conflict"))
+            raise ApiError(status, code, res.message or code)
+        return res
+
+    async def change_membership(self, cc: ConfChange) -> ApplyResult:
+        """One membership change, retried while an earlier change is still committing."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.propose_timeout
+        while True:
+            try:
+                fut = self.d.propose_conf_change(cc)
+                res = await asyncio.wait_for(fut, max(0.05, deadline - loop.time()))
+                break
+            except ConfChangeError as exc:
+                msg = str(exc)
+                if ("uncommitted" in msg or "not committed" in msg) and loop.time() < deadline:
+                    await self.d.wait_applied(self.d.core.commit_index)
+                    await asyncio.sleep(self.tick_seconds)  # let the pending change commit
+                    continue
+                raise ApiError(409, "membership_conflict", msg) from exc
+            except NotLeaderError as exc:
+                raise no_leader() from exc
+            except (ProposalDroppedError, ProposalLostError) as exc:
+                raise commit_timeout(str(exc)) from exc
+            except TimeoutError as exc:
+                raise commit_timeout() from exc
+        assert isinstance(res, ApplyResult)
+        return res
+
+    # --- NodeApi: identity and routing ------------------------------------------------------
+    @property
+    def cluster_enabled(self) -> bool:
+        return self._cluster_enabled
+
+    def is_leader(self) -> bool:
+        return self.driver is not None and self.d.core.role == Role.LEADER
+
+    def leader_id(self) -> int:
+        return self.d.core.leader_id if self.driver is not None else 0
+
+    def applied_index(self) -> int:
+        return self.d.core.applied_index if self.driver is not None else 0
+
+    def authenticate(self, token: str) -> Principal | None:
+        parsed = apitoken.parse_api_token(token)
+        if parsed is None:
+            return None
+        token_id, secret_hash = parsed
+        role = self.sm.authenticate(token_id, secret_hash, time.time())
+        return Principal(token_id, role) if role is not None else None
+
+    async def forward(self, request: ForwardedRequest, timeout_seconds: float) -> ForwardedResponse:
+        from quorumd.api.errors import ApiError as _E  # noqa: F401  (typed errors below)
+
+        leader = self.leader_id()
+        if leader == 0 or self._rpc is None:
+            raise no_leader()
+        if leader == self.identity.node_id:
+            raise no_leader()
+        payload = pack(
+            [request.method, request.path, [list(q) for q in request.query], request.body, request.token, request.hops]
+        )
+        data = await self.call_member(leader, "api.forward", payload, timeout_seconds)
+        status, body, headers, applied = unpack(data)
+        return ForwardedResponse(int(status), bytes(body), tuple((str(k), str(v)) for k, v in headers), int(applied))
+
+    async def call_member(self, node_id: int, method: str, payload: bytes, timeout: float) -> bytes:
+        """An internal RPC mapped onto API errors: 502 unreachable, 504 slow."""
+        from quorumd.raft.aio.transport import RpcRemoteError, RpcTimeout, RpcUnreachable
+
+        assert self._rpc is not None
+        try:
+            result = await self._rpc(node_id, method, payload, timeout)
+        except RpcTimeout as exc:
+            raise ApiError(504, "leader_timeout", f"node {node_id} did not answer in time") from exc
+        except RpcUnreachable as exc:
+            raise ApiError(502, "leader_unreachable", f"node {node_id} is unreachable") from exc
+        except RpcRemoteError as exc:
+            raise ApiError(502, "leader_error", f"node {node_id} failed: {exc}") from exc
+        assert isinstance(result, bytes)
+        return result
+
+    async def wait_applied(self, index: int, timeout_seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.d.wait_applied(index), timeout_seconds)
+        except TimeoutError as exc:
+            raise ApiError(504, "apply_timeout", "this node did not catch up in time") from exc
+
+    async def linearizable_barrier(self) -> None:
+        try:
+            await asyncio.wait_for(self.d.read_index(), self.propose_timeout)
+        except NotLeaderError as exc:
+            raise no_leader() from exc
+        except TimeoutError as exc:
+            raise commit_timeout("leadership could not be confirmed in time") from exc
+
+    def is_ready(self) -> bool:
+        if self.driver is None:
+            return False
+        core = self.d.core
+        joined = self.identity.node_id in core.config.members()
+        return joined and core.leader_id != 0 and core.applied_index >= core.commit_index
+
+    # --- NodeApi: reads ---------------------------------------------------------------------
+    def _drain_state(self, node_id: int) -> str:
+        m = self.sm.member(node_id)
+        return str(m.drain_state) if m is not None else str(DrainState.ACTIVE)
+
+    def status(self) -> dict[str, Any]:
+        core = self.d.core if self.driver is not None else None
+        leader = core.leader_id if core is not None else 0
+        lm = self.sm.member(leader) if leader else None
+        role = "follower"
+        if core is not None and core.role == Role.LEADER:
+            role = "leader"
+        elif core is not None and core.role in (Role.CANDIDATE, Role.PRE_CANDIDATE):
+            role = "candidate"
+        return {
+            "version": self.identity.version,
+            "nodeId": self.identity.node_id,
+            "clusterId": self.identity.cluster_id,
+            "role": role,
+            "term": core.term if core else 0,
+            "leaderNodeId": leader,
+            "leaderApiAddress": lm.api_address if lm is not None else None,
+            "commitIndex": core.commit_index if core else 0,
+            "appliedIndex": core.applied_index if core else 0,
+            "ready": self.is_ready(),
+            "drainState": self._drain_state(self.identity.node_id),
+        }
+
+    def members(self) -> list[dict[str, Any]]:
+        core = self.d.core
+        out = []
+        for m in self.sm.members():
+            item = m.as_dict()
+            item["suffrage"] = "voter" if m.node_id in core.config.voters else "nonvoter"
+            item["isLeader"] = core.leader_id == m.node_id
+            item["activeLeases"] = self.sm.active_lease_count(m.node_id)
+            out.append(
+                {
+                    k: item[k]
+                    for k in (
+                        "nodeId",
+                        "raftAddress",
+                        "apiAddress",
+                        "binaryVersion",
+                        "suffrage",
+                        "isLeader",
+                        "drainState",
+                        "activeLeases",
+                    )
+                }
+            )
+        return out
+
+    def has_member(self, node_id: int) -> bool:
+        return self.sm.has_member(node_id)
+
+    def tokens(self) -> list[dict[str, Any]]:
+        return [t.as_dict() for t in self.sm.api_tokens()]
+
+    def pools(self) -> list[dict[str, Any]]:
+        return [p.as_dict() for p in self.sm.pools()]
+
+    def pool(self, name: str) -> dict[str, Any]:
+        p = self.sm.pool(name)
+        if p is None:
+            raise ApiError(404, "pool_not_found", f"pool {name!r} does not exist")
+        return p.as_dict()
+
+    def leases(self, *, node_id: int | None, pool: str | None, limit: int, after: int | None) -> list[dict[str, Any]]:
+        return [x.as_dict() for x in self.sm.leases(node_id=node_id, pool=pool, limit=limit, after=after)]
+
+    # --- NodeApi: leader operations (membership ones live in operations.py) ---------------
+    async def create_token(self, name: str, role: TokenRole, ttl_seconds: int | None) -> dict[str, Any]:
+        token_id = apitoken.token_id_from_bytes(secrets.token_bytes(6))
+        secret = secrets.token_bytes(32)
+        now = time.time()
+        expires = int(now + ttl_seconds) if ttl_seconds else None
+        await self.propose(
+            CreateApiToken(now, token_id, name, role, apitoken.hash_secret(secret), expires)
+        )
+        tok = self.sm.api_token(token_id)
+        created = tok.as_dict() if tok is not None else {"id": token_id, "name": name, "role": str(role)}
+        created["token"] = apitoken.format_api_token(token_id, secret)
+        created["expiresAt"] = expires
+        return {k: created.get(k) for k in ("id", "name", "role", "token", "expiresAt")}
+
+    async def revoke_token(self, token_id: str) -> None:
+        await self.propose(RevokeApiToken(time.time(), token_id))
+
+    async def create_pool(self, name: str, cidr: str) -> dict[str, Any]:
+        res = await self.propose(CreatePool(time.time(), name, cidr))
+        return self.pool(name) if res.value is None else res.value.as_dict()  # type: ignore[union-attr]
+
+    async def delete_pool(self, name: str) -> None:
+        await self.propose(DeletePool(time.time(), name))
+
+    async def allocate_lease(self, pool: str, holder: str, node_id: int | None) -> dict[str, Any]:
+        owner = node_id or self.identity.node_id
+        if not self.sm.has_member(owner) and self._cluster_enabled:
+            raise ApiError(404, "member_not_found", f"node {owner} is not a member")
+        res = await self.propose(AllocateLease(time.time(), pool, holder, owner))
+        lease = res.value
+        assert lease is not None and hasattr(lease, "as_dict")
+        return lease.as_dict()  # type: ignore[no-any-return]
+
+    async def release_lease(self, lease_id: int) -> None:
+        await self.propose(ReleaseLease(time.time(), lease_id))
+
+    async def mint_join_token(self, node_id: int, ttl_seconds: int | None) -> dict[str, Any]:
+        if self.sm.has_member(node_id):
+            raise ApiError(409, "already_member", f"node {node_id} is already a member")
+        key = self.sm.join_key
+        cluster_id = self.sm.cluster_id
+        if key is None or cluster_id is None:
+            raise ApiError(503, "not_initialized", "cluster secrets are not committed yet",
+                           headers={"Retry-After": "1"})
+        try:
+            ttl = jointoken.validate_ttl(ttl_seconds)
+        except jointoken.JoinTokenError as exc:
+            raise ApiError(400, "invalid_ttl", str(exc)) from exc
+        expires = int(time.time()) + ttl
+        claims = jointoken.JoinClaims(
+            node_id=node_id,
+            cluster_id=cluster_id,
+            expires_at=expires,
+            token_id=secrets.token_bytes(16),
+            leader_fingerprint=self.identity.fingerprint,
+            leader_addresses=(self.identity.raft_address,),
+        )
+        token = jointoken.mint_join_token(key, claims)
+        if self.on_join_result:
+            self.on_join_result("minted")
+        log.info("join_token_minted node_id=%d expires_at=%d", node_id, expires)
+        return {"token": token, "expiresAt": expires}
+
+    # --- registry announcements (any node; forwarded to the leader) -----------------------
+    async def announce(self, cmd: RegisterNodeInfo | MarkNodeLeft | SetDrain) -> None:
+        """Propose a command about this node through the leader (internal RPC when follower)."""
+        if self.is_leader():
+            await self.propose(cmd)
+            return
+        leader = self.leader_id()
+        if leader == 0:
+            raise no_leader()
+        await self.call_member(leader, "node.propose", encode_command(cmd), self.propose_timeout)
+
+    async def rpc_node_propose(self, from_id: int, payload: bytes) -> bytes:
+        cmd = decode_command(payload)
+        # A member may only announce facts about itself.
+        if not isinstance(cmd, RegisterNodeInfo | MarkNodeLeft | SetDrain) or cmd.node_id != from_id:
+            raise ApiError(403, "forbidden", "members may only announce their own state")
+        if isinstance(cmd, SetDrain):
+            m = self.sm.member(from_id)
+            # drain confirmation: only draining -> drained without a deadline
+            if m is None or m.drain_state != DrainState.DRAINING or cmd.state != DrainState.DRAINED:
+                return pack(False)
+        if not self.is_leader():
+            raise no_leader()
+        await self.propose(cmd)
+        return pack(True)
+
+    def member_context(self, join_token_id: bytes | None) -> bytes:
+        i = self.identity
+        return encode_member_context(
+            MemberContext(
+                raft_address=i.raft_address,
+                api_address=i.api_address,
+                binary_version=i.version,
+                cert_fingerprint=i.fingerprint,
+                cert_pem=i.cert_pem,
+                join_token_id=join_token_id,
+                ts=time.time(),
+            )
+        )
+
+    def add_nonvoter_change(self, node_id: int, context: bytes) -> ConfChange:
+        return ConfChange(ConfChangeType.ADD_NONVOTER, node_id, context)

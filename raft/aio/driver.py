@@ -1,0 +1,411 @@
+"""RaftDriver: the asyncio loop that pumps one RaftCore.
+
+It owns the core, the storage (used from one executor thread, so the event loop never blocks on
+disk), the tick timer, and the futures of callers waiting for proposals, reads, applies and
+leadership transfers. One task (``run``) does everything in order:
+
+    inputs (ticks, peer messages, batched proposals) -> core
+    while core.has_ready(): persist (one fsync for the batch) -> send -> apply -> advance
+
+Everything that arrives while an fsync is in flight is batched into the next round, which gives
+group commit for free. A leader sends its appends before its own fsync (thesis 10.2.1; the core
+only counts the leader's entries once they are durable). Anything that needs a new term or vote
+on disk is persisted before its messages leave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..codec import CodecError, decode_message, encode_message
+from ..core.node import RaftCore
+from ..core.ready import NotLeaderError, RaftError, Ready, SoftState, Status
+from ..core.types import ConfChange, Entry, HardState, Message, NodeId, Role, Snapshot, SnapshotMeta
+
+log = logging.getLogger(__name__)
+
+
+class DriverError(RaftError):
+    """Root of the driver's errors."""
+
+
+class ProposalLostError(DriverError):
+    """The entry was overwritten by another leader: the proposal did not take effect."""
+
+
+class DriverClosedError(DriverError):
+    pass
+
+
+class Application(Protocol):
+    def apply_entries(self, entries: Sequence[Entry]) -> list[Any]:
+        """Apply committed entries in order; one result per entry."""
+        ...
+
+    def snapshot(self) -> bytes: ...
+
+    def restore(self, data: bytes, meta: SnapshotMeta) -> None: ...
+
+
+class Storage(Protocol):
+    def append(self, entries: Sequence[Entry]) -> None: ...
+
+    def set_hard_state(self, hs: HardState) -> None: ...
+
+    def sync(self) -> float: ...
+
+    def save_snapshot(self, snapshot: Snapshot) -> None: ...
+
+    def install_snapshot(self, snapshot: Snapshot) -> None: ...
+
+    def compact(self, upto_index: int) -> None: ...
+
+
+@dataclass(slots=True)
+class DriverHooks:
+    """Callbacks for metrics and the node layer; all optional, all called on the loop."""
+
+    on_soft_state: Callable[[SoftState, SoftState], None] | None = None
+    on_fsync: Callable[[float], None] | None = None
+    on_commit_latency: Callable[[float], None] | None = None
+    on_snapshot: Callable[[int], None] | None = None
+    on_bad_message: Callable[[NodeId, str], None] | None = None
+    on_applied: Callable[[int], None] | None = None
+
+
+class RaftDriver:
+    def __init__(
+        self,
+        core: RaftCore,
+        storage: Storage,
+        app: Application,
+        send: Callable[[NodeId, bytes], bool],
+        *,
+        tick_seconds: float,
+        snapshot_threshold: int,
+        hooks: DriverHooks | None = None,
+    ) -> None:
+        self.core = core
+        self._storage = storage
+        self._app = app
+        self._send = send
+        self._tick_seconds = tick_seconds
+        self._snapshot_threshold = snapshot_threshold
+        self.hooks = hooks or DriverHooks()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raft-storage")
+        self._inbox: list[Message] = []
+        self._proposals: list[tuple[bytes, asyncio.Future[Any], float]] = []
+        self._waiting: dict[int, tuple[int, asyncio.Future[Any], float]] = {}
+        self._reads: dict[bytes, asyncio.Future[int]] = {}
+        self._read_seq = 0
+        self._apply_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._leader_waiters: list[asyncio.Future[None]] = []
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._soft = SoftState(core.leader_id, core.role)
+        self._durable_term_vote = (core.term, core.vote)
+        self._snapshot_index = core.status().snapshot_index
+        self._snapshotting = False
+        self._task: asyncio.Task[None] | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def start(self) -> asyncio.Task[None]:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="raft-driver")
+        return self._task
+
+    async def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 5.0)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+        self._fail_all(DriverClosedError("raft driver stopped"))
+        self._executor.shutdown(wait=True)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for _, fut, _ in self._proposals:
+            if not fut.done():
+                fut.set_exception(exc)
+        for _, fut, _ in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        for rfut in self._reads.values():
+            if not rfut.done():
+                rfut.set_exception(exc)
+        self._proposals.clear()
+        self._waiting.clear()
+        self._reads.clear()
+
+    # --- inputs -------------------------------------------------------------------------------
+    def deliver(self, from_id: NodeId, frame: bytes) -> None:
+        """A Raft frame from an authenticated peer (called by the transport)."""
+        try:
+            msg = decode_message(frame)
+        except CodecError as exc:
+            if self.hooks.on_bad_message:
+                self.hooks.on_bad_message(from_id, "decode")
+            log.warning("raft_bad_frame peer=%s error=%s", from_id, exc)
+            return
+        if msg.frm != from_id or msg.to != self.core.node_id:
+            if self.hooks.on_bad_message:
+                self.hooks.on_bad_message(from_id, "spoofed")
+            log.warning("raft_spoofed_frame peer=%s claimed=%s to=%s", from_id, msg.frm, msg.to)
+            return
+        self._inbox.append(msg)
+        self._wake.set()
+
+    def step_now(self, action: Callable[[RaftCore], Any]) -> Any:
+        """Run a synchronous action on the core inside the loop's next round."""
+        result = action(self.core)
+        self._wake.set()
+        return result
+
+    async def propose(self, data: bytes) -> Any:
+        """Replicate ``data``; returns the application's result once applied here.
+
+        Raises NotLeaderError/ProposalDroppedError at once, ProposalLostError if overwritten.
+        Callers bound the wait with their own timeout."""
+        if self.core.role != Role.LEADER:
+            raise NotLeaderError(self.core.leader_id)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._proposals.append((data, fut, time.perf_counter()))
+        self._wake.set()
+        return await fut
+
+    async def propose_conf_change(self, cc: ConfChange) -> Any:
+        index = self.core.propose_conf_change(cc)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[index] = (self.core.term, fut, time.perf_counter())
+        self._wake.set()
+        return await fut
+
+    async def read_index(self) -> int:
+        """Linearizable read barrier: returns once this replica has applied a safe index."""
+        self._read_seq += 1
+        ctx = b"r%d" % self._read_seq
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._reads[ctx] = fut
+        try:
+            self.core.read_index(ctx)
+            self._wake.set()
+            index = await fut
+        finally:
+            self._reads.pop(ctx, None)
+        await self.wait_applied(index)
+        return index
+
+    async def wait_applied(self, index: int) -> None:
+        if self.core.applied_index >= index:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._apply_waiters.append((index, fut))
+        await fut
+
+    async def wait_leader_change(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._leader_waiters.append(fut)
+        await fut
+
+    def status(self) -> Status:
+        return self.core.status()
+
+    # --- the loop ---------------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time() + self._tick_seconds
+        timer = loop.call_at(next_tick, self._wake.set)  # one armed timer, no task per wait
+        try:
+            while not self._closed:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._closed:
+                    break
+                now = loop.time()
+                if now >= next_tick:
+                    self.core.tick()
+                    next_tick += self._tick_seconds
+                    if next_tick < now:  # the loop was stalled: do not replay every missed tick
+                        next_tick = now + self._tick_seconds
+                    timer.cancel()
+                    timer = loop.call_at(next_tick, self._wake.set)
+                await self._pump_async()
+        finally:
+            timer.cancel()
+
+    async def _pump_async(self) -> None:
+        self._feed_inputs()
+        while self.core.has_ready():
+            rd = self.core.ready()
+            await self._handle_ready(rd)
+            self.core.advance(rd)
+            self._after_advance()
+            if self._inbox or self._proposals:
+                self._feed_inputs()
+
+    def _feed_inputs(self) -> None:
+        inbox, self._inbox = self._inbox, []
+        for msg in inbox:
+            self.core.step(msg)
+        if self._proposals:
+            batch, self._proposals = self._proposals, []
+            batch = [p for p in batch if not p[1].done()]
+            if not batch:
+                return
+            try:
+                first = self.core.propose_many([d for d, _, _ in batch])
+            except RaftError as exc:
+                for _, fut, _ in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                return
+            term = self.core.term
+            for i, (_, fut, t0) in enumerate(batch):
+                self._waiting[first + i] = (term, fut, t0)
+
+    async def _handle_ready(self, rd: Ready) -> None:
+        core = self.core
+        if rd.soft_state is not None:
+            old, self._soft = self._soft, rd.soft_state
+            if old != rd.soft_state:
+                self._on_soft_state(old, rd.soft_state)
+        hs = rd.hard_state
+        term_vote_changed = hs is not None and (hs.term, hs.vote) != self._durable_term_vote
+        early = core.role == Role.LEADER and not term_vote_changed and rd.snapshot is None
+        if early:
+            self._send_messages(rd.messages)
+        if rd.snapshot is not None or rd.entries or hs is not None:
+            fsync_seconds = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._persist, rd
+            )
+            if fsync_seconds is not None and self.hooks.on_fsync:
+                self.hooks.on_fsync(fsync_seconds)
+            if hs is not None:
+                self._durable_term_vote = (hs.term, hs.vote)
+        if not early:
+            self._send_messages(rd.messages)
+        if rd.snapshot is not None:
+            self._app.restore(rd.snapshot.data, rd.snapshot.meta)
+            self._snapshot_index = rd.snapshot.meta.index
+            self._resolve_lost_upto(rd.snapshot.meta.index)
+            log.info(
+                "raft_snapshot_installed index=%d term=%d", rd.snapshot.meta.index, rd.snapshot.meta.term
+            )
+        if rd.committed_entries:
+            self._apply(rd.committed_entries)
+        for rs in rd.read_states:
+            fut = self._reads.get(rs.context)
+            if fut is not None and not fut.done():
+                fut.set_result(rs.index)
+
+    def _persist(self, rd: Ready) -> float | None:
+        st = self._storage
+        if rd.snapshot is not None:
+            st.install_snapshot(rd.snapshot)
+        if rd.entries:
+            st.append(rd.entries)
+        if rd.hard_state is not None:
+            st.set_hard_state(rd.hard_state)
+        if rd.must_sync or rd.snapshot is not None:
+            return st.sync()
+        return None
+
+    def _send_messages(self, msgs: Sequence[Message]) -> None:
+        for m in msgs:
+            if not self._send(m.to, encode_message(m)):
+                self.core.report_unreachable(m.to)
+
+    def _apply(self, entries: Sequence[Entry]) -> None:
+        results = self._app.apply_entries(entries)
+        now = time.perf_counter()
+        for e, res in zip(entries, results, strict=True):
+            waiting = self._waiting.pop(e.index, None)
+            if waiting is None:
+                continue
+            term, fut, t0 = waiting
+            if fut.done():
+                continue
+            if term == e.term:
+                fut.set_result(res)
+                if self.hooks.on_commit_latency:
+                    self.hooks.on_commit_latency(now - t0)
+            else:
+                fut.set_exception(ProposalLostError(f"entry {e.index} was overwritten"))
+        applied = entries[-1].index
+        self._notify_applied(applied)
+
+    def _resolve_lost_upto(self, index: int) -> None:
+        for i in [i for i in self._waiting if i <= index]:
+            _, fut, _ = self._waiting.pop(i)
+            if not fut.done():
+                fut.set_exception(ProposalLostError(f"entry {i} replaced by a snapshot"))
+        self._notify_applied(index)
+
+    def _notify_applied(self, applied: int) -> None:
+        if self._apply_waiters:
+            keep = []
+            for index, fut in self._apply_waiters:
+                if index <= applied:
+                    if not fut.done():
+                        fut.set_result(None)
+                else:
+                    keep.append((index, fut))
+            self._apply_waiters = keep
+        if self.hooks.on_applied:
+            self.hooks.on_applied(applied)
+
+    def _on_soft_state(self, old: SoftState, new: SoftState) -> None:
+        log.info(
+            "raft_role_change node=%d role=%s leader=%d term=%d",
+            self.core.node_id,
+            new.role.name.lower(),
+            new.leader_id,
+            self.core.term,
+        )
+        if old.role == Role.LEADER and new.role != Role.LEADER:
+            # Pending reads on a deposed leader will never be answered.
+            for fut in self._reads.values():
+                if not fut.done():
+                    fut.set_exception(NotLeaderError(new.leader_id))
+        waiters, self._leader_waiters = self._leader_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+        if self.hooks.on_soft_state:
+            self.hooks.on_soft_state(old, new)
+
+    def _after_advance(self) -> None:
+        core = self.core
+        if not self._snapshotting and core.applied_index - self._snapshot_index >= self._snapshot_threshold:
+            self._snapshotting = True
+            index = core.applied_index
+            data = self._app.snapshot()
+            core.compact(index, data)
+            snap = core.snapshot
+            assert snap is not None
+            self._snapshot_index = index
+            first = core.status().first_index
+            loop = asyncio.get_running_loop()
+            fut = loop.run_in_executor(self._executor, self._save_snapshot, snap, first - 1)
+            fut.add_done_callback(self._snapshot_saved)
+
+    def _save_snapshot(self, snap: Snapshot, compact_upto: int) -> None:
+        self._storage.save_snapshot(snap)
+        self._storage.compact(compact_upto)
+
+    def _snapshot_saved(self, fut: asyncio.Future[None]) -> None:
+        self._snapshotting = False
+        exc = fut.exception()
+        if exc is not None:
+            log.error("raft_snapshot_failed error=%s", exc)
+            return
+        log.info("raft_snapshot_saved index=%d", self._snapshot_index)
+        if self.hooks.on_snapshot:
+            self.hooks.on_snapshot(self._snapshot_index)
