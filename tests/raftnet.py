@@ -66,8 +66,11 @@ class Net:
     def restart(self, nid: int) -> RaftCore:
         d = self.disks[nid]
         core = RaftCore(
-            self.cfg(nid), random.Random(self.seed * 100 + nid), hard_state=d.hard_state,
-            snapshot=d.snapshot, entries=list(d.entries),
+            self.cfg(nid),
+            random.Random(self.seed * 100 + nid),
+            hard_state=d.hard_state,
+            snapshot=d.snapshot,
+            entries=list(d.entries),
         )
         self.nodes[nid] = core
         # The state machine is rebuilt: the snapshot, then committed entries are applied again.
@@ -94,7 +97,9 @@ class Net:
                     if rd.snapshot is not None:
                         d.snapshot = rd.snapshot
                         d.entries = [e for e in d.entries if e.index > rd.snapshot.meta.index]
-                        self.applied[nid] = [e for e in self.applied[nid] if e.index <= rd.snapshot.meta.index]
+                        self.applied[nid] = [
+                            e for e in self.applied[nid] if e.index <= rd.snapshot.meta.index
+                        ]
                     d.append(rd.entries)
                     if rd.hard_state is not None:
                         d.hard_state = rd.hard_state

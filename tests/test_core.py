@@ -20,12 +20,12 @@ from quorumd.raft.core.types import (
     Configuration,
     Entry,
     HardState,
-    Snapshot,
-    SnapshotMeta,
     Message,
     MessageType,
     ProgressState,
     Role,
+    Snapshot,
+    SnapshotMeta,
 )
 from tests.raftnet import Disk, Net, with_cfg
 
@@ -77,10 +77,28 @@ def test_candidate_with_stale_log_cannot_win() -> None:
     net.pump()
     net.heal()
     stale = net.nodes[3]
-    stale.step(Message(MessageType.VOTE, to=2, frm=3, term=stale.term + 1, index=stale.last_index,
-                       log_term=stale.log.last_term, context=b"transfer"))  # misaddressed: ignored
-    net.nodes[2].step(Message(MessageType.VOTE, to=2, frm=3, term=stale.term + 1, index=stale.last_index,
-                              log_term=stale.log.last_term, context=b"transfer"))
+    stale.step(
+        Message(
+            MessageType.VOTE,
+            to=2,
+            frm=3,
+            term=stale.term + 1,
+            index=stale.last_index,
+            log_term=stale.log.last_term,
+            context=b"transfer",
+        )
+    )  # misaddressed: ignored
+    net.nodes[2].step(
+        Message(
+            MessageType.VOTE,
+            to=2,
+            frm=3,
+            term=stale.term + 1,
+            index=stale.last_index,
+            log_term=stale.log.last_term,
+            context=b"transfer",
+        )
+    )
     rd = net.nodes[2].ready()
     resp = [m for m in rd.messages if m.type == MessageType.VOTE_RESP]
     assert resp and resp[0].reject
