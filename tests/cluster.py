@@ -1,0 +1,317 @@
+"""Test harness: real ``quorumd run`` processes on 127.0.0.1, formed with the real join flow.
+
+``Cluster(tmp_path, n).form()`` starts node 1 (founder), mints join tokens through the API with
+the founder's admin token, starts the joiners and waits until every node is a voter. Nodes can be
+stopped (SIGTERM), killed (SIGKILL), paused and restarted with their data. Every wait is bounded;
+nothing sleeps in place of a condition (``wait_for`` polls a condition with a deadline).
+Ports come from the OS (bound and released just before use).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ctx() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+_SSL = _ctx()
+
+
+class ApiCallError(Exception):
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
+        self.body = body
+
+
+def http(
+    method: str,
+    url: str,
+    token: str | None = None,
+    body: Any = None,
+    timeout: float = 10.0,
+    raw_body: bytes | None = None,
+) -> tuple[int, Any, dict[str, str]]:
+    data = raw_body if raw_body is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout, context=_SSL) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None, dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            parsed = raw.decode(errors="replace")
+        return exc.code, parsed, dict(exc.headers)
+
+
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = fn()
+            if result:
+                return result
+        except (OSError, ValueError, KeyError, ApiCallError, TypeError) as exc:
+            last = exc
+        time.sleep(interval)  # polling interval of a bounded wait, not a synchronization sleep
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last})")
+
+
+@dataclass
+class Node:
+    node_id: int
+    directory: Path
+    raft_port: int
+    api_port: int
+    config_path: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def api(self) -> str:
+        return f"https://127.0.0.1:{self.api_port}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.directory / f"node{self.node_id}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class Cluster:
+    def __init__(
+        self,
+        directory: Path,
+        n: int = 3,
+        *,
+        cluster_overrides: dict[str, Any] | None = None,
+        top_overrides: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.directory = directory
+        self.n = n
+        self.cluster_overrides = cluster_overrides or {}
+        self.top_overrides = top_overrides or {}
+        self.env = env or {}
+        self.nodes: dict[int, Node] = {}
+        self.token: str = ""
+
+    # --- configuration ------------------------------------------------------------------------
+    def make_node(self, node_id: int) -> Node:
+        node = Node(
+            node_id=node_id,
+            directory=self.directory,
+            raft_port=free_port(),
+            api_port=free_port(),
+            config_path=self.directory / f"node{node_id}.yaml",
+            log_path=self.directory / f"node{node_id}.log",
+        )
+        self.nodes[node_id] = node
+        return node
+
+    def write_config(self, node: Node, join_token: str | None = None) -> None:
+        peers = [f"127.0.0.1:{n.raft_port}" for n in self.nodes.values()]
+        cluster: dict[str, Any] = {
+            "node-id": node.node_id,
+            "bind-address": f"127.0.0.1:{node.raft_port}",
+            "advertise-address": f"127.0.0.1:{node.raft_port}",
+            "peers": peers,
+            "heartbeat-interval": "50ms",
+            "election-timeout": "500ms",
+            "join-timeout": "60s",
+            "autopilot": {
+                "server-stabilization-time": "1s",
+                "reconcile-interval": "200ms",
+                "last-contact-threshold": "2s",
+            },
+        }
+        for k, v in self.cluster_overrides.items():
+            if isinstance(v, dict) and isinstance(cluster.get(k), dict):
+                cluster[k] = {**cluster[k], **v}
+            else:
+                cluster[k] = v
+        if join_token is not None:
+            tf = self.directory / f"node{node.node_id}.join-token"
+            tf.write_text(join_token + "\n")
+            cluster["join-token-file"] = str(tf)
+        cfg: dict[str, Any] = {
+            "data-dir": str(node.data_dir),
+            "log-level": "debug" if os.environ.get("QUORUMD_TEST_DEBUG") else "info",
+            "api": {"address": "127.0.0.1", "port": node.api_port},
+            "cluster": cluster,
+            **self.top_overrides,
+        }
+        node.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    # --- processes ------------------------------------------------------------------------------
+    def start(self, node: Node) -> None:
+        out = open(node.log_path, "ab")  # noqa: SIM115 - inherited by the child
+        env = {**os.environ, **self.env}
+        node.proc = subprocess.Popen(
+            [sys.executable, "-m", "quorumd.node.cli", "run", "--config", str(node.config_path)],
+            stdout=out,
+            stderr=out,
+            env=env,
+        )
+        out.close()
+
+    def stop(self, node_id: int, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        node = self.nodes[node_id]
+        if node.proc is None or node.proc.poll() is not None:
+            return node.proc.returncode if node.proc else None
+        node.proc.send_signal(sig)
+        try:
+            return node.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            node.proc.kill()
+            return node.proc.wait(timeout=10)
+
+    def kill(self, node_id: int) -> None:
+        self.stop(node_id, signal.SIGKILL)
+
+    def restart(self, node_id: int) -> None:
+        self.start(self.nodes[node_id])
+
+    def close(self) -> None:
+        for nid in list(self.nodes):
+            self.stop(nid, timeout=15)
+
+    # --- formation --------------------------------------------------------------------------
+    def form(self, *, voters: bool = True) -> Cluster:
+        for i in range(1, self.n + 1):
+            self.make_node(i)
+        first = self.nodes[1]
+        self.write_config(first)
+        self.start(first)
+        token_file = first.data_dir / "admin.token"
+        wait_for("admin token", lambda: token_file.exists() and token_file.read_text().strip())
+        self.token = token_file.read_text().strip()
+        self.wait_ready(1)
+        for i in range(2, self.n + 1):
+            self.add_node(i, start_only=True)
+        if voters:
+            self.wait_voters(set(range(1, self.n + 1)))
+        return self
+
+    def mint(self, node_id: int, via: int | None = None) -> str:
+        via = via or self.leader_id() or 1
+        status, body, _ = http(
+            "POST", f"{self.nodes[via].api}/api/v1/cluster/pki/join-tokens", self.token, {"nodeID": node_id}
+        )
+        if status != 201:
+            raise ApiCallError(status, body)
+        return str(body["result"]["token"])
+
+    def add_node(self, node_id: int, *, start_only: bool = False) -> Node:
+        node = self.nodes.get(node_id) or self.make_node(node_id)
+        token = wait_for(f"join token for {node_id}", lambda: self.mint(node_id))
+        self.write_config(node, join_token=token)
+        self.start(node)
+        if not start_only:
+            self.wait_member(node_id)
+        return node
+
+    # --- queries ------------------------------------------------------------------------------
+    def api(
+        self,
+        node_id: int,
+        method: str,
+        path: str,
+        body: Any = None,
+        token: str | None = "admin",
+        timeout: float = 10.0,
+    ) -> tuple[int, Any, dict[str, str]]:
+        tok = self.token if token == "admin" else token
+        return http(method, f"{self.nodes[node_id].api}{path}", tok, body, timeout=timeout)
+
+    def ok(self, node_id: int, method: str, path: str, body: Any = None) -> Any:
+        status, resp, _ = self.api(node_id, method, path, body)
+        if status >= 300:
+            raise ApiCallError(status, resp)
+        return resp["result"]
+
+    def status(self, node_id: int) -> dict[str, Any]:
+        status, body, _ = http("GET", f"{self.nodes[node_id].api}/api/v1/status", timeout=3)
+        if status != 200:
+            raise ApiCallError(status, body)
+        return dict(body["result"])
+
+    def leader_id(self) -> int:
+        for nid, node in self.nodes.items():
+            if not node.alive():
+                continue
+            try:
+                st = self.status(nid)
+            except (OSError, ApiCallError):
+                continue
+            if st["role"] == "leader":
+                return nid
+        return 0
+
+    def wait_leader(self, exclude: set[int] | None = None, timeout: float = 30.0) -> int:
+        def check() -> int:
+            lid = self.leader_id()
+            return lid if lid and lid not in (exclude or set()) else 0
+
+        return int(wait_for("a leader", check, timeout))
+
+    def wait_ready(self, node_id: int, timeout: float = 30.0) -> None:
+        wait_for(f"node {node_id} ready", lambda: self.status(node_id)["ready"], timeout)
+
+    def members(self, node_id: int | None = None) -> list[dict[str, Any]]:
+        nid = node_id or self.wait_leader()
+        return list(self.ok(nid, "GET", "/api/v1/cluster/members"))
+
+    def wait_member(self, node_id: int, timeout: float = 60.0) -> None:
+        wait_for(
+            f"node {node_id} member", lambda: any(m["nodeId"] == node_id for m in self.members()), timeout
+        )
+
+    def wait_voters(self, ids: set[int], timeout: float = 60.0) -> None:
+        def check() -> bool:
+            ms = self.members()
+            return {m["nodeId"] for m in ms if m["suffrage"] == "voter"} == ids
+
+        wait_for(f"voters {sorted(ids)}", check, timeout)
+
+    def applied(self, node_id: int) -> int:
+        return int(self.status(node_id)["appliedIndex"])
