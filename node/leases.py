@@ -1,0 +1,462 @@
+"""Address pools and leases: the allocation part of the replicated state machine.
+
+``LeaseTable`` owns the pools, the leases and every index over them; ``StateMachine`` (in
+``quorumd.node.state``) owns it, checks membership and drain state first, and turns a
+``Rejection`` into an ``ApplyResult``. Pure and deterministic: no clock, no randomness, and
+no output depends on set iteration order.
+
+Allocation is lowest-free-address first. A pool keeps a high-water mark (offsets below it
+have been handed out at least once) and a min-heap of the released offsets below it, so an
+allocation is O(log n) whatever the pool size: pop the heap, or take the high-water mark.
+IPv4 pools with a prefix of /30 or shorter skip the network and broadcast addresses; IPv6
+pools and IPv4 /31 and /32 use every address.
+
+Lease ids are increasing integers assigned here. Listing is sorted by id with ``after``
+pagination through ``_IdIndex``: a sorted id list (appends are the common case since ids
+increase) with lazy deletion (a released id stays as a tombstone until tombstones outnumber
+live ids, then the list is compacted), so neither allocation nor release costs O(n) per call
+in the common path, and a page costs O(log n + page size) amortized. One index covers all
+leases, one each pool, one each owning node; the per-node index gives O(1) active counts.
+
+Snapshot form (canonical: pools sorted by name, leases by id; free offsets are not stored,
+they are derived from the high-water mark and the live offsets on load):
+``[next_lease_id, [[name, cidr, created_at, hwm], ...], [[id, pool, offset, holder, node_id,
+created_at], ...]]``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import logging
+import re
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from quorumd.node.commands import CommandError, check_float, check_int, check_list, check_str
+
+logger = logging.getLogger(__name__)
+
+POOL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+MAX_HOLDER_CHARS = 256
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class SnapshotError(ValueError):
+    """A snapshot could not be decoded or breaks an invariant of the state."""
+
+
+class Rejection(Exception):
+    """A command refused for a deterministic reason; raised before any mutation."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def rfc3339(ts: float) -> str:
+    """Unix seconds as an RFC 3339 UTC timestamp (second precision, ``Z`` suffix)."""
+    return datetime.fromtimestamp(int(ts), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    lease_id: int
+    pool: str
+    address: str
+    holder: str
+    node_id: int
+    created_at: float
+
+    @property
+    def prefix(self) -> str:
+        """The host route a BGP speaker announces for this lease: ``addr/32`` or ``addr/128``."""
+        return f"{self.address}/{128 if ':' in self.address else 32}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The API shape (SPEC 5)."""
+        return {
+            "id": self.lease_id,
+            "pool": self.pool,
+            "address": self.address,
+            "holder": self.holder,
+            "nodeId": self.node_id,
+            "createdAt": rfc3339(self.created_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PoolInfo:
+    name: str
+    cidr: str
+    capacity: int  # usable addresses
+    allocated: int  # live leases
+    created_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """The API shape: ``{name, cidr}`` plus usage."""
+        return {
+            "name": self.name,
+            "cidr": self.cidr,
+            "size": self.capacity,
+            "allocated": self.allocated,
+            "createdAt": rfc3339(self.created_at),
+        }
+
+
+class _IdIndex:
+    """Sorted lease ids with lazy deletion (see the module docstring)."""
+
+    __slots__ = ("_ids", "_live")
+
+    def __init__(self) -> None:
+        self._ids: list[int] = []
+        self._live: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, lease_id: int) -> bool:
+        return lease_id in self._live
+
+    def add(self, lease_id: int) -> None:
+        if lease_id in self._live:
+            return
+        self._live.add(lease_id)
+        ids = self._ids
+        if not ids or ids[-1] < lease_id:
+            ids.append(lease_id)
+            return
+        pos = bisect_left(ids, lease_id)
+        if pos == len(ids) or ids[pos] != lease_id:  # else: a tombstone comes back to life
+            ids.insert(pos, lease_id)
+
+    def discard(self, lease_id: int) -> None:
+        if lease_id not in self._live:
+            return
+        self._live.remove(lease_id)
+        if len(self._ids) > 2 * len(self._live) + 32:
+            live = self._live
+            self._ids = [i for i in self._ids if i in live]
+
+    def iter_from(self, after: int | None) -> Iterator[int]:
+        """Live ids greater than ``after`` in increasing order (do not mutate while iterating)."""
+        ids, live = self._ids, self._live
+        start = 0 if after is None else bisect_right(ids, after)
+        for k in range(start, len(ids)):
+            lease_id = ids[k]
+            if lease_id in live:
+                yield lease_id
+
+
+class _Pool:
+    __slots__ = (
+        "addr_cls",
+        "base",
+        "capacity",
+        "created_at",
+        "free",
+        "holders",
+        "hwm",
+        "index",
+        "name",
+        "network",
+    )
+
+    def __init__(self, name: str, network: IPNetwork, created_at: float) -> None:
+        self.name = name
+        self.network = network
+        self.created_at = created_at
+        skip_edges = network.version == 4 and network.prefixlen <= 30
+        self.base = int(network.network_address) + (1 if skip_edges else 0)
+        self.capacity = network.num_addresses - (2 if skip_edges else 0)
+        self.addr_cls: type[IPAddress] = (
+            ipaddress.IPv4Address if network.version == 4 else ipaddress.IPv6Address
+        )
+        self.hwm = 0  # offsets [0, hwm) have been handed out at least once
+        self.free: list[int] = []  # min-heap of released offsets < hwm
+        self.holders: dict[str, int] = {}  # holder -> lease id
+        self.index = _IdIndex()
+
+    def address(self, offset: int) -> str:
+        return str(self.addr_cls(self.base + offset))
+
+    def info(self) -> PoolInfo:
+        return PoolInfo(self.name, str(self.network), self.capacity, len(self.index), self.created_at)
+
+
+def parse_cidr(cidr: str) -> IPNetwork:
+    """Strict CIDR parse (host bits must be zero); raises ``Rejection('invalid_cidr')``."""
+    try:
+        return ipaddress.ip_network(cidr, strict=True)
+    except ValueError as exc:
+        raise Rejection("invalid_cidr", f"invalid CIDR {cidr!r}: {exc}") from None
+
+
+class LeaseTable:
+    """Pools, leases and their indices. Mutators raise ``Rejection`` before changing anything."""
+
+    __slots__ = ("_all", "_by_node", "_leases", "_next_id", "_offsets", "_pools")
+
+    def __init__(self) -> None:
+        self._pools: dict[str, _Pool] = {}
+        self._leases: dict[int, Lease] = {}
+        self._offsets: dict[int, int] = {}  # lease id -> offset in its pool
+        self._all = _IdIndex()
+        self._by_node: dict[int, _IdIndex] = {}
+        self._next_id = 1
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def pools(self) -> list[PoolInfo]:
+        return [self._pools[name].info() for name in sorted(self._pools)]
+
+    def pool(self, name: str) -> PoolInfo | None:
+        p = self._pools.get(name)
+        return None if p is None else p.info()
+
+    def lease(self, lease_id: int) -> Lease | None:
+        return self._leases.get(lease_id)
+
+    def lease_count(self) -> int:
+        return len(self._leases)
+
+    def active_count(self, node_id: int) -> int:
+        idx = self._by_node.get(node_id)
+        return 0 if idx is None else len(idx)
+
+    def owners(self) -> list[int]:
+        """Node ids that own at least one lease, sorted."""
+        return sorted(self._by_node)
+
+    def leases(
+        self,
+        *,
+        node_id: int | None = None,
+        pool: str | None = None,
+        limit: int = 1000,
+        after: int | None = None,
+    ) -> list[Lease]:
+        """Leases sorted by id, filtered by owner and/or pool, ids > ``after``, at most ``limit``."""
+        if limit <= 0:
+            return []
+        pool_filter: str | None = None  # only when the owner index is the one walked
+        if node_id is not None:
+            idx = self._by_node.get(node_id)
+            pool_filter = pool
+        elif pool is not None:
+            p = self._pools.get(pool)
+            idx = None if p is None else p.index
+        else:
+            idx = self._all
+        if idx is None:
+            return []
+        out: list[Lease] = []
+        for lease_id in idx.iter_from(after):
+            lease = self._leases[lease_id]
+            if pool_filter is None or lease.pool == pool_filter:
+                out.append(lease)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def announced_prefixes(self, node_id: int) -> list[str]:
+        """``addr/32`` or ``addr/128`` for each lease the node owns, in lease id order."""
+        idx = self._by_node.get(node_id)
+        if idx is None:
+            return []
+        return [self._leases[i].prefix for i in idx.iter_from(None)]
+
+    # --- mutators ----------------------------------------------------------------------------
+
+    def create_pool(self, name: str, cidr: str, ts: float) -> PoolInfo:
+        if not POOL_NAME_RE.fullmatch(name):
+            raise Rejection("invalid_argument", "pool name must be 1-63 of [A-Za-z0-9_.-]")
+        if name in self._pools:
+            raise Rejection("pool_exists", f"pool {name!r} already exists")
+        network = parse_cidr(cidr)
+        for other in self._sorted_pools():
+            if other.network.version == network.version and other.network.overlaps(network):
+                raise Rejection("pool_overlap", f"{network} overlaps pool {other.name!r}")
+        p = _Pool(name, network, ts)
+        if p.capacity <= 0:  # pragma: no cover - every network has at least one usable address
+            raise Rejection("invalid_cidr", f"{network} has no usable address")
+        self._pools[name] = p
+        logger.info("pool_created name=%s cidr=%s", name, network)
+        return p.info()
+
+    def delete_pool(self, name: str) -> PoolInfo:
+        p = self._pools.get(name)
+        if p is None:
+            raise Rejection("unknown_pool", f"unknown pool {name!r}")
+        if len(p.index):
+            raise Rejection("pool_in_use", f"pool {name!r} has {len(p.index)} active leases")
+        del self._pools[name]
+        logger.info("pool_deleted name=%s", name)
+        return p.info()
+
+    def allocate(self, pool: str, holder: str, node_id: int, ts: float) -> Lease:
+        """Lowest free address of ``pool`` for ``holder``; the same (pool, holder) returns the
+        existing lease, re-owned to ``node_id``. The caller has checked the node."""
+        p = self._pools.get(pool)
+        if p is None:
+            raise Rejection("unknown_pool", f"unknown pool {pool!r}")
+        if not holder or len(holder) > MAX_HOLDER_CHARS:
+            raise Rejection("invalid_argument", f"holder must be 1-{MAX_HOLDER_CHARS} characters")
+        existing = p.holders.get(holder)
+        if existing is not None:
+            lease = self._leases[existing]
+            if lease.node_id != node_id:
+                self._node_discard(lease.node_id, existing)
+                self._node_index(node_id).add(existing)
+                lease = replace(lease, node_id=node_id)
+                self._leases[existing] = lease
+            return lease
+        if p.free:
+            offset = heapq.heappop(p.free)
+        elif p.hwm < p.capacity:
+            offset = p.hwm
+            p.hwm += 1
+        else:
+            raise Rejection("pool_exhausted", f"pool {pool!r} has no free address")
+        lease_id = self._next_id
+        self._next_id += 1
+        lease = Lease(lease_id, pool, p.address(offset), holder, node_id, ts)
+        self._insert(p, lease, offset)
+        return lease
+
+    def release(self, lease_id: int) -> Lease:
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            raise Rejection("unknown_lease", f"unknown lease {lease_id}")
+        p = self._pools[lease.pool]
+        offset = self._offsets.pop(lease_id)
+        del self._leases[lease_id]
+        del p.holders[lease.holder]
+        p.index.discard(lease_id)
+        self._all.discard(lease_id)
+        self._node_discard(lease.node_id, lease_id)
+        heapq.heappush(p.free, offset)
+        return lease
+
+    def purge_node(self, node_id: int) -> int:
+        """Release every lease ``node_id`` owns; returns how many."""
+        idx = self._by_node.get(node_id)
+        if idx is None:
+            return 0
+        ids = list(idx.iter_from(None))
+        for lease_id in ids:
+            self.release(lease_id)
+        return len(ids)
+
+    # --- snapshot ----------------------------------------------------------------------------
+
+    def dump(self) -> list[Any]:
+        pools = [[p.name, str(p.network), p.created_at, p.hwm] for p in self._sorted_pools()]
+        leases = [
+            [
+                lease.lease_id,
+                lease.pool,
+                self._offsets[lease.lease_id],
+                lease.holder,
+                lease.node_id,
+                lease.created_at,
+            ]
+            for lease in (self._leases[i] for i in self._all.iter_from(None))
+        ]
+        return [self._next_id, pools, leases]
+
+    @classmethod
+    def load(cls, obj: object) -> LeaseTable:
+        """Rebuild from ``dump()`` output; raises ``SnapshotError`` on any inconsistency."""
+        try:
+            return cls._load(obj)
+        except (CommandError, Rejection) as exc:
+            raise SnapshotError(f"lease table: {exc}") from None
+
+    @classmethod
+    def _load(cls, obj: object) -> LeaseTable:
+        table = cls()
+        next_id_raw, pools_raw, leases_raw = check_list(obj, "lease table", 3)
+        table._next_id = check_int(next_id_raw, "next_lease_id")
+        if table._next_id < 1:
+            raise SnapshotError("next_lease_id < 1")
+        prev_name: str | None = None
+        for item in check_list(pools_raw, "pools"):
+            name_raw, cidr_raw, created_raw, hwm_raw = check_list(item, "pool", 4)
+            name = check_str(name_raw, "pool name")
+            if prev_name is not None and name <= prev_name:
+                raise SnapshotError("pools not sorted by name")
+            prev_name = name
+            table.create_pool(name, check_str(cidr_raw, "cidr"), check_float(created_raw, "created_at"))
+            p = table._pools[name]
+            if str(p.network) != cidr_raw:
+                raise SnapshotError(f"pool {name!r}: non-canonical cidr")
+            hwm = check_int(hwm_raw, "hwm")
+            if not 0 <= hwm <= p.capacity:
+                raise SnapshotError(f"pool {name!r}: hwm out of range")
+            p.hwm = hwm
+        used: dict[str, set[int]] = {name: set() for name in table._pools}
+        prev_id = 0
+        for item in check_list(leases_raw, "leases"):
+            id_raw, pool_raw, offset_raw, holder_raw, node_raw, created_raw = check_list(item, "lease", 6)
+            lease_id = check_int(id_raw, "lease id")
+            if not prev_id < lease_id < table._next_id:
+                raise SnapshotError("lease ids not increasing or not below next_lease_id")
+            prev_id = lease_id
+            pool = check_str(pool_raw, "lease pool")
+            p_or_none = table._pools.get(pool)
+            if p_or_none is None:
+                raise SnapshotError(f"lease {lease_id}: unknown pool")
+            p = p_or_none
+            offset = check_int(offset_raw, "offset")
+            if not 0 <= offset < p.hwm or offset in used[pool]:
+                raise SnapshotError(f"lease {lease_id}: bad or duplicate offset")
+            used[pool].add(offset)
+            holder = check_str(holder_raw, "holder")
+            if not holder or holder in p.holders:
+                raise SnapshotError(f"lease {lease_id}: empty or duplicate holder")
+            lease = Lease(
+                lease_id,
+                pool,
+                p.address(offset),
+                holder,
+                check_int(node_raw, "node_id"),
+                check_float(created_raw, "created_at"),
+            )
+            table._insert(p, lease, offset)
+        for name, p in table._pools.items():
+            taken = used[name]
+            p.free = [o for o in range(p.hwm) if o not in taken]  # sorted, hence a valid heap
+        return table
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _sorted_pools(self) -> list[_Pool]:
+        return [self._pools[name] for name in sorted(self._pools)]
+
+    def _insert(self, p: _Pool, lease: Lease, offset: int) -> None:
+        self._leases[lease.lease_id] = lease
+        self._offsets[lease.lease_id] = offset
+        p.holders[lease.holder] = lease.lease_id
+        p.index.add(lease.lease_id)
+        self._all.add(lease.lease_id)
+        self._node_index(lease.node_id).add(lease.lease_id)
+
+    def _node_index(self, node_id: int) -> _IdIndex:
+        idx = self._by_node.get(node_id)
+        if idx is None:
+            idx = self._by_node[node_id] = _IdIndex()
+        return idx
+
+    def _node_discard(self, node_id: int, lease_id: int) -> None:
+        idx = self._by_node[node_id]
+        idx.discard(lease_id)
+        if not idx:
+            del self._by_node[node_id]

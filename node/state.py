@@ -1,0 +1,650 @@
+"""The replicated state machine: member registry, cluster secrets, tokens, pools and leases.
+
+``StateMachine`` is applied by the node in log order: ``apply`` for NORMAL entries (a command
+from ``quorumd.node.commands``; empty data is the leader's no-op) and ``apply_conf_change`` for
+CONF_CHANGE entries (the engine has already changed the Raft configuration; the registry
+follows it). It is pure and deterministic: its only clock is the ``ts`` the leader stamped into
+each command, and nothing depends on set iteration order, so every replica that applies the
+same log holds the same state and produces byte-identical snapshots.
+
+Rejections are results, not exceptions: a command refused for a deterministic reason (unknown
+pool, pool exhausted, node draining, ...) and even undecodable data yield an ``ApplyResult``
+whose ``error`` is a stable snake_case code (``ApplyCode``), because the log must always be
+appliable. The only exceptions are ``StateError`` (the caller applied out of order: a broken
+invariant) and ``SnapshotError`` from ``restore``.
+
+What is stored:
+- members: the registry (addresses, binary version, certificate pin, drain state, left flag);
+- cluster id and join HMAC key (set once by the founder);
+- join tokens: minted and consumed ids with their expiry; entries are pruned once the
+  command clock passes expiry plus a grace period, so the set stays bounded; a consumed id is
+  kept while the token could still verify, which is what makes a replay fail everywhere;
+- API tokens: only the SHA-256 of the secret (see ``quorumd.node.apitoken``), never the secret;
+- pools and leases: ``quorumd.node.leases.LeaseTable``.
+
+Snapshot: one msgpack list, every collection sorted by key:
+``[SNAPSHOT_VERSION, applied_index, cluster_id, join_key, members, join_tokens, api_tokens,
+lease_table]``. ``restore`` validates types and cross-references (every lease owner is a
+member, ...) and replaces the state only when all of it is valid.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from heapq import heapify, heappop, heappush
+from typing import Any
+
+from quorumd.api.ports import DrainState, TokenRole
+from quorumd.node.apitoken import TOKEN_ID_RE
+from quorumd.node.commands import (
+    AllocateLease,
+    Command,
+    CommandError,
+    CreateApiToken,
+    CreatePool,
+    DeletePool,
+    MarkNodeLeft,
+    MemberContext,
+    MintJoinToken,
+    Noop,
+    RegisterNodeInfo,
+    ReleaseLease,
+    RevokeApiToken,
+    SetClusterSecrets,
+    SetDrain,
+    check_bool,
+    check_bytes,
+    check_float,
+    check_int,
+    check_list,
+    check_opt_bytes,
+    check_opt_float,
+    check_opt_int,
+    check_str,
+    decode_command,
+    decode_member_context,
+    drain_from_code,
+    drain_to_code,
+    pack,
+    role_from_code,
+    role_to_code,
+    unpack,
+)
+from quorumd.node.leases import Lease, LeaseTable, PoolInfo, Rejection, SnapshotError, rfc3339
+from quorumd.raft.core.types import ConfChange, ConfChangeType
+
+__all__ = [
+    "ApiToken",
+    "ApplyCode",
+    "ApplyResult",
+    "JoinTokenRecord",
+    "Lease",
+    "Member",
+    "PoolInfo",
+    "SnapshotError",
+    "StateError",
+    "StateMachine",
+]
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT_VERSION = 1
+JOIN_TOKEN_MAX_TTL_SECONDS = 86400  # bounds the expiry of a consumed id that was never recorded as minted
+JOIN_TOKEN_PRUNE_GRACE_SECONDS = 3600  # tolerance for clock differences between successive leaders
+MAX_TOKEN_NAME_CHARS = 128
+SECRET_HASH_BYTES = 32
+MIN_JOIN_KEY_BYTES = 16
+_DUMMY_HASH = bytes(SECRET_HASH_BYTES)
+
+
+class StateError(Exception):
+    """The caller broke the apply contract (an index applied twice or out of order)."""
+
+
+class ApplyCode(StrEnum):
+    """Stable error codes of rejected commands (the API layer maps them to HTTP statuses)."""
+
+    BAD_COMMAND = "bad_command"
+    INVALID_ARGUMENT = "invalid_argument"
+    UNKNOWN_NODE = "unknown_node"
+    NODE_DRAINING = "node_draining"
+    UNKNOWN_POOL = "unknown_pool"
+    POOL_EXISTS = "pool_exists"
+    INVALID_CIDR = "invalid_cidr"
+    POOL_OVERLAP = "pool_overlap"
+    POOL_IN_USE = "pool_in_use"
+    POOL_EXHAUSTED = "pool_exhausted"
+    UNKNOWN_LEASE = "unknown_lease"
+    UNKNOWN_TOKEN = "unknown_token"
+    TOKEN_EXISTS = "token_exists"
+    SECRETS_ALREADY_SET = "secrets_already_set"
+    JOIN_TOKEN_REUSED = "join_token_reused"
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    node_id: int
+    raft_address: str  # host:port of the cluster channel
+    api_address: str  # as announced by the node: https://host:port
+    binary_version: str
+    cert_fingerprint: str  # sha256:<hex of DER>
+    cert_pem: str
+    drain_state: DrainState
+    drain_changed_at: float
+    drain_deadline: float | None  # only while draining with a deadline
+    left: bool  # announced a graceful stop
+
+    def as_dict(self) -> dict[str, Any]:
+        """The registry part of a /cluster/members item (the node adds suffrage, isLeader,
+        activeLeases from the live Raft state and ``active_lease_count``)."""
+        return {
+            "nodeId": self.node_id,
+            "raftAddress": self.raft_address,
+            "apiAddress": self.api_address,
+            "binaryVersion": self.binary_version,
+            "drainState": str(self.drain_state),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    token_id: str
+    name: str
+    role: TokenRole
+    secret_hash: bytes
+    created_at: float
+    expires_at: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The GET /tokens item (never the hash)."""
+        return {
+            "id": self.token_id,
+            "name": self.name,
+            "role": str(self.role),
+            "createdAt": rfc3339(self.created_at),
+            "expiresAt": self.expires_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class JoinTokenRecord:
+    node_id: int
+    expires_at: int
+    consumed_at: float | None  # None: minted, not used yet
+
+
+ApplyValue = Member | ApiToken | PoolInfo | Lease | int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """Outcome of one applied entry. ``error`` is None on success.
+
+    ``value`` is what the operation produced (the lease, the pool, the member record, the
+    number of leases purged by a REMOVE); ``command`` is the decoded command (None for a no-op
+    or undecodable data; the ConfChange for membership entries) so the node can run side
+    effects without decoding twice.
+    """
+
+    index: int
+    error: str | None = None
+    message: str = ""
+    value: ApplyValue = None
+    command: Command | ConfChange | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class StateMachine:
+    """See the module docstring."""
+
+    __slots__ = (
+        "_api_tokens",
+        "_applied_index",
+        "_cluster_id",
+        "_join_expiry",
+        "_join_key",
+        "_join_tokens",
+        "_leases",
+        "_members",
+    )
+
+    def __init__(self) -> None:
+        self._applied_index = 0
+        self._cluster_id: str | None = None
+        self._join_key: bytes | None = None
+        self._members: dict[int, Member] = {}
+        self._join_tokens: dict[bytes, JoinTokenRecord] = {}
+        self._join_expiry: list[tuple[int, bytes]] = []  # min-heap (expires_at, token id)
+        self._api_tokens: dict[str, ApiToken] = {}
+        self._leases = LeaseTable()
+
+    # --- identity ----------------------------------------------------------------------------
+
+    @property
+    def applied_index(self) -> int:
+        return self._applied_index
+
+    @property
+    def cluster_id(self) -> str | None:
+        return self._cluster_id
+
+    @property
+    def join_key(self) -> bytes | None:
+        return self._join_key
+
+    # --- registry queries --------------------------------------------------------------------
+
+    def members(self) -> list[Member]:
+        return [self._members[i] for i in sorted(self._members)]
+
+    def member(self, node_id: int) -> Member | None:
+        return self._members.get(node_id)
+
+    def has_member(self, node_id: int) -> bool:
+        return node_id in self._members
+
+    def pins(self) -> dict[int, str]:
+        """node id -> certificate fingerprint, in id order."""
+        return {i: self._members[i].cert_fingerprint for i in sorted(self._members)}
+
+    def cert_pem(self, node_id: int) -> str | None:
+        m = self._members.get(node_id)
+        return None if m is None else m.cert_pem
+
+    def active_lease_count(self, node_id: int) -> int:
+        return self._leases.active_count(node_id)
+
+    # --- join tokens -------------------------------------------------------------------------
+
+    def is_join_token_consumed(self, token_id: bytes) -> bool:
+        rec = self._join_tokens.get(token_id)
+        return rec is not None and rec.consumed_at is not None
+
+    def join_token(self, token_id: bytes) -> JoinTokenRecord | None:
+        return self._join_tokens.get(token_id)
+
+    def join_token_count(self) -> int:
+        return len(self._join_tokens)
+
+    # --- API tokens --------------------------------------------------------------------------
+
+    def api_tokens(self) -> list[ApiToken]:
+        return [self._api_tokens[i] for i in sorted(self._api_tokens)]
+
+    def api_token(self, token_id: str) -> ApiToken | None:
+        return self._api_tokens.get(token_id)
+
+    def authenticate(self, token_id: str, secret_hash: bytes, now: float) -> TokenRole | None:
+        """The role of a valid, unexpired token whose secret hashes to ``secret_hash``."""
+        tok = self._api_tokens.get(token_id)
+        if tok is None:
+            hmac.compare_digest(_DUMMY_HASH, secret_hash)  # same work for unknown ids
+            return None
+        if not hmac.compare_digest(tok.secret_hash, secret_hash):
+            return None
+        if tok.expires_at is not None and now >= tok.expires_at:
+            return None
+        return tok.role
+
+    # --- pools and leases --------------------------------------------------------------------
+
+    def pools(self) -> list[PoolInfo]:
+        return self._leases.pools()
+
+    def pool(self, name: str) -> PoolInfo | None:
+        return self._leases.pool(name)
+
+    def lease(self, lease_id: int) -> Lease | None:
+        return self._leases.lease(lease_id)
+
+    def leases(
+        self,
+        node_id: int | None = None,
+        pool: str | None = None,
+        limit: int = 1000,
+        after: int | None = None,
+    ) -> list[Lease]:
+        """Sorted by id; ``after`` is the last id of the previous page."""
+        return self._leases.leases(node_id=node_id, pool=pool, limit=limit, after=after)
+
+    def lease_count(self) -> int:
+        return self._leases.lease_count()
+
+    def announced_prefixes(self, node_id: int) -> list[str]:
+        return self._leases.announced_prefixes(node_id)
+
+    # --- apply -------------------------------------------------------------------------------
+
+    def apply(self, index: int, data: bytes) -> ApplyResult:
+        """Apply a NORMAL entry. Never raises for bad data (see the module docstring)."""
+        self._advance(index)
+        if not data:
+            return ApplyResult(index)
+        try:
+            cmd = decode_command(data)
+        except CommandError as exc:
+            logger.warning("command_rejected index=%d code=bad_command", index)
+            return ApplyResult(index, ApplyCode.BAD_COMMAND, str(exc))
+        self._prune_join_tokens(cmd.ts)
+        try:
+            value = self._dispatch(cmd)
+        except Rejection as rej:
+            logger.debug("command_rejected index=%d code=%s", index, rej.code)
+            return ApplyResult(index, rej.code, rej.message, command=cmd)
+        return ApplyResult(index, value=value, command=cmd)
+
+    def apply_conf_change(self, index: int, cc: ConfChange) -> ApplyResult:
+        """Mirror a membership change in the registry. The registry always follows the Raft
+        configuration; an error code here is advisory (the change itself has happened)."""
+        self._advance(index)
+        node_id = cc.node_id
+        if cc.type == ConfChangeType.REMOVE:
+            member = self._members.pop(node_id, None)
+            purged = self._leases.purge_node(node_id)
+            if member is not None:
+                logger.info("member_removed node_id=%d leases_purged=%d", node_id, purged)
+            return ApplyResult(index, value=purged, command=cc)
+        if cc.type == ConfChangeType.DEMOTE or (
+            cc.type == ConfChangeType.PROMOTE and node_id in self._members
+        ):
+            return ApplyResult(index, value=self._members.get(node_id), command=cc)
+        # ADD_NONVOTER, or PROMOTE of an unknown id (the founder's bootstrap entry)
+        try:
+            ctx = decode_member_context(cc.context)
+        except CommandError as exc:
+            logger.warning("member_context_rejected index=%d node_id=%d", index, node_id)
+            return ApplyResult(index, ApplyCode.BAD_COMMAND, f"member context: {exc}", command=cc)
+        self._prune_join_tokens(ctx.ts)
+        member = self._register(node_id, ctx)
+        if ctx.join_token_id is not None and not self._consume_join_token(ctx, node_id):
+            logger.warning("join_token_reused node_id=%d", node_id)
+            return ApplyResult(
+                index,
+                ApplyCode.JOIN_TOKEN_REUSED,
+                "member registered, but its join token had already been consumed",
+                value=member,
+                command=cc,
+            )
+        return ApplyResult(index, value=member, command=cc)
+
+    # --- snapshot ----------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        members = [
+            [
+                m.node_id,
+                m.raft_address,
+                m.api_address,
+                m.binary_version,
+                m.cert_fingerprint,
+                m.cert_pem,
+                drain_to_code(m.drain_state),
+                m.drain_changed_at,
+                m.drain_deadline,
+                m.left,
+            ]
+            for m in self.members()
+        ]
+        join_tokens = [
+            [tid, rec.node_id, rec.expires_at, rec.consumed_at]
+            for tid, rec in sorted(self._join_tokens.items())
+        ]
+        api_tokens = [
+            [t.token_id, t.name, role_to_code(t.role), t.secret_hash, t.created_at, t.expires_at]
+            for t in self.api_tokens()
+        ]
+        return pack(
+            [
+                SNAPSHOT_VERSION,
+                self._applied_index,
+                self._cluster_id,
+                self._join_key,
+                members,
+                join_tokens,
+                api_tokens,
+                self._leases.dump(),
+            ]
+        )
+
+    def restore(self, data: bytes) -> None:
+        """Replace the whole state with a snapshot; raises ``SnapshotError`` (state untouched)."""
+        try:
+            new = _load_snapshot(data)
+        except CommandError as exc:
+            raise SnapshotError(str(exc)) from None
+        for name in StateMachine.__slots__:
+            setattr(self, name, getattr(new, name))
+        logger.info(
+            "state_restored applied_index=%d members=%d leases=%d",
+            self._applied_index,
+            len(self._members),
+            self._leases.lease_count(),
+        )
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _advance(self, index: int) -> None:
+        if index <= self._applied_index:
+            raise StateError(f"apply index {index} <= applied index {self._applied_index}")
+        self._applied_index = index
+
+    def _dispatch(self, cmd: Command) -> ApplyValue:
+        match cmd:
+            case Noop():
+                return None
+            case SetClusterSecrets():
+                self._set_secrets(cmd)
+                return None
+            case RegisterNodeInfo():
+                m = self._need_member(cmd.node_id)
+                m = replace(m, api_address=cmd.api_address, binary_version=cmd.binary_version, left=False)
+                self._members[m.node_id] = m
+                return m
+            case SetDrain():
+                return self._set_drain(cmd)
+            case MarkNodeLeft():
+                m = replace(self._need_member(cmd.node_id), left=cmd.left)
+                self._members[m.node_id] = m
+                logger.info("member_left node_id=%d left=%s", m.node_id, m.left)
+                return m
+            case CreateApiToken():
+                return self._create_api_token(cmd)
+            case RevokeApiToken():
+                tok = self._api_tokens.pop(cmd.token_id, None)
+                if tok is None:
+                    raise Rejection(ApplyCode.UNKNOWN_TOKEN, f"unknown token {cmd.token_id!r}")
+                logger.info("api_token_revoked token_id=%s", cmd.token_id)
+                return tok
+            case CreatePool():
+                return self._leases.create_pool(cmd.name, cmd.cidr, cmd.ts)
+            case DeletePool():
+                return self._leases.delete_pool(cmd.name)
+            case AllocateLease():
+                m = self._need_member(cmd.node_id)
+                if m.drain_state != DrainState.ACTIVE:
+                    raise Rejection(ApplyCode.NODE_DRAINING, f"node {cmd.node_id} is {m.drain_state}")
+                return self._leases.allocate(cmd.pool, cmd.holder, cmd.node_id, cmd.ts)
+            case ReleaseLease():
+                return self._leases.release(cmd.lease_id)
+            case MintJoinToken():
+                if cmd.token_id not in self._join_tokens:
+                    self._add_join_token(cmd.token_id, JoinTokenRecord(cmd.node_id, cmd.expires_at, None))
+                return None
+        raise Rejection(ApplyCode.BAD_COMMAND, "unhandled command")  # pragma: no cover
+
+    def _need_member(self, node_id: int) -> Member:
+        m = self._members.get(node_id)
+        if m is None:
+            raise Rejection(ApplyCode.UNKNOWN_NODE, f"node {node_id} is not a member")
+        return m
+
+    def _set_secrets(self, cmd: SetClusterSecrets) -> None:
+        if self._cluster_id is not None:
+            if self._cluster_id == cmd.cluster_id and self._join_key == cmd.join_key:
+                return
+            raise Rejection(ApplyCode.SECRETS_ALREADY_SET, "cluster secrets are already set")
+        if not cmd.cluster_id or len(cmd.join_key) < MIN_JOIN_KEY_BYTES:
+            raise Rejection(ApplyCode.INVALID_ARGUMENT, "empty cluster id or short join key")
+        self._cluster_id = cmd.cluster_id
+        self._join_key = cmd.join_key
+        logger.info("cluster_secrets_set cluster_id=%s", cmd.cluster_id)
+
+    def _set_drain(self, cmd: SetDrain) -> Member:
+        m = self._need_member(cmd.node_id)
+        deadline = cmd.deadline_ts if cmd.state == DrainState.DRAINING else None
+        changed_at = cmd.ts if cmd.state != m.drain_state else m.drain_changed_at
+        new = replace(m, drain_state=cmd.state, drain_changed_at=changed_at, drain_deadline=deadline)
+        self._members[m.node_id] = new
+        if cmd.state != m.drain_state:
+            logger.info("drain_state_changed node_id=%d from=%s to=%s", m.node_id, m.drain_state, cmd.state)
+        return new
+
+    def _create_api_token(self, cmd: CreateApiToken) -> ApiToken:
+        if not TOKEN_ID_RE.fullmatch(cmd.token_id):
+            raise Rejection(ApplyCode.INVALID_ARGUMENT, "token id must be 12 lowercase hex characters")
+        if not cmd.name or len(cmd.name) > MAX_TOKEN_NAME_CHARS:
+            raise Rejection(ApplyCode.INVALID_ARGUMENT, f"name must be 1-{MAX_TOKEN_NAME_CHARS} characters")
+        if len(cmd.secret_hash) != SECRET_HASH_BYTES:
+            raise Rejection(ApplyCode.INVALID_ARGUMENT, "secret hash must be 32 bytes")
+        if cmd.token_id in self._api_tokens:
+            raise Rejection(ApplyCode.TOKEN_EXISTS, f"token {cmd.token_id!r} already exists")
+        tok = ApiToken(cmd.token_id, cmd.name, cmd.role, cmd.secret_hash, cmd.ts, cmd.expires_at)
+        self._api_tokens[tok.token_id] = tok
+        logger.info("api_token_created token_id=%s role=%s", tok.token_id, tok.role)
+        return tok
+
+    def _register(self, node_id: int, ctx: MemberContext) -> Member:
+        old = self._members.get(node_id)
+        if old is None:
+            m = Member(
+                node_id,
+                ctx.raft_address,
+                ctx.api_address,
+                ctx.binary_version,
+                ctx.cert_fingerprint,
+                ctx.cert_pem,
+                DrainState.ACTIVE,
+                ctx.ts,
+                None,
+                False,
+            )
+            logger.info("member_registered node_id=%d raft_address=%s", node_id, ctx.raft_address)
+        else:
+            m = replace(
+                old,
+                raft_address=ctx.raft_address,
+                api_address=ctx.api_address,
+                binary_version=ctx.binary_version,
+                cert_fingerprint=ctx.cert_fingerprint,
+                cert_pem=ctx.cert_pem,
+                left=False,
+            )
+            logger.info("member_updated node_id=%d raft_address=%s", node_id, ctx.raft_address)
+        self._members[node_id] = m
+        return m
+
+    def _consume_join_token(self, ctx: MemberContext, node_id: int) -> bool:
+        """Record consumption; False when the id had already been consumed."""
+        assert ctx.join_token_id is not None
+        token_id = ctx.join_token_id
+        rec = self._join_tokens.get(token_id)
+        if rec is None:
+            self._add_join_token(
+                token_id, JoinTokenRecord(node_id, int(ctx.ts) + JOIN_TOKEN_MAX_TTL_SECONDS, ctx.ts)
+            )
+            return True
+        if rec.consumed_at is not None:
+            return False
+        self._join_tokens[token_id] = replace(rec, consumed_at=ctx.ts)
+        return True
+
+    def _add_join_token(self, token_id: bytes, rec: JoinTokenRecord) -> None:
+        self._join_tokens[token_id] = rec
+        heappush(self._join_expiry, (rec.expires_at, token_id))
+
+    def _prune_join_tokens(self, ts: float) -> None:
+        heap, tokens = self._join_expiry, self._join_tokens
+        while heap and heap[0][0] + JOIN_TOKEN_PRUNE_GRACE_SECONDS <= ts:
+            expires_at, token_id = heappop(heap)
+            rec = tokens.get(token_id)
+            if rec is not None and rec.expires_at == expires_at:
+                del tokens[token_id]
+
+
+def _load_snapshot(data: bytes) -> StateMachine:
+    obj = unpack(data, "snapshot")
+    items = check_list(obj, "snapshot")
+    if not items or check_int(items[0], "snapshot version") != SNAPSHOT_VERSION:
+        raise SnapshotError("unsupported snapshot version")
+    (_, applied_raw, cluster_raw, key_raw, members_raw, join_raw, api_raw, leases_raw) = check_list(
+        items, "snapshot", 8
+    )
+    sm = StateMachine()
+    sm._applied_index = check_int(applied_raw, "applied_index")
+    if sm._applied_index < 0:
+        raise SnapshotError("negative applied index")
+    sm._cluster_id = None if cluster_raw is None else check_str(cluster_raw, "cluster_id")
+    sm._join_key = check_opt_bytes(key_raw, "join_key")
+    if (sm._cluster_id is None) != (sm._join_key is None):
+        raise SnapshotError("cluster id and join key must be set together")
+
+    prev_node = 0
+    for item in check_list(members_raw, "members"):
+        f = check_list(item, "member", 10)
+        m = Member(
+            node_id=check_int(f[0], "node_id"),
+            raft_address=check_str(f[1], "raft_address"),
+            api_address=check_str(f[2], "api_address"),
+            binary_version=check_str(f[3], "binary_version"),
+            cert_fingerprint=check_str(f[4], "cert_fingerprint"),
+            cert_pem=check_str(f[5], "cert_pem"),
+            drain_state=drain_from_code(f[6]),
+            drain_changed_at=check_float(f[7], "drain_changed_at"),
+            drain_deadline=check_opt_float(f[8], "drain_deadline"),
+            left=check_bool(f[9], "left"),
+        )
+        if m.node_id <= prev_node:
+            raise SnapshotError("members not sorted by id (or id < 1)")
+        prev_node = m.node_id
+        sm._members[m.node_id] = m
+
+    prev_tid: bytes | None = None
+    for item in check_list(join_raw, "join tokens"):
+        f = check_list(item, "join token", 4)
+        tid = check_bytes(f[0], "join token id")
+        if prev_tid is not None and tid <= prev_tid:
+            raise SnapshotError("join tokens not sorted by id")
+        prev_tid = tid
+        sm._join_tokens[tid] = JoinTokenRecord(
+            check_int(f[1], "node_id"), check_int(f[2], "expires_at"), check_opt_float(f[3], "consumed_at")
+        )
+    sm._join_expiry = [(rec.expires_at, tid) for tid, rec in sm._join_tokens.items()]
+    heapify(sm._join_expiry)
+
+    prev_api: str | None = None
+    for item in check_list(api_raw, "api tokens"):
+        f = check_list(item, "api token", 6)
+        tok = ApiToken(
+            token_id=check_str(f[0], "token_id"),
+            name=check_str(f[1], "name"),
+            role=role_from_code(f[2]),
+            secret_hash=check_bytes(f[3], "secret_hash"),
+            created_at=check_float(f[4], "created_at"),
+            expires_at=check_opt_int(f[5], "expires_at"),
+        )
+        if prev_api is not None and tok.token_id <= prev_api:
+            raise SnapshotError("api tokens not sorted by id")
+        prev_api = tok.token_id
+        sm._api_tokens[tok.token_id] = tok
+
+    sm._leases = LeaseTable.load(leases_raw)
+    for owner in sm._leases.owners():
+        if owner not in sm._members:
+            raise SnapshotError(f"leases owned by node {owner}, which is not a member")
+    return sm
