@@ -75,6 +75,19 @@ def timing_for(cfg: Config) -> Timing:
     return Timing(tick, max(1, round(hb / tick)), max(2, round(cfg.cluster.election_timeout_seconds / tick)))
 
 
+def planted_bugs() -> dict[str, bool]:
+    """Planted engine bugs for the chaos tests' self-check (QUORUMD_TEST_BUGS=name,...).
+
+    Never set in production: the daemon logs a warning for each one switched on."""
+    allowed = {"bug_double_vote", "bug_nonvoter_counts", "bug_commit_old_term"}
+    names = {n.strip() for n in os.environ.get("QUORUMD_TEST_BUGS", "").split(",") if n.strip()}
+    for n in sorted(names):
+        if n not in allowed:
+            raise FatalError(f"QUORUMD_TEST_BUGS: unknown planted bug {n!r}")
+        log.warning("planted_bug_enabled name=%s (test-only)", n)
+    return {n: True for n in names}
+
+
 # --- data directory ---------------------------------------------------------------------------
 def ensure_data_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
@@ -203,6 +216,7 @@ class Daemon:
                 election_ticks=self.timing.election_ticks,
                 heartbeat_ticks=self.timing.heartbeat_ticks,
                 trailing_logs=cfg.cluster.trailing_logs,
+                **planted_bugs(),
             ),
             random.Random(secrets.randbits(64)),
             hard_state=recovered.hard_state,

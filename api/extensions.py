@@ -1,0 +1,21 @@
+"""Optional extensions of ``quorumd.api.ports.NodeApi`` that the HTTP layer uses when present.
+
+``ports.py`` is the fixed contract; a node that also implements a protocol here gets the richer
+behaviour, one that does not still works.
+
+- ``LeaseAllocationReporting``: lets POST /leases tell a new allocation (201) from an existing
+  (pool, holder) lease returned again (200). Without it every allocation answers 201.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class LeaseAllocationReporting(Protocol):
+    async def allocate_lease_reporting(
+        self, pool: str, holder: str, node_id: int | None
+    ) -> tuple[dict[str, Any], bool]:
+        """Like ``NodeApi.allocate_lease``; the flag is True when a new address was allocated."""
+        ...

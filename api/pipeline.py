@@ -1,0 +1,266 @@
+"""The request pipeline shared by HTTP requests and requests forwarded from other members.
+
+One ``Route`` describes an operation completely: where it is served, who may call it, its
+inputs (as ``Field``s, so validation and the OpenAPI document come from the same data), its
+result schema and the error codes it documents. ``run_call`` executes a ``Call`` against a route:
+
+1. cluster routes on a standalone node: 404 ``clustering_disabled`` (before authentication: it is
+   a fact about the node's configuration, not about the caller);
+2. authentication and role (401/403; 429 after too many failures from one client);
+3. validation of path, query and body (400) -- also on a follower, before any forwarding;
+4. placement: local replica reads run here; leader-only operations (and ``?consistent=true``
+   reads) run here when this node leads, are forwarded to the leader otherwise, and answer 503
+   ``no_leader`` when the call itself was forwarded (one hop at most, so no loops).
+
+After a successful forwarded call the follower waits until it has applied the leader's index
+(read-your-writes) before answering with the leader's status and body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+from urllib.parse import unquote
+
+from .auth import FailedAuthLimiter, authorize
+from .errors import (
+    JSON_CONTENT_TYPE,
+    ApiError,
+    CommitTimeout,
+    LeaderTimeout,
+    LeaderUnavailable,
+    LeaderUnreachable,
+    MethodNotAllowed,
+    NotFound,
+    error_body,
+    result_body,
+)
+from .ports import ForwardedRequest, NodeApi, TokenRole
+from .validation import Args, Field, parse_body, parse_query, parse_text
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+CLUSTER_PREFIX = API_PREFIX + "/cluster/"
+# Headers of a leader's answer that a follower passes on to its client.
+_PASSED_HEADERS = ("Retry-After", "WWW-Authenticate", "Allow")
+
+
+class Access(StrEnum):
+    PUBLIC = "public"
+    READONLY = "readonly"
+    ADMIN = "admin"
+
+
+class Placement(StrEnum):
+    LOCAL = "local"  # always served by the receiving node
+    READ = "read"  # local replica, or the leader with ?consistent=true
+    LEADER = "leader"  # always on the leader
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorDoc:
+    status: int
+    codes: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class Reply:
+    status: int = 200
+    result: Any = None
+    body: bytes | None = None  # pre-encoded (forwarded answers, metrics text, the OpenAPI document)
+    content_type: str = JSON_CONTENT_TYPE
+    headers: dict[str, str] = field(default_factory=dict)
+    applied_index: int = 0
+
+    def encoded(self) -> bytes:
+        return self.body if self.body is not None else result_body(self.result)
+
+
+@dataclass(slots=True)
+class Context:
+    node: NodeApi
+    node_id: int
+    forward_timeout_seconds: float
+    propose_timeout_seconds: float
+    limiter: FailedAuthLimiter
+    routes: list[Route] = field(default_factory=list)
+    openapi_json: bytes = b""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def operation_timeout_seconds(self) -> float:
+        """Backstop on leader operations; the node bounds its own waits more tightly."""
+        return self.propose_timeout_seconds * 3
+
+
+RunFn = Callable[[Context, Args], Awaitable[Reply]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str  # aiohttp template, e.g. /api/v1/cluster/members/{id}
+    run: RunFn
+    summary: str
+    tag: str
+    access: Access
+    placement: Placement = Placement.LOCAL
+    path_params: tuple[Field, ...] = ()
+    query: tuple[Field, ...] = ()
+    body: tuple[Field, ...] | None = None  # None: the route takes no body (not read)
+    success_status: int = 200
+    result_schema: dict[str, Any] | None = None  # None: not a JSON envelope (metrics text)
+    raw_content_type: str = JSON_CONTENT_TYPE
+    errors: tuple[ErrorDoc, ...] = ()
+    check: Callable[[Args], None] | None = None  # cross-field validation
+    forward_body: Callable[[Context, Args, bytes], bytes] | None = None
+    description: str = ""
+    other_statuses: tuple[tuple[int, str], ...] = ()  # documented non-error alternatives
+    ignore_query: bool = False  # public probes: unknown query parameters are ignored, not 400
+
+    @property
+    def cluster(self) -> bool:
+        return self.path.startswith(CLUSTER_PREFIX)
+
+    @property
+    def operation_id(self) -> str:
+        return self.run.__name__.lstrip("_")
+
+    def may_use_leader(self) -> bool:
+        return self.placement is not Placement.LOCAL
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    method: str
+    raw_path: str
+    query: tuple[tuple[str, str], ...]
+    path_values: dict[str, str]
+    body: bytes
+    token: str | None
+    client: str | None  # None: forwarded from another member
+    hops: int = 0
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    out, pos = [], 0
+    for m in re.finditer(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", template):
+        out.append(re.escape(template[pos : m.start()]))
+        out.append(f"(?P<{m.group(1)}>[^{{}}/]+)")
+        pos = m.end()
+    out.append(re.escape(template[pos:]))
+    return re.compile("".join(out))
+
+
+class RouteTable:
+    """Route lookup for forwarded requests (aiohttp's router serves HTTP requests)."""
+
+    def __init__(self, routes: list[Route]) -> None:
+        self._by_path: dict[str, tuple[re.Pattern[str], dict[str, Route]]] = {}
+        for r in routes:
+            _regex, methods = self._by_path.setdefault(r.path, (_template_regex(r.path), {}))
+            methods[r.method] = r
+
+    def match(self, method: str, raw_path: str) -> tuple[Route, dict[str, str]]:
+        for regex, methods in self._by_path.values():
+            m = regex.fullmatch(raw_path)
+            if m is None:
+                continue
+            route = methods.get(method.upper())
+            if route is None:
+                raise MethodNotAllowed(allowed=tuple(methods))
+            return route, {k: unquote(v) for k, v in m.groupdict().items()}
+        raise NotFound("no such API path")
+
+
+def parse_args(route: Route, call: Call) -> Args:
+    path = {
+        f.name: parse_text(f, call.path_values.get(f.name, ""), "path parameter") for f in route.path_params
+    }
+    query = {} if route.ignore_query else parse_query(route.query, call.query)
+    body = parse_body(route.body, call.body) if route.body is not None else {}
+    args = Args(path=path, query=query, body=body)
+    if route.check is not None:
+        route.check(args)
+    return args
+
+
+async def run_call(ctx: Context, route: Route, call: Call) -> Reply:
+    node = ctx.node
+    if route.cluster and not node.cluster_enabled:
+        raise NotFound("clustering is disabled on this node", code="clustering_disabled")
+    if route.access is not Access.PUBLIC:
+        need = TokenRole.ADMIN if route.access is Access.ADMIN else TokenRole.READONLY
+        authorize(node, call.token, need, client=call.client, limiter=ctx.limiter)
+    args = parse_args(route, call)
+    consistent = bool(args.query.get("consistent", False))
+    if route.placement is Placement.LOCAL or (route.placement is Placement.READ and not consistent):
+        return await route.run(ctx, args)
+    if node.is_leader():
+        try:
+            async with asyncio.timeout(ctx.operation_timeout_seconds):
+                if route.placement is Placement.READ:
+                    await node.linearizable_barrier()
+                reply = await route.run(ctx, args)
+        except TimeoutError:
+            raise CommitTimeout("the operation did not complete in time") from None
+        reply.applied_index = node.applied_index()
+        return reply
+    if call.hops > 0:
+        raise LeaderUnavailable("this node is not the leader (forwarded at most once); retry shortly")
+    return await forward(ctx, route, call, args)
+
+
+def _check_envelope(body: bytes) -> None:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict) or not ("result" in doc or ("error" in doc and "code" in doc)):
+        raise LeaderUnreachable("the leader sent an invalid answer", code="leader_error")
+
+
+async def forward(ctx: Context, route: Route, call: Call, args: Args) -> Reply:
+    node = ctx.node
+    body = route.forward_body(ctx, args, call.body) if route.forward_body is not None else call.body
+    request = ForwardedRequest(
+        method=call.method,
+        path=call.raw_path,
+        query=call.query,
+        body=body,
+        token=call.token or "",
+        hops=call.hops + 1,
+    )
+    timeout = ctx.forward_timeout_seconds
+    try:
+        async with asyncio.timeout(timeout + 1.0):
+            resp = await node.forward(request, timeout)
+    except TimeoutError:
+        raise LeaderTimeout("the leader did not answer in time") from None
+    _check_envelope(resp.body)
+    if 200 <= resp.status < 300:
+        try:
+            async with asyncio.timeout(ctx.propose_timeout_seconds + 1.0):
+                await node.wait_applied(resp.applied_index, ctx.propose_timeout_seconds)
+        except TimeoutError:
+            raise LeaderTimeout(
+                "this node did not catch up with the leader in time", code="apply_timeout"
+            ) from None
+    wanted = {h.lower() for h in _PASSED_HEADERS}
+    headers = {k: v for k, v in resp.headers if k.lower() in wanted}
+    log.debug("api_forwarded method=%s route=%s status=%d", call.method, route.path, resp.status)
+    return Reply(status=resp.status, body=resp.body, headers=headers, applied_index=resp.applied_index)
+
+
+def error_reply(exc: ApiError) -> Reply:
+    headers = dict(exc.headers)
+    if exc.status == 503 and not any(k.lower() == "retry-after" for k in headers):
+        headers["Retry-After"] = "1"
+    return Reply(status=exc.status, body=error_body(exc.code, exc.message), headers=headers)

@@ -1,0 +1,193 @@
+"""Routes under /api/v1/cluster: members, promote, drain, resume, removal, autopilot, join tokens.
+
+All answer 404 ``clustering_disabled`` on a standalone node (see ``quorumd.api.pipeline``).
+Membership checks (404 ``member_not_found``) run where the operation runs, i.e. on the leader,
+whose replica is authoritative; a follower only checks the syntax before forwarding.
+"""
+
+from __future__ import annotations
+
+from .errors import BadRequest, NotFound
+from .pipeline import Access, Context, ErrorDoc, Placement, Reply, Route
+from .schemas import array, ref
+from .validation import CONSISTENT_QUERY, NODE_ID_SCHEMA, Args, Field, node_id_path
+
+P = "/api/v1/cluster"
+
+DEADLINE_SCHEMA = {"type": "integer", "minimum": 0, "maximum": 3600, "default": 0}
+DEADLINE_DOC = (
+    "Seconds to wait for the node's active-lease count to reach zero; 0 (default) drains "
+    "synchronously. Integer only (null, strings and floats are rejected)."
+)
+DEADLINE_BODY = Field("deadlineSeconds", DEADLINE_SCHEMA, DEADLINE_DOC, code="invalid_deadline")
+DEADLINE_QUERY = Field("deadlineSeconds", DEADLINE_SCHEMA, DEADLINE_DOC, code="invalid_deadline")
+FORCE_QUERY = Field(
+    "force",
+    {"type": "boolean", "default": False},
+    "Bypass the drained precondition.",
+    code="invalid_parameter",
+)
+JOIN_NODE_ID = Field(
+    "nodeID", NODE_ID_SCHEMA, "Node id of the joining host.", required=True, code="invalid_node_id"
+)
+JOIN_TTL = Field(
+    "ttlSeconds",
+    {"type": "integer", "minimum": 300, "maximum": 86400, "default": 1800},
+    "Token lifetime in seconds (default 1800).",
+    code="invalid_ttl",
+)
+MEMBER_404 = ErrorDoc(404, ("member_not_found",))
+
+
+def require_member(ctx: Context, node_id: int) -> None:
+    if not ctx.node.has_member(node_id):
+        raise NotFound(f"node {node_id} is not a cluster member", code="member_not_found")
+
+
+async def list_members(ctx: Context, args: Args) -> Reply:
+    return Reply(result=ctx.node.members())
+
+
+async def remove_member(ctx: Context, args: Args) -> Reply:
+    node_id = int(args.path["id"])
+    require_member(ctx, node_id)
+    await ctx.node.remove_member(node_id, force=bool(args.query.get("force", False)))
+    return Reply(result={"message": "Cluster member removed"})
+
+
+async def promote_member(ctx: Context, args: Args) -> Reply:
+    node_id = int(args.path["id"])
+    require_member(ctx, node_id)
+    await ctx.node.promote_member(node_id)
+    return Reply(result={"message": "Cluster member promoted to voter"})
+
+
+async def get_autopilot(ctx: Context, args: Args) -> Reply:
+    return Reply(result=await ctx.node.autopilot())
+
+
+def _one_deadline(args: Args) -> None:
+    if "deadlineSeconds" in args.body and "deadlineSeconds" in args.query:
+        raise BadRequest(
+            "give deadlineSeconds in the body or in the query, not both", code="invalid_deadline"
+        )
+
+
+async def drain_member(ctx: Context, args: Args) -> Reply:
+    node_id = int(args.path["id"])
+    deadline = int(args.body.get("deadlineSeconds", args.query.get("deadlineSeconds", 0)))
+    require_member(ctx, node_id)
+    state = await ctx.node.drain_member(node_id, deadline_seconds=deadline)
+    return Reply(result={"drainState": str(state)})
+
+
+async def resume_member(ctx: Context, args: Args) -> Reply:
+    node_id = int(args.path["id"])
+    require_member(ctx, node_id)
+    await ctx.node.resume_member(node_id)
+    return Reply(result={"message": "Cluster member resumed"})
+
+
+async def mint_join_token(ctx: Context, args: Args) -> Reply:
+    ttl = args.body.get("ttlSeconds")
+    result = await ctx.node.mint_join_token(int(args.body["nodeID"]), None if ttl is None else int(ttl))
+    return Reply(status=201, result=result)
+
+
+def routes() -> list[Route]:
+    tag = "cluster"
+    return [
+        Route(
+            "GET",
+            f"{P}/members",
+            list_members,
+            "List cluster members",
+            tag,
+            Access.READONLY,
+            Placement.READ,
+            query=(CONSISTENT_QUERY,),
+            result_schema=array(ref("Member")),
+            description="Sorted by nodeId. Served from the local replica unless consistent=true.",
+        ),
+        Route(
+            "DELETE",
+            f"{P}/members/{{id}}",
+            remove_member,
+            "Remove a cluster member",
+            tag,
+            Access.ADMIN,
+            Placement.LEADER,
+            path_params=(node_id_path(),),
+            query=(FORCE_QUERY,),
+            result_schema=ref("Message"),
+            errors=(MEMBER_404, ErrorDoc(409, ("not_drained", "last_voter", "membership_conflict"))),
+            description="The member must be drained unless force=true. Removing the leader first hands "
+            "leadership to another voter. Purges the node's leases and certificate pin.",
+        ),
+        Route(
+            "POST",
+            f"{P}/members/{{id}}/promote",
+            promote_member,
+            "Promote a nonvoter to voter",
+            tag,
+            Access.ADMIN,
+            Placement.LEADER,
+            path_params=(node_id_path(),),
+            body=(),
+            result_schema=ref("Message"),
+            errors=(MEMBER_404, ErrorDoc(409, ("already_voter", "not_caught_up", "membership_conflict"))),
+        ),
+        Route(
+            "GET",
+            f"{P}/autopilot",
+            get_autopilot,
+            "Autopilot state (leader only)",
+            tag,
+            Access.ADMIN,
+            Placement.LEADER,
+            result_schema=ref("Autopilot"),
+        ),
+        Route(
+            "POST",
+            f"{P}/members/{{id}}/drain",
+            drain_member,
+            "Drain a cluster member",
+            tag,
+            Access.ADMIN,
+            Placement.LEADER,
+            path_params=(node_id_path(),),
+            query=(DEADLINE_QUERY,),
+            body=(DEADLINE_BODY,),
+            result_schema=ref("DrainResult"),
+            check=_one_deadline,
+            errors=(MEMBER_404, ErrorDoc(504, ("drain_timeout",))),
+            description="deadlineSeconds in the body or the query (not both). 0: returns drained once the "
+            "side effects are done; >0: returns draining at once.",
+        ),
+        Route(
+            "POST",
+            f"{P}/members/{{id}}/resume",
+            resume_member,
+            "Resume a drained member",
+            tag,
+            Access.ADMIN,
+            Placement.LEADER,
+            path_params=(node_id_path(),),
+            body=(),
+            result_schema=ref("Message"),
+            errors=(MEMBER_404,),
+        ),
+        Route(
+            "POST",
+            f"{P}/pki/join-tokens",
+            mint_join_token,
+            "Mint a join token",
+            tag,
+            Access.ADMIN,
+            Placement.LEADER,
+            body=(JOIN_NODE_ID, JOIN_TTL),
+            success_status=201,
+            result_schema=ref("JoinToken"),
+            errors=(ErrorDoc(409, ("already_member",)), ErrorDoc(503, ("not_initialized",))),
+        ),
+    ]

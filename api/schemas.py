@@ -1,0 +1,147 @@
+"""JSON Schemas (2020-12, as OpenAPI 3.1 uses them) of the API's result objects.
+
+Routes reference these by ``ref("Name")``; ``quorumd.api.openapi`` puts ``COMPONENTS`` into the
+document. Result objects list the fields clients may rely on and allow additional ones, so the
+node may add information without breaking clients; the envelopes themselves are closed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Schema = dict[str, Any]
+
+INT: Schema = {"type": "integer"}
+STR: Schema = {"type": "string"}
+BOOL: Schema = {"type": "boolean"}
+TIMESTAMP: Schema = {"type": "string", "description": "RFC 3339 UTC timestamp"}
+NODE_ID: Schema = {"type": "integer", "minimum": 0, "maximum": 63}
+DRAIN_STATE: Schema = {"type": "string", "enum": ["active", "draining", "drained"]}
+ROLE: Schema = {"type": "string", "enum": ["admin", "readonly"]}
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def obj(required: dict[str, Schema], optional: dict[str, Schema] | None = None, **extra: Any) -> Schema:
+    props = dict(required)
+    props.update(optional or {})
+    return {"type": "object", "required": sorted(required), "properties": props, **extra}
+
+
+def array(items: Schema) -> Schema:
+    return {"type": "array", "items": items}
+
+
+COMPONENTS: dict[str, Schema] = {
+    "Message": obj({"message": STR}),
+    "Member": obj(
+        {
+            "nodeId": NODE_ID,
+            "raftAddress": STR,
+            "apiAddress": STR,
+            "binaryVersion": STR,
+            "suffrage": {"type": "string", "enum": ["voter", "nonvoter"]},
+            "isLeader": BOOL,
+            "drainState": DRAIN_STATE,
+            "activeLeases": {"type": "integer", "minimum": 0},
+        }
+    ),
+    "AutopilotServer": obj(
+        {
+            "nodeId": NODE_ID,
+            "raftAddress": STR,
+            "nodeStatus": {"type": "string", "enum": ["alive", "left", "failed"]},
+            "healthy": BOOL,
+            "isLeader": BOOL,
+            "hasVotingRights": BOOL,
+            "stableSince": TIMESTAMP,
+            "lastContactMs": {"type": ["number", "null"]},
+            "lastTerm": INT,
+            "lastIndex": INT,
+        }
+    ),
+    "Autopilot": obj(
+        {
+            "healthy": BOOL,
+            "failureTolerance": {"type": "integer", "minimum": 0},
+            "leaderNodeId": NODE_ID,
+            "voters": array(NODE_ID),
+            "servers": array(ref("AutopilotServer")),
+        }
+    ),
+    "DrainResult": obj({"drainState": {"type": "string", "enum": ["draining", "drained"]}}),
+    "JoinToken": obj({"token": STR, "expiresAt": {"type": "integer", "description": "unix seconds"}}),
+    "Status": obj(
+        {
+            "version": STR,
+            "nodeId": NODE_ID,
+            "clusterId": {"type": ["string", "null"]},
+            "role": {"type": "string", "enum": ["leader", "follower", "candidate"]},
+            "term": INT,
+            "leaderNodeId": NODE_ID,
+            "leaderApiAddress": {"type": ["string", "null"]},
+            "commitIndex": INT,
+            "appliedIndex": INT,
+            "ready": BOOL,
+            "drainState": DRAIN_STATE,
+        }
+    ),
+    "Health": obj({"status": {"type": "string", "enum": ["ok"]}}),
+    "Readiness": obj({"ready": BOOL}),
+    "Token": obj(
+        {
+            "id": STR,
+            "name": STR,
+            "role": ROLE,
+            "createdAt": TIMESTAMP,
+            "expiresAt": {"type": ["integer", "null"], "description": "unix seconds; null: never"},
+        }
+    ),
+    "CreatedToken": obj(
+        {
+            "id": STR,
+            "name": STR,
+            "role": ROLE,
+            "token": {"type": "string", "description": "the bearer secret; shown only once"},
+            "expiresAt": {"type": ["integer", "null"], "description": "unix seconds; null: never"},
+        }
+    ),
+    "Pool": obj(
+        {"name": STR, "cidr": STR},
+        {"size": INT, "allocated": INT, "createdAt": TIMESTAMP},
+    ),
+    "Lease": obj(
+        {
+            "id": INT,
+            "pool": STR,
+            "address": STR,
+            "holder": STR,
+            "nodeId": NODE_ID,
+            "createdAt": TIMESTAMP,
+        }
+    ),
+    "Error": {
+        "type": "object",
+        "required": ["error", "code"],
+        "properties": {
+            "error": {"type": "string", "description": "human-readable message"},
+            "code": {
+                "type": "string",
+                "pattern": "^[a-z][a-z0-9_]*$",
+                "description": "stable snake_case code",
+            },
+        },
+        "additionalProperties": False,
+    },
+}
+
+
+def envelope(result: Schema) -> Schema:
+    return {
+        "type": "object",
+        "required": ["result"],
+        "properties": {"result": result},
+        "additionalProperties": False,
+    }

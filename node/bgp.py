@@ -1,0 +1,160 @@
+"""The BGP speaker seen by the drain logic (SPEC 7, 8): the ``BgpSpeaker`` protocol and its stub.
+
+The node owns one speaker. The desired set of prefixes is the ``/32`` or ``/128`` host route of
+every active lease owned by this node; the node pushes it with ``set_prefixes`` after each apply.
+While the speaker runs it announces exactly the desired set; ``stop`` (drain) withdraws every
+prefix, ``start`` (resume) re-announces the desired set. A real speaker (ExaBGP, GoBGP, BIRD)
+implements the same protocol and replaces ``StubBgpSpeaker`` without touching the drain logic.
+
+``StubBgpSpeaker`` holds the state a real speaker would have, logs each change at INFO (one line
+per prefix for small changes, counts and a sample for large batches) and calls ``on_change`` with
+``(running, announced_count)`` after every change so the metrics ``quorumd_bgp_speaker_running``
+and ``quorumd_bgp_announced_prefixes`` follow it. Pure and synchronous: no asyncio, no I/O.
+Output never depends on set iteration order: prefixes are sorted by address family, address and
+length wherever they are listed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+SAMPLE_PREFIXES = 5
+LOG_EACH_LIMIT = 16  # above this many prefixes in one change, log counts and a sample instead
+
+
+class BgpSpeaker(Protocol):
+    """What the node needs from a BGP speaker."""
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def announced(self) -> frozenset[str]:
+        """The prefixes currently announced to peers (empty while stopped)."""
+        ...
+
+    def start(self) -> None:
+        """Start the speaker and announce the desired set. Idempotent."""
+        ...
+
+    def stop(self) -> None:
+        """Withdraw every prefix and stop the speaker. Idempotent."""
+        ...
+
+    def set_prefixes(self, prefixes: Iterable[str]) -> None:
+        """Replace the desired set; announced at once while running, kept for ``start`` otherwise."""
+        ...
+
+    def snapshot(self) -> dict[str, Any]:
+        """The speaker's part of ``/status``."""
+        ...
+
+
+def prefix_sort_key(prefix: str) -> tuple[int, int, int]:
+    """Numeric order: IPv4 before IPv6, then address, then prefix length."""
+    net = ipaddress.ip_network(prefix, strict=False)
+    return (net.version, int(net.network_address), net.prefixlen)
+
+
+def sorted_prefixes(prefixes: Iterable[str]) -> list[str]:
+    return sorted(prefixes, key=prefix_sort_key)
+
+
+def normalize_prefix(prefix: str) -> str:
+    """Canonical text of a prefix; a bare address becomes its host route. Raises ``ValueError``."""
+    return str(ipaddress.ip_network(prefix.strip(), strict=True))
+
+
+class StubBgpSpeaker:
+    """In-memory speaker: the state a real one would have, logged and reported, nothing on the wire."""
+
+    __slots__ = ("_announced", "_desired", "_on_change", "_running", "rejected_prefixes")
+
+    def __init__(self, on_change: Callable[[bool, int], None] | None = None) -> None:
+        self._on_change = on_change
+        self._running = False
+        self._desired: frozenset[str] = frozenset()
+        self._announced: frozenset[str] = frozenset()
+        self.rejected_prefixes = 0  # invalid prefixes passed to set_prefixes (skipped)
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def announced(self) -> frozenset[str]:
+        return self._announced
+
+    @property
+    def desired(self) -> frozenset[str]:
+        return self._desired
+
+    def start(self) -> None:
+        if self._running:
+            return
+        self._running = True
+        log.info("bgp_speaker_started prefixes=%d", len(self._desired))
+        self._apply(self._desired)
+        self._changed()
+
+    def stop(self) -> None:
+        if not self._running:
+            return
+        self._apply(frozenset())
+        self._running = False
+        log.info("bgp_speaker_stopped")
+        self._changed()
+
+    def set_prefixes(self, prefixes: Iterable[str]) -> None:
+        desired: set[str] = set()
+        bad = 0
+        for p in prefixes:
+            try:
+                desired.add(normalize_prefix(p))
+            except ValueError:
+                bad += 1
+        if bad:
+            self.rejected_prefixes += bad
+            log.warning("bgp_prefixes_rejected count=%d", bad)
+        self._desired = frozenset(desired)
+        if self._running and self._apply(self._desired):
+            self._changed()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "running": self._running,
+            "announcedPrefixes": len(self._announced),
+            "samplePrefixes": sorted_prefixes(self._announced)[:SAMPLE_PREFIXES],
+        }
+
+    # --- internals -----------------------------------------------------------------------------
+    def _apply(self, target: frozenset[str]) -> bool:
+        """Move the announced set to ``target``, logging the difference; True when it changed."""
+        withdrawn = self._announced - target
+        added = target - self._announced
+        if not withdrawn and not added:
+            return False
+        _log_change("bgp_withdraw", withdrawn)
+        _log_change("bgp_announce", added)
+        self._announced = target
+        return True
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self._running, len(self._announced))
+
+
+def _log_change(event: str, prefixes: frozenset[str]) -> None:
+    if not prefixes:
+        return
+    ordered = sorted_prefixes(prefixes)
+    if len(ordered) <= LOG_EACH_LIMIT:
+        for p in ordered:
+            log.info("%s prefix=%s", event, p)
+    else:
+        log.info("%s count=%d sample=%s", event, len(ordered), ",".join(ordered[:SAMPLE_PREFIXES]))

@@ -1,0 +1,296 @@
+"""The nemesis: seeded faults against a running ``NsCluster``, one at a time, each logged with a
+timestamp (seconds since the run started) to the run's ``nemesis.log``.
+
+A round picks a fault from the seeded ``random.Random``, applies it, holds it for a seeded
+duration, undoes it, then waits (bounded) until the cluster has a leader and every node that
+should run answers ``/status`` again before the next round. Faults:
+
+* ``partition``: random halves (2 | 3); ``isolate_leader``: the leader alone;
+  ``bridge``: two halves that cannot see each other and one node that sees both;
+  ``one_way``: every packet from one node (often the leader) to another is dropped;
+* ``kill``: SIGKILL a node (often the leader) and restart it with its data;
+* ``pause``: SIGSTOP a node for longer than the election timeout, then SIGCONT;
+* ``drain``: drain a node (deadlineSeconds 0 or a few seconds), then resume it;
+* ``transfer``: drain the leader with deadline 0 (leadership moves), then resume it;
+* ``remove_rejoin``: DELETE the member with force=true (recorded in the history: the removal purges
+  the node's leases), stop it, and re-join it under the same id with a fresh data dir and a new
+  join token.
+
+The schedule is a pure function of the seed; wall-clock timing (and so the exact interleaving with
+the workload) is not, which is why a failing run keeps its whole history for offline re-checking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.chaos.history import FAIL, INFO, OK, REMOVE, History
+from tests.chaos.nscluster import NsCluster
+from tests.cluster import ApiCallError, http
+
+FAULTS: dict[str, int] = {
+    "partition": 3,
+    "isolate_leader": 3,
+    "bridge": 2,
+    "one_way": 2,
+    "kill": 3,
+    "pause": 3,
+    "drain": 2,
+    "transfer": 2,
+    "remove_rejoin": 1,
+}
+
+
+@dataclass
+class Nemesis:
+    cluster: NsCluster
+    history: History
+    seed: int
+    t0: float
+    log_path: Path
+    hold_seconds: tuple[float, float] = (3.0, 8.0)
+    quiet_seconds: tuple[float, float] = (1.0, 3.0)
+    election_timeout_seconds: float = 1.0
+    recover_seconds: float = 60.0
+    faults: dict[str, int] = field(default_factory=lambda: dict(FAULTS))
+    rng: random.Random = field(init=False)
+    actions: list[str] = field(default_factory=list)
+    rounds: int = 0
+    problems: list[str] = field(default_factory=list)  # e.g. a node that never came back
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(f"{self.seed}/nemesis")
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def log(self, msg: str) -> None:
+        line = f"{self.now():9.3f} {msg}"
+        self.actions.append(line)
+        with open(self.log_path, "a") as f:
+            f.write(line + "\n")
+
+    # --- helpers ------------------------------------------------------------------------------
+    async def _bg(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.to_thread(fn, *args)
+
+    async def _leader(self) -> int:
+        return int(await self._bg(self.cluster.leader_id))
+
+    async def _api(self, method: str, path: str, *, timeout: float = 15.0) -> tuple[int, Any]:
+        """Admin call through the leader (or node 1 when none is known)."""
+        via = await self._leader() or self.rng.choice(sorted(self.cluster.nodes))
+        url = f"{self.cluster.nodes[via].api}{path}"
+        try:
+            status, body, _ = await self._bg(lambda: http(method, url, self.cluster.token, timeout=timeout))
+        except OSError as exc:
+            return 0, str(exc)
+        return int(status), body
+
+    async def _hold(self) -> None:
+        await asyncio.sleep(self.rng.uniform(*self.hold_seconds))  # the fault's duration (chaos input)
+
+    async def wait_recovered(self, timeout: float | None = None) -> bool:
+        """Bounded wait: a leader exists and every running node answers /status."""
+        timeout = self.recover_seconds if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lid = await self._leader()
+            if lid:
+                ok = True
+                for nid, node in self.cluster.nodes.items():
+                    if not node.alive():
+                        continue
+                    try:
+                        st = await self._bg(self.cluster.status, nid)
+                        ok = ok and bool(st.get("leaderNodeId"))
+                    except (OSError, ApiCallError, ValueError):
+                        ok = False
+                if ok:
+                    return True
+            await asyncio.sleep(0.2)  # poll interval of a bounded wait
+        self.problems.append(f"t={self.now():.1f}: cluster did not recover within {timeout}s")
+        self.log(f"WARN cluster not recovered within {timeout}s")
+        return False
+
+    # --- the loop ---------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event, deadline: float, max_rounds: int = 10_000) -> None:
+        names = sorted(self.faults)
+        weights = [self.faults[n] for n in names]
+        self.log(f"nemesis start seed={self.seed}")
+        for _ in range(max_rounds):
+            if stop.is_set() or time.monotonic() >= deadline:
+                break
+            name = self.rng.choices(names, weights=weights)[0]
+            self.rounds += 1
+            try:
+                await getattr(self, f"_fault_{name}")()
+            finally:
+                await self.heal_all()
+            await self.wait_recovered()
+            await asyncio.sleep(self.rng.uniform(*self.quiet_seconds))  # quiet time between faults
+        self.log(f"nemesis done rounds={self.rounds}")
+
+    async def heal_all(self) -> None:
+        """Undo every fault: network healed, paused nodes continued, dead nodes restarted."""
+        await self._bg(self.cluster.lab.heal)
+        for nid, node in sorted(self.cluster.nodes.items()):
+            if node.paused:
+                await self._bg(self.cluster.unpause, nid)
+                self.log(f"SIGCONT node {nid}")
+            if not node.alive():
+                await self._bg(self.cluster.start, nid)
+                self.log(f"restart node {nid}")
+        self.log("heal")
+
+    # --- faults -----------------------------------------------------------------------------------
+    async def _fault_partition(self) -> None:
+        nodes = sorted(self.cluster.nodes)
+        self.rng.shuffle(nodes)
+        k = self.rng.choice([1, 2])
+        a, b = sorted(nodes[:k]), sorted(nodes[k:])
+        await self._bg(self.cluster.lab.partition, [a, b])
+        self.log(f"partition {a} | {b}")
+        await self._hold()
+
+    async def _fault_isolate_leader(self) -> None:
+        lid = await self._leader() or self.rng.choice(sorted(self.cluster.nodes))
+        await self._bg(self.cluster.lab.isolate, lid)
+        self.log(f"isolate leader {lid}")
+        await self._hold()
+
+    async def _fault_leader_with_nonvoters(self) -> None:
+        """The leader and every nonvoter on one side, the other voters on the other (a leader that
+        counts nonvoters toward its quorum keeps committing; used by the planted-bug test)."""
+        status, body = await self._api("GET", "/api/v1/cluster/members")
+        lid = await self._leader()
+        if status != 200 or not lid:
+            self.log(f"leader_with_nonvoters skipped: members {status}, leader {lid}")
+            return
+        nonvoters = [m["nodeId"] for m in body["result"] if m["suffrage"] != "voter"]
+        side = sorted({lid, *nonvoters})
+        rest = sorted(set(self.cluster.nodes) - set(side))
+        await self._bg(self.cluster.lab.partition, [side, rest])
+        self.log(f"partition leader+nonvoters {side} | {rest}")
+        await self._hold()
+
+    async def _fault_bridge(self) -> None:
+        nodes = sorted(self.cluster.nodes)
+        self.rng.shuffle(nodes)
+        middle, left, right = nodes[0], sorted(nodes[1:3]), sorted(nodes[3:])
+        await self._bg(self.cluster.lab.bridge, middle, left, right)
+        self.log(f"bridge {left} <-{middle}-> {right}")
+        await self._hold()
+
+    async def _fault_one_way(self) -> None:
+        nodes = sorted(self.cluster.nodes)
+        lid = await self._leader()
+        src = lid if lid and self.rng.random() < 0.5 else self.rng.choice(nodes)
+        dst = self.rng.choice([n for n in nodes if n != src])
+        await self._bg(self.cluster.lab.one_way, src, dst)
+        self.log(f"one-way loss {src} -> {dst}")
+        await self._hold()
+
+    async def _fault_kill(self) -> None:
+        lid = await self._leader()
+        victim = lid if lid and self.rng.random() < 0.5 else self.rng.choice(sorted(self.cluster.nodes))
+        await self._bg(self.cluster.kill, victim)
+        self.log(f"SIGKILL node {victim}{' (leader)' if victim == lid else ''}")
+        await self._hold()
+        await self._bg(self.cluster.start, victim)
+        self.log(f"restart node {victim}")
+
+    async def _fault_pause(self) -> None:
+        lid = await self._leader()
+        victim = lid if lid and self.rng.random() < 0.6 else self.rng.choice(sorted(self.cluster.nodes))
+        seconds = self.rng.uniform(2.0, 5.0) * self.election_timeout_seconds
+        await self._bg(self.cluster.pause, victim)
+        self.log(f"SIGSTOP node {victim}{' (leader)' if victim == lid else ''} for {seconds:.1f}s")
+        await asyncio.sleep(seconds)  # the pause's duration (chaos input)
+        await self._bg(self.cluster.unpause, victim)
+        self.log(f"SIGCONT node {victim}")
+
+    async def _drain(self, node: int, deadline_seconds: int) -> None:
+        status, body = await self._api(
+            "POST", f"/api/v1/cluster/members/{node}/drain?deadlineSeconds={deadline_seconds}", timeout=30
+        )
+        self.log(f"drain node {node} deadlineSeconds={deadline_seconds} -> {status} {_short(body)}")
+
+    async def _resume(self, node: int) -> None:
+        for _ in range(20):
+            status, body = await self._api("POST", f"/api/v1/cluster/members/{node}/resume")
+            self.log(f"resume node {node} -> {status} {_short(body)}")
+            if status == 200:
+                return
+            await asyncio.sleep(0.5)  # retry pacing of a bounded retry loop
+        self.problems.append(f"t={self.now():.1f}: resume of node {node} never succeeded")
+
+    async def _fault_drain(self) -> None:
+        node = self.rng.choice(sorted(self.cluster.nodes))
+        await self._drain(node, self.rng.choice([0, 0, 2, 5]))
+        await self._hold()
+        await self._resume(node)
+
+    async def _fault_transfer(self) -> None:
+        lid = await self._leader()
+        if not lid:
+            self.log("transfer skipped: no leader")
+            return
+        await self._drain(lid, 0)
+        new = await self._bg(self.cluster.wait_leader)
+        self.log(f"leadership {lid} -> {new}")
+        await self._hold()
+        await self._resume(lid)
+
+    async def _removed(self, node: int, timeout: float = 20.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, body = await self._api("GET", "/api/v1/cluster/members")
+            if status == 200:
+                if all(m["nodeId"] != node for m in body["result"]):
+                    return True
+            await asyncio.sleep(0.5)  # poll interval of a bounded wait
+        return False
+
+    async def _fault_remove_rejoin(self) -> None:
+        node = self.rng.choice(sorted(self.cluster.nodes))
+        op = self.history.invoke(REMOVE, client=-1, node=0, at=self.now(), owner=node)
+        status, body = await self._api("DELETE", f"/api/v1/cluster/members/{node}?force=true", timeout=30)
+        result = OK if status == 200 else (FAIL if 400 <= status < 500 else INFO)
+        self.history.complete(op, result, self.now(), http_status=status)
+        self.log(f"remove node {node} force=true -> {status} {_short(body)}")
+        if result == FAIL:
+            return
+        if result == INFO and not await self._removed(node):
+            self.log(f"removal of node {node} did not take effect; node stays")
+            return
+        # the removed host is replaced: stop it, wipe, new token, re-join under the same id
+        await self._bg(self.cluster.kill, node)
+        self.log(f"stopped removed node {node}")
+        for _ in range(30):
+            try:
+                await self._bg(self.cluster.wipe_and_rejoin, node)
+                break
+            except (AssertionError, ApiCallError, OSError) as exc:
+                self.log(f"rejoin node {node} retry: {exc}")
+                if self.cluster.nodes[node].alive():
+                    break
+                await asyncio.sleep(1.0)  # retry pacing of a bounded retry loop
+        self.log(f"re-join node {node} generation {self.cluster.nodes[node].generation}")
+        try:
+            await self._bg(self.cluster.wait_voters, set(self.cluster.nodes), 90.0)
+            self.log(f"node {node} is a voter again")
+        except AssertionError as exc:
+            self.problems.append(f"t={self.now():.1f}: node {node} not a voter after re-join: {exc}")
+            self.log(f"WARN node {node} not a voter after re-join")
+
+
+def _short(body: Any) -> str:
+    text = str(body)
+    return text if len(text) <= 160 else text[:157] + "..."

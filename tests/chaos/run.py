@@ -1,0 +1,269 @@
+"""One chaos run end to end: namespaces, a 5-node cluster formed with the real join flow, the
+workload and the nemesis for the given time, a final heal, then the checkers.
+
+Order: set up the lab, form the cluster, create the pool, run workload + nemesis, heal everything
+(network, paused and dead nodes, drained nodes resumed), let the workload run a short tail against
+the healed cluster, stop it, wait (bounded) for convergence, take the final lease table, then run
+checkers 1 (exclusive), 2 (durable), 3 (linearizable) and 4 (converged). Every run prints its seed
+and the one command that replays it. The run directory (history.json, nemesis.log, node logs and
+configs, report.txt) is kept when the run fails or ``keep`` is set; cleanup of processes and
+namespaces happens in ``finally`` (and in atexit hooks for the hard cases).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.chaos.checkers import NodeView, Violation, check_converged, check_durable, check_exclusive
+from tests.chaos.history import History, LeaseObs
+from tests.chaos.linearizability import LinearizabilityReport, check_history
+from tests.chaos.nemesis import FAULTS, Nemesis
+from tests.chaos.netns import NetLab
+from tests.chaos.nscluster import NsCluster
+from tests.chaos.workload import POOL, POOL_CIDR, Workload, WorkloadConfig
+from tests.cluster import ApiCallError, http, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class RunConfig:
+    seconds: float
+    seed: int
+    keep: bool = False
+    directory: Path | None = None
+    nodes: int = 5
+    bugs: str = ""  # QUORUMD_TEST_BUGS for every node
+    nonvoters: int = 0  # the last N nodes stay nonvoters (planted-bug scenario)
+    faults: dict[str, int] = field(default_factory=lambda: dict(FAULTS))
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    tail_seconds: float = 4.0
+    converge_seconds: float = 120.0
+    recover_seconds: float = 60.0  # bound on each wait for the cluster to come back after a fault
+    linearizability_budget_seconds: float = 300.0
+    cluster_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def replay_command(self) -> str:
+        cmd = f"cd {REPO} && .venv/bin/python -m tests.chaos --seconds {self.seconds:g} --seed {self.seed}"
+        if self.bugs:
+            cmd += f" --bugs {self.bugs}"
+        if self.nonvoters:
+            cmd += f" --nonvoters {self.nonvoters}"
+        if set(self.faults) != set(FAULTS) or self.faults != FAULTS:
+            cmd += " --faults " + ",".join(f"{k}={v}" for k, v in sorted(self.faults.items()))
+        return cmd + " --keep"
+
+
+@dataclass
+class RunResult:
+    seed: int
+    directory: Path
+    violations: list[Violation] = field(default_factory=list)
+    linearizability: LinearizabilityReport | None = None
+    error: str = ""
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and not self.error
+
+    def checkers_failed(self) -> set[str]:
+        return {v.checker for v in self.violations}
+
+
+def _say(msg: str) -> None:
+    print(f"[chaos] {msg}", flush=True)
+
+
+def run_chaos(cfg: RunConfig) -> RunResult:
+    directory = cfg.directory or Path(tempfile.mkdtemp(prefix=f"quorumd-chaos-{cfg.seed}-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    _say(f"seed={cfg.seed} seconds={cfg.seconds:g} dir={directory}")
+    _say(f"replay: {cfg.replay_command()}")
+    result = RunResult(cfg.seed, directory)
+    history = History()
+    lab = NetLab(cfg.nodes)
+    cluster: NsCluster | None = None
+    nemesis: Nemesis | None = None
+    try:
+        lab.setup()
+        _say(f"lab subnet 10.213.{lab.subnet}.0/24 host {lab.host_addr}")
+        env = {"QUORUMD_TEST_BUGS": cfg.bugs} if cfg.bugs else {}
+        overrides = dict(cfg.cluster_overrides)
+        if cfg.nonvoters:
+            overrides["autopilot"] = {**overrides.get("autopilot", {}), "server-stabilization-time": "10h"}
+        cluster = NsCluster(lab, directory, env=env, cluster_overrides=overrides)
+        atexit.register(cluster.close)
+        voters = set(range(1, cfg.nodes - cfg.nonvoters + 1))
+        t_form = time.monotonic()
+        cluster.form(voters=voters)
+        _say(f"cluster formed in {time.monotonic() - t_form:.1f}s, voters {sorted(voters)}")
+        _create_pool(cluster)
+        t0 = time.monotonic()
+        nemesis = Nemesis(
+            cluster,
+            history,
+            cfg.seed,
+            t0,
+            directory / "nemesis.log",
+            faults=cfg.faults,
+            recover_seconds=cfg.recover_seconds,
+        )
+        workload = Workload(
+            {i: n.api for i, n in cluster.nodes.items()}, cluster.token, history, cfg.seed, t0, cfg.workload
+        )
+        asyncio.run(_drive(cfg, cluster, nemesis, workload))
+        _say(f"workload done: {sorted(workload.counts.items())}; nemesis rounds {nemesis.rounds}")
+        views, autopilot, final = _converge(cluster, len(voters), cfg.converge_seconds)
+        result.violations += check_converged(views, autopilot, len(voters))
+        if final is None:
+            result.violations.append(Violation("durable", "no final lease listing could be read"))
+        else:
+            result.violations += check_durable(history, final)
+        result.violations += check_exclusive(history)
+        _say(f"checking linearizability of {len(history.ops)} ops")
+        lin = check_history(history, budget_seconds=cfg.linearizability_budget_seconds)
+        result.linearizability = lin
+        for key, res in lin.failures:
+            result.violations.append(
+                Violation("linearizable", f"partition {key} not linearizable", tuple(res.stuck))
+            )
+        result.summary = {
+            "ops": history.summary(),
+            "nemesis_rounds": nemesis.rounds,
+            "nemesis_problems": nemesis.problems,
+            "linearizability": lin.describe(),
+            "final_leases": None if final is None else len(final),
+        }
+    except BaseException as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        _say("run aborted:\n" + traceback.format_exc())
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            _finish(cfg, result, history, nemesis, cluster, lab)
+            raise
+    _finish(cfg, result, history, nemesis, cluster, lab)
+    return result
+
+
+def _finish(
+    cfg: RunConfig,
+    result: RunResult,
+    history: History,
+    nemesis: Nemesis | None,
+    cluster: NsCluster | None,
+    lab: NetLab,
+) -> None:
+    try:
+        history.save(result.directory / "history.json", {"seed": cfg.seed, "replay": cfg.replay_command()})
+        report = _report(cfg, result)
+        (result.directory / "report.txt").write_text(report)
+        print(report, flush=True)
+    finally:
+        if cluster is not None:
+            cluster.close()
+            atexit.unregister(cluster.close)
+        lab.destroy()
+        if result.ok and not cfg.keep:
+            shutil.rmtree(result.directory, ignore_errors=True)
+        else:
+            _say(f"kept {result.directory} (history.json, nemesis.log, node*/quorumd.log, report.txt)")
+
+
+def _report(cfg: RunConfig, result: RunResult) -> str:
+    lines = [
+        f"chaos run seed={cfg.seed} seconds={cfg.seconds:g} bugs={cfg.bugs or '-'}: "
+        + ("PASS" if result.ok else "FAIL"),
+        f"replay: {cfg.replay_command()}",
+    ]
+    for k, v in result.summary.items():
+        lines.append(f"{k}: {v}")
+    if result.error:
+        lines.append(f"error: {result.error}")
+    for v in result.violations[:50]:
+        lines.append(f"VIOLATION {v}")
+    if len(result.violations) > 50:
+        lines.append(f"... {len(result.violations) - 50} more violations")
+    return "\n".join(lines) + "\n"
+
+
+async def _drive(cfg: RunConfig, cluster: NsCluster, nemesis: Nemesis, workload: Workload) -> None:
+    stop_workload = asyncio.Event()
+    stop_nemesis = asyncio.Event()
+    deadline = time.monotonic() + cfg.seconds
+    hard_deadline = deadline + cfg.tail_seconds + 300.0
+    work = asyncio.create_task(workload.run(stop_workload, hard_deadline))
+    try:
+        await nemesis.run(stop_nemesis, deadline)
+        await nemesis.heal_all()
+        for nid in sorted(cluster.nodes):
+            await nemesis._resume(nid)
+        await nemesis.wait_recovered(1.5 * cfg.recover_seconds)
+        nemesis.log("final heal done; workload tail")
+        await asyncio.sleep(cfg.tail_seconds)  # the workload's tail against the healed cluster
+    finally:
+        stop_workload.set()
+        await work
+
+
+def _create_pool(cluster: NsCluster) -> None:
+    def create() -> bool:
+        lid = cluster.leader_id()
+        if not lid:
+            return False
+        status, body, _ = http(
+            "POST", f"{cluster.nodes[lid].api}/api/v1/pools", cluster.token, {"name": POOL, "cidr": POOL_CIDR}
+        )
+        if status in (200, 201) or (
+            status == 409 and isinstance(body, dict) and body.get("code") == "pool_exists"
+        ):
+            return True
+        raise ApiCallError(status, body)
+
+    wait_for("pool creation", create, 60, interval=0.2)
+
+
+def _converge(
+    cluster: NsCluster, voters: int, timeout: float
+) -> tuple[list[NodeView], dict[str, Any] | None, list[LeaseObs] | None]:
+    """Poll (bounded) until checker 4 passes; return the last views, autopilot and final leases."""
+    deadline = time.monotonic() + timeout
+    views: list[NodeView] = []
+    autopilot: dict[str, Any] | None = None
+    while True:
+        views = []
+        for nid in sorted(cluster.nodes):
+            try:
+                st = cluster.status(nid)
+                rows = cluster.call(nid, "GET", f"/api/v1/leases?pool={POOL}&limit=10000")
+                views.append(NodeView(nid, st, [LeaseObs.from_api(x) for x in rows]))
+            except (OSError, ApiCallError, ValueError, KeyError):
+                views.append(NodeView(nid, None, None))
+        autopilot = None
+        lid = cluster.leader_id()
+        if lid:
+            try:
+                autopilot = cluster.call(lid, "GET", "/api/v1/cluster/autopilot")
+            except (OSError, ApiCallError, ValueError):
+                autopilot = None
+        if not check_converged(views, autopilot, voters) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)  # poll interval of a bounded wait
+    final: list[LeaseObs] | None = None
+    lid = cluster.leader_id()
+    if lid:
+        try:
+            rows = cluster.call(lid, "GET", f"/api/v1/leases?pool={POOL}&limit=10000&consistent=true")
+            final = [LeaseObs.from_api(x) for x in rows]
+        except (OSError, ApiCallError, ValueError, KeyError):
+            final = None
+    if final is None:
+        final = next((v.leases for v in views if v.leases is not None), None)
+    return views, autopilot, final

@@ -1,0 +1,135 @@
+"""StubBgpSpeaker: announced set follows the desired set while running, withdraw/re-announce, hooks."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from quorumd.node.bgp import BgpSpeaker, StubBgpSpeaker, normalize_prefix, sorted_prefixes
+
+
+def _speaker() -> tuple[StubBgpSpeaker, list[tuple[bool, int]]]:
+    changes: list[tuple[bool, int]] = []
+    return StubBgpSpeaker(on_change=lambda running, n: changes.append((running, n))), changes
+
+
+def test_satisfies_protocol() -> None:
+    speaker: BgpSpeaker = StubBgpSpeaker()
+    assert not speaker.running
+    assert speaker.announced == frozenset()
+
+
+def test_stopped_speaker_keeps_desired_set_but_announces_nothing() -> None:
+    s, changes = _speaker()
+    s.set_prefixes(["10.0.0.1/32", "10.0.0.2/32"])
+    assert s.announced == frozenset()
+    assert s.desired == {"10.0.0.1/32", "10.0.0.2/32"}
+    assert changes == []
+
+
+def test_start_announces_desired_and_stop_withdraws_all() -> None:
+    s, changes = _speaker()
+    s.set_prefixes(["10.0.0.1/32", "2001:db8::5/128"])
+    s.start()
+    assert s.running
+    assert s.announced == {"10.0.0.1/32", "2001:db8::5/128"}
+    s.stop()
+    assert not s.running
+    assert s.announced == frozenset()
+    assert s.desired == {"10.0.0.1/32", "2001:db8::5/128"}  # kept for the next start
+    s.start()
+    assert s.announced == {"10.0.0.1/32", "2001:db8::5/128"}
+    assert changes == [(True, 2), (False, 0), (True, 2)]
+
+
+def test_start_and_stop_are_idempotent() -> None:
+    s, changes = _speaker()
+    s.start()
+    s.start()
+    s.stop()
+    s.stop()
+    assert changes == [(True, 0), (False, 0)]
+
+
+def test_set_prefixes_while_running_applies_the_difference() -> None:
+    s, changes = _speaker()
+    s.start()
+    s.set_prefixes(["10.0.0.1/32", "10.0.0.2/32"])
+    s.set_prefixes(["10.0.0.2/32", "10.0.0.3/32"])
+    assert s.announced == {"10.0.0.2/32", "10.0.0.3/32"}
+    s.set_prefixes(["10.0.0.3/32", "10.0.0.2/32"])  # same set: no change reported
+    s.set_prefixes([])
+    assert s.announced == frozenset()
+    assert changes == [(True, 0), (True, 2), (True, 2), (True, 0)]
+
+
+def test_invalid_prefixes_are_skipped_and_counted() -> None:
+    s, _ = _speaker()
+    s.start()
+    s.set_prefixes(["10.0.0.1/32", "not-an-ip", "10.0.0.1/24", "10.0.0.9"])
+    assert s.announced == {"10.0.0.1/32", "10.0.0.9/32"}
+    assert s.rejected_prefixes == 2
+
+
+def test_prefixes_are_normalized() -> None:
+    assert normalize_prefix("2001:DB8:0::1/128") == "2001:db8::1/128"
+    assert normalize_prefix(" 192.0.2.7 ") == "192.0.2.7/32"
+    with pytest.raises(ValueError):
+        normalize_prefix("192.0.2.0/33")
+
+
+def test_snapshot_reports_count_and_a_numerically_sorted_sample() -> None:
+    s, _ = _speaker()
+    assert s.snapshot() == {"running": False, "announcedPrefixes": 0, "samplePrefixes": []}
+    s.set_prefixes([f"10.0.0.{i}/32" for i in range(20, 0, -1)] + ["2001:db8::1/128"])
+    assert s.snapshot()["announcedPrefixes"] == 0
+    s.start()
+    snap = s.snapshot()
+    assert snap["running"] is True
+    assert snap["announcedPrefixes"] == 21
+    assert snap["samplePrefixes"] == [
+        "10.0.0.1/32",
+        "10.0.0.2/32",
+        "10.0.0.3/32",
+        "10.0.0.4/32",
+        "10.0.0.5/32",
+    ]
+
+
+def test_sorted_prefixes_is_numeric_not_lexical() -> None:
+    assert sorted_prefixes(["10.0.0.10/32", "2001:db8::/128", "10.0.0.9/32"]) == [
+        "10.0.0.9/32",
+        "10.0.0.10/32",
+        "2001:db8::/128",
+    ]
+
+
+def test_logs_each_prefix_for_small_changes(caplog: pytest.LogCaptureFixture) -> None:
+    s, _ = _speaker()
+    s.set_prefixes(["10.0.0.2/32", "10.0.0.1/32"])
+    with caplog.at_level(logging.INFO, logger="quorumd.node.bgp"):
+        s.start()
+        s.set_prefixes(["10.0.0.2/32"])
+        s.stop()
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs == [
+        "bgp_speaker_started prefixes=2",
+        "bgp_announce prefix=10.0.0.1/32",
+        "bgp_announce prefix=10.0.0.2/32",
+        "bgp_withdraw prefix=10.0.0.1/32",
+        "bgp_withdraw prefix=10.0.0.2/32",
+        "bgp_speaker_stopped",
+    ]
+
+
+def test_logs_counts_for_large_batches(caplog: pytest.LogCaptureFixture) -> None:
+    s, _ = _speaker()
+    s.set_prefixes([f"10.1.{i // 256}.{i % 256}/32" for i in range(1000)])
+    with caplog.at_level(logging.INFO, logger="quorumd.node.bgp"):
+        s.start()
+        s.stop()
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 4
+    assert msgs[1].startswith("bgp_announce count=1000 sample=10.1.0.0/32,10.1.0.1/32,")
+    assert msgs[2].startswith("bgp_withdraw count=1000 ")

@@ -1,0 +1,197 @@
+"""Unit tests of the chaos checkers 1 (exclusive), 2 (durable) and 4 (converged) on synthetic
+histories and final states; each checker is shown to pass a good input and to fail a bad one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tests.chaos.checkers import NodeView, check_converged, check_durable, check_exclusive
+from tests.chaos.history import ALLOCATE, FAIL, INFO, OK, READ, RELEASE, REMOVE, History, LeaseObs
+
+P = "p"
+
+
+def lease(lid: int, holder: str, addr: str, node: int = 1) -> LeaseObs:
+    return LeaseObs(lid, P, addr, holder, node)
+
+
+def alloc(
+    h: History, t0: float, t1: float, holder: str, result: LeaseObs | None, status: str = OK, owner: int = 1
+) -> None:
+    op = h.invoke(ALLOCATE, client=0, node=1, at=t0, pool=P, holder=holder, owner=owner)
+    op.lease = result
+    h.complete(op, status, t1)
+
+
+def release(h: History, t0: float, t1: float, holder: str, lid: int, status: str = OK) -> None:
+    op = h.invoke(RELEASE, client=0, node=1, at=t0, pool=P, holder=holder, lease_id=lid)
+    h.complete(op, status, t1)
+
+
+def read(h: History, t0: float, t1: float, *leases: LeaseObs) -> None:
+    op = h.invoke(READ, client=0, node=1, at=t0, pool=P)
+    op.leases = list(leases)
+    h.complete(op, OK, t1)
+
+
+def remove(h: History, t0: float, t1: float, node: int, status: str = OK) -> None:
+    op = h.invoke(REMOVE, client=-1, node=1, at=t0, owner=node)
+    h.complete(op, status, t1)
+
+
+# --- 1: exclusive ------------------------------------------------------------------------------
+
+
+def test_exclusive_passes_reuse_after_release() -> None:
+    h = History()
+    alloc(h, 0, 1, "a", lease(1, "a", "10.0.0.1"))
+    read(h, 2, 3, lease(1, "a", "10.0.0.1"))
+    release(h, 4, 5, "a", 1)
+    alloc(h, 6, 7, "b", lease(2, "b", "10.0.0.1"))
+    read(h, 8, 9, lease(2, "b", "10.0.0.1"))
+    assert check_exclusive(h) == []
+
+
+def test_exclusive_passes_concurrent_handover() -> None:
+    # lease 1 last seen in a read overlapping lease 2's allocation: no certain overlap
+    h = History()
+    alloc(h, 0, 1, "a", lease(1, "a", "10.0.0.1"))
+    read(h, 2, 6, lease(1, "a", "10.0.0.1"))
+    alloc(h, 3, 5, "b", lease(2, "b", "10.0.0.1"))
+    assert check_exclusive(h) == []
+
+
+def test_exclusive_fails_on_two_holders_of_one_address() -> None:
+    h = History()
+    alloc(h, 0, 1, "a", lease(1, "a", "10.0.0.1"))
+    alloc(h, 2, 3, "b", lease(2, "b", "10.0.0.1"))
+    read(h, 4, 5, lease(1, "a", "10.0.0.1"))  # lease 1 still alive after lease 2 was acked
+    v = check_exclusive(h)
+    assert v and "10.0.0.1" in v[0].message
+
+
+def test_exclusive_fails_on_read_with_duplicate_address() -> None:
+    h = History()
+    read(h, 0, 1, lease(1, "a", "10.0.0.1"), lease(2, "b", "10.0.0.1"))
+    assert any("one read lists address" in str(x) for x in check_exclusive(h))
+
+
+def test_exclusive_fails_on_one_holder_with_two_leases() -> None:
+    h = History()
+    read(h, 0, 1, lease(1, "a", "10.0.0.1"))
+    read(h, 2, 3, lease(1, "a", "10.0.0.1"), lease(2, "a", "10.0.0.2"))
+    assert any("holder a" in str(x) for x in check_exclusive(h))
+
+
+def test_exclusive_fails_on_lease_id_with_two_addresses() -> None:
+    h = History()
+    alloc(h, 0, 1, "a", lease(1, "a", "10.0.0.1"))
+    read(h, 2, 3, lease(1, "a", "10.0.0.9"))
+    assert check_exclusive(h)
+
+
+# --- 2: durable --------------------------------------------------------------------------------
+
+
+def test_durable_passes() -> None:
+    h = History()
+    alloc(h, 0, 1, "a", lease(1, "a", "10.0.0.1"))
+    alloc(h, 0, 1, "b", lease(2, "b", "10.0.0.2"))
+    release(h, 2, 3, "b", 2, status=INFO)  # indeterminate release excuses absence
+    alloc(h, 0, 1, "c", lease(3, "c", "10.0.0.3", node=4), owner=4)
+    remove(h, 5, 6, 4)  # removal purges node 4's leases
+    alloc(h, 0, 9, "d", None, status=INFO)  # indeterminate: may be present
+    final = [lease(1, "a", "10.0.0.1"), lease(4, "d", "10.0.0.4")]
+    assert check_durable(h, final) == []
+
+
+def test_durable_fails_on_lost_acknowledged_lease() -> None:
+    h = History()
+    alloc(h, 0, 1, "a", lease(1, "a", "10.0.0.1"))
+    alloc(h, 0, 1, "b", lease(2, "b", "10.0.0.2"))
+    release(h, 2, 3, "b", 2, status=FAIL)  # a definite failure does not excuse
+    remove(h, 5, 6, 3)  # removal of another node does not excuse
+    v = check_durable(h, [lease(1, "a", "10.0.0.1")])
+    assert len(v) == 1 and "lease 2" in v[0].message
+
+
+def test_durable_fails_on_phantom_and_changed_lease() -> None:
+    h = History()
+    alloc(h, 0, 1, "a", lease(1, "a", "10.0.0.1"))
+    alloc(h, 0, 1, "x", None, status=FAIL)
+    v = check_durable(h, [lease(1, "a", "10.0.0.7"), lease(2, "x", "10.0.0.2")])
+    assert len(v) == 2
+
+
+def test_durable_reown_then_removal_excuses() -> None:
+    h = History()
+    alloc(h, 0, 1, "a", lease(1, "a", "10.0.0.1", node=1), owner=1)
+    alloc(h, 2, 9, "a", None, status=INFO, owner=2)  # may have re-owned it to node 2
+    remove(h, 10, 11, 2)
+    assert check_durable(h, []) == []
+
+
+def test_history_round_trips_through_json(tmp_path: Path) -> None:
+    h = History()
+    alloc(h, 0, 1, "a", lease(1, "a", "10.0.0.1"))
+    read(h, 2, 3, lease(1, "a", "10.0.0.1"))
+    h.save(tmp_path / "h.json", {"seed": 1})
+    h2 = History.load(tmp_path / "h.json")
+    assert [o.to_json() for o in h2.ops] == [o.to_json() for o in h.ops]
+
+
+# --- 4: converged ------------------------------------------------------------------------------
+
+
+def _status(nid: int, applied: int = 100, leader: int = 1) -> dict[str, Any]:
+    return {
+        "nodeId": nid,
+        "appliedIndex": applied,
+        "leaderNodeId": leader,
+        "role": "leader" if nid == leader else "follower",
+    }
+
+
+def _autopilot(healthy: bool = True, tol: int = 2, voters: int = 5) -> dict[str, Any]:
+    return {
+        "healthy": healthy,
+        "failureTolerance": tol,
+        "voters": list(range(1, voters + 1)),
+        "servers": [{"nodeId": i, "healthy": healthy} for i in range(1, voters + 1)],
+    }
+
+
+def _views(**over: Any) -> list[NodeView]:
+    leases = [lease(1, "a", "10.0.0.1")]
+    return [NodeView(i, _status(i, **over), list(leases)) for i in range(1, 6)]
+
+
+def test_converged_passes() -> None:
+    assert check_converged(_views(), _autopilot(), 5) == []
+
+
+def test_converged_fails_on_applied_index_and_leases() -> None:
+    views = _views()
+    views[2].status = _status(3, applied=99)
+    views[4].leases = []
+    v = check_converged(views, _autopilot(), 5)
+    assert any("appliedIndex" in x.message for x in v)
+    assert any("lease lists differ" in x.message for x in v)
+
+
+def test_converged_fails_on_autopilot_and_silent_node() -> None:
+    views = _views()
+    views[1].status = None
+    v = check_converged(views, _autopilot(healthy=False, tol=1, voters=4), 5)
+    msgs = " ".join(x.message for x in v)
+    assert "did not answer" in msgs and "not healthy" in msgs and "failureTolerance" in msgs
+    assert "voters" in msgs
+    assert check_converged(_views(), None, 5)
+
+
+def test_converged_fails_on_two_leaders() -> None:
+    views = _views()
+    views[3].status = {**_status(4, leader=4)}
+    v = check_converged(views, _autopilot(), 5)
+    assert any("leader" in x.message for x in v)
