@@ -107,7 +107,12 @@ class Autopilot:
         self._health: dict[int, tuple[bool, float]] = {}  # node id -> (healthy, stable since)
 
     def evaluate(
-        self, *, now: float, leader_id: int, leader_term: int, leader_last_index: int,
+        self,
+        *,
+        now: float,
+        leader_id: int,
+        leader_term: int,
+        leader_last_index: int,
         servers: list[ServerInput],
     ) -> AutopilotView:
         s = self.settings

@@ -25,7 +25,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .daemon import FatalError, main_async
     from .logs import configure_logging
 
-    configure_logging(cfg.log_level, cfg.log_format, cfg.node_id)
+    secrets = [cfg.cluster.join_token] if cfg.cluster.join_token else []
+    configure_logging(cfg.log_level, cfg.log_format, cfg.node_id, secrets=secrets)
     try:
         import uvloop
 

@@ -145,6 +145,7 @@ class Daemon:
         self._bootstrap_addrs: dict[int, str] = {}
         self._founder = False
         self._tasks: list[asyncio.Task[Any]] = []
+        self.exit_code = 0
 
     # --- startup -----------------------------------------------------------------------------
     async def run(self) -> int:
@@ -154,8 +155,8 @@ class Daemon:
             log.info("shutdown_start node=%d", self.cfg.node_id)
             self.notifier.notify("STOPPING=1")
             await self._graceful_stop()
-        log.info("shutdown_done node=%d", self.cfg.node_id)
-        return 0
+        log.info("shutdown_done node=%d exit_code=%d", self.cfg.node_id, self.exit_code)
+        return self.exit_code
 
     async def _start(self, stack: AsyncExitStack) -> None:
         cfg = self.cfg
@@ -165,7 +166,8 @@ class Daemon:
         meta = read_node_file(self.data_dir)
         if meta is not None and meta["node_id"] != cfg.node_id:
             raise FatalError(
-                f"data-dir {self.data_dir} belongs to node {meta['node_id']}, but cluster.node-id is {cfg.node_id}"
+                f"data-dir {self.data_dir} belongs to node {meta['node_id']}, "
+                f"but cluster.node-id is {cfg.node_id}"
             )
         loop = asyncio.get_running_loop()
         storage, recovered = await loop.run_in_executor(None, LogStorage.open, self.data_dir / "raft")
@@ -260,7 +262,7 @@ class Daemon:
             self._register_rpcs(transport, node)
             self.cluster_port = await transport.start(str(cfg.cluster.bind_address))
             stack.push_async_callback(self._bounded, transport.close(), 5.0)
-        driver.start()
+        driver.start().add_done_callback(self._on_driver_exit)
         stack.push_async_callback(self._bounded, driver.close(), 5.0)
 
         if claims is not None:
@@ -278,7 +280,9 @@ class Daemon:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         stack.push_async_callback(self._bounded, runner.cleanup(), 5.0)
-        site = web.TCPSite(runner, cfg.api.address, cfg.api.port, ssl_context=self._api_ssl(), reuse_address=True)
+        site = web.TCPSite(
+            runner, cfg.api.address, cfg.api.port, ssl_context=self._api_ssl(), reuse_address=True
+        )
         await site.start()
         server = getattr(site, "_server", None)
         if server is not None and server.sockets:
@@ -302,7 +306,9 @@ class Daemon:
         ident = pki.generate_node_identity(self.cfg.node_id, cluster_id)
         pki.write_private_file(self.data_dir / "tls" / "node.crt", ident.cert_pem)
         pki.write_private_file(self.data_dir / "tls" / "node.key", ident.key_pem)
-        write_node_file(self.data_dir, {"node_id": self.cfg.node_id, "cluster_id": cluster_id, "founder": founder})
+        write_node_file(
+            self.data_dir, {"node_id": self.cfg.node_id, "cluster_id": cluster_id, "founder": founder}
+        )
         return ident.cert_pem, ident.key_pem
 
     def _bootstrap(self, storage: LogStorage, node: ClusterNode) -> tuple[HardState, list[Entry]]:
@@ -355,12 +361,18 @@ class Daemon:
         return ctx
 
     # --- joining -------------------------------------------------------------------------------
-    async def _join(self, claims: jointoken.JoinClaims, node: ClusterNode, transport: ClusterTransport | None) -> None:
+    async def _join(
+        self, claims: jointoken.JoinClaims, node: ClusterNode, transport: ClusterTransport | None
+    ) -> None:
         assert transport is not None and self.cfg.cluster.join_token is not None
         cfg = self.cfg
         cert_pem, key_pem = load_identity_files(self.data_dir)
         payload = pack(
-            {"token": cfg.cluster.join_token, "node_id": cfg.node_id, "context": node.member_context(claims.token_id)}
+            {
+                "token": cfg.cluster.join_token,
+                "node_id": cfg.node_id,
+                "context": node.member_context(claims.token_id),
+            }
         )
         addresses = list(dict.fromkeys([*claims.leader_addresses, *(str(p) for p in cfg.cluster.peers)]))
         loop = asyncio.get_running_loop()
@@ -370,7 +382,9 @@ class Daemon:
         while loop.time() < deadline:
             for addr in addresses:
                 try:
-                    raw = await join_call(addr, claims.leader_fingerprint, payload, cert_pem, key_pem, timeout=10.0)
+                    raw = await join_call(
+                        addr, claims.leader_fingerprint, payload, cert_pem, key_pem, timeout=10.0
+                    )
                     resp = unpack(raw)
                 except Exception as exc:  # network errors, pin mismatch: try the next peer
                     last_error = f"{addr}: {type(exc).__name__}: {exc}"
@@ -390,6 +404,15 @@ class Daemon:
             attempt += 1
             await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
         raise FatalError(f"could not join within {cfg.cluster.join_timeout_seconds:g}s: {last_error}")
+
+    def _on_driver_exit(self, task: asyncio.Task[None]) -> None:
+        """A dead Raft driver must stop the process (better than serving stale data)."""
+        if task.cancelled() or self.stop_event.is_set():
+            return
+        exc = task.exception()
+        log.critical("raft_driver_died error=%r", exc)
+        self.exit_code = 1
+        self.stop_event.set()
 
     # --- runtime hooks --------------------------------------------------------------------------
     def _on_raft_frame(self, from_id: int, frame: bytes) -> None:
@@ -420,6 +443,8 @@ class Daemon:
             self.metrics.count_leader_change()
         if self.node is not None and (old.role == Role.LEADER) != (new.role == Role.LEADER):
             self.node.on_leadership_change(new.role == Role.LEADER)
+            if new.role != Role.LEADER:
+                self.metrics.set_autopilot(None)
             if new.role == Role.LEADER:
                 self._tasks.append(asyncio.get_running_loop().create_task(self._on_became_leader()))
 
@@ -432,7 +457,9 @@ class Daemon:
         assert node is not None
         try:
             if node.sm.cluster_id is None:
-                await node.propose(SetClusterSecrets(time.time(), node.identity.cluster_id, secrets.token_bytes(32)))
+                await node.propose(
+                    SetClusterSecrets(time.time(), node.identity.cluster_id, secrets.token_bytes(32))
+                )
             token_file = self.data_dir / "admin.token"
             if self._founder and not token_file.exists():
                 from . import apitoken
@@ -442,9 +469,13 @@ class Daemon:
                 from quorumd.api.ports import TokenRole
 
                 await node.propose(
-                    CreateApiToken(time.time(), token_id, "admin", TokenRole.ADMIN, apitoken.hash_secret(secret), None)
+                    CreateApiToken(
+                        time.time(), token_id, "admin", TokenRole.ADMIN, apitoken.hash_secret(secret), None
+                    )
                 )
-                pki.write_private_file(token_file, (apitoken.format_api_token(token_id, secret) + "\n").encode())
+                pki.write_private_file(
+                    token_file, (apitoken.format_api_token(token_id, secret) + "\n").encode()
+                )
                 log.info("admin_token_written path=%s", token_file)
         except ApiError as exc:
             log.warning("leader_init_deferred reason=%s", exc.code)
@@ -459,7 +490,9 @@ class Daemon:
                 if m is not None and node.leader_id() != 0:
                     if m.binary_version != VERSION or m.api_address != node.identity.api_address:
                         await node.announce(
-                            RegisterNodeInfo(time.time(), self.cfg.node_id, node.identity.api_address, VERSION)
+                            RegisterNodeInfo(
+                                time.time(), self.cfg.node_id, node.identity.api_address, VERSION
+                            )
                         )
                     elif m.left:
                         await node.announce(MarkNodeLeft(time.time(), self.cfg.node_id, False))
@@ -493,7 +526,12 @@ class Daemon:
         async def api_forward(from_id: int, payload: bytes) -> bytes:
             method, path, query, body, token, hops = unpack(payload)
             req = ForwardedRequest(
-                str(method), str(path), tuple((str(k), str(v)) for k, v in query), bytes(body), str(token), int(hops)
+                str(method),
+                str(path),
+                tuple((str(k), str(v)) for k, v in query),
+                bytes(body),
+                str(token),
+                int(hops),
             )
             resp = await dispatch_forwarded(self.app, req)
             return pack([resp.status, resp.body, [list(h) for h in resp.headers], resp.applied_index])
@@ -520,7 +558,9 @@ class Daemon:
             return
         try:
             if node.is_leader() and len(node.d.core.config.voters) > 1:
-                await asyncio.wait_for(node.hand_off_leadership(), self.cfg.cluster.election_timeout_seconds * 3)
+                await asyncio.wait_for(
+                    node.hand_off_leadership(), self.cfg.cluster.election_timeout_seconds * 3
+                )
             if node.leader_id() != 0 and len(node.d.core.config.members()) > 1:
                 await asyncio.wait_for(
                     node.announce(MarkNodeLeft(time.time(), self.cfg.node_id, True)),

@@ -34,7 +34,9 @@ def _ctx() -> ssl.SSLContext:
     return ctx
 
 
-def api_call(url: str, token: str | None = None, body: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
+def api_call(
+    url: str, token: str | None = None, body: dict[str, Any] | None = None, timeout: float = 5.0
+) -> Any:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method="POST" if body is not None else "GET")
     req.add_header("Content-Type", "application/json")
@@ -102,7 +104,9 @@ def form_cluster(directory: Path, nodes: int, base_port: int) -> tuple[list[subp
         jt_file = directory / f"node{i}.join-token"
         jt_file.write_text(jt["token"] + "\n")
         jt_file.chmod(0o600)
-        procs.append(start_node(node_config(directory, i, base_port, nodes, jt_file), directory / f"node{i}.log"))
+        procs.append(
+            start_node(node_config(directory, i, base_port, nodes, jt_file), directory / f"node{i}.log")
+        )
 
     def all_voters() -> bool:
         members = api_call(api[0] + "/api/v1/cluster/members", token)
@@ -131,7 +135,9 @@ def run_demo(nodes: int = 3, base_port: int = 15000, directory: str | None = Non
         procs, token_file = form_cluster(d, nodes, base_port)
         print(f"quorumd demo: {nodes}-node cluster is up (data and logs in {d})")
         for i in range(1, nodes + 1):
-            print(f"  node {i}: API https://127.0.0.1:{base_port + 100 + i}  cluster 127.0.0.1:{base_port + i}")
+            print(
+                f"  node {i}: API https://127.0.0.1:{base_port + 100 + i}  cluster 127.0.0.1:{base_port + i}"
+            )
         print(f"  admin token file: {token_file}")
         print(
             f"  try: quorumctl --endpoint https://127.0.0.1:{base_port + 101} --token-file {token_file} "

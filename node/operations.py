@@ -18,7 +18,7 @@ from typing import Any
 
 from quorumd.api.errors import ApiError
 from quorumd.api.ports import DrainState
-from quorumd.raft.core.types import ConfChange, ConfChangeType, Role
+from quorumd.raft.core.types import ConfChange, ConfChangeType
 
 from . import jointoken, pki
 from .autopilot import Autopilot, AutopilotSettings, AutopilotView, ServerInput
@@ -58,12 +58,15 @@ class ClusterNode(ClusterService):
         self.on_autopilot: Any = None  # metrics hook: fn(view)
         self.add_apply_listener(self._after_apply)
 
+    def extra_status(self) -> dict[str, Any]:
+        return {"bgp": self.bgp.snapshot(), "ranNotifications": len(self.ran.events)}
+
     # --- apply hook ------------------------------------------------------------------------
     def _after_apply(self, results: Sequence[ApplyResult]) -> None:
         me = self.identity.node_id
         for r in results:
             cmd = r.command
-            if isinstance(cmd, AllocateLease | ReleaseLease) or isinstance(cmd, ConfChange):
+            if isinstance(cmd, AllocateLease | ReleaseLease | ConfChange):
                 self._prefixes_dirty = True
             if isinstance(cmd, SetDrain) and cmd.node_id == me:
                 self.kick_drain_side_effects()
@@ -227,7 +230,11 @@ class ClusterNode(ClusterService):
             self.kick_drain_side_effects()
         ok = await self.wait_state(lambda: self._drain_state(node_id) == "drained", self.propose_timeout * 2)
         if not ok:
-            raise ApiError(504, "drain_timeout", f"node {node_id} did not confirm its drain in time; state stays draining")
+            raise ApiError(
+                504,
+                "drain_timeout",
+                f"node {node_id} did not confirm its drain in time; state stays draining",
+            )
         return DrainState.DRAINED
 
     async def resume_member(self, node_id: int) -> None:
@@ -261,8 +268,11 @@ class ClusterNode(ClusterService):
                 )
             )
         view = self._autopilot.evaluate(
-            now=time.time(), leader_id=core.node_id, leader_term=core.term,
-            leader_last_index=core.last_index, servers=servers,
+            now=time.time(),
+            leader_id=core.node_id,
+            leader_term=core.term,
+            leader_last_index=core.last_index,
+            servers=servers,
         )
         self._last_view = view
         if self.on_autopilot is not None:
@@ -339,7 +349,9 @@ class ClusterNode(ClusterService):
         if not self.is_leader():
             return pack({"ok": False, "reason": "no_leader", "message": "not the leader"})
         req = unpack(bytes(inner))
-        return await self._join_as_leader(str(req["token"]), int(req["node_id"]), bytes(req["context"]), bytes(der))
+        return await self._join_as_leader(
+            str(req["token"]), int(req["node_id"]), bytes(req["context"]), bytes(der)
+        )
 
     def _join_refused(self, reason: str, message: str) -> bytes:
         log.warning("join_refused reason=%s detail=%s", reason, message)
@@ -352,7 +364,9 @@ class ClusterNode(ClusterService):
         if key is None or cluster_id is None:
             return pack({"ok": False, "reason": "no_leader", "message": "cluster not initialized"})
         try:
-            claims = jointoken.verify_join_token(key, token, now=time.time(), cluster_id=cluster_id, node_id=node_id)
+            claims = jointoken.verify_join_token(
+                key, token, now=time.time(), cluster_id=cluster_id, node_id=node_id
+            )
         except jointoken.JoinTokenError as exc:
             return self._join_refused(exc.reason, str(exc))
         if self.sm.is_join_token_consumed(claims.token_id):
@@ -365,7 +379,11 @@ class ClusterNode(ClusterService):
             ident = pki.identity_of(der)
         except Exception as exc:  # any malformed context or certificate is a refusal
             return self._join_refused("bad_certificate", str(exc))
-        if fp != ctx.cert_fingerprint or ident != (node_id, cluster_id) or ctx.join_token_id != claims.token_id:
+        if (
+            fp != ctx.cert_fingerprint
+            or ident != (node_id, cluster_id)
+            or ctx.join_token_id != claims.token_id
+        ):
             return self._join_refused("bad_certificate", "certificate does not match the joining node")
         try:
             res = await self.change_membership(ConfChange(ConfChangeType.ADD_NONVOTER, node_id, ctx_bytes))

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quorumd.raft.codec import decode_conf_change
 from quorumd.raft.aio.storage import LogStorage, StorageError
+from quorumd.raft.codec import decode_conf_change
 from quorumd.raft.core.types import (
     ConfChange,
     ConfChangeType,

@@ -49,6 +49,7 @@ from .commands import (
     encode_command,
     encode_member_context,
 )
+from .leases import Lease
 from .state import ApplyResult, StateMachine
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ _ERRORS: dict[str, tuple[int, str]] = {
 
 
 def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
 
 
 def unpack(data: bytes) -> Any:
@@ -258,11 +260,20 @@ class ClusterService:
         if leader == self.identity.node_id:
             raise no_leader()
         payload = pack(
-            [request.method, request.path, [list(q) for q in request.query], request.body, request.token, request.hops]
+            [
+                request.method,
+                request.path,
+                [list(q) for q in request.query],
+                request.body,
+                request.token,
+                request.hops,
+            ]
         )
         data = await self.call_member(leader, "api.forward", payload, timeout_seconds)
         status, body, headers, applied = unpack(data)
-        return ForwardedResponse(int(status), bytes(body), tuple((str(k), str(v)) for k, v in headers), int(applied))
+        return ForwardedResponse(
+            int(status), bytes(body), tuple((str(k), str(v)) for k, v in headers), int(applied)
+        )
 
     async def call_member(self, node_id: int, method: str, payload: bytes, timeout: float) -> bytes:
         """An internal RPC mapped onto API errors: 502 unreachable, 504 slow."""
@@ -327,7 +338,12 @@ class ClusterService:
             "appliedIndex": core.applied_index if core else 0,
             "ready": self.is_ready(),
             "drainState": self._drain_state(self.identity.node_id),
+            **self.extra_status(),
         }
+
+    def extra_status(self) -> dict[str, Any]:
+        """Node-local extras for /status (the BGP speaker's state, see operations.py)."""
+        return {}
 
     def members(self) -> list[dict[str, Any]]:
         core = self.d.core
@@ -369,7 +385,9 @@ class ClusterService:
             raise ApiError(404, "pool_not_found", f"pool {name!r} does not exist")
         return p.as_dict()
 
-    def leases(self, *, node_id: int | None, pool: str | None, limit: int, after: int | None) -> list[dict[str, Any]]:
+    def leases(
+        self, *, node_id: int | None, pool: str | None, limit: int, after: int | None
+    ) -> list[dict[str, Any]]:
         return [x.as_dict() for x in self.sm.leases(node_id=node_id, pool=pool, limit=limit, after=after)]
 
     # --- NodeApi: leader operations (membership ones live in operations.py) ---------------
@@ -378,14 +396,15 @@ class ClusterService:
         secret = secrets.token_bytes(32)
         now = time.time()
         expires = int(now + ttl_seconds) if ttl_seconds else None
-        await self.propose(
-            CreateApiToken(now, token_id, name, role, apitoken.hash_secret(secret), expires)
-        )
+        await self.propose(CreateApiToken(now, token_id, name, role, apitoken.hash_secret(secret), expires))
         tok = self.sm.api_token(token_id)
-        created = tok.as_dict() if tok is not None else {"id": token_id, "name": name, "role": str(role)}
-        created["token"] = apitoken.format_api_token(token_id, secret)
-        created["expiresAt"] = expires
-        return {k: created.get(k) for k in ("id", "name", "role", "token", "expiresAt")}
+        return {
+            "id": token_id,
+            "name": tok.name if tok is not None else name,
+            "role": str(role),
+            "token": apitoken.format_api_token(token_id, secret),
+            "expiresAt": expires,
+        }
 
     async def revoke_token(self, token_id: str) -> None:
         await self.propose(RevokeApiToken(time.time(), token_id))
@@ -398,13 +417,21 @@ class ClusterService:
         await self.propose(DeletePool(time.time(), name))
 
     async def allocate_lease(self, pool: str, holder: str, node_id: int | None) -> dict[str, Any]:
+        lease, _ = await self.allocate_lease_reporting(pool, holder, node_id)
+        return lease
+
+    async def allocate_lease_reporting(
+        self, pool: str, holder: str, node_id: int | None
+    ) -> tuple[dict[str, Any], bool]:
+        """The lease, and whether a new address was allocated (False: existing lease re-owned)."""
         owner = node_id or self.identity.node_id
         if not self.sm.has_member(owner) and self._cluster_enabled:
             raise ApiError(404, "member_not_found", f"node {owner} is not a member")
-        res = await self.propose(AllocateLease(time.time(), pool, holder, owner))
+        cmd = AllocateLease(time.time(), pool, holder, owner)
+        res = await self.propose(cmd)
         lease = res.value
-        assert lease is not None and hasattr(lease, "as_dict")
-        return lease.as_dict()  # type: ignore[no-any-return]
+        assert isinstance(lease, Lease)
+        return lease.as_dict(), lease.created_at == cmd.ts
 
     async def release_lease(self, lease_id: int) -> None:
         await self.propose(ReleaseLease(time.time(), lease_id))
@@ -415,8 +442,9 @@ class ClusterService:
         key = self.sm.join_key
         cluster_id = self.sm.cluster_id
         if key is None or cluster_id is None:
-            raise ApiError(503, "not_initialized", "cluster secrets are not committed yet",
-                           headers={"Retry-After": "1"})
+            raise ApiError(
+                503, "not_initialized", "cluster secrets are not committed yet", headers={"Retry-After": "1"}
+            )
         try:
             ttl = jointoken.validate_ttl(ttl_seconds)
         except jointoken.JoinTokenError as exc:

@@ -410,8 +410,10 @@ class RaftCore:
             if m.type in (MT.APPEND, MT.HEARTBEAT) and (self.cfg.check_quorum or self.cfg.pre_vote):
                 # Tell a stale leader about the newer term so it steps down.
                 self._send(Message(MT.APPEND_RESP, to=m.frm, frm=self.id, term=self.term))
-            elif m.type == MT.PRE_VOTE:
-                self._send(Message(MT.PRE_VOTE_RESP, to=m.frm, frm=self.id, term=self.term, reject=True))
+            elif m.type in (MT.PRE_VOTE, MT.VOTE):
+                # §5.1: a stale candidate learns the current term from the rejection.
+                resp = MT.PRE_VOTE_RESP if m.type == MT.PRE_VOTE else MT.VOTE_RESP
+                self._send(Message(resp, to=m.frm, frm=self.id, term=self.term, reject=True))
             return
 
         if m.type in (MT.VOTE, MT.PRE_VOTE):
@@ -589,9 +591,13 @@ class RaftCore:
         elif t == MT.HEARTBEAT_RESP:
             if pr.state == ProgressState.PROBE:
                 pr.paused = False
-            elif pr.state == ProgressState.REPLICATE and m.index + 1 < pr.next and pr.match < self.log.last_index:
-                # Appends sent before this heartbeat never arrived: resend from the match point.
-                pr.become_probe()
+            elif pr.state == ProgressState.REPLICATE and pr.match < self.log.last_index:
+                lost_appends = m.index + 1 < pr.next
+                stalled = pr.is_paused() and pr.match == pr.heartbeat_match
+                if lost_appends or stalled:
+                    # Appends (or their acks) were lost: resend from the match point.
+                    pr.become_probe()
+            pr.heartbeat_match = pr.match
             if pr.match < self.log.last_index or pr.state == ProgressState.SNAPSHOT:
                 self._send_append(m.frm, pr)
             if m.context:

@@ -15,6 +15,7 @@ from .types import ProgressState, Snapshot
 
 class Progress:
     __slots__ = (
+        "heartbeat_match",
         "inflight",
         "last_contact_ticks",
         "match",
@@ -30,6 +31,7 @@ class Progress:
 
     def __init__(self, next_index: int, max_inflight: int) -> None:
         self.match = 0
+        self.heartbeat_match = -1  # match seen at the previous heartbeat response
         self.next = next_index
         self.state = ProgressState.PROBE
         self.paused = False
