@@ -27,7 +27,7 @@ typecheck: $(STAMP)
 	cd .typecheck && MYPYPATH=. $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p quorumd.raft -p quorumd.api -p quorumd.node
 
 unit: $(STAMP)
-	$(BIN)/pytest -q -n 2 tests
+	$(BIN)/pytest -q -n 2 --dist loadgroup tests
 
 test: lint typecheck unit
 
