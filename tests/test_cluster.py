@@ -16,7 +16,8 @@ from tests.cluster import Cluster, http, wait_for
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("cluster"), 3, cluster_overrides={"snapshot-threshold": 50, "trailing-logs": 5})
+    overrides = {"snapshot-threshold": 50, "trailing-logs": 5}  # followers catch up by snapshot
+    c = Cluster(tmp_path_factory.mktemp("cluster"), 3, cluster_overrides=overrides)
     try:
         c.form()
         c.ok(c.wait_leader(), "POST", "/api/v1/pools", {"name": "p", "cidr": "10.50.0.0/16"})
