@@ -33,7 +33,7 @@ test: lint typecheck unit
 
 # 10,000 simulator seeds (long; see README for the last run's time)
 soak: $(STAMP)
-	$(BIN)/python -m quorumd.raft.sim --sweep 10000 --steps 5000 --jobs 2
+	$(BIN)/python -m quorumd.raft.sim --sweep 10000 --steps 5000 --nodes 3,5 --jobs 2
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
