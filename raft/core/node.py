@@ -593,7 +593,7 @@ class RaftCore:
                 pr.paused = False
             elif pr.state == ProgressState.REPLICATE and pr.match < self.log.last_index:
                 lost_appends = m.index + 1 < pr.next
-                stalled = pr.is_paused() and pr.match == pr.heartbeat_match
+                stalled = pr.match == pr.heartbeat_match  # no progress for a whole heartbeat
                 if lost_appends or stalled:
                     # Appends (or their acks) were lost: resend from the match point.
                     pr.become_probe()

@@ -212,7 +212,9 @@ class SafetyChecker:
         if len(pending) > 1:
             raise Violation(CONFIG_SAFETY, f"leader {node} has uncommitted conf changes at {pending}")
         n = len(self.committed)
-        if n >= log.snapshot_index:
+        # A stale leader (an older term, cut off) may hold divergent uncommitted entries past its
+        # own commit index; only a leader that has itself committed index n must agree there.
+        if commit_index >= n and n >= log.snapshot_index:
             theirs = log.config_at(n)
             if theirs != self.committed_config:
                 raise Violation(
