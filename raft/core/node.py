@@ -533,20 +533,11 @@ class RaftCore:
                 self._send(Message(MT.SNAPSHOT_RESP, to=m.frm, frm=self.id, term=self.term, index=meta.index))
                 return
             inc = self._incoming = _IncomingSnapshot(key, meta, bytearray())
-        if m.snapshot_offset != len(inc.buffer):
-            self._send(
-                Message(
-                    MT.SNAPSHOT_RESP,
-                    to=m.frm,
-                    frm=self.id,
-                    term=self.term,
-                    index=meta.index,
-                    snapshot_offset=len(inc.buffer),
-                )
-            )
-            return
-        inc.buffer += m.snapshot_chunk
-        if not m.snapshot_done:
+        in_order = m.snapshot_offset == len(inc.buffer)
+        if in_order:
+            inc.buffer += m.snapshot_chunk
+        if not (in_order and m.snapshot_done):
+            # Acknowledge what we hold: the leader continues (or resends) from there.
             self._send(
                 Message(
                     MT.SNAPSHOT_RESP,
