@@ -32,8 +32,8 @@ def test_formation_and_members_view(cluster: Cluster) -> None:
     assert all(m["suffrage"] == "voter" and m["drainState"] == "active" for m in members)
     assert sum(m["isLeader"] for m in members) == 1
     for nid in (1, 2, 3):
-        st = cluster.status(nid)
-        assert st["clusterId"] == cluster.status(1)["clusterId"] and st["ready"]
+        cluster.wait_ready(nid)  # ready = leader known and applied caught up with commit
+        assert cluster.status(nid)["clusterId"] == cluster.status(1)["clusterId"]
 
 
 def test_writes_through_follower_are_readable_there(cluster: Cluster) -> None:
