@@ -13,6 +13,9 @@ import pytest
 from quorumd.node import ctl
 from tests.cluster import Cluster, http, wait_for
 
+# One worker runs this module: the tests share one cluster and build on each other's state.
+pytestmark = pytest.mark.xdist_group("cluster")
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
@@ -183,8 +186,11 @@ def test_auth_errors(cluster: Cluster) -> None:
     st, _, _ = http("GET", f"{cluster.nodes[1].api}/api/v1/cluster/members")
     assert st == 401
     ro = cluster.ok(1, "POST", "/api/v1/tokens", {"name": "reader", "role": "readonly"})["token"]
-    st, _, _ = http("GET", f"{cluster.nodes[3].api}/api/v1/cluster/members", ro)
-    assert st == 200
+    # Tokens are checked against the local replica: node 3 accepts it once it has applied it.
+    wait_for(
+        "token replicated",
+        lambda: http("GET", f"{cluster.nodes[3].api}/api/v1/cluster/members", ro)[0] == 200,
+    )
     st, body, _ = http("POST", f"{cluster.nodes[3].api}/api/v1/cluster/members/2/promote", ro)
     assert st == 403 and body["code"] == "forbidden"
 
