@@ -50,6 +50,11 @@ class BgpSpeaker(Protocol):
         """Replace the desired set; announced at once while running, kept for ``start`` otherwise."""
         ...
 
+    def update(self, add: Iterable[str], withdraw: Iterable[str]) -> None:
+        """Change the desired set by a delta of canonical host routes (``Lease.prefix``): O(delta),
+        so a node holding 100,000 leases pays nothing per allocation for the other 99,999."""
+        ...
+
     def snapshot(self) -> dict[str, Any]:
         """The speaker's part of ``/status``."""
         ...
@@ -78,8 +83,9 @@ class StubBgpSpeaker:
     def __init__(self, on_change: Callable[[bool, int], None] | None = None) -> None:
         self._on_change = on_change
         self._running = False
-        self._desired: frozenset[str] = frozenset()
-        self._announced: frozenset[str] = frozenset()
+        # Insertion-ordered sets (dict keys): O(1) add/remove, and a cheap stable sample for /status.
+        self._desired: dict[str, None] = {}
+        self._announced: dict[str, None] = {}
         self.rejected_prefixes = 0  # invalid prefixes passed to set_prefixes (skipped)
 
     @property
@@ -88,11 +94,11 @@ class StubBgpSpeaker:
 
     @property
     def announced(self) -> frozenset[str]:
-        return self._announced
+        return frozenset(self._announced)
 
     @property
     def desired(self) -> frozenset[str]:
-        return self._desired
+        return frozenset(self._desired)
 
     def start(self) -> None:
         if self._running:
@@ -105,7 +111,7 @@ class StubBgpSpeaker:
     def stop(self) -> None:
         if not self._running:
             return
-        self._apply(frozenset())
+        self._apply({})
         self._running = False
         log.info("bgp_speaker_stopped")
         self._changed()
@@ -121,27 +127,48 @@ class StubBgpSpeaker:
         if bad:
             self.rejected_prefixes += bad
             log.warning("bgp_prefixes_rejected count=%d", bad)
-        self._desired = frozenset(desired)
+        self._desired = dict.fromkeys(sorted_prefixes(desired))
         if self._running and self._apply(self._desired):
             self._changed()
 
+    def update(self, add: Iterable[str], withdraw: Iterable[str]) -> None:
+        changed = False
+        for p in withdraw:
+            self._desired.pop(p, None)
+            if self._running and self._announced.pop(p, 0) is None:
+                log.debug("bgp_withdraw prefix=%s", p)
+                changed = True
+        for p in add:
+            self._desired[p] = None
+            if self._running and p not in self._announced:
+                self._announced[p] = None
+                log.debug("bgp_announce prefix=%s", p)
+                changed = True
+        if changed:
+            self._changed()
+
     def snapshot(self) -> dict[str, Any]:
+        sample: list[str] = []
+        for p in self._announced:  # the oldest announcements: O(sample), not O(prefixes)
+            if len(sample) == SAMPLE_PREFIXES:
+                break
+            sample.append(p)
         return {
             "running": self._running,
             "announcedPrefixes": len(self._announced),
-            "samplePrefixes": sorted_prefixes(self._announced)[:SAMPLE_PREFIXES],
+            "samplePrefixes": sorted_prefixes(sample),
         }
 
     # --- internals -----------------------------------------------------------------------------
-    def _apply(self, target: frozenset[str]) -> bool:
+    def _apply(self, target: dict[str, None]) -> bool:
         """Move the announced set to ``target``, logging the difference; True when it changed."""
-        withdrawn = self._announced - target
-        added = target - self._announced
+        withdrawn = frozenset(self._announced.keys() - target.keys())
+        added = frozenset(target.keys() - self._announced.keys())
         if not withdrawn and not added:
             return False
         _log_change("bgp_withdraw", withdrawn)
         _log_change("bgp_announce", added)
-        self._announced = target
+        self._announced = dict(target)
         return True
 
     def _changed(self) -> None:

@@ -133,3 +133,38 @@ def test_logs_counts_for_large_batches(caplog: pytest.LogCaptureFixture) -> None
     assert len(msgs) == 4
     assert msgs[1].startswith("bgp_announce count=1000 sample=10.1.0.0/32,10.1.0.1/32,")
     assert msgs[2].startswith("bgp_withdraw count=1000 ")
+
+
+def test_update_applies_a_delta_while_running_and_keeps_it_while_stopped() -> None:
+    s, changes = _speaker()
+    s.set_prefixes(["10.0.0.1/32"])
+    s.start()
+    s.update(["10.0.0.2/32", "10.0.0.3/32"], ["10.0.0.1/32"])
+    assert s.announced == {"10.0.0.2/32", "10.0.0.3/32"} == s.desired
+    assert changes[-1] == (True, 2)
+    s.update([], ["10.0.0.9/32"])  # withdrawing what is not announced changes nothing
+    assert changes[-1] == (True, 2) and len(changes) == 2
+    s.stop()
+    s.update(["10.0.0.4/32"], ["10.0.0.2/32"])  # stopped: desired follows, nothing announced
+    assert s.announced == frozenset() and s.desired == {"10.0.0.3/32", "10.0.0.4/32"}
+    s.start()
+    assert s.announced == {"10.0.0.3/32", "10.0.0.4/32"}
+
+
+def test_update_is_independent_of_how_many_prefixes_are_held() -> None:
+    s, _ = _speaker()
+    s.set_prefixes([f"10.1.{i // 256}.{i % 256}/32" for i in range(5000)])
+    s.start()
+    calls = 0
+
+    class Counting(str):
+        __slots__ = ()
+
+        def __hash__(self) -> int:
+            nonlocal calls
+            calls += 1
+            return str.__hash__(self)
+
+    s.update([Counting("10.2.0.1/32")], [Counting("10.1.0.7/32")])
+    assert calls <= 8  # a handful of set operations on the delta, never a pass over the 5,000
+    assert len(s.announced) == 5000 and "10.2.0.1/32" in s.announced

@@ -339,7 +339,7 @@ class _Conn(asyncio.Protocol):
         self._handler: FrameHandler | None = None
         self._inbox: deque[bytes] | None = None
         self._inbox_waiter: asyncio.Future[None] | None = None
-        self._paused = False
+        self.paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
 
     # asyncio.Protocol
@@ -381,10 +381,10 @@ class _Conn(asyncio.Protocol):
             self.on_lost(self)
 
     def pause_writing(self) -> None:
-        self._paused = True
+        self.paused = True
 
     def resume_writing(self) -> None:
-        self._paused = False
+        self.paused = False
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
@@ -452,6 +452,10 @@ class _Conn(asyncio.Protocol):
         t = self.transport
         if self.lost or t is None or t.is_closing():
             return False
+        if len(frames) == 1:
+            frame = frames[0]
+            t.write(_HEADER.pack(len(frame)) + frame)
+            return True
         parts: list[bytes] = []
         for frame in frames:
             parts.append(_HEADER.pack(len(frame)))
@@ -460,7 +464,7 @@ class _Conn(asyncio.Protocol):
         return True
 
     async def drain(self) -> None:
-        while self._paused and not self.lost:
+        while self.paused and not self.lost:
             self._drain_waiter = self.loop.create_future()
             await self._drain_waiter
         if self.lost:
@@ -960,6 +964,14 @@ class ClusterTransport:
         ):
             self.stats.frames_dropped += 1
             return False
+        conn = peer.conn
+        if conn is not None and not peer.frames and not conn.paused and conn.write_frames((frame,)):
+            # Fast path: connected, nothing queued, socket not backed up. Writing here saves the
+            # writer task's wakeup (one loop iteration) on every message of the commit path.
+            self.stats.frames_sent += 1
+            if conn.paused and not peer.wakeup.is_set():
+                peer.wakeup.set()  # the writer watches the drain with its stall timeout
+            return True
         peer.frames.append(frame)
         peer.queued_bytes += size
         if not peer.wakeup.is_set():
@@ -998,10 +1010,13 @@ class ClusterTransport:
             frames = peer.frames
             peer.frames, peer.queued_bytes = [], 0
             peer.wakeup.clear()
-            if not conn.write_frames(frames):
-                self.stats.frames_dropped += len(frames)
+            if frames:
+                if not conn.write_frames(frames):
+                    self.stats.frames_dropped += len(frames)
+                    continue
+                self.stats.frames_sent += len(frames)
+            if not conn.paused:
                 continue
-            self.stats.frames_sent += len(frames)
             try:
                 async with asyncio.timeout(self._write_timeout):
                     await conn.drain()
