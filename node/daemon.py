@@ -259,6 +259,7 @@ class Daemon:
         self._update_pins()
 
         if transport is not None:
+            transport.on_raft_peer_lost = driver.peer_connection_lost  # fast failover hint
             self._register_rpcs(transport, node)
             self.cluster_port = await transport.start(str(cfg.cluster.bind_address))
             stack.push_async_callback(self._bounded, transport.close(), 5.0)

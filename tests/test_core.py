@@ -416,3 +416,48 @@ def test_probe_state_after_rejection() -> None:
     lead = net.leader()
     st = {p.node_id: p.state for p in lead.status().peers}
     assert st[2] == ProgressState.REPLICATE
+
+
+# --- failure-detection hint ------------------------------------------------------------------
+def test_leader_connection_lost_hint_shortens_failover() -> None:
+    """A closed leader connection lets followers campaign within two heartbeats instead of an
+    election timeout; PreVote still decides (thesis 9.6)."""
+    net = three()
+    lead = net.leader()
+    old, term = lead.node_id, lead.term
+    survivors = [n for n in (1, 2, 3) if n != old]
+    net.isolate(old)  # the leader process died: no more messages from it
+    for nid in survivors:
+        net.nodes[nid].report_leader_connection_lost(old)
+        assert net.nodes[nid].leader_id == 0
+    ticks = 0
+    while not any(net.nodes[n].role == Role.LEADER for n in survivors) and ticks < 10:
+        net.tick(1, only=survivors)
+        ticks += 1
+    assert ticks <= 2 * net.cfg(survivors[0]).heartbeat_ticks  # election_ticks is 10
+    assert max(net.nodes[n].term for n in survivors) == term + 1
+
+
+def test_leader_connection_lost_hint_alone_cannot_depose_a_live_leader() -> None:
+    """Only one follower saw a (spurious) close: its PreVote fails while the other follower still
+    hears the leader, so the term does not move."""
+    net = three()
+    lead = net.leader()
+    term = lead.term
+    follower = next(n for n in (1, 2, 3) if n != lead.node_id)
+    net.nodes[follower].report_leader_connection_lost(lead.node_id)
+    for _ in range(3):
+        net.tick(1, only=[follower])
+    assert net.leader() is lead and lead.term == term
+    assert net.nodes[follower].term == term
+
+
+def test_leader_connection_lost_hint_ignores_other_peers_and_non_followers() -> None:
+    net = three()
+    lead = net.leader()
+    follower = next(n for n in (1, 2, 3) if n != lead.node_id)
+    other = next(n for n in (1, 2, 3) if n not in (lead.node_id, follower))
+    net.nodes[follower].report_leader_connection_lost(other)  # not its leader
+    assert net.nodes[follower].leader_id == lead.node_id
+    lead.report_leader_connection_lost(follower)  # a leader ignores the hint
+    assert lead.role == Role.LEADER

@@ -163,6 +163,12 @@ class RaftDriver:
         self._inbox.append(msg)
         self._wake.set()
 
+    def peer_connection_lost(self, node_id: NodeId) -> None:
+        """Transport hint: the Raft connection with ``node_id`` closed (see the core's
+        ``report_leader_connection_lost``)."""
+        self.core.report_leader_connection_lost(node_id)
+        self._wake.set()
+
     def step_now(self, action: Callable[[RaftCore], Any]) -> Any:
         """Run a synchronous action on the core inside the loop's next round."""
         result = action(self.core)

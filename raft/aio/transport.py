@@ -658,6 +658,7 @@ class ClusterTransport:
         self._pending_handshakes = 0
         self._join_connections = 0
         self._closing = False
+        self.on_raft_peer_lost: Callable[[int], None] | None = None
         self._random = random.Random(secrets.randbits(64))  # backoff jitter only
 
     # --- configuration ---------------------------------------------------------------------
@@ -783,6 +784,16 @@ class ClusterTransport:
 
     def _forget(self, conn: _Conn) -> None:
         self._conns.discard(conn)
+        if (
+            conn.channel == ALPN_RAFT
+            and conn.node_id
+            and conn.node_id in self._member_conns
+            and not self._closing
+            and self.on_raft_peer_lost is not None
+        ):
+            # An authenticated Raft connection closed (the peer process exited or reset it): a
+            # hint for failure detection, never a decision (the engine still needs PreVote to win).
+            self.on_raft_peer_lost(conn.node_id)
         members = self._member_conns.get(conn.node_id)
         if members is not None:
             members.discard(conn)

@@ -866,6 +866,24 @@ class RaftCore:
     def set_campaign_suppressed(self, flag: bool) -> None:
         self.campaign_suppressed = flag
 
+    def report_leader_connection_lost(self, node_id: NodeId) -> None:
+        """The transport saw this node's leader close its connection (the process exited).
+
+        A follower then stops waiting out the whole election timeout: it forgets the leader and
+        campaigns after a short random delay (one tick to two heartbeats, spreading the survivors
+        so one usually wins the first round). Safety is untouched: PreVote still needs a quorum, and
+        peers that still hear a live leader refuse it, so a spurious close costs one failed
+        PreVote round, not a term change."""
+        if self.role != Role.FOLLOWER or node_id == NO_NODE or self.leader_id != node_id:
+            return
+        if not self._promotable() or self.campaign_suppressed:
+            self.leader_id = NO_NODE
+            return
+        self.leader_id = NO_NODE
+        hb = max(1, self.cfg.heartbeat_ticks)
+        delay = 1 + self._rng.randrange(0, 2 * hb)
+        self.election_elapsed = max(self.election_elapsed, self._randomized_timeout - delay)
+
     def report_unreachable(self, node_id: NodeId) -> None:
         if self.role != Role.LEADER:
             return
