@@ -6,7 +6,6 @@ Default etcd timing (heartbeat 100 ms, election 1000 ms), fsync on. Every wait i
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -127,7 +126,8 @@ def run_etcd_tls(levels: list[int], duration: float, long_duration: float) -> di
             r = run_wrk(e.url(lead, "/v3/kv/put"), BODY, conc, dur, ok_substring="revision")
             r["leader_changed"] = e.term(lead) != t0
             res["wrk"][str(conc)] = r
-            print(f"etcd-tls c={conc}: {r.get('throughput_ok_per_s')} ok/s p50={r.get('p50_ms')} ms", flush=True)
+            tput, p50 = r.get("throughput_ok_per_s"), r.get("p50_ms")
+            print(f"etcd-tls c={conc}: {tput} ok/s p50={p50} ms", flush=True)
         res["rss_mb"] = e.rss_mb()
     finally:
         e.stop()

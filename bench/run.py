@@ -1,38 +1,65 @@
-"""quorumd benchmark (``make bench``): a 3-node cluster on loopback, production timing defaults,
-fsync on, driven by the shared load generator (../shared/bench/loadgen.py) exactly like the peer
-benchmarks, then the peers (etcd, PySyncObj) in the same run when available.
+"""quorumd benchmark (``make bench``): quorumd and its peers, side by side, in one run.
 
-Measures: acknowledged POST /api/v1/leases per second and latency at 1, 16 and 64 clients;
-failover (SIGKILL the leader -> first acknowledged write through a survivor, 5 tries); leadership
-transfer through drain (drain call -> first write accepted by the new leader); follower-proxied vs
-leader-direct autopilot latency; peak RSS per node. Writes bench/results/quorumd_<ts>.json and
-BENCHMARKS.md (with the machine, the date and the command).
+quorumd: a 3-node cluster on loopback with production timing (heartbeat 100 ms, election 1 s),
+fsync on, HTTPS API. Measured:
+- acknowledged ``POST /api/v1/leases`` per second and latency at 1, 16 and 64 clients, twice: with
+  the shared Python load generator (../shared/bench/loadgen.py, the generator the peer scripts
+  use) and with wrk (bench/wrk.py; the Python generator saturates near 3-4k requests/s here);
+  the 64-client wrk run is the long steady run that must see zero leader changes;
+- failover: SIGKILL the leader -> first acknowledged write through a survivor;
+- leadership transfer through drain: the drain call's duration, and the time from the call to the
+  first write accepted by the new leader itself (polled concurrently over kept-alive connections);
+- follower-proxied vs leader-direct autopilot latency (kept-alive connections);
+- peak RSS per node; startup to ready with a 1,000,000-index log and 100,000 leases
+  (bench/startup.py).
+Peers, same run: etcd with client and peer TLS driven by wrk (bench/etcd_tls.py), and the shared
+peer scripts (etcd over plain HTTP, PySyncObj) with the shared Python generator.
+Writes bench/results/bench_<ts>.json and BENCHMARKS.md (machine, date, command, ratios).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client as httpclient
 import json
 import os
 import platform
 import shutil
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
 SHARED = ROOT.parent / "shared" / "bench"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(BENCH))
+
+from etcd_tls import run_etcd_tls  # noqa: E402
+from wrk import available as wrk_available  # noqa: E402
+from wrk import run_wrk  # noqa: E402
 
 from tests.cluster import Cluster, http, wait_for  # noqa: E402
 
+PRODUCTION_TIMING = {"heartbeat-interval": "100ms", "election-timeout": "1000ms"}
+LEASE_BODY = '{"pool":"bench","holder":"$key"}'
+_CTX = ssl.create_default_context()
+_CTX.check_hostname = False
+_CTX.verify_mode = ssl.CERT_NONE
+
+
+def log(*a: object) -> None:
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
 
 def shared_copy() -> Path:
-    """The shared bench folder is read-only in CI: work on a private copy."""
+    """The shared bench folder may be read-only (CI): work on a private copy."""
     dst = Path(tempfile.mkdtemp(prefix="quorumd-bench-"))
     for f in SHARED.iterdir():
         if f.is_file():
@@ -41,34 +68,44 @@ def shared_copy() -> Path:
 
 
 def loadgen(bench: Path, url: str, token: str, concurrency: int, duration: float) -> dict[str, Any]:
+    body = LEASE_BODY.replace("$key", "h$worker-$seq")
     argv = [
-        sys.executable,
-        str(bench / "loadgen.py"),
-        "--url",
-        url,
-        "--method",
-        "POST",
-        "--header",
-        f"Authorization: Bearer {token}",
-        "--insecure",
-        "--body",
-        '{"pool":"bench","holder":"$key"}',
-        "--key-template",
-        "h$worker-$seq",
-        "--concurrency",
-        str(concurrency),
-        "--duration",
-        str(duration),
-        "--warmup",
-        "1",
-        "--timeout",
-        "5",
-    ]
+        sys.executable, str(bench / "loadgen.py"), "--url", url, "--method", "POST", "--insecure",
+        "--header", f"Authorization: Bearer {token}", "--body", body, "--concurrency", str(concurrency),
+        "--duration", str(duration), "--warmup", "1", "--timeout", "5",
+    ]  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
     try:
         return dict(json.loads(out.stdout.strip().splitlines()[-1]))
     except (ValueError, IndexError):
         return {"error": (out.stdout + out.stderr)[-2000:]}
+
+
+class KeepAlive:
+    """One kept-alive HTTPS connection (what a real client uses; no TLS handshake per probe)."""
+
+    def __init__(self, api: str, token: str) -> None:
+        host, port = api.removeprefix("https://").rsplit(":", 1)
+        self.host, self.port, self.token = host, int(port), token
+        self.conn: httpclient.HTTPSConnection | None = None
+
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 1.0) -> tuple[int, Any]:
+        if self.conn is None:
+            self.conn = httpclient.HTTPSConnection(self.host, self.port, timeout=timeout, context=_CTX)
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+        try:
+            self.conn.request(method, path, json.dumps(body) if body is not None else None, headers)
+            resp = self.conn.getresponse()
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+        except (OSError, httpclient.HTTPException, ValueError):
+            self.close()
+            return 0, None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 def first_write_after(c: Cluster, nodes: list[int], t0: float, max_wait: float = 30.0) -> float:
@@ -78,13 +115,8 @@ def first_write_after(c: Cluster, nodes: list[int], t0: float, max_wait: float =
         nid = nodes[i % len(nodes)]
         i += 1
         try:
-            st, _, _ = http(
-                "POST",
-                f"{c.nodes[nid].api}/api/v1/leases",
-                c.token,
-                {"pool": "bench", "holder": f"probe-{i}"},
-                timeout=1.0,
-            )
+            body = {"pool": "bench", "holder": f"p-{i}"}
+            st, _, _ = http("POST", f"{c.nodes[nid].api}/api/v1/leases", c.token, body, 1.0)
         except OSError:
             continue
         if st in (200, 201):
@@ -96,16 +128,91 @@ def rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+                return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
     return float("nan")
 
 
-def run_quorumd(bench: Path, duration: float, tries: int) -> dict[str, Any]:
+def term_of(c: Cluster, nid: int) -> int:
+    return int(c.status(nid)["term"])
+
+
+def _poll_transfer(probes: dict[int, KeepAlive], result: dict[str, float], stop: threading.Event) -> None:
+    """Until ``stop``: find the node that reports itself leader, then write to it until acknowledged."""
+    deadline = time.monotonic() + 10
+    new = 0
+    while not stop.is_set() and time.monotonic() < deadline:
+        if not new:
+            for n, p in probes.items():
+                st, body = p.call("GET", "/api/v1/status")
+                if st == 200 and body["result"]["role"] == "leader":
+                    new = n
+                    result["leader"] = time.monotonic()
+                    break
+            continue
+        body = {"pool": "bench", "holder": f"transfer-{time.time()}"}
+        st, _ = probes[new].call("POST", "/api/v1/leases", body)
+        if st in (200, 201):
+            result["write"] = time.monotonic()
+            return
+
+
+def measure_transfer(c: Cluster, tries: int) -> dict[str, list[float]]:
+    """Drain the leader (synchronous) while a poller watches the other nodes over kept-alive
+    connections: the time until one of them reports itself leader, and until a write it serves
+    as leader is acknowledged."""
+    calls: list[float] = []
+    leader_at: list[float] = []
+    write_at: list[float] = []
+    for _ in range(tries):
+        lead = c.wait_leader()
+        api = c.nodes[lead].api
+        wait_for("all healthy", lambda: c.ok(c.wait_leader(), "GET", "/api/v1/cluster/autopilot")["healthy"])
+        probes = {n: KeepAlive(c.nodes[n].api, c.token) for n in c.nodes if n != lead}
+        for p in probes.values():
+            p.call("GET", "/api/v1/status")  # connect before the clock starts
+        result: dict[str, float] = {}
+        stop = threading.Event()
+        th = threading.Thread(target=_poll_transfer, args=(probes, result, stop))
+        drainer = KeepAlive(api, c.token)
+        drainer.call("GET", "/api/v1/status")
+        th.start()
+        t0 = time.monotonic()
+        drainer.call("POST", f"/api/v1/cluster/members/{lead}/drain", {"deadlineSeconds": 0}, timeout=30)
+        calls.append(time.monotonic() - t0)
+        th.join(15)
+        stop.set()
+        leader_at.append(result.get("leader", float("nan")) - t0)
+        write_at.append(result.get("write", float("nan")) - t0)
+        for p in (*probes.values(), drainer):
+            p.close()
+        c.ok(c.wait_leader(), "POST", f"/api/v1/cluster/members/{lead}/resume")
+    return {"drain_call_s": calls, "new_leader_s": leader_at, "first_write_s": write_at}
+
+
+def autopilot_latency(c: Cluster) -> dict[str, float]:
+    lead = c.wait_leader()
+    follower = next(n for n in c.nodes if n != lead)
+    out = {}
+    for label, nid in (("leader", lead), ("follower", follower)):
+        conn = KeepAlive(c.nodes[nid].api, c.token)
+        conn.call("GET", "/api/v1/cluster/autopilot")
+        samples = []
+        for _ in range(200):
+            t = time.perf_counter()
+            st, _ = conn.call("GET", "/api/v1/cluster/autopilot")
+            if st == 200:
+                samples.append((time.perf_counter() - t) * 1000)
+        conn.close()
+        out[f"autopilot_{label}_ms_p50"] = round(statistics.median(samples), 3) if samples else float("nan")
+    return out
+
+
+def run_quorumd(bench: Path, duration: float, long_duration: float, tries: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="quorumd-bench-cluster-"))
-    c = Cluster(tmp, 3, cluster_overrides={"heartbeat-interval": "100ms", "election-timeout": "1000ms"})
-    res: dict[str, Any] = {"system": "quorumd", "load": {}}
+    c = Cluster(tmp, 3, cluster_overrides=PRODUCTION_TIMING)
+    res: dict[str, Any] = {"system": "quorumd", "loadgen": {}, "wrk": {}}
     try:
         c.form()
         lead = c.wait_leader()
@@ -113,23 +220,23 @@ def run_quorumd(bench: Path, duration: float, tries: int) -> dict[str, Any]:
         for conc in (1, 16, 64):
             lead = c.wait_leader()
             r = loadgen(bench, f"{c.nodes[lead].api}/api/v1/leases", c.token, conc, duration)
-            res["load"][str(conc)] = r
-            print(
-                f"quorumd c={conc}: {r.get('throughput_ok_per_s')} ok/s "
-                f"p50={r.get('latency_ms', {}).get('p50')} ms"
-            )
-        # autopilot: leader-direct vs follower-proxied
-        lead = c.wait_leader()
-        follower = next(n for n in c.nodes if n != lead)
-        for label, nid in (("leader", lead), ("follower", follower)):
-            samples = []
-            for _ in range(50):
-                t = time.perf_counter()
-                c.ok(nid, "GET", "/api/v1/cluster/autopilot")
-                samples.append((time.perf_counter() - t) * 1000)
-            res[f"autopilot_{label}_ms_p50"] = statistics.median(samples)
-        res["rss_mb"] = {str(n): rss_mb(c.nodes[n].proc.pid) for n in c.nodes if c.nodes[n].proc}
-        # failover
+            res["loadgen"][str(conc)] = r
+            p50 = r.get("latency_ms", {}).get("p50")
+            log(f"quorumd loadgen c={conc}: {r.get('throughput_ok_per_s')} ok/s p50={p50} ms")
+        if wrk_available():
+            for conc in (1, 16, 64):
+                lead = c.wait_leader()
+                term0 = term_of(c, lead)
+                dur = long_duration if conc == 64 else duration
+                r = run_wrk(f"{c.nodes[lead].api}/api/v1/leases", LEASE_BODY, conc, dur, auth=c.token)
+                r["leader_changed"] = c.leader_id() != lead or term_of(c, lead) != term0
+                res["wrk"][str(conc)] = r
+                log(
+                    f"quorumd wrk c={conc} {dur:.0f}s: {r.get('throughput_ok_per_s')} ok/s "
+                    f"p50={r.get('p50_ms')} ms errors={r.get('errors')} leader_changed={r['leader_changed']}"
+                )
+        res.update(autopilot_latency(c))
+        res["rss_mb"] = {str(n): rss_mb(p.pid) for n in c.nodes if (p := c.nodes[n].proc) is not None}
         failovers = []
         for _ in range(tries):
             lead = c.wait_leader()
@@ -137,101 +244,208 @@ def run_quorumd(bench: Path, duration: float, tries: int) -> dict[str, Any]:
             t0 = time.monotonic()
             c.kill(lead)
             failovers.append(first_write_after(c, survivors, t0))
+            log(f"quorumd failover: {failovers[-1]:.3f} s")
             c.restart(lead)
             c.wait_ready(lead, 60)
-            wait_for(
-                "3 healthy", lambda: c.ok(c.wait_leader(), "GET", "/api/v1/cluster/autopilot")["healthy"], 60
-            )
+            healthy = lambda: c.ok(c.wait_leader(), "GET", "/api/v1/cluster/autopilot")["healthy"]  # noqa: E731
+            wait_for("3 healthy", healthy)
         res["failover_s"] = failovers
-        # transfer through drain
-        transfers, drain_calls = [], []
-        for _ in range(tries):
-            lead = c.wait_leader()
-            others = [n for n in c.nodes if n != lead]
-            t0 = time.monotonic()
-            c.api(lead, "POST", f"/api/v1/cluster/members/{lead}/drain", {"deadlineSeconds": 0})
-            drain_calls.append(time.monotonic() - t0)
-            transfers.append(first_write_after(c, others, t0))
-            c.ok(c.wait_leader(), "POST", f"/api/v1/cluster/members/{lead}/resume")
-        res["transfer_s"] = transfers
-        res["drain_call_s"] = drain_calls
+        res["transfer"] = measure_transfer(c, tries)
+        log(f"quorumd transfer: {res['transfer']}")
     finally:
         c.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return res
 
 
-def run_peer(bench: Path, script: str) -> dict[str, Any] | None:
+def run_shared_peer(bench: Path, script: str, args: list[str]) -> dict[str, Any] | None:
+    """One of the shared peer benchmarks (its own venv, its own generator), newest result JSON."""
     if not (bench / script).exists():
         return None
-    before = set((bench / "results").glob("*.json")) if (bench / "results").exists() else set()
-    subprocess.run(["bash", str(bench / script)], timeout=900, check=False, cwd=bench)
-    after = set((bench / "results").glob("*.json")) - before
+    results = bench / "results"
+    before = set(results.glob("*.json")) if results.exists() else set()
+    cmd = f'source "{bench}/_venv.sh" && exec timeout 600 "$PY" "{bench / script}" ' + " ".join(args)
+    subprocess.run(["bash", "-c", cmd], timeout=900, check=False, cwd=bench)
+    after = set(results.glob("*.json")) - before if results.exists() else set()
     if not after:
         return None
     return dict(json.loads(max(after, key=lambda p: p.stat().st_mtime).read_text()))
 
 
-def med(xs: list[float]) -> float:
-    xs = [x for x in xs if x == x]
+def med(xs: list[float] | None) -> float:
+    xs = [x for x in (xs or []) if x == x]
     return statistics.median(xs) if xs else float("nan")
 
 
-def write_report(q: dict[str, Any], etcd: dict[str, Any] | None, pso: dict[str, Any] | None, cmd: str) -> str:
+def fmt(x: float, unit: str = "", nd: int = 1) -> str:
+    return "n/a" if x != x else f"{x:,.{nd}f}{unit}"
+
+
+def ratio(a: float, b: float) -> str:
+    return "n/a" if a != a or b != b or b == 0 else f"{a / b:.2f}x"
+
+
+def _peer_levels(peer: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
+    """{concurrency: result} from a shared peer result (etcd: ``http``; PySyncObj: best config)."""
+    if not peer:
+        return {}
+    runs = list(peer.get("http", []))
+    for cfg in peer.get("configs", []):
+        runs += [dict(r, config=cfg.get("name", "?")) for r in cfg.get("http", [])]
+    best: dict[int, dict[str, Any]] = {}
+    for r in runs:
+        conc = int(r.get("concurrency", 0))
+        if conc and r.get("throughput_ok_per_s", 0) > best.get(conc, {}).get("throughput_ok_per_s", -1):
+            best[conc] = r
+    return best
+
+
+def _peer_list(peer: dict[str, Any] | None, key: str, field: str) -> list[float]:
+    if not peer:
+        return []
+    items = list(peer.get(key, []))
+    for cfg in peer.get("configs", []):
+        items += cfg.get(key, [])
+    return [float(x[field]) for x in items if x.get(field) is not None]
+
+
+def write_report(res: dict[str, Any], cmd: str, wall_s: float) -> str:
+    q, etcd, pso = res["quorumd"], res.get("etcd"), res.get("pysyncobj")
+    etls, su = res.get("etcd_tls") or {}, res.get("startup") or {}
+    qw, ew = q.get("wrk", {}), etls.get("wrk", {})
+    ql = q.get("loadgen", {})
+    el, pl = _peer_levels(etcd), _peer_levels(pso)
+
+    def tput(d: dict[str, Any], c: int) -> float:
+        return float(d.get(str(c), {}).get("throughput_ok_per_s", float("nan")))
+
+    def p50w(d: dict[str, Any], c: int) -> float:
+        return float(d.get(str(c), {}).get("p50_ms", float("nan")))
+
+    def lg_p50(d: dict[Any, Any], c: Any) -> float:
+        return float(d.get(c, {}).get("latency_ms", {}).get("p50", float("nan")))
+
+    t = q.get("transfer", {})
+    ap_f = float(q.get("autopilot_follower_ms_p50", float("nan")))
+    ap_l = float(q.get("autopilot_leader_ms_p50", float("nan")))
+    n_fo = len(q.get("failover_s", []))
+    su_t = float(su.get("startup_to_ready_s_median", float("nan")))
+    q_fo, e_fo = med(q.get("failover_s")), med(_peer_list(etcd, "failover", "first_write_s"))
+    e_tr = med(_peer_list(etcd, "transfer", "first_put_on_new_leader_s"))
+    e_trc = med(_peer_list(etcd, "transfer", "call_returned_s"))
     lines = [
         "# Benchmarks",
         "",
-        f"Machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}. "
-        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Command: `{cmd}`.",
-        "3 nodes and the load generator share the machine; numbers from one run (compare only within a run).",
+        f"Machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs (shared by the 3 nodes "
+        f"and the generator), Python {platform.python_version()}. "
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Command: `{cmd}` "
+        f"({wall_s / 60:.1f} min). All systems were measured in this one run; the machine is shared and "
+        "noisy, so compare within the run only.",
         "",
-        "| clients | quorumd ok/s | quorumd p50 ms |",
-        "|---|---|---|",
+        "## Throughput and latency: quorumd vs etcd, both over TLS, both driven by wrk",
+        "",
+        "quorumd: `POST /api/v1/leases` on the leader (HTTPS, bearer token, fsync on). "
+        f"{etls.get('version', 'etcd')}: `POST /v3/kv/put` through the leader's HTTP gateway with client "
+        "and peer TLS (`--auto-tls --peer-auto-tls`), fsync on. The 64-client run lasts longer and must "
+        "see no leader change.",
+        "",
+        "| clients | quorumd ok/s | etcd (TLS) ok/s | ratio | quorumd p50 ms | etcd p50 ms | ratio |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for conc, r in q["load"].items():
-        lines.append(f"| {conc} | {r.get('throughput_ok_per_s')} | {r.get('latency_ms', {}).get('p50')} |")
+    for c in (1, 16, 64):
+        lines.append(
+            f"| {c} | {fmt(tput(qw, c))} | {fmt(tput(ew, c))} | {ratio(tput(qw, c), tput(ew, c))} | "
+            f"{fmt(p50w(qw, c), nd=2)} | {fmt(p50w(ew, c), nd=2)} | {ratio(p50w(qw, c), p50w(ew, c))} |"
+        )
+    lc = qw.get("64", {})
     lines += [
         "",
-        f"Failover (SIGKILL leader -> first acknowledged write), median of {len(q['failover_s'])}: "
-        f"{med(q['failover_s']):.3f} s (all: {', '.join(f'{x:.3f}' for x in q['failover_s'])})",
-        "Leadership transfer through drain -> first write on the new leader, median: "
-        f"{med(q['transfer_s']) * 1000:.1f} ms; "
-        f"drain call returned after {med(q['drain_call_s']) * 1000:.1f} ms (median)",
-        f"Autopilot p50: leader-direct {q['autopilot_leader_ms_p50']:.2f} ms, follower-proxied "
-        f"{q['autopilot_follower_ms_p50']:.2f} ms",
-        f"Peak RSS per node (MB): {q['rss_mb']}",
+        f"Steady 64-client run: {lc.get('duration_us', 0) / 1e6:.0f} s, errors {lc.get('errors', 'n/a')}, "
+        f"leader changed: {lc.get('leader_changed', 'n/a')}; wrk used "
+        f"{lc.get('generator_cpu_pct_of_one_core', 'n/a')}% of one core.",
         "",
+        "## With the shared Python load generator (the peer scripts' own generator)",
+        "",
+        "quorumd over HTTPS; etcd (gateway) and PySyncObj (its bench HTTP front end) over plain HTTP, as the "
+        "shared scripts run them; PySyncObj without fsync (best of its configurations).",
+        "",
+        "| clients | quorumd ok/s | p50 ms | etcd ok/s | p50 ms | PySyncObj ok/s | p50 ms |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, peer in (("etcd", etcd), ("PySyncObj", pso)):
-        if peer is None:
-            lines.append(f"{name}: not run in this run (see ../shared/bench/README.md).")
-            continue
-        lines.append(f"{name} raw results (same run): `{json.dumps(peer)[:1500]}`")
+    for c in (1, 16, 64):
+        e_t = float(el.get(c, {}).get("throughput_ok_per_s", float("nan")))
+        p_t = float(pl.get(c, {}).get("throughput_ok_per_s", float("nan")))
+        lines.append(
+            f"| {c} | {fmt(tput(ql, c))} | {fmt(lg_p50(ql, str(c)), nd=2)} | {fmt(e_t)} | "
+            f"{fmt(lg_p50(el, c), nd=2)} | {fmt(p_t)} | {fmt(lg_p50(pl, c), nd=2)} |"
+        )
+    lines += [
+        "",
+        "## Failover, leadership transfer, proxied reads, startup, memory",
+        "",
+        "| measure | quorumd | peer | ratio |",
+        "|---|---|---|---|",
+        f"| failover: SIGKILL leader -> first acknowledged write (median of {n_fo}) | "
+        f"{fmt(q_fo * 1000, ' ms', 0)} | etcd {fmt(e_fo * 1000, ' ms', 0)} | {ratio(q_fo, e_fo)} |",
+        f"| transfer: drain call -> first write accepted by the new leader (median) | "
+        f"{fmt(med(t.get('first_write_s')) * 1000, ' ms')} | etcd move-leader -> first put on target "
+        f"{fmt(e_tr * 1000, ' ms')} | {ratio(med(t.get('first_write_s')), e_tr)} |",
+        f"| transfer: drain call returns (median) | {fmt(med(t.get('drain_call_s')) * 1000, ' ms')} | "
+        f"etcd move-leader returns {fmt(e_trc * 1000, ' ms')} | {ratio(med(t.get('drain_call_s')), e_trc)} |",
+        "| transfer: drain call -> new leader reports itself (median) | "
+        f"{fmt(med(t.get('new_leader_s')) * 1000, ' ms')} | | |",
+        "| autopilot p50: follower-proxied vs leader-direct | "
+        f"{fmt(ap_f, ' ms', 2)} vs {fmt(ap_l, ' ms', 2)} | | {ratio(ap_f, ap_l)} |",
+        f"| peak RSS per node after the load (MB) | {q.get('rss_mb')} | etcd (TLS) {etls.get('rss_mb')} | |",
+        f"| startup to ready, log index {su.get('log_index', 'n/a')}, {su.get('leases', 'n/a')} leases "
+        f"(median of 3 nodes) | {fmt(su_t, ' s', 2)} | | |",
+        f"| peak RSS per node with that state (MB) | {su.get('rss_mb_peak', 'n/a')} | | |",
+        "",
+        "Raw results: `bench/results/` (JSON, one file per run).",
+    ]
+    if su.get("notes"):
+        lines += ["", f"Startup bench notes: {su['notes']}"]
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--tries", type=int, default=5)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per load level")
+    p.add_argument("--long-duration", type=float, default=60.0, help="seconds of the steady 64-client run")
+    p.add_argument("--tries", type=int, default=5, help="failovers and transfers")
     p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--no-startup", action="store_true")
     args = p.parse_args()
+    t_start = time.monotonic()
     bench = shared_copy()
-    q = run_quorumd(bench, args.duration, args.tries)
-    etcd = pso = None
+    res: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    res["quorumd"] = run_quorumd(bench, args.duration, args.long_duration, args.tries)
+    if not args.no_startup:
+        from startup import run_startup_bench
+
+        work = Path(tempfile.mkdtemp(prefix="quorumd-bench-startup-"))
+        try:
+            res["startup"] = run_startup_bench(work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        log(f"startup: {res['startup'].get('startup_to_ready_s')}")
     if not args.no_peers:
+        if shutil.which("etcd") and wrk_available():
+            res["etcd_tls"] = run_etcd_tls([1, 16, 64], args.duration, min(args.long_duration, 20.0))
         if shutil.which("etcd"):
-            etcd = run_peer(bench, "run_etcd.sh")
-        pso = run_peer(bench, "run_pysyncobj.sh")
-    out = ROOT / "bench" / "results"
+            etcd_args = ["--failovers", str(args.tries), "--transfers", "3"]
+            res["etcd"] = run_shared_peer(bench, "bench_etcd.py", etcd_args)
+        pso_args = ["--configs", "default,nobatch", "--failovers", "2", "--transfers", "2"]
+        res["pysyncobj"] = run_shared_peer(bench, "bench_pysyncobj.py", pso_args)
+    wall = time.monotonic() - t_start
+    out = BENCH / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"quorumd_{int(time.time())}.json").write_text(
-        json.dumps({"quorumd": q, "etcd": etcd, "pysyncobj": pso})
-    )
-    report = write_report(q, etcd, pso, "make bench")
+    (out / f"bench_{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(res, indent=1, default=str))
+    cmd = "make bench" if len(sys.argv) == 1 else "python bench/run.py " + " ".join(sys.argv[1:])
+    report = write_report(res, cmd, wall)
     (ROOT / "BENCHMARKS.md").write_text(report)
     print(report)
+    shutil.rmtree(bench, ignore_errors=True)
     return 0
 
 
