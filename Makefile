@@ -35,7 +35,10 @@ test: lint typecheck unit
 soak: $(STAMP)
 	$(BIN)/python -m quorumd.raft.sim --sweep 10000 --steps 5000 --nodes 3,5 --jobs 2
 
+# quorumd and its peers side by side (about 14 minutes); installs wrk and etcd when missing.
 bench: $(STAMP)
+	@command -v wrk >/dev/null && command -v etcd >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk etcd-server etcd-client)
 	$(BIN)/python bench/run.py
 
 chaos: $(STAMP)
