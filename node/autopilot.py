@@ -163,11 +163,15 @@ class Autopilot:
 
     def decide(self, view: AutopilotView, now: float, *, draining: frozenset[int] = frozenset()) -> Decisions:
         s = self.settings
+        # ``last_index > 0``: the leader has heard from it at least once. A new peer's contact age
+        # starts at zero, so a joiner that died before answering would otherwise look alive (and,
+        # with server-stabilization-time below last-contact-threshold, get promoted while dead).
         promote = tuple(
             h.node_id
             for h in view.servers
             if not h.voter
             and h.healthy
+            and h.last_index > 0
             and h.node_id not in draining
             and now - h.stable_since >= s.server_stabilization_seconds
         )

@@ -24,6 +24,7 @@ from . import jointoken, pki
 from .autopilot import Autopilot, AutopilotSettings, AutopilotView, ServerInput
 from .bgp import BgpSpeaker
 from .commands import AllocateLease, ReleaseLease, SetDrain, decode_member_context
+from .leases import Lease
 from .ran import RanNotifier
 from .service import ClusterService, pack, unpack
 from .state import ApplyResult
@@ -52,8 +53,9 @@ class ClusterNode(ClusterService):
         self.election_timeout = election_timeout_seconds
         self._autopilot: Autopilot | None = None
         self._last_view: AutopilotView | None = None
-        self._drain_epoch_done: float | None = None
+        self._drain_effects_done = False  # RAN signalled and speaker stopped for the current drain
         self._side_effects: asyncio.Task[None] | None = None
+        self._side_effects_again = False
         self._prefixes_dirty = True
         self.on_autopilot: Any = None  # metrics hook: fn(view)
         self.add_apply_listener(self._after_apply)
@@ -64,49 +66,110 @@ class ClusterNode(ClusterService):
     # --- apply hook ------------------------------------------------------------------------
     def _after_apply(self, results: Sequence[ApplyResult]) -> None:
         me = self.identity.node_id
+        add: list[str] = []
+        withdraw: list[str] = []
         for r in results:
             cmd = r.command
-            if isinstance(cmd, AllocateLease | ReleaseLease | ConfChange):
-                self._prefixes_dirty = True
-            if isinstance(cmd, SetDrain) and cmd.node_id == me:
-                self.kick_drain_side_effects()
+            if isinstance(cmd, AllocateLease | ReleaseLease):
+                # The speaker follows lease changes by delta: one lease costs O(1) however many
+                # this node holds (a full recompute per apply was O(leases) and dominated the
+                # write path's CPU at a few thousand leases).
+                lease = r.value
+                if r.error is None and isinstance(lease, Lease):
+                    if isinstance(cmd, AllocateLease) and lease.node_id == me:
+                        add.append(lease.prefix)
+                    else:  # released, or re-owned by another node
+                        withdraw.append(lease.prefix)
+            elif isinstance(cmd, ConfChange):
+                self._prefixes_dirty = True  # a removal purges leases: recompute once
         if not results:  # snapshot restored
             self._prefixes_dirty = True
+        self._sync_campaign_suppression()
+        if self._side_effects_pending():
             self.kick_drain_side_effects()
         if self._prefixes_dirty and self.bgp.running:
             self._prefixes_dirty = False
             self.bgp.set_prefixes(self.sm.announced_prefixes(me))
+        elif add or withdraw:
+            self.bgp.update(add, withdraw)
+
+    def _sync_campaign_suppression(self) -> None:
+        """A draining or drained node does not seek leadership (cheap, so on every apply)."""
+        m = self.sm.member(self.identity.node_id) if self.driver is not None else None
+        if m is not None:
+            self.d.core.set_campaign_suppressed(m.drain_state != DrainState.ACTIVE)
+
+    def _side_effects_pending(self) -> bool:
+        """Whether this node's local side effects (speaker, RAN signal, drain confirmation) lag
+        behind its drain state in the registry. Checked after every apply and on every reconcile
+        tick, so the speaker also starts when the node's own record first appears (founder
+        bootstrap, join, restart) and a node that returns drained acts once it has caught up.
+        False while the replica is not ready: halfway through a log replay it may hold an old
+        drain state (acting on it would signal the RANs for a drain that was since resumed)."""
+        if self.driver is None or not self.is_ready():
+            return False
+        m = self.sm.member(self.identity.node_id)
+        if m is None:
+            return False
+        if m.drain_state == DrainState.ACTIVE:
+            return (self.bgp_enabled and not self.bgp.running) or self._drain_effects_done
+        return (
+            not self._drain_effects_done
+            or self.bgp.running
+            or (m.drain_state == DrainState.DRAINING and m.drain_deadline is None)
+        )
 
     def kick_drain_side_effects(self) -> None:
+        """Bring this node's side effects in line with its registry record (idempotent).
+
+        One task at a time; a kick while it runs makes it run once more, so a change that lands
+        while a step is awaiting (RAN notification, leadership hand-off, drain confirmation) is
+        never lost (e.g. a resume during the hand-off still restarts the speaker)."""
         if self.driver is None:
             return
+        self._side_effects_again = True
         if self._side_effects is None or self._side_effects.done():
             self._side_effects = asyncio.get_running_loop().create_task(
-                self._run_drain_side_effects(), name="drain-side-effects"
+                self._side_effects_loop(), name="drain-side-effects"
             )
+
+    async def _side_effects_loop(self) -> None:
+        attempts = 0
+        while self._side_effects_again and attempts < 1000:
+            self._side_effects_again = False
+            attempts += 1
+            try:
+                await self._run_drain_side_effects()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never die silently: the next apply kicks again
+                log.exception("drain_side_effects_failed node=%d", self.identity.node_id)
+                return
 
     async def _run_drain_side_effects(self) -> None:
         me = self.identity.node_id
         m = self.sm.member(me)
         if m is None:
             return
-        core = self.d.core
+        self._sync_campaign_suppression()
+        if not self.is_ready():
+            return  # see _side_effects_pending: the reconcile tick kicks again once caught up
         if m.drain_state == DrainState.ACTIVE:
-            core.set_campaign_suppressed(False)
-            self._drain_epoch_done = None
+            self._drain_effects_done = False
             if self.bgp_enabled and not self.bgp.running:
-                self.bgp.start()
                 self.bgp.set_prefixes(self.sm.announced_prefixes(me))
+                self._prefixes_dirty = False
+                self.bgp.start()
             return
-        core.set_campaign_suppressed(True)
-        if self._drain_epoch_done != m.drain_changed_at:
+        # Once per drain (draining -> drained is the same drain: one RAN event, not two).
+        if not self._drain_effects_done:
             log.info("drain_side_effects node=%d state=%s", me, m.drain_state)
+            self._drain_effects_done = True
             await self.ran.notify_guami_unavailable(me, "drain")
-            if self.bgp.running:
-                self.bgp.stop()
-            if self.is_leader():
-                await self.hand_off_leadership()
-            self._drain_epoch_done = m.drain_changed_at
+        if self.bgp.running:
+            self.bgp.stop()
+        if self.is_leader():
+            await self.hand_off_leadership()
         # Synchronous drain: confirm to the leader until it records "drained".
         attempt = 0
         while True:
@@ -150,7 +213,9 @@ class ClusterNode(ClusterService):
         self.d.step_now(lambda c: c.transfer_leadership(target))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.election_timeout * 2
-        while self.is_leader() and loop.time() < deadline:
+        # Stepping down is not enough: wait until the new leader is known (the target's election
+        # after TimeoutNow), else callers that need the new leader (remove of the leader) see 0.
+        while (self.is_leader() or self.leader_id() in (0, me)) and loop.time() < deadline:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.d.wait_leader_change(), deadline - loop.time())
         new = self.leader_id()
@@ -284,10 +349,13 @@ class ClusterNode(ClusterService):
         self._autopilot = Autopilot(self.autopilot_settings) if is_leader else None
 
     async def reconcile_loop(self) -> None:
-        """Leader-only duties, every reconcile interval: drain deadlines, promotion, cleanup."""
+        """Leader-only duties, every reconcile interval: drain deadlines, promotion, cleanup.
+        On every node: catch up this node's own drain side effects (see _side_effects_pending)."""
         last_autopilot = 0.0
         while True:
             await asyncio.sleep(min(self.reconcile_interval, 0.25))
+            if self._side_effects_pending():
+                self.kick_drain_side_effects()
             if not self.is_leader():
                 continue
             try:
