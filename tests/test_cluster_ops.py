@@ -613,13 +613,8 @@ def test_removing_the_leader_hands_leadership_over_first(cluster: OpsCluster) ->
         )
     view = c.ok(new, "GET", "/api/v1/cluster/autopilot")
     assert sorted(view["voters"]) == [f, g] and view["failureTolerance"] == 0
-    # Checked last so the cluster is consistent for the next tests either way.
-    if st == 502 and body.get("code") == "leader_unreachable":
-        pytest.xfail(
-            "known bug: the removal succeeded but its answer was lost; the new leader unpins the removed "
-            "node at apply (daemon._after_apply -> transport.update_pins aborts every live connection) "
-            "before the member.remove RPC reply is written"
-        )
+    # The removal's answer arrives although the new leader unpins the old one at apply: the
+    # transport answers in-flight requests of an unpinned member before closing its connections.
     assert st == 200 and body["result"] == {"message": "Cluster member removed"}, body
 
 

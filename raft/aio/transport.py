@@ -77,6 +77,7 @@ from cryptography.x509.oid import NameOID
 log = logging.getLogger(__name__)
 
 ALPN_RAFT = "quorumd-raft/1"
+UNPIN_GRACE_SECONDS = 2.0  # an unpinned member's in-flight requests may still be answered this long
 ALPN_RPC = "quorumd-rpc/1"
 ALPN_JOIN = "quorumd-join/1"
 CHANNELS = (ALPN_RAFT, ALPN_RPC, ALPN_JOIN)
@@ -696,7 +697,7 @@ class ClusterTransport:
         for nid in unpinned:
             log.info("peer_unpinned node=%d", nid)
             for conn in list(self._member_conns.pop(nid, ())):
-                conn.abort()
+                self._retire(conn)
             self._stop_raft_peer(nid)
             self._rpc_peers.pop(nid, None)
         for nid in moved:
@@ -707,6 +708,27 @@ class ClusterTransport:
             rpc_peer = self._rpc_peers.get(nid)
             if rpc_peer is not None and rpc_peer.conn is not None:
                 rpc_peer.conn.abort()
+
+    def _retire(self, conn: _Conn) -> None:
+        """Close an unpinned member's connection. It is refused every new frame at once (the pin
+        check), but requests it already has in flight get their replies first: the removal that
+        unpinned it is typically one of them (a member removing itself through the leader, a
+        leader removed after handing over). Closed when those finish, aborted after a grace."""
+        pending = [t for t in conn.tasks if not t.done()]
+        if not pending or self._loop is None:
+            conn.abort()
+            return
+        left = len(pending)
+
+        def one_done(_t: asyncio.Task[None]) -> None:
+            nonlocal left
+            left -= 1
+            if left == 0:
+                conn.close()  # flushes the replies, then FIN
+
+        for t in pending:
+            t.add_done_callback(one_done)
+        self._loop.call_later(UNPIN_GRACE_SECONDS, conn.abort)
 
     def _stop_raft_peer(self, nid: int) -> None:
         peer = self._raft_peers.pop(nid, None)
