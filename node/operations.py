@@ -61,7 +61,7 @@ class ClusterNode(ClusterService):
         self.add_apply_listener(self._after_apply)
 
     def extra_status(self) -> dict[str, Any]:
-        return {"bgp": self.bgp.snapshot(), "ranNotifications": len(self.ran.events)}
+        return {"bgp": self.bgp.snapshot(), "ranNotifications": self.ran.recorded}
 
     # --- apply hook ------------------------------------------------------------------------
     def _after_apply(self, results: Sequence[ApplyResult]) -> None:

@@ -77,6 +77,11 @@ class RanNotifier(Protocol):
         """Recorded events, oldest first (bounded)."""
         ...
 
+    @property
+    def recorded(self) -> int:
+        """Events recorded since start (not bounded like ``events``)."""
+        ...
+
     async def start(self) -> None: ...
 
     async def notify_guami_unavailable(self, node_id: int, reason: str) -> None:
@@ -142,6 +147,10 @@ class WebhookRanNotifier:
     @property
     def events(self) -> Sequence[RanEvent]:
         return tuple(self._events)
+
+    @property
+    def recorded(self) -> int:
+        return self._seq
 
     @property
     def pending(self) -> int:

@@ -231,3 +231,12 @@ async def test_events_and_pending_are_bounded(receiver: Receiver) -> None:
 def test_rejects_bad_settings() -> None:
     with pytest.raises(ValueError):
         WebhookRanNotifier(None, retries=-1)
+
+
+@pytest.mark.asyncio
+async def test_recorded_counts_past_the_event_log_bound() -> None:
+    n = WebhookRanNotifier(None, max_events=2)
+    for i in range(5):
+        await n.notify_guami_unavailable(i, "drain")
+    assert n.recorded == 5 and len(n.events) == 2
+    await n.close()
