@@ -248,6 +248,33 @@ def test_compaction_never_deletes_the_current_segment(tmp_path: Path) -> None:
         assert rec.entries == [] and st.last_index == 5 and st.last_term == 1
 
 
+def test_snapshot_starts_a_new_segment_so_history_is_compacted(tmp_path: Path) -> None:
+    """With large segments, the driver's snapshot-then-compact cycle must still bound the WAL: each
+    snapshot closes the current segment, so compaction can delete whole intervals behind it."""
+    st, _ = reopen(tmp_path)  # 64 MiB segments: size alone would never roll here
+    with st:
+        for k in range(6):  # six snapshot intervals of 100 entries, 50 trailing entries kept
+            st.append(entries(k * 100 + 1, (k + 1) * 100))
+            st.set_hard_state(HardState(1, 1, (k + 1) * 100))
+            st.sync()
+            st.save_snapshot(snap((k + 1) * 100, 1))
+            st.compact(max(0, (k + 1) * 100 - 50))
+        st.append(entries(601, 610))
+        st.sync()
+        on_disk = sum(
+            1
+            for f in wal_files(tmp_path)
+            for _, _, kind in record_offsets(f)
+            if kind == storage_mod.RecordType.ENTRY
+        )
+        assert on_disk == 110  # 501-610: every interval at or below 550 is gone (610 without rolling)
+    st, rec = reopen(tmp_path)
+    with st:
+        assert rec.snapshot is not None and rec.snapshot.meta.index == 600
+        assert rec.entries == entries(601, 610)
+        assert st.first_index == 601
+
+
 # --- snapshots ---------------------------------------------------------------------------------
 def test_snapshot_round_trip_and_retention(tmp_path: Path) -> None:
     st, _ = reopen(tmp_path)

@@ -179,6 +179,7 @@ class LogStorage:
     ) -> None:
         self._dir = directory
         self._segment_bytes = segment_bytes
+        self._roll_at_next_sync = False
         self._lock_fd = lock_fd
         self._snapshot = snapshot  # latest saved snapshot
         self._snap_files: list[tuple[int, int]] = []  # (index, term) of valid files, ascending
@@ -451,7 +452,8 @@ class LogStorage:
         self._check_usable()
         if not self._buf:
             return 0.0
-        if self._size >= self._segment_bytes:
+        if self._size >= self._segment_bytes or (self._roll_at_next_sync and self._size > 0):
+            self._roll_at_next_sync = False
             self._roll()
         return self._sync_now()
 
@@ -503,6 +505,10 @@ class LogStorage:
             raise StorageError(f"snapshot term {meta.term} does not match the log at index {meta.index}")
         self._write_snapshot(snapshot)
         self._trim_front(meta)
+        # The next write starts a new segment: every segment then spans about one snapshot
+        # interval, so compaction deletes the old ones and a restart reads only the trailing
+        # entries, never the whole history.
+        self._roll_at_next_sync = True
 
     def install_snapshot(self, snapshot: Snapshot) -> None:
         """Store a snapshot received from a leader and drop the log entries it makes obsolete."""
