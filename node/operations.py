@@ -89,7 +89,7 @@ class ClusterNode(ClusterService):
             self.kick_drain_side_effects()
         if self._prefixes_dirty and self.bgp.running:
             self._prefixes_dirty = False
-            self.bgp.set_prefixes(self.sm.announced_prefixes(me))
+            self.bgp.set_prefixes(self.sm.announced_prefixes(me), canonical=True)
         elif add or withdraw:
             self.bgp.update(add, withdraw)
 
@@ -157,7 +157,7 @@ class ClusterNode(ClusterService):
         if m.drain_state == DrainState.ACTIVE:
             self._drain_effects_done = False
             if self.bgp_enabled and not self.bgp.running:
-                self.bgp.set_prefixes(self.sm.announced_prefixes(me))
+                self.bgp.set_prefixes(self.sm.announced_prefixes(me), canonical=True)
                 self._prefixes_dirty = False
                 self.bgp.start()
             return

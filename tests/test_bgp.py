@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from quorumd.node.bgp import BgpSpeaker, StubBgpSpeaker, normalize_prefix, sorted_prefixes
+from quorumd.node.bgp import BgpSpeaker, StubBgpSpeaker, normalize_prefix, prefix_sort_key, sorted_prefixes
 
 
 def _speaker() -> tuple[StubBgpSpeaker, list[tuple[bool, int]]]:
@@ -168,3 +168,20 @@ def test_update_is_independent_of_how_many_prefixes_are_held() -> None:
     s.update([Counting("10.2.0.1/32")], [Counting("10.1.0.7/32")])
     assert calls <= 8  # a handful of set operations on the delta, never a pass over the 5,000
     assert len(s.announced) == 5000 and "10.2.0.1/32" in s.announced
+
+
+def test_sort_key_fast_path_agrees_with_ipaddress() -> None:
+    import ipaddress
+
+    samples = ["10.0.0.1/32", "10.0.0.0/8", "10.0.0.5/8", "2001:db8::1/128", "::/0", "192.168.1.0/24"]
+    for p in samples:
+        net = ipaddress.ip_network(p, strict=False)
+        assert prefix_sort_key(p) == (net.version, int(net.network_address), net.prefixlen)
+
+
+def test_canonical_prefixes_are_taken_as_given() -> None:
+    s, _ = _speaker()
+    s.set_prefixes(["10.0.0.2/32", "10.0.0.1/32"], canonical=True)
+    s.start()
+    assert s.announced == {"10.0.0.1/32", "10.0.0.2/32"}
+    assert s.snapshot()["samplePrefixes"] == ["10.0.0.1/32", "10.0.0.2/32"]
