@@ -572,13 +572,14 @@ async def _client_prove(
 
 # --- per-peer outgoing state -----------------------------------------------------------------
 class _RaftPeer:
-    __slots__ = ("conn", "failing", "frames", "node_id", "queued_bytes", "task", "wakeup")
+    __slots__ = ("conn", "failing", "frames", "node_id", "queued_bytes", "redial", "task", "wakeup")
 
     def __init__(self, node_id: int) -> None:
         self.node_id = node_id
         self.frames: list[bytes] = []
         self.queued_bytes = 0
         self.wakeup = asyncio.Event()
+        self.redial = asyncio.Event()  # the peer reached us: stop backing off, dial it now
         self.conn: _Conn | None = None
         self.task: asyncio.Task[None] | None = None
         self.failing = False
@@ -826,6 +827,9 @@ class ClusterTransport:
         conn.node_id, conn.fingerprint = node_id, fingerprint
         conn.max_frame = MAX_FRAME_BYTES
         self._member_conns.setdefault(node_id, set()).add(conn)
+        peer = self._raft_peers.get(node_id)
+        if peer is not None and peer.failing:
+            peer.redial.set()  # a restarted member is back: the leader's heartbeat follows at once
 
     def _refuse(
         self,
@@ -1031,8 +1035,13 @@ class ClusterTransport:
                         level, "raft_dial_failed node=%d error=%s backoff=%.2f", peer.node_id, exc, backoff
                     )
                     peer.failing = True
-                    await asyncio.sleep(backoff * (0.5 + self._random.random() / 2))  # capped backoff
-                    backoff = min(backoff * 2, self._backoff_max)
+                    peer.redial.clear()
+                    try:  # capped, jittered backoff, cut short when the peer connects to us
+                        async with asyncio.timeout(backoff * (0.5 + self._random.random() / 2)):
+                            await peer.redial.wait()
+                        backoff = self._backoff_min
+                    except TimeoutError:
+                        backoff = min(backoff * 2, self._backoff_max)
                     continue
                 if peer.failing:
                     log.info("raft_peer_reconnected node=%d", peer.node_id)
