@@ -30,6 +30,8 @@ from ..core.types import ConfChange, Entry, HardState, Message, NodeId, Role, Sn
 
 log = logging.getLogger(__name__)
 
+_TIMER_SLACK_SECONDS = 0.002  # a tick timer may fire up to ~1 ms before its deadline (libuv)
+
 
 class DriverError(RaftError):
     """Root of the driver's errors."""
@@ -111,6 +113,7 @@ class RaftDriver:
         self._soft = SoftState(core.leader_id, core.role)
         self._durable_term_vote = (core.term, core.vote)
         self._deferred_hs: HardState | None = None
+        self._timer_due = False
         self._snapshot_index = core.status().snapshot_index
         self._snapshotting = False
         self._task: asyncio.Task[None] | None = None
@@ -225,10 +228,14 @@ class RaftDriver:
         return self.core.status()
 
     # --- the loop ---------------------------------------------------------------------------
+    def _on_timer(self) -> None:
+        self._timer_due = True
+        self._wake.set()
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_tick = loop.time() + self._tick_seconds
-        timer = loop.call_at(next_tick, self._wake.set)  # one armed timer, no task per wait
+        timer = loop.call_at(next_tick, self._on_timer)  # one armed timer, no task per wait
         try:
             while not self._closed:
                 await self._wake.wait()
@@ -236,13 +243,19 @@ class RaftDriver:
                 if self._closed:
                     break
                 now = loop.time()
-                if now >= next_tick:
-                    self.core.tick()
-                    next_tick += self._tick_seconds
-                    if next_tick < now:  # the loop was stalled: do not replay every missed tick
-                        next_tick = now + self._tick_seconds
+                if self._timer_due or now >= next_tick:
+                    # The timer is re-armed whenever it fired, even a hair early: libuv timers
+                    # have millisecond granularity and uvloop's clock is cached, so the callback
+                    # can see loop.time() just below the deadline. Waiting for ``now >= next_tick``
+                    # alone then left no timer armed and the node never ticked again.
+                    self._timer_due = False
+                    if now + _TIMER_SLACK_SECONDS >= next_tick:
+                        self.core.tick()
+                        next_tick += self._tick_seconds
+                        if next_tick < now:  # the loop was stalled: do not replay every missed tick
+                            next_tick = now + self._tick_seconds
                     timer.cancel()
-                    timer = loop.call_at(next_tick, self._wake.set)
+                    timer = loop.call_at(next_tick, self._on_timer)
                 await self._pump_async()
         finally:
             timer.cancel()
