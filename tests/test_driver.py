@@ -192,3 +192,39 @@ async def test_leadership_transfer(tmp_path: Path) -> None:
         assert await asyncio.wait_for(new.propose(b"after"), 5) >= 1
     finally:
         await c.close()
+
+
+@pytest.mark.asyncio
+async def test_ticks_continue_when_the_timer_fires_before_the_clock_reaches_its_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvloop runs timers on a cached millisecond clock: a callback can see ``loop.time()`` a
+    fraction of a millisecond before the deadline it was scheduled for. The driver must re-arm
+    anyway (it once waited for ``time >= deadline`` with no timer left, and never ticked again)."""
+    loop = asyncio.get_running_loop()
+    real_call_at = loop.call_at
+
+    def early_call_at(when: float, callback: Any, *args: Any, **kw: Any) -> asyncio.TimerHandle:
+        return real_call_at(when - 0.0015, callback, *args, **kw)  # fires 1.5 ms early
+
+    monkeypatch.setattr(loop, "call_at", early_call_at)
+    c = Cluster(tmp_path)
+    try:
+        d = c.start(1, founder=True)
+        ticks = 0
+        real_tick = d.core.tick
+
+        def counting_tick() -> None:
+            nonlocal ticks
+            ticks += 1
+            real_tick()
+
+        monkeypatch.setattr(d.core, "tick", counting_tick)
+        for _ in range(200):  # bounded: 2 s at most
+            if ticks >= 20:
+                break
+            await asyncio.sleep(0.01)
+        assert ticks >= 20
+        assert d.core.role == Role.LEADER  # and the founder elected itself
+    finally:
+        await c.close()
