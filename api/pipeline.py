@@ -101,6 +101,9 @@ class Context:
 
 
 RunFn = Callable[[Context, Args], Awaitable[Reply]]
+# Called on a follower whose forward failed with 502/504: may settle the outcome from the local
+# replica (None: keep the error). See ``routes_cluster.removed_leader_outcome``.
+RecoverFn = Callable[[Context, Args, ApiError], Awaitable[Reply | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +127,12 @@ class Route:
     description: str = ""
     other_statuses: tuple[tuple[int, str], ...] = ()  # documented non-error alternatives
     ignore_query: bool = False  # public probes: unknown query parameters are ignored, not 400
+    recover: RecoverFn | None = None  # see RecoverFn
+    # The leader may legitimately take longer than one commit to answer (a synchronous drain,
+    # a promotion waiting for catch-up, a removal handing leadership over): a follower then waits
+    # for the leader's own operation bound instead of the plain forward timeout, so it relays the
+    # leader's verdict (success, drain_timeout, commit_timeout) rather than a 504 of its own.
+    long_running: bool = False
 
     @property
     def cluster(self) -> bool:
@@ -239,11 +248,20 @@ async def forward(ctx: Context, route: Route, call: Call, args: Args) -> Reply:
         hops=call.hops + 1,
     )
     timeout = ctx.forward_timeout_seconds
+    if route.long_running:
+        timeout = max(timeout, ctx.operation_timeout_seconds + 1.0)
     try:
-        async with asyncio.timeout(timeout + 1.0):
-            resp = await node.forward(request, timeout)
-    except TimeoutError:
-        raise LeaderTimeout("the leader did not answer in time") from None
+        try:
+            async with asyncio.timeout(timeout + 1.0):
+                resp = await node.forward(request, timeout)
+        except TimeoutError:
+            raise LeaderTimeout("the leader did not answer in time") from None
+    except ApiError as exc:
+        if route.recover is not None and exc.status in (502, 504):
+            settled = await route.recover(ctx, args, exc)
+            if settled is not None:
+                return settled
+        raise
     _check_envelope(resp.body)
     if 200 <= resp.status < 300:
         try:

@@ -7,7 +7,7 @@ whose replica is authoritative; a follower only checks the syntax before forward
 
 from __future__ import annotations
 
-from .errors import BadRequest, NotFound
+from .errors import ApiError, BadRequest, NotFound
 from .pipeline import Access, Context, ErrorDoc, Placement, Reply, Route
 from .schemas import array, ref
 from .validation import CONSISTENT_QUERY, NODE_ID_SCHEMA, Args, Field, node_id_path
@@ -52,6 +52,19 @@ async def remove_member(ctx: Context, args: Args) -> Reply:
     node_id = int(args.path["id"])
     require_member(ctx, node_id)
     await ctx.node.remove_member(node_id, force=bool(args.query.get("force", False)))
+    return Reply(result={"message": "Cluster member removed"})
+
+
+async def removed_leader_outcome(ctx: Context, args: Args, exc: ApiError) -> Reply | None:
+    """A follower forwarded "remove node X" to the leader X and lost the answer (502/504).
+
+    Removing the leader hands leadership over and then removes X; a follower that applies the
+    removal drops its connections to X at once (X's pin is gone), which can cut off X's answer.
+    When the local replica shows X is no longer a member, the removal happened: say so.
+    """
+    node_id = int(args.path["id"])
+    if ctx.node.has_member(node_id):
+        return None
     return Reply(result={"message": "Cluster member removed"})
 
 
@@ -121,6 +134,8 @@ def routes() -> list[Route]:
             query=(FORCE_QUERY,),
             result_schema=ref("Message"),
             errors=(MEMBER_404, ErrorDoc(409, ("not_drained", "last_voter", "membership_conflict"))),
+            recover=removed_leader_outcome,
+            long_running=True,
             description="The member must be drained unless force=true. Removing the leader first hands "
             "leadership to another voter. Purges the node's leases and certificate pin.",
         ),
@@ -136,6 +151,7 @@ def routes() -> list[Route]:
             body=(),
             result_schema=ref("Message"),
             errors=(MEMBER_404, ErrorDoc(409, ("already_voter", "not_caught_up", "membership_conflict"))),
+            long_running=True,
         ),
         Route(
             "GET",
@@ -161,6 +177,7 @@ def routes() -> list[Route]:
             result_schema=ref("DrainResult"),
             check=_one_deadline,
             errors=(MEMBER_404, ErrorDoc(504, ("drain_timeout",))),
+            long_running=True,
             description="deadlineSeconds in the body or the query (not both). 0: returns drained once the "
             "side effects are done; >0: returns draining at once.",
         ),

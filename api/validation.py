@@ -21,7 +21,7 @@ from .errors import BadRequest
 
 NODE_ID_MIN = 1
 NODE_ID_MAX = 63
-_QUERY_INT_RE = re.compile(r"-?(?:0|[1-9][0-9]{0,18})")  # canonical decimal: no "+", no leading zeros
+_QUERY_INT_RE = re.compile(r"0|-?[1-9][0-9]{0,18}")  # canonical decimal: no "+", no leading zeros, no "-0"
 _PATTERN_CACHE: dict[str, re.Pattern[str]] = {}
 
 

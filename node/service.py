@@ -121,6 +121,7 @@ class ClusterService:
         self.propose_timeout = propose_timeout_seconds
         self.tick_seconds = tick_seconds
         self.max_trailing_logs = max_trailing_logs
+        self._caught_up = False  # see is_ready
         self.driver: RaftDriver | None = None
         self._rpc = rpc  # (node_id, method, payload, timeout) -> awaitable bytes
         self._apply_listeners: list[Callable[[Sequence[ApplyResult]], None]] = []
@@ -306,11 +307,26 @@ class ClusterService:
             raise commit_timeout("leadership could not be confirmed in time") from exc
 
     def is_ready(self) -> bool:
+        """Joined, leader known, and applied caught up with the commit index.
+
+        "Caught up" has hysteresis: the node first becomes ready when it has applied everything
+        it knows to be committed, and then stays ready while it trails by at most
+        ``max_trailing_logs`` entries (at least 1). Under a steady write load a follower always
+        has a few committed entries in flight to its state machine; without the slack /readyz
+        would flap to 503 on every write. Losing the leader or falling further behind resets it.
+        """
         if self.driver is None:
             return False
         core = self.d.core
-        joined = self.identity.node_id in core.config.members()
-        return joined and core.leader_id != 0 and core.applied_index >= core.commit_index
+        if self.identity.node_id not in core.config.members() or core.leader_id == 0:
+            self._caught_up = False
+            return False
+        lag = core.commit_index - core.applied_index
+        if lag <= 0:
+            self._caught_up = True
+        elif lag > max(1, self.max_trailing_logs):
+            self._caught_up = False
+        return self._caught_up
 
     # --- NodeApi: reads ---------------------------------------------------------------------
     def _drain_state(self, node_id: int) -> str:
