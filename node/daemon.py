@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -31,11 +32,11 @@ from quorumd.api.app import build_app, dispatch_forwarded
 from quorumd.api.errors import ApiError
 from quorumd.api.ports import DrainState, ForwardedRequest
 from quorumd.raft.aio.driver import DriverHooks, RaftDriver
-from quorumd.raft.aio.storage import LogStorage, RecoveredState
-from quorumd.raft.aio.transport import ClusterTransport, join_call
+from quorumd.raft.aio.storage import LogStorage, RecoveredState, StorageError
+from quorumd.raft.aio.transport import ClusterTransport, JoinPinMismatch, join_call
 from quorumd.raft.core.node import RaftCore
-from quorumd.raft.core.ready import CoreConfig, SoftState
-from quorumd.raft.core.types import ConfChange, Entry, HardState, Role
+from quorumd.raft.core.ready import CoreConfig, RaftError, SoftState
+from quorumd.raft.core.types import ConfChange, Entry, HardState, Role, SnapshotMeta
 
 from . import jointoken, pki
 from .autopilot import AutopilotSettings, AutopilotView
@@ -52,7 +53,7 @@ from .operations import ClusterNode
 from .ran import WebhookRanNotifier
 from .sdnotify import SdNotifier
 from .service import Identity, pack, unpack
-from .state import ApplyResult, StateMachine
+from .state import ApplyResult, SnapshotError, StateMachine
 from .version import VERSION
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,65 @@ def planted_bugs() -> dict[str, bool]:
             raise FatalError(f"QUORUMD_TEST_BUGS: unknown planted bug {n!r}")
         log.warning("planted_bug_enabled name=%s (test-only)", n)
     return {n: True for n in names}
+
+
+class ApplyTrace:
+    """Test-only record of what this node applies (``QUORUMD_TEST_APPLY_TRACE=<directory>``).
+
+    Wraps the node as the driver's ``Application`` and appends, before the state machine sees
+    them, one line per applied entry (``E <index> <term> <sha256 of type+data>``), per snapshot
+    restored (``R``), installed (``S``) or taken (``C``: ``<index> <sha256 of the snapshot>``) to
+    ``<directory>/apply-node<id>.trace`` with one unbuffered ``write`` per batch, so a SIGKILL
+    never loses an entry that was applied. Crash tests compare the files of every node and every
+    incarnation: two different entries or states at one index are a safety violation. Never
+    set in production (the daemon logs a warning when it is on).
+    """
+
+    def __init__(self, directory: Path, node_id: int, app: ClusterNode) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"apply-node{node_id}.trace"
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._app = app
+        self.write(f"P {os.getpid()}\n")
+        log.warning("apply_trace_enabled path=%s (test-only)", self.path)
+
+    @classmethod
+    def from_env(cls, node_id: int, app: ClusterNode) -> ApplyTrace | None:
+        directory = os.environ.get("QUORUMD_TEST_APPLY_TRACE", "")
+        return cls(Path(directory), node_id, app) if directory else None
+
+    def write(self, text: str) -> None:
+        data = text.encode()
+        while data:
+            data = data[os.write(self._fd, data) :]
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    @staticmethod
+    def digest(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()[:32]
+
+    def restored(self, kind: str, index: int, data: bytes) -> None:
+        self.write(f"{kind} {index} {self.digest(data)}\n")
+
+    # raft.aio.driver.Application
+    def apply_entries(self, entries: Sequence[Entry]) -> list[Any]:
+        self.write(
+            "".join(f"E {e.index} {e.term} {self.digest(bytes([e.type]) + e.data)}\n" for e in entries)
+        )
+        return self._app.apply_entries(entries)
+
+    def snapshot(self) -> bytes:
+        data = self._app.snapshot()
+        self.restored("C", self._app.sm.applied_index, data)
+        return data
+
+    def restore(self, data: bytes, meta: SnapshotMeta) -> None:
+        self.restored("S", meta.index, data)
+        self._app.restore(data, meta)
 
 
 # --- data directory ---------------------------------------------------------------------------
@@ -145,6 +205,7 @@ class Daemon:
         self._bootstrap_addrs: dict[int, str] = {}
         self._founder = False
         self._tasks: list[asyncio.Task[Any]] = []
+        self._transport_seen: dict[str, int] = {}
         self.exit_code = 0
 
     # --- startup -----------------------------------------------------------------------------
@@ -170,7 +231,10 @@ class Daemon:
                 f"but cluster.node-id is {cfg.node_id}"
             )
         loop = asyncio.get_running_loop()
-        storage, recovered = await loop.run_in_executor(None, LogStorage.open, self.data_dir / "raft")
+        try:
+            storage, recovered = await loop.run_in_executor(None, LogStorage.open, self.data_dir / "raft")
+        except StorageError as exc:  # corrupt beyond a torn tail, locked, unreadable: refuse to start
+            raise FatalError(f"cannot open the Raft state: {exc}") from exc
         stack.callback(storage.close)
         has_state = bool(recovered.entries) or recovered.snapshot is not None or recovered.hard_state.term > 0
         claims: jointoken.JoinClaims | None = None
@@ -189,7 +253,20 @@ class Daemon:
             if claims.node_id != cfg.node_id:
                 raise FatalError(f"join token is for node {claims.node_id}, this is node {cfg.node_id}")
             cluster_id = claims.cluster_id
-            cert_pem, key_pem = self._new_identity(cluster_id, founder=False)
+            tls = self.data_dir / "tls"
+            if (
+                meta is not None
+                and meta.get("cluster_id") == cluster_id
+                and (tls / "node.crt").exists()
+                and (tls / "node.key").exists()
+            ):
+                # A join that was cut short (the process died before any Raft state was stored):
+                # keep the identity the leader may already have registered, so that a leader
+                # that accepts retries by the same certificate can recognise this node.
+                cert_pem, key_pem = load_identity_files(self.data_dir)
+                log.info("join_retry node=%d cluster=%s (identity kept)", cfg.node_id, cluster_id)
+            else:
+                cert_pem, key_pem = self._new_identity(cluster_id, founder=False)
         else:
             cluster_id = uuid.uuid4().hex
             cert_pem, key_pem = self._new_identity(cluster_id, founder=True)
@@ -206,25 +283,40 @@ class Daemon:
         )
         sm = StateMachine()
         if recovered.snapshot is not None:
-            sm.restore(recovered.snapshot.data)
+            try:
+                sm.restore(recovered.snapshot.data)
+            except SnapshotError as exc:
+                snap = recovered.snapshot.meta
+                raise FatalError(
+                    f"stored snapshot {snap.index}/{snap.term} is not a valid state: {exc}"
+                ) from exc
         node = self._build_node(identity, sm)
         self.node = node
+        trace = ApplyTrace.from_env(cfg.node_id, node)
+        if trace is not None:
+            stack.callback(trace.close)
+            if recovered.snapshot is not None:
+                trace.restored("R", recovered.snapshot.meta.index, recovered.snapshot.data)
         if not has_state and claims is None:
             hs, entries = await loop.run_in_executor(None, self._bootstrap, storage, node)
             recovered = RecoveredState(hs, None, entries)
-        core = RaftCore(
-            CoreConfig(
-                node_id=cfg.node_id,
-                election_ticks=self.timing.election_ticks,
-                heartbeat_ticks=self.timing.heartbeat_ticks,
-                trailing_logs=cfg.cluster.trailing_logs,
-                **planted_bugs(),
-            ),
-            random.Random(secrets.randbits(64)),
-            hard_state=recovered.hard_state,
-            snapshot=recovered.snapshot,
-            entries=recovered.entries,
+        core_config = CoreConfig(
+            node_id=cfg.node_id,
+            election_ticks=self.timing.election_ticks,
+            heartbeat_ticks=self.timing.heartbeat_ticks,
+            trailing_logs=cfg.cluster.trailing_logs,
+            **planted_bugs(),
         )
+        try:
+            core = RaftCore(
+                core_config,
+                random.Random(secrets.randbits(64)),
+                hard_state=recovered.hard_state,
+                snapshot=recovered.snapshot,
+                entries=recovered.entries,
+            )
+        except RaftError as exc:  # e.g. a stored commit index beyond the stored log
+            raise FatalError(f"inconsistent Raft state in {self.data_dir / 'raft'}: {exc}") from exc
         transport: ClusterTransport | None = None
         if cfg.cluster.enabled:
             transport = ClusterTransport(
@@ -241,7 +333,7 @@ class Daemon:
         driver = RaftDriver(
             core,
             storage,
-            node,
+            trace if trace is not None else node,
             transport.send if transport else (lambda _to, _frame: True),
             tick_seconds=self.timing.tick_seconds,
             snapshot_threshold=cfg.cluster.snapshot_threshold,
@@ -268,6 +360,8 @@ class Daemon:
 
         if claims is not None:
             await self._join(claims, node, transport)
+        else:
+            await self._replay_local_log(node, core.commit_index)
 
         # API server
         app = build_app(
@@ -389,7 +483,12 @@ class Daemon:
                     resp = unpack(raw)
                 except Exception as exc:  # network errors, pin mismatch: try the next peer
                     last_error = f"{addr}: {type(exc).__name__}: {exc}"
-                    log.info("join_attempt_failed address=%s error=%s", addr, type(exc).__name__)
+                    if isinstance(exc, JoinPinMismatch):  # fingerprints only: nothing secret
+                        log.warning(
+                            "join_attempt_failed address=%s error=JoinPinMismatch detail=%s", addr, exc
+                        )
+                    else:
+                        log.info("join_attempt_failed address=%s error=%s", addr, type(exc).__name__)
                     continue
                 if resp.get("ok"):
                     for nid, raddr, fp in resp["members"]:
@@ -406,11 +505,37 @@ class Daemon:
             await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
         raise FatalError(f"could not join within {cfg.cluster.join_timeout_seconds:g}s: {last_error}")
 
+    async def _replay_local_log(self, node: ClusterNode, commit: int) -> None:
+        """Apply the locally known committed entries before the API serves anything.
+
+        Without this, a restarted node answered from an empty (or snapshot-old) replica for the
+        moment its first batch was being applied: 401 for valid API tokens, missing leases.
+        Bounded: a node that cannot apply in time starts anyway (and is not ready); a stop
+        (signal, dead driver) ends the wait at once."""
+        if node.sm.applied_index >= commit:
+            return
+        started = time.monotonic()
+        timeout = self.cfg.cluster.join_timeout_seconds
+        applied = asyncio.ensure_future(node.wait_state(lambda: node.sm.applied_index >= commit, timeout))
+        stopped = asyncio.ensure_future(self.stop_event.wait())
+        try:
+            await asyncio.wait({applied, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (applied, stopped):
+                t.cancel()
+        ok = node.sm.applied_index >= commit
+        log.info(
+            "local_log_replayed node=%d applied=%d commit=%d seconds=%.3f complete=%s",
+            self.cfg.node_id, node.sm.applied_index, commit, time.monotonic() - started, ok,
+        )  # fmt: skip
+
     def _on_driver_exit(self, task: asyncio.Task[None]) -> None:
         """A dead Raft driver must stop the process (better than serving stale data)."""
         if task.cancelled() or self.stop_event.is_set():
             return
         exc = task.exception()
+        if exc is None:  # closed by the unwinding of a failed startup: that error is what matters
+            return
         log.critical("raft_driver_died error=%r", exc)
         self.exit_code = 1
         self.stop_event.set()
@@ -521,7 +646,30 @@ class Daemon:
         while True:
             if self.node is not None and self.driver is not None:
                 self.metrics.update_from(self.node, self.driver.core, self.timing.tick_seconds)
+            self._export_transport_stats()
             await asyncio.sleep(1.0)
+
+    def _export_transport_stats(self) -> None:
+        """Move the transport's plain counters (refusals by reason, dropped and malformed frames)
+        into the Prometheus counters, by the increase since the last call."""
+        if self.transport is None:
+            return
+        stats, seen = self.transport.stats, self._transport_seen
+        for reason, count in list(stats.refused_connections.items()):
+            delta = count - seen.get(f"refused:{reason}", 0)
+            if delta > 0:
+                for _ in range(delta):
+                    self.metrics.count_refused_connection(reason)
+                seen[f"refused:{reason}"] = count
+        dropped = stats.frames_dropped - seen.get("dropped", 0)
+        if dropped > 0:
+            self.metrics.count_dropped_frame(dropped)
+            seen["dropped"] = stats.frames_dropped
+        malformed = stats.malformed_frames - seen.get("malformed", 0)
+        if malformed > 0:
+            for _ in range(malformed):
+                self.metrics.count_bad_message()
+            seen["malformed"] = stats.malformed_frames
 
     def _register_rpcs(self, transport: ClusterTransport, node: ClusterNode) -> None:
         async def api_forward(from_id: int, payload: bytes) -> bytes:

@@ -8,6 +8,8 @@ runs until Ctrl-C (then stops every daemon gracefully).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import signal
 import ssl
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+_PR_SET_PDEATHSIG = 1
 
 
 class DemoError(Exception):
@@ -80,15 +84,31 @@ def node_config(directory: Path, node_id: int, base_port: int, n: int, join_toke
     return path
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the demo dies, even by SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def start_node(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    out = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
-    return subprocess.Popen(
-        [sys.executable, "-m", "quorumd.node.cli", "run", "--config", str(config)], stdout=out, stderr=out
-    )
+    """A daemon in its own process group: Ctrl-C at the terminal reaches only the demo, which
+    then stops each daemon with one SIGTERM (a daemon that also got the terminal's SIGINT would
+    take that SIGTERM as a second signal and exit at once, skipping its graceful stop)."""
+    with open(log_path, "ab") as out:  # the child holds its own copy
+        return subprocess.Popen(
+            [sys.executable, "-m", "quorumd.node.cli", "run", "--config", str(config)],
+            stdout=out,
+            stderr=out,
+            process_group=0,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
 
 
-def form_cluster(directory: Path, nodes: int, base_port: int) -> tuple[list[subprocess.Popen[bytes]], str]:
-    procs: list[subprocess.Popen[bytes]] = []
+def form_cluster(
+    directory: Path, nodes: int, base_port: int, procs: list[subprocess.Popen[bytes]]
+) -> tuple[list[subprocess.Popen[bytes]], str]:
+    """Start the nodes (appended to ``procs`` as they start, so the caller can always stop
+    them) and wait until every one is a voter."""
     api = [f"https://127.0.0.1:{base_port + 100 + i}" for i in range(1, nodes + 1)]
     procs.append(start_node(node_config(directory, 1, base_port, nodes, None), directory / "node1.log"))
     token_file = directory / "node1" / "admin.token"
@@ -124,15 +144,19 @@ def run_demo(nodes: int = 3, base_port: int = 15000, directory: str | None = Non
     d.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
     stop = False
+    up = False
 
     def on_signal(_sig: int, _frame: Any) -> None:
         nonlocal stop
         stop = True
+        if not up:  # still forming: give up now rather than after the formation's timeouts
+            raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
+        signal.signal(sig, on_signal)
     try:
-        procs, token_file = form_cluster(d, nodes, base_port)
+        procs, token_file = form_cluster(d, nodes, base_port, procs)
+        up = True
         print(f"quorumd demo: {nodes}-node cluster is up (data and logs in {d})")
         for i in range(1, nodes + 1):
             print(
@@ -154,7 +178,11 @@ def run_demo(nodes: int = 3, base_port: int = 15000, directory: str | None = Non
     except DemoError as exc:
         print(f"quorumd demo: {exc} (logs in {d})", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"quorumd demo: interrupted while forming the cluster (logs in {d})", file=sys.stderr)
+        return 130
     finally:
+        up = True  # a further Ctrl-C must not interrupt the cleanup (it is only noted)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

@@ -49,6 +49,7 @@ A malformed frame closes only its connection and is counted in ``stats``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -291,8 +292,10 @@ class TransportStats:
 
     ``frames_*`` count Raft frames. ``refused_connections`` keys: handshake (TLS failed: not
     1.3, not TLS), handshake_aborted (closed before a hello: TCP probes; logged at DEBUG only),
-    timeout, alpn, bad_proof, not_pinned, wrong_peer, bad_identity, identity_mismatch,
-    no_certificate, join_unavailable, overload.
+    no_proof (closed after the handshake without proving its certificate: a client that refused
+    our certificate, such as a joiner pinned to another one; logged at INFO), timeout, alpn,
+    bad_proof, not_pinned, wrong_peer, bad_identity, identity_mismatch, no_certificate,
+    join_unavailable, overload.
     """
 
     frames_sent: int = 0
@@ -942,6 +945,9 @@ class ClusterTransport:
         try:
             frame = await conn.read_frame()
         except ConnectionResetError:
+            if not self._closing:  # e.g. a joiner whose token pins another certificate than ours
+                detail = "closed before proving its identity"
+                self._refuse("no_proof", conn, detail=detail, level=logging.INFO)
             return False
         try:
             _, cert_der, signature = _unpack(frame, (FrameKind.PROOF,), 3)
@@ -1311,6 +1317,13 @@ async def join_call(
             selected, der = _tls_facts(conn)
             fp = cert_fingerprint(der) if der else "none"
             if not hmac.compare_digest(fp.encode(), expected_fingerprint.encode()):
+                # Close cleanly (not abort): the server then sees a client that left without
+                # proving anything and logs and counts it (``no_proof``); a reset would look
+                # like a TCP probe to it.
+                conn.close()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await asyncio.shield(conn.closed)
                 raise JoinPinMismatch(f"{address} presented {fp}, the join token pins {expected_fingerprint}")
             if selected != ALPN_JOIN:
                 raise JoinUnreachable(f"{address} does not serve the join channel")

@@ -1,0 +1,142 @@
+"""``quorumd demo`` (what ``make demo`` runs) end to end, as a user at a terminal would use it.
+
+The demo runs in its own session; the test waits for it to print how to reach the cluster, calls
+every node's API (and the quorumctl command line the demo suggests), then presses Ctrl-C the way
+a terminal does (SIGINT to the whole foreground process group). The demo must exit 0 and stop
+every daemon gracefully: each logs ``shutdown_done ... exit_code=0`` and none is hit by a second
+signal (which makes a daemon exit at once).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from quorumd.node import ctl
+from tests.cluster import http, wait_for
+
+pytestmark = pytest.mark.xdist_group("test_demo")
+
+NODES = 3
+
+
+def free_base_port() -> int:
+    """A base port whose 2 x NODES ports (base+i, base+100+i) are free right now."""
+    rng = random.Random()
+    for _ in range(100):
+        base = rng.randrange(20000, 60000)
+        socks: list[socket.socket] = []
+        try:
+            for port in [base + i for i in range(1, NODES + 1)] + [
+                base + 100 + i for i in range(1, NODES + 1)
+            ]:
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError("no free port range for the demo")
+
+
+def processes_under(directory: Path) -> list[int]:
+    """Pids of running ``quorumd run`` processes whose configuration is in ``directory``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"run --config {directory}/" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_demo_runs_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    directory = tmp_path / "demo"
+    base = free_base_port()
+    demo = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "quorumd.node.cli",
+            "demo",
+            "--nodes",
+            str(NODES),
+            "--base-port",
+            str(base),
+            "--dir",
+            str(directory),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell gives a foreground job
+    )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    output: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not any("Ctrl-C stops the cluster" in x for x in output):
+            assert demo.poll() is None, f"demo exited {demo.returncode}: {''.join(output)}"
+            assert time.monotonic() < deadline, f"demo did not come up: {''.join(output)}"
+            try:
+                output.append(lines.get(timeout=1.0))
+            except queue.Empty:
+                continue
+        text = "".join(output)
+        apis = re.findall(r"node (\d+): API (https://127\.0\.0\.1:\d+)", text)
+        assert [int(n) for n, _ in apis] == list(range(1, NODES + 1)), text
+        token_file = re.search(r"admin token file: (\S+)", text)
+        assert token_file is not None, text
+        token = Path(token_file.group(1)).read_text().strip()
+        for nid, api in apis:
+            st, body, _ = http("GET", f"{api}/api/v1/status")
+            assert st == 200 and body["result"]["nodeId"] == int(nid)
+            st, body, _ = http("GET", f"{api}/api/v1/cluster/members", token)
+            assert st == 200 and [m["suffrage"] for m in body["result"]] == ["voter"] * NODES
+        hint = re.search(r"try: quorumctl (.+)", text)  # the command line the demo suggests works
+        assert hint is not None and ctl.main(shlex.split(hint.group(1))) == 0
+        daemons = processes_under(directory)
+        assert len(daemons) == NODES, daemons
+
+        os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C at the terminal
+        assert demo.wait(60) == 0
+        wait_for("the daemons to exit", lambda: not processes_under(directory), 10)
+        for i in range(1, NODES + 1):
+            log = (directory / f"node{i}.log").read_text()
+            assert f"shutdown_done node={i} exit_code=0" in log, log[-2000:]
+            assert "second_signal_exit" not in log
+        for _, api in apis:
+            with pytest.raises(OSError):
+                http("GET", f"{api}/healthz", timeout=2)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait(10)
+        for pid in processes_under(directory):  # only the daemons this test started
+            os.kill(pid, signal.SIGKILL)
