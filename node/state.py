@@ -497,6 +497,11 @@ class StateMachine:
 
     def _set_drain(self, cmd: SetDrain) -> Member:
         m = self._need_member(cmd.node_id)
+        if cmd.state == DrainState.DRAINED and m.drain_state == DrainState.ACTIVE:
+            # "drained" completes a drain; proposed after reading "draining" (deadline watch,
+            # confirmation), it must not undo a resume committed in between: a no-op then.
+            logger.info("drain_completion_ignored node_id=%d reason=resumed", m.node_id)
+            return m
         deadline = cmd.deadline_ts if cmd.state == DrainState.DRAINING else None
         changed_at = cmd.ts if cmd.state != m.drain_state else m.drain_changed_at
         new = replace(m, drain_state=cmd.state, drain_changed_at=changed_at, drain_deadline=deadline)

@@ -361,6 +361,16 @@ def test_drain_state_transitions_and_lease_refusal() -> None:
     assert h.run(SetDrain(1.0, 9, DrainState.DRAINED, None)).error == ApplyCode.UNKNOWN_NODE
 
 
+def test_a_drain_completion_never_undoes_a_resume() -> None:
+    """The leader proposes "drained" after reading "draining" (deadline watch, confirmation); a
+    resume committed in between must win."""
+    h = cluster(1, 2)
+    ok(h.run(SetDrain(10.0, 2, DrainState.DRAINING, 70.0)))
+    ok(h.run(SetDrain(20.0, 2, DrainState.ACTIVE, None)))
+    m = ok(h.run(SetDrain(70.0, 2, DrainState.DRAINED, None))).value  # the stale completion
+    assert m.drain_state == DrainState.ACTIVE and m.drain_changed_at == 20.0  # type: ignore[union-attr]
+
+
 # --- pools and leases ------------------------------------------------------------------------------------
 
 
