@@ -169,6 +169,13 @@ class ClusterNode(ClusterService):
         if self.bgp.running:
             self.bgp.stop()
         if self.is_leader():
+            m = self.sm.member(me)
+            if m is not None and m.drain_state == DrainState.DRAINING and m.drain_deadline is None:
+                # A leader confirms its own synchronous drain while it still leads: one local
+                # commit instead of an RPC to the new leader after the hand-off (the drain call
+                # still returns only once leadership has moved, see drain_member).
+                with contextlib.suppress(ApiError):
+                    await self.propose(SetDrain(time.time(), me, DrainState.DRAINED, None))
             await self.hand_off_leadership()
         # Synchronous drain: confirm to the leader until it records "drained".
         attempt = 0
@@ -300,7 +307,21 @@ class ClusterNode(ClusterService):
                 "drain_timeout",
                 f"node {node_id} did not confirm its drain in time; state stays draining",
             )
+        if node_id == self.identity.node_id:
+            await self._wait_leadership_moved()
         return DrainState.DRAINED
+
+    async def _wait_leadership_moved(self) -> None:
+        """A drained leader answers its drain call once a new leader is known (bounded: when no
+        voter can take over, it stays leader and says so in the registry and the logs)."""
+        me = self.identity.node_id
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.election_timeout * 2
+        while (self.is_leader() or self.leader_id() in (0, me)) and loop.time() < deadline:
+            if self.is_leader() and self.best_transfer_target(exclude=me) == 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.d.wait_leader_change(), deadline - loop.time())
 
     async def resume_member(self, node_id: int) -> None:
         m = self._need_member(node_id)
