@@ -458,6 +458,19 @@ class ClusterNode(ClusterService):
             )
         except jointoken.JoinTokenError as exc:
             return self._join_refused(exc.reason, str(exc))
+        member = self.sm.member(node_id)
+        if member is not None and self.sm.is_join_token_consumed(claims.token_id):
+            # The same joiner again (it died after the join committed, before it stored the
+            # answer): its TLS-proven certificate is the one pinned for this node, so the join
+            # is idempotent for it. Anyone else presenting the spent token is a replay.
+            try:
+                same = pki.fingerprint(der) == member.cert_fingerprint
+            except Exception:  # a malformed certificate is never the member's
+                same = False
+            if same:
+                log.info("join_repeated node_id=%d", node_id)
+                members = [[m.node_id, m.raft_address, m.cert_fingerprint] for m in self.sm.members()]
+                return pack({"ok": True, "cluster_id": cluster_id, "members": members})
         if self.sm.is_join_token_consumed(claims.token_id):
             return self._join_refused("replayed", "join token was already used")
         if self.sm.has_member(node_id):

@@ -4,6 +4,7 @@ drain/resume/remove, forwarding, join-token refusals, and quorumctl end to end."
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,6 +118,27 @@ def test_fourth_node_joins_by_snapshot_and_is_promoted_then_removed(cluster: Clu
     cluster.wait_voters({1, 2, 3})
     cluster.stop(4)
     del cluster.nodes[4]
+
+
+def test_joiner_that_died_before_storing_its_join_can_start_again(cluster: Cluster) -> None:
+    """The join committed, the joiner died before writing any Raft state: started again with the
+    same (now spent) token and its own certificate, it is let in; another certificate is not."""
+    node = cluster.add_node(5)  # waits until node 5 is a member
+    cluster.kill(5)
+    shutil.rmtree(node.data_dir / "raft")  # nothing durable yet: the crash came first
+    cluster.restart(5)
+    cluster.wait_ready(5, 60)
+    assert "join_repeated node_id=5" in "".join(cluster.nodes[n].log_text() for n in (1, 2, 3))
+    # The spent token with a different certificate is still a replay.
+    cluster.kill(5)
+    shutil.rmtree(node.data_dir)
+    cluster.restart(5)
+    wait_for("node 5 refused", lambda: not cluster.nodes[5].alive(), 60)
+    assert "replayed" in node.log_text()
+    lead = cluster.wait_leader()
+    cluster.ok(lead, "DELETE", "/api/v1/cluster/members/5?force=true")
+    cluster.wait_voters({1, 2, 3})
+    del cluster.nodes[5]
 
 
 def test_drain_leader_moves_leadership_and_resume(cluster: Cluster) -> None:
