@@ -14,7 +14,8 @@ Rules and choices (documented here and in ``deploy/quorumd.example.yaml``):
   ``ran.notify-url``) and for whole sections (an empty section such as ``ran:`` is all defaults).
   Any other key set to ``null`` is an error.
 - Durations are strings with a unit: ``ms``, ``s``, ``m``, ``h``, optionally compound (``1m30s``) and
-  fractional (``1.5s``); they must be > 0. A bare number is an error (the unit is ambiguous).
+  fractional (``1.5s``); they must be > 0, at least 1ms and at most 24h (a longer timer is a typo,
+  and a huge one overflows the event loop's timers). A bare number is an error (the unit is ambiguous).
   Dataclass fields holding durations are floats named ``*_seconds``; every other field is the key in
   snake_case.
 - Relative paths (``data-dir``, TLS files, ``join-token-file``) are resolved against the directory of
@@ -27,6 +28,8 @@ Rules and choices (documented here and in ``deploy/quorumd.example.yaml``):
   operator to set it for a multi-host cluster. Explicit wildcard advertise addresses are errors.
 - A join token (``join-token`` or the stripped content of ``join-token-file``; the two are mutually
   exclusive) makes the node a joiner, which needs at least one peer. The token is kept out of ``repr``.
+- Strings must be valid Unicode text (YAML escapes can produce lone surrogates); a value echoed in
+  an error message is cut to ``MAX_ECHO_CHARS``.
 - ``Config.notes`` carries non-fatal remarks the daemon logs at startup.
 """
 
@@ -113,6 +116,9 @@ CONFIG_KEYS: tuple[str, ...] = (
 
 ELECTION_TO_HEARTBEAT_MIN_RATIO = 5
 MAX_TOKEN_CHARS = 4096
+MIN_DURATION_SECONDS = 0.001
+MAX_DURATION_SECONDS = 24 * 3600.0
+MAX_ECHO_CHARS = 80
 
 
 class ConfigError(Exception):
@@ -232,6 +238,9 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError("", f"cannot read config file {file}: {_os_reason(exc)}") from exc
     try:
         data = yaml.load(text, Loader=_StrictLoader)
+    except _BadValue as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark is not None else None
+        raise ConfigError(exc.key_path, f"invalid value: {exc.problem}", line) from exc
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -239,6 +248,8 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError("", f"{file}: invalid YAML{where}: {reason}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError("", f"{file}: invalid YAML: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError("", f"{file}: invalid YAML: nested too deeply") from exc
     if data is None:
         raise ConfigError("", f"{file}: config file is empty (cluster.node-id at least is required)")
     if not isinstance(data, dict):
@@ -370,7 +381,7 @@ def parse_host_port(text: str) -> HostPort:
             raise ValueError("an IPv6 address is written [addr]:port")
         host, port_text = text[1:end], text[end + 2 :]
         if ":" not in host or not _is_ip(host):
-            raise ValueError(f"{host!r} is not an IPv6 address")
+            raise ValueError(f"{_quote(host)} is not an IPv6 address")
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep or not host:
@@ -378,9 +389,9 @@ def parse_host_port(text: str) -> HostPort:
         if ":" in host:
             raise ValueError("an IPv6 address is written [addr]:port")
         if not _valid_host(host):
-            raise ValueError(f"{host!r} is neither an IP address nor a DNS name")
+            raise ValueError(f"{_quote(host)} is neither an IP address nor a DNS name")
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"port {port_text!r} is not in 1..65535")
+        raise ValueError(f"port {_quote(port_text)} is not in 1..65535")
     return HostPort(host, int(port_text))
 
 
@@ -396,8 +407,31 @@ class _Mapping(dict[Any, Any]):
         self.duplicates: dict[Any, int] = {}
 
 
+class _BadValue(yaml.constructor.ConstructorError):
+    """A scalar YAML cannot construct; ``key_path`` is the dotted key whose value it is."""
+
+    def __init__(self, key_path: str, problem: str, mark: yaml.Mark) -> None:
+        super().__init__(None, None, problem, mark)
+        self.key_path = key_path
+
+
 class _StrictLoader(yaml.SafeLoader):
-    pass
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.key_stack: list[str] = []  # keys of the mappings being constructed, outermost first
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """SafeLoader's, with a bad tagged or implicit scalar (``2001-02-30``, ``!!int x``,
+        ``!!bool maybe``) reported with its key and line instead of a bare ValueError/KeyError."""
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
+            kind = str(node.tag).rsplit(":", 1)[-1]
+            what = _quote(node.value) if isinstance(node.value, str) else "the value"
+            hint = "; quote it to make it a string" if node.tag.startswith("tag:yaml.org") else ""
+            raise _BadValue(
+                ".".join(self.key_stack), f"{what} is not a valid YAML {kind}{hint}", node.start_mark
+            ) from exc
 
 
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> _Mapping:
@@ -412,7 +446,12 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> _Mapp
         line = key_node.start_mark.line + 1
         if key in result and key not in result.duplicates:
             result.duplicates[key] = line
-        result[key] = loader.construct_object(value_node, deep=True)
+        stack = loader.key_stack if isinstance(loader, _StrictLoader) else []
+        stack.append(str(key))
+        try:
+            result[key] = loader.construct_object(value_node, deep=True)
+        finally:
+            stack.pop()
         result.lines.setdefault(key, line)
     return result
 
@@ -430,12 +469,19 @@ def _describe(value: object) -> str:
     if isinstance(value, float):
         return f"a number ({value})"
     if isinstance(value, str):
-        return repr(value)
+        return _quote(value)
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list):
         return "a list"
     return f"a {type(value).__name__}"
+
+
+def _quote(text: str) -> str:
+    """``repr`` of a value echoed in an error, cut to ``MAX_ECHO_CHARS``."""
+    if len(text) > MAX_ECHO_CHARS:
+        return repr(text[:MAX_ECHO_CHARS]) + f"... ({len(text)} characters)"
+    return repr(text)
 
 
 def _os_reason(exc: BaseException) -> str:
@@ -504,6 +550,10 @@ class _Section:
             raise self.error(key, f"expected a string, got {_describe(value)}")
         if not value.strip():
             raise self.error(key, "must not be empty")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise self.error(key, "must be valid Unicode text (no lone surrogates)") from None
         return value
 
     def required_string(self, key: str, default: str) -> str:
@@ -548,10 +598,14 @@ class _Section:
             seconds = parse_duration(value.strip())
         except ValueError:
             raise self.error(
-                key, f"expected a duration like 100ms, got {value!r} (units are ms, s, m, h)"
+                key, f"expected a duration like 100ms, got {_quote(value)} (units are ms, s, m, h)"
             ) from None
         if seconds <= 0:
-            raise self.error(key, f"must be greater than zero, got {value!r}")
+            raise self.error(key, f"must be greater than zero, got {_quote(value)}")
+        if seconds < MIN_DURATION_SECONDS:
+            raise self.error(key, f"must be at least 1ms, got {_quote(value)}")
+        if not math.isfinite(seconds) or seconds > MAX_DURATION_SECONDS:
+            raise self.error(key, f"must be at most 24h, got {_quote(value)}")
         return seconds
 
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
@@ -570,7 +624,10 @@ class _Section:
             return default
         if "\x00" in text:
             raise self.error(key, "must not contain NUL characters")
-        path = Path(text).expanduser()
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # ~user of an unknown user, or no home directory
+            raise self.error(key, f"cannot expand the ~ in {_quote(text)}") from None
         return path if path.is_absolute() else base_dir / path
 
     def host_port(self, key: str, default: HostPort | None, nullable: bool = False) -> HostPort | None:
@@ -580,7 +637,7 @@ class _Section:
         try:
             return parse_host_port(text.strip())
         except ValueError as exc:
-            raise self.error(key, f"expected host:port, got {text!r}: {exc}") from None
+            raise self.error(key, f"expected host:port, got {_quote(text)}: {exc}") from None
 
 
 def _build(data: dict[Any, Any], base_dir: Path, source: Path | None) -> Config:
@@ -610,7 +667,7 @@ def _build(data: dict[Any, Any], base_dir: Path, source: Path | None) -> Config:
 def _build_api(sec: _Section, base_dir: Path) -> ApiConfig:
     address = sec.required_string("address", "0.0.0.0").strip()
     if not _valid_host(address):
-        raise sec.error("address", f"expected an IP address or a host name, got {address!r}")
+        raise sec.error("address", f"expected an IP address or a host name, got {_quote(address)}")
     port = sec.integer("port", 5002, 1, 65535)
     tls: TlsConfig | None = None
     if sec.has("tls"):
@@ -683,7 +740,7 @@ def _build_cluster(sec: _Section, base_dir: Path, notes: list[str]) -> ClusterCo
                 peer = parse_host_port(item.strip())
             except ValueError as exc:
                 raise ConfigError(
-                    sec.key_path(key), f"expected host:port, got {item!r}: {exc}", sec.line_of("peers")
+                    sec.key_path(key), f"expected host:port, got {_quote(item)}: {exc}", sec.line_of("peers")
                 ) from None
             if peer.is_wildcard:
                 raise ConfigError(
@@ -759,11 +816,16 @@ def _build_ran(sec: _Section) -> RanConfig:
     if url is None:
         return RanConfig()
     url = url.strip()
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed [IPv6 bracket
+        raise sec.error(
+            "notify-url", f"expected an http:// or https:// URL, got {_quote(url)}: {exc}"
+        ) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise sec.error("notify-url", f"expected an http:// or https:// URL, got {url!r}")
+        raise sec.error("notify-url", f"expected an http:// or https:// URL, got {_quote(url)}")
     try:
         _ = parts.port
     except ValueError:
-        raise sec.error("notify-url", f"bad port in {url!r}") from None
+        raise sec.error("notify-url", f"bad port in {_quote(url)}") from None
     return RanConfig(notify_url=url)

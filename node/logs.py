@@ -8,7 +8,9 @@ event first then ``key=value`` pairs (DESIGN.md convention 6)::
 
 JSON format: one object per line ``{"ts", "level", "logger", "node", "msg", ...}`` where ``...`` are the
 ``extra=`` fields of the call and ``exc`` (the formatted traceback) when there is one. Text format
-appends ``extra=`` fields as ``key=value`` too.
+appends ``extra=`` fields as ``key=value`` too, and escapes line breaks inside a message (``\n``), so
+one record is one line carrying the node id (only a traceback continues on the following lines) and
+text from the outside (an error message, a peer's input) cannot forge log lines.
 
 Defence in depth against leaking secrets: ``RedactingFilter`` rewrites every record's message (and
 string ``extra=`` fields) so that anything that looks like a quorumd token (``qd_`` followed by 8 or
@@ -125,12 +127,15 @@ def _value_text(value: object) -> str:
     return text
 
 
+_LINE_BREAKS = str.maketrans({"\n": "\\n", "\r": "\\r"})
+
+
 class TextFormatter(logging.Formatter):
     """``<ts> <LEVEL> <logger> node=<id> <message> [key=value ...]`` plus any traceback."""
 
     def format(self, record: logging.LogRecord) -> str:
         parts = [_timestamp(record), record.levelname, record.name, f"node={getattr(record, 'node', 0)}"]
-        parts.append(record.getMessage())
+        parts.append(record.getMessage().translate(_LINE_BREAKS))
         parts.extend(f"{k}={_value_text(v)}" for k, v in _extras(record).items())
         line = " ".join(parts)
         trace = self._trace(record)

@@ -16,8 +16,11 @@ Choices:
   autopilot series (``quorumd_autopilot_*``) come from a custom collector that exports nothing until
   ``set_autopilot`` gives it a view and again after ``set_autopilot(None)``. Alert rules therefore
   aggregate with ``max``/``min`` across instances.
-- Member-registry series (``quorumd_drain_state``, ``quorumd_leases_active``) are exported by every node
-  from its replica; ``set_members`` replaces the whole set so removed members' series vanish.
+- Member-registry series (``quorumd_drain_state``, ``quorumd_leases_active``,
+  ``quorumd_drain_deadline_timestamp_seconds``) are exported by every node from its replica;
+  ``set_members`` replaces the whole set so removed members' series vanish. The drain deadline (unix
+  time) exists only while a member drains with a deadline, so an alert can tell a drain that is
+  legitimately waiting for its deadline from one that is stuck.
 - ``quorumd_raft_state{state}`` and ``quorumd_drain_state{node_id,state}`` are one-hot.
 """
 
@@ -145,6 +148,9 @@ class MemberLike(Protocol):
 
     @property
     def drain_state(self) -> str: ...
+
+    @property
+    def drain_deadline(self) -> float | None: ...  # unix time, only while draining with a deadline
 
 
 class RegistryLike(Protocol):
@@ -306,6 +312,12 @@ class Metrics:
         self.leases_active = Gauge(
             "quorumd_leases_active", "Active leases owned by the member.", ["node_id"], registry=r
         )
+        self.drain_deadline = Gauge(
+            "quorumd_drain_deadline_timestamp_seconds",
+            "Unix time at which the member's drain deadline passes (only while draining with a deadline).",
+            ["node_id"],
+            registry=r,
+        )
         self._members: set[int] = set()
 
         # --- bgp / ran --------------------------------------------------------------------------------
@@ -420,12 +432,13 @@ class Metrics:
         else:
             self.clear_peers()
         registry = node.sm
+        members = registry.members()
         self.set_members(
-            {
-                m.node_id: (str(m.drain_state), registry.active_lease_count(m.node_id))
-                for m in registry.members()
-            }
+            {m.node_id: (str(m.drain_state), registry.active_lease_count(m.node_id)) for m in members}
         )
+        for m in members:
+            draining = str(m.drain_state) == "draining"
+            self.set_drain_deadline(m.node_id, m.drain_deadline if draining else None)
 
     def count_leader_change(self) -> None:
         self.raft_leader_changes.inc()
@@ -505,14 +518,25 @@ class Metrics:
         self.leases_active.labels(_node_label(node_id)).set(max(0, count))
         self._members.add(node_id)
 
+    def set_drain_deadline(self, node_id: int, deadline: float | None) -> None:
+        """The unix time a member's drain deadline passes; None (no deadline) drops the series."""
+        label = _node_label(node_id)
+        if deadline is None:
+            with contextlib.suppress(KeyError):
+                self.drain_deadline.remove(label)
+        else:
+            self.drain_deadline.labels(label).set(deadline)
+
     def remove_member(self, node_id: int) -> None:
-        """Drop every per-member series of a removed node (drain, leases, peer view)."""
+        """Drop every per-member series of a removed node (drain, leases, deadline, peer view)."""
         label = _node_label(node_id)
         for s in DRAIN_STATES:
             with contextlib.suppress(KeyError):
                 self.drain_state.remove(label, s)
         with contextlib.suppress(KeyError):
             self.leases_active.remove(label)
+        with contextlib.suppress(KeyError):
+            self.drain_deadline.remove(label)
         self.remove_peer(node_id)
         self._members.discard(node_id)
 

@@ -586,6 +586,21 @@ def test_json_format(root_logger: logging.Logger) -> None:
     assert second["level"] == "error" and "RuntimeError: boom" in second["exc"]
 
 
+def test_text_format_keeps_one_record_on_one_line(root_logger: logging.Logger) -> None:
+    out = io.StringIO()
+    configure_logging("info", "text", 5, stream=out)
+    log = logging.getLogger("quorumd.test")
+    forged = "x\n2026-01-01T00:00:00.000Z INFO quorumd.fake node=1 member_removed node_id=2"
+    log.warning("join_refused detail=%s", forged)
+    log.info("extra", extra={"why": "a\r\nb"})
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and all(re.match(rf"{TS} \w+ quorumd\.test node=5 ", line) for line in lines)
+    assert lines[0].endswith(
+        "detail=x\\n2026-01-01T00:00:00.000Z INFO quorumd.fake node=1 member_removed node_id=2"
+    )
+    assert lines[1].endswith('why="a\\r\\nb"')
+
+
 def test_configure_twice_keeps_one_handler(root_logger: logging.Logger) -> None:
     before = len(root_logger.handlers)
     out1, out2 = io.StringIO(), io.StringIO()

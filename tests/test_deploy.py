@@ -1,7 +1,9 @@
 """Deployment artifacts (deploy/) and the metrics they depend on (node/metrics.py).
 
 Tool-backed checks (promtool, systemd-analyze, docker-compose) fail, not skip, when the tool is
-missing: CI (.ci/run) installs prometheus, systemd and docker-compose.
+missing: CI (.ci/run) installs prometheus, systemd and docker-compose. The bring-up test runs
+deploy/compose/bringup.py against real daemons in network namespaces (root, iproute2, nftables;
+skipped without them, like the chaos tests).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +29,12 @@ from prometheus_client import CollectorRegistry
 
 from quorumd.node.config import config_from_dict, load_config
 from quorumd.node.metrics import API_METRIC_NAMES, LATENCY_BUCKETS_SECONDS, Metrics
+from tests.chaos.netns import NetLab
+from tests.chaos.nscluster import API_PORT, RAFT_PORT, NsCluster
+from tests.cluster import wait_for
+
+# One module runs real daemons (the bring-up test): keep it on one worker.
+pytestmark = pytest.mark.xdist_group("test_deploy")
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -181,7 +190,11 @@ def test_members_drain_one_hot_and_leases() -> None:
     assert states == {"active": 0.0, "draining": 0.0, "drained": 1.0}
     with pytest.raises(ValueError):
         m.set_drain(2, "gone")
+    m.set_drain_deadline(2, 1234.5)
+    assert sample_value(m, "quorumd_drain_deadline_timestamp_seconds", {"node_id": "2"}) == 1234.5
     m.set_members({1: ("active", 0)})  # node 2 removed from the cluster
+    assert sample_value(m, "quorumd_drain_deadline_timestamp_seconds", {"node_id": "2"}) is None
+    m.set_drain_deadline(1, None)  # idempotent removal
     assert sample_value(m, "quorumd_drain_state", {"node_id": "2", "state": "drained"}) is None
     assert sample_value(m, "quorumd_leases_active", {"node_id": "2"}) is None
     assert sample_value(m, "quorumd_leases_active", {"node_id": "1"}) == 0.0
@@ -239,13 +252,16 @@ def test_counters_bgp_ran_join_transport() -> None:
 
 
 class _Member:
-    def __init__(self, node_id: int, drain_state: str) -> None:
-        self.node_id, self.drain_state = node_id, drain_state
+    def __init__(self, node_id: int, drain_state: str, drain_deadline: float | None = None) -> None:
+        self.node_id, self.drain_state, self.drain_deadline = node_id, drain_state, drain_deadline
 
 
 class _Registry:
+    def __init__(self) -> None:
+        self.deadline: float | None = 1_900_000_000.0
+
     def members(self) -> list[_Member]:
-        return [_Member(1, "active"), _Member(2, "draining")]
+        return [_Member(1, "active", 5.0), _Member(2, "draining", self.deadline)]
 
     def active_lease_count(self, node_id: int) -> int:
         return {1: 5, 2: 0}[node_id]
@@ -300,6 +316,15 @@ def test_update_from_engine_status_and_registry() -> None:
     assert sample_value(m, "quorumd_raft_peer_replication_lag_entries", {"node_id": "1"}) is None  # not self
     assert sample_value(m, "quorumd_drain_state", {"node_id": "2", "state": "draining"}) == 1.0
     assert sample_value(m, "quorumd_leases_active", {"node_id": "1"}) == 5.0
+    deadline = "quorumd_drain_deadline_timestamp_seconds"
+    assert sample_value(m, deadline, {"node_id": "2"}) == 1_900_000_000.0
+    assert sample_value(m, deadline, {"node_id": "1"}) is None  # not draining: no deadline series
+    _Node.sm.deadline = None  # a drain without deadline (or the deadline cleared)
+    try:
+        m.update_from(_Node(), _Core(status(Role.LEADER, peers)), 0.1)
+    finally:
+        _Node.sm.deadline = 1_900_000_000.0
+    assert sample_value(m, deadline, {"node_id": "2"}) is None
     m.update_from(_Node(), _Core(status(Role.PRE_CANDIDATE, ())), 0.1)
     assert sample_value(m, "quorumd_raft_state", {"state": "candidate"}) == 1.0
     assert sample_value(m, "quorumd_raft_has_leader") == 0.0
@@ -355,6 +380,7 @@ def test_every_alert_is_tested_firing_and_not_firing() -> None:
         "QuorumdLeaderFlapping",
         "QuorumdCommitLatencyHigh",
         "QuorumdNodeStuckDraining",
+        "QuorumdNodeDown",
     }
     tests = yaml.safe_load((PROM / "rules_test.yml").read_text())
     firing: set[str] = set()
@@ -507,6 +533,30 @@ def test_systemd_unit_settings() -> None:
     for key, value in expect.items():
         assert s.get(key) == [value], key
     assert "LimitNOFILE" in s and "ReadWritePaths" in s
+
+
+def _seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|min)?", value)
+    assert match, value
+    return float(match.group(1)) * (60.0 if match.group(2) == "min" else 1.0)
+
+
+def test_stop_and_start_timeouts_cover_the_daemon_budgets() -> None:
+    """TimeoutStopSec is above the worst graceful stop with the default config: the leadership
+    hand-off (3 x election-timeout), the leave announcement (propose-timeout) and every bounded
+    cleanup step of node/daemon.py (``self._bounded(..., N)``); TimeoutStartSec is above the default
+    join-timeout; WatchdogSec leaves the daemon's half-interval ping room to spare."""
+    s = _unit_settings()
+    cluster = config_from_dict({"cluster": {"node-id": 1}}).cluster
+    daemon_src = (REPO / "node" / "daemon.py").read_text()
+    cleanups = [float(x) for x in re.findall(r"self\._bounded,[^\n]*?,\s*([0-9.]+)\)", daemon_src)]
+    assert len(cleanups) >= 3, "the cleanup bounds of node/daemon.py moved: update this test"
+    budget = 3 * cluster.election_timeout_seconds + cluster.propose_timeout_seconds + sum(cleanups)
+    stop = _seconds(s["TimeoutStopSec"][0])
+    assert stop >= budget + 10, (stop, budget)
+    assert _seconds(s["TimeoutStartSec"][0]) >= cluster.join_timeout_seconds + 30
+    assert _seconds(s["WatchdogSec"][0]) >= 10
+    assert "SIGTERM" in s["KillSignal"] and s["KillMode"] == ["mixed"]
 
 
 # --- compose ------------------------------------------------------------------------------------------
@@ -707,3 +757,90 @@ def test_bringup_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         bringup.main(["--token-file=x", "--node-ids=2", "--out-dir=y", "--insecure", "--cacert=c"])
     assert bringup.parse_node_ids("3, 2,3") == [3, 2]
+
+
+# --- bringup.py against real daemons in network namespaces ------------------------------------------
+
+
+def _netns_available() -> bool:
+    return os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("nft") is not None
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(not _netns_available(), reason="needs root, iproute2 and nftables (network namespaces)")
+@pytest.mark.timeout(300)
+def test_bringup_forms_a_cluster_in_network_namespaces(tmp_path: Path) -> None:
+    """The compose flow on three network namespaces: node 1 founds; bringup.py (started at the same
+    time, as the compose ``init`` service is) waits for the admin token and a leader, mints join
+    tokens for nodes 2 and 3 into token files; the joiners start with ``join-token-file`` pointing at
+    them and become voters. Nodes bind the wildcard address and advertise their namespace address,
+    as in deploy/compose. A second run is a no-op; ``--force`` (verifying node 1's self-signed API
+    certificate with ``--cacert``) skips the members (409)."""
+    out_dir = tmp_path / "join"
+
+    def compose_style(nc: NsCluster, node_id: int, token_file: Path | None) -> None:
+        node = nc.nodes[node_id]
+        nc.write_config(node)
+        cfg = yaml.safe_load(node.config_path.read_text())
+        cfg["api"]["address"] = "0.0.0.0"
+        cfg["cluster"]["bind-address"] = f"0.0.0.0:{RAFT_PORT}"
+        cfg["cluster"]["peers"] = [f"{n.addr}:{RAFT_PORT}" for n in nc.nodes.values() if n.node_id != node_id]
+        if token_file is not None:
+            cfg["cluster"]["join-token-file"] = str(token_file)
+        node.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    def bringup(nc: NsCluster, *extra: str) -> subprocess.Popen[str]:
+        tls = extra if any(a.startswith("--cacert") for a in extra) else ("--insecure", *extra)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                str(COMPOSE / "bringup.py"),
+                f"--endpoint=https://{nc.nodes[1].addr}:{API_PORT}",
+                f"--token-file={nc.nodes[1].data_dir / 'admin.token'}",
+                "--node-ids=2,3",
+                f"--out-dir={out_dir}",
+                "--poll-interval=0.2",
+                "--timeout=90",
+                *tls,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    with NetLab(3) as lab:
+        nc = NsCluster(lab, tmp_path / "nodes")
+        try:
+            compose_style(nc, 1, None)
+            init = bringup(nc)  # started with the founder: it waits for the token file and a leader
+            nc.start(1)
+            out, err = init.communicate(timeout=120)
+            assert init.returncode == 0, err + nc.log_tail(1)
+            assert out == ""
+            tokens = {n: (out_dir / f"node{n}.token").read_text().strip() for n in (2, 3)}
+            admin = (nc.nodes[1].data_dir / "admin.token").read_text().strip()
+            for secret in (admin, *tokens.values()):
+                assert secret and secret not in err  # bringup never prints a token
+            assert "waiting for" in err and "join token written" in err
+            for n in (2, 3):
+                assert stat.S_IMODE((out_dir / f"node{n}.token").stat().st_mode) == 0o600
+                compose_style(nc, n, out_dir / f"node{n}.token")
+                nc.start(n)
+            nc.token = admin
+            nc.wait_voters({1, 2, 3}, timeout=90)
+            members = nc.members()
+            assert [m["raftAddress"] for m in members] == [f"{lab.addr(i)}:{RAFT_PORT}" for i in (1, 2, 3)]
+            for nid in (1, 2, 3):
+                nc.wait_ready(nid, 30)
+            again = bringup(nc)  # token files exist: nothing to do, the API is not even needed
+            _, err = again.communicate(timeout=60)
+            assert again.returncode == 0 and err.count("exists; skipping") == 2, err
+            # members already: 409 -> skipped, files left alone; verifying node 1's own API certificate
+            # (its SAN is the advertise address), as the README's systemd walk-through does
+            forced = bringup(nc, "--force", f"--cacert={nc.nodes[1].data_dir / 'tls' / 'api.crt'}")
+            _, err = forced.communicate(timeout=120)
+            assert forced.returncode == 0 and err.count("skipping") == 2, err
+            assert {n: (out_dir / f"node{n}.token").read_text().strip() for n in (2, 3)} == tokens
+            wait_for("still three voters", lambda: len(nc.members()) == 3, timeout=10)
+        finally:
+            nc.close()
