@@ -769,7 +769,22 @@ class ClusterTransport:
         self._spawn(self._accept_loop(sock))
         bound = int(sock.getsockname()[1])
         log.info("cluster_transport_listening host=%s port=%d fingerprint=%s", host, bound, self.fingerprint)
+        self.connect_members()
         return bound
+
+    def connect_members(self) -> None:
+        """Open the Raft channel to every pinned member now, before there is anything to send.
+        A restarted node thereby tells its peers it is back (their redial backoff toward it is cut
+        short, see ``_admit``): the leader's next heartbeat arrives at once instead of after the
+        backoff or this node's first election timeout."""
+        if self._loop is None or self._closing:
+            return
+        for nid in self._pins:
+            if nid == self.node_id or nid in self._raft_peers or nid not in self._addresses:
+                continue
+            peer = self._raft_peers[nid] = _RaftPeer(nid)
+            peer.task = self._spawn(self._raft_writer(peer))
+            peer.wakeup.set()
 
     async def close(self, timeout_seconds: float = 3.0) -> None:
         """Stop listening, cancel every task, close every connection; bounded by the timeout."""
