@@ -36,6 +36,7 @@ from jsonschema import Draft202012Validator
 from quorumd.api.app import all_routes
 from quorumd.api.openapi import build_document
 from quorumd.api.pipeline import Route
+from tests import api_support
 from tests.cluster import Cluster, wait_for
 
 DOC: dict[str, Any] = build_document(all_routes())
@@ -178,17 +179,8 @@ def fill(template: str, values: Mapping[str, Any] | None = None) -> str:
 
 # --- documentation checks -----------------------------------------------------------------------
 def resolve_refs(node: Any) -> Any:
-    if isinstance(node, dict):
-        ref = node.get("$ref")
-        if isinstance(ref, str) and ref.startswith("#/"):
-            target: Any = DOC
-            for part in ref[2:].split("/"):
-                target = target[part]
-            return resolve_refs(target)
-        return {k: resolve_refs(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [resolve_refs(v) for v in node]
-    return node
+    """``node`` with the served document's references inlined."""
+    return api_support.resolve_refs(node, DOC)
 
 
 _VALIDATORS: dict[tuple[str, str, int], Draft202012Validator] = {}
