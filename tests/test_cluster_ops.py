@@ -380,7 +380,8 @@ def test_deadline_watch_survives_a_leader_kill(cluster: OpsCluster, ran: RanRece
     assert c.ok(lead, "POST", f"/api/v1/cluster/members/{f}/drain", {"deadlineSeconds": deadline}) == {
         "drainState": "draining"
     }
-    wait_for("G replicated draining", lambda: drain_state(c, f, g) == "draining")
+    # Both followers have applied it: F itself must know it is draining to stay out of the election.
+    on_every_node(c, "F draining", lambda nid: drain_state(c, f, nid) == "draining", nodes=(f, g))
     c.kill(lead)
     assert time.monotonic() - t0 < deadline, "the leader was killed after the deadline: nothing to prove"
     # F is draining, so it does not seek leadership while G (healthy, active) can lead.

@@ -313,10 +313,10 @@ class RaftCore:
         self.election_elapsed += 1
         if not self._promotable() or self.election_elapsed < self._randomized_timeout:
             return
-        if self.campaign_suppressed and self.leader_id != NO_NODE:
-            # A draining node only campaigns when no leader was heard for a long while.
-            if self.election_elapsed < 3 * self._randomized_timeout:
-                return
+        if self.campaign_suppressed and self.election_elapsed < 3 * self._randomized_timeout:
+            # A draining node only campaigns when no leader was heard for a long while (also
+            # after a leader-connection-lost hint cleared leader_id: healthy peers go first).
+            return
         self.election_elapsed = 0
         self._campaign(pre_vote=self.cfg.pre_vote, transfer=False)
 
