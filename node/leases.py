@@ -13,10 +13,15 @@ pools and IPv4 /31 and /32 use every address.
 
 Lease ids are increasing integers assigned here. Listing is sorted by id with ``after``
 pagination through ``_IdIndex``: a sorted id list (appends are the common case since ids
-increase) with lazy deletion (a released id stays as a tombstone until tombstones outnumber
-live ids, then the list is compacted), so neither allocation nor release costs O(n) per call
-in the common path, and a page costs O(log n + page size) amortized. One index covers all
-leases, one each pool, one each owning node; the per-node index gives O(1) active counts.
+increase) with lazy deletion (a released or moved id stays as a tombstone, recognised by a
+membership test against the lease itself, until tombstones outnumber live ids, then the list is
+compacted), so neither allocation nor release costs O(n) per call in the common path, and a page
+costs O(log n + page size) amortized. One index covers all leases, one each pool, one each owning
+node; each keeps a live count, so active counts are O(1).
+
+Memory: a node may hold hundreds of thousands of leases, so a lease is one small tuple (its
+address is derived from the pool's base and the lease's offset when asked for, not stored) and
+the indices hold only id lists, not sets.
 
 Snapshot form (canonical: pools sorted by name, leases by id; free offsets are not stored,
 they are derived from the high-water mark and the live offsets on load):
@@ -31,10 +36,11 @@ import ipaddress
 import logging
 import re
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from math import isfinite
+from typing import Any, NamedTuple
 
 from quorumd.node.commands import CommandError, check_float, check_int, check_list, check_str
 
@@ -60,24 +66,68 @@ class Rejection(Exception):
         self.message = message
 
 
+_last_rfc3339: tuple[int, str] = (-1, "")
+
+
 def rfc3339(ts: float) -> str:
-    """Unix seconds as an RFC 3339 UTC timestamp (second precision, ``Z`` suffix)."""
-    return datetime.fromtimestamp(int(ts), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Unix seconds as an RFC 3339 UTC timestamp (second precision, ``Z`` suffix).
+
+    The last second's text is remembered: consecutive leases are mostly created in the same
+    second, and formatting a datetime costs more than the rest of a lease's JSON."""
+    global _last_rfc3339
+    sec = int(ts)
+    last_sec, text = _last_rfc3339
+    if sec != last_sec:
+        text = datetime.fromtimestamp(sec, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        _last_rfc3339 = (sec, text)
+    return text
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
+class AddressSpace:
+    """Turns a pool offset into its address text; one per pool, shared by the pool's leases."""
+
+    __slots__ = ("base", "version")
+
+    def __init__(self, base: int, version: int) -> None:
+        self.base = base
+        self.version = version
+
+    def address(self, offset: int) -> str:
+        value = self.base + offset
+        if self.version == 4:
+            return f"{value >> 24}.{(value >> 16) & 255}.{(value >> 8) & 255}.{value & 255}"
+        return str(ipaddress.IPv6Address(value))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AddressSpace) and self.base == other.base and self.version == other.version
+
+    def __hash__(self) -> int:
+        return hash((self.base, self.version))
+
+    def __repr__(self) -> str:
+        return f"AddressSpace(base={self.base}, version={self.version})"
+
+
+class Lease(NamedTuple):
+    """One lease (immutable). ``address`` is derived: ``space`` is the pool's shared
+    ``AddressSpace`` and ``offset`` the lease's position in the pool."""
+
     lease_id: int
     pool: str
-    address: str
+    offset: int
     holder: str
     node_id: int
     created_at: float
+    space: AddressSpace
+
+    @property
+    def address(self) -> str:
+        return self.space.address(self.offset)
 
     @property
     def prefix(self) -> str:
         """The host route a BGP speaker announces for this lease: ``addr/32`` or ``addr/128``."""
-        return f"{self.address}/{128 if ':' in self.address else 32}"
+        return f"{self.address}/{32 if self.space.version == 4 else 128}"
 
     def as_dict(self) -> dict[str, Any]:
         """The API shape (SPEC 5)."""
@@ -111,24 +161,29 @@ class PoolInfo:
 
 
 class _IdIndex:
-    """Sorted lease ids with lazy deletion (see the module docstring)."""
+    """Sorted lease ids with lazy deletion (see the module docstring).
 
-    __slots__ = ("_ids", "_live")
+    ``live(id)`` says whether an id listed here still belongs to the index (the lease exists and
+    is in this pool / owned by this node). The table calls ``add`` only for an id that is not
+    live here and ``discard`` only for one that was, after updating the lease itself."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_count", "_ids", "_live")
+
+    def __init__(self, live: Callable[[int], bool]) -> None:
         self._ids: list[int] = []
-        self._live: set[int] = set()
+        self._count = 0
+        self._live = live
 
     def __len__(self) -> int:
-        return len(self._live)
+        return self._count
 
-    def __contains__(self, lease_id: int) -> bool:
-        return lease_id in self._live
+    def fill(self, sorted_ids: list[int]) -> None:
+        """Set the contents of an empty index to ``sorted_ids`` (all live, increasing)."""
+        self._ids = sorted_ids
+        self._count = len(sorted_ids)
 
     def add(self, lease_id: int) -> None:
-        if lease_id in self._live:
-            return
-        self._live.add(lease_id)
+        self._count += 1
         ids = self._ids
         if not ids or ids[-1] < lease_id:
             ids.append(lease_id)
@@ -138,12 +193,10 @@ class _IdIndex:
             ids.insert(pos, lease_id)
 
     def discard(self, lease_id: int) -> None:
-        if lease_id not in self._live:
-            return
-        self._live.remove(lease_id)
-        if len(self._ids) > 2 * len(self._live) + 32:
+        self._count -= 1
+        if len(self._ids) > 2 * self._count + 32:
             live = self._live
-            self._ids = [i for i in self._ids if i in live]
+            self._ids = [i for i in self._ids if live(i)]
 
     def iter_from(self, after: int | None) -> Iterator[int]:
         """Live ids greater than ``after`` in increasing order (do not mutate while iterating)."""
@@ -151,14 +204,12 @@ class _IdIndex:
         start = 0 if after is None else bisect_right(ids, after)
         for k in range(start, len(ids)):
             lease_id = ids[k]
-            if lease_id in live:
+            if live(lease_id):
                 yield lease_id
 
 
 class _Pool:
     __slots__ = (
-        "addr_cls",
-        "base",
         "capacity",
         "created_at",
         "free",
@@ -167,25 +218,25 @@ class _Pool:
         "index",
         "name",
         "network",
+        "space",
     )
 
-    def __init__(self, name: str, network: IPNetwork, created_at: float) -> None:
+    def __init__(self, name: str, network: IPNetwork, created_at: float, leases: dict[int, Lease]) -> None:
         self.name = name
         self.network = network
         self.created_at = created_at
         skip_edges = network.version == 4 and network.prefixlen <= 30
-        self.base = int(network.network_address) + (1 if skip_edges else 0)
+        self.space = AddressSpace(int(network.network_address) + (1 if skip_edges else 0), network.version)
         self.capacity = network.num_addresses - (2 if skip_edges else 0)
-        self.addr_cls: type[IPAddress] = (
-            ipaddress.IPv4Address if network.version == 4 else ipaddress.IPv6Address
-        )
         self.hwm = 0  # offsets [0, hwm) have been handed out at least once
         self.free: list[int] = []  # min-heap of released offsets < hwm
         self.holders: dict[str, int] = {}  # holder -> lease id
-        self.index = _IdIndex()
 
-    def address(self, offset: int) -> str:
-        return str(self.addr_cls(self.base + offset))
+        def live(lease_id: int) -> bool:
+            lease = leases.get(lease_id)
+            return lease is not None and lease.pool == name
+
+        self.index = _IdIndex(live)
 
     def info(self) -> PoolInfo:
         return PoolInfo(self.name, str(self.network), self.capacity, len(self.index), self.created_at)
@@ -202,13 +253,12 @@ def parse_cidr(cidr: str) -> IPNetwork:
 class LeaseTable:
     """Pools, leases and their indices. Mutators raise ``Rejection`` before changing anything."""
 
-    __slots__ = ("_all", "_by_node", "_leases", "_next_id", "_offsets", "_pools")
+    __slots__ = ("_all", "_by_node", "_leases", "_next_id", "_pools")
 
     def __init__(self) -> None:
         self._pools: dict[str, _Pool] = {}
         self._leases: dict[int, Lease] = {}
-        self._offsets: dict[int, int] = {}  # lease id -> offset in its pool
-        self._all = _IdIndex()
+        self._all = _IdIndex(self._leases.__contains__)
         self._by_node: dict[int, _IdIndex] = {}
         self._next_id = 1
 
@@ -284,7 +334,7 @@ class LeaseTable:
         for other in self._sorted_pools():
             if other.network.version == network.version and other.network.overlaps(network):
                 raise Rejection("pool_overlap", f"{network} overlaps pool {other.name!r}")
-        p = _Pool(name, network, ts)
+        p = _Pool(name, network, ts, self._leases)
         if p.capacity <= 0:  # pragma: no cover - every network has at least one usable address
             raise Rejection("invalid_cidr", f"{network} has no usable address")
         self._pools[name] = p
@@ -313,10 +363,11 @@ class LeaseTable:
         if existing is not None:
             lease = self._leases[existing]
             if lease.node_id != node_id:
-                self._node_discard(lease.node_id, existing)
-                self._node_index(node_id).add(existing)
-                lease = replace(lease, node_id=node_id)
+                old_owner = lease.node_id
+                lease = lease._replace(node_id=node_id)
                 self._leases[existing] = lease
+                self._node_discard(old_owner, existing)
+                self._node_index(node_id).add(existing)
             return lease
         if p.free:
             offset = heapq.heappop(p.free)
@@ -327,8 +378,8 @@ class LeaseTable:
             raise Rejection("pool_exhausted", f"pool {pool!r} has no free address")
         lease_id = self._next_id
         self._next_id += 1
-        lease = Lease(lease_id, pool, p.address(offset), holder, node_id, ts)
-        self._insert(p, lease, offset)
+        lease = Lease(lease_id, pool, offset, holder, node_id, ts, p.space)
+        self._insert(p, lease)
         return lease
 
     def release(self, lease_id: int) -> Lease:
@@ -336,13 +387,12 @@ class LeaseTable:
         if lease is None:
             raise Rejection("unknown_lease", f"unknown lease {lease_id}")
         p = self._pools[lease.pool]
-        offset = self._offsets.pop(lease_id)
         del self._leases[lease_id]
         del p.holders[lease.holder]
         p.index.discard(lease_id)
         self._all.discard(lease_id)
         self._node_discard(lease.node_id, lease_id)
-        heapq.heappush(p.free, offset)
+        heapq.heappush(p.free, lease.offset)
         return lease
 
     def purge_node(self, node_id: int) -> int:
@@ -359,17 +409,8 @@ class LeaseTable:
 
     def dump(self) -> list[Any]:
         pools = [[p.name, str(p.network), p.created_at, p.hwm] for p in self._sorted_pools()]
-        leases = [
-            [
-                lease.lease_id,
-                lease.pool,
-                self._offsets[lease.lease_id],
-                lease.holder,
-                lease.node_id,
-                lease.created_at,
-            ]
-            for lease in (self._leases[i] for i in self._all.iter_from(None))
-        ]
+        # The lease dict is in id order: ids only grow, and a re-owned lease keeps its slot.
+        leases = [list(lease[:6]) for lease in self._leases.values()]
         return [self._next_id, pools, leases]
 
     @classmethod
@@ -403,37 +444,56 @@ class LeaseTable:
                 raise SnapshotError(f"pool {name!r}: hwm out of range")
             p.hwm = hwm
         used: dict[str, set[int]] = {name: set() for name in table._pools}
+        leases = table._leases
+        pools = table._pools
+        pool_ids: dict[str, list[int]] = {name: [] for name in pools}
+        node_ids: dict[int, list[int]] = {}
         prev_id = 0
+        next_id = table._next_id
         for item in check_list(leases_raw, "leases"):
-            id_raw, pool_raw, offset_raw, holder_raw, node_raw, created_raw = check_list(item, "lease", 6)
-            lease_id = check_int(id_raw, "lease id")
-            if not prev_id < lease_id < table._next_id:
+            if type(item) is not list or len(item) != 6:
+                check_list(item, "lease", 6)  # raises with the usual message
+            lease_id, pool, offset, holder, node_id, created_at = item
+            # Exact type checks first (the common, valid case), the shared checkers for the message.
+            if type(lease_id) is not int:
+                lease_id = check_int(lease_id, "lease id")
+            if not prev_id < lease_id < next_id:
                 raise SnapshotError("lease ids not increasing or not below next_lease_id")
             prev_id = lease_id
-            pool = check_str(pool_raw, "lease pool")
-            p_or_none = table._pools.get(pool)
+            p_or_none = pools.get(pool) if type(pool) is str else None
             if p_or_none is None:
+                check_str(pool, "lease pool")
                 raise SnapshotError(f"lease {lease_id}: unknown pool")
             p = p_or_none
-            offset = check_int(offset_raw, "offset")
-            if not 0 <= offset < p.hwm or offset in used[pool]:
+            if type(offset) is not int:
+                offset = check_int(offset, "offset")
+            taken = used[pool]
+            if not 0 <= offset < p.hwm or offset in taken:
                 raise SnapshotError(f"lease {lease_id}: bad or duplicate offset")
-            used[pool].add(offset)
-            holder = check_str(holder_raw, "holder")
+            taken.add(offset)
+            if type(holder) is not str:
+                holder = check_str(holder, "holder")
             if not holder or holder in p.holders:
                 raise SnapshotError(f"lease {lease_id}: empty or duplicate holder")
-            lease = Lease(
-                lease_id,
-                pool,
-                p.address(offset),
-                holder,
-                check_int(node_raw, "node_id"),
-                check_float(created_raw, "created_at"),
-            )
-            table._insert(p, lease, offset)
-        for name, p in table._pools.items():
+            if type(node_id) is not int:
+                node_id = check_int(node_id, "node_id")
+            if type(created_at) is not float or not isfinite(created_at):
+                created_at = check_float(created_at, "created_at")
+            leases[lease_id] = Lease(lease_id, p.name, offset, holder, node_id, created_at, p.space)
+            p.holders[holder] = lease_id
+            pool_ids[pool].append(lease_id)
+            ids = node_ids.get(node_id)
+            if ids is None:
+                ids = node_ids[node_id] = []
+            ids.append(lease_id)
+        # Ids arrived in increasing order, so every index's list is already sorted.
+        table._all.fill(list(leases))
+        for name, p in pools.items():
+            p.index.fill(pool_ids[name])
             taken = used[name]
             p.free = [o for o in range(p.hwm) if o not in taken]  # sorted, hence a valid heap
+        for node_id, ids in node_ids.items():
+            table._node_index(node_id).fill(ids)
         return table
 
     # --- internals ---------------------------------------------------------------------------
@@ -441,9 +501,8 @@ class LeaseTable:
     def _sorted_pools(self) -> list[_Pool]:
         return [self._pools[name] for name in sorted(self._pools)]
 
-    def _insert(self, p: _Pool, lease: Lease, offset: int) -> None:
+    def _insert(self, p: _Pool, lease: Lease) -> None:
         self._leases[lease.lease_id] = lease
-        self._offsets[lease.lease_id] = offset
         p.holders[lease.holder] = lease.lease_id
         p.index.add(lease.lease_id)
         self._all.add(lease.lease_id)
@@ -452,7 +511,13 @@ class LeaseTable:
     def _node_index(self, node_id: int) -> _IdIndex:
         idx = self._by_node.get(node_id)
         if idx is None:
-            idx = self._by_node[node_id] = _IdIndex()
+            leases = self._leases
+
+            def live(lease_id: int) -> bool:
+                lease = leases.get(lease_id)
+                return lease is not None and lease.node_id == node_id
+
+            idx = self._by_node[node_id] = _IdIndex(live)
         return idx
 
     def _node_discard(self, node_id: int, lease_id: int) -> None:
