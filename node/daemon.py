@@ -355,6 +355,7 @@ class Daemon:
             self._register_rpcs(transport, node)
             self.cluster_port = await transport.start(str(cfg.cluster.bind_address))
             stack.push_async_callback(self._bounded, transport.close(), 5.0)
+        core.fast_forward_election()
         driver.start().add_done_callback(self._on_driver_exit)
         stack.push_async_callback(self._bounded, driver.close(), 5.0)
 

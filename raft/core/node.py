@@ -866,6 +866,15 @@ class RaftCore:
     def set_campaign_suppressed(self, flag: bool) -> None:
         self.campaign_suppressed = flag
 
+    def fast_forward_election(self) -> None:
+        """At process start, skip all but one tick of the base election timeout (etcd's
+        initial-election-tick-advance): the randomized part still spreads the nodes, so a cluster
+        started cold elects in a fraction of a second instead of one to two timeouts. Only with
+        PreVote: a restarted node that campaigns early while a leader is alive is then refused by
+        the peers that hear it, without a term change."""
+        if self.cfg.pre_vote and self.role == Role.FOLLOWER and self.leader_id == NO_NODE:
+            self.election_elapsed = max(self.election_elapsed, self.cfg.election_ticks - 1)
+
     def report_leader_connection_lost(self, node_id: NodeId) -> None:
         """The transport saw this node's leader close its connection (the process exited).
 
