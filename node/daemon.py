@@ -305,6 +305,7 @@ class Daemon:
             election_ticks=self.timing.election_ticks,
             heartbeat_ticks=self.timing.heartbeat_ticks,
             trailing_logs=cfg.cluster.trailing_logs,
+            lazy_commit_broadcast=True,
             **planted_bugs(),
         )
         try:

@@ -92,6 +92,7 @@ class RaftDriver:
         tick_seconds: float,
         snapshot_threshold: int,
         hooks: DriverHooks | None = None,
+        commit_broadcast_delay: float = 0.002,
     ) -> None:
         self.core = core
         self._storage = storage
@@ -117,6 +118,10 @@ class RaftDriver:
         self._snapshot_index = core.status().snapshot_index
         self._snapshotting = False
         self._task: asyncio.Task[None] | None = None
+        # CoreConfig.lazy_commit_broadcast: how long a commit advance may wait for an append to
+        # carry it before it is sent on its own.
+        self._commit_broadcast_delay = commit_broadcast_delay
+        self._commit_timer: asyncio.TimerHandle | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
     def start(self) -> asyncio.Task[None]:
@@ -257,8 +262,18 @@ class RaftDriver:
                     timer.cancel()
                     timer = loop.call_at(next_tick, self._on_timer)
                 await self._pump_async()
+                if self.core.commit_broadcast_pending and self._commit_timer is None:
+                    self._commit_timer = loop.call_later(self._commit_broadcast_delay, self._on_commit_timer)
         finally:
             timer.cancel()
+            if self._commit_timer is not None:
+                self._commit_timer.cancel()
+
+    def _on_commit_timer(self) -> None:
+        self._commit_timer = None
+        if self.core.commit_broadcast_pending:
+            self.core.flush_commit_broadcast()
+            self._wake.set()
 
     async def _pump_async(self) -> None:
         self._feed_inputs()

@@ -113,6 +113,7 @@ class RaftCore:
         self._incoming: _IncomingSnapshot | None = None
         self._pending_snapshot: Snapshot | None = None
         self._needs_broadcast = False
+        self.commit_broadcast_pending = False  # see CoreConfig.lazy_commit_broadcast
         self.campaign_suppressed = False
         self._prev_hard = HardState(self.term, self.vote, self.log.commit)
         self._prev_soft = SoftState(self.leader_id, self.role)
@@ -275,6 +276,7 @@ class RaftCore:
 
     def _become_follower(self, term: int, leader: NodeId) -> None:
         self._reset(term)
+        self.commit_broadcast_pending = False
         self.role = Role.FOLLOWER
         self.leader_id = leader
 
@@ -624,7 +626,7 @@ class RaftCore:
                 pr.become_probe()
                 pr.become_replicate()
         if self._maybe_commit():
-            self._needs_broadcast = True
+            self._commit_advanced()
         if self.role != Role.LEADER:
             return
         if m.frm == self.transfer_target and pr.match == self.log.last_index:
@@ -726,6 +728,7 @@ class RaftCore:
         pr.snapshot_acked = False
 
     def _broadcast_heartbeat(self, context: bytes) -> None:
+        self.commit_broadcast_pending = False  # heartbeats carry the commit index
         for nid, pr in sorted(self.progress.items()):
             if nid == self.id:
                 continue
@@ -742,12 +745,25 @@ class RaftCore:
                 )
             )
 
+    def _commit_advanced(self) -> None:
+        if self.cfg.lazy_commit_broadcast:
+            self.commit_broadcast_pending = True
+        else:
+            self._needs_broadcast = True
+
+    def flush_commit_broadcast(self) -> None:
+        """Send a pending commit-index advance now (see CoreConfig.lazy_commit_broadcast)."""
+        if self.commit_broadcast_pending:
+            self.commit_broadcast_pending = False
+            self._needs_broadcast = True
+
     def _flush_broadcast(self) -> None:
         if not self._needs_broadcast:
             return
         self._needs_broadcast = False
         if self.role != Role.LEADER:
             return
+        self.commit_broadcast_pending = False  # every append below carries the commit index
         for nid, pr in sorted(self.progress.items()):
             if nid != self.id:
                 self._send_append(nid, pr, send_empty=pr.match >= self.log.last_index)
@@ -967,6 +983,6 @@ class RaftCore:
             # Thesis 10.2.1: the leader's own entries count toward commit once durable, so the
             # driver may send appends before its local fsync completes.
             if self.role == Role.LEADER and self._maybe_commit():
-                self._needs_broadcast = True
+                self._commit_advanced()
         if rd.committed_entries:
             self.log.applied = max(self.log.applied, rd.committed_entries[-1].index)

@@ -63,6 +63,11 @@ class CoreConfig:
     trailing_logs: int = 10240  # entries kept behind a snapshot for slow followers
     pre_vote: bool = True
     check_quorum: bool = True
+    # A commit-index advance is not sent to followers at once: it is marked pending and rides on
+    # the next append or heartbeat, or goes out when the driver calls flush_commit_broadcast()
+    # (the daemon does so a couple of milliseconds later). Halves the messages per write at low
+    # concurrency, where the next client write usually carries it.
+    lazy_commit_broadcast: bool = False
     # Test-only switches used to prove the simulator's checkers can fail. Never set in production.
     bug_double_vote: bool = False
     bug_nonvoter_counts: bool = False

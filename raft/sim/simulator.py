@@ -177,6 +177,7 @@ def draw_profile(rng: random.Random) -> ChaosProfile:
         ("trailing_logs", rng.choice((0, 2, 10))),
         ("pre_vote", rng.random() < 0.8),
         ("check_quorum", rng.random() < 0.8),
+        ("lazy_commit_broadcast", rng.random() < 0.5),
     )
     return ChaosProfile(
         network=net,
@@ -474,6 +475,7 @@ class Simulation:
             assert core is not None
             self._log(f"{at} tick {node.node_id}")
             core.tick()
+            core.flush_commit_broadcast()  # a lazy commit broadcast waits at most one tick here
             self._drain(node)
             self._push(at + TICK_UNITS, ev)
             return True
