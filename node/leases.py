@@ -410,7 +410,7 @@ class LeaseTable:
     def dump(self) -> list[Any]:
         pools = [[p.name, str(p.network), p.created_at, p.hwm] for p in self._sorted_pools()]
         # The lease dict is in id order: ids only grow, and a re-owned lease keeps its slot.
-        leases = [list(lease[:6]) for lease in self._leases.values()]
+        leases = [lease[:6] for lease in self._leases.values()]  # msgpack packs tuples as arrays
         return [self._next_id, pools, leases]
 
     @classmethod
