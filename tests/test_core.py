@@ -461,3 +461,69 @@ def test_leader_connection_lost_hint_ignores_other_peers_and_non_followers() -> 
     assert net.nodes[follower].leader_id == lead.node_id
     lead.report_leader_connection_lost(follower)  # a leader ignores the hint
     assert lead.role == Role.LEADER
+
+
+# --- start-up and commit-broadcast optimisations -----------------------------------------------
+@pytest.mark.parametrize("seed", range(5))
+def test_fast_forward_election_elects_a_cold_founder_within_one_base_timeout(seed: int) -> None:
+    """etcd's initial-election-tick-advance: only the randomized part of the timeout is left."""
+    net = Net(1, seed=seed)
+    core = net.nodes[1]
+    core.fast_forward_election()
+    ticks = 0
+    while core.role != Role.LEADER and ticks < 30:
+        net.tick(1)
+        ticks += 1
+    assert 1 <= ticks <= 10  # randomized timeout in [10, 20) ticks, 9 of them skipped
+
+
+def test_fast_forward_election_needs_prevote_and_no_known_leader() -> None:
+    net = Net(1, cfg=with_cfg(pre_vote=False))
+    net.nodes[1].fast_forward_election()
+    assert net.nodes[1].election_elapsed == 0  # without PreVote an early campaign could disrupt
+    live = three()
+    follower = next(c for c in live.nodes.values() if c.role == Role.FOLLOWER)
+    before = follower.election_elapsed
+    follower.fast_forward_election()
+    assert follower.election_elapsed == before  # it hears a leader: nothing to speed up
+
+
+def test_lazy_commit_broadcast_rides_on_the_next_append_or_goes_out_when_flushed() -> None:
+    net = Net(1, 2, 3, cfg=with_cfg(lazy_commit_broadcast=True))
+    net.elect(1)
+    net.grow(2, 3)
+    net.tick(2)
+    lead, f2, f3 = net.nodes[1], net.nodes[2], net.nodes[3]
+    lead.propose(b"a")
+    net.pump()
+    a = lead.log.last_index
+    assert lead.log.commit == a and lead.commit_broadcast_pending
+    assert f2.log.commit < a and f3.log.commit < a  # committed, but nobody was told yet
+    lead.propose(b"b")  # the next append carries the commit index
+    net.pump()
+    assert f2.log.commit >= a and f3.log.commit >= a
+    b = lead.log.last_index
+    assert lead.log.commit == b and f2.log.commit < b
+    lead.flush_commit_broadcast()  # the driver's timer: sent on its own
+    net.pump()
+    assert not lead.commit_broadcast_pending
+    assert f2.log.commit == b and f3.log.commit == b
+    assert [e.data for e in net.applied[2][-2:]] == [b"a", b"b"]
+
+
+def test_draining_follower_waits_three_timeouts_even_after_a_connection_lost_hint() -> None:
+    """A draining node leaves the election to healthy peers: the connection-lost hint clears its
+    leader but does not let it campaign before three election timeouts."""
+    net = three()
+    lead = net.leader()
+    f = next(c for c in net.nodes.values() if c.role == Role.FOLLOWER)
+    f.set_campaign_suppressed(True)
+    net.isolate(lead.node_id)
+    f.report_leader_connection_lost(lead.node_id)
+    assert f.leader_id == 0
+    for _ in range(2 * 10):  # past one (and the longest randomized) election timeout
+        f.tick()
+        assert f.role == Role.FOLLOWER
+    for _ in range(3 * 20):
+        f.tick()
+    assert f.role != Role.FOLLOWER  # it does campaign when no one else leads for long
