@@ -10,7 +10,7 @@ writes its own id into the body before forwarding, so the leader never substitut
 from __future__ import annotations
 
 from .errors import encode_json
-from .extensions import LeaseAllocationReporting
+from .extensions import reports_lease_allocation
 from .pipeline import Access, Context, ErrorDoc, Placement, Reply, Route
 from .schemas import array, ref
 from .validation import (
@@ -57,7 +57,7 @@ async def allocate_lease(ctx: Context, args: Args) -> Reply:
     pool, holder = str(args.body["pool"]), str(args.body["holder"])
     owner = int(args.body.get("nodeId", ctx.node_id))
     node = ctx.node
-    if isinstance(node, LeaseAllocationReporting):
+    if reports_lease_allocation(node):
         lease, created = await node.allocate_lease_reporting(pool, holder, owner)
         return Reply(status=201 if created else 200, result=lease)
     return Reply(status=201, result=await node.allocate_lease(pool, holder, owner))

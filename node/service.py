@@ -73,6 +73,10 @@ _ERRORS: dict[str, tuple[int, str]] = {
 }
 
 
+# Parsed bearer tokens kept by ``ClusterService.authenticate`` (only tokens that authenticated).
+TOKEN_CACHE_SIZE = 1024
+
+
 def pack(obj: Any) -> bytes:
     data: bytes = msgpack.packb(obj, use_bin_type=True)
     return data
@@ -127,6 +131,8 @@ class ClusterService:
         self._apply_listeners: list[Callable[[Sequence[ApplyResult]], None]] = []
         self._state_waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self.on_join_result: Callable[[str], None] | None = None
+        # bearer text -> (token id, secret hash): see authenticate
+        self._parsed_tokens: dict[str, tuple[str, bytes]] = {}
 
     # --- wiring ---------------------------------------------------------------------------
     @property
@@ -189,8 +195,12 @@ class ClusterService:
 
     # --- proposing --------------------------------------------------------------------------
     async def propose(self, cmd: Command) -> ApplyResult:
+        # asyncio.timeout, not wait_for: in Python 3.11 wait_for wraps the coroutine in a new task
+        # (and two extra event-loop hops) on every write; the bound and the error are the same.
+        data = encode_command(cmd)
         try:
-            res = await asyncio.wait_for(self.d.propose(encode_command(cmd)), self.propose_timeout)
+            async with asyncio.timeout(self.propose_timeout):
+                res = await self.d.propose(data)
         except NotLeaderError as exc:
             raise no_leader() from exc
         except ProposalDroppedError as exc:
@@ -245,12 +255,30 @@ class ClusterService:
         return self.d.core.applied_index if self.driver is not None else 0
 
     def authenticate(self, token: str) -> Principal | None:
-        parsed = apitoken.parse_api_token(token)
+        """The token's principal per the local replica.
+
+        Parsing and hashing a token is a pure function of its text, so it is remembered for
+        tokens that authenticated (at most ``TOKEN_CACHE_SIZE``, oldest dropped first). The
+        replicated record is still looked up, compared in constant time and checked for expiry
+        on every call: revocation and expiry take effect at once.
+        """
+        parsed = self._parsed_tokens.get(token)
+        cached = parsed is not None
         if parsed is None:
-            return None
+            parsed = apitoken.parse_api_token(token)
+            if parsed is None:
+                return None
         token_id, secret_hash = parsed
         role = self.sm.authenticate(token_id, secret_hash, time.time())
-        return Principal(token_id, role) if role is not None else None
+        if role is None:
+            if cached:
+                del self._parsed_tokens[token]
+            return None
+        if not cached:
+            if len(self._parsed_tokens) >= TOKEN_CACHE_SIZE:
+                del self._parsed_tokens[next(iter(self._parsed_tokens))]
+            self._parsed_tokens[token] = parsed
+        return Principal(token_id, role)
 
     async def forward(self, request: ForwardedRequest, timeout_seconds: float) -> ForwardedResponse:
         from quorumd.api.errors import ApiError as _E  # noqa: F401  (typed errors below)
@@ -294,13 +322,15 @@ class ClusterService:
 
     async def wait_applied(self, index: int, timeout_seconds: float) -> None:
         try:
-            await asyncio.wait_for(self.d.wait_applied(index), timeout_seconds)
+            async with asyncio.timeout(timeout_seconds):  # not wait_for: see propose
+                await self.d.wait_applied(index)
         except TimeoutError as exc:
             raise ApiError(504, "apply_timeout", "this node did not catch up in time") from exc
 
     async def linearizable_barrier(self) -> None:
         try:
-            await asyncio.wait_for(self.d.read_index(), self.propose_timeout)
+            async with asyncio.timeout(self.propose_timeout):  # not wait_for: see propose
+                await self.d.read_index()
         except NotLeaderError as exc:
             raise no_leader() from exc
         except TimeoutError as exc:

@@ -750,3 +750,47 @@ async def test_request_metrics(env: Env) -> None:
 
 async def test_app_is_plain_aiohttp_application(env: Env) -> None:
     assert isinstance(env.cluster.apps[1], web.Application)
+
+
+async def _backstop_leader(propose_timeout: float) -> tuple[FakeCluster, FakeNode, web.Application, str]:
+    cluster = FakeCluster()
+    cluster.add_member(1)
+    cluster.add_member(3)
+    cluster.leader_id = 1
+    node = FakeNode(cluster, 1)
+    app = build_app(node, node_id=1, registry=CollectorRegistry(), propose_timeout_seconds=propose_timeout)
+    _, admin = cluster.add_token(TokenRole.ADMIN)
+    return cluster, node, app, admin
+
+
+def _resume(token: str) -> ForwardedRequest:
+    return ForwardedRequest("POST", f"{M}/3/resume", (), b"", token, hops=1)
+
+
+async def test_leader_operation_backstop() -> None:
+    """A leader operation that never finishes answers 503 commit_timeout after three times the
+    propose timeout; the timeout leaves no cancellation behind, and later requests still work."""
+    _, node, app, admin = await _backstop_leader(0.02)
+    node.gate = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    slow = await dispatch_forwarded(app, _resume(admin))
+    assert loop.time() - started >= 0.06
+    assert slow.status == 503 and json.loads(slow.body)["code"] == "commit_timeout"
+    assert dict(slow.headers)["Retry-After"] == "1"
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0.1)  # no stray cancellation is delivered later
+    node.gate.set()
+    results = await asyncio.gather(*(dispatch_forwarded(app, _resume(admin)) for _ in range(3)))
+    assert [r.status for r in results] == [200, 200, 200]
+
+
+async def test_leader_operation_backstop_passes_outside_cancellation() -> None:
+    _, node, app, admin = await _backstop_leader(5.0)
+    node.gate = asyncio.Event()
+    task = asyncio.ensure_future(dispatch_forwarded(app, _resume(admin)))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task

@@ -78,3 +78,46 @@ def test_round_trip_any_bytes(id_bytes: bytes, secret: bytes) -> None:
 def test_parse_never_raises(text: str) -> None:
     result = parse_api_token(text)
     assert result is None or (len(result[0]) == 12 and len(result[1]) == 32)
+
+
+def test_service_token_cache_keeps_revocation_and_expiry_immediate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ClusterService.authenticate remembers parsed tokens, never the verdict: a revoked or
+    expired token fails on the very next request."""
+    from quorumd.api.ports import TokenRole
+    from quorumd.node import service as service_mod
+    from quorumd.node.commands import CreateApiToken, RevokeApiToken, encode_command
+    from quorumd.node.service import ClusterService, Identity
+    from quorumd.node.state import StateMachine
+
+    sm = StateMachine()
+    identity = Identity(1, "c", "0", "127.0.0.1:7000", "https://127.0.0.1:5002", "sha256:00", "")
+    svc = ClusterService(
+        identity,
+        sm,
+        cluster_enabled=False,
+        propose_timeout_seconds=1.0,
+        tick_seconds=0.1,
+        max_trailing_logs=1,
+    )
+    now = [1000.0]
+    monkeypatch.setattr(service_mod.time, "time", lambda: now[0])
+    secret_a, secret_b = b"a" * 32, b"b" * 32
+    hash_a, hash_b = hash_secret(secret_a), hash_secret(secret_b)
+    create_a = CreateApiToken(1.0, "00000000000a", "a", TokenRole.ADMIN, hash_a, None)
+    create_b = CreateApiToken(1.0, "00000000000b", "b", TokenRole.READONLY, hash_b, 2000)
+    assert sm.apply(1, encode_command(create_a)).ok and sm.apply(2, encode_command(create_b)).ok
+    token_a = format_api_token("00000000000a", secret_a)
+    token_b = format_api_token("00000000000b", secret_b)
+    wrong = format_api_token("00000000000a", secret_b)
+    for _ in range(2):  # the second round is served from the cache
+        principal = svc.authenticate(token_a)
+        assert principal is not None and principal.role == TokenRole.ADMIN
+        principal = svc.authenticate(token_b)
+        assert principal is not None and principal.role == TokenRole.READONLY
+        assert svc.authenticate(wrong) is None
+        assert svc.authenticate("qd_garbage") is None
+    now[0] = 2000.0
+    assert svc.authenticate(token_b) is None  # expired
+    assert sm.apply(3, encode_command(RevokeApiToken(3.0, "00000000000a"))).ok
+    assert svc.authenticate(token_a) is None  # revoked
+    assert svc.authenticate(token_a) is None
