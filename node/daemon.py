@@ -48,6 +48,7 @@ from .commands import (
     SetClusterSecrets,
 )
 from .config import Config
+from .gcpolicy import GcPolicy, gc_paused
 from .metrics import Metrics
 from .operations import ClusterNode
 from .ran import WebhookRanNotifier
@@ -206,6 +207,7 @@ class Daemon:
         self._founder = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._transport_seen: dict[str, int] = {}
+        self.gc = GcPolicy()
         self.exit_code = 0
 
     # --- startup -----------------------------------------------------------------------------
@@ -284,7 +286,8 @@ class Daemon:
         sm = StateMachine()
         if recovered.snapshot is not None:
             try:
-                sm.restore(recovered.snapshot.data)
+                with gc_paused():
+                    sm.restore(recovered.snapshot.data)
             except SnapshotError as exc:
                 snap = recovered.snapshot.meta
                 raise FatalError(
@@ -342,7 +345,7 @@ class Daemon:
                 on_soft_state=self._on_soft_state,
                 on_fsync=self.metrics.observe_fsync,
                 on_commit_latency=self.metrics.observe_commit,
-                on_snapshot=lambda _i: self.metrics.count_snapshot(),
+                on_snapshot=self._on_snapshot,
                 on_bad_message=lambda _p, _r: self.metrics.count_bad_message(),
             ),
         )
@@ -356,6 +359,7 @@ class Daemon:
             self._register_rpcs(transport, node)
             self.cluster_port = await transport.start(str(cfg.cluster.bind_address))
             stack.push_async_callback(self._bounded, transport.close(), 5.0)
+        self.gc.settled()  # the replicated state is loaded: freeze it (see node/gcpolicy.py)
         core.fast_forward_election()
         driver.start().add_done_callback(self._on_driver_exit)
         stack.push_async_callback(self._bounded, driver.close(), 5.0)
@@ -561,6 +565,10 @@ class Daemon:
         pins.pop(self.cfg.node_id, None)
         addrs.pop(self.cfg.node_id, None)
         self.transport.update_pins(pins, addrs)
+
+    def _on_snapshot(self, _index: int) -> None:
+        self.metrics.count_snapshot()
+        self.gc.after_snapshot()
 
     def _after_apply(self, results: Sequence[ApplyResult]) -> None:
         if not results or any(isinstance(r.command, ConfChange) for r in results):

@@ -49,6 +49,7 @@ from .commands import (
     encode_command,
     encode_member_context,
 )
+from .gcpolicy import gc_paused
 from .leases import Lease
 from .state import ApplyResult, StateMachine
 
@@ -160,10 +161,12 @@ class ClusterService:
         return list(results)
 
     def snapshot(self) -> bytes:
-        return self.sm.snapshot()
+        with gc_paused():
+            return self.sm.snapshot()
 
     def restore(self, data: bytes, meta: SnapshotMeta) -> None:
-        self.sm.restore(data)
+        with gc_paused():
+            self.sm.restore(data)
         for fn in self._apply_listeners:
             fn([])
         self._wake_state_waiters()

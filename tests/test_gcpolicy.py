@@ -1,0 +1,68 @@
+"""node/gcpolicy.py: the long-lived state is frozen, young cycles are still collected, and the
+periodic full collection reclaims cycles that became garbage after they were frozen."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
+
+from quorumd.node.gcpolicy import GcPolicy
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.other: _Node | None = None
+
+
+def _cycle() -> weakref.ref[_Node]:
+    a, b = _Node(), _Node()
+    a.other, b.other = b, a
+    return weakref.ref(a)
+
+
+@pytest.fixture(autouse=True)
+def _restore_gc() -> Iterator[None]:
+    yield
+    gc.unfreeze()
+    gc.collect()
+
+
+def test_settled_freezes_the_long_lived_state() -> None:
+    keep = [(i, str(i)) for i in range(1000)]
+    policy = GcPolicy()
+    policy.settled()
+    assert gc.get_freeze_count() > len(keep) // 2
+    assert policy.full_collections == 1 and policy.freezes == 1
+
+
+def test_young_cycles_are_collected_at_snapshots_and_frozen_ones_at_the_full_pass() -> None:
+    policy = GcPolicy(full_every=3)
+    policy.settled()
+    young = _cycle()  # garbage before the next snapshot: collected then
+    policy.after_snapshot()
+    assert young() is None
+    holder = [_Node()]
+    holder[0].other = holder[0]  # alive (and cyclic) when frozen
+    frozen = weakref.ref(holder[0])
+    policy.after_snapshot()  # frozen while alive
+    holder.clear()  # now unreachable, but the collector skips frozen objects
+    gc.collect()
+    assert frozen() is not None
+    policy.after_snapshot()  # the third call is the periodic full pass
+    assert frozen() is None
+    assert policy.full_collections == 2
+
+
+def test_gc_paused_restores_the_previous_setting() -> None:
+    from quorumd.node.gcpolicy import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the inner pause does not re-enable inside the outer one
+    assert gc.isenabled()
