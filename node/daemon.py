@@ -693,6 +693,10 @@ class Daemon:
                 int(hops),
             )
             resp = await dispatch_forwarded(self.app, req)
+            if self.driver is not None:
+                # The caller waits until its replica has applied resp.applied_index: tell it the
+                # commit index now instead of after the lazy-broadcast delay.
+                self.driver.flush_commit_broadcast()
             return pack([resp.status, resp.body, [list(h) for h in resp.headers], resp.applied_index])
 
         def wrap(fn: Any) -> Any:

@@ -272,11 +272,15 @@ class RaftDriver:
             if self._commit_timer is not None:
                 self._commit_timer.cancel()
 
-    def _on_commit_timer(self) -> None:
-        self._commit_timer = None
+    def flush_commit_broadcast(self) -> None:
+        """Send a pending commit-index advance now (CoreConfig.lazy_commit_broadcast)."""
         if self.core.commit_broadcast_pending:
             self.core.flush_commit_broadcast()
             self._wake.set()
+
+    def _on_commit_timer(self) -> None:
+        self._commit_timer = None
+        self.flush_commit_broadcast()
 
     async def _pump_async(self) -> None:
         self._feed_inputs()
