@@ -11,9 +11,9 @@ reference counting still frees frozen objects, so released leases are reclaimed 
 policy (as recommended by the ``gc.freeze`` documentation for long-lived servers):
 
 - ``settled()`` once the state is loaded at startup: full collection, then freeze;
-- ``after_snapshot()`` whenever the node took or installed a snapshot (every few thousand
-  entries): collect the young generations and freeze what survived, so full collections only
-  ever scan what was allocated since;
+- ``after_snapshot()`` whenever the node took a snapshot (every few thousand entries): collect
+  (a full collection, which only scans the objects allocated since the last freeze) and freeze
+  what survived, so later collections only ever scan what was allocated since;
 - every ``full_every`` such calls, ``unfreeze`` and one full collection, so objects frozen while
   alive that later became unreachable *cycles* (closed connections, finished tasks with
   tracebacks) are reclaimed, not kept forever.
@@ -60,7 +60,9 @@ class GcPolicy:
         if self._since_full >= self.full_every:
             self._full("periodic")
             return
-        gc.collect(1)
+        # A full collection here only scans what was allocated since the last freeze (everything
+        # older is frozen), so it is cheap, and cyclic garbage is never frozen with the state.
+        gc.collect()
         gc.freeze()
         self.freezes += 1
 
