@@ -237,6 +237,8 @@ def run_quorumd(bench: Path, duration: float, long_duration: float, tries: int) 
                 )
         res.update(autopilot_latency(c))
         res["rss_mb"] = {str(n): rss_mb(p.pid) for n in c.nodes if (p := c.nodes[n].proc) is not None}
+        # The load only allocates, so the table grows with throughput: say how big it was.
+        res["leases_held"] = int(c.ok(c.wait_leader(), "GET", "/api/v1/pools/bench")["allocated"])
         failovers = []
         for _ in range(tries):
             lead = c.wait_leader()
@@ -396,7 +398,8 @@ def write_report(res: dict[str, Any], cmd: str, wall_s: float) -> str:
         f"{fmt(med(t.get('new_leader_s')) * 1000, ' ms')} | | |",
         "| autopilot p50: follower-proxied vs leader-direct | "
         f"{fmt(ap_f, ' ms', 2)} vs {fmt(ap_l, ' ms', 2)} | | {ratio(ap_f, ap_l)} |",
-        f"| peak RSS per node after the load (MB) | {q.get('rss_mb')} | etcd (TLS) {etls.get('rss_mb')} | |",
+        f"| peak RSS per node after the load (MB; {q.get('leases_held', 'n/a')} leases held) | "
+        f"{q.get('rss_mb')} | etcd (TLS) {etls.get('rss_mb')} | |",
         f"| startup to ready, log index {su.get('log_index', 'n/a')}, {su.get('leases', 'n/a')} leases "
         f"(median of 3 nodes) | {fmt(su_t, ' s', 2)} | | |",
         f"| peak RSS per node with that state (MB) | {su.get('rss_mb_peak', 'n/a')} | | |",
