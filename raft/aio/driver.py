@@ -99,7 +99,7 @@ class RaftDriver:
         self._app = app
         self._send = send
         self._tick_seconds = tick_seconds
-        # Members snapshot at different log positions (up to a quarter of the threshold apart,
+        # Members snapshot at different log positions (up to 3/16 of the threshold apart,
         # by node id): taking a snapshot stops a node's loop for tens of milliseconds with a
         # large state, and when every member stopped at the same index, commits stalled too.
         self._snapshot_threshold = snapshot_threshold + (core.node_id % 4) * (snapshot_threshold // 16)
