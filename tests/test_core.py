@@ -4,6 +4,7 @@ Ousterhout 2014, "§") or Ongaro's thesis (2014, "thesis") whose rule it checks.
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import pairwise
 
 import pytest
 
@@ -527,3 +528,46 @@ def test_draining_follower_waits_three_timeouts_even_after_a_connection_lost_hin
     for _ in range(3 * 20):
         f.tick()
     assert f.role != Role.FOLLOWER  # it does campaign when no one else leads for long
+
+
+def test_connection_lost_hint_orders_the_survivors_so_they_do_not_split_the_vote() -> None:
+    """Every survivor sees the leader's close at once: they campaign a heartbeat apart in node-id
+    order, so the second has heard the first's vote request before its own turn comes."""
+    net = Net(1, 2, 3, 4, 5, cfg=with_cfg(heartbeat_ticks=4))
+    net.elect(1)
+    net.grow(2, 3, 4, 5)
+    net.tick(8)
+    lead = net.leader()
+    survivors = [n for n in net.nodes if n != lead.node_id]
+    net.isolate(lead.node_id)
+    for nid in survivors:
+        net.nodes[nid].report_leader_connection_lost(lead.node_id)
+    started: dict[int, int] = {}
+    for t in range(1, 30):  # tick without delivering anything: when does each start on its own?
+        for nid in survivors:
+            net.nodes[nid].tick()
+            if nid not in started and net.nodes[nid].role != Role.FOLLOWER:
+                started[nid] = t
+    order = sorted(survivors)
+    assert [started[n] for n in order] == sorted(started[n] for n in order)
+    gaps = [started[b] - started[a] for a, b in pairwise(order)]
+    assert min(gaps) >= 3  # heartbeat 4 ticks, jitter under 2
+    assert started[order[0]] <= 2
+
+
+
+def test_connection_lost_hint_first_survivor_wins_in_one_round() -> None:
+    net = Net(1, 2, 3, 4, 5, cfg=with_cfg(heartbeat_ticks=4))
+    net.elect(1)
+    net.grow(2, 3, 4, 5)
+    net.tick(8)
+    old = net.leader()
+    term = old.term
+    survivors = [n for n in net.nodes if n != old.node_id]
+    net.isolate(old.node_id)
+    for nid in survivors:
+        net.nodes[nid].report_leader_connection_lost(old.node_id)
+    net.tick(2, only=survivors)  # messages are delivered after every tick here
+    leaders = [n for n in survivors if net.nodes[n].role == Role.LEADER]
+    assert leaders == [min(survivors)]
+    assert net.nodes[leaders[0]].term == term + 1  # one round: no split vote, no extra term

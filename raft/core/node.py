@@ -895,10 +895,13 @@ class RaftCore:
         """The transport saw this node's leader close its connection (the process exited).
 
         A follower then stops waiting out the whole election timeout: it forgets the leader and
-        campaigns after a short random delay (one tick to two heartbeats, spreading the survivors
-        so one usually wins the first round). Safety is untouched: PreVote still needs a quorum, and
-        peers that still hear a live leader refuse it, so a spurious close costs one failed
-        PreVote round, not a term change."""
+        campaigns after a short delay. The survivors go in turn, a heartbeat apart, in node-id
+        order among the remaining voters (plus a jitter under half a heartbeat): all of them see
+        the close at the same moment, and with random delays two of them often campaigned within
+        one election round trip, split the vote and fell back to a full election timeout (1-2 s
+        under load). If the first cannot win (its log is behind), the next one tries a heartbeat
+        later. Safety is untouched: PreVote still needs a quorum, and peers that still hear a live
+        leader refuse it, so a spurious close costs one failed PreVote round, not a term change."""
         if self.role != Role.FOLLOWER or node_id == NO_NODE or self.leader_id != node_id:
             return
         if not self._promotable() or self.campaign_suppressed:
@@ -906,7 +909,9 @@ class RaftCore:
             return
         self.leader_id = NO_NODE
         hb = max(1, self.cfg.heartbeat_ticks)
-        delay = 1 + self._rng.randrange(0, 2 * hb)
+        order = sorted(v for v in self.config.voters if v != node_id)
+        rank = order.index(self.id) if self.id in order else len(order)
+        delay = 1 + rank * hb + self._rng.randrange(0, max(1, hb // 2))
         self.election_elapsed = max(self.election_elapsed, self._randomized_timeout - delay)
 
     def report_unreachable(self, node_id: NodeId) -> None:
