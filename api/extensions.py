@@ -9,10 +9,9 @@ behaviour, one that does not still works.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, TypeGuard, runtime_checkable
+from typing import Any, Protocol, TypeGuard
 
 
-@runtime_checkable
 class LeaseAllocationReporting(Protocol):
     async def allocate_lease_reporting(
         self, pool: str, holder: str, node_id: int | None

@@ -83,67 +83,6 @@ class Reply:
         return self.body if self.body is not None else result_body(self.result)
 
 
-class Backstop:
-    """Bounds operations to ``seconds`` each with one event-loop timer shared by all of them.
-
-    ``asyncio.timeout`` builds a context manager and arms and cancels a loop timer per call:
-    several µs on every write, which the node already bounds more tightly with its own timeout.
-    Every operation here gets the same duration, so deadlines expire in start order, and one
-    timer armed no later than the oldest pending deadline serves them all. On expiry the
-    operation's task is cancelled; ``finish`` then undoes that cancellation as ``asyncio.timeout``
-    does and reports it, so the caller turns the ``CancelledError`` into its timeout error.
-    """
-
-    __slots__ = ("_expired", "_loop", "_pending", "_seq", "_timer", "seconds")
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self._pending: dict[int, tuple[float, asyncio.Task[Any]]] = {}  # start order = deadline order
-        self._expired: dict[int, asyncio.Task[Any]] = {}
-        self._seq = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def start(self) -> int:
-        """Start bounding the current task; returns the key to ``finish`` with."""
-        task = asyncio.current_task()
-        assert task is not None, "Backstop.start outside a task"
-        loop = task.get_loop()
-        if loop is not self._loop:  # first use, or an application reused on a new loop
-            self._pending.clear()
-            self._expired.clear()
-            self._timer = None
-            self._loop = loop
-        deadline = loop.time() + self.seconds
-        self._seq += 1
-        self._pending[self._seq] = (deadline, task)
-        if self._timer is None:
-            self._timer = loop.call_at(deadline, self._expire)
-        return self._seq
-
-    def finish(self, key: int) -> bool:
-        """Stop bounding; True when the operation ran out of time and no other cancellation of
-        its task is pending (the caller then raises its timeout error)."""
-        if self._pending.pop(key, None) is not None:
-            return False
-        task = self._expired.pop(key, None)
-        return task is not None and task.uncancel() == 0
-
-    def _expire(self) -> None:
-        self._timer = None
-        pending = self._pending
-        while pending:
-            key = next(iter(pending))
-            deadline, task = pending[key]
-            loop = task.get_loop()
-            if deadline > loop.time():
-                self._timer = loop.call_at(deadline, self._expire)
-                return
-            del pending[key]
-            self._expired[key] = task
-            task.cancel()
-
-
 @dataclass(slots=True)
 class Context:
     node: NodeApi
@@ -154,20 +93,11 @@ class Context:
     routes: list[Route] = field(default_factory=list)
     openapi_json: bytes = b""
     extras: dict[str, Any] = field(default_factory=dict)
-    _backstop: Backstop | None = field(default=None, init=False, repr=False)
 
     @property
     def operation_timeout_seconds(self) -> float:
         """Backstop on leader operations; the node bounds its own waits more tightly."""
         return self.propose_timeout_seconds * 3
-
-    def backstop(self) -> Backstop:
-        """The ``Backstop`` of leader operations (a new one if the timeout was changed)."""
-        b = self._backstop
-        seconds = self.operation_timeout_seconds
-        if b is None or b.seconds != seconds:
-            b = self._backstop = Backstop(seconds)
-        return b
 
 
 RunFn = Callable[[Context, Args], Awaitable[Reply]]
@@ -260,16 +190,10 @@ class RouteTable:
 
 
 def parse_args(route: Route, call: Call) -> Args:
-    # The empty cases are spelled out: most writes have no path parameters and no query.
-    path = (
-        {f.name: parse_text(f, call.path_values.get(f.name, ""), "path parameter") for f in route.path_params}
-        if route.path_params
-        else {}
-    )
-    if route.ignore_query or not (route.query or call.query):
-        query = {}
-    else:
-        query = parse_query(route.query, call.query)
+    path = {
+        f.name: parse_text(f, call.path_values.get(f.name, ""), "path parameter") for f in route.path_params
+    }
+    query = {} if route.ignore_query else parse_query(route.query, call.query)
     body = parse_body(route.body, call.body) if route.body is not None else {}
     args = Args(path=path, query=query, body=body)
     if route.check is not None:
@@ -289,19 +213,11 @@ async def run_call(ctx: Context, route: Route, call: Call) -> Reply:
     if route.placement is Placement.LOCAL or (route.placement is Placement.READ and not consistent):
         return await route.run(ctx, args)
     if node.is_leader():
-        backstop = ctx.backstop()
-        key = backstop.start()
         try:
-            try:
+            async with asyncio.timeout(ctx.operation_timeout_seconds):
                 if route.placement is Placement.READ:
                     await node.linearizable_barrier()
                 reply = await route.run(ctx, args)
-            finally:
-                timed_out = backstop.finish(key)
-        except asyncio.CancelledError:
-            if timed_out:
-                raise CommitTimeout("the operation did not complete in time") from None
-            raise
         except TimeoutError:
             raise CommitTimeout("the operation did not complete in time") from None
         reply.applied_index = node.applied_index()
