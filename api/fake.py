@@ -3,7 +3,7 @@
 Several ``FakeNode``s share one ``FakeCluster``, which stands for the replicated state every
 replica has applied: members with suffrage, drain states and catch-up flags, API tokens (hashed,
 with expiry on an injectable clock), pools and leases with real lowest-free-address allocation.
-``cluster.leader_id`` switches who leads (0: nobody). ``FakeNode.forward`` calls the leader's app
+``cluster.leader_id`` switches who leads (0: nobody). ``FakeNode.forward`` calls the leader's ``Api``
 through ``dispatch_forwarded``, as the cluster channel would, with the node layer's error mapping
 (503 no leader, 502 unreachable, 504 slow). Hooks for tests: ``forward_failure``, ``gate`` (an
 ``asyncio.Event`` leader operations wait on: a slow leader), ``raise_next`` (an exception the next
@@ -22,9 +22,10 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+if TYPE_CHECKING:
+    from .app import Api
 
 from .errors import (
     Conflict,
@@ -106,7 +107,7 @@ class FakeCluster:
         self.applied = 0
         self.term = 1
         self.leader_id = 0
-        self.apps: dict[int, web.Application] = {}
+        self.apps: dict[int, Api] = {}
         self._token_seq = 0
 
     def commit(self) -> int:
@@ -181,8 +182,6 @@ class FakeNode:
         return Principal(tok.token_id, tok.role)
 
     async def forward(self, request: ForwardedRequest, timeout_seconds: float) -> ForwardedResponse:
-        from .app import dispatch_forwarded
-
         self.forwarded.append(request)
         if self.forward_failure == "unreachable":
             raise LeaderUnreachable(f"node {self.cluster.leader_id} is unreachable")
@@ -191,7 +190,7 @@ class FakeNode:
         if leader == 0 or leader == self.node_id or app is None:
             raise LeaderUnavailable()
         try:
-            return await asyncio.wait_for(dispatch_forwarded(app, request), timeout_seconds)
+            return await asyncio.wait_for(app.dispatch_forwarded(request), timeout_seconds)
         except TimeoutError:
             raise LeaderTimeout(f"node {leader} did not answer in time") from None
 

@@ -2,7 +2,7 @@
 
 Every path, method, parameter, body field and result schema comes from the same ``Route`` and
 ``Field`` objects that the server routes and validates with, so the document cannot drift from
-what is served (a test also compares the document with aiohttp's router in both directions).
+what is served (a test also compares the document with the served route table in both directions).
 Error responses use the ``Error`` envelope; each lists its stable codes in the description and in
 the ``x-error-codes`` extension. ``x-quorumd-role`` and ``x-quorumd-placement`` say who may call
 an operation and where it runs.

@@ -109,7 +109,7 @@ RecoverFn = Callable[[Context, Args, ApiError], Awaitable[Reply | None]]
 @dataclass(frozen=True, slots=True)
 class Route:
     method: str
-    path: str  # aiohttp template, e.g. /api/v1/cluster/members/{id}
+    path: str  # template, e.g. /api/v1/cluster/members/{id}
     run: RunFn
     summary: str
     tag: str
@@ -169,24 +169,35 @@ def _template_regex(template: str) -> re.Pattern[str]:
 
 
 class RouteTable:
-    """Route lookup for forwarded requests (aiohttp's router serves HTTP requests)."""
+    """Route lookup by method and raw path: templates without parameters by one dict lookup, the
+    others by regex (``{name}`` matches one non-empty path segment, percent-decoded)."""
 
     def __init__(self, routes: list[Route]) -> None:
-        self._by_path: dict[str, tuple[re.Pattern[str], dict[str, Route]]] = {}
+        self._static: dict[str, dict[str, Route]] = {}
+        self._templated: dict[str, tuple[re.Pattern[str], dict[str, Route]]] = {}
         for r in routes:
-            _regex, methods = self._by_path.setdefault(r.path, (_template_regex(r.path), {}))
+            if "{" in r.path:
+                _regex, methods = self._templated.setdefault(r.path, (_template_regex(r.path), {}))
+            else:
+                methods = self._static.setdefault(r.path, {})
             methods[r.method] = r
 
     def match(self, method: str, raw_path: str) -> tuple[Route, dict[str, str]]:
-        for regex, methods in self._by_path.values():
-            m = regex.fullmatch(raw_path)
-            if m is None:
-                continue
-            route = methods.get(method.upper())
-            if route is None:
-                raise MethodNotAllowed(allowed=tuple(methods))
-            return route, {k: unquote(v) for k, v in m.groupdict().items()}
-        raise NotFound("no such API path")
+        methods = self._static.get(raw_path)
+        values: dict[str, str] = {}
+        if methods is None:
+            for regex, candidate in self._templated.values():
+                m = regex.fullmatch(raw_path)
+                if m is not None:
+                    methods = candidate
+                    values = {k: unquote(v) for k, v in m.groupdict().items()}
+                    break
+            else:
+                raise NotFound("no such API path")
+        route = methods.get(method.upper())
+        if route is None:
+            raise MethodNotAllowed(allowed=tuple(methods))
+        return route, values
 
 
 def parse_args(route: Route, call: Call) -> Args:

@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
-from quorumd.api.app import build_app, dispatch_forwarded
+from quorumd.api.app import build_app
 from quorumd.api.errors import ApiError
 from quorumd.api.ports import DrainState, ForwardedRequest
+from quorumd.api.server import ApiServer
 from quorumd.raft.aio.driver import DriverHooks, RaftDriver
 from quorumd.raft.aio.storage import LogStorage, RecoveredState, StorageError
 from quorumd.raft.aio.transport import ClusterTransport, JoinPinMismatch, join_call
@@ -378,16 +377,9 @@ class Daemon:
             propose_timeout_seconds=cfg.cluster.propose_timeout_seconds,
         )
         self.app = app
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        stack.push_async_callback(self._bounded, runner.cleanup(), 5.0)
-        site = web.TCPSite(
-            runner, cfg.api.address, cfg.api.port, ssl_context=self._api_ssl(), reuse_address=True
-        )
-        await site.start()
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            self.api_port = server.sockets[0].getsockname()[1]
+        api_server = ApiServer(app)
+        self.api_port = await api_server.start(cfg.api.address, cfg.api.port, ssl_context=self._api_ssl())
+        stack.push_async_callback(self._bounded, api_server.close(), 5.0)
         log.info("api_listening node=%d address=%s port=%d", cfg.node_id, cfg.api.address, self.api_port)
 
         for coro, name in (
@@ -692,7 +684,7 @@ class Daemon:
                 str(token),
                 int(hops),
             )
-            resp = await dispatch_forwarded(self.app, req)
+            resp = await self.app.dispatch_forwarded(req)
             if self.driver is not None:
                 # The caller waits until its replica has applied resp.applied_index: tell it the
                 # commit index now instead of after the lazy-broadcast delay.

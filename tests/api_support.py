@@ -1,4 +1,4 @@
-"""Shared fixtures for the API tests: two FakeNodes (leader 1, follower 2) behind real test servers."""
+"""Shared fixtures for the API tests: two FakeNodes (leader 1, follower 2) behind real API servers."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import ClientSession
 from prometheus_client import CollectorRegistry
 
-from quorumd.api.app import build_app
+from quorumd.api.app import Api, build_app
 from quorumd.api.fake import FakeCluster, FakeNode
 from quorumd.api.ports import DrainState, TokenRole
+from quorumd.api.server import ApiServer
 
 
 @dataclass
@@ -42,19 +42,50 @@ class Reply:
         return str(self.body["code"])
 
 
+class Client:
+    """An ``ApiServer`` for ``api`` on a loopback port and an aiohttp session against it."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+        self.server: ApiServer | None = None
+        self.session: ClientSession | None = None
+
+    async def start(self) -> Client:
+        self.server = ApiServer(self.api)
+        port = await self.server.start("127.0.0.1", 0, ssl_context=None)
+        self.session = ClientSession(base_url=f"http://127.0.0.1:{port}")
+        return self
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        assert self.session is not None
+        return self.session.request(method, path, **kwargs)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+        if self.server is not None:
+            await self.server.close()
+
+    async def __aenter__(self) -> Client:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
 @dataclass
 class Env:
     cluster: FakeCluster
     leader: FakeNode
     follower: FakeNode
-    lc: TestClient[web.Request, web.Application]
-    fc: TestClient[web.Request, web.Application]
+    lc: Client
+    fc: Client
     admin: str
     readonly: str
     clock: ManualClock
     registries: dict[int, CollectorRegistry] = field(default_factory=dict)
 
-    def client(self, via: str) -> TestClient[web.Request, web.Application]:
+    def client(self, via: str) -> Client:
         return self.lc if via == "leader" else self.fc
 
     def node(self, via: str) -> FakeNode:
@@ -62,7 +93,7 @@ class Env:
 
 
 async def request(
-    client: TestClient[web.Request, web.Application],
+    client: Client,
     method: str,
     path: str,
     token: str | None = None,
@@ -114,11 +145,7 @@ async def make_env(*, forward_timeout_seconds: float = 5.0) -> Env:
             clock=clock,
         )
         cluster.apps[node.node_id] = app
-        client: TestClient[web.Request, web.Application] = TestClient(
-            TestServer(app, host="127.0.0.1", port=0)
-        )
-        await client.start_server()
-        clients[node.node_id] = client
+        clients[node.node_id] = await Client(app).start()
     _, admin = cluster.add_token(TokenRole.ADMIN, name="admin")
     _, readonly = cluster.add_token(TokenRole.READONLY, name="reader")
     return Env(cluster, leader, follower, clients[1], clients[2], admin, readonly, clock, registries)

@@ -10,16 +10,14 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
-from quorumd.api.app import all_routes, build_app, dispatch_forwarded
+from quorumd.api.app import Api, all_routes, build_app
 from quorumd.api.errors import ApiError, CommitTimeout
 from quorumd.api.fake import FakeCluster, FakeNode
 from quorumd.api.openapi import build_document
 from quorumd.api.ports import DrainState, ForwardedRequest, TokenRole
-from tests.api_support import Env, close_env, make_env, request, sample_path
+from tests.api_support import Client, Env, close_env, make_env, request, sample_path
 
 pytestmark = pytest.mark.asyncio
 VIA = ["leader", "follower"]
@@ -530,8 +528,8 @@ async def test_payload_too_large(env: Env) -> None:
     for c in (env.lc, env.fc):
         r = await request(c, "POST", "/api/v1/tokens", env.admin, data=big)
         assert r.status == 413 and r.code == "payload_too_large"
-    resp = await dispatch_forwarded(
-        env.cluster.apps[1], ForwardedRequest("POST", "/api/v1/tokens", (), big, env.admin)
+    resp = await env.cluster.apps[1].dispatch_forwarded(
+        ForwardedRequest("POST", "/api/v1/tokens", (), big, env.admin)
     )
     assert resp.status == 413 and json.loads(resp.body)["code"] == "payload_too_large"
 
@@ -598,7 +596,7 @@ async def test_clustering_disabled() -> None:
     cluster.leader_id = 1
     _, admin = cluster.add_token(TokenRole.ADMIN)
     app = build_app(node, node_id=1, registry=CollectorRegistry())
-    async with TestClient(TestServer(app, host="127.0.0.1", port=0)) as c:
+    async with Client(app) as c:
         for method, path in _operations():
             if not path.startswith("/api/v1/cluster/"):
                 continue
@@ -635,7 +633,7 @@ async def test_no_leader(env: Env) -> None:
 
 async def test_forwarded_request_to_non_leader_is_not_forwarded_again(env: Env) -> None:
     req = ForwardedRequest("POST", f"{M}/3/drain", (), b"", env.admin, hops=1)
-    resp = await dispatch_forwarded(env.cluster.apps[2], req)
+    resp = await env.cluster.apps[2].dispatch_forwarded(req)
     assert resp.status == 503 and json.loads(resp.body)["code"] == "no_leader"
     assert ("Retry-After", "1") in resp.headers
     assert env.follower.forwarded == []
@@ -643,15 +641,15 @@ async def test_forwarded_request_to_non_leader_is_not_forwarded_again(env: Env) 
 
 async def test_dispatch_forwarded_edges(env: Env) -> None:
     app = env.cluster.apps[1]
-    resp = await dispatch_forwarded(app, ForwardedRequest("GET", "/api/v1/zzz", (), b"", env.admin))
+    resp = await app.dispatch_forwarded(ForwardedRequest("GET", "/api/v1/zzz", (), b"", env.admin))
     assert resp.status == 404 and json.loads(resp.body)["code"] == "not_found"
-    resp = await dispatch_forwarded(app, ForwardedRequest("PUT", M, (), b"", env.admin))
+    resp = await app.dispatch_forwarded(ForwardedRequest("PUT", M, (), b"", env.admin))
     assert resp.status == 405
-    resp = await dispatch_forwarded(app, ForwardedRequest("GET", "/api/v1/cluster/autopilot", (), b"", ""))
+    resp = await app.dispatch_forwarded(ForwardedRequest("GET", "/api/v1/cluster/autopilot", (), b"", ""))
     assert resp.status == 401
-    resp = await dispatch_forwarded(app, ForwardedRequest("GET", "/api/v1/pools/a%2Db", (), b"", env.admin))
+    resp = await app.dispatch_forwarded(ForwardedRequest("GET", "/api/v1/pools/a%2Db", (), b"", env.admin))
     assert resp.status == 404 and json.loads(resp.body)["code"] == "pool_not_found"
-    resp = await dispatch_forwarded(app, ForwardedRequest("POST", f"{M}/3/drain", (), b"", env.admin))
+    resp = await app.dispatch_forwarded(ForwardedRequest("POST", f"{M}/3/drain", (), b"", env.admin))
     assert resp.status == 200 and resp.applied_index == env.cluster.applied
     assert json.loads(resp.body) == {"result": {"drainState": "drained"}}
 
@@ -736,7 +734,7 @@ async def test_tokens_never_logged(env: Env, caplog: pytest.LogCaptureFixture) -
 async def test_request_metrics(env: Env) -> None:
     await request(env.fc, "POST", f"{M}/3/drain", env.admin)
     await request(env.fc, "GET", "/nope")
-    await request(env.fc, "PROPFIND", M)  # a method aiohttp parses but we do not serve
+    await request(env.fc, "PROPFIND", M)  # a method the parser accepts but no route serves
     text = (await request(env.fc, "GET", "/metrics")).raw.decode()
     drain = 'route="/api/v1/cluster/members/{id}/drain"'
     assert f'quorumd_api_requests_total{{method="POST",{drain},status="200"}} 1.0' in text
@@ -748,11 +746,7 @@ async def test_request_metrics(env: Env) -> None:
     assert 'route="/api/v1/cluster/members/{id}/drain",status="200"' in leader_text
 
 
-async def test_app_is_plain_aiohttp_application(env: Env) -> None:
-    assert isinstance(env.cluster.apps[1], web.Application)
-
-
-async def _backstop_leader(propose_timeout: float) -> tuple[FakeCluster, FakeNode, web.Application, str]:
+async def _backstop_leader(propose_timeout: float) -> tuple[FakeCluster, FakeNode, Api, str]:
     cluster = FakeCluster()
     cluster.add_member(1)
     cluster.add_member(3)
@@ -774,7 +768,7 @@ async def test_leader_operation_backstop() -> None:
     node.gate = asyncio.Event()
     loop = asyncio.get_running_loop()
     started = loop.time()
-    slow = await dispatch_forwarded(app, _resume(admin))
+    slow = await app.dispatch_forwarded(_resume(admin))
     assert loop.time() - started >= 0.06
     assert slow.status == 503 and json.loads(slow.body)["code"] == "commit_timeout"
     assert dict(slow.headers)["Retry-After"] == "1"
@@ -782,14 +776,14 @@ async def test_leader_operation_backstop() -> None:
     assert task is not None and task.cancelling() == 0
     await asyncio.sleep(0.1)  # no stray cancellation is delivered later
     node.gate.set()
-    results = await asyncio.gather(*(dispatch_forwarded(app, _resume(admin)) for _ in range(3)))
+    results = await asyncio.gather(*(app.dispatch_forwarded(_resume(admin)) for _ in range(3)))
     assert [r.status for r in results] == [200, 200, 200]
 
 
 async def test_leader_operation_backstop_passes_outside_cancellation() -> None:
     _, node, app, admin = await _backstop_leader(5.0)
     node.gate = asyncio.Event()
-    task = asyncio.ensure_future(dispatch_forwarded(app, _resume(admin)))
+    task = asyncio.ensure_future(app.dispatch_forwarded(_resume(admin)))
     await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
