@@ -344,10 +344,15 @@ def encode_command(cmd: Command) -> bytes:
     The encoding is validated by decoding it again, so a wrongly typed field (a str where an
     int belongs) fails here, on the proposer, instead of landing in the log.
     """
+    return encode_and_decode(cmd)[0]
+
+
+def encode_and_decode(cmd: Command) -> tuple[bytes, Command]:
+    """``encode_command`` plus the validating decode's result: exactly what every replica's
+    ``decode_command`` will produce from the bytes (the decoder is a pure function of them)."""
     op, fields = _fields(cmd)
     data = pack([COMMAND_VERSION, int(op), float(cmd.ts), *fields])
-    decode_command(data)
-    return data
+    return data, decode_command(data)
 
 
 def _decode_fields(op: OpCode, ts: float, f: list[Any]) -> Command:

@@ -46,6 +46,7 @@ from .commands import (
     RevokeApiToken,
     SetDrain,
     decode_command,
+    encode_and_decode,
     encode_command,
     encode_member_context,
 )
@@ -54,6 +55,10 @@ from .leases import Lease
 from .state import ApplyResult, StateMachine
 
 log = logging.getLogger(__name__)
+
+# Bound on ClusterService._decoded (proposals waiting to apply here; far above the number that can
+# be in flight at once).
+_MAX_DECODED = 65536
 
 # ApplyCode -> (HTTP status, API code)
 _ERRORS: dict[str, tuple[int, str]] = {
@@ -131,6 +136,8 @@ class ClusterService:
         self._rpc = rpc  # (node_id, method, payload, timeout) -> awaitable bytes
         self._apply_listeners: list[Callable[[Sequence[ApplyResult]], None]] = []
         self._state_waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        # encoded command -> its decoding, for this node's own proposals until they apply
+        self._decoded: dict[bytes, Command] = {}
         self.on_join_result: Callable[[str], None] | None = None
         # bearer text -> (token id, secret hash): see authenticate
         self._parsed_tokens: dict[str, tuple[str, bytes]] = {}
@@ -154,7 +161,8 @@ class ClusterService:
             if e.type == EntryType.CONF_CHANGE:
                 results.append(self.sm.apply_conf_change(e.index, decode_conf_change(e.data)))
             else:
-                results.append(self.sm.apply(e.index, e.data))
+                cmd = self._decoded.pop(e.data, None) if self._decoded else None
+                results.append(self.sm.apply(e.index, e.data, cmd))
         for fn in self._apply_listeners:
             fn(results)
         self._wake_state_waiters()
@@ -198,15 +206,21 @@ class ClusterService:
 
     # --- proposing --------------------------------------------------------------------------
     async def propose(self, cmd: Command) -> ApplyResult:
-        # asyncio.timeout, not wait_for: in Python 3.11 wait_for wraps the coroutine in a new task
-        # (and two extra event-loop hops) on every write; the bound and the error are the same.
-        data = encode_command(cmd)
+        # The driver enforces the bound (a deadline checked per tick): no timer handle or task
+        # cancellation per write. The command was decoded once to validate its encoding; the
+        # leader's apply reuses that decoding (decode_command is a pure function of the bytes).
+        data, decoded = encode_and_decode(cmd)
+        pending = self._decoded
+        if len(pending) >= _MAX_DECODED:
+            pending.clear()  # entries that never applied here (leadership lost): drop, decode later
+        pending[data] = decoded
         try:
-            async with asyncio.timeout(self.propose_timeout):
-                res = await self.d.propose(data)
+            res = await self.d.propose(data, self.propose_timeout)
         except NotLeaderError as exc:
+            pending.pop(data, None)
             raise no_leader() from exc
         except ProposalDroppedError as exc:
+            pending.pop(data, None)
             raise commit_timeout(f"cannot accept writes now: {exc}") from exc
         except ProposalLostError as exc:
             raise commit_timeout("leadership changed before the change committed") from exc

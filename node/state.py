@@ -321,16 +321,22 @@ class StateMachine:
 
     # --- apply -------------------------------------------------------------------------------
 
-    def apply(self, index: int, data: bytes) -> ApplyResult:
-        """Apply a NORMAL entry. Never raises for bad data (see the module docstring)."""
+    def apply(self, index: int, data: bytes, decoded: Command | None = None) -> ApplyResult:
+        """Apply a NORMAL entry. Never raises for bad data (see the module docstring).
+
+        ``decoded``: ``decode_command(data)`` when the caller already has it (the proposer
+        decoded its own encoding to validate it); the result is the same either way."""
         self._advance(index)
         if not data:
             return ApplyResult(index)
-        try:
-            cmd = decode_command(data)
-        except CommandError as exc:
-            logger.warning("command_rejected index=%d code=bad_command", index)
-            return ApplyResult(index, ApplyCode.BAD_COMMAND, str(exc))
+        if decoded is not None:
+            cmd = decoded
+        else:
+            try:
+                cmd = decode_command(data)
+            except CommandError as exc:
+                logger.warning("command_rejected index=%d code=bad_command", index)
+                return ApplyResult(index, ApplyCode.BAD_COMMAND, str(exc))
         self._prune_join_tokens(cmd.ts)
         try:
             value = self._dispatch(cmd)

@@ -175,6 +175,28 @@ async def test_snapshot_and_compaction_then_restart(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
+async def test_proposal_timeout_ends_the_wait_and_leaves_the_driver_usable(tmp_path: Path) -> None:
+    c = await three(tmp_path)
+    try:
+        lead = await c.leader()
+        nid = lead.core.node_id
+        real_send = c.send
+        # the leader's messages are lost: nothing it proposes can commit
+        c.send = lambda to, frame, frm: False if frm == nid else real_send(to, frame, frm)  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(lead.propose(b"stuck", timeout=0.03), 5)
+        # expired on a tick (10 ms here), long before CheckQuorum (10 ticks) could end it
+        assert loop.time() - started < 0.09
+        c.send = real_send  # type: ignore[method-assign]
+        new = await c.leader()
+        assert await asyncio.wait_for(new.propose(b"after", timeout=5.0), 5) >= 1
+    finally:
+        await c.close()
+
+
+@pytest.mark.asyncio
 async def test_leadership_transfer(tmp_path: Path) -> None:
     c = await three(tmp_path)
     try:

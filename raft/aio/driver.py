@@ -16,6 +16,8 @@ on disk is persisted before its messages leave.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -108,6 +110,10 @@ class RaftDriver:
         self._inbox: list[Message] = []
         self._proposals: list[tuple[bytes, asyncio.Future[Any], float]] = []
         self._waiting: dict[int, tuple[int, asyncio.Future[Any], float]] = {}
+        # Proposal deadlines (perf_counter, seq, future), checked on every tick: one heap push per
+        # bounded proposal instead of a timer handle and a task cancellation per write.
+        self._deadlines: list[tuple[float, int, asyncio.Future[Any]]] = []
+        self._deadline_seq = itertools.count()
         self._reads: dict[bytes, asyncio.Future[int]] = {}
         self._read_seq = 0
         self._apply_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -155,6 +161,7 @@ class RaftDriver:
         self._proposals.clear()
         self._waiting.clear()
         self._reads.clear()
+        self._deadlines.clear()
 
     # --- inputs -------------------------------------------------------------------------------
     def deliver(self, from_id: NodeId, frame: bytes) -> None:
@@ -186,15 +193,19 @@ class RaftDriver:
         self._wake.set()
         return result
 
-    async def propose(self, data: bytes) -> Any:
+    async def propose(self, data: bytes, timeout: float | None = None) -> Any:
         """Replicate ``data``; returns the application's result once applied here.
 
-        Raises NotLeaderError/ProposalDroppedError at once, ProposalLostError if overwritten.
-        Callers bound the wait with their own timeout."""
+        Raises NotLeaderError/ProposalDroppedError at once, ProposalLostError if overwritten,
+        TimeoutError when ``timeout`` seconds pass first (checked on each tick, so up to one
+        tick late). A timed-out proposal may still commit later: only the wait ends."""
         if self.core.role != Role.LEADER:
             raise NotLeaderError(self.core.leader_id)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._proposals.append((data, fut, time.perf_counter()))
+        now = time.perf_counter()
+        self._proposals.append((data, fut, now))
+        if timeout is not None:
+            heapq.heappush(self._deadlines, (now + timeout, next(self._deadline_seq), fut))
         self._wake.set()
         return await fut
 
@@ -259,6 +270,8 @@ class RaftDriver:
                     self._timer_due = False
                     if now + _TIMER_SLACK_SECONDS >= next_tick:
                         self.core.tick()
+                        if self._deadlines:
+                            self._expire_proposals()
                         next_tick += self._tick_seconds
                         if next_tick < now:  # the loop was stalled: do not replay every missed tick
                             next_tick = now + self._tick_seconds
@@ -271,6 +284,14 @@ class RaftDriver:
             timer.cancel()
             if self._commit_timer is not None:
                 self._commit_timer.cancel()
+
+    def _expire_proposals(self) -> None:
+        heap = self._deadlines
+        now = time.perf_counter()
+        while heap and (heap[0][0] <= now or heap[0][2].done()):
+            fut = heapq.heappop(heap)[2]
+            if not fut.done():
+                fut.set_exception(TimeoutError("the proposal did not commit in time"))
 
     def flush_commit_broadcast(self) -> None:
         """Send a pending commit-index advance now (CoreConfig.lazy_commit_broadcast)."""
