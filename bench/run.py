@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
 from etcd_tls import run_etcd_tls  # noqa: E402
+from pysyncobj_wrk import run_pysyncobj_wrk  # noqa: E402
 from wrk import available as wrk_available  # noqa: E402
 from wrk import run_wrk  # noqa: E402
 
@@ -315,6 +316,7 @@ def write_report(res: dict[str, Any], cmd: str, wall_s: float) -> str:
     q, etcd, pso = res["quorumd"], res.get("etcd"), res.get("pysyncobj")
     etls, su = res.get("etcd_tls") or {}, res.get("startup") or {}
     qw, ew = q.get("wrk", {}), etls.get("wrk", {})
+    pw = (res.get("pysyncobj_wrk") or {}).get("best", {})
     ql = q.get("loadgen", {})
     el, pl = _peer_levels(etcd), _peer_levels(pso)
 
@@ -359,6 +361,21 @@ def write_report(res: dict[str, Any], cmd: str, wall_s: float) -> str:
             f"| {c} | {fmt(tput(qw, c))} | {fmt(tput(ew, c))} | {ratio(tput(qw, c), tput(ew, c))} | "
             f"{fmt(p50w(qw, c), nd=2)} | {fmt(p50w(ew, c), nd=2)} | {ratio(p50w(qw, c), p50w(ew, c))} |"
         )
+    if pw:
+        lines += [
+            "",
+            "PySyncObj 0.3.17 driven by wrk as well (`POST /put` on the leader through the shared "
+            "scripts' front end `pso_node.py`: plain HTTP, no fsync; the better of batching on/off):",
+            "",
+            "| clients | quorumd ok/s | PySyncObj ok/s | ratio | quorumd p50 ms | PySyncObj p50 ms |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in (1, 64):
+            cfg = pw.get(str(c), {}).get("config", "?")
+            lines.append(
+                f"| {c} | {fmt(tput(qw, c))} | {fmt(tput(pw, c))} ({cfg}) | "
+                f"{ratio(tput(qw, c), tput(pw, c))} | {fmt(p50w(qw, c), nd=2)} | {fmt(p50w(pw, c), nd=2)} |"
+            )
     lc = qw.get("64", {})
     lines += [
         "",
@@ -403,12 +420,80 @@ def write_report(res: dict[str, Any], cmd: str, wall_s: float) -> str:
         f"| startup to ready, log index {su.get('log_index', 'n/a')}, {su.get('leases', 'n/a')} leases "
         f"(median of 3 nodes) | {fmt(su_t, ' s', 2)} | | |",
         f"| peak RSS per node with that state (MB) | {su.get('rss_mb_peak', 'n/a')} | | |",
+    ]
+    lines += targets_table(res, tput, p50w)
+    lines += [
         "",
         "Raw results: `bench/results/` (JSON, one file per run).",
     ]
     if su.get("notes"):
         lines += ["", f"Startup bench notes: {su['notes']}"]
     return "\n".join(lines) + "\n"
+
+
+def targets_table(res: dict[str, Any], tput: Any, p50w: Any) -> list[str]:
+    """The issue #7 targets against this run's figures (met: yes/no, computed, not asserted)."""
+    q, etcd, pso = res["quorumd"], res.get("etcd"), res.get("pysyncobj")
+    etls, su = res.get("etcd_tls") or {}, res.get("startup") or {}
+    qw, ew = q.get("wrk", {}), etls.get("wrk", {})
+    pw = (res.get("pysyncobj_wrk") or {}).get("best", {})
+    ql, pl = q.get("loadgen", {}), _peer_levels(pso)
+    rows: list[tuple[str, str, bool | None]] = []
+
+    def check(name: str, value: float, limit: float, detail: str, *, at_least: bool) -> None:
+        ok = None if value != value else (value >= limit if at_least else value <= limit)
+        rows.append((name, detail, ok))
+
+    r = tput(qw, 64) / tput(ew, 64) if tput(ew, 64) else float("nan")
+    check("64 clients: >= 1.5x etcd's acknowledged writes/s (TLS, wrk)", r, 1.5,
+          f"{r:.2f}x ({fmt(tput(qw, 64))} vs {fmt(tput(ew, 64))}/s)", at_least=True)  # fmt: skip
+    if pw:
+        r = tput(qw, 64) / tput(pw, 64) if tput(pw, 64) else float("nan")
+        check("64 clients: >= 2x PySyncObj (wrk)", r, 2.0,
+              f"{r:.2f}x ({fmt(tput(qw, 64))} vs {fmt(tput(pw, 64))}/s; PySyncObj without fsync, plain HTTP)",
+              at_least=True)  # fmt: skip
+    p_t = float(pl.get(64, {}).get("throughput_ok_per_s", float("nan")))
+    q_t = float(ql.get("64", {}).get("throughput_ok_per_s", float("nan")))
+    r = q_t / p_t if p_t else float("nan")
+    check("64 clients: >= 2x PySyncObj (shared Python generator)", r, 2.0,
+          f"{r:.2f}x ({fmt(q_t)} vs {fmt(p_t)}/s; that generator saturates near these rates)",
+          at_least=True)  # fmt: skip
+    r = p50w(qw, 1) / p50w(ew, 1) if p50w(ew, 1) else float("nan")
+    check("1 client: p50 <= 0.5x etcd's (wrk)", r, 0.5,
+          f"{r:.2f}x ({fmt(p50w(qw, 1), nd=2)} vs {fmt(p50w(ew, 1), nd=2)} ms)", at_least=False)  # fmt: skip
+    q_fo, e_fo = med(q.get("failover_s")), med(_peer_list(etcd, "failover", "first_write_s"))
+    changed = qw.get("64", {}).get("leader_changed")
+    r = q_fo / e_fo if e_fo == e_fo and e_fo else float("nan")
+    rows.append(
+        (
+            "failover median <= 0.5x etcd's, no leader change in the steady 64-client run",
+            f"{r:.2f}x ({fmt(q_fo * 1000, ' ms', 0)} vs {fmt(e_fo * 1000, ' ms', 0)}); "
+            f"leader changed: {changed}",
+            None if r != r else (r <= 0.5 and changed is False),
+        )
+    )
+    t = q.get("transfer", {})
+    fw, dc = med(t.get("first_write_s")) * 1000, med(t.get("drain_call_s")) * 1000
+    check("transfer through drain: first write on the new leader <= 10 ms (median)", fw, 10.0,
+          f"{fmt(fw, ' ms')}", at_least=False)  # fmt: skip
+    check("transfer through drain: the drain call returns within 20 ms (median)", dc, 20.0,
+          f"{fmt(dc, ' ms')}", at_least=False)  # fmt: skip
+    su_t = float(su.get("startup_to_ready_s_median", float("nan")))
+    check("startup to ready with 1,000,000 log entries / 100,000 leases < 3 s", su_t, 3.0,
+          f"{fmt(su_t, ' s', 2)} (three nodes at once)", at_least=False)  # fmt: skip
+    rss = su.get("rss_mb_peak") or {}
+    peak = max((float(v) for v in rss.values()), default=float("nan"))
+    check("peak RSS < 150 MB per node with that state", peak, 150.0, f"max {fmt(peak, ' MB')}",
+          at_least=False)  # fmt: skip
+    ap_f = float(q.get("autopilot_follower_ms_p50", float("nan")))
+    ap_l = float(q.get("autopilot_leader_ms_p50", float("nan")))
+    r = ap_f / ap_l if ap_l else float("nan")
+    check("follower-proxied autopilot <= 2x leader-direct (p50)", r, 2.0,
+          f"{r:.2f}x ({fmt(ap_f, ' ms', 2)} vs {fmt(ap_l, ' ms', 2)})", at_least=False)  # fmt: skip
+    out = ["", "## Against the issue #7 targets (this run)", "", "| target | result | met |", "|---|---|---|"]
+    for name, detail, ok in rows:
+        out.append(f"| {name} | {detail} | {'n/a' if ok is None else ('yes' if ok else 'no')} |")
+    return out
 
 
 def main() -> int:
@@ -440,6 +525,9 @@ def main() -> int:
             res["etcd"] = run_shared_peer(bench, "bench_etcd.py", etcd_args)
         pso_args = ["--configs", "default,nobatch", "--failovers", "2", "--transfers", "2"]
         res["pysyncobj"] = run_shared_peer(bench, "bench_pysyncobj.py", pso_args)
+        pso_python = bench / ".venv" / "bin" / "python"  # made by the shared script's _venv.sh
+        if wrk_available() and pso_python.exists():
+            res["pysyncobj_wrk"] = run_pysyncobj_wrk(str(pso_python), bench, [1, 64], args.duration)
     wall = time.monotonic() - t_start
     out = BENCH / "results"
     out.mkdir(parents=True, exist_ok=True)
