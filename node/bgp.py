@@ -16,10 +16,12 @@ length wherever they are listed.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import itertools
 import logging
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -124,10 +126,14 @@ class StubBgpSpeaker:
     def stop(self) -> None:
         if not self._running:
             return
-        self._apply({})
+        # O(1) on the drain's critical path: swap the announced set out instead of diffing it
+        # (a node with 190,000 leases spent 5-11 ms here before its leadership could move).
+        withdrawn, self._announced = self._announced, {}
         self._running = False
+        _log_change("bgp_withdraw", withdrawn)
         log.info("bgp_speaker_stopped")
         self._changed()
+        _release_later(withdrawn)
 
     def set_prefixes(self, prefixes: Iterable[str], *, canonical: bool = False) -> None:
         if canonical:  # the node's own host routes (Lease.prefix): already canonical, in lease order
@@ -198,7 +204,18 @@ class StubBgpSpeaker:
             self._on_change(self._running, len(self._announced))
 
 
-def _log_change(event: str, prefixes: list[str]) -> None:
+def _release_later(prefixes: dict[str, None]) -> None:
+    """Free a large withdrawn set a second later, off the critical path of the drain that
+    withdrew it (deallocating 190,000 entries takes ~2 ms of the event loop)."""
+    if len(prefixes) <= LOG_EACH_LIMIT:
+        return
+    try:
+        asyncio.get_running_loop().call_later(1.0, prefixes.clear)
+    except RuntimeError:  # no loop (tests, tools): free it now
+        prefixes.clear()
+
+
+def _log_change(event: str, prefixes: Collection[str]) -> None:
     """One line per prefix for small changes; for large ones the count and a sample: the first
     prefixes in the speaker's (lease) order, listed sorted. Picking the numerically smallest
     would parse every prefix, which is what made draining a node with many leases slow."""
@@ -208,5 +225,5 @@ def _log_change(event: str, prefixes: list[str]) -> None:
         for p in sorted_prefixes(prefixes):
             log.info("%s prefix=%s", event, p)
     else:
-        sample = sorted_prefixes(prefixes[:SAMPLE_PREFIXES])
+        sample = sorted_prefixes(itertools.islice(prefixes, SAMPLE_PREFIXES))
         log.info("%s count=%d sample=%s", event, len(prefixes), ",".join(sample))

@@ -544,6 +544,12 @@ class ClusterService:
         if not isinstance(cmd, RegisterNodeInfo | MarkNodeLeft | SetDrain) or cmd.node_id != from_id:
             raise ApiError(403, "forbidden", "members may only announce their own state")
         if isinstance(cmd, SetDrain):
+            if self.is_leader():
+                # A leader that just took over (a drained leader's hand-off) may not have applied
+                # the member's "draining" yet: it was committed in the previous term and is only
+                # known committed here once this term's first entry commits. Judge on the full
+                # state, else the confirmation is refused and the drain waits out a timeout.
+                await self.linearizable_barrier()
             m = self.sm.member(from_id)
             # drain confirmation: only draining -> drained without a deadline
             if m is None or m.drain_state != DrainState.DRAINING or cmd.state != DrainState.DRAINED:

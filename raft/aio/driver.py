@@ -238,10 +238,13 @@ class RaftDriver:
         self._apply_waiters.append((index, fut))
         await fut
 
-    async def wait_leader_change(self) -> None:
+    def wait_leader_change(self) -> asyncio.Future[None]:
+        """A future resolved at the next role or leader change. Registered before this returns:
+        a caller that checked the leader and then awaits this cannot miss a change in between
+        (as it could when the registration ran in a task that ``wait_for`` had yet to start)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._leader_waiters.append(fut)
-        await fut
+        return fut
 
     def status(self) -> Status:
         return self.core.status()
