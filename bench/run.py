@@ -342,7 +342,8 @@ def write_report(res: dict[str, Any], cmd: str, wall_s: float) -> str:
         "",
         f"Machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs (shared by the 3 nodes "
         f"and the generator), Python {platform.python_version()}. "
-        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Command: `{cmd}` "
+        f"Date: {res.get('started', time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))} (start). "
+        f"Command: `{cmd}` "
         f"({wall_s / 60:.1f} min). All systems were measured in this one run; the machine is shared and "
         "noisy, so compare within the run only.",
         "",
@@ -426,6 +427,9 @@ def write_report(res: dict[str, Any], cmd: str, wall_s: float) -> str:
         "",
         "Raw results: `bench/results/` (JSON, one file per run).",
     ]
+    notes = BENCH / "notes.md"
+    if notes.exists():
+        lines += ["", notes.read_text().rstrip()]
     if su.get("notes"):
         lines += ["", f"Startup bench notes: {su['notes']}"]
     return "\n".join(lines) + "\n"
@@ -503,7 +507,13 @@ def main() -> int:
     p.add_argument("--tries", type=int, default=5, help="failovers and transfers")
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--no-startup", action="store_true")
+    p.add_argument("--report-only", metavar="RESULTS_JSON", help="rewrite BENCHMARKS.md from a results file")
     args = p.parse_args()
+    if args.report_only:
+        saved = json.loads(Path(args.report_only).read_text())
+        report = write_report(saved, saved.get("command", "make bench"), float(saved.get("wall_s", 0.0)))
+        (ROOT / "BENCHMARKS.md").write_text(report)
+        return 0
     t_start = time.monotonic()
     bench = shared_copy()
     res: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -529,10 +539,13 @@ def main() -> int:
         if wrk_available() and pso_python.exists():
             res["pysyncobj_wrk"] = run_pysyncobj_wrk(str(pso_python), bench, [1, 64], args.duration)
     wall = time.monotonic() - t_start
+    cmd = "make bench" if len(sys.argv) == 1 else "python bench/run.py " + " ".join(sys.argv[1:])
+    res.update(
+        command=cmd, wall_s=round(wall, 1), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    )
     out = BENCH / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"bench_{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(res, indent=1, default=str))
-    cmd = "make bench" if len(sys.argv) == 1 else "python bench/run.py " + " ".join(sys.argv[1:])
     report = write_report(res, cmd, wall)
     (ROOT / "BENCHMARKS.md").write_text(report)
     print(report)
