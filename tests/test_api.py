@@ -788,3 +788,11 @@ async def test_leader_operation_backstop_passes_outside_cancellation() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def test_only_single_proposal_routes_skip_the_leader_backstop() -> None:
+    """``self_bounded`` routes run without the leader's backstop timer: their only wait is one
+    proposal, which the Raft driver expires itself (tests/test_driver.py). Anything that waits on
+    more (catch-up, hand-off, barriers) must keep the backstop."""
+    bounded = {(r.method, r.path) for r in all_routes() if r.self_bounded}
+    assert bounded == {("POST", "/api/v1/leases"), ("DELETE", "/api/v1/leases/{id}")}
