@@ -790,7 +790,7 @@ async def test_leader_operation_backstop_passes_outside_cancellation() -> None:
         await task
 
 
-def test_only_single_proposal_routes_skip_the_leader_backstop() -> None:
+async def test_only_single_proposal_routes_skip_the_leader_backstop() -> None:
     """``self_bounded`` routes run without the leader's backstop timer: their only wait is one
     proposal, which the Raft driver expires itself (tests/test_driver.py). Anything that waits on
     more (catch-up, hand-off, barriers) must keep the backstop."""
