@@ -350,8 +350,11 @@ def encode_command(cmd: Command) -> bytes:
 def encode_and_decode(cmd: Command) -> tuple[bytes, Command]:
     """``encode_command`` plus the validating decode's result: exactly what every replica's
     ``decode_command`` will produce from the bytes (the decoder is a pure function of them)."""
-    op, fields = _fields(cmd)
-    data = pack([COMMAND_VERSION, int(op), float(cmd.ts), *fields])
+    if type(cmd) is AllocateLease:  # the write path: the same list _fields builds, directly
+        data = pack([COMMAND_VERSION, _ALLOCATE, float(cmd.ts), cmd.pool, cmd.holder, cmd.node_id])
+    else:
+        op, fields = _fields(cmd)
+        data = pack([COMMAND_VERSION, int(op), float(cmd.ts), *fields])
     return data, decode_command(data)
 
 
@@ -428,7 +431,30 @@ def decode_command(data: bytes) -> Command:
     """Decode a NORMAL entry's data; raises ``CommandError`` (only) when malformed."""
     if len(data) > MAX_COMMAND_BYTES:
         raise CommandError("command too large")
-    items = check_list(unpack(data, "command"), "command")
+    items = unpack(data, "command")
+    # The write path's two commands, checked inline (the same checks as the general decoder,
+    # which every other shape goes through; tests/test_state.py compares the two on fuzzed
+    # input). ~4x cheaper: every write is decoded on every replica.
+    if type(items) is list and type(items[0] if items else None) is int and items[0] == COMMAND_VERSION:
+        n = len(items)
+        op, ts = items[1] if n > 1 else None, items[2] if n > 2 else None
+        if type(op) is int and type(ts) is float and math.isfinite(ts):
+            if (
+                op == _ALLOCATE
+                and n == 6
+                and type(items[3]) is str
+                and type(items[4]) is str
+                and type(items[5]) is int
+            ):
+                return AllocateLease(ts, items[3], items[4], items[5])
+            if op == _RELEASE and n == 4 and type(items[3]) is int:
+                return ReleaseLease(ts, items[3])
+    return decode_items(items)
+
+
+def decode_items(items: object) -> Command:
+    """The general decoder of an unpacked command (see decode_command)."""
+    items = check_list(items, "command")
     if len(items) < 3:
         raise CommandError("command: too short")
     version = check_int(items[0], "version")
@@ -441,6 +467,10 @@ def decode_command(data: bytes) -> Command:
         raise CommandError(f"command: unknown op {code}") from None
     ts = check_float(items[2], "ts")
     return _decode_fields(op, ts, items[3:])
+
+
+_ALLOCATE = int(OpCode.ALLOCATE_LEASE)
+_RELEASE = int(OpCode.RELEASE_LEASE)
 
 
 def encode_member_context(ctx: MemberContext) -> bytes:

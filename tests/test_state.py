@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from quorumd.api.ports import DrainState, TokenRole
 from quorumd.node.apitoken import hash_secret
 from quorumd.node.commands import (
+    COMMAND_VERSION,
     AllocateLease,
     Command,
     CommandError,
@@ -25,15 +26,20 @@ from quorumd.node.commands import (
     MemberContext,
     MintJoinToken,
     Noop,
+    OpCode,
     RegisterNodeInfo,
     ReleaseLease,
     RevokeApiToken,
     SetClusterSecrets,
     SetDrain,
+    _fields,
     decode_command,
+    decode_items,
     decode_member_context,
+    encode_and_decode,
     encode_command,
     encode_member_context,
+    pack,
 )
 from quorumd.node.leases import LeaseTable
 from quorumd.node.state import (
@@ -520,7 +526,6 @@ def test_lease_listing_matches_brute_force(
         assert table.active_count(owner) == sum(1 for _, o in live.values() if o == owner)
 
 
-
 @settings(max_examples=80, deadline=None)
 @given(
     st.lists(
@@ -849,3 +854,61 @@ def test_random_log_snapshot_midway_equals_full_replay(seed: int) -> None:
     again = StateMachine()
     again.restore(full.snapshot())
     assert again.snapshot() == full.snapshot()
+
+
+# --- the write path's inline decoder agrees with the general one ----------------------------------
+
+_ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.binary(max_size=8),
+)
+
+
+def _outcome(fn: object, arg: object) -> object:
+    try:
+        cmd = fn(arg)  # type: ignore[operator]
+    except CommandError:
+        return "error"
+    return (type(cmd), tuple((type(v), v) for v in vars_of(cmd)))
+
+
+def vars_of(cmd: object) -> list[object]:
+    return [getattr(cmd, f) for f in cmd.__slots__]  # type: ignore[attr-defined]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(data=st.data())
+def test_inline_decoder_matches_the_general_decoder(data: st.DataObject) -> None:
+    """Valid AllocateLease / ReleaseLease item lists with at most one position replaced by an
+    arbitrary value (bools for ints, ints for floats, NaN, ...) and sometimes one item more or
+    less: the inline decoder must accept and reject exactly what the general one does."""
+    ts = data.draw(st.floats(allow_nan=False, allow_infinity=False))
+    items: list[object] = data.draw(
+        st.sampled_from(
+            [
+                [COMMAND_VERSION, int(OpCode.ALLOCATE_LEASE), ts, "pool", "holder", 3],
+                [COMMAND_VERSION, int(OpCode.RELEASE_LEASE), ts, 7],
+            ]
+        )
+    )
+    if data.draw(st.booleans()):
+        items[data.draw(st.integers(0, len(items) - 1))] = data.draw(_ANY)
+    tail = data.draw(st.sampled_from(["keep", "drop", "add"]))
+    if tail == "drop":
+        items.pop()
+    elif tail == "add":
+        items.append(data.draw(_ANY))
+    packed = msgpack.packb(items, use_bin_type=True)
+    unpacked = msgpack.unpackb(packed, raw=False, use_list=True, strict_map_key=True)
+    assert _outcome(decode_command, packed) == _outcome(decode_items, unpacked)
+
+
+def test_inline_encoder_matches_the_general_encoder() -> None:
+    cmd = AllocateLease(12.5, "pool-a", "holder", 3)
+    op, fields = _fields(cmd)
+    assert encode_command(cmd) == pack([COMMAND_VERSION, int(op), 12.5, *fields])
+    assert encode_and_decode(cmd) == (encode_command(cmd), cmd)
