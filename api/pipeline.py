@@ -19,7 +19,6 @@ After a successful forwarded call the follower waits until it has applied the le
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -27,6 +26,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 from urllib.parse import unquote
+
+import orjson
 
 from .auth import FailedAuthLimiter, authorize
 from .errors import (
@@ -247,9 +248,11 @@ async def run_call(ctx: Context, route: Route, call: Call) -> Reply:
 
 
 def _check_envelope(body: bytes) -> None:
+    """The leader's answer is a JSON envelope (a structural check: orjson, ~10x the standard
+    parser on an autopilot document, and duplicate keys do not matter here)."""
     try:
-        doc = json.loads(body)
-    except ValueError:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
         doc = None
     if not isinstance(doc, dict) or not ("result" in doc or ("error" in doc and "code" in doc)):
         raise LeaderUnreachable("the leader sent an invalid answer", code="leader_error")
