@@ -1248,6 +1248,8 @@ class ClusterTransport:
             )
             kind, out = FrameKind.RPC_ERROR, (str(exc) or type(exc).__name__).encode()
         self._reply(conn, request_id, method, kind, out)
+        if not conn.paused:
+            return  # the usual case: nothing to wait for (no timeout context per call)
         try:
             async with asyncio.timeout(self._write_timeout):
                 await conn.drain()
