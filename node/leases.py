@@ -42,6 +42,8 @@ from datetime import UTC, datetime
 from math import isfinite
 from typing import Any, NamedTuple
 
+import msgpack
+
 from quorumd.node.commands import CommandError, check_float, check_int, check_list, check_str
 
 logger = logging.getLogger(__name__)
@@ -250,10 +252,33 @@ def parse_cidr(cidr: str) -> IPNetwork:
         raise Rejection("invalid_cidr", f"invalid CIDR {cidr!r}: {exc}") from None
 
 
+_CHUNK_BITS = 12
+_CHUNK = 1 << _CHUNK_BITS
+
+
+def _packb(obj: object) -> bytes:
+    out = msgpack.packb(obj, use_bin_type=True)
+    assert isinstance(out, bytes)
+    return out
+
+
+def _array_header(n: int) -> bytes:
+    """msgpack's header of an n-element array."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def _array_header_size(n: int) -> int:
+    return 1 if n < 16 else 3 if n < 0x10000 else 5
+
+
 class LeaseTable:
     """Pools, leases and their indices. Mutators raise ``Rejection`` before changing anything."""
 
-    __slots__ = ("_all", "_by_node", "_leases", "_next_id", "_pools")
+    __slots__ = ("_all", "_by_node", "_dirty", "_leases", "_next_id", "_packed", "_pools")
 
     def __init__(self) -> None:
         self._pools: dict[str, _Pool] = {}
@@ -261,6 +286,10 @@ class LeaseTable:
         self._all = _IdIndex(self._leases.__contains__)
         self._by_node: dict[int, _IdIndex] = {}
         self._next_id = 1
+        # Snapshot encoding cache (see packed_dump): chunk -> the msgpack encoding of its leases,
+        # and the chunks changed since they were encoded.
+        self._packed: dict[int, bytes] = {}
+        self._dirty: set[int] = set()
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -366,6 +395,7 @@ class LeaseTable:
                 old_owner = lease.node_id
                 lease = lease._replace(node_id=node_id)
                 self._leases[existing] = lease
+                self._dirty.add(existing >> _CHUNK_BITS)
                 self._node_discard(old_owner, existing)
                 self._node_index(node_id).add(existing)
             return lease
@@ -388,6 +418,7 @@ class LeaseTable:
             raise Rejection("unknown_lease", f"unknown lease {lease_id}")
         p = self._pools[lease.pool]
         del self._leases[lease_id]
+        self._dirty.add(lease_id >> _CHUNK_BITS)
         del p.holders[lease.holder]
         p.index.discard(lease_id)
         self._all.discard(lease_id)
@@ -412,6 +443,29 @@ class LeaseTable:
         # The lease dict is in id order: ids only grow, and a re-owned lease keeps its slot.
         leases = [lease[:6] for lease in self._leases.values()]  # msgpack packs tuples as arrays
         return [self._next_id, pools, leases]
+
+    def packed_dump(self) -> bytes:
+        """``msgpack.packb(self.dump(), use_bin_type=True)``, byte for byte, without re-encoding
+        leases that did not change since the last call.
+
+        A snapshot used to pack every lease (300,000 leases: ~300 ms of the event loop, several
+        times a minute under write load). Leases are kept in 4096-id chunks, each chunk's
+        encoding is cached until one of its leases is added, re-owned or released, and the list
+        is the array header followed by the chunks' encodings in id order -- exactly what
+        msgpack writes for the whole list. tests/test_state.py compares the two."""
+        leases, packed = self._leases, self._packed
+        for chunk in self._dirty:
+            base = chunk << _CHUNK_BITS
+            items = [lease[:6] for i in range(base, base + _CHUNK) if (lease := leases.get(i)) is not None]
+            if items:
+                encoded = _packb(items)
+                packed[chunk] = encoded[_array_header_size(len(items)) :]
+            else:
+                packed.pop(chunk, None)
+        self._dirty.clear()
+        pools = [[p.name, str(p.network), p.created_at, p.hwm] for p in self._sorted_pools()]
+        body = b"".join(packed[c] for c in sorted(packed))
+        return b"\x93" + _packb(self._next_id) + _packb(pools) + _array_header(len(leases)) + body
 
     @classmethod
     def load(cls, obj: object) -> LeaseTable:
@@ -494,6 +548,7 @@ class LeaseTable:
             p.free = [o for o in range(p.hwm) if o not in taken]  # sorted, hence a valid heap
         for node_id, ids in node_ids.items():
             table._node_index(node_id).fill(ids)
+        table._dirty.update({lease_id >> _CHUNK_BITS for lease_id in leases})
         return table
 
     # --- internals ---------------------------------------------------------------------------
@@ -503,6 +558,7 @@ class LeaseTable:
 
     def _insert(self, p: _Pool, lease: Lease) -> None:
         self._leases[lease.lease_id] = lease
+        self._dirty.add(lease.lease_id >> _CHUNK_BITS)
         p.holders[lease.holder] = lease.lease_id
         p.index.add(lease.lease_id)
         self._all.add(lease.lease_id)

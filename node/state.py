@@ -405,18 +405,12 @@ class StateMachine:
             [t.token_id, t.name, role_to_code(t.role), t.secret_hash, t.created_at, t.expires_at]
             for t in self.api_tokens()
         ]
-        return pack(
-            [
-                SNAPSHOT_VERSION,
-                self._applied_index,
-                self._cluster_id,
-                self._join_key,
-                members,
-                join_tokens,
-                api_tokens,
-                self._leases.dump(),
-            ]
-        )
+        # ``pack([...7 fields..., self._leases.dump()])`` byte for byte: an 8-element array whose
+        # last element the lease table encodes from its cache (LeaseTable.packed_dump).
+        head = (SNAPSHOT_VERSION, self._applied_index, self._cluster_id, self._join_key)
+        parts = [b"\x98", *(pack(x) for x in head), pack(members), pack(join_tokens), pack(api_tokens)]
+        parts.append(self._leases.packed_dump())
+        return b"".join(parts)
 
     def restore(self, data: bytes) -> None:
         """Replace the whole state with a snapshot; raises ``SnapshotError`` (state untouched)."""
