@@ -157,8 +157,13 @@ class ClusterNode(ClusterService):
         if m.drain_state == DrainState.ACTIVE:
             self._drain_effects_done = False
             if self.bgp_enabled and not self.bgp.running:
-                self.bgp.set_prefixes(self.sm.announced_prefixes(me), canonical=True)
-                self._prefixes_dirty = False
+                # The desired set follows every apply by delta, stopped or not (_after_apply);
+                # rebuild it from the lease table only when that chain is broken (first start, a
+                # restored snapshot, a removal's purge). Rebuilding is O(leases): 300,000 prefix
+                # strings stalled a resumed member's loop for ~0.4 s.
+                if self._prefixes_dirty:
+                    self.bgp.set_prefixes(self.sm.announced_prefixes(me), canonical=True)
+                    self._prefixes_dirty = False
                 self.bgp.start()
             return
         # Once per drain (draining -> drained is the same drain: one RAN event, not two).

@@ -235,6 +235,7 @@ def test_drain_follower_keeps_leader_stops_its_speaker_and_refuses_its_leases(
     assert held["nodeId"] == f
     wait_for("F announces its lease", lambda: announced(c, f)[1] == member(c, f, f)["activeLeases"] == 1)
     assert announced(c, f) == (True, 1, [f"{held['address']}/32"])
+    held2 = lease_for(c, f, "f-held-2", via=f)  # released while F is drained (below)
     term = c.status(lead)["term"]
     ran_before, hook_before = c.status(f)["ranNotifications"], ran.count(f)
 
@@ -275,9 +276,14 @@ def test_drain_follower_keeps_leader_stops_its_speaker_and_refuses_its_leases(
     # Drain is idempotent.
     assert c.ok(lead, "POST", f"/api/v1/cluster/members/{f}/drain") == {"drainState": "drained"}
 
+    # A lease released while the speaker is stopped is not announced again on resume (the
+    # desired set follows every apply by delta, stopped or not).
+    c.ok(lead, "DELETE", f"/api/v1/leases/{held2['id']}")
+    on_every_node(c, "f-held-2 released", lambda nid: member(c, f, nid)["activeLeases"] == 1)
     resume_and_settle(c, f)
     # Resume re-announces F's leases; the RAN event is not reversed (no new event either).
     wait_for("F re-announces", lambda: announced(c, f)[1] == member(c, f, f)["activeLeases"])
+    assert announced(c, f) == (True, 1, [f"{held['address']}/32"])
     assert c.status(f)["ranNotifications"] == ran_before + 1
     assert c.ok(f, "POST", "/api/v1/leases", {"pool": "p", "holder": "after-resume"})["nodeId"] == f
     assert metric(c, f, "quorumd_bgp_speaker_running") == 1
