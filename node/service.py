@@ -544,19 +544,23 @@ class ClusterService:
         if not isinstance(cmd, RegisterNodeInfo | MarkNodeLeft | SetDrain) or cmd.node_id != from_id:
             raise ApiError(403, "forbidden", "members may only announce their own state")
         if isinstance(cmd, SetDrain):
-            if self.is_leader():
+            m = self.sm.member(from_id)
+            if (m is None or m.drain_state != DrainState.DRAINING) and self.is_leader():
                 # A leader that just took over (a drained leader's hand-off) may not have applied
                 # the member's "draining" yet: it was committed in the previous term and is only
                 # known committed here once this term's first entry commits. Judge on the full
                 # state, else the confirmation is refused and the drain waits out a timeout.
                 await self.linearizable_barrier()
-            m = self.sm.member(from_id)
+                m = self.sm.member(from_id)
             # drain confirmation: only draining -> drained without a deadline
             if m is None or m.drain_state != DrainState.DRAINING or cmd.state != DrainState.DRAINED:
                 return pack(False)
         if not self.is_leader():
             raise no_leader()
         await self.propose(cmd)
+        # The caller waits until its own replica applies this: send the commit index now rather
+        # than after the lazy-broadcast delay (as the api.forward handler does).
+        self.d.flush_commit_broadcast()
         return pack(True)
 
     def member_context(self, join_token_id: bytes | None) -> bytes:
