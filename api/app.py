@@ -68,13 +68,9 @@ class Api:
     ) -> Reply:
         """One HTTP request: ``path`` is the raw (still percent-encoded) path, ``query_string`` the
         raw query without ``?``."""
-        clock = self.metrics.clock
-        started = clock()
-        label = UNMATCHED
-        try:
-            route, values = self.table.match(method, path)
-            label = route.path
-            call = Call(
+
+        def call(route: Route, values: dict[str, str]) -> Call:
+            return Call(
                 method=method,
                 raw_path=path,
                 query=tuple(parse_qsl(query_string, keep_blank_values=True)) if query_string else (),
@@ -84,35 +80,22 @@ class Api:
                 client=client,
                 hops=0,
             )
-            reply = await run_call(self.ctx, route, call)
-        except ApiError as exc:
-            reply = error_reply(exc)
-        except Exception:
-            log.exception("api_unhandled_error method=%s route=%s", method, label)
-            reply = error_reply(InternalError())
-        self.metrics.observe(method, label, reply.status, clock() - started)
-        return reply
+
+        return await self._run(method, path, call, "api_unhandled_error")
 
     def rejected(self, method: str, exc: ApiError) -> Reply:
-        """The reply to a request the HTTP layer refused before routing (413, malformed), counted
-        under ``unmatched``."""
+        """The reply to a request refused before routing (413, malformed), counted under
+        ``unmatched``."""
         reply = error_reply(exc)
         self.metrics.observe(method, UNMATCHED, reply.status, 0.0)
         return reply
 
     async def dispatch_forwarded(self, request: ForwardedRequest) -> ForwardedResponse:
         """Run a request forwarded by another member (see the module docstring)."""
-        ctx = self.ctx
-        clock = self.metrics.clock
-        started = clock()
         method = request.method.upper()
-        label = UNMATCHED
-        try:
-            if len(request.body) > MAX_BODY_BYTES:
-                raise PayloadTooLarge(TOO_LARGE_MESSAGE)
-            route, values = self.table.match(method, request.path)
-            label = route.path
-            call = Call(
+
+        def call(route: Route, values: dict[str, str]) -> Call:
+            return Call(
                 method=method,
                 raw_path=request.path,
                 query=tuple(request.query),
@@ -122,19 +105,37 @@ class Api:
                 client=None,
                 hops=max(1, request.hops),
             )
-            reply = await run_call(ctx, route, call)
-        except ApiError as exc:
-            reply = error_reply(exc)
-        except Exception:
-            log.exception("api_forwarded_unhandled_error method=%s route=%s", method, label)
-            reply = error_reply(InternalError())
-        self.metrics.observe(method, label, reply.status, clock() - started)
+
+        if len(request.body) > MAX_BODY_BYTES:
+            reply = self.rejected(method, PayloadTooLarge(TOO_LARGE_MESSAGE))
+        else:
+            reply = await self._run(method, request.path, call, "api_forwarded_unhandled_error")
         return ForwardedResponse(
             status=reply.status,
             body=reply.encoded(),
             headers=tuple(reply.headers.items()),
-            applied_index=ctx.node.applied_index(),
+            applied_index=self.ctx.node.applied_index(),
         )
+
+    async def _run(
+        self, method: str, path: str, make_call: Callable[[Route, dict[str, str]], Call], event: str
+    ) -> Reply:
+        """Route, run and answer one request; every failure becomes an error envelope, and the
+        request is counted under its route template (``unmatched`` when none)."""
+        clock = self.metrics.clock
+        started = clock()
+        label = UNMATCHED
+        try:
+            route, values = self.table.match(method, path)
+            label = route.path
+            reply = await run_call(self.ctx, route, make_call(route, values))
+        except ApiError as exc:
+            reply = error_reply(exc)
+        except Exception:
+            log.exception("%s method=%s route=%s", event, method, label)
+            reply = error_reply(InternalError())
+        self.metrics.observe(method, label, reply.status, clock() - started)
+        return reply
 
 
 def build_app(

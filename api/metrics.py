@@ -130,12 +130,8 @@ class ApiMetrics:
             ["method", "route"],
             registry,
         )
-        self._status_text: dict[int, str] = {}
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         m = method if method in _METHODS else "OTHER"
-        status_text = self._status_text.get(status)
-        if status_text is None:
-            status_text = self._status_text.setdefault(status, str(status))
-        self.requests.inc((m, route, status_text))
+        self.requests.inc((m, route, str(status)))
         self.duration.observe((m, route), max(0.0, seconds))

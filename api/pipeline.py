@@ -231,15 +231,14 @@ async def run_call(ctx: Context, route: Route, call: Call) -> Reply:
     if node.is_leader():
         if route.self_bounded:
             reply = await route.run(ctx, args)
-            reply.applied_index = node.applied_index()
-            return reply
-        try:
-            async with asyncio.timeout(ctx.operation_timeout_seconds):
-                if route.placement is Placement.READ:
-                    await node.linearizable_barrier()
-                reply = await route.run(ctx, args)
-        except TimeoutError:
-            raise CommitTimeout("the operation did not complete in time") from None
+        else:
+            try:
+                async with asyncio.timeout(ctx.operation_timeout_seconds):
+                    if route.placement is Placement.READ:
+                        await node.linearizable_barrier()
+                    reply = await route.run(ctx, args)
+            except TimeoutError:
+                raise CommitTimeout("the operation did not complete in time") from None
         reply.applied_index = node.applied_index()
         return reply
     if call.hops > 0:

@@ -181,11 +181,8 @@ class HttpConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._refuse(BadRequest("protocol upgrades are not supported"))
         except httptools.HttpParserError as exc:
-            cause = exc.__context__ if isinstance(exc.__context__, _Reject) else None
-            if isinstance(cause, _Reject):
-                self._refuse(cause.error)
-            else:
-                self._refuse(BadRequest("malformed HTTP request"))
+            cause = exc.__context__  # a callback's _Reject, wrapped by the parser
+            self._refuse(cause.error if isinstance(cause, _Reject) else BadRequest("malformed HTTP request"))
 
     # --- httptools callbacks ------------------------------------------------------------------
 

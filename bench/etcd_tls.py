@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -17,15 +15,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from procs import free_port, stop_processes
 from wrk import run_wrk
 
 BODY = '{"key":"$key_b64","value":"dmFsdWUtMDEyMzQ1Njc4OQ=="}'
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 _CTX = ssl.create_default_context()
@@ -45,8 +38,8 @@ def _post(url: str, body: dict[str, Any], timeout: float = 2.0) -> dict[str, Any
 class EtcdTls:
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="bench-etcd-tls-"))
-        self.client = [_free_port() for _ in range(3)]
-        self.peer = [_free_port() for _ in range(3)]
+        self.client = [free_port() for _ in range(3)]
+        self.peer = [free_port() for _ in range(3)]
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def url(self, i: int, path: str) -> str:
@@ -97,15 +90,7 @@ class EtcdTls:
         return out
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
+        stop_processes(self.procs, 15)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

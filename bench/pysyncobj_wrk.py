@@ -10,8 +10,6 @@ default, and off) and the better one counts, as in the shared script. PySyncObj 
 from __future__ import annotations
 
 import json
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,16 +17,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from procs import free_port, stop_processes
 from wrk import run_wrk
 
 BODY = '{"key":"$key","value":"value-0123456789"}'
 CONFIGS = {"default": [], "nobatch": ["--no-batch"]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str, timeout: float = 1.0) -> dict[str, Any] | None:
@@ -50,8 +43,8 @@ def _put(url: str) -> bool:
 
 class PsoCluster:
     def __init__(self, python: str, script: Path, extra: list[str]) -> None:
-        self.raft = [f"127.0.0.1:{_free_port()}" for _ in range(3)]
-        self.http = [f"127.0.0.1:{_free_port()}" for _ in range(3)]
+        self.raft = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+        self.http = [f"127.0.0.1:{free_port()}" for _ in range(3)]
         self.dir = Path(tempfile.mkdtemp(prefix="bench-pso-wrk-"))
         self.procs: list[subprocess.Popen[bytes]] = []
         for i in range(3):
@@ -78,15 +71,7 @@ class PsoCluster:
         return None if st is None else (st.get("term"), st.get("leader"))
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
+        stop_processes(self.procs, 10)
 
 
 def run_pysyncobj_wrk(python: str, shared: Path, levels: list[int], duration: float) -> dict[str, Any]:

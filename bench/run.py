@@ -312,31 +312,46 @@ def _peer_list(peer: dict[str, Any] | None, key: str, field: str) -> list[float]
     return [float(x[field]) for x in items if x.get(field) is not None]
 
 
+def tput(d: dict[str, Any], c: int) -> float:
+    return float(d.get(str(c), {}).get("throughput_ok_per_s", float("nan")))
+
+
+def p50w(d: dict[str, Any], c: int) -> float:
+    return float(d.get(str(c), {}).get("p50_ms", float("nan")))
+
+
+class Figures:
+    """The views of one run's results that the report and the targets table both read."""
+
+    def __init__(self, res: dict[str, Any]) -> None:
+        self.q: dict[str, Any] = res["quorumd"]
+        self.etcd, self.pso = res.get("etcd"), res.get("pysyncobj")
+        self.etls: dict[str, Any] = res.get("etcd_tls") or {}
+        self.su: dict[str, Any] = res.get("startup") or {}
+        self.qw, self.ew = self.q.get("wrk", {}), self.etls.get("wrk", {})
+        self.pw: dict[str, Any] = (res.get("pysyncobj_wrk") or {}).get("best", {})
+        self.ql = self.q.get("loadgen", {})
+        self.el, self.pl = _peer_levels(self.etcd), _peer_levels(self.pso)
+        self.transfer: dict[str, Any] = self.q.get("transfer", {})
+        self.ap_f = float(self.q.get("autopilot_follower_ms_p50", float("nan")))
+        self.ap_l = float(self.q.get("autopilot_leader_ms_p50", float("nan")))
+        self.su_t = float(self.su.get("startup_to_ready_s_median", float("nan")))
+        self.q_fo = med(self.q.get("failover_s"))
+        self.e_fo = med(_peer_list(self.etcd, "failover", "first_write_s"))
+        self.e_tr = med(_peer_list(self.etcd, "transfer", "first_put_on_new_leader_s"))
+        self.e_trc = med(_peer_list(self.etcd, "transfer", "call_returned_s"))
+
+
 def write_report(res: dict[str, Any], cmd: str, wall_s: float) -> str:
-    q, etcd, pso = res["quorumd"], res.get("etcd"), res.get("pysyncobj")
-    etls, su = res.get("etcd_tls") or {}, res.get("startup") or {}
-    qw, ew = q.get("wrk", {}), etls.get("wrk", {})
-    pw = (res.get("pysyncobj_wrk") or {}).get("best", {})
-    ql = q.get("loadgen", {})
-    el, pl = _peer_levels(etcd), _peer_levels(pso)
-
-    def tput(d: dict[str, Any], c: int) -> float:
-        return float(d.get(str(c), {}).get("throughput_ok_per_s", float("nan")))
-
-    def p50w(d: dict[str, Any], c: int) -> float:
-        return float(d.get(str(c), {}).get("p50_ms", float("nan")))
+    f = Figures(res)
+    q, etls, su, qw, ew, pw, ql, el, pl = f.q, f.etls, f.su, f.qw, f.ew, f.pw, f.ql, f.el, f.pl
+    t, ap_f, ap_l, su_t = f.transfer, f.ap_f, f.ap_l, f.su_t
+    q_fo, e_fo, e_tr, e_trc = f.q_fo, f.e_fo, f.e_tr, f.e_trc
+    n_fo = len(q.get("failover_s", []))
 
     def lg_p50(d: dict[Any, Any], c: Any) -> float:
         return float(d.get(c, {}).get("latency_ms", {}).get("p50", float("nan")))
 
-    t = q.get("transfer", {})
-    ap_f = float(q.get("autopilot_follower_ms_p50", float("nan")))
-    ap_l = float(q.get("autopilot_leader_ms_p50", float("nan")))
-    n_fo = len(q.get("failover_s", []))
-    su_t = float(su.get("startup_to_ready_s_median", float("nan")))
-    q_fo, e_fo = med(q.get("failover_s")), med(_peer_list(etcd, "failover", "first_write_s"))
-    e_tr = med(_peer_list(etcd, "transfer", "first_put_on_new_leader_s"))
-    e_trc = med(_peer_list(etcd, "transfer", "call_returned_s"))
     lines = [
         "# Benchmarks",
         "",
@@ -422,7 +437,7 @@ def write_report(res: dict[str, Any], cmd: str, wall_s: float) -> str:
         f"(median of 3 nodes) | {fmt(su_t, ' s', 2)} | | |",
         f"| peak RSS per node with that state (MB) | {su.get('rss_mb_peak', 'n/a')} | | |",
     ]
-    lines += targets_table(res, tput, p50w)
+    lines += targets_table(f)
     lines += [
         "",
         "Raw results: `bench/results/` (JSON, one file per run).",
@@ -435,13 +450,10 @@ def write_report(res: dict[str, Any], cmd: str, wall_s: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def targets_table(res: dict[str, Any], tput: Any, p50w: Any) -> list[str]:
+def targets_table(f: Figures) -> list[str]:
     """The issue #7 targets against this run's figures (met: yes/no, computed, not asserted)."""
-    q, etcd, pso = res["quorumd"], res.get("etcd"), res.get("pysyncobj")
-    etls, su = res.get("etcd_tls") or {}, res.get("startup") or {}
-    qw, ew = q.get("wrk", {}), etls.get("wrk", {})
-    pw = (res.get("pysyncobj_wrk") or {}).get("best", {})
-    ql, pl = q.get("loadgen", {}), _peer_levels(pso)
+    su, qw, ew, pw, ql, pl = f.su, f.qw, f.ew, f.pw, f.ql, f.pl
+    q_fo, e_fo, ap_f, ap_l, su_t = f.q_fo, f.e_fo, f.ap_f, f.ap_l, f.su_t
     rows: list[tuple[str, str, bool | None]] = []
 
     def check(name: str, value: float, limit: float, detail: str, *, at_least: bool) -> None:
@@ -465,7 +477,6 @@ def targets_table(res: dict[str, Any], tput: Any, p50w: Any) -> list[str]:
     r = p50w(qw, 1) / p50w(ew, 1) if p50w(ew, 1) else float("nan")
     check("1 client: p50 <= 0.5x etcd's (wrk)", r, 0.5,
           f"{r:.2f}x ({fmt(p50w(qw, 1), nd=2)} vs {fmt(p50w(ew, 1), nd=2)} ms)", at_least=False)  # fmt: skip
-    q_fo, e_fo = med(q.get("failover_s")), med(_peer_list(etcd, "failover", "first_write_s"))
     changed = qw.get("64", {}).get("leader_changed")
     r = q_fo / e_fo if e_fo == e_fo and e_fo else float("nan")
     rows.append(
@@ -476,21 +487,17 @@ def targets_table(res: dict[str, Any], tput: Any, p50w: Any) -> list[str]:
             None if r != r else (r <= 0.5 and changed is False),
         )
     )
-    t = q.get("transfer", {})
-    fw, dc = med(t.get("first_write_s")) * 1000, med(t.get("drain_call_s")) * 1000
+    fw, dc = med(f.transfer.get("first_write_s")) * 1000, med(f.transfer.get("drain_call_s")) * 1000
     check("transfer through drain: first write on the new leader <= 10 ms (median)", fw, 10.0,
           f"{fmt(fw, ' ms')}", at_least=False)  # fmt: skip
     check("transfer through drain: the drain call returns within 20 ms (median)", dc, 20.0,
           f"{fmt(dc, ' ms')}", at_least=False)  # fmt: skip
-    su_t = float(su.get("startup_to_ready_s_median", float("nan")))
     check("startup to ready with 1,000,000 log entries / 100,000 leases < 3 s", su_t, 3.0,
           f"{fmt(su_t, ' s', 2)} (three nodes at once)", at_least=False)  # fmt: skip
     rss = su.get("rss_mb_peak") or {}
     peak = max((float(v) for v in rss.values()), default=float("nan"))
     check("peak RSS < 150 MB per node with that state", peak, 150.0, f"max {fmt(peak, ' MB')}",
           at_least=False)  # fmt: skip
-    ap_f = float(q.get("autopilot_follower_ms_p50", float("nan")))
-    ap_l = float(q.get("autopilot_leader_ms_p50", float("nan")))
     r = ap_f / ap_l if ap_l else float("nan")
     check("follower-proxied autopilot <= 2x leader-direct (p50)", r, 2.0,
           f"{r:.2f}x ({fmt(ap_f, ' ms', 2)} vs {fmt(ap_l, ' ms', 2)})", at_least=False)  # fmt: skip
