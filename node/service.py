@@ -29,6 +29,7 @@ from quorumd.api.ports import (
 )
 from quorumd.raft.aio.driver import ProposalLostError, RaftDriver
 from quorumd.raft.codec import decode_conf_change
+from quorumd.raft.core.node import RaftCore
 from quorumd.raft.core.ready import ConfChangeError, NotLeaderError, ProposalDroppedError
 from quorumd.raft.core.types import ConfChange, ConfChangeType, Entry, EntryType, Role, SnapshotMeta
 
@@ -205,7 +206,7 @@ class ClusterService:
             return False
 
     # --- proposing --------------------------------------------------------------------------
-    async def propose(self, cmd: Command) -> ApplyResult:
+    async def propose(self, cmd: Command, *, then: Callable[[RaftCore], Any] | None = None) -> ApplyResult:
         # The driver enforces the bound (a deadline checked per tick): no timer handle or task
         # cancellation per write. The command was decoded once to validate its encoding; the
         # leader's apply reuses that decoding (decode_command is a pure function of the bytes).
@@ -215,7 +216,7 @@ class ClusterService:
             pending.clear()  # entries that never applied here (leadership lost): drop, decode later
         pending[data] = decoded
         try:
-            res = await self.d.propose(data, self.propose_timeout)
+            res = await self.d.propose(data, self.propose_timeout, then=then)
         except NotLeaderError as exc:
             pending.pop(data, None)
             raise no_leader() from exc

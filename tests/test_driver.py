@@ -13,10 +13,18 @@ import pytest
 
 from quorumd.raft.aio.driver import RaftDriver
 from quorumd.raft.aio.storage import LogStorage
-from quorumd.raft.codec import decode_conf_change
+from quorumd.raft.codec import decode_conf_change, decode_message
 from quorumd.raft.core.node import RaftCore
-from quorumd.raft.core.ready import ConfChangeError, CoreConfig
-from quorumd.raft.core.types import ConfChange, ConfChangeType, Entry, EntryType, Role, SnapshotMeta
+from quorumd.raft.core.ready import ConfChangeError, CoreConfig, SoftState
+from quorumd.raft.core.types import (
+    ConfChange,
+    ConfChangeType,
+    Entry,
+    EntryType,
+    MessageType,
+    Role,
+    SnapshotMeta,
+)
 
 
 class ListApp:
@@ -248,5 +256,85 @@ async def test_ticks_continue_when_the_timer_fires_before_the_clock_reaches_its_
             await asyncio.sleep(0.01)
         assert ticks >= 20
         assert d.core.role == Role.LEADER  # and the founder elected itself
+    finally:
+        await c.close()
+
+
+@pytest.mark.asyncio
+async def test_propose_then_follows_the_entry_so_a_transfer_does_not_drop_it(tmp_path: Path) -> None:
+    """``then`` runs on the core right after the proposal is appended: a transfer started that
+    way follows the entry (the core drops proposals once a transfer is under way), the target
+    takes over holding it, and the old leader's proposal still resolves when the new leader
+    commits it."""
+    c = await three(tmp_path)
+    try:
+        lead = await c.leader()
+        old = lead.core.node_id
+        target = next(n for n in (1, 2, 3) if n != old)
+        seen: list[int] = []
+
+        def transfer(core: RaftCore) -> None:
+            seen.append(core.log.last_index)  # the entry is already in the log
+            core.transfer_leadership(target)
+
+        position = await asyncio.wait_for(lead.propose(b"last words", then=transfer), 5)
+        assert len(seen) == 1
+        assert c.apps[old].values[position - 1] == b"last words"
+        new = await c.leader()
+        for _ in range(100):
+            if new.core.node_id == target:
+                break
+            await asyncio.sleep(0.01)
+            new = await c.leader()
+        assert new.core.node_id == target
+        assert await asyncio.wait_for(new.propose(b"after"), 5) == position + 1
+        assert c.apps[target].values[position - 1 :] == [b"last words", b"after"]
+    finally:
+        await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_candidate_asks_for_votes_before_its_vote_is_durable_but_wins_only_after(
+    tmp_path: Path,
+) -> None:
+    """The vote requests overlap the candidate's own write of its term and vote; the answers are
+    stepped only once that write is done, so it never leads on a vote a crash could erase."""
+    c = await three(tmp_path)
+    try:
+        lead = await c.leader()
+        target = next(n for n in (1, 2, 3) if n != lead.core.node_id)
+        d = c.drivers[target]
+        events: list[tuple[str, int]] = []
+        storage = c.storages[target]
+        real_sync, real_send = storage.sync, d._send
+
+        def sync() -> float:
+            events.append(("sync", storage.hard_state.term))
+            return real_sync()
+
+        def send(to: int, frame: bytes) -> bool:
+            m = decode_message(frame)
+            if m.type == MessageType.VOTE:
+                events.append(("vote request", m.term))
+            return real_send(to, frame)
+
+        def on_soft_state(old: SoftState, new: SoftState) -> None:
+            if new.role == Role.LEADER:
+                events.append(("leader", d.core.term))
+
+        storage.sync = sync  # type: ignore[method-assign]
+        d._send = send
+        d.hooks.on_soft_state = on_soft_state
+        term = lead.core.term
+        lead.step_now(lambda core: core.transfer_leadership(target))
+        for _ in range(500):
+            if ("leader", term + 1) in events:
+                break
+            await asyncio.sleep(0.01)
+        new_term = term + 1
+        assert ("leader", new_term) in events, events
+        asks = events.index(("vote request", new_term))
+        durable = events.index(("sync", new_term))
+        assert asks < durable < events.index(("leader", new_term))
     finally:
         await c.close()

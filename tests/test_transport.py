@@ -363,18 +363,22 @@ async def test_identity_not_matching_the_pin_is_refused(net: Net) -> None:
     five = await net.start(5)  # certificate says node 5 ...
     one.transport.update_pins({2: five.fingerprint}, {2: five.address})  # ... pinned as node 2
     five.transport.update_pins({1: one.fingerprint}, {1: one.address})
+    # Both dial their new member's Raft channel at once: node 1's dial of "node 2" is refused
+    # on its side, and five's dial is refused by node 1 (one attempt each, no retry loop).
+    await eventually(lambda: one.refused("identity_mismatch") == 2)
     with pytest.raises(RpcUnreachable):  # outbound: node 1 dials "node 2"
         await one.transport.rpc(2, "echo", b"", 2.0)
-    assert one.refused("identity_mismatch") == 1
+    assert one.refused("identity_mismatch") == 3
     with pytest.raises(RpcUnreachable):  # inbound: the holder of that certificate dials node 1
         await five.transport.rpc(1, "echo", b"", 2.0)
-    await eventually(lambda: one.refused("identity_mismatch") == 2)
+    await eventually(lambda: one.refused("identity_mismatch") == 4)
 
     other = await net.start(2, cluster="other-cluster")  # right node id, wrong cluster
     one.transport.update_pins({2: other.fingerprint}, {2: other.address})
+    await eventually(lambda: one.refused("identity_mismatch") == 5)  # the Raft channel's dial
     with pytest.raises(RpcUnreachable):
         await one.transport.rpc(2, "echo", b"", 2.0)
-    assert one.refused("identity_mismatch") == 3
+    assert one.refused("identity_mismatch") == 6
     assert one.frames.empty() and five.frames.empty() and other.frames.empty()
 
 
@@ -443,6 +447,27 @@ async def test_removing_a_pin_closes_its_connections_and_refuses_it(net: Net) ->
     assert await one.next_frame() == (3, b"from 3")  # the remaining member is unaffected
     assert one.frames.empty()
     assert one.transport.stats.frames_received == received + 1
+
+
+@pytest.mark.asyncio
+async def test_raft_channels_are_dialed_at_once_and_redialed_when_dropped(net: Net) -> None:
+    """A member learned from update_pins gets its Raft channel before there is anything to send
+    (followers say nothing to each other until an election, which must not wait for a dial), and
+    a dropped channel is dialed again without waiting for traffic."""
+    one, two = await net.mesh(2)
+    stats1, stats2 = one.transport.stats, two.transport.stats
+    peer1, peer2 = one.transport._raft_peers[2], two.transport._raft_peers[1]  # outgoing channels
+    await eventually(lambda: peer1.conn is not None and peer2.conn is not None)
+    assert stats1.connections_accepted == 1 and stats2.connections_accepted == 1
+    assert stats1.frames_sent == 0 and stats2.frames_sent == 0
+    dropped = peer2.conn
+    assert dropped is not None
+    dropped.abort()
+    await eventually(lambda: peer2.conn is not None and peer2.conn is not dropped)  # redialed
+    assert stats1.connections_accepted == 2 and stats2.frames_sent == 0
+    assert two.transport.send(1, b"after the drop")
+    assert await one.next_frame() == (2, b"after the drop")
+    assert stats1.connections_accepted == 2  # the frame took the warm channel
 
 
 @pytest.mark.asyncio
@@ -559,9 +584,10 @@ def test_frames_rpc_and_refusal_under_uvloop() -> None:
             assert await one.transport.rpc(2, "echo", b"hi", 2.0) == b"hi!"
             rogue = await n.start(9)
             rogue.transport.update_pins({1: one.fingerprint}, {1: one.address})
+            await eventually(lambda: one.refused("not_pinned") == 1)  # its Raft channel, dialed at once
             with pytest.raises(RpcUnreachable):
                 await rogue.transport.rpc(1, "echo", b"", 2.0)
-            assert one.refused("not_pinned") == 1
+            await eventually(lambda: one.refused("not_pinned") == 2)
             with pytest.raises((ssl.SSLError, ConnectionError)):
                 await raw_tls(one.port, ALPN_RAFT, max_version=ssl.TLSVersion.TLSv1_2)
             await eventually(lambda: one.refused("handshake") == 1)

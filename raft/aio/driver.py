@@ -28,9 +28,23 @@ from typing import Any, Protocol
 from ..codec import CodecError, decode_message, encode_message
 from ..core.node import RaftCore
 from ..core.ready import NotLeaderError, RaftError, Ready, SoftState, Status
-from ..core.types import ConfChange, Entry, HardState, Message, NodeId, Role, Snapshot, SnapshotMeta
+from ..core.types import (
+    ConfChange,
+    Entry,
+    HardState,
+    Message,
+    MessageType,
+    NodeId,
+    Role,
+    Snapshot,
+    SnapshotMeta,
+)
 
 log = logging.getLogger(__name__)
+
+# A follower's batch written on the loop thread at most this big (else the storage thread).
+_INLINE_MAX_ENTRIES = 1024
+_INLINE_MAX_BYTES = 1 << 20
 
 _TIMER_SLACK_SECONDS = 0.002  # a tick timer may fire up to ~1 ms before its deadline (libuv)
 
@@ -109,6 +123,8 @@ class RaftDriver:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raft-storage")
         self._inbox: list[Message] = []
         self._proposals: list[tuple[bytes, asyncio.Future[Any], float]] = []
+        # Actions to run on the core right after the queued proposals are fed (propose's ``then``).
+        self._after_feed: list[Callable[[RaftCore], Any]] = []
         self._waiting: dict[int, tuple[int, asyncio.Future[Any], float]] = {}
         # Proposal deadlines (perf_counter, seq, future), checked on every tick: one heap push per
         # bounded proposal instead of a timer handle and a task cancellation per write.
@@ -193,17 +209,25 @@ class RaftDriver:
         self._wake.set()
         return result
 
-    async def propose(self, data: bytes, timeout: float | None = None) -> Any:
+    async def propose(
+        self, data: bytes, timeout: float | None = None, *, then: Callable[[RaftCore], Any] | None = None
+    ) -> Any:
         """Replicate ``data``; returns the application's result once applied here.
 
         Raises NotLeaderError/ProposalDroppedError at once, ProposalLostError if overwritten,
         TimeoutError when ``timeout`` seconds pass first (checked on each tick, so up to one
-        tick late). A timed-out proposal may still commit later: only the wait ends."""
+        tick late). A timed-out proposal may still commit later: only the wait ends.
+
+        ``then`` runs on the core right after this proposal is appended (same round, before any
+        later proposal): e.g. a leadership transfer that must follow the entry, since the core
+        drops proposals while a transfer is under way. Its errors are logged, not raised."""
         if self.core.role != Role.LEADER:
             raise NotLeaderError(self.core.leader_id)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         now = time.perf_counter()
         self._proposals.append((data, fut, now))
+        if then is not None:
+            self._after_feed.append(then)
         if timeout is not None:
             heapq.heappush(self._deadlines, (now + timeout, next(self._deadline_seq), fut))
         self._wake.set()
@@ -323,18 +347,24 @@ class RaftDriver:
         if self._proposals:
             batch, self._proposals = self._proposals, []
             batch = [p for p in batch if not p[1].done()]
-            if not batch:
-                return
-            try:
-                first = self.core.propose_many([d for d, _, _ in batch])
-            except RaftError as exc:
-                for _, fut, _ in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                return
-            term = self.core.term
-            for i, (_, fut, t0) in enumerate(batch):
-                self._waiting[first + i] = (term, fut, t0)
+            if batch:
+                try:
+                    first = self.core.propose_many([d for d, _, _ in batch])
+                except RaftError as exc:
+                    for _, fut, _ in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                else:
+                    term = self.core.term
+                    for i, (_, fut, t0) in enumerate(batch):
+                        self._waiting[first + i] = (term, fut, t0)
+        if self._after_feed:
+            actions, self._after_feed = self._after_feed, []
+            for action in actions:
+                try:
+                    action(self.core)
+                except RaftError as exc:
+                    log.info("raft_after_propose_skipped error=%s", exc)
 
     async def _handle_ready(self, rd: Ready) -> None:
         core = self.core
@@ -346,6 +376,17 @@ class RaftDriver:
         term_vote_changed = hs is not None and (hs.term, hs.vote) != self._durable_term_vote
         early = core.role == Role.LEADER and not term_vote_changed and rd.snapshot is None
         applied = False
+        messages: Sequence[Message] = rd.messages
+        if core.role == Role.CANDIDATE and term_vote_changed:
+            # A candidate asks for votes while its own term and vote are being written: the
+            # answers wait in the inbox until this batch is durable (the core is stepped only
+            # between batches), so it still cannot win, and act as leader, on a vote it could
+            # forget in a crash. Only its vote requests go early; anything else it says (a
+            # rejection carrying the new term) waits for the write as before.
+            asks = [m for m in messages if m.type == MessageType.VOTE]
+            if asks:
+                self._send_messages(asks)
+                messages = [m for m in messages if m.type != MessageType.VOTE]
         if early:
             self._send_messages(rd.messages)
             # A leader's committed entries are durable on a quorum, its own disk included (it
@@ -357,9 +398,12 @@ class RaftDriver:
         if rd.snapshot is not None or rd.entries or rd.must_sync:
             hs_out = hs if hs is not None else self._deferred_hs
             self._deferred_hs = None
-            fsync_seconds = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._persist, rd, hs_out
-            )
+            if self._persist_inline(rd):
+                fsync_seconds = self._persist(rd, hs_out)
+            else:
+                fsync_seconds = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._persist, rd, hs_out
+                )
             if fsync_seconds is not None and self.hooks.on_fsync:
                 self.hooks.on_fsync(fsync_seconds)
             if hs is not None:
@@ -369,7 +413,7 @@ class RaftDriver:
             # rides along with the next write instead of costing a storage round trip now.
             self._deferred_hs = hs
         if not early:
-            self._send_messages(rd.messages)
+            self._send_messages(messages)
         if rd.snapshot is not None:
             self._app.restore(rd.snapshot.data, rd.snapshot.meta)
             self._snapshot_index = rd.snapshot.meta.index
@@ -383,6 +427,22 @@ class RaftDriver:
             fut = self._reads.get(rs.context)
             if fut is not None and not fut.done():
                 fut.set_result(rs.index)
+
+    def _persist_inline(self, rd: Ready) -> bool:
+        """Whether to write this batch on the loop thread instead of the storage thread.
+
+        A follower or candidate cannot answer before its write is durable, and has nothing
+        else to do meanwhile; handing the write to the storage thread and back cost more than
+        the fsync itself here (measured per write: handoffs p50 0.22 ms, p90 1.2 ms; fsync p50
+        0.2 ms), and every Raft round (append, vote, the new leader's first entry) pays it.
+        The leader keeps the thread: it answers clients and reads acks during its own fsync.
+        Snapshots, large batches and anything while a snapshot save holds the storage thread
+        (the storage is not shared between threads) stay on the thread."""
+        if self.core.role == Role.LEADER or rd.snapshot is not None or self._snapshotting:
+            return False
+        if len(rd.entries) > _INLINE_MAX_ENTRIES:
+            return False
+        return sum(len(e.data) for e in rd.entries) <= _INLINE_MAX_BYTES
 
     def _persist(self, rd: Ready, hs: HardState | None) -> float | None:
         st = self._storage

@@ -587,6 +587,9 @@ class _RaftPeer:
         self.task: asyncio.Task[None] | None = None
         self.failing = False
 
+    def on_conn_closed(self, _closed: asyncio.Future[None]) -> None:
+        self.wakeup.set()
+
 
 class _RpcPeer:
     __slots__ = ("conn", "lock")
@@ -712,6 +715,11 @@ class ClusterTransport:
             rpc_peer = self._rpc_peers.get(nid)
             if rpc_peer is not None and rpc_peer.conn is not None:
                 rpc_peer.conn.abort()
+        # A new member gets its Raft channel now, not when there is first something to send: a
+        # follower sends nothing to another follower until one of them campaigns, and a dial
+        # (TLS handshake and proof, several ms of CPU) then sat inside the election (measured:
+        # a drain's vote request reached the third member 12 ms late).
+        self.connect_members()
 
     def _retire(self, conn: _Conn) -> None:
         """Close an unpinned member's connection. It is refused every new frame at once (the pin
@@ -1070,6 +1078,9 @@ class ClusterTransport:
                 backoff = self._backoff_min
                 peer.conn = conn
                 conn.use_handler(self._on_unexpected_frame)
+                # Keep the channel warm: when it drops, dial again at once (one attempt, then the
+                # backoff above) rather than at the next send, which may be a vote request.
+                conn.closed.add_done_callback(peer.on_conn_closed)
             frames = peer.frames
             peer.frames, peer.queued_bytes = [], 0
             peer.wakeup.clear()
