@@ -555,7 +555,6 @@ def test_connection_lost_hint_orders_the_survivors_so_they_do_not_split_the_vote
     assert started[order[0]] <= 2
 
 
-
 def test_connection_lost_hint_first_survivor_wins_in_one_round() -> None:
     net = Net(1, 2, 3, 4, 5, cfg=with_cfg(heartbeat_ticks=4))
     net.elect(1)
@@ -571,3 +570,78 @@ def test_connection_lost_hint_first_survivor_wins_in_one_round() -> None:
     leaders = [n for n in survivors if net.nodes[n].role == Role.LEADER]
     assert leaders == [min(survivors)]
     assert net.nodes[leaders[0]].term == term + 1  # one round: no split vote, no extra term
+
+
+# --- a new leader's first probe --------------------------------------------------------------
+def _new_leader_with_silent_peers() -> tuple[Net, RaftCore, int]:
+    """Node 2 wins an election; its peers' append answers are held back (dropped)."""
+    net = three()
+    for i in range(3):
+        net.leader().propose(b"before%d" % i)
+    net.pump()
+    new = net.nodes[2]
+    net.filter = lambda m: None if m.type == MessageType.APPEND_RESP else m
+    net.leader().transfer_leadership(2)
+    net.pump()
+    assert new.role == Role.LEADER
+    return net, new, new.log.last_index - 1  # the probe point: the log end before the no-op
+
+
+def test_new_leader_sends_a_write_before_its_first_probe_is_answered() -> None:
+    """thesis 3.5 probing: a write proposed before a peer answers the new leader's first append
+    goes out at once, resent from the probe point (a round trip sooner than behind the no-op's
+    answer); once answers flow everyone applies it."""
+    net, new, probe_point = _new_leader_with_silent_peers()
+    new.propose(b"first write")
+    rd = new.ready()
+    appends = {m.to: m for m in rd.messages if m.type == MessageType.APPEND}
+    assert set(appends) == {1, 3}
+    for m in appends.values():
+        assert m.index == probe_point
+        assert [e.data for e in m.entries] == [b"", b"first write"]
+    new.advance(rd)
+    net.filter = None
+    net.pump()
+    net.tick(2)
+    for nid in (1, 2, 3):
+        assert net.data_applied(nid)[-1] == b"first write"
+
+
+def test_new_leader_probes_plainly_after_a_tick_without_answers() -> None:
+    """The early sends end at the first tick: a silent peer is not sent the log again with every
+    write (it gets heartbeats, and appends resume when it answers)."""
+    net, new, _ = _new_leader_with_silent_peers()
+    new.tick()
+    if new.has_ready():
+        new.advance(new.ready())
+    new.propose(b"later write")
+    rd = new.ready()
+    assert not [m for m in rd.messages if m.type == MessageType.APPEND and m.entries]
+    new.advance(rd)
+    net.filter = None
+    net.tick(3)
+    for nid in (1, 2, 3):
+        assert net.data_applied(nid)[-1] == b"later write"
+
+
+def test_new_leader_early_sends_still_repair_a_lagging_peer() -> None:
+    """A peer that missed entries rejects the early sends; the leader backs off as usual."""
+    net = three()
+    net.isolate(3)
+    for i in range(20):
+        net.leader().propose(b"missed%d" % i)
+    net.pump()
+    net.heal()
+    net.filter = lambda m: None if m.type == MessageType.APPEND and m.to == 3 else m
+    net.leader().transfer_leadership(2)
+    net.pump()
+    new = net.nodes[2]
+    assert new.role == Role.LEADER
+    net.filter = None
+    before = len(net.delivered)
+    new.propose(b"after")
+    net.pump()
+    net.tick(3)
+    rejects = [m for m in net.delivered[before:] if m.type == MessageType.APPEND_RESP and m.reject]
+    assert rejects and all(m.frm == 3 for m in rejects)
+    assert net.data_applied(3)[-21:] == [b"missed%d" % i for i in range(20)] + [b"after"]

@@ -300,6 +300,10 @@ class RaftCore:
         for nid in sorted(self.config.members() | {self.id}):
             pr = Progress(self.log.last_index + 1, self.cfg.max_inflight_appends)
             pr.recent_active = True
+            # The voters that just elected us almost always hold our whole log: writes proposed
+            # before a peer first answers follow the no-op at once (resent from the probe point,
+            # so a peer that is behind loses nothing) instead of a round trip later.
+            pr.optimistic = nid != self.id
             self.progress[nid] = pr
         # Raft paper 8: a no-op entry of the new term lets the leader learn what is committed.
         self._append_as_leader([Entry(self.term, self.log.last_index + 1, EntryType.NORMAL, b"")])
@@ -328,6 +332,7 @@ class RaftCore:
         for nid, pr in self.progress.items():
             if nid != self.id:
                 pr.last_contact_ticks += 1
+                pr.optimistic = False  # at most one tick: a silent peer is not sent the log again and again
         if self.election_elapsed >= self.cfg.election_ticks:
             self.election_elapsed = 0
             if self.cfg.check_quorum and not self._check_quorum_active():
@@ -605,6 +610,7 @@ class RaftCore:
             self._send_snapshot_chunk(m.frm, pr)
 
     def _handle_append_resp(self, m: Message, pr: Progress) -> None:
+        pr.optimistic = False  # the peer answered: plain probing from here on
         if m.reject:
             hint = m.reject_hint
             if m.log_term > 0:

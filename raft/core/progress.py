@@ -21,6 +21,7 @@ class Progress:
         "match",
         "max_inflight",
         "next",
+        "optimistic",
         "paused",
         "recent_active",
         "snapshot",
@@ -35,6 +36,9 @@ class Progress:
         self.next = next_index
         self.state = ProgressState.PROBE
         self.paused = False
+        # A new leader's first probe: until the peer first answers, each append goes out at once
+        # (each resends from ``next``) instead of waiting a round trip behind the leader's no-op.
+        self.optimistic = False
         self.inflight: deque[int] = deque()
         self.max_inflight = max_inflight
         self.recent_active = False
@@ -50,6 +54,7 @@ class Progress:
             self.next = self.match + 1
         self.state = ProgressState.PROBE
         self.paused = False
+        self.optimistic = False
         self.inflight.clear()
         self.snapshot = None
 
@@ -57,6 +62,7 @@ class Progress:
         self.state = ProgressState.REPLICATE
         self.next = self.match + 1
         self.paused = False
+        self.optimistic = False
         self.inflight.clear()
         self.snapshot = None
 
@@ -66,6 +72,7 @@ class Progress:
         self.snapshot_offset = 0
         self.snapshot_acked = True
         self.paused = False
+        self.optimistic = False
         self.inflight.clear()
 
     def maybe_update(self, index: int) -> bool:
@@ -95,7 +102,7 @@ class Progress:
 
     def is_paused(self) -> bool:
         if self.state == ProgressState.PROBE:
-            return self.paused
+            return self.paused and not self.optimistic
         if self.state == ProgressState.REPLICATE:
             return len(self.inflight) >= self.max_inflight
         return True
