@@ -20,6 +20,7 @@ Writes bench/results/bench_<ts>.json and BENCHMARKS.md (machine, date, command, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client as httpclient
 import json
 import os
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +344,16 @@ class Figures:
         self.e_trc = med(_peer_list(self.etcd, "transfer", "call_returned_s"))
 
 
+def steal_line(steal: dict[str, float] | None) -> str:
+    if not steal:
+        return "Host CPU steal per phase: not recorded in this run."
+    parts = ", ".join(f"{name} {pct:.2f}%" for name, pct in steal.items())
+    return (
+        "Host CPU steal per phase (share of CPU time the hypervisor gave to other guests; a "
+        f"nonzero figure means that phase shared the cores with other machines): {parts}."
+    )
+
+
 def write_report(res: dict[str, Any], cmd: str, wall_s: float) -> str:
     f = Figures(res)
     q, etls, su, qw, ew, pw, ql, el, pl = f.q, f.etls, f.su, f.qw, f.ew, f.pw, f.ql, f.el, f.pl
@@ -398,6 +410,8 @@ def write_report(res: dict[str, Any], cmd: str, wall_s: float) -> str:
         f"Steady 64-client run: {lc.get('duration_us', 0) / 1e6:.0f} s, errors {lc.get('errors', 'n/a')}, "
         f"leader changed: {lc.get('leader_changed', 'n/a')}; wrk used "
         f"{lc.get('generator_cpu_pct_of_one_core', 'n/a')}% of one core.",
+        "",
+        steal_line(res.get("host_steal_pct")),
         "",
         "## With the shared Python load generator (the peer scripts' own generator)",
         "",
@@ -507,6 +521,32 @@ def targets_table(f: Figures) -> list[str]:
     return out
 
 
+def host_cpu() -> tuple[int, int]:
+    """(steal, total) jiffies over all CPUs since boot, from /proc/stat ((0, 0) if unreadable)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+class Phases:
+    """CPU time the hypervisor gave to other guests (steal) during each phase of the run: the
+    one objective sign that a phase was disturbed on this shared machine."""
+
+    def __init__(self) -> None:
+        self.steal_pct: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        s0, t0 = host_cpu()
+        try:
+            yield
+        finally:
+            s1, t1 = host_cpu()
+            self.steal_pct[name] = round(100.0 * (s1 - s0) / (t1 - t0), 2) if t1 > t0 else float("nan")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--duration", type=float, default=10.0, help="seconds per load level")
@@ -524,7 +564,10 @@ def main() -> int:
     t_start = time.monotonic()
     bench = shared_copy()
     res: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    res["quorumd"] = run_quorumd(bench, args.duration, args.long_duration, args.tries)
+    phases = Phases()
+    res["host_steal_pct"] = phases.steal_pct
+    with phases.phase("quorumd"):
+        res["quorumd"] = run_quorumd(bench, args.duration, args.long_duration, args.tries)
     if not args.no_startup:
         from startup import run_startup_bench
 
@@ -536,15 +579,19 @@ def main() -> int:
         log(f"startup: {res['startup'].get('startup_to_ready_s')}")
     if not args.no_peers:
         if shutil.which("etcd") and wrk_available():
-            res["etcd_tls"] = run_etcd_tls([1, 16, 64], args.duration, min(args.long_duration, 20.0))
+            with phases.phase("etcd_tls"):
+                res["etcd_tls"] = run_etcd_tls([1, 16, 64], args.duration, min(args.long_duration, 20.0))
         if shutil.which("etcd"):
             etcd_args = ["--failovers", str(args.tries), "--transfers", "3"]
-            res["etcd"] = run_shared_peer(bench, "bench_etcd.py", etcd_args)
+            with phases.phase("etcd"):
+                res["etcd"] = run_shared_peer(bench, "bench_etcd.py", etcd_args)
         pso_args = ["--configs", "default,nobatch", "--failovers", "2", "--transfers", "2"]
-        res["pysyncobj"] = run_shared_peer(bench, "bench_pysyncobj.py", pso_args)
+        with phases.phase("pysyncobj"):
+            res["pysyncobj"] = run_shared_peer(bench, "bench_pysyncobj.py", pso_args)
         pso_python = bench / ".venv" / "bin" / "python"  # made by the shared script's _venv.sh
         if wrk_available() and pso_python.exists():
-            res["pysyncobj_wrk"] = run_pysyncobj_wrk(str(pso_python), bench, [1, 64], args.duration)
+            with phases.phase("pysyncobj_wrk"):
+                res["pysyncobj_wrk"] = run_pysyncobj_wrk(str(pso_python), bench, [1, 64], args.duration)
     wall = time.monotonic() - t_start
     cmd = "make bench" if len(sys.argv) == 1 else "python bench/run.py " + " ".join(sys.argv[1:])
     res.update(
