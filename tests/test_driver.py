@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -338,3 +340,45 @@ async def test_a_candidate_asks_for_votes_before_its_vote_is_durable_but_wins_on
         assert asks < durable < events.index(("leader", new_term))
     finally:
         await c.close()
+
+
+@pytest.mark.asyncio
+async def test_followers_write_on_the_loop_only_while_the_disk_is_fast(tmp_path: Path) -> None:
+    """A follower's small batches are written on the loop thread while fsyncs are fast (the
+    storage-thread hand-off then costs more than the fsync); when the disk turns slow (5 ms
+    here), the writes move back to the storage thread so the follower's loop is not stalled."""
+    c = await three(tmp_path)
+    try:
+        lead = await c.leader()
+        follower = next(n for n in (1, 2, 3) if n != lead.core.node_id)
+        storage = c.storages[follower]
+        real_sync = storage.sync
+        slow = False
+        threads: list[str] = []
+
+        def sync() -> float:
+            threads.append(threading.current_thread().name)
+            if slow:
+                time.sleep(0.005)  # a slow disk, not a wait for another task
+                return real_sync() + 0.005
+            return real_sync()
+
+        storage.sync = sync  # type: ignore[method-assign]
+        for i in range(20):
+            await asyncio.wait_for(lead.propose(b"fast%d" % i), 5)
+        assert threads and threads[-1] == threading.main_thread().name
+        slow = True
+        for i in range(20):
+            await asyncio.wait_for(lead.propose(b"slow%d" % i), 5)
+        assert threads[-1].startswith("raft-storage")
+        assert await _applied(c, follower, b"slow19")
+    finally:
+        await c.close()
+
+
+async def _applied(c: Cluster, nid: int, value: bytes) -> bool:
+    for _ in range(200):
+        if c.apps[nid].values[-1:] == [value]:
+            return True
+        await asyncio.sleep(0.01)
+    return False
