@@ -114,6 +114,14 @@ class Cluster:
             await asyncio.sleep(0.01)
         raise AssertionError("no leader")
 
+    async def wait_leader_is(self, nid: int, timeout: float = 5.0) -> RaftDriver:
+        """Node ``nid`` once it leads (woken by its role changes, not by polling)."""
+        d = self.drivers[nid]
+        async with asyncio.timeout(timeout):
+            while d.core.role != Role.LEADER:
+                await d.wait_leader_change()
+        return d
+
     async def add(self, nid: int, **kw: Any) -> None:
         self.start(nid, **kw)
         for cc in (ConfChange(ConfChangeType.ADD_NONVOTER, nid), ConfChange(ConfChangeType.PROMOTE, nid)):
@@ -213,14 +221,7 @@ async def test_leadership_transfer(tmp_path: Path) -> None:
         lead = await c.leader()
         target = next(n for n in (1, 2, 3) if n != lead.core.node_id)
         lead.step_now(lambda core: core.transfer_leadership(target))
-        await asyncio.wait_for(lead.wait_leader_change(), 5)
-        new = await c.leader()
-        for _ in range(100):
-            if new.core.node_id == target:
-                break
-            await asyncio.sleep(0.01)
-            new = await c.leader()
-        assert new.core.node_id == target
+        new = await c.wait_leader_is(target)
         assert await asyncio.wait_for(new.propose(b"after"), 5) >= 1
     finally:
         await c.close()
@@ -282,13 +283,7 @@ async def test_propose_then_follows_the_entry_so_a_transfer_does_not_drop_it(tmp
         position = await asyncio.wait_for(lead.propose(b"last words", then=transfer), 5)
         assert len(seen) == 1
         assert c.apps[old].values[position - 1] == b"last words"
-        new = await c.leader()
-        for _ in range(100):
-            if new.core.node_id == target:
-                break
-            await asyncio.sleep(0.01)
-            new = await c.leader()
-        assert new.core.node_id == target
+        new = await c.wait_leader_is(target)
         assert await asyncio.wait_for(new.propose(b"after"), 5) == position + 1
         assert c.apps[target].values[position - 1 :] == [b"last words", b"after"]
     finally:
@@ -329,10 +324,7 @@ async def test_a_candidate_asks_for_votes_before_its_vote_is_durable_but_wins_on
         d.hooks.on_soft_state = on_soft_state
         term = lead.core.term
         lead.step_now(lambda core: core.transfer_leadership(target))
-        for _ in range(500):
-            if ("leader", term + 1) in events:
-                break
-            await asyncio.sleep(0.01)
+        await c.wait_leader_is(target)
         new_term = term + 1
         assert ("leader", new_term) in events, events
         asks = events.index(("vote request", new_term))
@@ -371,14 +363,7 @@ async def test_followers_write_on_the_loop_only_while_the_disk_is_fast(tmp_path:
         for i in range(20):
             await asyncio.wait_for(lead.propose(b"slow%d" % i), 5)
         assert threads[-1].startswith("raft-storage")
-        assert await _applied(c, follower, b"slow19")
+        await asyncio.wait_for(c.drivers[follower].wait_applied(lead.core.commit_index), 5)
+        assert c.apps[follower].values[-1] == b"slow19"
     finally:
         await c.close()
-
-
-async def _applied(c: Cluster, nid: int, value: bytes) -> bool:
-    for _ in range(200):
-        if c.apps[nid].values[-1:] == [value]:
-            return True
-        await asyncio.sleep(0.01)
-    return False
