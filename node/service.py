@@ -339,6 +339,8 @@ class ClusterService:
         return result
 
     async def wait_applied(self, index: int, timeout_seconds: float) -> None:
+        if self.d.core.applied_index >= index:
+            return  # the usual case after a forwarded read: no timer to arm and cancel
         try:
             async with asyncio.timeout(timeout_seconds):  # not wait_for: see propose
                 await self.d.wait_applied(index)

@@ -70,7 +70,13 @@ class Net:
     def __init__(self) -> None:
         self.nodes: list[Node] = []
 
-    async def start(self, node_id: int, ident: NodeIdentity | None = None, cluster: str = CLUSTER) -> Node:
+    async def start(
+        self,
+        node_id: int,
+        ident: NodeIdentity | None = None,
+        cluster: str = CLUSTER,
+        rpc_handler_timeout_seconds: float = 120.0,
+    ) -> Node:
         ident = ident or generate_node_identity(node_id, cluster)
         frames: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
         t = ClusterTransport(
@@ -84,6 +90,7 @@ class Net:
             connect_timeout_seconds=2.0,
             backoff_min_seconds=0.01,
             backoff_max_seconds=0.05,
+            rpc_handler_timeout_seconds=rpc_handler_timeout_seconds,
         )
         node = Node(ident, t, await t.start("127.0.0.1:0"), frames)
         self.nodes.append(node)
@@ -239,6 +246,34 @@ async def test_rpcs_are_multiplexed_and_report_remote_errors(net: Net) -> None:
     with pytest.raises(RpcRemoteError, match="unknown method"):
         await nodes[0].transport.rpc(2, "nope", b"", 2.0)
     assert await nodes[0].transport.rpc(2, "echo", b"after", 2.0) == b"1:after"  # connection survived
+
+
+@pytest.mark.asyncio
+async def test_a_handler_over_its_time_limit_is_cancelled_and_answers_an_error(net: Net) -> None:
+    one = await net.start(1)
+    two = await net.start(2, rpc_handler_timeout_seconds=0.1)
+    for a, b in ((one, two), (two, one)):
+        a.transport.update_pins({b.node_id: b.fingerprint}, {b.node_id: b.address})
+    cancelled = asyncio.Event()
+
+    async def stuck(frm: int, payload: bytes) -> bytes:
+        try:
+            await asyncio.Event().wait()  # never set: only the time limit ends this
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return b"never"
+
+    async def echo(frm: int, payload: bytes) -> bytes:
+        return payload
+
+    two.transport.register_rpc("stuck", stuck)
+    two.transport.register_rpc("echo", echo)
+    with pytest.raises(RpcRemoteError, match="handler timed out"):
+        await one.transport.rpc(2, "stuck", b"", 5.0)  # the caller's own limit is far away
+    assert cancelled.is_set()
+    assert await one.transport.rpc(2, "echo", b"still here", 2.0) == b"still here"
+    assert two.transport.stats.malformed_frames == 0
 
 
 @pytest.mark.asyncio

@@ -495,6 +495,16 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
 
+def _cancel_overdue(task: asyncio.Task[None], overdue: list[bool]) -> None:
+    overdue.append(True)
+    task.cancel()
+
+
+def _expire_call(fut: asyncio.Future[bytes]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
 # --- TLS contexts ----------------------------------------------------------------------------
 def _tls13(ctx: ssl.SSLContext) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -1169,17 +1179,22 @@ class ClusterTransport:
                 raise RpcRemoteError("request over the frame limit")
             fut: asyncio.Future[bytes] = self._loop.create_future()
             conn.rpc_pending[request_id] = fut
+            # The deadline fails the call's own future (one timer; an asyncio.timeout context
+            # costs several times that on this path, which every forwarded API call takes).
+            expiry = self._loop.call_at(deadline, _expire_call, fut)
             try:
                 if not conn.write_frames([frame]):
                     raise RpcUnreachable(f"connection to node {node_id} lost")
-                async with asyncio.timeout_at(deadline):
-                    await conn.drain()
-                    return await fut
+                if conn.paused:
+                    async with asyncio.timeout_at(deadline):
+                        await conn.drain()
+                return await fut
             except TimeoutError:
                 raise RpcTimeout(f"node {node_id} did not answer {method} within {timeout:g}s") from None
             except ConnectionResetError:
                 raise RpcUnreachable(f"connection to node {node_id} lost") from None
             finally:
+                expiry.cancel()
                 conn.rpc_pending.pop(request_id, None)
         except RpcError:
             self.stats.rpc_failures += 1
@@ -1245,19 +1260,31 @@ class ClusterTransport:
     async def _serve_rpc(
         self, conn: _Conn, request_id: int, method: str, handler: RpcHandler, body: bytes
     ) -> None:
+        task = asyncio.current_task()
+        assert task is not None and self._loop is not None
+        # The handler's time limit is one timer that cancels this task (an asyncio.timeout
+        # context per call costs several times that on the path every forwarded API call takes).
+        overdue: list[bool] = []
+        timer = self._loop.call_at(
+            self._loop.time() + self._rpc_handler_timeout, _cancel_overdue, task, overdue
+        )
         try:
-            async with asyncio.timeout(self._rpc_handler_timeout):
-                result = await handler(conn.node_id, body)
+            result = await handler(conn.node_id, body)
             if not isinstance(result, bytes):
                 raise TypeError("rpc handler returned non-bytes")
             kind, out = FrameKind.RPC_RESPONSE, result
-        except TimeoutError:
+        except asyncio.CancelledError:
+            if not overdue or conn.lost:
+                raise
+            task.uncancel()
             kind, out = FrameKind.RPC_ERROR, b"handler timed out"
         except Exception as exc:  # the error travels back to the caller as RpcRemoteError
             log.warning(
                 "rpc_handler_failed method=%s node=%d error=%s", method, conn.node_id, type(exc).__name__
             )
             kind, out = FrameKind.RPC_ERROR, (str(exc) or type(exc).__name__).encode()
+        finally:
+            timer.cancel()
         self._reply(conn, request_id, method, kind, out)
         if not conn.paused:
             return  # the usual case: nothing to wait for (no timeout context per call)
