@@ -50,6 +50,7 @@ API_PREFIX = "/api/v1"
 CLUSTER_PREFIX = API_PREFIX + "/cluster/"
 # Headers of a leader's answer that a follower passes on to its client.
 _PASSED_HEADERS = ("Retry-After", "WWW-Authenticate", "Allow")
+_PASSED_LOWER = frozenset(h.lower() for h in _PASSED_HEADERS)
 
 
 class Access(StrEnum):
@@ -282,8 +283,7 @@ async def forward(ctx: Context, route: Route, call: Call, args: Args) -> Reply:
     if 200 <= resp.status < 300:
         # bounded by the port (504 apply_timeout); free when this replica is already there
         await node.wait_applied(resp.applied_index, ctx.propose_timeout_seconds)
-    wanted = {h.lower() for h in _PASSED_HEADERS}
-    headers = {k: v for k, v in resp.headers if k.lower() in wanted}
+    headers = {k: v for k, v in resp.headers if k.lower() in _PASSED_LOWER}
     log.debug("api_forwarded method=%s route=%s status=%d", call.method, route.path, resp.status)
     return Reply(status=resp.status, body=resp.body, headers=headers, applied_index=resp.applied_index)
 

@@ -679,7 +679,7 @@ class Daemon:
             req = ForwardedRequest(
                 str(method),
                 str(path),
-                tuple((str(k), str(v)) for k, v in query),
+                tuple((str(k), str(v)) for k, v in query) if query else (),
                 bytes(body),
                 str(token),
                 int(hops),
@@ -689,7 +689,8 @@ class Daemon:
                 # The caller waits until its replica has applied resp.applied_index: tell it the
                 # commit index now instead of after the lazy-broadcast delay.
                 self.driver.flush_commit_broadcast()
-            return pack([resp.status, resp.body, [list(h) for h in resp.headers], resp.applied_index])
+            headers = [list(h) for h in resp.headers] if resp.headers else []
+            return pack([resp.status, resp.body, headers, resp.applied_index])
 
         def wrap(fn: Any) -> Any:
             async def handler(from_id: int, payload: bytes) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from quorumd.api.ports import (
     TokenRole,
 )
 from quorumd.raft.aio.driver import ProposalLostError, RaftDriver
+from quorumd.raft.aio.transport import RpcRemoteError, RpcTimeout, RpcUnreachable
 from quorumd.raft.codec import decode_conf_change
 from quorumd.raft.core.node import RaftCore
 from quorumd.raft.core.ready import ConfChangeError, NotLeaderError, ProposalDroppedError
@@ -84,8 +86,15 @@ _ERRORS: dict[str, tuple[int, str]] = {
 TOKEN_CACHE_SIZE = 1024
 
 
+_packers = threading.local()
+
+
 def pack(obj: Any) -> bytes:
-    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    # a Packer per thread, reused: msgpack.packb builds one (and its buffer) per call
+    packer = getattr(_packers, "packer", None)
+    if packer is None:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    data: bytes = packer.pack(obj)
     return data
 
 
@@ -299,8 +308,6 @@ class ClusterService:
         return Principal(token_id, role)
 
     async def forward(self, request: ForwardedRequest, timeout_seconds: float) -> ForwardedResponse:
-        from quorumd.api.errors import ApiError as _E  # noqa: F401  (typed errors below)
-
         leader = self.leader_id()
         if leader == 0 or self._rpc is None:
             raise no_leader()
@@ -310,7 +317,7 @@ class ClusterService:
             [
                 request.method,
                 request.path,
-                [list(q) for q in request.query],
+                [list(q) for q in request.query] if request.query else [],
                 request.body,
                 request.token,
                 request.hops,
@@ -319,13 +326,14 @@ class ClusterService:
         data = await self.call_member(leader, "api.forward", payload, timeout_seconds)
         status, body, headers, applied = unpack(data)
         return ForwardedResponse(
-            int(status), bytes(body), tuple((str(k), str(v)) for k, v in headers), int(applied)
+            int(status),
+            bytes(body),
+            tuple((str(k), str(v)) for k, v in headers) if headers else (),
+            int(applied),
         )
 
     async def call_member(self, node_id: int, method: str, payload: bytes, timeout: float) -> bytes:
         """An internal RPC mapped onto API errors: 502 unreachable, 504 slow."""
-        from quorumd.raft.aio.transport import RpcRemoteError, RpcTimeout, RpcUnreachable
-
         assert self._rpc is not None
         try:
             result = await self._rpc(node_id, method, payload, timeout)
