@@ -630,3 +630,85 @@ def test_frames_rpc_and_refusal_under_uvloop() -> None:
             await n.close()
 
     uvloop.run(asyncio.wait_for(scenario(), 30))
+
+
+# --- the read buffer (no network) ------------------------------------------------------------
+class _NullTransport:
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_read_buffer_reassembles_frames_of_any_size_from_reads_of_any_size() -> None:
+    """The loop writes into ``get_buffer``'s view and reports with ``buffer_updated``; frames
+    larger than the buffer make it grow to hold them, and it shrinks back once they are gone."""
+    import random
+
+    from quorumd.raft.aio import transport as tmod
+
+    loop = asyncio.new_event_loop()
+    try:
+        conn = tmod._Conn(loop, None, "test")
+        conn.connection_made(_NullTransport())  # type: ignore[arg-type]
+        conn.max_frame = 4 * 1024 * 1024
+        got: list[bytes] = []
+        conn.use_handler(lambda _c, frame: got.append(frame))
+        rng = random.Random(7)
+        sizes = [0, 1, 5000, 300_000, 12, 70_000, 2_000_000, 3, 64 * 1024 - 4, 64 * 1024]
+        frames = [bytes(rng.getrandbits(8) for _ in range(min(n, 64))) * (n // 64 + 1) for n in sizes]
+        frames = [f[:n] for f, n in zip(frames, sizes, strict=True)]
+        stream = b"".join(frame_bytes(f) for f in frames)
+        pos = 0
+        while pos < len(stream):
+            view = conn.get_buffer(-1)
+            assert len(view) > 0
+            n = min(len(view), rng.choice([1, 3, 700, 16 * 1024, 200_000]), len(stream) - pos)
+            view[:n] = stream[pos : pos + n]
+            del view
+            conn.buffer_updated(n)
+            pos += n
+        assert got == frames
+        assert len(conn._buf) == tmod._READ_BUFFER_BYTES  # the 2 MB frame's buffer was given back
+        assert conn._len == 0
+    finally:
+        loop.close()
+
+
+def test_read_buffer_refuses_an_oversized_frame_and_unauthenticated_excess() -> None:
+    from quorumd.raft.aio import transport as tmod
+
+    loop = asyncio.new_event_loop()
+    try:
+        # a declared length over the limit: refused without buffering the frame
+        conn = tmod._Conn(loop, None, "test")
+        t = _NullTransport()
+        conn.connection_made(t)  # type: ignore[arg-type]
+        conn.use_handler(lambda _c, frame: None)
+        view = conn.get_buffer(-1)
+        header = struct.pack(">I", conn.max_frame + 1)
+        view[:4] = header
+        del view
+        conn.buffer_updated(4)
+        assert t.aborted
+        assert len(conn.get_buffer(-1)) <= tmod._READ_BUFFER_BYTES + conn.max_frame
+
+        # before authentication (no handler yet): more than one frame's worth is refused
+        conn = tmod._Conn(loop, None, "test")
+        t = _NullTransport()
+        conn.connection_made(t)  # type: ignore[arg-type]
+        sent = 0
+        while not t.aborted and sent < 4 * conn.max_frame:
+            view = conn.get_buffer(-1)
+            n = len(view)
+            del view
+            conn.buffer_updated(n)
+            sent += n
+        assert t.aborted
+        assert sent <= conn.max_frame + tmod._READ_BUFFER_BYTES + 4
+    finally:
+        loop.close()
