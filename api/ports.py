@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 
 class TokenRole(StrEnum):
@@ -29,8 +29,7 @@ class DrainState(StrEnum):
     DRAINED = "drained"
 
 
-@dataclass(frozen=True, slots=True)
-class ForwardedRequest:
+class ForwardedRequest(NamedTuple):  # a NamedTuple: built on every forwarded call, ~4x cheaper
     method: str
     path: str  # raw path including /api/v1 prefix
     query: tuple[tuple[str, str], ...]
@@ -39,8 +38,7 @@ class ForwardedRequest:
     hops: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class ForwardedResponse:
+class ForwardedResponse(NamedTuple):
     status: int
     body: bytes  # the JSON envelope, as the leader produced it
     headers: tuple[tuple[str, str], ...] = ()

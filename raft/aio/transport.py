@@ -425,6 +425,16 @@ class _Conn(asyncio.BufferedProtocol):
     def _parse(self) -> None:
         buf = self._buf
         end = self._len
+        if end > _HEADER.size:
+            (size,) = _HEADER.unpack_from(buf, 0)
+            if end == _HEADER.size + size and size <= self.max_frame:
+                # exactly one whole frame, the usual case for a request or an answer
+                frame = bytes(memoryview(buf)[_HEADER.size : end])
+                self._len = 0
+                if len(buf) > _READ_BUFFER_BYTES:
+                    self._buf = bytearray(_READ_BUFFER_BYTES)
+                self._deliver(frame)
+                return
         off = 0
         frames: list[bytes] = []
         with memoryview(buf) as view:
@@ -1206,7 +1216,10 @@ class ClusterTransport:
         self.stats.rpc_calls += 1
         deadline = self._loop.time() + timeout
         try:
-            conn = await self._rpc_connection(node_id, deadline)
+            peer = self._rpc_peers.get(node_id)
+            conn = peer.conn if peer is not None else None
+            if conn is None or conn.lost or self._closing or node_id not in self._pins:
+                conn = await self._rpc_connection(node_id, deadline)  # checks, dials when needed
             self._next_request_id += 1
             request_id = self._next_request_id
             frame = _pack([FrameKind.RPC_REQUEST, request_id, method, payload])
@@ -1257,7 +1270,9 @@ class ClusterTransport:
     async def _rpc_connection(self, node_id: int, deadline: float) -> _Conn:
         if self._closing or node_id not in self._pins or node_id not in self._addresses:
             raise RpcUnreachable(f"node {node_id} is not a reachable member")
-        peer = self._rpc_peers.setdefault(node_id, _RpcPeer())
+        peer = self._rpc_peers.get(node_id)
+        if peer is None:
+            peer = self._rpc_peers[node_id] = _RpcPeer()
         conn = peer.conn
         if conn is not None and not conn.lost:
             return conn
