@@ -335,6 +335,65 @@ async def test_a_candidate_asks_for_votes_before_its_vote_is_durable_but_wins_on
 
 
 @pytest.mark.asyncio
+async def test_a_leader_writes_on_the_loop_only_when_the_batch_is_all_it_has_in_flight(
+    tmp_path: Path,
+) -> None:
+    """Nothing else in flight: the leader writes the batch on the loop thread (no hand-off back
+    from the storage thread on the write's path). An earlier batch still waiting to commit: the
+    storage thread, so the loop keeps reading acks while the leader's own fsync runs."""
+    c = await three(tmp_path)
+    try:
+        lead = await c.leader()
+        storage = c.storages[lead.core.node_id]
+        real_sync = storage.sync
+        threads: list[str] = []
+        synced, synced_by_thread = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def sync() -> float:
+            threads.append(threading.current_thread().name)
+            if threading.current_thread() is threading.main_thread():
+                synced.set()
+            else:
+                loop.call_soon_threadsafe(synced_by_thread.set)
+            return real_sync()
+
+        storage.sync = sync  # type: ignore[method-assign]
+        for i in range(5):
+            await asyncio.wait_for(lead.propose(b"one%d" % i), 5)
+        assert threads and set(threads) == {threading.main_thread().name}
+
+        # hold the followers' traffic so the first batch stays uncommitted
+        followers = [n for n in (1, 2, 3) if n != lead.core.node_id]
+        held: list[tuple[int, bytes, int]] = []
+        real_send = c.send
+
+        def send(to: int, frame: bytes, frm: int) -> bool:
+            if to in followers:
+                held.append((to, frame, frm))
+                return True
+            return real_send(to, frame, frm)
+
+        c.send = send  # type: ignore[method-assign]
+        threads.clear()
+        synced.clear()
+        first = asyncio.ensure_future(lead.propose(b"first"))
+        await asyncio.wait_for(synced.wait(), 5)  # written inline: the only batch in flight
+        second = asyncio.ensure_future(lead.propose(b"second"))
+        await asyncio.wait_for(synced_by_thread.wait(), 5)  # the second write: the storage thread
+        assert threads[0] == threading.main_thread().name
+        assert threads[1].startswith("raft-storage")
+        c.send = real_send  # type: ignore[method-assign]
+        for to, frame, frm in held:
+            real_send(to, frame, frm)
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        await asyncio.wait_for(c.drivers[followers[0]].wait_applied(lead.core.commit_index), 5)
+        assert c.apps[followers[0]].values[-2:] == [b"first", b"second"]
+    finally:
+        await c.close()
+
+
+@pytest.mark.asyncio
 async def test_followers_write_on_the_loop_only_while_the_disk_is_fast(tmp_path: Path) -> None:
     """A follower's small batches are written on the loop thread while fsyncs are fast (the
     storage-thread hand-off then costs more than the fsync); when the disk turns slow (5 ms
