@@ -30,6 +30,7 @@ from typing import Any
 import msgpack
 
 from quorumd.api.ports import DrainState, TokenRole
+from quorumd.raft.codec import packb
 
 logger = logging.getLogger(__name__)
 
@@ -294,9 +295,7 @@ def unpack(data: bytes, what: str) -> object:
 
 
 def pack(value: object) -> bytes:
-    result = msgpack.packb(value, use_bin_type=True)
-    assert isinstance(result, bytes)
-    return result
+    return packb(value)
 
 
 # --- encoding -------------------------------------------------------------------------------

@@ -42,9 +42,8 @@ from datetime import UTC, datetime
 from math import isfinite
 from typing import Any, NamedTuple
 
-import msgpack
-
 from quorumd.node.commands import CommandError, check_float, check_int, check_list, check_str
+from quorumd.raft.codec import packb
 
 logger = logging.getLogger(__name__)
 
@@ -257,9 +256,7 @@ _CHUNK = 1 << _CHUNK_BITS
 
 
 def _packb(obj: object) -> bytes:
-    out = msgpack.packb(obj, use_bin_type=True)
-    assert isinstance(out, bytes)
-    return out
+    return packb(obj)
 
 
 def _array_header(n: int) -> bytes:

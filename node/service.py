@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from quorumd.api.ports import (
 )
 from quorumd.raft.aio.driver import ProposalLostError, RaftDriver
 from quorumd.raft.aio.transport import RpcRemoteError, RpcTimeout, RpcUnreachable
-from quorumd.raft.codec import decode_conf_change
+from quorumd.raft.codec import decode_conf_change, packb
 from quorumd.raft.core.node import RaftCore
 from quorumd.raft.core.ready import ConfChangeError, NotLeaderError, ProposalDroppedError
 from quorumd.raft.core.types import ConfChange, ConfChangeType, Entry, EntryType, Role, SnapshotMeta
@@ -86,16 +85,8 @@ _ERRORS: dict[str, tuple[int, str]] = {
 TOKEN_CACHE_SIZE = 1024
 
 
-_packers = threading.local()
-
-
 def pack(obj: Any) -> bytes:
-    # a Packer per thread, reused: msgpack.packb builds one (and its buffer) per call
-    packer = getattr(_packers, "packer", None)
-    if packer is None:
-        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
-    data: bytes = packer.pack(obj)
-    return data
+    return packb(obj)
 
 
 def unpack(data: bytes) -> Any:

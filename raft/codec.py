@@ -19,6 +19,7 @@ cannot represent (an integer beyond 64 bits) raises ``CodecError`` too. The modu
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any, TypeVar
@@ -54,9 +55,23 @@ class CodecError(Exception):
 
 
 # --- framing -----------------------------------------------------------------------------------
+_packers = threading.local()
+
+
+def packb(obj: object) -> bytes:
+    """``msgpack.packb(obj, use_bin_type=True)`` with a reused Packer per thread: packb builds a
+    Packer and its buffer on every call, which was ~3% of a leader's CPU per write at one
+    client (a Packer resets itself when a pack fails, so reuse after an error is safe)."""
+    packer = getattr(_packers, "packer", None)
+    if packer is None:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    data: bytes = packer.pack(obj)
+    return data
+
+
 def _pack(obj: object) -> bytes:
     try:
-        return _VERSION_PREFIX + msgpack.packb(obj, use_bin_type=True)
+        return _VERSION_PREFIX + packb(obj)
     except (OverflowError, TypeError, ValueError) as exc:
         raise CodecError(f"cannot encode: {exc}") from None
 

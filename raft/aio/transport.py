@@ -75,6 +75,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ..codec import packb
+
 log = logging.getLogger(__name__)
 
 ALPN_RAFT = "quorumd-raft/1"
@@ -272,13 +274,8 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host, port
 
 
-_PACKER = msgpack.Packer(use_bin_type=True)  # frames are packed on the event loop's thread only
-
-
 def _pack(items: list[Any]) -> bytes:
-    # one reused Packer: msgpack.packb builds a Packer (and its buffer) per call, ~2x the cost
-    packed: bytes = _PACKER.pack(items)
-    return packed
+    return packb(items)
 
 
 def _unpack(frame: bytes, kinds: tuple[FrameKind, ...], length: int) -> list[Any]:
