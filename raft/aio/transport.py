@@ -328,9 +328,9 @@ class _Conn(asyncio.BufferedProtocol):
     (the inbox, used during authentication and on the join channel).
 
     A buffered protocol: the event loop decrypts straight into this connection's read buffer.
-    With a plain ``Protocol`` uvloop's TLS layer allocates a 256 KiB object per read (an mmap,
-    mremap and munmap each time); that alone was most of a small message's cost per hop
-    (TLS ping-pong on this machine: 104 us round trip as a ``Protocol``, 44 us buffered).
+    With a plain ``Protocol`` uvloop's TLS layer allocates a 256 KiB object per read: an mmap,
+    mremap and munmap each time until the allocator raises its mmap threshold (a two-process
+    TLS ping-pong on this machine: 104 us round trip as a ``Protocol``, 44 us buffered).
     The buffer grows to hold a whole frame when one is larger than a read (bounded by
     ``max_frame``) and shrinks back once it is consumed.
     """
