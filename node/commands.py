@@ -294,8 +294,7 @@ def unpack(data: bytes, what: str) -> object:
         raise CommandError(f"{what}: undecodable ({type(exc).__name__})") from None
 
 
-def pack(value: object) -> bytes:
-    return packb(value)
+pack = packb  # the shared encoder (one reused Packer per thread)
 
 
 # --- encoding -------------------------------------------------------------------------------

@@ -255,10 +255,6 @@ _CHUNK_BITS = 12
 _CHUNK = 1 << _CHUNK_BITS
 
 
-def _packb(obj: object) -> bytes:
-    return packb(obj)
-
-
 def _array_header(n: int) -> bytes:
     """msgpack's header of an n-element array."""
     if n < 16:
@@ -455,14 +451,14 @@ class LeaseTable:
             base = chunk << _CHUNK_BITS
             items = [lease[:6] for i in range(base, base + _CHUNK) if (lease := leases.get(i)) is not None]
             if items:
-                encoded = _packb(items)
+                encoded = packb(items)
                 packed[chunk] = encoded[_array_header_size(len(items)) :]
             else:
                 packed.pop(chunk, None)
         self._dirty.clear()
         pools = [[p.name, str(p.network), p.created_at, p.hwm] for p in self._sorted_pools()]
         body = b"".join(packed[c] for c in sorted(packed))
-        return b"\x93" + _packb(self._next_id) + _packb(pools) + _array_header(len(leases)) + body
+        return b"\x93" + packb(self._next_id) + packb(pools) + _array_header(len(leases)) + body
 
     @classmethod
     def load(cls, obj: object) -> LeaseTable:

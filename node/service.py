@@ -85,8 +85,7 @@ _ERRORS: dict[str, tuple[int, str]] = {
 TOKEN_CACHE_SIZE = 1024
 
 
-def pack(obj: Any) -> bytes:
-    return packb(obj)
+pack = packb  # the shared encoder (one reused Packer per thread)
 
 
 def unpack(data: bytes) -> Any:

@@ -274,10 +274,6 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host, port
 
 
-def _pack(items: list[Any]) -> bytes:
-    return packb(items)
-
-
 def _unpack(frame: bytes, kinds: tuple[FrameKind, ...], length: int) -> list[Any]:
     """A msgpack list of ``length`` items whose first is one of ``kinds`` (else _Malformed)."""
     try:
@@ -607,7 +603,7 @@ async def _client_prove(
         if type(nonce) is not bytes or len(nonce) != NONCE_BYTES:
             raise _Malformed("bad challenge")
         signature = key.sign(_proof_message(alpn, nonce, server_fp), ec.ECDSA(hashes.SHA256()))
-        conn.write_frames([_pack([FrameKind.PROOF, cert_der, signature])])
+        conn.write_frames([packb([FrameKind.PROOF, cert_der, signature])])
         _unpack(await conn.read_frame(), (FrameKind.ACCEPT,), 1)
     except _Malformed as exc:
         conn.malformed(str(exc))
@@ -1016,7 +1012,7 @@ class ClusterTransport:
             return False
         nonce = secrets.token_bytes(NONCE_BYTES)
         conn.use_inbox()
-        conn.write_frames([_pack([FrameKind.CHALLENGE, nonce])])
+        conn.write_frames([packb([FrameKind.CHALLENGE, nonce])])
         try:
             frame = await conn.read_frame()
         except ConnectionResetError:
@@ -1037,14 +1033,14 @@ class ClusterTransport:
             conn.fingerprint = cert_fingerprint(cert_der)
             conn.join_cert_der = cert_der
             conn.max_frame = MAX_JOIN_FRAME_BYTES
-            conn.write_frames([_pack([FrameKind.ACCEPT])])
+            conn.write_frames([packb([FrameKind.ACCEPT])])
             return True
         nid, fp, reason = self._check_member(cert_der, None)
         if reason is not None:
             self._refuse(reason, conn, fp)
             return False
         self._admit(conn, nid, fp)
-        conn.write_frames([_pack([FrameKind.ACCEPT])])
+        conn.write_frames([packb([FrameKind.ACCEPT])])
         log.debug("peer_connected direction=in channel=%s node=%d peer=%s", alpn, nid, conn.peer)
         conn.use_handler(self._on_raft_inbound if alpn == ALPN_RAFT else self._on_rpc_request)
         return True
@@ -1219,7 +1215,7 @@ class ClusterTransport:
                 conn = await self._rpc_connection(node_id, deadline)  # checks, dials when needed
             self._next_request_id += 1
             request_id = self._next_request_id
-            frame = _pack([FrameKind.RPC_REQUEST, request_id, method, payload])
+            frame = packb([FrameKind.RPC_REQUEST, request_id, method, payload])
             if len(frame) > MAX_FRAME_BYTES:
                 raise RpcRemoteError("request over the frame limit")
             fut: asyncio.Future[bytes] = self._loop.create_future()
@@ -1362,9 +1358,9 @@ class ClusterTransport:
             pass
 
     def _reply(self, conn: _Conn, request_id: int, method: str, kind: FrameKind, body: bytes) -> None:
-        frame = _pack([kind, request_id, method, body])
+        frame = packb([kind, request_id, method, body])
         if len(frame) > MAX_FRAME_BYTES:
-            frame = _pack([FrameKind.RPC_ERROR, request_id, method, b"response over the frame limit"])
+            frame = packb([FrameKind.RPC_ERROR, request_id, method, b"response over the frame limit"])
         conn.write_frames([frame])
 
     # --- join (server side) ----------------------------------------------------------------
@@ -1384,12 +1380,12 @@ class ClusterTransport:
             try:
                 async with asyncio.timeout(self._join_handler_timeout):
                     reply = await handler(payload, cert_der)
-                out = _pack([FrameKind.JOIN_RESPONSE, reply])
+                out = packb([FrameKind.JOIN_RESPONSE, reply])
             except TimeoutError:
-                out = _pack([FrameKind.JOIN_ERROR, "join handler timed out"])
+                out = packb([FrameKind.JOIN_ERROR, "join handler timed out"])
             except Exception as exc:  # reported to the joiner, never fatal here
                 log.warning("join_handler_failed peer=%s error=%s", conn.peer, type(exc).__name__)
-                out = _pack([FrameKind.JOIN_ERROR, str(exc) or type(exc).__name__])
+                out = packb([FrameKind.JOIN_ERROR, str(exc) or type(exc).__name__])
             conn.write_frames([out])
             async with asyncio.timeout(self._write_timeout):
                 await conn.drain()
@@ -1448,7 +1444,7 @@ async def join_call(
                 raise JoinUnreachable(f"{address} does not serve the join channel")
             await _client_prove(conn, ALPN_JOIN, fp, cert_der, key)
             conn.max_frame = MAX_JOIN_FRAME_BYTES
-            conn.write_frames([_pack([FrameKind.JOIN_REQUEST, payload])])
+            conn.write_frames([packb([FrameKind.JOIN_REQUEST, payload])])
             await conn.drain()
             frame = await conn.read_frame()
     except TimeoutError as exc:
