@@ -31,6 +31,7 @@ import msgpack
 
 from quorumd.api.ports import DrainState, TokenRole
 from quorumd.raft.codec import packb
+from quorumd.raft.core.types import immutable
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class DeletePool:
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+@immutable  # made on every replica for every lease write: no frozen-init cost
 class AllocateLease:
     ts: float
     pool: str
@@ -184,7 +185,7 @@ class AllocateLease:
     node_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@immutable  # made on every replica for every lease write: no frozen-init cost
 class ReleaseLease:
     ts: float
     lease_id: int

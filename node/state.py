@@ -74,7 +74,7 @@ from quorumd.node.commands import (
     unpack,
 )
 from quorumd.node.leases import Lease, LeaseTable, PoolInfo, Rejection, SnapshotError, rfc3339
-from quorumd.raft.core.types import ConfChange, ConfChangeType
+from quorumd.raft.core.types import ConfChange, ConfChangeType, immutable
 
 __all__ = [
     "ApiToken",
@@ -179,7 +179,7 @@ class JoinTokenRecord:
 ApplyValue = Member | ApiToken | PoolInfo | Lease | int | None
 
 
-@dataclass(frozen=True, slots=True)
+@immutable  # one per applied entry on every replica
 class ApplyResult:
     """Outcome of one applied entry. ``error`` is None on success.
 

@@ -107,6 +107,8 @@ class Net:
                     self.applied[nid].extend(rd.committed_entries)
                     self.read_states[nid].extend(rd.read_states)
                     core.advance(rd)
+                # has_ready() answers from a few fields without building a Ready: it must agree.
+                assert core.ready().is_empty(), f"node {nid}: has_ready() is False but ready() is not empty"
             if not outbox:
                 return
             for m in outbox:

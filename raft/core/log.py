@@ -144,6 +144,10 @@ class RaftLog:
             return []
         return self.entries[self.stable_index - self.offset :]
 
+    def has_next_committed(self) -> bool:
+        """Whether ``next_committed()`` would return anything, without building the list."""
+        return max(self.applied, self.offset) < self.commit
+
     def next_committed(self) -> list[Entry]:
         lo = max(self.applied + 1, self.first_index)
         if lo > self.commit:

@@ -948,15 +948,24 @@ class RaftCore:
         self._flush_broadcast()
         if self._msgs or self._read_states or self._pending_snapshot is not None:
             return True
-        if self.log.unstable_entries() or self.log.next_committed():
+        log = self.log
+        if log.stable_index < log.last_index or log.has_next_committed():
             return True
-        if self._hard_state() != self._prev_hard:
+        # Field by field: this runs after every input, and most calls find nothing to do.
+        hard = self._prev_hard
+        if self.term != hard.term or self.vote != hard.vote or log.commit != hard.commit:
             return True
-        return SoftState(self.leader_id, self.role) != self._prev_soft
+        soft = self._prev_soft
+        return self.leader_id != soft.leader_id or self.role != soft.role
 
     def ready(self) -> Ready:
         self._flush_broadcast()
-        soft = SoftState(self.leader_id, self.role)
+        prev_soft = self._prev_soft
+        soft = (
+            None
+            if self.leader_id == prev_soft.leader_id and self.role == prev_soft.role
+            else SoftState(self.leader_id, self.role)
+        )
         hard = self._hard_state()
         entries = tuple(self.log.unstable_entries())
         hard_changed = hard != self._prev_hard
@@ -966,7 +975,7 @@ class RaftCore:
             or (hard_changed and (hard.term != self._prev_hard.term or hard.vote != self._prev_hard.vote))
         )
         rd = Ready(
-            soft_state=soft if soft != self._prev_soft else None,
+            soft_state=soft,
             hard_state=hard if hard_changed else None,
             snapshot=self._pending_snapshot,
             entries=entries,

@@ -20,6 +20,7 @@ from .types import (
     ProgressState,
     Role,
     Snapshot,
+    immutable,
 )
 
 
@@ -74,7 +75,7 @@ class CoreConfig:
     bug_commit_old_term: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class ReadState:
     """ReadIndex result: the read identified by ``context`` may be served once applied >= index."""
 
@@ -82,13 +83,13 @@ class ReadState:
     context: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class SoftState:
     leader_id: NodeId
     role: Role
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Ready:
     soft_state: SoftState | None = None  # set when leader or role changed since the last Ready
     hard_state: HardState | None = None  # set when it changed; persist before sending
