@@ -354,6 +354,17 @@ def steal_line(steal: dict[str, float] | None) -> str:
     )
 
 
+def loop_line(loop_ms: dict[str, Any] | None) -> str:
+    if not loop_ms:
+        return "Host speed per phase: not recorded in this run."
+    parts = ", ".join(f"{name} {a:.0f} / {b:.0f} ms" for name, (a, b) in loop_ms.items())
+    return (
+        "Host speed per phase (one fixed pure-Python loop timed by the idle bench process before / "
+        "after the phase, best of 3; lower is faster; it moves by 2-3x over a day on this VM while "
+        f"steal stays near zero, so compare it across runs): {parts}."
+    )
+
+
 def write_report(res: dict[str, Any], cmd: str, wall_s: float) -> str:
     f = Figures(res)
     q, etls, su, qw, ew, pw, ql, el, pl = f.q, f.etls, f.su, f.qw, f.ew, f.pw, f.ql, f.el, f.pl
@@ -412,6 +423,8 @@ def write_report(res: dict[str, Any], cmd: str, wall_s: float) -> str:
         f"{lc.get('generator_cpu_pct_of_one_core', 'n/a')}% of one core.",
         "",
         steal_line(res.get("host_steal_pct")),
+        "",
+        loop_line(res.get("host_loop_ms")),
         "",
         "## With the shared Python load generator (the peer scripts' own generator)",
         "",
@@ -530,21 +543,38 @@ def host_cpu() -> tuple[int, int]:
     return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
+def interpreter_speed_ms() -> float:
+    """Best of three timings (ms) of one fixed pure-Python loop, run by the idle bench process:
+    how fast this host runs an interpreter right now. On this VM it moves by 2-3x over a day
+    while steal stays near zero, and a Python daemon slows down more than a Go one."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        table: dict[int, int] = {}
+        for i in range(200_000):
+            table[i & 1023] = i
+        best = min(best, time.perf_counter() - t0)
+    return round(best * 1000, 1)
+
+
 class Phases:
-    """CPU time the hypervisor gave to other guests (steal) during each phase of the run: the
-    one objective sign that a phase was disturbed on this shared machine."""
+    """Per phase of the run: the CPU time the hypervisor gave to other guests (steal), and the
+    interpreter loop's time before and after (a slowed host that steal does not show)."""
 
     def __init__(self) -> None:
         self.steal_pct: dict[str, float] = {}
+        self.loop_ms: dict[str, tuple[float, float]] = {}
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        before = interpreter_speed_ms()
         s0, t0 = host_cpu()
         try:
             yield
         finally:
             s1, t1 = host_cpu()
             self.steal_pct[name] = round(100.0 * (s1 - s0) / (t1 - t0), 2) if t1 > t0 else float("nan")
+            self.loop_ms[name] = (before, interpreter_speed_ms())
 
 
 def main() -> int:
@@ -566,6 +596,7 @@ def main() -> int:
     res: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     phases = Phases()
     res["host_steal_pct"] = phases.steal_pct
+    res["host_loop_ms"] = phases.loop_ms
     with phases.phase("quorumd"):
         res["quorumd"] = run_quorumd(bench, args.duration, args.long_duration, args.tries)
     if not args.no_startup:
