@@ -1,7 +1,8 @@
-"""Process and port helpers shared by the peer clusters the bench starts (etcd_tls, pysyncobj_wrk)."""
+"""Process and port helpers shared by the bench's scripts (run, startup, etcd_tls, pysyncobj_wrk)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -25,3 +26,10 @@ def stop_processes(procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> 
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(timeout=5)
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (OSError once it is gone)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)

@@ -47,6 +47,7 @@ sys.path.insert(0, str(BENCH))
 
 from etcd_tls import BODY as ETCD_BODY  # noqa: E402
 from etcd_tls import EtcdTls, run_etcd_tls  # noqa: E402
+from procs import proc_cpu_s  # noqa: E402
 from pysyncobj_wrk import run_pysyncobj_wrk  # noqa: E402
 from wrk import available as wrk_available  # noqa: E402
 from wrk import run_wrk  # noqa: E402
@@ -314,16 +315,13 @@ def run_paired(rounds: int, duration: float, short: float) -> dict[str, Any]:
     return out
 
 
-def process_cpu_s(pids: list[int]) -> float:
-    """User + system CPU seconds used so far by ``pids`` (processes that are gone count 0)."""
-    total = 0
+def processes_cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by ``pids`` together (processes gone count 0)."""
+    total = 0.0
     for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except (OSError, IndexError, ValueError):
-            pass
-    return total / os.sysconf("SC_CLK_TCK")
+        with contextlib.suppress(OSError):
+            total += proc_cpu_s(pid)
+    return total
 
 
 def wait_quiet(pids: list[int], busy_share: float = 0.1, window: float = 0.25, limit: float = 5.0) -> float:
@@ -331,9 +329,9 @@ def wait_quiet(pids: list[int], busy_share: float = 0.1, window: float = 0.25, l
     most ``limit`` seconds; returns the seconds waited."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < limit:
-        c0, w0 = process_cpu_s(pids), time.monotonic()
+        c0, w0 = processes_cpu_s(pids), time.monotonic()
         time.sleep(window)  # the measurement window itself, not a guess at a duration
-        if (process_cpu_s(pids) - c0) / (time.monotonic() - w0) < busy_share:
+        if (processes_cpu_s(pids) - c0) / (time.monotonic() - w0) < busy_share:
             break
     return round(time.monotonic() - t0, 2)
 
@@ -603,6 +601,16 @@ def paired_section(paired: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def _judged(separate: float, figures: str, rounds: list[float]) -> tuple[float, str]:
+    """The ratio an etcd target is judged on, with its detail: the median of the paired rounds
+    when the run has them (the separate phases' ratio is shown beside it), else the phases'."""
+    seq = f"{separate:.2f}x {figures}"
+    if not rounds:
+        return separate, seq
+    r = med(rounds)
+    return r, f"{r:.2f}x, median of {len(rounds)} paired rounds; separate phases: {seq}"
+
+
 def targets_table(f: Figures) -> list[str]:
     """The issue #7 targets against this run's figures (met: yes/no, computed, not asserted)."""
     su, qw, ew, pw, ql, pl = f.su, f.qw, f.ew, f.pw, f.ql, f.pl
@@ -613,14 +621,9 @@ def targets_table(f: Figures) -> list[str]:
         ok = None if value != value else (value >= limit if at_least else value <= limit)
         rows.append((name, detail, ok))
 
-    r = tput(qw, 64) / tput(ew, 64) if tput(ew, 64) else float("nan")
-    seq = f"{r:.2f}x ({fmt(tput(qw, 64))} vs {fmt(tput(ew, 64))}/s)"
     tput_r, p50_r = paired_ratios(f.paired)
-    if tput_r:
-        r = med(tput_r)
-        detail = f"{r:.2f}x, median of {len(tput_r)} paired rounds; separate phases: {seq}"
-    else:
-        detail = seq
+    r = tput(qw, 64) / tput(ew, 64) if tput(ew, 64) else float("nan")
+    r, detail = _judged(r, f"({fmt(tput(qw, 64))} vs {fmt(tput(ew, 64))}/s)", tput_r)
     check("64 clients: >= 1.5x etcd's acknowledged writes/s (TLS, wrk)", r, 1.5, detail,
           at_least=True)  # fmt: skip
     if pw:
@@ -635,12 +638,7 @@ def targets_table(f: Figures) -> list[str]:
           f"{r:.2f}x ({fmt(q_t)} vs {fmt(p_t)}/s; that generator saturates near these rates)",
           at_least=True)  # fmt: skip
     r = p50w(qw, 1) / p50w(ew, 1) if p50w(ew, 1) else float("nan")
-    seq = f"{r:.2f}x ({fmt(p50w(qw, 1), nd=2)} vs {fmt(p50w(ew, 1), nd=2)} ms)"
-    if p50_r:
-        r = med(p50_r)
-        detail = f"{r:.2f}x, median of {len(p50_r)} paired rounds; separate phases: {seq}"
-    else:
-        detail = seq
+    r, detail = _judged(r, f"({fmt(p50w(qw, 1), nd=2)} vs {fmt(p50w(ew, 1), nd=2)} ms)", p50_r)
     check("1 client: p50 <= 0.5x etcd's (wrk)", r, 0.5, detail, at_least=False)
     changed = qw.get("64", {}).get("leader_changed")
     r = q_fo / e_fo if e_fo == e_fo and e_fo else float("nan")

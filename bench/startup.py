@@ -63,6 +63,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from procs import proc_cpu_s  # noqa: E402
+
 from quorumd.node.commands import AllocateLease, ReleaseLease, encode_command  # noqa: E402
 from quorumd.node.config import load_config  # noqa: E402
 from quorumd.node.leases import Lease  # noqa: E402
@@ -102,13 +104,6 @@ def proc_mem_mb(pid: int) -> dict[str, float]:
             if key in ("VmHWM", "VmRSS"):
                 out[key] = round(int(rest.split()[0]) / 1024, 1)
     return out
-
-
-def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
 
 
 def _pid(c: Cluster, node_id: int) -> int:
