@@ -65,10 +65,10 @@ sys.path.insert(0, str(ROOT))
 
 from procs import proc_cpu_s  # noqa: E402
 
-from quorumd.node.commands import AllocateLease, ReleaseLease, encode_command  # noqa: E402
-from quorumd.node.config import load_config  # noqa: E402
-from quorumd.node.leases import Lease  # noqa: E402
-from quorumd.node.state import StateMachine  # noqa: E402
+from quorumd.node.config.schema import load_config  # noqa: E402
+from quorumd.node.registry.commands import AllocateLease, ReleaseLease, encode_command  # noqa: E402
+from quorumd.node.registry.leases import Lease  # noqa: E402
+from quorumd.node.registry.state import StateMachine  # noqa: E402
 from quorumd.raft.aio.storage import LogStorage, RecoveredState  # noqa: E402
 from quorumd.raft.codec import decode_conf_change  # noqa: E402
 from quorumd.raft.core import membership  # noqa: E402
@@ -563,11 +563,11 @@ def step(name):
     out["mem_after_" + name] = mem()
     marks[:] = now
 
-import quorumd.node.daemon  # noqa: F401  (everything the daemon imports)
+import quorumd.node.daemon.root  # noqa: F401  (everything the daemon imports)
 from quorumd.raft.aio.storage import LogStorage
 from quorumd.raft.codec import decode_conf_change
 from quorumd.raft.core.types import EntryType
-from quorumd.node.state import StateMachine
+from quorumd.node.registry.state import StateMachine
 step("import")
 st, rec = LogStorage.open(Path(sys.argv[1]))
 step("open_storage")

@@ -10,8 +10,8 @@ import argparse
 import logging
 import sys
 
-from .config import ConfigError, load_config
-from .version import VERSION
+from quorumd.node.config.schema import ConfigError, load_config
+from quorumd.node.version import VERSION
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"quorumd: config error: {exc}", file=sys.stderr)
         return 2
-    from .daemon import FatalError, main_async
-    from .logs import configure_logging
+    from quorumd.node.daemon.logs import configure_logging
+    from quorumd.node.daemon.root import FatalError, main_async
 
     secrets = [cfg.cluster.join_token] if cfg.cluster.join_token else []
     configure_logging(cfg.log_level, cfg.log_format, cfg.node_id, secrets=secrets)
@@ -49,7 +49,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"quorumd: config error: {exc}", file=sys.stderr)
         return 2
-    from .recover import RecoverError, parse_peers, recover
+    from quorumd.node.tools.recover import RecoverError, parse_peers, recover
 
     try:
         peers = parse_peers(args.peers)
@@ -62,7 +62,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from quorumd.node.tools.demo import run_demo
 
     return run_demo(nodes=args.nodes, base_port=args.base_port, directory=args.dir)
 

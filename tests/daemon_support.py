@@ -4,7 +4,7 @@
 - ``LeaseWriter``: threads allocating (and sometimes releasing) leases through every node,
   recording every acknowledged answer; ``list_leases`` pages through a node's whole lease table.
 - ``check_apply_traces``: compare the ``QUORUMD_TEST_APPLY_TRACE`` files of every node and every
-  incarnation (see ``quorumd.node.daemon.ApplyTrace``): one entry and one state per index.
+  incarnation (see ``quorumd.node.daemon.testhooks.ApplyTrace``): one entry and one state per index.
 - ``quiesce``: wait until every node has applied the same index and the leader has nothing newer.
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from quorumd.node import pki
-from quorumd.node.state import StateMachine
+from quorumd.node.cluster import pki
+from quorumd.node.registry.state import StateMachine
 from quorumd.raft.aio.storage import LogStorage
 from quorumd.raft.codec import decode_conf_change
 from quorumd.raft.core.types import EntryType

@@ -1194,7 +1194,7 @@ def test_proxy_failures_and_leader_removal(tmp_path: Path) -> None:
 
 
 KNOWN_DIRECT_REMOVAL_BUG = (
-    "known race outside the API layer (node/operations.py + pin update): the new leader applies the "
+    "known race outside the API layer (node/cluster/operations.py + pin update): the new leader applies the "
     "removal of the old leader, unpins it and closes its connections, sometimes before its answer "
     "to the old leader's member.remove RPC is written, so a removal sent to the leader itself can "
     "answer 502 although it happened"

@@ -22,7 +22,7 @@ from quorumd.api.app import MAX_BODY_BYTES, Api, build_app
 from quorumd.api.fake import FakeCluster, FakeNode
 from quorumd.api.ports import DrainState, TokenRole
 from quorumd.api.server import MAX_HEADER_BYTES, MAX_TARGET_BYTES, ApiServer, HttpConnection
-from quorumd.node.pki import load_or_create_api_cert
+from quorumd.node.cluster.pki import load_or_create_api_cert
 
 pytestmark = pytest.mark.asyncio
 

@@ -1,4 +1,4 @@
-"""Tests of the API bearer token format (quorumd.node.apitoken)."""
+"""Tests of the API bearer token format (quorumd.node.registry.apitoken)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quorumd.node.apitoken import (
+from quorumd.node.registry.apitoken import (
     format_api_token,
     hash_secret,
     parse_api_token,
@@ -84,10 +84,10 @@ def test_service_token_cache_keeps_revocation_and_expiry_immediate(monkeypatch: 
     """ClusterService.authenticate remembers parsed tokens, never the verdict: a revoked or
     expired token fails on the very next request."""
     from quorumd.api.ports import TokenRole
-    from quorumd.node import service as service_mod
-    from quorumd.node.commands import CreateApiToken, RevokeApiToken, encode_command
-    from quorumd.node.service import ClusterService, Identity
-    from quorumd.node.state import StateMachine
+    from quorumd.node.cluster import service as service_mod
+    from quorumd.node.cluster.service import ClusterService, Identity
+    from quorumd.node.registry.commands import CreateApiToken, RevokeApiToken, encode_command
+    from quorumd.node.registry.state import StateMachine
 
     sm = StateMachine()
     identity = Identity(1, "c", "0", "127.0.0.1:7000", "https://127.0.0.1:5002", "sha256:00", "")

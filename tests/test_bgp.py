@@ -6,7 +6,13 @@ import logging
 
 import pytest
 
-from quorumd.node.bgp import BgpSpeaker, StubBgpSpeaker, normalize_prefix, prefix_sort_key, sorted_prefixes
+from quorumd.node.effects.bgp import (
+    BgpSpeaker,
+    StubBgpSpeaker,
+    normalize_prefix,
+    prefix_sort_key,
+    sorted_prefixes,
+)
 
 
 def _speaker() -> tuple[StubBgpSpeaker, list[tuple[bool, int]]]:
@@ -108,7 +114,7 @@ def test_sorted_prefixes_is_numeric_not_lexical() -> None:
 def test_logs_each_prefix_for_small_changes(caplog: pytest.LogCaptureFixture) -> None:
     s, _ = _speaker()
     s.set_prefixes(["10.0.0.2/32", "10.0.0.1/32"])
-    with caplog.at_level(logging.INFO, logger="quorumd.node.bgp"):
+    with caplog.at_level(logging.INFO, logger="quorumd.node.effects.bgp"):
         s.start()
         s.set_prefixes(["10.0.0.2/32"])
         s.stop()
@@ -126,7 +132,7 @@ def test_logs_each_prefix_for_small_changes(caplog: pytest.LogCaptureFixture) ->
 def test_logs_counts_for_large_batches(caplog: pytest.LogCaptureFixture) -> None:
     s, _ = _speaker()
     s.set_prefixes([f"10.1.{i // 256}.{i % 256}/32" for i in range(1000)])
-    with caplog.at_level(logging.INFO, logger="quorumd.node.bgp"):
+    with caplog.at_level(logging.INFO, logger="quorumd.node.effects.bgp"):
         s.start()
         s.stop()
     msgs = [r.getMessage() for r in caplog.records]

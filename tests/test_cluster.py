@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from quorumd.node import ctl
+from quorumd.node.ctl import main as ctl
 from tests.cluster import Cluster, http, wait_for
 
 # One worker runs this module: the tests share one cluster and build on each other's state.

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from quorumd.node.autopilot import Autopilot, AutopilotSettings, AutopilotView, ServerInput
+from quorumd.node.registry.autopilot import Autopilot, AutopilotSettings, AutopilotView, ServerInput
 from tests.cluster import _SSL, ApiCallError, Cluster, Node, free_port, wait_for
 
 # One worker runs this module: the tests share one cluster and build on each other's state.

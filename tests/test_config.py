@@ -1,4 +1,4 @@
-"""Config loading (node/config.py) and logging setup (node/logs.py)."""
+"""Config loading (node/config/schema.py) and logging setup (node/daemon/logs.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from quorumd.node.config import (
+from quorumd.node.config.schema import (
     CONFIG_KEYS,
     ApiConfig,
     AutopilotConfig,
@@ -32,7 +32,7 @@ from quorumd.node.config import (
     parse_duration,
     parse_host_port,
 )
-from quorumd.node.logs import add_redaction, configure_logging
+from quorumd.node.daemon.logs import add_redaction, configure_logging
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "deploy" / "quorumd.example.yaml"
@@ -568,7 +568,7 @@ def test_text_format(root_logger: logging.Logger) -> None:
 def test_json_format(root_logger: logging.Logger) -> None:
     out = io.StringIO()
     configure_logging("debug", "json", 7, stream=out)
-    log = logging.getLogger("quorumd.node.daemon")
+    log = logging.getLogger("quorumd.node.daemon.root")
     log.debug("tick n=%d", 1, extra={"peer": 2})
     try:
         raise RuntimeError("boom")
@@ -578,7 +578,7 @@ def test_json_format(root_logger: logging.Logger) -> None:
     assert re.fullmatch(TS, first["ts"])
     assert {k: first[k] for k in ("level", "logger", "node", "msg", "peer")} == {
         "level": "debug",
-        "logger": "quorumd.node.daemon",
+        "logger": "quorumd.node.daemon.root",
         "node": 7,
         "msg": "tick n=1",
         "peer": 2,

@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quorumd.node import cli
-from quorumd.node.config import (
+from quorumd.node.config.schema import (
     CONFIG_KEYS,
     Config,
     ConfigError,

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from quorumd.node import ctl
+from quorumd.node.ctl import main as ctl
 
 TOKEN = "qd_test.secret"
 

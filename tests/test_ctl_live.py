@@ -1,6 +1,6 @@
 """``quorumctl`` end to end against a running 3-node cluster (SPEC 2 and 5).
 
-Every command of SPEC 2, in table and ``-o json`` form, through ``quorumd.node.ctl.main``; JSON
+Every command of SPEC 2, in table and ``-o json`` form, through ``quorumd.node.ctl.main.main``; JSON
 output is checked against the OpenAPI result schema of the route behind the command. Also: the
 exit code and the server's own message on an API error, ``--endpoint`` / ``QUORUMD_ENDPOINT``,
 ``--token`` / ``--token-file`` / ``QUORUMD_TOKEN``, ``--cacert`` with the node's self-signed API
@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import pytest
 from jsonschema import Draft202012Validator
 
-from quorumd.node import ctl
+from quorumd.node.ctl import main as ctl
 from tests.api_live_support import (
     MANUAL_PROMOTION,
     form_with_manual_promotion,

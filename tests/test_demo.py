@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from quorumd.node import ctl
+from quorumd.node.ctl import main as ctl
 from tests.cluster import http, wait_for
 
 pytestmark = pytest.mark.xdist_group("test_demo")

@@ -1,4 +1,4 @@
-"""Deployment artifacts (deploy/) and the metrics they depend on (node/metrics.py).
+"""Deployment artifacts (deploy/) and the metrics they depend on (node/daemon/metrics.py).
 
 Tool-backed checks (promtool, systemd-analyze, docker-compose) fail, not skip, when the tool is
 missing: CI (.ci/run) installs prometheus, systemd and docker-compose. The bring-up test runs
@@ -27,8 +27,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from quorumd.node.config import config_from_dict, load_config
-from quorumd.node.metrics import API_METRIC_NAMES, LATENCY_BUCKETS_SECONDS, Metrics
+from quorumd.node.config.schema import config_from_dict, load_config
+from quorumd.node.daemon.metrics import API_METRIC_NAMES, LATENCY_BUCKETS_SECONDS, Metrics
 from tests.chaos.netns import NetLab
 from tests.chaos.nscluster import API_PORT, RAFT_PORT, NsCluster
 from tests.cluster import wait_for
@@ -544,13 +544,14 @@ def _seconds(value: str) -> float:
 def test_stop_and_start_timeouts_cover_the_daemon_budgets() -> None:
     """TimeoutStopSec is above the worst graceful stop with the default config: the leadership
     hand-off (3 x election-timeout), the leave announcement (propose-timeout) and every bounded
-    cleanup step of node/daemon.py (``self._bounded(..., N)``); TimeoutStartSec is above the default
+    cleanup step of node/daemon/root.py (``self._bounded(..., N)``); TimeoutStartSec is above the
+    default
     join-timeout; WatchdogSec leaves the daemon's half-interval ping room to spare."""
     s = _unit_settings()
     cluster = config_from_dict({"cluster": {"node-id": 1}}).cluster
-    daemon_src = (REPO / "node" / "daemon.py").read_text()
+    daemon_src = (REPO / "node" / "daemon" / "root.py").read_text()
     cleanups = [float(x) for x in re.findall(r"self\._bounded,[^\n]*?,\s*([0-9.]+)\)", daemon_src)]
-    assert len(cleanups) >= 3, "the cleanup bounds of node/daemon.py moved: update this test"
+    assert len(cleanups) >= 3, "the cleanup bounds of node/daemon/root.py moved: update this test"
     budget = 3 * cluster.election_timeout_seconds + cluster.propose_timeout_seconds + sum(cleanups)
     stop = _seconds(s["TimeoutStopSec"][0])
     assert stop >= budget + 10, (stop, budget)

@@ -1,4 +1,4 @@
-"""node/gcpolicy.py: the long-lived state is frozen, young cycles are still collected, and the
+"""node/daemon/gcpolicy.py: the long-lived state is frozen, young cycles are still collected, and the
 periodic full collection reclaims cycles that became garbage after they were frozen."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from quorumd.node.gcpolicy import GcPolicy
+from quorumd.node.daemon.gcpolicy import GcPolicy
 
 
 class _Node:
@@ -57,7 +57,7 @@ def test_young_cycles_are_collected_at_snapshots_and_frozen_ones_at_the_full_pas
 
 
 def test_gc_paused_restores_the_previous_setting() -> None:
-    from quorumd.node.gcpolicy import gc_paused
+    from quorumd.node.daemon.gcpolicy import gc_paused
 
     assert gc.isenabled()
     with gc_paused():

@@ -1,4 +1,4 @@
-"""Tests of the join token format (quorumd.node.jointoken)."""
+"""Tests of the join token format (quorumd.node.registry.jointoken)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quorumd.node.jointoken import (
+from quorumd.node.registry.jointoken import (
     DEFAULT_TTL_SECONDS,
     JoinClaims,
     JoinTokenError,

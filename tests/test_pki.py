@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from quorumd.node import pki
+from quorumd.node.cluster import pki
 
 CLUSTER = "0123456789abcdef0123456789abcdef"
 

@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from quorumd.node.ran import RanEvent, RanNotifier, WebhookRanNotifier, rfc3339_ms
+from quorumd.node.effects.ran import RanEvent, RanNotifier, WebhookRanNotifier, rfc3339_ms
 
 T0 = 1_700_000_000.5
 
@@ -83,7 +83,7 @@ def test_rfc3339_ms() -> None:
 async def test_no_url_records_counts_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     n, _, seen = _notifier(None)
     notifier: RanNotifier = n
-    with caplog.at_level(logging.INFO, logger="quorumd.node.ran"):
+    with caplog.at_level(logging.INFO, logger="quorumd.node.effects.ran"):
         await notifier.notify_guami_unavailable(3, "drain")
     await n.wait_idle()
     assert [(e.node_id, e.reason, e.at, e.seq) for e in notifier.events] == [(3, "drain", T0, 1)]
@@ -121,7 +121,7 @@ async def test_always_failing_gives_up_after_bounded_retries(
 ) -> None:
     receiver.always = 502
     n, delays, _ = _notifier(receiver.url, retries=6, backoff_cap_seconds=1.0)
-    with caplog.at_level(logging.INFO, logger="quorumd.node.ran"):
+    with caplog.at_level(logging.INFO, logger="quorumd.node.effects.ran"):
         await n.notify_guami_unavailable(4, "drain")
         await n.wait_idle()
     assert (n.delivered, n.failed) == (0, 1)

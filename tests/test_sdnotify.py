@@ -1,4 +1,4 @@
-"""sd_notify client (node/sdnotify.py) against a real unix datagram socket standing in for systemd."""
+"""sd_notify client (node/daemon/sdnotify.py) against a real unix datagram socket standing in for systemd."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from quorumd.node.sdnotify import SdNotifier
+from quorumd.node.daemon.sdnotify import SdNotifier
 
 
 @pytest.fixture

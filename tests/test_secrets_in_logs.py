@@ -11,7 +11,7 @@ node and every refused joiner) and every node's /metrics is searched for every s
 token, each API token, each join token (whole, and fragments of the secret part: the API token
 secret, the join token's HMAC), and the private keys in the data dirs (PEM body lines).
 
-Logging contract (node/logs.py): every line carries the node id of the process that wrote it;
+Logging contract (node/daemon/logs.py): every line carries the node id of the process that wrote it;
 JSON lines parse and have ts, level, logger, node, msg; role changes, membership changes, drains,
 resumes, joins, token changes and join refusals are logged at INFO or WARNING.
 """
@@ -33,7 +33,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quorumd.node import apitoken, jointoken, pki
+from quorumd.node.cluster import pki
+from quorumd.node.registry import apitoken, jointoken
 from tests.cluster import Cluster, free_port, wait_for
 
 pytestmark = pytest.mark.xdist_group("test_secrets_in_logs")
@@ -220,7 +221,7 @@ def play(scenario: Scenario) -> None:
     }
     c.ok(lead, "POST", f"/api/v1/cluster/members/{other}/resume")
     # The node keeps a lease, so the leader does not complete the drain on its own: a completion
-    # racing the resume can override it (product bug, see the report on node/operations.py).
+    # racing the resume can override it (product bug, see the report on node/cluster/operations.py).
     c.ok(lead, "POST", "/api/v1/leases", {"pool": "s", "holder": "keep", "nodeId": follower})
     assert c.ok(lead, "POST", f"/api/v1/cluster/members/{follower}/drain", {"deadlineSeconds": 300}) == {
         "drainState": "draining"

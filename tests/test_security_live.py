@@ -35,9 +35,10 @@ from http.client import HTTPSConnection
 import pytest
 import yaml
 
-from quorumd.node import jointoken, pki
-from quorumd.node.commands import MemberContext, encode_member_context
-from quorumd.node.service import pack, unpack
+from quorumd.node.cluster import pki
+from quorumd.node.cluster.service import pack, unpack
+from quorumd.node.registry import jointoken
+from quorumd.node.registry.commands import MemberContext, encode_member_context
 from quorumd.raft.aio.transport import ClusterTransport, RpcUnreachable, join_call
 from tests.cluster import _SSL, Cluster, Node, free_port, http, wait_for
 from tests.daemon_support import log_lines, metric_sum, node_fingerprint, replica_state

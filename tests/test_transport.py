@@ -20,7 +20,7 @@ import uvloop
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from quorumd.node.pki import NodeIdentity, generate_node_identity, pem_to_der
+from quorumd.node.cluster.pki import NodeIdentity, generate_node_identity, pem_to_der
 from quorumd.raft.aio.transport import (
     ALPN_JOIN,
     ALPN_RAFT,

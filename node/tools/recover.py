@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from quorumd.node.config.schema import Config, HostPort, parse_host_port
+from quorumd.node.daemon.datadir import read_node_file
+from quorumd.node.registry.state import StateMachine
 from quorumd.raft.aio.storage import LogStorage, StorageError
 from quorumd.raft.codec import decode_conf_change
 from quorumd.raft.core.types import (
@@ -29,10 +32,6 @@ from quorumd.raft.core.types import (
     Snapshot,
     SnapshotMeta,
 )
-
-from .config import Config, HostPort, parse_host_port
-from .daemon import read_node_file
-from .state import StateMachine
 
 
 class RecoverError(Exception):

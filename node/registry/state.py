@@ -1,7 +1,7 @@
 """The replicated state machine: member registry, cluster secrets, tokens, pools and leases.
 
 ``StateMachine`` is applied by the node in log order: ``apply`` for NORMAL entries (a command
-from ``quorumd.node.commands``; empty data is the leader's no-op) and ``apply_conf_change`` for
+from ``quorumd.node.registry.commands``; empty data is the leader's no-op) and ``apply_conf_change`` for
 CONF_CHANGE entries (the engine has already changed the Raft configuration; the registry
 follows it). It is pure and deterministic: its only clock is the ``ts`` the leader stamped into
 each command, and nothing depends on set iteration order, so every replica that applies the
@@ -19,8 +19,8 @@ What is stored:
 - join tokens: minted and consumed ids with their expiry; entries are pruned once the
   command clock passes expiry plus a grace period, so the set stays bounded; a consumed id is
   kept while the token could still verify, which is what makes a replay fail everywhere;
-- API tokens: only the SHA-256 of the secret (see ``quorumd.node.apitoken``), never the secret;
-- pools and leases: ``quorumd.node.leases.LeaseTable``.
+- API tokens: only the SHA-256 of the secret (see ``quorumd.node.registry.apitoken``), never the secret;
+- pools and leases: ``quorumd.node.registry.leases.LeaseTable``.
 
 Snapshot: one msgpack list, every collection sorted by key:
 ``[SNAPSHOT_VERSION, applied_index, cluster_id, join_key, members, join_tokens, api_tokens,
@@ -38,8 +38,8 @@ from heapq import heapify, heappop, heappush
 from typing import Any
 
 from quorumd.api.ports import DrainState, TokenRole
-from quorumd.node.apitoken import TOKEN_ID_RE
-from quorumd.node.commands import (
+from quorumd.node.registry.apitoken import TOKEN_ID_RE
+from quorumd.node.registry.commands import (
     AllocateLease,
     Command,
     CommandError,
@@ -73,7 +73,7 @@ from quorumd.node.commands import (
     role_to_code,
     unpack,
 )
-from quorumd.node.leases import Lease, LeaseTable, PoolInfo, Rejection, SnapshotError, rfc3339
+from quorumd.node.registry.leases import Lease, LeaseTable, PoolInfo, Rejection, SnapshotError, rfc3339
 from quorumd.raft.core.types import ConfChange, ConfChangeType, immutable
 
 __all__ = [

@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .logs import LogFormat, LogLevel
+from quorumd.node.daemon.logs import LogFormat, LogLevel
 
 __all__ = [
     "CONFIG_KEYS",

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from . import ctl_format as fmt
-from .ctl_client import (
+from quorumd.node.ctl import format as fmt
+from quorumd.node.ctl.client import (
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT_SECONDS,
     ApiCallError,

@@ -155,7 +155,7 @@ class MemberLike(Protocol):
 
 
 class RegistryLike(Protocol):
-    """The replicated member registry (``quorumd.node.state.StateMachine`` fits)."""
+    """The replicated member registry (``quorumd.node.registry.state.StateMachine`` fits)."""
 
     def members(self) -> Sequence[MemberLike]: ...
 
@@ -168,7 +168,7 @@ class NodeLike(Protocol):
 
 
 class AutopilotServerLike(Protocol):
-    """What ``set_autopilot`` reads of each server (``quorumd.node.autopilot.ServerHealth`` fits)."""
+    """What ``set_autopilot`` reads of each server (``quorumd.node.registry.autopilot.ServerHealth`` fits)."""
 
     @property
     def node_id(self) -> int: ...
@@ -178,7 +178,7 @@ class AutopilotServerLike(Protocol):
 
 
 class AutopilotViewLike(Protocol):
-    """What ``set_autopilot`` reads of a view (``quorumd.node.autopilot.AutopilotView`` fits)."""
+    """What ``set_autopilot`` reads of a view (``quorumd.node.registry.autopilot.AutopilotView`` fits)."""
 
     @property
     def healthy(self) -> bool: ...

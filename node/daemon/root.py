@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import random
@@ -23,44 +21,47 @@ import uuid
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from quorumd.api.app import build_app
 from quorumd.api.errors import ApiError
 from quorumd.api.ports import DrainState, ForwardedRequest
 from quorumd.api.server import ApiServer
-from quorumd.raft.aio.driver import DriverHooks, RaftDriver
-from quorumd.raft.aio.storage import LogStorage, RecoveredState, StorageError
-from quorumd.raft.aio.transport import ClusterTransport, JoinPinMismatch, join_call
-from quorumd.raft.core.node import RaftCore
-from quorumd.raft.core.ready import CoreConfig, RaftError, SoftState
-from quorumd.raft.core.types import ConfChange, Entry, HardState, Role, SnapshotMeta
-
-from . import jointoken, pki
-from .autopilot import AutopilotSettings, AutopilotView
-from .bgp import StubBgpSpeaker
-from .commands import (
+from quorumd.node.cluster import pki
+from quorumd.node.cluster.operations import ClusterNode
+from quorumd.node.cluster.service import Identity, pack, unpack
+from quorumd.node.config.schema import Config
+from quorumd.node.daemon.datadir import (
+    FatalError,
+    ensure_data_dir,
+    load_identity_files,
+    read_node_file,
+    write_node_file,
+)
+from quorumd.node.daemon.gcpolicy import GcPolicy, gc_paused
+from quorumd.node.daemon.metrics import Metrics
+from quorumd.node.daemon.sdnotify import SdNotifier
+from quorumd.node.daemon.testhooks import ApplyTrace, planted_bugs
+from quorumd.node.effects.bgp import StubBgpSpeaker
+from quorumd.node.effects.ran import WebhookRanNotifier
+from quorumd.node.registry import jointoken
+from quorumd.node.registry.autopilot import AutopilotSettings, AutopilotView
+from quorumd.node.registry.commands import (
     CreateApiToken,
     MarkNodeLeft,
     RegisterNodeInfo,
     SetClusterSecrets,
 )
-from .config import Config
-from .gcpolicy import GcPolicy, gc_paused
-from .metrics import Metrics
-from .operations import ClusterNode
-from .ran import WebhookRanNotifier
-from .sdnotify import SdNotifier
-from .service import Identity, pack, unpack
-from .state import ApplyResult, SnapshotError, StateMachine
-from .version import VERSION
+from quorumd.node.registry.state import ApplyResult, SnapshotError, StateMachine
+from quorumd.node.version import VERSION
+from quorumd.raft.aio.driver import DriverHooks, RaftDriver
+from quorumd.raft.aio.storage import LogStorage, RecoveredState, StorageError
+from quorumd.raft.aio.transport import ClusterTransport, JoinPinMismatch, join_call
+from quorumd.raft.core.node import RaftCore
+from quorumd.raft.core.ready import CoreConfig, RaftError, SoftState
+from quorumd.raft.core.types import ConfChange, Entry, HardState, Role
 
 log = logging.getLogger(__name__)
-
-
-class FatalError(Exception):
-    """Startup cannot continue; the message is for the operator (exit code 1)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,108 +75,6 @@ def timing_for(cfg: Config) -> Timing:
     hb = cfg.cluster.heartbeat_interval_seconds
     tick = min(hb / 2.0, 0.025)
     return Timing(tick, max(1, round(hb / tick)), max(2, round(cfg.cluster.election_timeout_seconds / tick)))
-
-
-def planted_bugs() -> dict[str, bool]:
-    """Planted engine bugs for the chaos tests' self-check (QUORUMD_TEST_BUGS=name,...).
-
-    Never set in production: the daemon logs a warning for each one switched on."""
-    allowed = {"bug_double_vote", "bug_nonvoter_counts", "bug_commit_old_term"}
-    names = {n.strip() for n in os.environ.get("QUORUMD_TEST_BUGS", "").split(",") if n.strip()}
-    for n in sorted(names):
-        if n not in allowed:
-            raise FatalError(f"QUORUMD_TEST_BUGS: unknown planted bug {n!r}")
-        log.warning("planted_bug_enabled name=%s (test-only)", n)
-    return {n: True for n in names}
-
-
-class ApplyTrace:
-    """Test-only record of what this node applies (``QUORUMD_TEST_APPLY_TRACE=<directory>``).
-
-    Wraps the node as the driver's ``Application`` and appends, before the state machine sees
-    them, one line per applied entry (``E <index> <term> <sha256 of type+data>``), per snapshot
-    restored (``R``), installed (``S``) or taken (``C``: ``<index> <sha256 of the snapshot>``) to
-    ``<directory>/apply-node<id>.trace`` with one unbuffered ``write`` per batch, so a SIGKILL
-    never loses an entry that was applied. Crash tests compare the files of every node and every
-    incarnation: two different entries or states at one index are a safety violation. Never
-    set in production (the daemon logs a warning when it is on).
-    """
-
-    def __init__(self, directory: Path, node_id: int, app: ClusterNode) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f"apply-node{node_id}.trace"
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        self._app = app
-        self.write(f"P {os.getpid()}\n")
-        log.warning("apply_trace_enabled path=%s (test-only)", self.path)
-
-    @classmethod
-    def from_env(cls, node_id: int, app: ClusterNode) -> ApplyTrace | None:
-        directory = os.environ.get("QUORUMD_TEST_APPLY_TRACE", "")
-        return cls(Path(directory), node_id, app) if directory else None
-
-    def write(self, text: str) -> None:
-        data = text.encode()
-        while data:
-            data = data[os.write(self._fd, data) :]
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    @staticmethod
-    def digest(data: bytes) -> str:
-        return hashlib.sha256(data).hexdigest()[:32]
-
-    def restored(self, kind: str, index: int, data: bytes) -> None:
-        self.write(f"{kind} {index} {self.digest(data)}\n")
-
-    # raft.aio.driver.Application
-    def apply_entries(self, entries: Sequence[Entry]) -> list[Any]:
-        self.write(
-            "".join(f"E {e.index} {e.term} {self.digest(bytes([e.type]) + e.data)}\n" for e in entries)
-        )
-        return self._app.apply_entries(entries)
-
-    def snapshot(self) -> bytes:
-        data = self._app.snapshot()
-        self.restored("C", self._app.sm.applied_index, data)
-        return data
-
-    def restore(self, data: bytes, meta: SnapshotMeta) -> None:
-        self.restored("S", meta.index, data)
-        self._app.restore(data, meta)
-
-
-# --- data directory ---------------------------------------------------------------------------
-def ensure_data_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    for sub in ("raft", "tls"):
-        (path / sub).mkdir(exist_ok=True)
-        os.chmod(path / sub, 0o700)
-
-
-def read_node_file(data_dir: Path) -> dict[str, Any] | None:
-    p = data_dir / "node.json"
-    if not p.exists():
-        return None
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise FatalError(f"{p}: unreadable node identity file: {exc}") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("node_id"), int):
-        raise FatalError(f"{p}: malformed node identity file")
-    return data
-
-
-def write_node_file(data_dir: Path, data: dict[str, Any]) -> None:
-    pki.write_private_file(data_dir / "node.json", json.dumps(data, sort_keys=True).encode())
-
-
-def load_identity_files(data_dir: Path) -> tuple[bytes, bytes]:
-    return (data_dir / "tls" / "node.crt").read_bytes(), (data_dir / "tls" / "node.key").read_bytes()
 
 
 def api_url(cfg: Config) -> str:
@@ -358,7 +257,7 @@ class Daemon:
             self._register_rpcs(transport, node)
             self.cluster_port = await transport.start(str(cfg.cluster.bind_address))
             stack.push_async_callback(self._bounded, transport.close(), 5.0)
-        self.gc.settled()  # the replicated state is loaded: freeze it (see node/gcpolicy.py)
+        self.gc.settled()  # the replicated state is loaded: freeze it (see node/daemon/gcpolicy.py)
         core.fast_forward_election()
         driver.start().add_done_callback(self._on_driver_exit)
         stack.push_async_callback(self._bounded, driver.close(), 5.0)
@@ -590,7 +489,7 @@ class Daemon:
                 )
             token_file = self.data_dir / "admin.token"
             if self._founder and not token_file.exists():
-                from . import apitoken
+                from quorumd.node.registry import apitoken
 
                 token_id = apitoken.token_id_from_bytes(secrets.token_bytes(6))
                 secret = secrets.token_bytes(32)

@@ -4,7 +4,7 @@ It implements ``quorumd.api.ports.NodeApi`` (what the HTTP layer calls), the dri
 ``Application`` (applying committed entries to ``StateMachine``), and the internal RPCs members
 send each other over the cluster channel (``join``, ``api.forward``, ``drain.confirm``,
 ``member.remove``, ``node.register``, ``node.left``). Drain side effects and the leader's
-reconcile loop live in ``quorumd.node.operations``.
+reconcile loop live in ``quorumd.node.cluster.operations``.
 """
 
 from __future__ import annotations
@@ -27,15 +27,9 @@ from quorumd.api.ports import (
     Principal,
     TokenRole,
 )
-from quorumd.raft.aio.driver import ProposalLostError, RaftDriver
-from quorumd.raft.aio.transport import RpcRemoteError, RpcTimeout, RpcUnreachable
-from quorumd.raft.codec import decode_conf_change, packb
-from quorumd.raft.core.node import RaftCore
-from quorumd.raft.core.ready import ConfChangeError, NotLeaderError, ProposalDroppedError
-from quorumd.raft.core.types import ConfChange, ConfChangeType, Entry, EntryType, Role, SnapshotMeta
-
-from . import apitoken, jointoken
-from .commands import (
+from quorumd.node.daemon.gcpolicy import gc_paused
+from quorumd.node.registry import apitoken, jointoken
+from quorumd.node.registry.commands import (
     AllocateLease,
     Command,
     CreateApiToken,
@@ -52,9 +46,14 @@ from .commands import (
     encode_command,
     encode_member_context,
 )
-from .gcpolicy import gc_paused
-from .leases import Lease
-from .state import ApplyResult, StateMachine
+from quorumd.node.registry.leases import Lease
+from quorumd.node.registry.state import ApplyResult, StateMachine
+from quorumd.raft.aio.driver import ProposalLostError, RaftDriver
+from quorumd.raft.aio.transport import RpcRemoteError, RpcTimeout, RpcUnreachable
+from quorumd.raft.codec import decode_conf_change, packb
+from quorumd.raft.core.node import RaftCore
+from quorumd.raft.core.ready import ConfChangeError, NotLeaderError, ProposalDroppedError
+from quorumd.raft.core.types import ConfChange, ConfChangeType, Entry, EntryType, Role, SnapshotMeta
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Address pools and leases: the allocation part of the replicated state machine.
 
 ``LeaseTable`` owns the pools, the leases and every index over them; ``StateMachine`` (in
-``quorumd.node.state``) owns it, checks membership and drain state first, and turns a
+``quorumd.node.registry.state``) owns it, checks membership and drain state first, and turns a
 ``Rejection`` into an ``ApplyResult``. Pure and deterministic: no clock, no randomness, and
 no output depends on set iteration order.
 
@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 from math import isfinite
 from typing import Any, NamedTuple
 
-from quorumd.node.commands import CommandError, check_float, check_int, check_list, check_str
+from quorumd.node.registry.commands import CommandError, check_float, check_int, check_list, check_str
 from quorumd.raft.codec import packb
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from quorumd.node.commands import CommandError, check_int, check_list, check_str, pack, unpack
+from quorumd.node.registry.commands import CommandError, check_int, check_list, check_str, pack, unpack
 
 logger = logging.getLogger(__name__)
 

@@ -18,17 +18,17 @@ from typing import Any
 
 from quorumd.api.errors import ApiError
 from quorumd.api.ports import DrainState
+from quorumd.node.cluster import pki
+from quorumd.node.cluster.service import ClusterService, pack, unpack
+from quorumd.node.effects.bgp import BgpSpeaker
+from quorumd.node.effects.ran import RanNotifier
+from quorumd.node.registry import jointoken
+from quorumd.node.registry.autopilot import Autopilot, AutopilotSettings, AutopilotView, ServerInput
+from quorumd.node.registry.commands import AllocateLease, ReleaseLease, SetDrain, decode_member_context
+from quorumd.node.registry.leases import Lease
+from quorumd.node.registry.state import ApplyResult
 from quorumd.raft.core.node import RaftCore
 from quorumd.raft.core.types import ConfChange, ConfChangeType
-
-from . import jointoken, pki
-from .autopilot import Autopilot, AutopilotSettings, AutopilotView, ServerInput
-from .bgp import BgpSpeaker
-from .commands import AllocateLease, ReleaseLease, SetDrain, decode_member_context
-from .leases import Lease
-from .ran import RanNotifier
-from .service import ClusterService, pack, unpack
-from .state import ApplyResult
 
 log = logging.getLogger(__name__)
 
