@@ -28,7 +28,6 @@ LONG_MODULES_ALLOWED = {
     "raft/core/node.py",
     "raft/aio/storage.py",
     "raft/aio/transport.py",
-    "raft/sim/simulator.py",
     "node/config/schema.py",
     "node/daemon/root.py",
     "node/registry/state.py",

@@ -10,7 +10,8 @@ arithmetic), ``sweep`` (many seeds in worker processes).
 from __future__ import annotations
 
 from .checkers import SafetyChecker, Violation
-from .simulator import BUG_SWITCHES, SimOptions, SimResult, Simulation, run_simulation
+from .model import BUG_SWITCHES, SimOptions, SimResult
+from .simulator import Simulation, run_simulation
 from .sweep import SweepResult, run_sweep, sweep_options
 
 __all__ = [

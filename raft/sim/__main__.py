@@ -11,7 +11,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .simulator import BUG_SWITCHES, DEFAULT_LIVENESS_TICKS, SimOptions, SimResult, run_simulation
+from .model import BUG_SWITCHES, DEFAULT_LIVENESS_TICKS, SimOptions, SimResult
+from .simulator import run_simulation
 from .sweep import run_sweep, sweep_options
 
 

@@ -26,21 +26,17 @@ import heapq
 import random
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
 
 from ..codec import decode_conf_change
 from ..core.node import RaftCore
 from ..core.ready import (
-    ConfChangeError,
     CoreConfig,
     InvariantError,
     NotLeaderError,
     ProposalDroppedError,
-    RaftError,
     Ready,
 )
 from ..core.types import (
-    ConfChange,
     ConfChangeType,
     Entry,
     EntryType,
@@ -60,164 +56,31 @@ from .checkers import (
     SafetyChecker,
     Violation,
 )
-from .disk import DiskError, SimDisk
-from .network import CALM, TICK_UNITS, NetworkProfile, SimNetwork
-
-BUG_SWITCHES = ("double_vote", "nonvoter_counts", "commit_old_term")
-DEFAULT_LIVENESS_TICKS = 600
-
-EV_TICK = 0
-EV_DELIVER = 1
-EV_CLIENT = 2
-EV_FAULT = 3
-EV_MEMBER = 4
-EV_RESTART = 5
-EV_HEAL = 6
-EV_SHUTDOWN = 7
-EV_UNSUPPRESS = 8
-EV_DEPOSE = 9
+from .disk import DiskError
+from .model import (
+    BUG_SWITCHES,
+    EV_CLIENT,
+    EV_DELIVER,
+    EV_DEPOSE,
+    EV_FAULT,
+    EV_HEAL,
+    EV_MEMBER,
+    EV_RESTART,
+    EV_SHUTDOWN,
+    EV_TICK,
+    EV_UNSUPPRESS,
+    STAT_NAMES,
+    Event,
+    SimNode,
+    SimOptions,
+    SimResult,
+    draw_profile,
+)
+from .nemesis import Nemesis
+from .network import CALM, TICK_UNITS, SimNetwork
 
 _MT = {int(t): t.name for t in MessageType}
 _FULL = 7  # _handle_ready stage: everything
-
-Event = tuple[int, object, int]
-
-
-@dataclass(frozen=True, slots=True)
-class SimOptions:
-    seed: int
-    steps: int = 5000
-    nodes: int = 3  # target number of voters
-    bugs: tuple[str, ...] = ()  # CoreConfig bug switches to turn on, without the "bug_" prefix
-    liveness: bool = True
-    liveness_ticks: int = DEFAULT_LIVENESS_TICKS
-    trace_tail: int = 30
-
-    def replay_command(self) -> str:
-        cmd = f"python -m quorumd.raft.sim --seed {self.seed} --steps {self.steps} --nodes {self.nodes}"
-        for b in self.bugs:
-            cmd += f" --bug {b}"
-        if not self.liveness:
-            cmd += " --no-liveness"
-        elif self.liveness_ticks != DEFAULT_LIVENESS_TICKS:
-            cmd += f" --liveness-ticks {self.liveness_ticks}"
-        return cmd
-
-
-@dataclass(frozen=True, slots=True)
-class SimResult:
-    options: SimOptions
-    ok: bool
-    kind: str  # "" when ok, else the violation kind
-    violation: str
-    trace_tail: tuple[str, ...]
-    trace_hash: str
-    steps: int  # chaos steps executed (== options.steps unless a violation stopped the run)
-    liveness_steps: int
-    sim_ticks: int
-    leader: NodeId
-    term: int
-    commit_index: int
-    applied_entries: int  # length of the globally committed (applied) prefix
-    stats: tuple[tuple[str, int], ...] = field(default_factory=tuple)
-
-    def summary_line(self) -> str:
-        o = self.options
-        head = (
-            f"seed={o.seed} nodes={o.nodes} steps={self.steps}+{self.liveness_steps} ticks={self.sim_ticks} "
-            f"leader={self.leader} term={self.term} commit={self.commit_index} "
-            f"applied={self.applied_entries} hash={self.trace_hash[:16]}"
-        )
-        return f"{head} ok" if self.ok else f"{head} FAILED {self.kind}"
-
-    def stats_line(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.stats)
-
-
-@dataclass(frozen=True, slots=True)
-class ChaosProfile:
-    """Per-seed fault rates (swarm testing: each seed stresses a different mix)."""
-
-    network: NetworkProfile
-    client_gap_units: int
-    fault_gap_units: int
-    member_gap_units: int
-    mid_ready_crash: float
-    depose: float  # probability that a new leader is crashed or isolated within a few ticks
-    depose_on_commit: float  # probability, per commit advance, that the leader is cut off at once
-    weights: tuple[tuple[str, int], ...]
-    core: tuple[tuple[str, int | bool], ...]
-
-
-def draw_profile(rng: random.Random) -> ChaosProfile:
-    net = NetworkProfile(
-        drop=rng.choice((0.0, 0.01, 0.03, 0.08)),
-        dup=rng.choice((0.0, 0.01, 0.05)),
-        slow=rng.choice((0.0, 0.01, 0.05)),
-        latency_units=rng.choice((10, 30, 60)),
-        slow_units=rng.choice((3, 10, 30)) * TICK_UNITS,
-    )
-    weights: tuple[tuple[str, int], ...] = (
-        ("crash", rng.choice((0, 2, 4))),
-        ("partition", rng.choice((0, 2, 4))),
-        ("oneway", rng.choice((0, 1, 3))),
-        ("transfer", rng.choice((0, 1, 2))),
-        ("compact", rng.choice((2, 4, 8))),
-        ("campaign", rng.choice((0, 1))),
-        ("suppress", rng.choice((0, 1))),
-    )
-    if sum(w for _, w in weights) == 0:
-        weights = (("compact", 1),)
-    core: tuple[tuple[str, int | bool], ...] = (
-        ("election_ticks", 10),
-        ("heartbeat_ticks", rng.choice((1, 2, 3))),
-        ("max_entries_per_append", rng.choice((1, 3, 64))),
-        ("max_inflight_appends", rng.choice((1, 2, 8))),
-        ("snapshot_chunk_bytes", rng.choice((7, 16, 4096))),
-        ("trailing_logs", rng.choice((0, 2, 10))),
-        ("pre_vote", rng.random() < 0.8),
-        ("check_quorum", rng.random() < 0.8),
-        ("lazy_commit_broadcast", rng.random() < 0.5),
-    )
-    return ChaosProfile(
-        network=net,
-        client_gap_units=rng.choice((20, 50, 150)),
-        fault_gap_units=rng.choice((3, 8, 20)) * TICK_UNITS,
-        member_gap_units=rng.choice((20, 60)) * TICK_UNITS,
-        mid_ready_crash=rng.choice((0.0, 0.5)),
-        depose=rng.choice((0.0, 0.0, 0.3, 0.7)),
-        depose_on_commit=rng.choice((0.0, 0.03, 0.1, 0.3)),
-        weights=weights,
-        core=core,
-    )
-
-
-class SimNode:
-    __slots__ = (
-        "alive",
-        "app",
-        "core",
-        "disk",
-        "doomed",
-        "incarnation",
-        "is_leader",
-        "node_id",
-        "retired",
-        "suppressed",
-    )
-
-    def __init__(self, node_id: NodeId) -> None:
-        self.node_id = node_id
-        self.core: RaftCore | None = None
-        self.disk = SimDisk()
-        self.app = AppState()
-        self.incarnation = 0
-        self.alive = False
-        self.retired = False  # removed from the cluster and shut down for good
-        self.is_leader = False
-        self.suppressed = False
-        self.doomed = False  # crash in the middle of the next Ready
-
 
 class Simulation:
     def __init__(self, opts: SimOptions) -> None:
@@ -248,31 +111,10 @@ class Simulation:
         self.fault_weights = [w for _, w in self.profile.weights]
         self.trace: deque[str] = deque(maxlen=opts.trace_tail)
         self.hasher = hashlib.sha256()
-        self.stats: dict[str, int] = dict.fromkeys(
-            (
-                "elections",
-                "msgs_sent",
-                "msgs_lost",
-                "proposals",
-                "proposals_refused",
-                "reads",
-                "reads_refused",
-                "conf_changes",
-                "crashes",
-                "crashes_mid_ready",
-                "unsynced_lost",
-                "restarts",
-                "partitions",
-                "transfers",
-                "compactions",
-                "snapshots_installed",
-                "campaigns",
-                "suppressions",
-            ),
-            0,
-        )
+        self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
         self.marker_data = b""
         self.marker_index = 0
+        self.nemesis = Nemesis(self)
 
     # ------------------------------------------------------------------ plumbing
     def _push(self, at: int, ev: Event) -> None:
@@ -486,9 +328,9 @@ class Simulation:
         elif kind == EV_CLIENT:
             self._client()
         elif kind == EV_FAULT:
-            self._fault()
+            self.nemesis.fault()
         elif kind == EV_MEMBER:
-            self._member()
+            self.nemesis.member()
         elif kind == EV_RESTART:
             assert isinstance(obj, SimNode)
             if obj.retired or obj.alive:
@@ -507,7 +349,7 @@ class Simulation:
             assert isinstance(obj, SimNode)
             if obj.incarnation != num or not obj.alive or not obj.is_leader or not self.chaos:
                 return False
-            self._depose(obj)
+            self.nemesis.depose(obj)
         elif kind == EV_UNSUPPRESS:
             assert isinstance(obj, SimNode)
             if obj.incarnation != num or not obj.alive or obj.core is None:
@@ -576,98 +418,6 @@ class Simulation:
             self._log(f"{self.now} read {node.node_id} {ctx.decode()}")
             self._drain(node)
 
-    def _fault(self) -> None:
-        rng = self.rng
-        if not self.chaos:
-            return
-        self._push(self.now + rng.randint(1, 2 * self.profile.fault_gap_units), (EV_FAULT, None, 0))
-        what = rng.choices(self.fault_names, self.fault_weights)[0]
-        if not self.live:
-            return
-        node = self.nodes[rng.choice(self.live)]
-        leader = self._leader()
-        if leader is not None and what in ("crash", "partition") and rng.random() < 0.5:
-            node = leader  # leader churn is where elections, truncation and Figure 8 happen
-        core = node.core
-        assert core is not None
-        if what == "crash":
-            down = sum(1 for n in self.nodes.values() if not n.alive and not n.retired)
-            if down >= max(1, self.opts.nodes // 2):
-                return  # keep a majority of the target size running most of the time
-            if rng.random() < self.profile.mid_ready_crash:
-                node.doomed = True  # crash while handling its next Ready
-                self._log(f"{self.now} doom {node.node_id}")
-            else:
-                self._crash(node)
-        elif what in ("partition", "oneway"):
-            ids = [nid for nid in sorted(self.nodes) if not self.nodes[nid].retired]
-            if len(ids) < 2:
-                return
-            rng.shuffle(ids)
-            if node.node_id in ids:
-                ids.remove(node.node_id)
-                ids.insert(0, node.node_id)
-            if what == "partition":
-                cut = rng.randint(1, len(ids) - 1)
-                links = SimNetwork.split_links(ids[:cut], ids[cut:], one_way=False)
-            elif rng.random() < 0.5:
-                links = SimNetwork.split_links(ids[:1], ids[1:], one_way=True)  # cannot send
-            else:
-                links = SimNetwork.split_links(ids[1:], ids[:1], one_way=True)  # cannot hear
-            self.net.block(links)
-            self.stats["partitions"] += 1
-            self._log(f"{self.now} {what} {ids}")
-            self._push(self.now + rng.randint(3, 60) * TICK_UNITS, (EV_HEAL, links, 0))
-        elif what == "transfer":
-            if leader is None or leader.core is None:
-                return
-            others = sorted(leader.core.config.voters - {leader.node_id})
-            if not others:
-                return
-            target = rng.choice(others)
-            try:
-                leader.core.transfer_leadership(target)
-            except RaftError:
-                return
-            self.stats["transfers"] += 1
-            self._log(f"{self.now} transfer {leader.node_id}->{target}")
-            self._drain(leader)
-        elif what == "compact":
-            self._compact(node)
-        elif what == "campaign":
-            try:
-                core.campaign()
-            except RaftError:
-                return
-            self.stats["campaigns"] += 1
-            self._log(f"{self.now} campaign {node.node_id}")
-            self._drain(node)
-        elif what == "suppress":
-            node.suppressed = True
-            core.set_campaign_suppressed(True)
-            self.stats["suppressions"] += 1
-            self._log(f"{self.now} suppress {node.node_id}")
-            self._push(self.now + rng.randint(5, 80) * TICK_UNITS, (EV_UNSUPPRESS, node, node.incarnation))
-            self._drain(node)
-
-    def _depose(self, node: SimNode) -> None:
-        """Crash or isolate a fresh leader: leader churn with divergent, partly replicated logs
-        (the ground Figure 8 of the Raft paper grows on)."""
-        rng = self.rng
-        down = sum(1 for n in self.nodes.values() if not n.alive and not n.retired)
-        if rng.random() < 0.5 and down < max(1, self.opts.nodes // 2):
-            if rng.random() < self.profile.mid_ready_crash:
-                node.doomed = True
-            else:
-                self._crash(node)
-            return
-        others = [nid for nid in sorted(self.nodes) if nid != node.node_id and not self.nodes[nid].retired]
-        links = SimNetwork.split_links([node.node_id], others, one_way=False)
-        self.net.block(links)
-        self.stats["partitions"] += 1
-        self._log(f"{self.now} isolate {node.node_id}")
-        self._push(self.now + rng.randint(3, 30) * TICK_UNITS, (EV_HEAL, links, 0))
-
     def _compact(self, node: SimNode) -> None:
         core = node.core
         assert core is not None
@@ -713,50 +463,6 @@ class Simulation:
         node.is_leader = False
         self._set_live(node, False)
         self._log(f"{self.now} retire {node_id}")
-
-    def _member(self) -> None:
-        rng = self.rng
-        target = self.opts.nodes
-        growing = len(self.checker.committed_config.voters) < target
-        if not self.chaos:
-            return
-        gap = 3 * TICK_UNITS if growing else self.profile.member_gap_units
-        self._push(self.now + rng.randint(1, 2 * gap), (EV_MEMBER, None, 0))
-        leader = self._leader()
-        if leader is None or leader.core is None:
-            return
-        cfg = leader.core.config
-        voters = sorted(cfg.voters)
-        nonvoters = sorted(cfg.nonvoters)
-        options: list[tuple[ConfChangeType, NodeId]] = []
-        if len(voters) < target:
-            if nonvoters:
-                options = [(ConfChangeType.PROMOTE, n) for n in nonvoters]
-            else:
-                options = [(ConfChangeType.ADD_NONVOTER, 0)]
-        else:
-            if len(voters) + len(nonvoters) < target + 2:
-                options.append((ConfChangeType.ADD_NONVOTER, 0))
-            if len(voters) < target + 1:
-                options += [(ConfChangeType.PROMOTE, n) for n in nonvoters]
-            if len(voters) > max(1, target - 1):
-                options += [(ConfChangeType.DEMOTE, n) for n in voters]
-                options += [(ConfChangeType.REMOVE, n) for n in voters]
-            options += [(ConfChangeType.REMOVE, n) for n in nonvoters]
-        if not options:
-            return
-        kind, nid = rng.choice(options)
-        if kind == ConfChangeType.ADD_NONVOTER:
-            nid = self.next_id  # a fresh id: removed nodes come back as new members
-        try:
-            index = leader.core.propose_conf_change(ConfChange(kind, nid))
-        except (ConfChangeError, NotLeaderError, ProposalDroppedError):
-            self._log(f"{self.now} conf {kind.name} {nid} refused")
-            return
-        self._log(f"{self.now} conf {kind.name} {nid} at i{index} via {leader.node_id}")
-        if kind == ConfChangeType.ADD_NONVOTER:
-            self._start(self._new_node())
-        self._drain(leader)
 
     # ------------------------------------------------------------------ run
     def _bootstrap(self) -> None:

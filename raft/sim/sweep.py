@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .simulator import SimOptions, SimResult, run_simulation
+from .model import SimOptions, SimResult
+from .simulator import run_simulation
 
 
 @dataclass(frozen=True, slots=True)
