@@ -58,7 +58,6 @@ class ClusterNode(ClusterService):
         self._side_effects: asyncio.Task[None] | None = None
         self._side_effects_again = False
         self._prefixes_dirty = True
-        self.on_autopilot: Any = None  # metrics hook: fn(view)
         self.add_apply_listener(self._after_apply)
 
     def extra_status(self) -> dict[str, Any]:
@@ -382,8 +381,6 @@ class ClusterNode(ClusterService):
             servers=servers,
         )
         self._last_view = view
-        if self.on_autopilot is not None:
-            self.on_autopilot(view)
         return view
 
     def on_leadership_change(self, is_leader: bool) -> None:

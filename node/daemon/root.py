@@ -40,12 +40,13 @@ from quorumd.node.daemon.datadir import (
 )
 from quorumd.node.daemon.gcpolicy import GcPolicy, gc_paused
 from quorumd.node.daemon.metrics import Metrics
+from quorumd.node.daemon.node_collector import NodeView, node_view
 from quorumd.node.daemon.sdnotify import SdNotifier
 from quorumd.node.daemon.testhooks import ApplyTrace, planted_bugs
 from quorumd.node.effects.bgp import StubBgpSpeaker
 from quorumd.node.effects.ran import WebhookRanNotifier
 from quorumd.node.registry import jointoken
-from quorumd.node.registry.autopilot import AutopilotSettings, AutopilotView
+from quorumd.node.registry.autopilot import AutopilotSettings
 from quorumd.node.registry.commands import (
     CreateApiToken,
     MarkNodeLeft,
@@ -94,6 +95,7 @@ class Daemon:
         self.stop_event = asyncio.Event()
         self.notifier = SdNotifier.from_env()
         self.metrics = Metrics(VERSION)
+        self.metrics.set_source(self._node_view)
         self.timing = timing_for(cfg)
         self.node: ClusterNode | None = None
         self.transport: ClusterTransport | None = None
@@ -283,7 +285,6 @@ class Daemon:
 
         for coro, name in (
             (node.reconcile_loop(), "reconcile"),
-            (self._metrics_loop(), "metrics"),
             (self._announce_loop(), "announce"),
             (self._ready_loop(), "ready"),
         ):
@@ -337,7 +338,6 @@ class Daemon:
             election_timeout_seconds=cfg.cluster.election_timeout_seconds,
         )
         node.on_join_result = self.metrics.count_join
-        node.on_autopilot = self._on_autopilot
         return node
 
     def _api_ssl(self) -> ssl.SSLContext:
@@ -470,13 +470,8 @@ class Daemon:
             self.metrics.count_leader_change()
         if self.node is not None and (old.role == Role.LEADER) != (new.role == Role.LEADER):
             self.node.on_leadership_change(new.role == Role.LEADER)
-            if new.role != Role.LEADER:
-                self.metrics.set_autopilot(None)
             if new.role == Role.LEADER:
                 self._tasks.append(asyncio.get_running_loop().create_task(self._on_became_leader()))
-
-    def _on_autopilot(self, view: AutopilotView) -> None:
-        self.metrics.set_autopilot(view)
 
     async def _on_became_leader(self) -> None:
         """Founder duties that need a leader: cluster secrets and the first admin token."""
@@ -543,12 +538,14 @@ class Daemon:
                 self.notifier.notify("WATCHDOG=1")
                 await asyncio.sleep(interval / 2)
 
-    async def _metrics_loop(self) -> None:
-        while True:
-            if self.node is not None and self.driver is not None:
-                self.metrics.update_from(self.node, self.driver.core, self.timing.tick_seconds)
-            self._export_transport_stats()
-            await asyncio.sleep(1.0)
+    def _node_view(self) -> NodeView | None:
+        """One consistent view of the node for a Prometheus scrape (see node/daemon/node_collector.py)."""
+        self._export_transport_stats()
+        node, driver = self.node, self.driver
+        if node is None or driver is None:
+            return None
+        view = node.evaluate_autopilot() if node.is_leader() else None
+        return node_view(node, driver.core, self.timing.tick_seconds, view)
 
     def _export_transport_stats(self) -> None:
         """Move the transport's plain counters (refusals by reason, dropped and malformed frames)
