@@ -75,7 +75,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ..codec import packb
+from ...codec import packb
 
 log = logging.getLogger(__name__)
 
