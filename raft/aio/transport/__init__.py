@@ -13,601 +13,125 @@
   certificate it presents, and the server hands (payload, certificate DER) to the join handler.
   Nothing else happens on this channel, whatever certificate the client presents.
 
-Authentication, and why it is not plain mutual TLS. Python's ``ssl`` has no verify callback, so
-an OpenSSL-verified client certificate must chain to a trust anchor loaded into the context. That
-does not fit here: the pins are fingerprints (a joiner knows only the fingerprints the leader sent
-it, not the certificates), and the join channel shares the port and the server context yet must
-accept any self-signed client certificate. So TLS 1.3 authenticates the server and encrypts; the
-client authenticates inside the channel:
-
-1. TLS 1.3 handshake (min = max = 1.3, tickets off, no hostname check: identity is the pin). The
-   client verifies nothing through OpenSSL (CERT_NONE) but the handshake still checks the server's
-   CertificateVerify, so the certificate the client reads afterwards is proven; the client then
-   requires its fingerprint to be the pin of the node it dialed (or the join token's pin) and its
-   embedded identity to match, and refuses otherwise before sending anything.
-2. The server sends a fresh 32-byte nonce (``CHALLENGE``). The client answers ``PROOF``: its
-   certificate DER and an ECDSA-SHA256 signature over ``"quorumd-auth/1" | ALPN | nonce | server
-   fingerprint``. The nonce rules out replay and the server fingerprint rules out relaying a proof
-   through another server (a client only signs for servers it pinned). On raft/rpc the server
-   then requires the certificate's fingerprint to be pinned and its embedded identity (node id,
-   cluster id) to match that pin, and answers ``ACCEPT``; otherwise it closes the connection,
-   logs ``peer_refused`` at WARNING and counts the reason.
-
-The certificate identity encoding (SAN URI ``quorumd://<cluster>/node/<id>`` agreeing with
-``CN=quorumd-node-<id>`` and ``O=<cluster>``) is defined here because it is what the cluster
-protocol authenticates; ``quorumd.node.pki`` mints certificates with it. Contexts never hold pins,
-so ``update_pins`` rebuilds nothing: it swaps the maps and closes every live connection (both
-directions) of a member whose pin was removed or changed; later connections from it are refused
-by the pin check, and every frame is also checked against the current pin before delivery.
-
-Framing: 4-byte big-endian length + payload, at most 32 MiB (64 KiB until authenticated, 1 MiB on
-the join channel). Raft frames are raw; every other frame is a msgpack list ``[kind, ...]`` with
-``FrameKind`` values that are never renumbered (RPC: ``[kind, request id, method, payload]``).
-A malformed frame closes only its connection and is counted in ``stats``.
+Authentication (``tls``): TLS 1.3 authenticates the server and encrypts; the client proves its
+certificate in-band, and the certificate identity it carries is defined in ``identity``. Contexts
+never hold pins, so ``update_pins`` rebuilds nothing: it swaps the maps and closes every live
+connection (both directions) of a member whose pin was removed or changed; later connections from
+it are refused by the pin check, and every frame is also checked against the current pin before
+delivery. Framing and the frame limits: ``framing``; one framed connection: ``connection``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import logging
-import os
 import random
-import re
 import secrets
 import socket
 import ssl
-import struct
-import tempfile
-from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import IntEnum
-from pathlib import Path
-from typing import Any, cast
-
-import msgpack
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any
 
 from ...codec import packb
+from .connection import FrameHandler, _Conn, _on_unexpected_frame
+from .errors import (
+    CertIdentityError,
+    JoinError,
+    JoinPinMismatch,
+    JoinRemoteError,
+    JoinTimeout,
+    JoinUnreachable,
+    RpcError,
+    RpcRemoteError,
+    RpcTimeout,
+    RpcUnreachable,
+    TransportError,
+    _DialError,
+    _Malformed,
+)
+from .framing import (
+    MAX_AUTH_FRAME_BYTES,
+    MAX_FRAME_BYTES,
+    MAX_JOIN_FRAME_BYTES,
+    FrameKind,
+    _unpack,
+    split_host_port,
+)
+from .identity import (
+    _FINGERPRINT_RE,
+    MAX_NODE_ID,
+    NONCE_BYTES,
+    _load_cert_der,
+    _load_key,
+    _load_own_identity,
+    _proof_message,
+    _verify_proof,
+    cert_fingerprint,
+    cert_identity,
+    identity_uri,
+    validate_identity,
+)
+from .stats import TransportStats
+from .tls import (
+    ALPN_JOIN,
+    ALPN_RAFT,
+    ALPN_RPC,
+    CHANNELS,
+    _client_context,
+    _client_prove,
+    _server_context,
+    _tls_facts,
+)
 
 log = logging.getLogger(__name__)
 
-ALPN_RAFT = "quorumd-raft/1"
 UNPIN_GRACE_SECONDS = 2.0  # an unpinned member's in-flight requests may still be answered this long
-ALPN_RPC = "quorumd-rpc/1"
-ALPN_JOIN = "quorumd-join/1"
-CHANNELS = (ALPN_RAFT, ALPN_RPC, ALPN_JOIN)
-
-MAX_FRAME_BYTES = 32 * 1024 * 1024
-MAX_AUTH_FRAME_BYTES = 64 * 1024
-MAX_JOIN_FRAME_BYTES = 1024 * 1024
-NONCE_BYTES = 32
-MAX_NODE_ID = 2**31 - 1
 MAX_PENDING_HANDSHAKES = 256
 MAX_JOIN_CONNECTIONS = 16
 MAX_RPC_INFLIGHT_PER_CONNECTION = 256
 RPC_SWEEP_SECONDS = 0.05  # how often pending RPC deadlines are checked (both sides)
 
-_HEADER = struct.Struct(">I")
-_READ_BUFFER_BYTES = 64 * 1024  # a connection's read buffer (grown for a larger frame)
-_MIN_READ_BYTES = 16 * 1024  # grow the buffer when less than this is free for the next read
-_PROOF_CONTEXT = b"quorumd-auth/1\x00"
-_CLUSTER_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-_CLUSTER_ID_RE = re.compile(_CLUSTER_ID)
-_URI_RE = re.compile(rf"quorumd://({_CLUSTER_ID})/node/([1-9][0-9]{{0,9}})")
-_FINGERPRINT_RE = re.compile(r"sha256:[0-9a-f]{64}")
-
-
-class FrameKind(IntEnum):
-    CHALLENGE = 1
-    PROOF = 2
-    ACCEPT = 3
-    RPC_REQUEST = 10
-    RPC_RESPONSE = 11
-    RPC_ERROR = 12
-    JOIN_REQUEST = 20
-    JOIN_RESPONSE = 21
-    JOIN_ERROR = 22
-
-
-# --- errors ----------------------------------------------------------------------------------
-class TransportError(Exception):
-    """Root of the transport's errors."""
-
-
-class CertIdentityError(TransportError):
-    """A certificate that is not a well-formed quorumd node certificate."""
-
-
-class RpcError(TransportError):
-    pass
-
-
-class RpcUnreachable(RpcError):
-    """The member could not be connected to, is not pinned, or the connection was lost."""
-
-
-class RpcTimeout(RpcError):
-    """No answer within the caller's timeout."""
-
-
-class RpcRemoteError(RpcError):
-    """The remote handler raised, or the method is unknown there; ``str(exc)`` is its message."""
-
-
-class JoinError(TransportError):
-    """The join call failed; subclasses say how."""
-
-
-class JoinPinMismatch(JoinError):
-    """The server's certificate is not the one pinned by the join token: nothing was sent."""
-
-
-class JoinUnreachable(JoinError):
-    pass
-
-
-class JoinTimeout(JoinError):
-    pass
-
-
-class JoinRemoteError(JoinError):
-    """The server refused the join request or its handler failed."""
-
-
-class _Malformed(Exception):
-    pass
-
-
-class _DialError(Exception):
-    pass
-
-
-# --- certificate identity --------------------------------------------------------------------
-def validate_identity(node_id: int, cluster_id: str) -> None:
-    """CertIdentityError unless (node_id, cluster_id) can be embedded in a node certificate."""
-    if type(node_id) is not int or not 1 <= node_id <= MAX_NODE_ID:
-        raise CertIdentityError(f"node id out of range: {node_id!r}")
-    if type(cluster_id) is not str or not _CLUSTER_ID_RE.fullmatch(cluster_id):
-        raise CertIdentityError("cluster id must be 1..64 characters of [A-Za-z0-9._-]")
-
-
-def identity_uri(node_id: int, cluster_id: str) -> str:
-    """The SAN URI naming a node: ``quorumd://<cluster id>/node/<node id>``."""
-    validate_identity(node_id, cluster_id)
-    return f"quorumd://{cluster_id}/node/{node_id}"
-
-
-def cert_fingerprint(cert_der: bytes) -> str:
-    """``sha256:<lowercase hex of sha256(DER)>``."""
-    return "sha256:" + hashlib.sha256(cert_der).hexdigest()
-
-
-def _only(values: Sequence[Any], what: str) -> Any:
-    if len(values) != 1:
-        raise CertIdentityError(f"expected exactly one {what}, found {len(values)}")
-    return values[0]
-
-
-def cert_identity(cert_der: bytes) -> tuple[int, str]:
-    """(node id, cluster id) of a node certificate; CertIdentityError on anything unexpected."""
-    try:
-        cert = x509.load_der_x509_certificate(cert_der)
-    except ValueError as exc:
-        raise CertIdentityError(f"not a DER certificate: {exc}") from exc
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = [
-            u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("quorumd:")
-        ]
-        cn = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-        org = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)]
-        public_key = cert.public_key()
-    except (ValueError, x509.ExtensionNotFound) as exc:
-        raise CertIdentityError(f"certificate without a readable identity: {exc}") from exc
-    m = _URI_RE.fullmatch(_only(uris, "quorumd SAN URI"))
-    if m is None:
-        raise CertIdentityError("malformed quorumd SAN URI")
-    cluster_id, node_id = m.group(1), int(m.group(2))
-    if not 1 <= node_id <= MAX_NODE_ID:
-        raise CertIdentityError("node id out of range")
-    if _only(cn, "common name") != f"quorumd-node-{node_id}" or _only(org, "organization") != cluster_id:
-        raise CertIdentityError("subject does not agree with the SAN URI")
-    if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
-        raise CertIdentityError("node certificates use ECDSA P-256 keys")
-    return node_id, cluster_id
-
-
-def _proof_message(alpn: str, nonce: bytes, server_fingerprint: str) -> bytes:
-    return _PROOF_CONTEXT + alpn.encode() + b"\x00" + nonce + server_fingerprint.encode()
-
-
-def _verify_proof(cert_der: bytes, signature: bytes, message: bytes) -> None:
-    """Raise _Malformed unless ``signature`` is the certificate key's ECDSA-SHA256 over ``message``."""
-    try:
-        key = x509.load_der_x509_certificate(cert_der).public_key()
-    except ValueError as exc:
-        raise _Malformed("unreadable certificate") from exc
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise _Malformed("certificate key is not ECDSA")
-    try:
-        key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature as exc:
-        raise _Malformed("bad signature") from exc
-
-
-def _load_key(key_pem: bytes) -> ec.EllipticCurvePrivateKey:
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise TransportError("unreadable private key") from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise TransportError("node keys must be ECDSA")
-    return key
-
-
-def _load_cert_der(cert_pem: bytes) -> bytes:
-    try:
-        return x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
-    except ValueError as exc:
-        raise TransportError("unreadable certificate") from exc
-
-
-# --- framing helpers -------------------------------------------------------------------------
-def split_host_port(address: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> (host, port); ValueError when malformed."""
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(f"expected host:port, got {address!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"port out of range in {address!r}")
-    return host, port
-
-
-def _unpack(frame: bytes, kinds: tuple[FrameKind, ...], length: int) -> list[Any]:
-    """A msgpack list of ``length`` items whose first is one of ``kinds`` (else _Malformed)."""
-    try:
-        obj = msgpack.unpackb(frame, raw=False, use_list=True)
-    except Exception as exc:  # peer bytes: any decoder complaint is a malformed frame
-        raise _Malformed(f"undecodable frame: {type(exc).__name__}") from exc
-    if not isinstance(obj, list) or len(obj) != length or type(obj[0]) is not int or obj[0] not in kinds:
-        raise _Malformed("unexpected frame")
-    return obj
-
-
-# --- counters --------------------------------------------------------------------------------
-@dataclass(slots=True)
-class TransportStats:
-    """Plain counters read by the metrics layer (mutable on purpose; only the loop writes).
-
-    ``frames_*`` count Raft frames. ``refused_connections`` keys: handshake (TLS failed: not
-    1.3, not TLS), handshake_aborted (closed before a hello: TCP probes; logged at DEBUG only),
-    no_proof (closed after the handshake without proving its certificate: a client that refused
-    our certificate, such as a joiner pinned to another one; logged at INFO), timeout, alpn,
-    bad_proof, not_pinned, wrong_peer, bad_identity, identity_mismatch, no_certificate,
-    join_unavailable, overload.
-    """
-
-    frames_sent: int = 0
-    frames_received: int = 0
-    frames_dropped: int = 0
-    malformed_frames: int = 0
-    connections_accepted: int = 0
-    connections_dialed: int = 0
-    rpc_calls: int = 0
-    rpc_failures: int = 0
-    join_requests: int = 0
-    refused_connections: dict[str, int] = field(default_factory=dict)
-
-    def count_refused(self, reason: str) -> None:
-        self.refused_connections[reason] = self.refused_connections.get(reason, 0) + 1
-
-
-# --- one framed connection -------------------------------------------------------------------
-FrameHandler = Callable[["_Conn", bytes], None]
-
-
-class _Conn(asyncio.BufferedProtocol):
-    """A length-prefixed frame stream over one (TLS) transport.
-
-    Frames are dispatched from ``buffer_updated`` to a handler, or queued for ``read_frame``
-    (the inbox, used during authentication and on the join channel).
-
-    A buffered protocol: the event loop decrypts straight into this connection's read buffer.
-    With a plain ``Protocol`` uvloop's TLS layer allocates a 256 KiB object per read: an mmap,
-    mremap and munmap each time until the allocator raises its mmap threshold (a two-process
-    TLS ping-pong on this machine: 104 us round trip as a ``Protocol``, 44 us buffered).
-    The buffer grows to hold a whole frame when one is larger than a read (bounded by
-    ``max_frame``) and shrinks back once it is consumed.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, stats: TransportStats | None, channel: str) -> None:
-        self.loop = loop
-        self.stats = stats
-        self.channel = channel
-        self.transport: asyncio.Transport | None = None
-        self.peer = "?"
-        self.node_id = 0
-        self.fingerprint = ""
-        self.join_cert_der = b""
-        self.max_frame = MAX_AUTH_FRAME_BYTES
-        self.lost = False
-        self.closed: asyncio.Future[None] = loop.create_future()
-        self.on_lost: Callable[[_Conn], None] | None = None
-        self.rpc_pending: dict[int, asyncio.Future[bytes]] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
-        self._buf = bytearray(_READ_BUFFER_BYTES)
-        self._len = 0  # bytes received and not yet parsed, at the start of _buf
-        self._handler: FrameHandler | None = None
-        self._inbox: deque[bytes] | None = None
-        self._inbox_waiter: asyncio.Future[None] | None = None
-        self.paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-
-    # asyncio.Protocol
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        peername = transport.get_extra_info("peername")
-        if isinstance(peername, tuple) and len(peername) >= 2:
-            self.peer = f"{peername[0]}:{peername[1]}"
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        buf, used = self._buf, self._len
-        missing = 0  # of the frame at the head of the buffer, when its header is in
-        if used >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(buf, 0)
-            if size <= self.max_frame:
-                missing = _HEADER.size + size - used
-        if len(buf) - used < max(missing, _MIN_READ_BYTES):
-            # A new buffer rather than a resize: the loop may still hold a view of the old one.
-            grown = bytearray(used + max(missing, _READ_BUFFER_BYTES))
-            grown[:used] = memoryview(buf)[:used]
-            self._buf = buf = grown
-        return memoryview(buf)[used:]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self.lost:
-            return
-        self._len += nbytes
-        if self._handler is not None or self._inbox is not None:
-            self._parse()
-        elif self._len > self.max_frame + _HEADER.size:
-            self.malformed("unauthenticated data over limit")
-
-    def eof_received(self) -> bool | None:
-        return None  # close our side too
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.lost:
-            return
-        self.lost = True
-        self._buf, self._len = bytearray(), 0
-        if not self.closed.done():
-            self.closed.set_result(None)
-        for waiter in (self._inbox_waiter, self._drain_waiter):
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-        pending, self.rpc_pending = self.rpc_pending, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(RpcUnreachable("connection lost"))
-        for task in self.tasks:
-            task.cancel()
-        if self.on_lost is not None:
-            self.on_lost(self)
-
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
-
-    # reading
-    def _parse(self) -> None:
-        buf = self._buf
-        end = self._len
-        if end > _HEADER.size:
-            (size,) = _HEADER.unpack_from(buf, 0)
-            if end == _HEADER.size + size and size <= self.max_frame:
-                # exactly one whole frame, the usual case for a request or an answer
-                frame = bytes(memoryview(buf)[_HEADER.size : end])
-                self._len = 0
-                if len(buf) > _READ_BUFFER_BYTES:
-                    self._buf = bytearray(_READ_BUFFER_BYTES)
-                self._deliver(frame)
-                return
-        off = 0
-        frames: list[bytes] = []
-        with memoryview(buf) as view:
-            while end - off >= _HEADER.size:
-                (size,) = _HEADER.unpack_from(view, off)
-                if size > self.max_frame:
-                    frames.clear()
-                    off = -1
-                    break
-                stop = off + _HEADER.size + size
-                if stop > end:
-                    break
-                frames.append(bytes(view[off + _HEADER.size : stop]))
-                off = stop
-        if off < 0:
-            self.malformed("frame length over limit")
-            return
-        if off:
-            rest = end - off
-            if len(buf) > _READ_BUFFER_BYTES and rest <= _READ_BUFFER_BYTES // 2:
-                self._buf = bytearray(_READ_BUFFER_BYTES)  # a large frame has gone: give it back
-            if rest:
-                self._buf[:rest] = buf[off:end]  # same length: no resize under the loop's view
-            self._len = rest
-        for frame in frames:
-            if self.lost:
-                return
-            self._deliver(frame)
-
-    def _deliver(self, frame: bytes) -> None:
-        if self._handler is not None:
-            self._handler(self, frame)
-        elif self._inbox is not None:
-            self._inbox.append(frame)
-            if self._inbox_waiter is not None and not self._inbox_waiter.done():
-                self._inbox_waiter.set_result(None)
-
-    def use_inbox(self) -> None:
-        self._inbox = deque()
-        self._parse()
-
-    def use_handler(self, handler: FrameHandler) -> None:
-        """Dispatch frames to ``handler`` from now on, starting with any already queued."""
-        queued, self._inbox = self._inbox, None
-        self._handler = handler
-        while queued and not self.lost:
-            handler(self, queued.popleft())
-        if not self.lost:
-            self._parse()
-
-    async def read_frame(self) -> bytes:
-        """The next inbox frame; ConnectionResetError once the connection is gone."""
-        assert self._inbox is not None
-        while not self._inbox:
-            if self.lost:
-                raise ConnectionResetError("connection closed by peer")
-            self._inbox_waiter = self.loop.create_future()
-            await self._inbox_waiter
-        return self._inbox.popleft()
-
-    # writing
-    def write_frames(self, frames: Sequence[bytes]) -> bool:
-        t = self.transport
-        if self.lost or t is None or t.is_closing():
-            return False
-        if len(frames) == 1:
-            frame = frames[0]
-            t.write(_HEADER.pack(len(frame)) + frame)
-            return True
-        parts: list[bytes] = []
-        for frame in frames:
-            parts.append(_HEADER.pack(len(frame)))
-            parts.append(frame)
-        t.write(b"".join(parts))
-        return True
-
-    async def drain(self) -> None:
-        while self.paused and not self.lost:
-            self._drain_waiter = self.loop.create_future()
-            await self._drain_waiter
-        if self.lost:
-            raise ConnectionResetError("connection lost")
-
-    def malformed(self, reason: str) -> None:
-        if self.stats is not None:
-            self.stats.malformed_frames += 1
-        log.warning(
-            "malformed_frame channel=%s peer=%s node=%d reason=%s",
-            self.channel,
-            self.peer,
-            self.node_id,
-            reason,
-        )
-        self.abort()
-
-    def abort(self) -> None:
-        if self.transport is not None and not self.lost:
-            self.transport.abort()
-
-    def close(self) -> None:
-        if self.transport is not None and not self.lost:
-            self.transport.close()
-
-
-# --- TLS contexts ----------------------------------------------------------------------------
-def _tls13(ctx: ssl.SSLContext) -> ssl.SSLContext:
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-    return ctx
-
-
-def _load_cert_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
-    """``load_cert_chain`` reads only files: feed it through pipes so the key never touches disk
-    (a private temporary directory where /dev/fd does not exist)."""
-    if os.path.isdir("/dev/fd") and max(len(cert_pem), len(key_pem)) < 60_000:
-        fds: list[int] = []
-        try:
-            paths = []
-            for data in (cert_pem, key_pem):
-                r, w = os.pipe()
-                fds += [r, w]
-                os.write(w, data)  # fits in the pipe buffer: never blocks
-                os.close(w)
-                fds.remove(w)
-                paths.append(f"/dev/fd/{r}")
-            ctx.load_cert_chain(paths[0], paths[1])
-            return
-        finally:
-            for fd in fds:
-                os.close(fd)
-    with tempfile.TemporaryDirectory(prefix="quorumd-tls-") as tmp:
-        cert_path, key_path = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
-        for path, data in ((cert_path, cert_pem), (key_path, key_pem)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        ctx.load_cert_chain(str(cert_path), str(key_path))
-
-
-def _server_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
-    ctx = _tls13(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-    ctx.verify_mode = ssl.CERT_NONE  # clients prove their certificate in-band (module docstring)
-    ctx.num_tickets = 0  # no resumption: every connection runs the full handshake and proof
-    ctx.set_alpn_protocols(list(CHANNELS))
-    _load_cert_chain(ctx, cert_pem, key_pem)
-    return ctx
-
-
-def _client_context(alpn: str) -> ssl.SSLContext:
-    ctx = _tls13(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # the pin is checked on the proven certificate after the handshake
-    ctx.set_alpn_protocols([alpn])
-    return ctx
-
-
-def _tls_facts(conn: _Conn) -> tuple[str | None, bytes | None]:
-    """(selected ALPN, peer certificate DER) of an established TLS connection."""
-    assert conn.transport is not None
-    obj = conn.transport.get_extra_info("ssl_object")
-    if obj is None or obj.version() != "TLSv1.3":
-        return None, None
-    return obj.selected_alpn_protocol(), obj.getpeercert(binary_form=True)
-
-
-async def _client_prove(
-    conn: _Conn, alpn: str, server_fp: str, cert_der: bytes, key: ec.EllipticCurvePrivateKey
-) -> None:
-    """Client side of the in-band proof; ConnectionResetError when the server refuses us."""
-    conn.use_inbox()
-    try:
-        _, nonce = _unpack(await conn.read_frame(), (FrameKind.CHALLENGE,), 2)
-        if type(nonce) is not bytes or len(nonce) != NONCE_BYTES:
-            raise _Malformed("bad challenge")
-        signature = key.sign(_proof_message(alpn, nonce, server_fp), ec.ECDSA(hashes.SHA256()))
-        conn.write_frames([packb([FrameKind.PROOF, cert_der, signature])])
-        _unpack(await conn.read_frame(), (FrameKind.ACCEPT,), 1)
-    except _Malformed as exc:
-        conn.malformed(str(exc))
-        raise ConnectionResetError("malformed authentication frame") from exc
+__all__ = [
+    "ALPN_JOIN",
+    "ALPN_RAFT",
+    "ALPN_RPC",
+    "CHANNELS",
+    "MAX_AUTH_FRAME_BYTES",
+    "MAX_FRAME_BYTES",
+    "MAX_JOIN_CONNECTIONS",
+    "MAX_JOIN_FRAME_BYTES",
+    "MAX_NODE_ID",
+    "MAX_PENDING_HANDSHAKES",
+    "MAX_RPC_INFLIGHT_PER_CONNECTION",
+    "NONCE_BYTES",
+    "RPC_SWEEP_SECONDS",
+    "UNPIN_GRACE_SECONDS",
+    "CertIdentityError",
+    "ClusterTransport",
+    "FrameHandler",
+    "FrameKind",
+    "JoinError",
+    "JoinHandler",
+    "JoinPinMismatch",
+    "JoinRemoteError",
+    "JoinTimeout",
+    "JoinUnreachable",
+    "RpcError",
+    "RpcHandler",
+    "RpcRemoteError",
+    "RpcTimeout",
+    "RpcUnreachable",
+    "TransportError",
+    "TransportStats",
+    "cert_fingerprint",
+    "cert_identity",
+    "identity_uri",
+    "join_call",
+    "split_host_port",
+    "validate_identity",
+]
 
 
 # --- per-peer outgoing state -----------------------------------------------------------------
@@ -664,15 +188,7 @@ class ClusterTransport:
     ) -> None:
         self.node_id = node_id
         self.cluster_id = cluster_id
-        self._cert_der = _load_cert_der(cert_pem)
-        self._key = _load_key(key_pem)
-        if cert_identity(self._cert_der) != (node_id, cluster_id):
-            raise TransportError("own certificate does not carry this node's identity")
-        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        if self._key.public_key().public_bytes(*spki) != x509.load_der_x509_certificate(
-            self._cert_der
-        ).public_key().public_bytes(*spki):
-            raise TransportError("private key does not match the certificate")
+        self._cert_der, self._key = _load_own_identity(node_id, cluster_id, cert_pem, key_pem)
         self.fingerprint = cert_fingerprint(self._cert_der)
         self._server_ctx = _server_context(cert_pem, key_pem)
         self._client_ctx = {alpn: _client_context(alpn) for alpn in (ALPN_RAFT, ALPN_RPC)}
@@ -1125,7 +641,7 @@ class ClusterTransport:
                 peer.failing = False
                 backoff = self._backoff_min
                 peer.conn = conn
-                conn.use_handler(self._on_unexpected_frame)
+                conn.use_handler(_on_unexpected_frame)
                 # Keep the channel warm: when it drops, dial again at once (one attempt, then the
                 # backoff above) rather than at the next send, which may be a vote request.
                 conn.closed.add_done_callback(peer.on_conn_closed)
@@ -1147,9 +663,6 @@ class ClusterTransport:
                 conn.abort()
             except ConnectionResetError:
                 pass  # redialed on the next frame
-
-    def _on_unexpected_frame(self, conn: _Conn, frame: bytes) -> None:
-        conn.malformed("frame on a send-only connection")
 
     async def _dial(self, node_id: int, alpn: str) -> _Conn:
         """An authenticated connection to a pinned member; _DialError otherwise."""
@@ -1389,7 +902,7 @@ class ClusterTransport:
             conn.write_frames([out])
             async with asyncio.timeout(self._write_timeout):
                 await conn.drain()
-            conn.use_handler(self._on_unexpected_frame)
+            conn.use_handler(_on_unexpected_frame)
             conn.close()
         except _Malformed as exc:
             conn.malformed(str(exc))
