@@ -491,7 +491,7 @@ async def test_raft_channels_are_dialed_at_once_and_redialed_when_dropped(net: N
     a dropped channel is dialed again without waiting for traffic."""
     one, two = await net.mesh(2)
     stats1, stats2 = one.transport.stats, two.transport.stats
-    peer1, peer2 = one.transport._raft_peers[2], two.transport._raft_peers[1]  # outgoing channels
+    peer1, peer2 = one.transport._raft.outgoing[2], two.transport._raft.outgoing[1]  # outgoing channels
     await eventually(lambda: peer1.conn is not None and peer2.conn is not None)
     assert stats1.connections_accepted == 1 and stats2.connections_accepted == 1
     assert stats1.frames_sent == 0 and stats2.frames_sent == 0
