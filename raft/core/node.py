@@ -16,12 +16,13 @@ membership changes (thesis 4.1, 4.2.1), leadership transfer (thesis 3.10), ReadI
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..codec import decode_conf_change, encode_conf_change
 from . import membership
 from .log import RaftLog
 from .progress import Progress
+from .readindex import ReadIndexQueue, ReadRequest
 from .ready import (
     ConfChangeError,
     CoreConfig,
@@ -54,14 +55,6 @@ from .types import (
 
 MT = MessageType
 TRANSFER_CONTEXT = b"transfer"
-
-
-@dataclass(slots=True)
-class _ReadRequest:
-    index: int
-    context: bytes
-    requester: NodeId
-    acks: set[NodeId] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -108,8 +101,7 @@ class RaftCore:
         self._votes: dict[NodeId, bool] = {}
         self._msgs: list[Message] = []
         self._read_states: list[ReadState] = []
-        self._reads: list[_ReadRequest] = []
-        self._reads_waiting_commit: list[_ReadRequest] = []
+        self._reads = ReadIndexQueue()
         self._incoming: _IncomingSnapshot | None = None
         self._pending_snapshot: Snapshot | None = None
         self._needs_broadcast = False
@@ -270,8 +262,7 @@ class RaftCore:
         self._reset_randomized_timeout()
         self._votes = {}
         self._abort_transfer()
-        self._reads = []
-        self._reads_waiting_commit = []
+        self._reads.clear()
         self.progress = {}
 
     def _become_follower(self, term: int, leader: NodeId) -> None:
@@ -659,9 +650,8 @@ class RaftCore:
         return True
 
     def _after_commit(self) -> None:
-        if self._reads_waiting_commit and self.log.term(self.log.commit) == self.term:
-            waiting, self._reads_waiting_commit = self._reads_waiting_commit, []
-            for r in waiting:
+        if self._reads.has_deferred and self.log.term(self.log.commit) == self.term:
+            for r in self._reads.take_deferred():
                 self._leader_read_index(r.context, r.requester)
         if self.pending_conf_index <= self.log.commit and self.id not in self.config.voters:
             # Thesis 4.2.2: a leader removed (or demoted) by a committed change steps down.
@@ -846,31 +836,24 @@ class RaftCore:
     def _leader_read_index(self, context: bytes, requester: NodeId) -> None:
         if self.log.term(self.log.commit) != self.term:
             # Thesis 6.4 step 1: wait until an entry of this term is committed.
-            self._reads_waiting_commit.append(_ReadRequest(0, context, requester))
+            self._reads.defer(context, requester)
             return
-        req = _ReadRequest(self.log.commit, context, requester, {self.id})
+        req = ReadRequest(self.log.commit, context, requester, {self.id})
         if membership.has_quorum(req.acks, self.config):
             self._answer_read(req)
             return
-        self._reads.append(req)
+        self._reads.push(req)
         self._broadcast_heartbeat(context)
 
     def _ack_read(self, frm: NodeId, context: bytes) -> None:
         if frm not in self.config.voters and not self.cfg.bug_nonvoter_counts:
             return
         counted = self.config.members() if self.cfg.bug_nonvoter_counts else self.config.voters
-        for i, req in enumerate(self._reads):
-            if req.context != context:
-                continue
-            req.acks.add(frm)
-            if len(req.acks & counted) >= self._quorum_size():
-                # Reads are answered in order: an ack for a later read confirms earlier ones.
-                done, self._reads = self._reads[: i + 1], self._reads[i + 1 :]
-                for r in done:
-                    self._answer_read(r)
-            return
+        # Reads are answered in order: an ack for a later read confirms earlier ones.
+        for r in self._reads.ack(frm, context, counted, self._quorum_size()):
+            self._answer_read(r)
 
-    def _answer_read(self, req: _ReadRequest) -> None:
+    def _answer_read(self, req: ReadRequest) -> None:
         if req.requester == self.id:
             self._read_states.append(ReadState(req.index, req.context))
         else:
