@@ -10,13 +10,14 @@ Features: PreVote and CheckQuorum (thesis 9.6), pipelined replication with per-p
 control (probe/replicate/snapshot), fast backtracking by term (thesis 3.5), commit only of
 current-term entries by counting (paper 5.4.2), voters and nonvoters with one-at-a-time
 membership changes (thesis 4.1, 4.2.1), leadership transfer (thesis 3.10), ReadIndex
-(thesis 6.4) and chunked InstallSnapshot (paper 7).
+(thesis 6.4) and chunked InstallSnapshot (paper 7). Pure helpers keep the bookkeeping that needs
+no engine state: per-peer ``Progress`` (``progress.py``), the ReadIndex queues and ack counting
+(``readindex.py``) and the reassembly of an incoming snapshot (``snapshot_assembly.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from ..codec import decode_conf_change, encode_conf_change
 from . import membership
@@ -36,6 +37,7 @@ from .ready import (
     SoftState,
     Status,
 )
+from .snapshot_assembly import SnapshotAssembly
 from .types import (
     NO_NODE,
     ConfChange,
@@ -55,13 +57,6 @@ from .types import (
 
 MT = MessageType
 TRANSFER_CONTEXT = b"transfer"
-
-
-@dataclass(slots=True)
-class _IncomingSnapshot:
-    key: tuple[int, int, int]  # (leader term, meta index, meta term)
-    meta: SnapshotMeta
-    buffer: bytearray
 
 
 class RaftCore:
@@ -102,7 +97,7 @@ class RaftCore:
         self._msgs: list[Message] = []
         self._read_states: list[ReadState] = []
         self._reads = ReadIndexQueue()
-        self._incoming: _IncomingSnapshot | None = None
+        self._incoming_snapshot = SnapshotAssembly()
         self._pending_snapshot: Snapshot | None = None
         self._needs_broadcast = False
         self.commit_broadcast_pending = False  # see CoreConfig.lazy_commit_broadcast
@@ -521,20 +516,13 @@ class RaftCore:
         if meta is None:
             return
         if meta.index <= self.log.commit:
-            self._incoming = None
+            self._incoming_snapshot.discard()
             self._send(Message(MT.APPEND_RESP, to=m.frm, frm=self.id, term=self.term, index=self.log.commit))
             return
-        key = (m.term, meta.index, meta.term)
-        inc = self._incoming
-        if inc is None or inc.key != key:
-            if m.snapshot_offset != 0:
-                self._send(Message(MT.SNAPSHOT_RESP, to=m.frm, frm=self.id, term=self.term, index=meta.index))
-                return
-            inc = self._incoming = _IncomingSnapshot(key, meta, bytearray())
-        in_order = m.snapshot_offset == len(inc.buffer)
-        if in_order:
-            inc.buffer += m.snapshot_chunk
-        if not (in_order and m.snapshot_done):
+        got = self._incoming_snapshot.receive(
+            m.term, meta, m.snapshot_offset, m.snapshot_chunk, m.snapshot_done
+        )
+        if got.snapshot is None:
             # Acknowledge what we hold: the leader continues (or resends) from there.
             self._send(
                 Message(
@@ -543,12 +531,11 @@ class RaftCore:
                     frm=self.id,
                     term=self.term,
                     index=meta.index,
-                    snapshot_offset=len(inc.buffer),
+                    snapshot_offset=got.held_bytes,
                 )
             )
             return
-        self._incoming = None
-        self._restore(Snapshot(meta, bytes(inc.buffer)))
+        self._restore(got.snapshot)
         self._send(Message(MT.APPEND_RESP, to=m.frm, frm=self.id, term=self.term, index=self.log.last_index))
 
     def _restore(self, snap: Snapshot) -> None:
