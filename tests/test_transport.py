@@ -491,7 +491,7 @@ async def test_raft_channels_are_dialed_at_once_and_redialed_when_dropped(net: N
     a dropped channel is dialed again without waiting for traffic."""
     one, two = await net.mesh(2)
     stats1, stats2 = one.transport.stats, two.transport.stats
-    peer1, peer2 = one.transport._raft_peers[2], two.transport._raft_peers[1]  # outgoing channels
+    peer1, peer2 = one.transport._raft.outgoing[2], two.transport._raft.outgoing[1]  # outgoing channels
     await eventually(lambda: peer1.conn is not None and peer2.conn is not None)
     assert stats1.connections_accepted == 1 and stats2.connections_accepted == 1
     assert stats1.frames_sent == 0 and stats2.frames_sent == 0
@@ -649,11 +649,11 @@ def test_read_buffer_reassembles_frames_of_any_size_from_reads_of_any_size() -> 
     larger than the buffer make it grow to hold them, and it shrinks back once they are gone."""
     import random
 
-    from quorumd.raft.aio import transport as tmod
+    from quorumd.raft.aio.transport import connection as cmod
 
     loop = asyncio.new_event_loop()
     try:
-        conn = tmod._Conn(loop, None, "test")
+        conn = cmod._Conn(loop, None, "test")
         conn.connection_made(_NullTransport())  # type: ignore[arg-type]
         conn.max_frame = 4 * 1024 * 1024
         got: list[bytes] = []
@@ -672,19 +672,19 @@ def test_read_buffer_reassembles_frames_of_any_size_from_reads_of_any_size() -> 
             conn.buffer_updated(n)
             pos += n
         assert got == frames
-        assert len(conn._buf) == tmod._READ_BUFFER_BYTES  # the 2 MB frame's buffer was given back
+        assert len(conn._buf) == cmod._READ_BUFFER_BYTES  # the 2 MB frame's buffer was given back
         assert conn._len == 0
     finally:
         loop.close()
 
 
 def test_read_buffer_refuses_an_oversized_frame_and_unauthenticated_excess() -> None:
-    from quorumd.raft.aio import transport as tmod
+    from quorumd.raft.aio.transport import connection as cmod
 
     loop = asyncio.new_event_loop()
     try:
         # a declared length over the limit: refused without buffering the frame
-        conn = tmod._Conn(loop, None, "test")
+        conn = cmod._Conn(loop, None, "test")
         t = _NullTransport()
         conn.connection_made(t)  # type: ignore[arg-type]
         conn.use_handler(lambda _c, frame: None)
@@ -694,10 +694,10 @@ def test_read_buffer_refuses_an_oversized_frame_and_unauthenticated_excess() -> 
         del view
         conn.buffer_updated(4)
         assert t.aborted
-        assert len(conn.get_buffer(-1)) <= tmod._READ_BUFFER_BYTES + conn.max_frame
+        assert len(conn.get_buffer(-1)) <= cmod._READ_BUFFER_BYTES + conn.max_frame
 
         # before authentication (no handler yet): more than one frame's worth is refused
-        conn = tmod._Conn(loop, None, "test")
+        conn = cmod._Conn(loop, None, "test")
         t = _NullTransport()
         conn.connection_made(t)  # type: ignore[arg-type]
         sent = 0
@@ -708,6 +708,6 @@ def test_read_buffer_refuses_an_oversized_frame_and_unauthenticated_excess() -> 
             conn.buffer_updated(n)
             sent += n
         assert t.aborted
-        assert sent <= conn.max_frame + tmod._READ_BUFFER_BYTES + 4
+        assert sent <= conn.max_frame + cmod._READ_BUFFER_BYTES + 4
     finally:
         loop.close()

@@ -6,7 +6,7 @@ subject ``CN=quorumd-node-<id>``, ``O=<cluster id>``, and the SAN URI
 ``quorumd://<cluster id>/node/<id>``. Trust never comes from a CA: a certificate is trusted because
 its fingerprint (``sha256:<hex of DER>``) is pinned in the replicated state. The identity encoding
 itself is part of the cluster wire contract and lives next to the code that authenticates peers,
-in ``quorumd.raft.aio.transport`` (``raft.aio`` must not import ``node``); this module re-exports it
+in ``quorumd.raft.aio.transport.identity`` (``raft.aio`` must not import ``node``); this module re-exports it
 with ``PkiError``.
 
 Also owns ``write_private_file`` (0600, atomic: temp file, fsync, rename, fsync of the directory)
@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from quorumd.raft.aio.transport import (
+from quorumd.raft.aio.transport.identity import (
     CertIdentityError,
     cert_fingerprint,
     cert_identity,

@@ -10,18 +10,20 @@ Features: PreVote and CheckQuorum (thesis 9.6), pipelined replication with per-p
 control (probe/replicate/snapshot), fast backtracking by term (thesis 3.5), commit only of
 current-term entries by counting (paper 5.4.2), voters and nonvoters with one-at-a-time
 membership changes (thesis 4.1, 4.2.1), leadership transfer (thesis 3.10), ReadIndex
-(thesis 6.4) and chunked InstallSnapshot (paper 7).
+(thesis 6.4) and chunked InstallSnapshot (paper 7). Pure helpers keep the bookkeeping that needs
+no engine state: per-peer ``Progress`` (``progress.py``), the ReadIndex queues and ack counting
+(``readindex.py``) and the reassembly of an incoming snapshot (``snapshot_assembly.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from ..codec import decode_conf_change, encode_conf_change
 from . import membership
 from .log import RaftLog
 from .progress import Progress
+from .readindex import ReadIndexQueue, ReadRequest
 from .ready import (
     ConfChangeError,
     CoreConfig,
@@ -35,6 +37,7 @@ from .ready import (
     SoftState,
     Status,
 )
+from .snapshot_assembly import SnapshotAssembly
 from .types import (
     NO_NODE,
     ConfChange,
@@ -54,21 +57,6 @@ from .types import (
 
 MT = MessageType
 TRANSFER_CONTEXT = b"transfer"
-
-
-@dataclass(slots=True)
-class _ReadRequest:
-    index: int
-    context: bytes
-    requester: NodeId
-    acks: set[NodeId] = field(default_factory=set)
-
-
-@dataclass(slots=True)
-class _IncomingSnapshot:
-    key: tuple[int, int, int]  # (leader term, meta index, meta term)
-    meta: SnapshotMeta
-    buffer: bytearray
 
 
 class RaftCore:
@@ -108,9 +96,8 @@ class RaftCore:
         self._votes: dict[NodeId, bool] = {}
         self._msgs: list[Message] = []
         self._read_states: list[ReadState] = []
-        self._reads: list[_ReadRequest] = []
-        self._reads_waiting_commit: list[_ReadRequest] = []
-        self._incoming: _IncomingSnapshot | None = None
+        self._reads = ReadIndexQueue()
+        self._incoming_snapshot = SnapshotAssembly()
         self._pending_snapshot: Snapshot | None = None
         self._needs_broadcast = False
         self.commit_broadcast_pending = False  # see CoreConfig.lazy_commit_broadcast
@@ -270,8 +257,7 @@ class RaftCore:
         self._reset_randomized_timeout()
         self._votes = {}
         self._abort_transfer()
-        self._reads = []
-        self._reads_waiting_commit = []
+        self._reads.clear()
         self.progress = {}
 
     def _become_follower(self, term: int, leader: NodeId) -> None:
@@ -530,20 +516,13 @@ class RaftCore:
         if meta is None:
             return
         if meta.index <= self.log.commit:
-            self._incoming = None
+            self._incoming_snapshot.discard()
             self._send(Message(MT.APPEND_RESP, to=m.frm, frm=self.id, term=self.term, index=self.log.commit))
             return
-        key = (m.term, meta.index, meta.term)
-        inc = self._incoming
-        if inc is None or inc.key != key:
-            if m.snapshot_offset != 0:
-                self._send(Message(MT.SNAPSHOT_RESP, to=m.frm, frm=self.id, term=self.term, index=meta.index))
-                return
-            inc = self._incoming = _IncomingSnapshot(key, meta, bytearray())
-        in_order = m.snapshot_offset == len(inc.buffer)
-        if in_order:
-            inc.buffer += m.snapshot_chunk
-        if not (in_order and m.snapshot_done):
+        got = self._incoming_snapshot.receive(
+            m.term, meta, m.snapshot_offset, m.snapshot_chunk, m.snapshot_done
+        )
+        if got.snapshot is None:
             # Acknowledge what we hold: the leader continues (or resends) from there.
             self._send(
                 Message(
@@ -552,12 +531,11 @@ class RaftCore:
                     frm=self.id,
                     term=self.term,
                     index=meta.index,
-                    snapshot_offset=len(inc.buffer),
+                    snapshot_offset=got.held_bytes,
                 )
             )
             return
-        self._incoming = None
-        self._restore(Snapshot(meta, bytes(inc.buffer)))
+        self._restore(got.snapshot)
         self._send(Message(MT.APPEND_RESP, to=m.frm, frm=self.id, term=self.term, index=self.log.last_index))
 
     def _restore(self, snap: Snapshot) -> None:
@@ -659,9 +637,8 @@ class RaftCore:
         return True
 
     def _after_commit(self) -> None:
-        if self._reads_waiting_commit and self.log.term(self.log.commit) == self.term:
-            waiting, self._reads_waiting_commit = self._reads_waiting_commit, []
-            for r in waiting:
+        if self._reads.has_deferred and self.log.term(self.log.commit) == self.term:
+            for r in self._reads.take_deferred():
                 self._leader_read_index(r.context, r.requester)
         if self.pending_conf_index <= self.log.commit and self.id not in self.config.voters:
             # Thesis 4.2.2: a leader removed (or demoted) by a committed change steps down.
@@ -846,31 +823,24 @@ class RaftCore:
     def _leader_read_index(self, context: bytes, requester: NodeId) -> None:
         if self.log.term(self.log.commit) != self.term:
             # Thesis 6.4 step 1: wait until an entry of this term is committed.
-            self._reads_waiting_commit.append(_ReadRequest(0, context, requester))
+            self._reads.defer(context, requester)
             return
-        req = _ReadRequest(self.log.commit, context, requester, {self.id})
+        req = ReadRequest(self.log.commit, context, requester, {self.id})
         if membership.has_quorum(req.acks, self.config):
             self._answer_read(req)
             return
-        self._reads.append(req)
+        self._reads.push(req)
         self._broadcast_heartbeat(context)
 
     def _ack_read(self, frm: NodeId, context: bytes) -> None:
         if frm not in self.config.voters and not self.cfg.bug_nonvoter_counts:
             return
         counted = self.config.members() if self.cfg.bug_nonvoter_counts else self.config.voters
-        for i, req in enumerate(self._reads):
-            if req.context != context:
-                continue
-            req.acks.add(frm)
-            if len(req.acks & counted) >= self._quorum_size():
-                # Reads are answered in order: an ack for a later read confirms earlier ones.
-                done, self._reads = self._reads[: i + 1], self._reads[i + 1 :]
-                for r in done:
-                    self._answer_read(r)
-            return
+        # Reads are answered in order: an ack for a later read confirms earlier ones.
+        for r in self._reads.ack(frm, context, counted, self._quorum_size()):
+            self._answer_read(r)
 
-    def _answer_read(self, req: _ReadRequest) -> None:
+    def _answer_read(self, req: ReadRequest) -> None:
         if req.requester == self.id:
             self._read_states.append(ReadState(req.index, req.context))
         else:

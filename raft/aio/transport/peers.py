@@ -1,0 +1,232 @@
+"""The members one transport talks to, and the bookkeeping its channels share.
+
+``Peers`` owns the member pins (node id -> certificate fingerprint) and addresses, the
+authenticated connections of each member (both directions), the pin check of a peer's
+certificate, refusals (``peer_refused``, logged and counted), and dialing a member: TLS, the pin
+and identity check of the proven server certificate, then the in-band proof (``tls``). It also
+holds what every channel needs to end cleanly: the event loop, the closing flag, every task and
+every live connection, so that ``ClusterTransport.close`` can stop them all.
+
+Contexts never hold pins, so a pin change rebuilds nothing: ``ClusterTransport.update_pins``
+swaps the maps here and closes every live connection (both directions) of a member whose pin was
+removed or changed (``retire``); later connections from it are refused by the pin check, and
+every frame is also checked against the current pin before delivery (``still_pinned``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from .connection import _Conn
+from .errors import CertIdentityError, _DialError
+from .framing import MAX_FRAME_BYTES, split_host_port
+from .identity import _FINGERPRINT_RE, cert_fingerprint, cert_identity
+from .stats import TransportStats
+from .tls import ALPN_RAFT, ALPN_RPC, _client_context, _client_prove, _tls_facts
+
+log = logging.getLogger(__name__)
+
+UNPIN_GRACE_SECONDS = 2.0  # an unpinned member's in-flight requests may still be answered this long
+
+
+class Peers:
+    """Pins, addresses and connections of the members, plus the tasks and flags channels share."""
+
+    def __init__(
+        self,
+        node_id: int,
+        cluster_id: str,
+        cert_der: bytes,
+        key: ec.EllipticCurvePrivateKey,
+        stats: TransportStats,
+        *,
+        connect_timeout_seconds: float,
+    ) -> None:
+        self.node_id = node_id
+        self.cluster_id = cluster_id
+        self.fingerprint = cert_fingerprint(cert_der)
+        self.stats = stats
+        self._cert_der = cert_der
+        self._key = key
+        self._client_ctx = {alpn: _client_context(alpn) for alpn in (ALPN_RAFT, ALPN_RPC)}
+        self._connect_timeout = connect_timeout_seconds
+        self.pins: dict[int, str] = {}
+        self.addresses: dict[int, str] = {}
+        self._fp_to_node: dict[str, int] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by ClusterTransport.start
+        self.closing = False
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.conns: set[_Conn] = set()
+        self.member_conns: dict[int, set[_Conn]] = {}
+        self.on_admitted: Callable[[int], None] | None = None  # a member's connection authenticated
+        self.on_raft_peer_lost: Callable[[int], None] | None = None
+
+    def set_maps(self, pins: Mapping[int, str], addresses: Mapping[int, str]) -> None:
+        for nid, fp in pins.items():
+            if not _FINGERPRINT_RE.fullmatch(fp):
+                raise ValueError(f"bad fingerprint for node {nid}")
+        self.pins = dict(pins)
+        self.addresses = dict(addresses)
+        self._fp_to_node = {fp: nid for nid, fp in sorted(self.pins.items())}
+
+    # --- tasks and connections -------------------------------------------------------------
+    def spawn(self, coro: Coroutine[Any, Any, None], conn: _Conn | None = None) -> asyncio.Task[None]:
+        assert self.loop is not None
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        if conn is not None:
+            conn.tasks.add(task)
+            task.add_done_callback(conn.tasks.discard)
+        return task
+
+    def track(self, conn: _Conn) -> None:
+        self.conns.add(conn)
+        conn.on_lost = self._forget
+
+    def _forget(self, conn: _Conn) -> None:
+        self.conns.discard(conn)
+        if (
+            conn.channel == ALPN_RAFT
+            and conn.node_id
+            and conn.node_id in self.member_conns
+            and not self.closing
+            and self.on_raft_peer_lost is not None
+        ):
+            # An authenticated Raft connection closed (the peer process exited or reset it): a
+            # hint for failure detection, never a decision (the engine still needs PreVote to win).
+            self.on_raft_peer_lost(conn.node_id)
+        members = self.member_conns.get(conn.node_id)
+        if members is not None:
+            members.discard(conn)
+            if not members:
+                del self.member_conns[conn.node_id]
+
+    def retire(self, conn: _Conn) -> None:
+        """Close an unpinned member's connection. It is refused every new frame at once (the pin
+        check), but requests it already has in flight get their replies first: the removal that
+        unpinned it is typically one of them (a member removing itself through the leader, a
+        leader removed after handing over). Closed when those finish, aborted after a grace."""
+        pending = [t for t in conn.tasks if not t.done()]
+        if not pending or self.loop is None:
+            conn.abort()
+            return
+        left = len(pending)
+
+        def one_done(_t: asyncio.Task[None]) -> None:
+            nonlocal left
+            left -= 1
+            if left == 0:
+                conn.close()  # flushes the replies, then FIN
+
+        for t in pending:
+            t.add_done_callback(one_done)
+        self.loop.call_later(UNPIN_GRACE_SECONDS, conn.abort)
+
+    # --- authentication --------------------------------------------------------------------
+    def admit(self, conn: _Conn, node_id: int, fingerprint: str) -> None:
+        conn.node_id, conn.fingerprint = node_id, fingerprint
+        conn.max_frame = MAX_FRAME_BYTES
+        self.member_conns.setdefault(node_id, set()).add(conn)
+        if self.on_admitted is not None:
+            self.on_admitted(node_id)
+
+    def refuse(
+        self,
+        reason: str,
+        conn: _Conn,
+        fingerprint: str = "none",
+        *,
+        detail: str = "",
+        level: int = logging.WARNING,
+    ) -> None:
+        self.stats.count_refused(reason)
+        log.log(
+            level,
+            "peer_refused reason=%s fingerprint=%s channel=%s peer=%s node=%d%s",
+            reason,
+            fingerprint,
+            conn.channel,
+            conn.peer,
+            conn.node_id,
+            f" error={detail}" if detail else "",
+        )
+        conn.abort()
+
+    def check_member(self, der: bytes | None, expected_node: int | None) -> tuple[int, str, str | None]:
+        """(node id, fingerprint, refusal reason or None) for a peer's certificate."""
+        if not der:
+            return 0, "none", "no_certificate"
+        fp = cert_fingerprint(der)
+        nid = self._fp_to_node.get(fp)
+        if nid is None:
+            return 0, fp, "not_pinned"
+        if expected_node is not None and nid != expected_node:
+            return nid, fp, "wrong_peer"
+        try:
+            identity = cert_identity(der)
+        except CertIdentityError:
+            return nid, fp, "bad_identity"
+        if identity != (nid, self.cluster_id):
+            return nid, fp, "identity_mismatch"
+        return nid, fp, None
+
+    def still_pinned(self, conn: _Conn) -> bool:
+        return self.pins.get(conn.node_id) == conn.fingerprint
+
+    # --- outbound --------------------------------------------------------------------------
+    async def dial(self, node_id: int, alpn: str) -> _Conn:
+        """An authenticated connection to a pinned member; _DialError otherwise."""
+        assert self.loop is not None
+        address, expected = self.addresses.get(node_id), self.pins.get(node_id)
+        if address is None or expected is None or self.closing:
+            raise _DialError("not a pinned member")
+        try:
+            host, port = split_host_port(address)
+        except ValueError as exc:
+            raise _DialError(str(exc)) from exc
+        conn = _Conn(self.loop, self.stats, alpn)
+        conn.node_id = node_id
+        conn.peer = address
+        self.stats.connections_dialed += 1
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                try:
+                    await self.loop.create_connection(
+                        lambda: conn,
+                        host,
+                        port,
+                        ssl=self._client_ctx[alpn],
+                        ssl_handshake_timeout=self._connect_timeout,
+                    )
+                except ssl.SSLError as exc:
+                    self.refuse("handshake", conn, detail=str(exc.reason or type(exc).__name__))
+                    raise _DialError(f"TLS handshake failed: {exc.reason}") from exc
+                self.track(conn)
+                selected, der = _tls_facts(conn)
+                if selected != alpn:
+                    self.refuse("alpn", conn)
+                    raise _DialError("peer did not select the channel")
+                _, fp, reason = self.check_member(der, node_id)
+                if reason is not None:
+                    self.refuse(reason, conn, fp)
+                    raise _DialError(f"peer refused: {reason}")
+                await _client_prove(conn, alpn, fp, self._cert_der, self._key)
+        except TimeoutError as exc:
+            conn.abort()
+            raise _DialError("timeout") from exc
+        except OSError as exc:
+            conn.abort()
+            raise _DialError(f"{type(exc).__name__}: {exc}") from exc
+        if self.closing or self.pins.get(node_id) != expected:
+            conn.abort()
+            raise _DialError("unpinned while dialing")
+        self.admit(conn, node_id, fp)
+        log.debug("peer_connected direction=out channel=%s node=%d", alpn, node_id)
+        return conn
