@@ -55,7 +55,6 @@ from .types import (
     SnapshotMeta,
 )
 
-MT = MessageType
 TRANSFER_CONTEXT = b"transfer"
 
 
@@ -351,10 +350,10 @@ class RaftCore:
     def _campaign(self, *, pre_vote: bool, transfer: bool) -> None:
         if pre_vote:
             self._become_pre_candidate()
-            term, vote_type = self.term + 1, MT.PRE_VOTE
+            term, vote_type = self.term + 1, MessageType.PRE_VOTE
         else:
             self._become_candidate()
-            term, vote_type = self.term, MT.VOTE
+            term, vote_type = self.term, MessageType.VOTE
         self._votes[self.id] = True
         if membership.has_quorum(self._granted(), self.config):
             # Single voter: won at once.
@@ -389,27 +388,29 @@ class RaftCore:
         if m.to != self.id or m.frm == self.id or m.frm <= 0:
             return
         if m.term > self.term:
-            if m.type in (MT.VOTE, MT.PRE_VOTE):
+            if m.type in (MessageType.VOTE, MessageType.PRE_VOTE):
                 if m.context != TRANSFER_CONTEXT and self._in_lease():
                     # Thesis 4.2.3: ignore disruptive votes while a leader is known to be alive.
                     return
-            if m.type == MT.PRE_VOTE or (m.type == MT.PRE_VOTE_RESP and not m.reject):
+            if m.type == MessageType.PRE_VOTE or (m.type == MessageType.PRE_VOTE_RESP and not m.reject):
                 pass  # PreVote never changes our term
-            elif m.type in (MT.APPEND, MT.HEARTBEAT, MT.SNAPSHOT):
+            elif m.type in (MessageType.APPEND, MessageType.HEARTBEAT, MessageType.SNAPSHOT):
                 self._become_follower(m.term, m.frm)
             else:
                 self._become_follower(m.term, NO_NODE)
         elif m.term < self.term:
-            if m.type in (MT.APPEND, MT.HEARTBEAT) and (self.cfg.check_quorum or self.cfg.pre_vote):
+            if m.type in (MessageType.APPEND, MessageType.HEARTBEAT) and (
+                self.cfg.check_quorum or self.cfg.pre_vote
+            ):
                 # Tell a stale leader about the newer term so it steps down.
-                self._send(Message(MT.APPEND_RESP, to=m.frm, frm=self.id, term=self.term))
-            elif m.type in (MT.PRE_VOTE, MT.VOTE):
+                self._send(Message(MessageType.APPEND_RESP, to=m.frm, frm=self.id, term=self.term))
+            elif m.type in (MessageType.PRE_VOTE, MessageType.VOTE):
                 # §5.1: a stale candidate learns the current term from the rejection.
-                resp = MT.PRE_VOTE_RESP if m.type == MT.PRE_VOTE else MT.VOTE_RESP
+                resp = MessageType.PRE_VOTE_RESP if m.type == MessageType.PRE_VOTE else MessageType.VOTE_RESP
                 self._send(Message(resp, to=m.frm, frm=self.id, term=self.term, reject=True))
             return
 
-        if m.type in (MT.VOTE, MT.PRE_VOTE):
+        if m.type in (MessageType.VOTE, MessageType.PRE_VOTE):
             self._handle_vote_request(m)
             return
         if self.role == Role.LEADER:
@@ -420,24 +421,24 @@ class RaftCore:
             self._step_follower(m)
 
     def _handle_vote_request(self, m: Message) -> None:
-        resp_type = MT.PRE_VOTE_RESP if m.type == MT.PRE_VOTE else MT.VOTE_RESP
+        resp_type = MessageType.PRE_VOTE_RESP if m.type == MessageType.PRE_VOTE else MessageType.VOTE_RESP
         can_vote = (
             self.vote == m.frm
             or (self.vote == NO_NODE and self.leader_id == NO_NODE)
-            or (m.type == MT.PRE_VOTE and m.term > self.term)
+            or (m.type == MessageType.PRE_VOTE and m.term > self.term)
             or self.cfg.bug_double_vote
         )
         if can_vote and self.log.is_up_to_date(m.index, m.log_term):
             self._send(Message(resp_type, to=m.frm, frm=self.id, term=m.term))
-            if m.type == MT.VOTE:
+            if m.type == MessageType.VOTE:
                 self.election_elapsed = 0
                 self.vote = m.frm
         else:
             self._send(Message(resp_type, to=m.frm, frm=self.id, term=self.term, reject=True))
 
     def _step_candidate(self, m: Message) -> None:
-        my_resp = MT.PRE_VOTE_RESP if self.role == Role.PRE_CANDIDATE else MT.VOTE_RESP
-        if m.type in (MT.APPEND, MT.HEARTBEAT, MT.SNAPSHOT):
+        my_resp = MessageType.PRE_VOTE_RESP if self.role == Role.PRE_CANDIDATE else MessageType.VOTE_RESP
+        if m.type in (MessageType.APPEND, MessageType.HEARTBEAT, MessageType.SNAPSHOT):
             self._become_follower(m.term, m.frm)
             self._step_follower(m)
         elif m.type == my_resp:
@@ -451,22 +452,22 @@ class RaftCore:
                     self._become_leader()
             elif membership.has_quorum(self._rejected(), self.config):
                 self._become_follower(self.term, NO_NODE)
-        elif m.type == MT.TIMEOUT_NOW:
+        elif m.type == MessageType.TIMEOUT_NOW:
             pass  # already campaigning
 
     def _step_follower(self, m: Message) -> None:
         t = m.type
-        if t == MT.APPEND:
+        if t == MessageType.APPEND:
             self.election_elapsed = 0
             self.leader_id = m.frm
             self._handle_append(m)
-        elif t == MT.HEARTBEAT:
+        elif t == MessageType.HEARTBEAT:
             self.election_elapsed = 0
             self.leader_id = m.frm
             self.log.commit_to(min(m.commit, self.log.last_index))
             self._send(
                 Message(
-                    MT.HEARTBEAT_RESP,
+                    MessageType.HEARTBEAT_RESP,
                     to=m.frm,
                     frm=self.id,
                     term=self.term,
@@ -474,20 +475,22 @@ class RaftCore:
                     context=m.context,
                 )
             )
-        elif t == MT.SNAPSHOT:
+        elif t == MessageType.SNAPSHOT:
             self.election_elapsed = 0
             self.leader_id = m.frm
             self._handle_snapshot_chunk(m)
-        elif t == MT.TIMEOUT_NOW:
+        elif t == MessageType.TIMEOUT_NOW:
             if self._promotable():
                 # Thesis 3.10: the transfer target campaigns at once, skipping PreVote.
                 self._campaign(pre_vote=False, transfer=True)
-        elif t == MT.READ_INDEX_RESP:
+        elif t == MessageType.READ_INDEX_RESP:
             self._read_states.append(ReadState(m.index, m.context))
 
     def _handle_append(self, m: Message) -> None:
         if m.index < self.log.commit:
-            self._send(Message(MT.APPEND_RESP, to=m.frm, frm=self.id, term=self.term, index=self.log.commit))
+            self._send(
+                Message(MessageType.APPEND_RESP, to=m.frm, frm=self.id, term=self.term, index=self.log.commit)
+            )
             return
         if self.log.match_term(m.index, m.log_term):
             last_new = m.index + len(m.entries)
@@ -495,12 +498,14 @@ class RaftCore:
             if conflict:
                 self._append_entries_to_log(m.entries[conflict - m.index - 1 :])
             self.log.commit_to(min(m.commit, last_new))
-            self._send(Message(MT.APPEND_RESP, to=m.frm, frm=self.id, term=self.term, index=last_new))
+            self._send(
+                Message(MessageType.APPEND_RESP, to=m.frm, frm=self.id, term=self.term, index=last_new)
+            )
             return
         hint = self.log.find_conflict_by_term(min(m.index, self.log.last_index), m.log_term)
         self._send(
             Message(
-                MT.APPEND_RESP,
+                MessageType.APPEND_RESP,
                 to=m.frm,
                 frm=self.id,
                 term=self.term,
@@ -517,7 +522,9 @@ class RaftCore:
             return
         if meta.index <= self.log.commit:
             self._incoming_snapshot.discard()
-            self._send(Message(MT.APPEND_RESP, to=m.frm, frm=self.id, term=self.term, index=self.log.commit))
+            self._send(
+                Message(MessageType.APPEND_RESP, to=m.frm, frm=self.id, term=self.term, index=self.log.commit)
+            )
             return
         got = self._incoming_snapshot.receive(
             m.term, meta, m.snapshot_offset, m.snapshot_chunk, m.snapshot_done
@@ -526,7 +533,7 @@ class RaftCore:
             # Acknowledge what we hold: the leader continues (or resends) from there.
             self._send(
                 Message(
-                    MT.SNAPSHOT_RESP,
+                    MessageType.SNAPSHOT_RESP,
                     to=m.frm,
                     frm=self.id,
                     term=self.term,
@@ -536,7 +543,9 @@ class RaftCore:
             )
             return
         self._restore(got.snapshot)
-        self._send(Message(MT.APPEND_RESP, to=m.frm, frm=self.id, term=self.term, index=self.log.last_index))
+        self._send(
+            Message(MessageType.APPEND_RESP, to=m.frm, frm=self.id, term=self.term, index=self.log.last_index)
+        )
 
     def _restore(self, snap: Snapshot) -> None:
         meta = snap.meta
@@ -554,7 +563,7 @@ class RaftCore:
     # --- leader ---------------------------------------------------------------------------
     def _step_leader(self, m: Message) -> None:
         t = m.type
-        if t == MT.READ_INDEX:
+        if t == MessageType.READ_INDEX:
             self._leader_read_index(m.context, m.frm)
             return
         pr = self.progress.get(m.frm)
@@ -562,9 +571,9 @@ class RaftCore:
             return
         pr.recent_active = True
         pr.last_contact_ticks = 0
-        if t == MT.APPEND_RESP:
+        if t == MessageType.APPEND_RESP:
             self._handle_append_resp(m, pr)
-        elif t == MT.HEARTBEAT_RESP:
+        elif t == MessageType.HEARTBEAT_RESP:
             if pr.state == ProgressState.PROBE:
                 pr.paused = False
             elif pr.state == ProgressState.REPLICATE and pr.match < self.log.last_index:
@@ -578,7 +587,7 @@ class RaftCore:
                 self._send_append(m.frm, pr)
             if m.context:
                 self._ack_read(m.frm, m.context)
-        elif t == MT.SNAPSHOT_RESP:
+        elif t == MessageType.SNAPSHOT_RESP:
             if pr.state != ProgressState.SNAPSHOT or pr.snapshot is None:
                 return
             if m.index != pr.snapshot.meta.index:
@@ -614,7 +623,7 @@ class RaftCore:
         if self.role != Role.LEADER:
             return
         if m.frm == self.transfer_target and pr.match == self.log.last_index:
-            self._send(Message(MT.TIMEOUT_NOW, to=m.frm, frm=self.id, term=self.term))
+            self._send(Message(MessageType.TIMEOUT_NOW, to=m.frm, frm=self.id, term=self.term))
         if pr.next <= self.log.last_index:
             self._send_append(m.frm, pr)
 
@@ -664,7 +673,7 @@ class RaftCore:
             return
         self._send(
             Message(
-                MT.APPEND,
+                MessageType.APPEND,
                 to=to,
                 frm=self.id,
                 term=self.term,
@@ -698,7 +707,7 @@ class RaftCore:
         chunk = snap.data[off : off + self.cfg.snapshot_chunk_bytes]
         self._send(
             Message(
-                MT.SNAPSHOT,
+                MessageType.SNAPSHOT,
                 to=to,
                 frm=self.id,
                 term=self.term,
@@ -719,7 +728,7 @@ class RaftCore:
                 self._send_snapshot_chunk(nid, pr)  # retransmit the unacknowledged chunk
             self._send(
                 Message(
-                    MT.HEARTBEAT,
+                    MessageType.HEARTBEAT,
                     to=nid,
                     frm=self.id,
                     term=self.term,
@@ -803,7 +812,7 @@ class RaftCore:
         if pr.state == ProgressState.REPLICATE and pr.match < self.log.last_index:
             pr.become_probe()  # catch the target up from what it is known to have
         if pr.match == self.log.last_index:
-            self._send(Message(MT.TIMEOUT_NOW, to=target, frm=self.id, term=self.term))
+            self._send(Message(MessageType.TIMEOUT_NOW, to=target, frm=self.id, term=self.term))
         else:
             self._send_append(target, pr)
 
@@ -815,7 +824,9 @@ class RaftCore:
             self._leader_read_index(context, self.id)
         elif self.leader_id != NO_NODE:
             self._send(
-                Message(MT.READ_INDEX, to=self.leader_id, frm=self.id, term=self.term, context=context)
+                Message(
+                    MessageType.READ_INDEX, to=self.leader_id, frm=self.id, term=self.term, context=context
+                )
             )
         else:
             raise NotLeaderError(NO_NODE)
@@ -846,7 +857,7 @@ class RaftCore:
         else:
             self._send(
                 Message(
-                    MT.READ_INDEX_RESP,
+                    MessageType.READ_INDEX_RESP,
                     to=req.requester,
                     frm=self.id,
                     term=self.term,
