@@ -9,7 +9,6 @@ sd_notify (READY=1 once the API serves and the node has joined, WATCHDOG=1, STOP
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -290,7 +289,7 @@ class Daemon:
         ):
             self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
         stack.push_async_callback(self._cancel_tasks)
-        await node.ran.start() if hasattr(node.ran, "start") else None
+        await node.ran.start()
         stack.push_async_callback(self._bounded, node.ran.close(), 3.0)
         if cfg.bgp.enabled:
             node.kick_drain_side_effects()
@@ -622,11 +621,14 @@ class Daemon:
             log.info("graceful_stop_partial reason=%s", type(exc).__name__)
 
     async def _cancel_tasks(self) -> None:
+        """Cancel the daemon's own tasks and wait for them; a task that had failed is logged with
+        its error (never swallowed), and the stop goes on."""
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        for t, result in zip(self._tasks, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("task_failed task=%s error=%s", t.get_name(), result, exc_info=result)
 
     @staticmethod
     async def _bounded(aw: Any, timeout: float) -> None:
