@@ -321,6 +321,12 @@ def build_cases() -> list[Case]:
             "cluster.enabled",
             "bool",
         ),
+        Case(
+            "yaml:empty-int-tag",
+            valid_text.replace("trailing-logs: 10240", "trailing-logs: !!int"),
+            "cluster.trailing-logs",
+            "not a valid YAML int",
+        ),
         Case("yaml:duplicate-key", valid_text + "log-level: debug\n", "log-level", "duplicate key"),
         Case("yaml:syntax", "cluster:\n  node-id: 1\n  peers: [10.0.0.1:7000\n", "", "invalid YAML at line"),
         Case("yaml:bad-indent", "cluster:\n  node-id: 1\n bad: 2\n", "", "invalid YAML at line 3"),
