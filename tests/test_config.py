@@ -269,7 +269,7 @@ TOY = Table(
         Key("bgp.peers.remote-as", Int(1, 4_294_967_295), REQUIRED, "neighbour AS"),
         Key("bgp.peers.port", Int(1, 65535), 179, "BGP port"),
         Section("cluster"),
-        Key("cluster.certificate-lifetime", Duration(high="87600h"), "8760h",
+        Key("cluster.certificate-lifetime", Duration(high="3650d"), "365d",
             "node certificates live this long"),
     ],
 )
@@ -314,7 +314,9 @@ def toy(data: dict[str, Any], rules: dict[str, Any] | None = None) -> Any:
 
 def test_toy_table_lists_of_mappings_and_nested_sections() -> None:
     assert toy({}) == ToyConfig()
-    assert ToyCluster().certificate_lifetime_seconds == 8760 * 3600.0
+    assert ToyCluster().certificate_lifetime_seconds == 365 * 86400.0
+    lifetime = toy({"cluster": {"certificate-lifetime": "1d12h"}}).cluster.certificate_lifetime_seconds
+    assert lifetime == 129600.0
     peers = [
         {"address": "10.0.0.9:1179", "remote-as": 65001},
         {"address": "r2:179", "remote-as": 65002, "port": 1179},
@@ -342,7 +344,7 @@ def test_toy_table_lists_of_mappings_and_nested_sections() -> None:
         ({"bgp": {"peers": [{"address": "0.0.0.0:1", "remote-as": 1}]}}, "bgp.peers[0].address", "reach"),
         ({"bgp": {"peers": [{"address": "a:1", "remote-as": 0}]}}, "bgp.peers[0].remote-as", "1..4294967295"),
         ({"bgp": {"peers": [{"address": "a:1", "remote-as": 1, "port": 1}]}}, "bgp.peers[0].port", "tcpmux"),
-        ({"cluster": {"certificate-lifetime": "876001h"}}, "cluster.certificate-lifetime", "at most"),
+        ({"cluster": {"certificate-lifetime": "3651d"}}, "cluster.certificate-lifetime", "at most 3650d"),
     ],
 )
 def test_toy_table_errors_name_the_item(data: dict[str, Any], key_path: str, fragment: str) -> None:
@@ -358,10 +360,10 @@ def test_toy_table_renders_an_example() -> None:
     assert peers.index("#") == example.COMMENT_COLUMN and peers.endswith("# neighbours the speaker dials")
     assert "Generated" not in text  # only the product's file says how it is regenerated
     assert "    # - address: (required)" in text and "    #   port: 179" in text
-    assert "certificate-lifetime: 8760h" in text and "(1ms.." in text
+    assert "certificate-lifetime: 365d" in text and "(1ms..3650d)" in text
     assert yaml.safe_load(text) == {
         "bgp": {"enabled": True, "peers": []},
-        "cluster": {"certificate-lifetime": "8760h"},
+        "cluster": {"certificate-lifetime": "365d"},
     }
 
 
@@ -476,7 +478,8 @@ def test_bare_number_duration_says_why() -> None:
         (minimal(**{"join-timeout": "-1s"}), "cluster.join-timeout", "expected a duration"),
         (minimal(**{"join-timeout": "10"}), "cluster.join-timeout", "expected a duration"),
         (minimal(**{"join-timeout": "10 s"}), "cluster.join-timeout", "expected a duration"),
-        (minimal(**{"join-timeout": "10d"}), "cluster.join-timeout", "expected a duration"),
+        (minimal(**{"join-timeout": "10d"}), "cluster.join-timeout", "at most 24h"),
+        (minimal(**{"join-timeout": "10w"}), "cluster.join-timeout", "expected a duration"),
         (minimal(**{"join-timeout": True}), "cluster.join-timeout", "expected a duration"),
         (minimal(**{"election-timeout": "400ms"}), "cluster.election-timeout", "at least 5 x"),
         (
@@ -541,6 +544,9 @@ def test_error_does_not_echo_a_bad_token() -> None:
         ("1m30s", 90.0),
         ("250ms", 0.25),
         ("0.5ms", 0.0005),
+        ("1d", 86400.0),
+        ("1d12h", 129600.0),
+        ("365d", 365 * 86400.0),
     ],
 )
 def test_durations(text: str, seconds: float) -> None:
@@ -548,7 +554,9 @@ def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(format_duration(seconds)) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["", "5", "s", "1.s", ".5s", "5 s", "-5s", "1d", "1ms2", "fast", "1e3ms"])
+@pytest.mark.parametrize(
+    "text", ["", "5", "s", "1.s", ".5s", "5 s", "-5s", "1w", "1D", "1ms2", "fast", "1e3ms"]
+)
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)

@@ -57,7 +57,7 @@ Rules and choices (documented here and in the example file):
   ``api.tls``, ``cluster.advertise-address``, ``cluster.join-token``, ``cluster.join-token-file``,
   ``ran.notify-url``) and for whole sections (an empty section such as ``ran:`` is all defaults).
   Any other key set to ``null`` is an error.
-- Durations are strings with a unit: ``ms``, ``s``, ``m``, ``h``, optionally compound
+- Durations are strings with a unit: ``ms``, ``s``, ``m``, ``h``, ``d``, optionally compound
   (``1m30s``) and fractional (``1.5s``); they must be > 0 and within the key's bounds (1ms..24h
   unless the row says otherwise: a longer timer is a typo, and a huge one overflows the event
   loop's timers). A bare number is an error (the unit is ambiguous).
@@ -154,7 +154,7 @@ TABLE = Table(
     header=(
         "quorumd configuration: every key with its default (SPEC section 3).",
         "Strict: an unknown key or a bad value stops the daemon with exit code 2 and names the key.",
-        "Durations take a unit: ms, s, m, h (e.g. 100ms, 1.5s, 2m, 1m30s); a bare number is an error.",
+        "Durations take a unit: ms, s, m, h, d (e.g. 100ms, 1.5s, 2m, 1m30s); a bare number is an error.",
         "A duration is from 1ms to 24h unless its comment gives other bounds.",
         "Relative paths are resolved against the directory of this file.",
     ),

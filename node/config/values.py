@@ -10,7 +10,7 @@ Two layers:
   it expects (``what``). A kind raises ``ValueProblem`` with a message that does not name the key;
   the table's walker adds the dotted key and the line, making it a ``ConfigError``.
 
-Durations are strings with units ``ms``, ``s``, ``m``, ``h``, optionally compound (``1m30s``)
+Durations are strings with units ``ms``, ``s``, ``m``, ``h``, ``d`` (days), optionally compound (``1m30s``)
 and fractional (``1.5s``). A bare number is refused (the unit is ambiguous). Each duration key has
 bounds (by default 1ms..24h: a longer timer is a typo, and a huge one overflows the event loop).
 A value echoed in a message is cut to ``MAX_ECHO_CHARS``; a token is never echoed.
@@ -107,14 +107,16 @@ def describe(value: object) -> str:
 
 # --- durations -----------------------------------------------------------------------------------
 
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_UNIT_NAMES = "ms, s, m, h"
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_DURATION_FULL = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h))+")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_UNIT_NAMES = "ms, s, m, h, d"
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_FULL = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
 
 
 def parse_duration(text: str) -> float:
-    """``"1.5s"`` -> 1.5, ``"100ms"`` -> 0.1, ``"1m30s"`` -> 90.0. Raises ``ValueError``."""
+    """``"1.5s"`` -> 1.5, ``"100ms"`` -> 0.1, ``"1m30s"`` -> 90.0, ``"2d"`` -> 172800.0.
+
+    Raises ``ValueError``."""
     if not _DURATION_FULL.fullmatch(text):
         raise ValueError(text)
     total = 0.0
