@@ -255,6 +255,8 @@ def test_a_table_rejects_rows_out_of_order_and_bad_defaults() -> None:
         Table([Key("a", Bool(), True, "x"), Key("a", Bool(), True, "x")])
     with pytest.raises(ValueError):
         Table([Key("t", Duration(), "5", "a default must be a valid value")])
+    with pytest.raises(ValueError):
+        Table([Key("n", Int(1, 63), REQUIRED, "an example must be valid too", example=64)])
 
 
 # A toy table with what the product table will need next: a nested section with bounds other than the

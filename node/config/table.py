@@ -148,8 +148,10 @@ class Table:
                 raise ValueError(f"{row.name}: two rows")
             if row.parent and not isinstance(self._by_name.get(row.parent), Section):
                 raise ValueError(f"{row.name}: its section {row.parent!r} must come first")
-            if isinstance(row, Key) and row.default not in (REQUIRED, None):
-                row.kind.parse(row.default, Path("/"))  # a default must be a valid value
+            if isinstance(row, Key):  # a default, and a required key's example value, must be valid
+                for shown in (row.default, row.example):
+                    if shown is not REQUIRED and shown is not None:
+                        row.kind.parse(shown, Path("/"))
             self._by_name[row.name] = row
         self._classes: dict[str, type] = {}
 
