@@ -33,6 +33,7 @@ from quorumd.node.cluster.service import Identity, pack, unpack
 from quorumd.node.config.schema import Config
 from quorumd.node.daemon.datadir import (
     FatalError,
+    NewerFormatError,
     ensure_data_dir,
     load_identity_files,
     read_node_file,
@@ -48,14 +49,15 @@ from quorumd.node.registry import jointoken
 from quorumd.node.registry.autopilot import AutopilotSettings, AutopilotView
 from quorumd.node.registry.commands import (
     CreateApiToken,
+    EntryNeedsNewerProtocol,
     MarkNodeLeft,
     RegisterNodeInfo,
     SetClusterSecrets,
 )
-from quorumd.node.registry.state import ApplyResult, SnapshotError, StateMachine
-from quorumd.node.version import VERSION
+from quorumd.node.registry.state import ApplyResult, SnapshotError, SnapshotFormatError, StateMachine
+from quorumd.node.version import PROTOCOL_VERSION, VERSION
 from quorumd.raft.aio.driver import DriverHooks, RaftDriver
-from quorumd.raft.aio.storage import LogStorage, RecoveredState, StorageError
+from quorumd.raft.aio.storage import LogStorage, RecoveredState, StorageError, StorageFormatError
 from quorumd.raft.aio.transport import ClusterTransport, JoinPinMismatch, join_call
 from quorumd.raft.core.node import RaftCore
 from quorumd.raft.core.ready import CoreConfig, RaftError, SoftState
@@ -123,8 +125,8 @@ class Daemon:
         cfg = self.cfg
         for note in cfg.notes:
             log.info("config_note %s", note)
+        meta = read_node_file(self.data_dir)  # before anything is written: see NewerFormatError
         ensure_data_dir(self.data_dir)
-        meta = read_node_file(self.data_dir)
         if meta is not None and meta["node_id"] != cfg.node_id:
             raise FatalError(
                 f"data-dir {self.data_dir} belongs to node {meta['node_id']}, "
@@ -133,6 +135,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         try:
             storage, recovered = await loop.run_in_executor(None, LogStorage.open, self.data_dir / "raft")
+        except StorageFormatError as exc:  # a newer build's data dir: refuse, change nothing
+            raise NewerFormatError(str(exc)) from exc
         except StorageError as exc:  # corrupt beyond a torn tail, locked, unreadable: refuse to start
             raise FatalError(f"cannot open the Raft state: {exc}") from exc
         stack.callback(storage.close)
@@ -186,6 +190,13 @@ class Daemon:
             try:
                 with gc_paused():
                     sm.restore(recovered.snapshot.data)
+            except SnapshotFormatError as exc:
+                snap = recovered.snapshot.meta
+                snap_file = self.data_dir / "raft" / f"snap-{snap.index:016x}-{snap.term:016x}.snap"
+                raise NewerFormatError(
+                    f"{snap_file} holds a state snapshot in format version {exc.found}; this build reads "
+                    f"up to version {exc.known} (run a newer build on this data dir)"
+                ) from exc
             except SnapshotError as exc:
                 snap = recovered.snapshot.meta
                 raise FatalError(
@@ -364,6 +375,7 @@ class Daemon:
                 "token": cfg.cluster.join_token,
                 "node_id": cfg.node_id,
                 "context": node.member_context(claims.token_id),
+                "protocol_version": PROTOCOL_VERSION,  # absent (the baseline build): 1
             }
         )
         addresses = list(dict.fromkeys([*claims.leader_addresses, *(str(p) for p in cfg.cluster.peers)]))
@@ -433,7 +445,12 @@ class Daemon:
         exc = task.exception()
         if exc is None:  # closed by the unwinding of a failed startup: that error is what matters
             return
-        log.critical("raft_driver_died error=%r", exc)
+        if isinstance(exc, EntryNeedsNewerProtocol):  # never skip it: stop until upgraded
+            log.critical(
+                "entry_needs_newer_protocol index=%d needs=%d have=%d", exc.index, exc.needs, exc.have
+            )
+        else:
+            log.critical("raft_driver_died error=%r", exc)
         self.exit_code = 1
         self.stop_event.set()
 
@@ -524,6 +541,8 @@ class Daemon:
                     elif m.left:
                         await node.announce(MarkNodeLeft(time.time(), self.cfg.node_id, False))
                     else:
+                        if not node.is_leader():  # the leader asks in its reconcile loop
+                            await node.versions.learn(node._rpc, node.d.core.config.members())
                         await asyncio.sleep(2.0)
                         continue
             except ApiError as exc:
@@ -604,13 +623,14 @@ class Daemon:
         transport.register_rpc("node.propose", wrap(node.rpc_node_propose))
         transport.register_rpc("member.remove", wrap(node.rpc_member_remove))
         transport.register_rpc("join.forward", node.rpc_join_forward)
+        transport.register_rpc("node.info", node.versions.rpc_node_info)  # SPEC 13
         transport.register_join_handler(node.handle_join)
 
     # --- shutdown ------------------------------------------------------------------------------
     async def _graceful_stop(self) -> None:
         node = self.node
-        if node is None or not self.cfg.cluster.enabled:
-            return
+        if node is None or not self.cfg.cluster.enabled or self.exit_code != 0:
+            return  # a dead driver (exit 1) cannot hand off or announce
         try:
             if node.is_leader() and len(node.d.core.config.voters) > 1:
                 await asyncio.wait_for(
