@@ -21,6 +21,8 @@ import uuid
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 from quorumd.api.app import build_app
@@ -54,14 +56,20 @@ from quorumd.node.registry.commands import (
     RegisterNodeInfo,
     SetClusterSecrets,
 )
-from quorumd.node.registry.state import ApplyResult, SnapshotError, SnapshotFormatError, StateMachine
+from quorumd.node.registry.state import (
+    ApplyResult,
+    SnapshotError,
+    SnapshotFormatError,
+    StateMachine,
+    check_snapshot_format,
+)
 from quorumd.node.version import PROTOCOL_VERSION, VERSION
 from quorumd.raft.aio.driver import DriverHooks, RaftDriver
 from quorumd.raft.aio.storage import LogStorage, RecoveredState, StorageError, StorageFormatError
 from quorumd.raft.aio.transport import ClusterTransport, JoinPinMismatch, join_call
 from quorumd.raft.core.node import RaftCore
 from quorumd.raft.core.ready import CoreConfig, RaftError, SoftState
-from quorumd.raft.core.types import ConfChange, Entry, HardState, Role
+from quorumd.raft.core.types import ConfChange, Entry, HardState, Role, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +97,17 @@ def api_url(cfg: Config) -> str:
 
 
 # --- the daemon ---------------------------------------------------------------------------
+def check_state_format(raft_dir: Path, snapshot: Snapshot) -> None:
+    """The storage's hook (before it changes anything): a state snapshot in a newer format."""
+    try:
+        check_snapshot_format(snapshot.data)
+    except SnapshotFormatError as exc:
+        m = snapshot.meta
+        raise StorageFormatError(
+            raft_dir / f"snap-{m.index:016x}-{m.term:016x}.snap", exc.found, exc.known, "state snapshot"
+        ) from exc
+
+
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -134,7 +153,14 @@ class Daemon:
             )
         loop = asyncio.get_running_loop()
         try:
-            storage, recovered = await loop.run_in_executor(None, LogStorage.open, self.data_dir / "raft")
+            storage, recovered = await loop.run_in_executor(
+                None,
+                partial(
+                    LogStorage.open,
+                    self.data_dir / "raft",
+                    check_snapshot=partial(check_state_format, self.data_dir / "raft"),
+                ),
+            )
         except StorageFormatError as exc:  # a newer build's data dir: refuse, change nothing
             raise NewerFormatError(str(exc)) from exc
         except StorageError as exc:  # corrupt beyond a torn tail, locked, unreadable: refuse to start

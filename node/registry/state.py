@@ -48,6 +48,8 @@ from enum import StrEnum
 from heapq import heapify, heappop, heappush
 from typing import Any
 
+import msgpack
+
 from quorumd.api.ports import DrainState, TokenRole
 from quorumd.node.registry.apitoken import TOKEN_ID_RE
 from quorumd.node.registry.commands import (
@@ -660,6 +662,20 @@ class StateMachine:
             rec = tokens.get(token_id)
             if rec is not None and rec.expires_at == expires_at:
                 del tokens[token_id]
+
+
+def check_snapshot_format(data: bytes) -> None:
+    """Raise ``SnapshotFormatError`` when ``data`` is a snapshot in a newer format than this build
+    reads (only its head is decoded: cheap for any size). Anything else is left to ``restore``."""
+    try:
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(data[:16])
+        unpacker.read_array_header()
+        version = unpacker.unpack()
+    except Exception:  # malformed: restore says what is wrong
+        return
+    if type(version) is int and version > SNAPSHOT_VERSION:
+        raise SnapshotFormatError(version)
 
 
 def _load_snapshot(data: bytes) -> StateMachine:

@@ -218,7 +218,15 @@ class LogStorage:
 
     # --- opening and recovery -----------------------------------------------------------------
     @classmethod
-    def open(cls, directory: Path, *, segment_bytes: int = 64 << 20) -> tuple[LogStorage, RecoveredState]:
+    def open(
+        cls,
+        directory: Path,
+        *,
+        segment_bytes: int = 64 << 20,
+        check_snapshot: Callable[[Snapshot], None] | None = None,
+    ) -> tuple[LogStorage, RecoveredState]:
+        """``check_snapshot``: called with the snapshot recovery chose before anything in the
+        directory is changed; what it raises aborts ``open`` (the caller's own format check)."""
         if segment_bytes < 1:
             raise StorageError(f"segment_bytes must be positive, got {segment_bytes}")
         directory = Path(directory)
@@ -237,7 +245,7 @@ class LogStorage:
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            return cls._recover(directory, segment_bytes, lock_fd)
+            return cls._recover(directory, segment_bytes, lock_fd, check_snapshot)
         except OSError as exc:
             os.close(lock_fd)
             raise StorageError(f"cannot recover {directory}: {exc}") from exc
@@ -249,7 +257,9 @@ class LogStorage:
                 gc.enable()
 
     @classmethod
-    def _recover(cls, directory: Path, segment_bytes: int, lock_fd: int) -> tuple[LogStorage, RecoveredState]:
+    def _recover(
+        cls, directory: Path, segment_bytes: int, lock_fd: int, check: Callable[[Snapshot], None] | None
+    ) -> tuple[LogStorage, RecoveredState]:
         wal: list[tuple[int, Path]] = []
         snaps: list[tuple[int, int, Path]] = []
         leftovers: list[Path] = []  # removed once every file's format is known to be readable
@@ -270,6 +280,8 @@ class LogStorage:
                 continue
             snapshot = snapshot or snap
             valid.append((index, term))
+        if check is not None and snapshot is not None:
+            check(snapshot)
         wal.sort()
         for (a, pa), (b, _) in pairwise(wal):
             if b != a + 1:
