@@ -229,6 +229,7 @@ class FakeNode:
             "appliedIndex": c.applied,
             "ready": self.ready,
             "drainState": str(me.drain_state if me else DrainState.ACTIVE),
+            "clusterProtocolVersion": 2,
         }
 
     def members(self) -> list[dict[str, Any]]:
@@ -243,6 +244,7 @@ class FakeNode:
                 "isLeader": m.node_id == c.leader_id,
                 "drainState": str(m.drain_state),
                 "activeLeases": c.active_leases(m.node_id),
+                "protocolVersion": 2,
             }
             for m in sorted(c.members.values(), key=lambda m: m.node_id)
         ]

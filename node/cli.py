@@ -34,7 +34,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except FatalError as exc:
         log.error("fatal error=%s", exc)
         print(f"quorumd: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code  # 2: a data dir in a newer format (nothing changed)
     except KeyboardInterrupt:
         return 0
     except OSError as exc:

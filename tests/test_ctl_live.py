@@ -186,6 +186,7 @@ def test_members_list_and_autopilot(q: Ctl) -> None:
         "LEADER",
         "DRAIN",
         "LEASES",
+        "PROTOCOL",
     ]
     body = {int(r[0]): r for r in rows[1:]}
     assert set(body) >= {1, 2, 3}

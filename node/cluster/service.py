@@ -4,7 +4,8 @@ It implements ``quorumd.api.ports.NodeApi`` (what the HTTP layer calls), the dri
 ``Application`` (applying committed entries to ``StateMachine``), and the internal RPCs members
 send each other over the cluster channel (``join``, ``api.forward``, ``drain.confirm``,
 ``member.remove``, ``node.register``, ``node.left``). Drain side effects and the leader's
-reconcile loop live in ``quorumd.node.cluster.operations``.
+reconcile loop live in ``quorumd.node.cluster.operations``; members' protocol versions and the
+gate every proposal passes in ``quorumd.node.cluster.versions``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from quorumd.api.ports import (
     Principal,
     TokenRole,
 )
+from quorumd.node.cluster.versions import ProtocolVersions
 from quorumd.node.daemon.gcpolicy import gc_paused
 from quorumd.node.registry import apitoken, jointoken
 from quorumd.node.registry.commands import (
@@ -134,6 +136,8 @@ class ClusterService:
         self.driver: RaftDriver | None = None
         self._rpc = rpc  # (node_id, method, payload, timeout) -> awaitable bytes
         self._apply_listeners: list[Callable[[Sequence[ApplyResult]], None]] = []
+        self.versions = ProtocolVersions(identity.node_id, sm)
+        self._apply_listeners.append(self.versions.after_apply)
         self._state_waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         # encoded command -> its decoding, for this node's own proposals until they apply
         self._decoded: dict[bytes, Command] = {}
@@ -208,6 +212,7 @@ class ClusterService:
         # The driver enforces the bound (a deadline checked per tick): no timer handle or task
         # cancellation per write. The command was decoded once to validate its encoding; the
         # leader's apply reuses that decoding (decode_command is a pure function of the bytes).
+        self.versions.check(cmd)  # 409 feature_unavailable: a member could not read it
         data, decoded = encode_and_decode(cmd)
         pending = self._decoded
         if len(pending) >= _MAX_DECODED:
@@ -401,6 +406,7 @@ class ClusterService:
             "appliedIndex": core.applied_index if core else 0,
             "ready": self.is_ready(),
             "drainState": self._drain_state(self.identity.node_id),
+            "clusterProtocolVersion": self.versions.cluster_version(),
             **self.extra_status(),
         }
 
@@ -416,6 +422,7 @@ class ClusterService:
             item["suffrage"] = "voter" if m.node_id in core.config.voters else "nonvoter"
             item["isLeader"] = core.leader_id == m.node_id
             item["activeLeases"] = self.sm.active_lease_count(m.node_id)
+            item["protocolVersion"] = self.versions.member_version(m.node_id)
             out.append(
                 {
                     k: item[k]
@@ -428,6 +435,7 @@ class ClusterService:
                         "isLeader",
                         "drainState",
                         "activeLeases",
+                        "protocolVersion",
                     )
                 }
             )

@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 from quorumd.api.app import build_app
@@ -32,6 +34,7 @@ from quorumd.node.cluster.service import Identity, pack, unpack
 from quorumd.node.config.schema import Config
 from quorumd.node.daemon.datadir import (
     FatalError,
+    NewerFormatError,
     ensure_data_dir,
     load_identity_files,
     read_node_file,
@@ -48,18 +51,25 @@ from quorumd.node.registry import jointoken
 from quorumd.node.registry.autopilot import AutopilotSettings
 from quorumd.node.registry.commands import (
     CreateApiToken,
+    EntryNeedsNewerProtocol,
     MarkNodeLeft,
     RegisterNodeInfo,
     SetClusterSecrets,
 )
-from quorumd.node.registry.state import ApplyResult, SnapshotError, StateMachine
-from quorumd.node.version import VERSION
+from quorumd.node.registry.state import (
+    ApplyResult,
+    SnapshotError,
+    SnapshotFormatError,
+    StateMachine,
+    check_snapshot_format,
+)
+from quorumd.node.version import PROTOCOL_VERSION, VERSION
 from quorumd.raft.aio.driver import DriverHooks, RaftDriver
-from quorumd.raft.aio.storage import LogStorage, RecoveredState, StorageError
+from quorumd.raft.aio.storage import LogStorage, RecoveredState, StorageError, StorageFormatError
 from quorumd.raft.aio.transport import ClusterTransport, JoinPinMismatch, join_call
 from quorumd.raft.core.node import RaftCore
 from quorumd.raft.core.ready import CoreConfig, RaftError, SoftState
-from quorumd.raft.core.types import ConfChange, Entry, HardState, Role
+from quorumd.raft.core.types import ConfChange, Entry, HardState, Role, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +97,17 @@ def api_url(cfg: Config) -> str:
 
 
 # --- the daemon ---------------------------------------------------------------------------
+def check_state_format(raft_dir: Path, snapshot: Snapshot) -> None:
+    """The storage's hook (before it changes anything): a state snapshot in a newer format."""
+    try:
+        check_snapshot_format(snapshot.data)
+    except SnapshotFormatError as exc:
+        m = snapshot.meta
+        raise StorageFormatError(
+            raft_dir / f"snap-{m.index:016x}-{m.term:016x}.snap", exc.found, exc.known, "state snapshot"
+        ) from exc
+
+
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -124,8 +145,8 @@ class Daemon:
         cfg = self.cfg
         for note in cfg.notes:
             log.info("config_note %s", note)
+        meta = read_node_file(self.data_dir)  # before anything is written: see NewerFormatError
         ensure_data_dir(self.data_dir)
-        meta = read_node_file(self.data_dir)
         if meta is not None and meta["node_id"] != cfg.node_id:
             raise FatalError(
                 f"data-dir {self.data_dir} belongs to node {meta['node_id']}, "
@@ -133,7 +154,16 @@ class Daemon:
             )
         loop = asyncio.get_running_loop()
         try:
-            storage, recovered = await loop.run_in_executor(None, LogStorage.open, self.data_dir / "raft")
+            storage, recovered = await loop.run_in_executor(
+                None,
+                partial(
+                    LogStorage.open,
+                    self.data_dir / "raft",
+                    check_snapshot=partial(check_state_format, self.data_dir / "raft"),
+                ),
+            )
+        except StorageFormatError as exc:  # a newer build's data dir: refuse, change nothing
+            raise NewerFormatError(str(exc)) from exc
         except StorageError as exc:  # corrupt beyond a torn tail, locked, unreadable: refuse to start
             raise FatalError(f"cannot open the Raft state: {exc}") from exc
         stack.callback(storage.close)
@@ -187,6 +217,13 @@ class Daemon:
             try:
                 with gc_paused():
                     sm.restore(recovered.snapshot.data)
+            except SnapshotFormatError as exc:
+                snap = recovered.snapshot.meta
+                snap_file = self.data_dir / "raft" / f"snap-{snap.index:016x}-{snap.term:016x}.snap"
+                raise NewerFormatError(
+                    f"{snap_file} holds a state snapshot in format version {exc.found}; this build reads "
+                    f"up to version {exc.known} (run a newer build on this data dir)"
+                ) from exc
             except SnapshotError as exc:
                 snap = recovered.snapshot.meta
                 raise FatalError(
@@ -363,6 +400,7 @@ class Daemon:
                 "token": cfg.cluster.join_token,
                 "node_id": cfg.node_id,
                 "context": node.member_context(claims.token_id),
+                "protocol_version": PROTOCOL_VERSION,  # absent (the baseline build): 1
             }
         )
         addresses = list(dict.fromkeys([*claims.leader_addresses, *(str(p) for p in cfg.cluster.peers)]))
@@ -432,7 +470,12 @@ class Daemon:
         exc = task.exception()
         if exc is None:  # closed by the unwinding of a failed startup: that error is what matters
             return
-        log.critical("raft_driver_died error=%r", exc)
+        if isinstance(exc, EntryNeedsNewerProtocol):  # never skip it: stop until upgraded
+            log.critical(
+                "entry_needs_newer_protocol index=%d needs=%d have=%d", exc.index, exc.needs, exc.have
+            )
+        else:
+            log.critical("raft_driver_died error=%r", exc)
         self.exit_code = 1
         self.stop_event.set()
 
@@ -518,6 +561,8 @@ class Daemon:
                     elif m.left:
                         await node.announce(MarkNodeLeft(time.time(), self.cfg.node_id, False))
                     else:
+                        if not node.is_leader():  # the leader asks in its reconcile loop
+                            await node.versions.learn(node._rpc, node.d.core.config.members())
                         await asyncio.sleep(2.0)
                         continue
             except ApiError as exc:
@@ -600,13 +645,14 @@ class Daemon:
         transport.register_rpc("node.propose", wrap(node.rpc_node_propose))
         transport.register_rpc("member.remove", wrap(node.rpc_member_remove))
         transport.register_rpc("join.forward", node.rpc_join_forward)
+        transport.register_rpc("node.info", node.versions.rpc_node_info)  # SPEC 13
         transport.register_join_handler(node.handle_join)
 
     # --- shutdown ------------------------------------------------------------------------------
     async def _graceful_stop(self) -> None:
         node = self.node
-        if node is None or not self.cfg.cluster.enabled:
-            return
+        if node is None or not self.cfg.cluster.enabled or self.exit_code != 0:
+            return  # a dead driver (exit 1) cannot hand off or announce
         try:
             if node.is_leader() and len(node.d.core.config.voters) > 1:
                 await asyncio.wait_for(
