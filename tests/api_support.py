@@ -10,9 +10,9 @@ from aiohttp import ClientSession
 from prometheus_client import CollectorRegistry
 
 from quorumd.api.app import Api, build_app
-from quorumd.api.fake import FakeCluster, FakeNode
 from quorumd.api.ports import DrainState, TokenRole
 from quorumd.api.server import ApiServer
+from tests.fakes.node import FakeCluster, FakeNode
 
 
 @dataclass

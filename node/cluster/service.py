@@ -49,7 +49,7 @@ from quorumd.node.registry.commands import (
     encode_member_context,
 )
 from quorumd.node.registry.leases import Lease
-from quorumd.node.registry.state import ApplyResult, StateMachine
+from quorumd.node.registry.state import ApplyResult, StateMachine, member_rows
 from quorumd.raft.aio.driver import ProposalLostError, RaftDriver
 from quorumd.raft.aio.transport import RpcRemoteError, RpcTimeout, RpcUnreachable
 from quorumd.raft.codec import decode_conf_change, packb
@@ -91,6 +91,12 @@ pack = packb  # the shared encoder (one reused Packer per thread)
 
 def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def rejection_error(res: ApplyResult) -> ApiError:
+    """The API error of a command the state machine rejected (its ``ApplyCode``)."""
+    status, code = _ERRORS.get(res.error or "", (409, res.error or "conflict"))
+    return ApiError(status, code, res.message or code)
 
 
 def commit_timeout(message: str = "the change was not committed in time") -> ApiError:
@@ -232,8 +238,7 @@ class ClusterService:
             raise commit_timeout() from exc
         assert isinstance(res, ApplyResult)
         if not res.ok:
-            status, code = _ERRORS.get(res.error or "", (409, res.error or "conflict"))
-            raise ApiError(status, code, res.message or code)
+            raise rejection_error(res)
         return res
 
     async def change_membership(self, cc: ConfChange) -> ApplyResult:
@@ -416,30 +421,7 @@ class ClusterService:
 
     def members(self) -> list[dict[str, Any]]:
         core = self.d.core
-        out = []
-        for m in self.sm.members():
-            item = m.as_dict()
-            item["suffrage"] = "voter" if m.node_id in core.config.voters else "nonvoter"
-            item["isLeader"] = core.leader_id == m.node_id
-            item["activeLeases"] = self.sm.active_lease_count(m.node_id)
-            item["protocolVersion"] = self.versions.member_version(m.node_id)
-            out.append(
-                {
-                    k: item[k]
-                    for k in (
-                        "nodeId",
-                        "raftAddress",
-                        "apiAddress",
-                        "binaryVersion",
-                        "suffrage",
-                        "isLeader",
-                        "drainState",
-                        "activeLeases",
-                        "protocolVersion",
-                    )
-                }
-            )
-        return out
+        return member_rows(self.sm, core.config.voters, core.leader_id, self.versions.member_version)
 
     def has_member(self, node_id: int) -> bool:
         return self.sm.has_member(node_id)

@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from heapq import heapify, heappop, heappush
@@ -758,3 +760,33 @@ def _load_snapshot(data: bytes) -> StateMachine:
         if owner not in sm._members:
             raise SnapshotError(f"leases owned by node {owner}, which is not a member")
     return sm
+
+
+MEMBER_FIELDS = (
+    "nodeId",
+    "raftAddress",
+    "apiAddress",
+    "binaryVersion",
+    "suffrage",
+    "isLeader",
+    "drainState",
+    "activeLeases",
+    "protocolVersion",
+)
+
+
+def member_rows(
+    sm: StateMachine, voters: AbstractSet[int], leader_id: int, protocol_version: Callable[[int], int]
+) -> list[dict[str, Any]]:
+    """The ``GET /cluster/members`` items: the registry's members (sorted by id) with their live
+    suffrage (``voters``: the Raft configuration's voters), leadership, active leases and
+    protocol version."""
+    out = []
+    for m in sm.members():
+        item = m.as_dict()
+        item["suffrage"] = "voter" if m.node_id in voters else "nonvoter"
+        item["isLeader"] = leader_id == m.node_id
+        item["activeLeases"] = sm.active_lease_count(m.node_id)
+        item["protocolVersion"] = protocol_version(m.node_id)
+        out.append({k: item[k] for k in MEMBER_FIELDS})
+    return out
