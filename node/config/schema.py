@@ -11,7 +11,7 @@ Rules and choices (documented here and in ``deploy/quorumd.example.yaml``):
   level are all errors. ``CONFIG_KEYS`` is the one list of accepted keys.
 - ``null`` means "not set": it is accepted for the optional keys without a fixed default
   (``api.tls``, ``cluster.advertise-address``, ``cluster.join-token``, ``cluster.join-token-file``,
-  ``ran.notify-url``) and for whole sections (an empty section such as ``ran:`` is all defaults).
+  ``ran.notify-url``, ``backup.dir``) and for whole sections (an empty section such as ``ran:`` is all defaults).
   Any other key set to ``null`` is an error.
 - Durations are strings with a unit: ``ms``, ``s``, ``m``, ``h``, optionally compound (``1m30s``) and
   fractional (``1.5s``); they must be > 0, at least 1ms and at most 24h (a longer timer is a typo,
@@ -53,6 +53,7 @@ __all__ = [
     "CONFIG_KEYS",
     "ApiConfig",
     "AutopilotConfig",
+    "BackupConfig",
     "BgpConfig",
     "ClusterConfig",
     "Config",
@@ -112,6 +113,10 @@ CONFIG_KEYS: tuple[str, ...] = (
     "bgp.enabled",
     "ran",
     "ran.notify-url",
+    "backup",
+    "backup.dir",
+    "backup.interval",
+    "backup.keep",
 )
 
 ELECTION_TO_HEARTBEAT_MIN_RATIO = 5
@@ -210,6 +215,15 @@ class RanConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BackupConfig:
+    """Scheduled backups (SPEC 10); ``dir`` None: off."""
+
+    dir: Path | None = None
+    interval_seconds: float = 3600.0
+    keep: int = 24
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     cluster: ClusterConfig
     data_dir: Path = Path("/var/lib/quorumd")
@@ -218,6 +232,7 @@ class Config:
     api: ApiConfig = ApiConfig()
     bgp: BgpConfig = BgpConfig()
     ran: RanConfig = RanConfig()
+    backup: BackupConfig = BackupConfig()
     notes: tuple[str, ...] = ()  # non-fatal remarks, logged by the daemon at startup
     source: Path | None = None  # the file it was loaded from
 
@@ -310,6 +325,9 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     }
     if config.ran.notify_url is not None:
         out["ran"] = {"notify-url": config.ran.notify_url}
+    b = config.backup
+    if b.dir is not None:
+        out["backup"] = {"dir": str(b.dir), "interval": format_duration(b.interval_seconds), "keep": b.keep}
     return out
 
 
@@ -651,6 +669,7 @@ def _build(data: dict[Any, Any], base_dir: Path, source: Path | None) -> Config:
     cluster = _build_cluster(top.section("cluster"), base_dir, notes)
     bgp = BgpConfig(enabled=top.section("bgp").boolean("enabled", True))
     ran = _build_ran(top.section("ran"))
+    backup = _build_backup(top.section("backup"), base_dir)
     return Config(
         cluster=cluster,
         data_dir=data_dir,
@@ -659,6 +678,7 @@ def _build(data: dict[Any, Any], base_dir: Path, source: Path | None) -> Config:
         api=api,
         bgp=bgp,
         ran=ran,
+        backup=backup,
         notes=tuple(notes),
         source=source,
     )
@@ -829,3 +849,12 @@ def _build_ran(sec: _Section) -> RanConfig:
     except ValueError:
         raise sec.error("notify-url", f"bad port in {_quote(url)}") from None
     return RanConfig(notify_url=url)
+
+
+def _build_backup(sec: _Section, base_dir: Path) -> BackupConfig:
+    directory = sec.path_value("dir", None, base_dir, nullable=True)
+    return BackupConfig(
+        dir=directory,
+        interval_seconds=sec.duration("interval", 3600.0),
+        keep=sec.integer("keep", 24, 1, 10000),
+    )

@@ -46,6 +46,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from quorumd.api.metrics import LoopHistogram
+from quorumd.node.daemon.backupmetrics import BackupMetrics
 
 __all__ = [
     "API_METRIC_NAMES",
@@ -305,6 +306,8 @@ class Metrics:
         # --- autopilot (custom collector, leader only) ----------------------------------------------
         self._autopilot = _AutopilotCollector()
         r.register(self._autopilot)
+        self.backups = BackupMetrics()  # scheduled backups: see node/daemon/backupmetrics.py
+        r.register(self.backups)
 
         # --- member registry ------------------------------------------------------------------------
         self.drain_state = Gauge(
@@ -369,7 +372,7 @@ class Metrics:
     def sample_names(self) -> frozenset[str]:
         """Every sample name this registry can expose (``_total``, ``_bucket``... included)."""
         names: set[str] = set()
-        families = [*self.registry.collect(), *self._autopilot.describe()]
+        families = [*self.registry.collect(), *self._autopilot.describe(), *self.backups.describe()]
         for family in families:
             if family.type == "counter":
                 names.update({f"{family.name}_total", f"{family.name}_created"})

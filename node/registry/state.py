@@ -24,8 +24,9 @@ What is stored:
 
 Snapshot: one msgpack list, every collection sorted by key:
 ``[SNAPSHOT_VERSION, applied_index, cluster_id, join_key, members, join_tokens, api_tokens,
-lease_table]``. ``restore`` validates types and cross-references (every lease owner is a
-member, ...) and replaces the state only when all of it is valid.
+lease_table]``. ``restore`` validates types and cross-references (sorted keys, join key with
+cluster id, ...) and replaces the state only when all of it is valid. A lease owner need not be a
+member (see ``refound``).
 """
 
 from __future__ import annotations
@@ -427,6 +428,32 @@ class StateMachine:
             self._leases.lease_count(),
         )
 
+    def prepare_snapshot(self, max_chunks: int) -> int:
+        """Do part of the next ``snapshot()``'s encoding now; returns the work left (0: done).
+        For callers that yield to the event loop between steps (see LeaseTable)."""
+        return self._leases.encode_dirty_chunks(max_chunks)
+
+    def refound(self, index: int, member: Member, join_key: bytes, admin: ApiToken) -> None:
+        """``quorumd restore``: this replica's node becomes the founder of the same cluster.
+
+        Every member, and with it every certificate pin, is replaced by ``member``; pools and
+        leases are kept (owner ids too); the join key is replaced and the join-token records
+        dropped (a token minted under the old key no longer verifies); ``admin`` joins the API
+        tokens, which all keep working. ``index`` (above the applied index) becomes the applied
+        index: the state differs from the archive's, so it gets an index of its own."""
+        if self._cluster_id is None:
+            raise StateError("cannot refound a state without cluster secrets")
+        if len(join_key) < MIN_JOIN_KEY_BYTES or admin.token_id in self._api_tokens:
+            raise StateError("short join key or an admin token id that exists")
+        self._advance(index)
+        self._members = {member.node_id: member}
+        self._join_key = join_key
+        self._join_tokens = {}
+        self._join_expiry = []
+        self._api_tokens[admin.token_id] = admin
+        self._api_tokens = dict(sorted(self._api_tokens.items()))
+        logger.info("state_refounded index=%d node_id=%d", index, member.node_id)
+
     # --- internals ---------------------------------------------------------------------------
 
     def _advance(self, index: int) -> None:
@@ -648,8 +675,8 @@ def _load_snapshot(data: bytes) -> StateMachine:
         prev_api = tok.token_id
         sm._api_tokens[tok.token_id] = tok
 
+    # A lease may name an owner that is not a member: a state restored from a backup keeps the
+    # leases of every node id (they count again for a node of that id that joins). Removing a
+    # member still purges its leases.
     sm._leases = LeaseTable.load(leases_raw)
-    for owner in sm._leases.owners():
-        if owner not in sm._members:
-            raise SnapshotError(f"leases owned by node {owner}, which is not a member")
     return sm
