@@ -11,7 +11,8 @@ Rules and choices (documented here and in ``deploy/quorumd.example.yaml``):
   level are all errors. ``CONFIG_KEYS`` is the one list of accepted keys.
 - ``null`` means "not set": it is accepted for the optional keys without a fixed default
   (``api.tls``, ``cluster.advertise-address``, ``cluster.join-token``, ``cluster.join-token-file``,
-  ``ran.notify-url``, ``backup.dir``) and for whole sections (an empty section such as ``ran:`` is all defaults).
+  ``ran.notify-url``, ``backup.dir``) and for whole sections (an empty section such as ``ran:`` is
+  all defaults).
   Any other key set to ``null`` is an error.
 - Durations are strings with a unit: ``ms``, ``s``, ``m``, ``h``, optionally compound (``1m30s``) and
   fractional (``1.5s``); they must be > 0, at least 1ms and at most 24h (a longer timer is a typo,
