@@ -10,7 +10,8 @@ behaviour, one that does not still works.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol, TypeGuard
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeGuard
 
 
 class LeaseAllocationReporting(Protocol):
@@ -31,7 +32,8 @@ def reports_lease_allocation(node: object) -> TypeGuard[LeaseAllocationReporting
     return getattr(node, "allocate_lease_reporting", None) is not None
 
 
-class BackupArchive(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class BackupArchive:
     body: bytes  # the whole archive (format: quorumd.node.registry.archive)
     index: int  # the Raft index of the state it holds
     sha256: str  # hex SHA-256 of ``body``

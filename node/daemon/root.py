@@ -25,12 +25,15 @@ from typing import Any
 
 from quorumd.api.app import build_app
 from quorumd.api.errors import ApiError
+from quorumd.api.extensions import BackupArchive
 from quorumd.api.ports import DrainState, ForwardedRequest
 from quorumd.api.server import ApiServer
 from quorumd.node.cluster import pki
+from quorumd.node.cluster.backup import take_archive
 from quorumd.node.cluster.operations import ClusterNode
 from quorumd.node.cluster.service import Identity, pack, unpack
 from quorumd.node.config.schema import Config
+from quorumd.node.daemon.backups import BackupScheduler
 from quorumd.node.daemon.datadir import (
     FatalError,
     ensure_data_dir,
@@ -288,6 +291,8 @@ class Daemon:
             (self._ready_loop(), "ready"),
         ):
             self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
+        if cfg.backup.dir is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._backups(node), name="backups"))
         stack.push_async_callback(self._cancel_tasks)
         await node.ran.start() if hasattr(node.ran, "start") else None
         stack.push_async_callback(self._bounded, node.ran.close(), 3.0)
@@ -506,6 +511,21 @@ class Daemon:
                 log.info("admin_token_written path=%s", token_file)
         except ApiError as exc:
             log.warning("leader_init_deferred reason=%s", exc.code)
+
+    async def _backups(self, node: ClusterNode) -> None:
+        """Scheduled backups (config ``backup``): see node/daemon/backups.py."""
+
+        async def archive() -> BackupArchive:
+            return await take_archive(node, linearizable=False)
+
+        async def ready() -> None:
+            while not await node.wait_state(lambda: node.sm.cluster_id is not None, 60.0):
+                pass
+
+        sched = BackupScheduler(
+            self.cfg.backup, self.cfg.node_id, node.identity.cluster_id, archive, self.metrics.backups
+        )
+        await sched.run(ready)
 
     async def _announce_loop(self) -> None:
         """Keep this node's registry record current (version, API address, left flag)."""

@@ -162,29 +162,46 @@ def _decode_header(raw: bytes) -> ArchiveHeader:
         raise ArchiveError(f"malformed header: {type(exc).__name__}") from None
     if not isinstance(doc, dict):
         raise ArchiveError("malformed header: not a map")
+    cluster_id = _str(doc, "clusterId")
+    if not cluster_id:
+        raise ArchiveError("malformed header: clusterId is empty")
     return ArchiveHeader(
-        cluster_id=_field(doc, "clusterId", str),
-        index=_field(doc, "index", int),
-        term=_field(doc, "term", int),
-        created_at=_field(doc, "createdAt", float),
-        node_id=_field(doc, "nodeId", int),
-        version=_field(doc, "version", str),
-        state_format=_field(doc, "stateFormat", int),
+        cluster_id=cluster_id,
+        index=_int(doc, "index"),
+        term=_int(doc, "term"),
+        created_at=_float(doc, "createdAt"),
+        node_id=_int(doc, "nodeId"),
+        version=_str(doc, "version"),
+        state_format=_int(doc, "stateFormat"),
     )
 
 
-def _field(doc: dict[Any, Any], key: str, kind: type) -> Any:
+def _get(doc: dict[Any, Any], key: str) -> object:
     if key not in doc:
         raise ArchiveError(f"malformed header: {key} is missing")
-    value = doc[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
+    return doc[key]
+
+
+def _int(doc: dict[Any, Any], key: str) -> int:
+    value = _get(doc, key)
+    if not isinstance(value, int) or isinstance(value, bool):
         raise ArchiveError(f"malformed header: {key} has the wrong type")
-    if kind is int and value < 0:
+    if value < 0:
         raise ArchiveError(f"malformed header: {key} is negative")
-    if kind is float and not math.isfinite(value):
+    return value
+
+
+def _float(doc: dict[Any, Any], key: str) -> float:
+    value = _get(doc, key)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ArchiveError(f"malformed header: {key} has the wrong type")
+    if not math.isfinite(value):
         raise ArchiveError(f"malformed header: {key} is not finite")
-    if kind is str and not value and key == "clusterId":
-        raise ArchiveError("malformed header: clusterId is empty")
+    return float(value)
+
+
+def _str(doc: dict[Any, Any], key: str) -> str:
+    value = _get(doc, key)
+    if not isinstance(value, str):
+        raise ArchiveError(f"malformed header: {key} has the wrong type")
     return value
