@@ -120,11 +120,22 @@ def test_round_trip_and_digest() -> None:
         (lambda d: d[:-1], "truncated"),
         (lambda d: d + b"x", "trailing data"),
         (lambda d: b"PK\x03\x04" + d[4:], "bad magic"),
-        (lambda d: b"{\"result\": 1}", "bad magic"),
+        (lambda d: b'{"result": 1}', "bad magic"),
         (lambda d: d[:200] + bytes([d[200] ^ 0x01]) + d[201:], "digest mismatch"),
         (lambda d: d[:-5] + bytes([d[-5] ^ 0x80]) + d[-4:], "digest mismatch"),
     ],
-    ids=["empty", "5-bytes", "12-bytes", "half", "last-byte", "trailing", "zip", "json", "flip", "flip-digest"],
+    ids=[
+        "empty",
+        "5-bytes",
+        "12-bytes",
+        "half",
+        "last-byte",
+        "trailing",
+        "zip",
+        "json",
+        "flip",
+        "flip-digest",
+    ],
 )
 def test_refusals_name_the_problem(mutate: object, needle: str) -> None:
     data = make_archive(sample_state())
@@ -231,7 +242,9 @@ def test_fuzz_well_framed_garbage(header: bytes, state: bytes) -> None:
 def test_refound_keeps_leases_tokens_and_replaces_members_and_join_key() -> None:
     sm = sample_state(8)
     before = sm.leases(limit=100)
-    me = Member(3, "h:1", "https://h:2", "0.1.0", "sha256:" + "33" * 32, "pem", DrainState.ACTIVE, 1.0, None, False)
+    me = Member(
+        3, "h:1", "https://h:2", "0.1.0", "sha256:" + "33" * 32, "pem", DrainState.ACTIVE, 1.0, None, False
+    )
     admin = ApiToken("aaaaaaaaaaaa", "admin", TokenRole.ADMIN, hash_secret(b"s" * 32), 1.0, None)
     index = sm.applied_index + 1
     sm.refound(index, me, b"n" * 32, admin)
@@ -249,7 +262,11 @@ def test_refound_keeps_leases_tokens_and_replaces_members_and_join_key() -> None
 
 def quorumd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "quorumd.node.cli", *args], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "quorumd.node.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -258,7 +275,13 @@ def test_verify_cli(tmp_path: Path) -> None:
     good.write_bytes(make_archive(sample_state(7)))
     res = quorumd("backup", "verify", str(good))
     assert res.returncode == 0, res.stderr
-    for needle in (f"cluster id: {CLUSTER}", "members:    2", "pools:      1", "leases:     7", "tokens:     1"):
+    for needle in (
+        f"cluster id: {CLUSTER}",
+        "members:    2",
+        "pools:      1",
+        "leases:     7",
+        "tokens:     1",
+    ):
         assert needle in res.stdout, res.stdout
     assert "created:    2023-11-14T22:13:20Z" in res.stdout
     cases = {
