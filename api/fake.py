@@ -34,6 +34,7 @@ from .errors import (
     LeaderUnreachable,
     NotFound,
 )
+from .extensions import BackupArchive
 from .ports import DrainState, ForwardedRequest, ForwardedResponse, Principal, TokenRole
 
 _TOKEN_RE = re.compile(r"qd_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
@@ -205,6 +206,14 @@ class FakeNode:
 
     def is_ready(self) -> bool:
         return self.ready
+
+    async def backup_archive(self) -> BackupArchive:
+        """A stand-in body (the real format lives in the node layer), counted as a barrier."""
+        self.barriers += 1
+        if self.cluster.leader_id == 0:
+            raise LeaderUnavailable()
+        body = b"quorumd fake backup %d\n" % self.cluster.applied
+        return BackupArchive(body, self.cluster.applied, hashlib.sha256(body).hexdigest(), "fake-cluster")
 
     # --- reads ----------------------------------------------------------------------------
     def _member(self, node_id: int) -> FakeMember:
