@@ -114,10 +114,20 @@ class LoopProbe:
             self.samples.append((t0, time.perf_counter() - t0))
         conn.close()
 
+    def between(self, start: float, end: float) -> list[float]:
+        """Round trips of the requests in flight at some point in [start, end]."""
+        return [rt for t0, rt in list(self.samples) if t0 <= end and t0 + rt >= start]
+
     def worst_between(self, start: float, end: float) -> float:
-        """Longest round trip of a request that was in flight at some point in [start, end]."""
-        inside = [rt for t0, rt in list(self.samples) if t0 <= end and t0 + rt >= start]
-        return max(inside, default=0.0)
+        return max(self.between(start, end), default=0.0)
+
+
+def profile_ms(samples: list[float]) -> dict[str, float]:
+    if not samples:
+        return {}
+    xs = sorted(samples)
+    pick = lambda q: round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 2)  # noqa: E731
+    return {"n": len(xs), "p50": pick(0.5), "p99": pick(0.99), "max": round(xs[-1] * 1000, 2)}
 
 
 def fetch_backup(port: int, token: str) -> tuple[int, bytes, dict[str, str]]:
@@ -137,7 +147,9 @@ def writer(port: int, token: str, stop: threading.Event, counter: list[int], see
         body = json.dumps({"pool": "bench", "holder": f"w{seed}-{i}"})
         conn.request("POST", "/api/v1/leases", body, {"Authorization": f"Bearer {token}",
                                                        "Content-Type": "application/json"})  # fmt: skip
-        if conn.getresponse().status in (200, 201):
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status in (200, 201):
             counter[0] += 1
     conn.close()
 
@@ -200,8 +212,8 @@ def run(leases: int, rounds: int, writers: int, directory: Path) -> dict[str, An
 
         probe = LoopProbe(api_port).start()
         idle_start = time.perf_counter()
-        time.sleep(2.0)  # the idle baseline window
-        out["probe_idle_worst_ms"] = round(probe.worst_between(idle_start, time.perf_counter()) * 1000, 2)
+        time.sleep(5.0)  # the idle baseline window: what the host's own noise looks like
+        out["probe_idle_ms"] = profile_ms(probe.between(idle_start, time.perf_counter()))
         stop = threading.Event()
         counter = [0]
         threads = [threading.Thread(target=writer, args=(api_port, admin, stop, counter, w), daemon=True)
@@ -209,6 +221,7 @@ def run(leases: int, rounds: int, writers: int, directory: Path) -> dict[str, An
         for t in threads:
             t.start()
         results = []
+        in_backups: list[float] = []
         for r in range(rounds):
             start = time.perf_counter()
             status, body, headers = fetch_backup(api_port, token if r % 2 else admin)
@@ -223,6 +236,7 @@ def run(leases: int, rounds: int, writers: int, directory: Path) -> dict[str, An
                 "digest_ok": headers["X-Quorumd-Backup-Sha256"] == hashlib.sha256(body).hexdigest(),
                 "probe_worst_ms": round(probe.worst_between(start, end) * 1000, 2),
             })  # fmt: skip
+            in_backups += probe.between(start, end)
             time.sleep(0.5)  # spacing between rounds, so each window is its own
         stop.set()
         for t in threads:
@@ -230,7 +244,9 @@ def run(leases: int, rounds: int, writers: int, directory: Path) -> dict[str, An
         probe.stop()
         out["writes_during_backups"] = counter[0]
         out["rounds"] = results
+        out["probe_during_backups_ms"] = profile_ms(in_backups)
         out["worst_stall_ms"] = max(x["probe_worst_ms"] for x in results)
+        out["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
         out["probe_requests"] = len(probe.samples)
         lines = [x for x in (directory / "node.log").read_text().splitlines() if "backup_taken" in x]
         out["daemon_log"] = lines[-rounds:]
