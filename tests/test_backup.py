@@ -418,3 +418,15 @@ def test_first_delay_follows_the_newest_archive(tmp_path: Path) -> None:
     os.utime(f, (900.0, 900.0))
     (tmp_path / f"quorumd-{cid}-20270101T000000Z-n3-5.backup").write_bytes(b"other node")
     assert sched.first_delay_seconds(1000.0) == 500.0 and metrics.last_success == 900.0
+
+
+def test_archive_of_the_first_backup_format_stays_readable(tmp_path: Path) -> None:
+    """SPEC 13: every later build reads this file (written by the first build that made backups:
+    format 1, state format 1). Regenerating it is never the fix for a failure here."""
+    path = Path(__file__).parent / "data" / "backup-format1.backup"
+    res = quorumd("backup", "verify", str(path))
+    assert res.returncode == 0, res.stderr
+    assert f"cluster id: {CLUSTER}" in res.stdout and "leases:     5" in res.stdout
+    target = tmp_path / "restored"
+    done = quorumd("restore", "--config", str(_config(tmp_path, target)), "--from", str(path))
+    assert done.returncode == 0, done.stderr

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from typing import TYPE_CHECKING
 
 from quorumd.api.extensions import BackupArchive
@@ -40,15 +41,34 @@ log = logging.getLogger(__name__)
 
 # Chunks of 4096 leases encoded per event-loop step (~4 ms each on a slow host).
 WARM_CHUNKS_PER_STEP = 2
+_LOCKS: weakref.WeakKeyDictionary[ClusterService, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
 async def take_archive(node: ClusterService, *, linearizable: bool) -> BackupArchive:
     """An archive of ``node``'s replica: after a ReadIndex barrier when ``linearizable``
     (the API), else of the applied state as it is (scheduled backups)."""
+    async with _lock(node):
+        return await _take(node, linearizable)
+
+
+def _lock(node: ClusterService) -> asyncio.Lock:
+    """One archive at a time per node: each holds a copy of the state (concurrent requests
+    queue instead of multiplying the memory)."""
+    lock = _LOCKS.get(node)
+    if lock is None:
+        lock = _LOCKS[node] = asyncio.Lock()
+    return lock
+
+
+async def _take(node: ClusterService, linearizable: bool) -> BackupArchive:
     if linearizable:
         await node.linearizable_barrier()
     sm = node.sm
-    while sm.prepare_snapshot(WARM_CHUNKS_PER_STEP) > 0:
+    # Bounded: under a write load new changes keep arriving; whatever is left after this many
+    # steps (a chunk or two) is encoded by snapshot() itself.
+    steps = sm.prepare_snapshot(0) // WARM_CHUNKS_PER_STEP + 8
+    while sm.prepare_snapshot(WARM_CHUNKS_PER_STEP) > 0 and steps > 0:
+        steps -= 1
         await asyncio.sleep(0)
     # No await from here until ``state`` is taken: index, term and state are one cut.
     t0 = time.perf_counter()
