@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,28 +97,33 @@ class Archive:
     size: int
 
 
-def archive_parts(header: ArchiveHeader, state: bytes) -> list[bytes]:
-    """Everything before the digest, as pieces (the caller hashes and joins them where it likes)."""
+def archive_parts(header: ArchiveHeader, state: bytes | Sequence[bytes]) -> list[bytes]:
+    """Everything before the digest, as pieces; ``state`` may itself be pieces
+    (``StateMachine.snapshot_parts``)."""
+    pieces = [state] if isinstance(state, bytes) else list(state)
     head = header.encode()
     return [
         _PREFIX.pack(ARCHIVE_MAGIC, ARCHIVE_FORMAT_VERSION, len(head)),
         head,
-        _STATE_LEN.pack(len(state)),
-        state,
+        _STATE_LEN.pack(sum(len(p) for p in pieces)),
+        *pieces,
     ]
 
 
-def encode_archive(header: ArchiveHeader, state: bytes) -> tuple[bytes, str]:
-    """The archive bytes and their SHA-256 (hex). Costs one copy and one hash of ``state``:
-    the serving node runs it in a worker thread (hashlib releases the GIL on large inputs)."""
+def encode_archive(header: ArchiveHeader, state: bytes | Sequence[bytes]) -> tuple[bytes, str]:
+    """The archive bytes and their SHA-256 (hex).
+
+    The serving node runs this in a worker thread: hashing releases the GIL piece by piece, and
+    the one copy of the state is the final join (which holds it; see cluster/backup.py)."""
     parts = archive_parts(header, state)
-    h = hashlib.sha256()
+    content = hashlib.sha256()
     for p in parts:
-        h.update(p)
-    digest = h.digest()
+        content.update(p)
+    digest = content.digest()
+    whole = content.copy()
+    whole.update(digest)
     parts.append(digest)
-    data = b"".join(parts)
-    return data, hashlib.sha256(data).hexdigest()
+    return b"".join(parts), whole.hexdigest()
 
 
 def decode_archive(data: bytes) -> Archive:

@@ -383,6 +383,12 @@ class StateMachine:
     # --- snapshot ----------------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
+        return b"".join(self.snapshot_parts())
+
+    def snapshot_parts(self) -> list[bytes]:
+        """``snapshot()`` as the pieces it is the concatenation of, the cached lease chunks among
+        them uncopied: a caller that must not hold the event loop while megabytes are copied
+        joins them elsewhere (see quorumd.node.cluster.backup)."""
         members = [
             [
                 m.node_id,
@@ -410,8 +416,8 @@ class StateMachine:
         # last element the lease table encodes from its cache (LeaseTable.packed_dump).
         head = (SNAPSHOT_VERSION, self._applied_index, self._cluster_id, self._join_key)
         parts = [b"\x98", *(pack(x) for x in head), pack(members), pack(join_tokens), pack(api_tokens)]
-        parts.append(self._leases.packed_dump())
-        return b"".join(parts)
+        parts += self._leases.packed_dump_parts()
+        return parts
 
     def restore(self, data: bytes) -> None:
         """Replace the whole state with a snapshot; raises ``SnapshotError`` (state untouched)."""
