@@ -44,7 +44,7 @@ from quorumd.node.daemon.datadir import (
 from quorumd.node.daemon.gcpolicy import GcPolicy, gc_paused
 from quorumd.node.daemon.metrics import Metrics
 from quorumd.node.daemon.sdnotify import SdNotifier
-from quorumd.node.daemon.testhooks import ApplyTrace, planted_bugs
+from quorumd.node.daemon.testhooks import ApplyTrace, LoopLagProbe, planted_bugs
 from quorumd.node.effects.bgp import StubBgpSpeaker
 from quorumd.node.effects.ran import WebhookRanNotifier
 from quorumd.node.registry import jointoken
@@ -293,6 +293,8 @@ class Daemon:
             self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
         if cfg.backup.dir is not None:
             self._tasks.append(asyncio.get_running_loop().create_task(self._backups(node), name="backups"))
+        if (probe := LoopLagProbe.from_env()) is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(probe.run(), name="loop-probe"))
         stack.push_async_callback(self._cancel_tasks)
         await node.ran.start() if hasattr(node.ran, "start") else None
         stack.push_async_callback(self._bounded, node.ran.close(), 3.0)
