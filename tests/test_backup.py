@@ -27,6 +27,7 @@ from quorumd.api.ports import DrainState, TokenRole
 from quorumd.node.config.schema import BackupConfig, config_from_dict
 from quorumd.node.daemon.backupmetrics import BackupMetrics
 from quorumd.node.daemon.backups import BackupScheduler
+from quorumd.node.registry import jointoken
 from quorumd.node.registry.apitoken import hash_secret
 from quorumd.node.registry.archive import (
     ARCHIVE_MAGIC,
@@ -252,6 +253,11 @@ def test_refound_keeps_leases_tokens_and_replaces_members_and_join_key() -> None
     assert sm.join_key == b"n" * 32 and sm.cluster_id == CLUSTER and sm.applied_index == index
     assert sm.leases(limit=100) == before  # owners 1 and 2 kept although not members
     assert {t.token_id for t in sm.api_tokens()} == {"0123456789ab", "aaaaaaaaaaaa"}
+    claims = jointoken.JoinClaims(9, CLUSTER, 10_000, b"t" * 16, "sha256:" + "11" * 32, ("10.0.0.1:7000",))
+    old_token = jointoken.mint_join_token(b"k" * 32, claims)  # minted under the archive's key
+    assert jointoken.verify_join_token(b"k" * 32, old_token, now=1.0, cluster_id=CLUSTER, node_id=9)
+    with pytest.raises(jointoken.JoinTokenError):
+        jointoken.verify_join_token(sm.join_key or b"", old_token, now=1.0, cluster_id=CLUSTER, node_id=9)
     again = StateMachine()
     again.restore(sm.snapshot())  # a state with leases of non-members is a valid snapshot
     assert again.snapshot() == sm.snapshot() and again.active_lease_count(1) == 4
