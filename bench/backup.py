@@ -9,13 +9,14 @@ How it runs (the product's own modules and commands, nothing mocked):
    (``encode_archive``): the archive a 3-node cluster with that state would give;
 2. ``quorumd backup verify`` and ``quorumd restore`` run on it (wall times); the restored node
    (a one-voter cluster) starts and is waited for until ready;
-3. the event loop's stalls are measured twice: inside the daemon (``QUORUMD_TEST_LOOP_PROBE``:
-   a task sleeping 2 ms at a time records how late each wake-up is) and from the outside (one
-   keep-alive HTTPS connection sends ``GET /healthz`` back to back, a few hundred µs each when
-   idle; the loop answers nothing while blocked, so the longest round trip in a window bounds
-   the longest stall in it from above, adding the client's own scheduling). Both also see the
-   host's noise (a process not scheduled on a busy shared machine), so an idle baseline window
-   is measured first;
+3. the event loop's stalls are measured twice. Inside the daemon (``QUORUMD_TEST_LOOP_PROBE``):
+   a task sleeping 2 ms at a time records how late each wake-up is, in wall time and in CPU time
+   of the loop's thread (the loop's own work, immune to the host's load; wall time adds waits
+   for the GIL and time the process was not scheduled). From the outside: one keep-alive HTTPS
+   connection sends ``GET /healthz`` back to back (a few hundred µs each when idle); the loop
+   answers nothing while blocked, so the longest round trip in a window bounds the longest stall
+   in it from above. Wall-time figures include the host's noise on a busy shared machine, so an
+   idle baseline window is measured first;
 4. ``GET /api/v1/backup`` is called ``--rounds`` times (the first right after the start, with the
    lease table's snapshot cache cold: the worst case; the others warm), each time recording wall
    time, size, whether the digest matches and the probe's longest round trip during the call;
@@ -132,17 +133,16 @@ def profile_ms(samples: list[float]) -> dict[str, float]:
     return {"n": len(xs), "p50": pick(0.5), "p99": pick(0.99), "max": round(xs[-1] * 1000, 2)}
 
 
-def max_lag(path: Path, start: float, end: float) -> float:
-    """Largest lag the daemon's own probe (QUORUMD_TEST_LOOP_PROBE) recorded in [start, end]:
-    a record is written when the late wake-up happens, so it belongs to the window it ends in."""
-    if not path.exists():
-        return 0.0
-    worst = 0.0
-    for line in path.read_text().splitlines():
-        t, lag = (float(x) for x in line.split())
-        if start <= t <= end + 0.05:
-            worst = max(worst, lag)
-    return worst
+def max_lag(path: Path, start: float, end: float) -> dict[str, float]:
+    """Largest wall lag and loop-thread CPU the daemon's own probe (QUORUMD_TEST_LOOP_PROBE)
+    recorded in [start, end] (a record is written when the late wake-up happens)."""
+    wall = cpu = 0.0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            t, lag, used = (float(x) for x in line.split())
+            if start <= t <= end + 0.05:
+                wall, cpu = max(wall, lag), max(cpu, used)
+    return {"wall_ms": wall, "cpu_ms": cpu}
 
 
 def fetch_backup(port: int, token: str) -> tuple[int, bytes, dict[str, str]]:
@@ -231,7 +231,7 @@ def run(leases: int, rounds: int, writers: int, directory: Path) -> dict[str, An
         idle_start, idle_wall = time.perf_counter(), time.time()
         time.sleep(5.0)  # the idle baseline window: what the host's own noise looks like
         out["probe_idle_ms"] = profile_ms(probe.between(idle_start, time.perf_counter()))
-        out["loop_lag_idle_max_ms"] = max_lag(lag_file, idle_wall, time.time())
+        out["loop_lag_idle_ms"] = max_lag(lag_file, idle_wall, time.time())
         stop = threading.Event()
         counter = [0]
         threads = [threading.Thread(target=writer, args=(api_port, admin, stop, counter, w), daemon=True)
@@ -265,7 +265,8 @@ def run(leases: int, rounds: int, writers: int, directory: Path) -> dict[str, An
         out["rounds"] = results
         out["probe_during_backups_ms"] = profile_ms(in_backups)
         out["worst_probe_ms"] = max(x["probe_worst_ms"] for x in results)
-        out["worst_loop_lag_ms"] = max(x["loop_lag_max_ms"] for x in results)
+        out["worst_loop_lag_wall_ms"] = max(x["loop_lag_max_ms"]["wall_ms"] for x in results)
+        out["worst_loop_lag_cpu_ms"] = max(x["loop_lag_max_ms"]["cpu_ms"] for x in results)
         out["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
         out["probe_requests"] = len(probe.samples)
         lines = [x for x in (directory / "node.log").read_text().splitlines() if "backup_taken" in x]

@@ -97,9 +97,11 @@ class ApplyTrace:
 
 class LoopLagProbe:
     """Test-only event-loop lag probe (``QUORUMD_TEST_LOOP_PROBE=<file>``, used by
-    bench/backup.py): a task sleeps 2 ms at a time and appends ``<unix time> <lag ms>`` for every
-    wake-up more than 2 ms late. A wake-up is late by as long as the loop was blocked (or the
-    process not scheduled) when the timer was due."""
+    bench/backup.py): a task sleeps 2 ms at a time and appends ``<unix time> <lag ms> <cpu ms>``
+    for every wake-up more than 2 ms late. ``lag`` is wall time: how long the loop was blocked
+    when the timer was due, including waits for the GIL and time the process was not scheduled
+    (noise on a busy host); ``cpu`` is the CPU time the loop's thread used meanwhile, i.e. the
+    loop's own work, whatever the host's load."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -116,8 +118,9 @@ class LoopLagProbe:
         period = 0.002
         with open(self.path, "a", buffering=1) as f:
             while True:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 await asyncio.sleep(period)
                 lag = time.perf_counter() - t0 - period
                 if lag > period:
-                    f.write(f"{time.time():.4f} {lag * 1000:.2f}\n")
+                    cpu = time.thread_time() - c0
+                    f.write(f"{time.time():.4f} {lag * 1000:.2f} {cpu * 1000:.2f}\n")
