@@ -21,6 +21,7 @@ from typing import Any
 import msgpack
 
 from quorumd.api.errors import ApiError
+from quorumd.api.extensions import BackupArchive
 from quorumd.api.ports import (
     DrainState,
     ForwardedRequest,
@@ -28,6 +29,7 @@ from quorumd.api.ports import (
     Principal,
     TokenRole,
 )
+from quorumd.node.cluster.backup import take_archive
 from quorumd.node.cluster.versions import ProtocolVersions
 from quorumd.node.daemon.gcpolicy import gc_paused
 from quorumd.node.registry import apitoken, jointoken
@@ -442,6 +444,10 @@ class ClusterService:
         self, *, node_id: int | None, pool: str | None, limit: int, after: int | None
     ) -> list[dict[str, Any]]:
         return [x.as_dict() for x in self.sm.leases(node_id=node_id, pool=pool, limit=limit, after=after)]
+
+    async def backup_archive(self) -> BackupArchive:
+        """GET /backup: this replica's state after a ReadIndex barrier (see cluster/backup.py)."""
+        return await take_archive(self, linearizable=True)
 
     # --- NodeApi: leader operations (membership ones live in operations.py) ---------------
     async def create_token(self, name: str, role: TokenRole, ttl_seconds: int | None) -> dict[str, Any]:

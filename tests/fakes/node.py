@@ -19,12 +19,14 @@ on: a slow leader), ``raise_next`` (an exception the next operation raises), ``a
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from quorumd.api.errors import Conflict, LeaderTimeout, LeaderUnavailable, LeaderUnreachable, NotFound
+from quorumd.api.extensions import BackupArchive
 from quorumd.api.ports import DrainState, ForwardedRequest, ForwardedResponse, Principal, TokenRole
 from quorumd.node.cluster.service import rejection_error
 from quorumd.node.registry import apitoken, jointoken
@@ -229,6 +231,14 @@ class FakeNode:
 
     def is_ready(self) -> bool:
         return self.ready
+
+    async def backup_archive(self) -> BackupArchive:
+        """A stand-in body (the archive format is the node layer's), counted as a barrier."""
+        self.barriers += 1
+        if self.cluster.leader_id == 0:
+            raise LeaderUnavailable()
+        body = b"quorumd fake backup %d\n" % self.cluster.applied
+        return BackupArchive(body, self.cluster.applied, hashlib.sha256(body).hexdigest(), FAKE_CLUSTER_ID)
 
     # --- reads ----------------------------------------------------------------------------
     def _member(self, node_id: int) -> MemberView:
