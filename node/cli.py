@@ -11,7 +11,7 @@ import logging
 import sys
 
 from quorumd.node.config.schema import ConfigError, load_config
-from quorumd.node.version import VERSION
+from quorumd.node.version import PROTOCOL_VERSION, VERSION
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     rc = sub.add_parser("recover", help="offline quorum-loss recovery: rewrite the stored voters")
     rc.add_argument("--config", required=True)
     rc.add_argument("--peers", required=True, help="ID=HOST:PORT,...")
-    sub.add_parser("version", help="print the version")
+    sub.add_parser("version", help="print the version and the protocol version")
     try:
         args = p.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
     if args.cmd == "version":
-        print(f"quorumd {VERSION}")
+        print(f"quorumd {VERSION} (protocol {PROTOCOL_VERSION})")
         return 0
     if args.cmd == "run":
         return _cmd_run(args)
