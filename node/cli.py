@@ -12,7 +12,7 @@ import logging
 import sys
 
 from quorumd.node.config.schema import ConfigError, load_config
-from quorumd.node.version import VERSION
+from quorumd.node.version import PROTOCOL_VERSION, VERSION
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     rs = sub.add_parser("restore", help="offline: found a cluster from a backup archive (empty data-dir)")
     rs.add_argument("--config", required=True)
     rs.add_argument("--from", dest="archive", required=True, help="backup archive file")
-    sub.add_parser("version", help="print the version")
+    sub.add_parser("version", help="print the version and the protocol version")
     try:
         args = p.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
     if args.cmd == "version":
-        print(f"quorumd {VERSION}")
+        print(f"quorumd {VERSION} (protocol {PROTOCOL_VERSION})")
         return 0
     if args.cmd == "run":
         return _cmd_run(args)

@@ -280,7 +280,10 @@ class ClusterService:
         return self.d.core.leader_id if self.driver is not None else 0
 
     def applied_index(self) -> int:
-        return self.d.core.applied_index if self.driver is not None else 0
+        # The state machine's: it applies (and resolves proposals) before the core's applied index
+        # advances at the end of the batch, so a forwarded write's answer must carry this one, or
+        # the follower that forwarded it may serve a read of its replica before the write is there.
+        return self.sm.applied_index if self.driver is not None else 0
 
     def authenticate(self, token: str) -> Principal | None:
         """The token's principal per the local replica.
