@@ -104,6 +104,7 @@ FD_RESERVE = 256
 FD_SAMPLE_SECONDS = 1.0
 REFUSAL_LOG_SECONDS = 10.0
 BACKLOG = 1024
+READ_BUFFER_BYTES = 64 * 1024
 MAX_EARLY_BYTES = 64 * 1024  # bytes a TLS client may send before its handshake starts
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -190,6 +191,42 @@ class _Connection(RequestHandler):
         return _response(self._owner.api.rejected("OTHER", _parse_error(status, exc)), close=True)
 
 
+class _Reader(asyncio.BufferedProtocol):
+    """What the transport talks to for a ``_Connection``: a buffered protocol, so that the loop
+    reads (and uvloop's TLS layer decrypts) into the server's one read buffer, whose bytes
+    ``buffer_updated`` copies out at once. uvloop only reads into a protocol's buffer when the
+    protocol is not an ``asyncio.Protocol``, which aiohttp's is; given one, its TLS layer allocates
+    256 KiB per read instead (measured: two page faults and ~50 us of CPU per request)."""
+
+    __slots__ = ("_buffer", "_conn")
+
+    def __init__(self, conn: _Connection, buffer: memoryview) -> None:
+        self._conn = conn
+        self._buffer = buffer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._conn.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._conn.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._conn.resume_writing()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._conn.data_received(self._buffer[:nbytes].tobytes())
+
+    def eof_received(self) -> bool | None:
+        self._conn.eof_received()  # aiohttp's: nothing to do, the transport closes
+        return None
+
+
 class _Gate(asyncio.Protocol):
     """The protocol of a just-accepted socket: admits it or closes it at once, then hands it to
     a ``_Connection`` (plain) or starts TLS for one.
@@ -214,7 +251,7 @@ class _Gate(asyncio.Protocol):
             return
         conn = owner._new_connection()
         if owner.ssl_context is None:
-            tcp.set_protocol(conn)
+            tcp.set_protocol(_Reader(conn, owner.read_buffer))
             conn.connection_made(tcp)
             return
         self._transport = tcp
@@ -286,6 +323,9 @@ class ApiServer:
         self.shutdown_grace = shutdown_grace
         self.on_refused = on_refused
         self.refused_connections = 0
+        # Shared by every connection's _Reader: a transport calls get_buffer and buffer_updated
+        # back to back, and buffer_updated copies the bytes out before returning.
+        self.read_buffer = memoryview(bytearray(READ_BUFFER_BYTES))
         self.ssl_context: ssl.SSLContext | None = None
         self.web_server = web.Server(
             self._handle, request_factory=self._make_request, handler_cancellation=False, loop=self.loop
@@ -417,7 +457,7 @@ class ApiServer:
             self.loop.call_soon(_feed, transport, early)
         tls = await self.loop.start_tls(
             transport,
-            conn,
+            _Reader(conn, self.read_buffer),
             self.ssl_context,
             server_side=True,
             ssl_handshake_timeout=self.handshake_timeout,
