@@ -3,10 +3,15 @@
 ``ApiServer(api).start(host, port, ssl_context=...)`` listens; every request goes to one handler that
 turns the ``BaseRequest`` into the arguments of ``Api.handle`` and the ``Reply`` into a
 ``web.Response``. aiohttp's C parser (llhttp) reads the request, its protocol
-(``web_protocol.RequestHandler``) runs keep-alive, pipelining (answers in order, at most 32 parsed
-requests queued, then reading pauses) and the lingering close after an early answer. No router,
-no middleware chain: those were half of the leader's CPU when the API was an ``aiohttp.web``
-application (BENCHMARKS.md).
+(``web_protocol.RequestHandler``) runs keep-alive, pipelining (answers in order; at most 32 parsed
+requests queued per connection, and a queued request's body buffers at most 128 KiB, then
+reading pauses) and the lingering close after an early answer. No router, no middleware chain:
+those were half of the leader's CPU when the API was an ``aiohttp.web`` application
+(BENCHMARKS.md).
+
+A connection goes through three objects: ``_Gate`` (the protocol of the accepted socket: admits or
+closes it, starts TLS), ``_Reader`` (a buffered protocol in front of aiohttp's, so that uvloop
+decrypts into one shared buffer) and ``_Connection`` (aiohttp's protocol).
 
 Every answer carries ``Content-Length``, ``Date``, ``Server: quorumd`` and ``Cache-Control:
 no-store``; every error the server produces itself is a JSON error envelope counted by the API
@@ -17,9 +22,10 @@ Limits (module constants; the timeouts and caps are constructor parameters):
 - request line: target up to ``MAX_TARGET_BYTES`` (8192; 414 beyond); version HTTP/1.0 or HTTP/1.1
   only (anything else the parser accepts, e.g. ``HTTP/2.0`` or ``HTTP/0.9``, is 400: RFC 9112 2.3,
   3.2); a method llhttp does not know is 400;
-- header section: each field (name + value) up to ``MAX_FIELD_BYTES`` (8190), at most
-  ``MAX_HEADERS`` (32) fields (431 beyond). The parser checks the limits as bytes arrive, so a
-  header that never ends is refused after 8 KiB and nothing more is buffered;
+- header section: each field up to ``MAX_FIELD_BYTES`` (8190 for the name, and as much for the
+  value), at most ``MAX_HEADERS`` (32) fields (431 beyond): a head is at most ~512 KiB. The
+  parser checks the limits as bytes arrive, so a header that never ends is refused after 8 KiB
+  and nothing more is buffered;
 - ``Host``: an HTTP/1.1 request without one, or any request with two, is 400 (RFC 9112 3.2; the
   parser refuses both too, the handler checks again). HTTP/1.0 requests may omit it, as RFC 9112
   allows: load-balancer health checks (HAProxy's ``option httpchk``) send HTTP/1.0 without Host;
@@ -42,9 +48,10 @@ Limits (module constants; the timeouts and caps are constructor parameters):
 - connections: at most ``max_connections`` (1024) at once, counted from accept (so TLS handshakes
   in progress count), and never so many that the process comes within ``fd_reserve`` (256)
   descriptors of its RLIMIT_NOFILE soft limit: the Raft channel and the storage keep descriptors.
-  A connection beyond either cap is closed at accept, before any TLS work, counted in
-  ``refused_connections``, in ``quorumd_api_refused_connections_total{reason}``, passed to the
-  ``on_refused`` hook, and logged at WARNING at most every ``REFUSAL_LOG_SECONDS``. The descriptor
+  A connection beyond either cap (or accepted while closing) is closed at accept, before any TLS
+  work, counted in ``refused_connections`` and ``quorumd_api_refused_connections_total{reason}``,
+  passed to the ``on_refused`` hook, and logged at WARNING at most every ``REFUSAL_LOG_SECONDS``
+  (10 s, with the count since the last line). The descriptor
   check uses the new socket's number (Linux hands out the lowest free one, so all below it are in
   use) and a count of ``/proc/self/fd`` taken at most once a second for descriptors held elsewhere.
 
@@ -551,6 +558,14 @@ class ApiServer:
 
     async def _read_body(self, request: web.BaseRequest) -> bytes | ApiError:
         content = request.content
+        if content.is_eof():  # the usual case: the whole body came with the head
+            try:
+                body = content.read_nowait(-1)
+            except RequestPayloadError:
+                return BadRequest("malformed request body")
+            if cast(_Connection, request.protocol).body_refused:
+                return BadRequest("malformed request body")
+            return PayloadTooLarge(TOO_LARGE_MESSAGE) if len(body) > MAX_BODY_BYTES else body
         chunks: list[bytes] = []
         size = 0
         try:
