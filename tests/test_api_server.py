@@ -663,7 +663,8 @@ async def test_endless_header_value_refused_with_flat_memory_and_live_loop(srv: 
     assert answer.done() and not answer.cancelled() and answer.exception() is None, answer
     assert answer.result().startswith(b"HTTP/1.1 431 "), answer.result()[:80]
     assert rss_growth < 8 * 1024 * 1024, rss_growth
-    assert gaps and max(gaps) < 0.25, max(gaps, default=None)
+    # a 5 ms tick never waited half a second (generous: the machine is shared)
+    assert gaps and max(gaps) < 0.5, max(gaps, default=None)
 
 
 # --- 8. HEAD -----------------------------------------------------------------------------------------
