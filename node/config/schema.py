@@ -168,6 +168,8 @@ TABLE = Table(
         Section("api"),
         Key("api.address", Host(), "0.0.0.0", "HTTPS API listen address (IP or host name)"),
         Key("api.port", Int(1, 65535), 5002, "HTTPS API port, also serves /metrics, /healthz, /readyz"),
+        Key("api.max-connections", Int(1, 1_000_000), 1024,
+            "concurrent API connections; more are closed at accept (and always 256 fds kept spare)"),
         Section("api.tls", optional=True, absent="a self-signed cert",
                 doc="{cert: /etc/quorumd/api.crt, key: /etc/quorumd/api.key}; "
                     "null => self-signed cert generated once in data-dir"),
@@ -249,6 +251,7 @@ class TlsConfig:
 class ApiConfig:
     address: str = _default("api.address")
     port: int = _default("api.port")
+    max_connections: int = _default("api.max-connections")
     tls: TlsConfig | None = None  # None => self-signed certificate generated once in data-dir
 
 

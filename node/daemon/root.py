@@ -317,7 +317,7 @@ class Daemon:
             propose_timeout_seconds=cfg.cluster.propose_timeout_seconds,
         )
         self.app = app
-        api_server = ApiServer(app)
+        api_server = ApiServer(app, max_connections=cfg.api.max_connections)
         self.api_port = await api_server.start(cfg.api.address, cfg.api.port, ssl_context=self._api_ssl())
         stack.push_async_callback(self._bounded, api_server.close(), 5.0)
         log.info("api_listening node=%d address=%s port=%d", cfg.node_id, cfg.api.address, self.api_port)

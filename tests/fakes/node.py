@@ -263,6 +263,7 @@ class FakeNode:
             "appliedIndex": c.applied,
             "ready": self.ready,
             "drainState": str(me.drain_state if me else DrainState.ACTIVE),
+            "clusterProtocolVersion": c.sm.cluster_protocol_version,
         }
 
     def members(self) -> list[dict[str, Any]]:
