@@ -19,7 +19,7 @@ import hmac
 import ipaddress
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -147,6 +147,7 @@ class FakeNode:
         self.node_id = node_id
         self._cluster_enabled = cluster_enabled
         self.ready = True
+        self.isolated = False
         self.forward_failure: str | None = None  # "unreachable" | None
         self.apply_stuck = False
         self.gate: asyncio.Event | None = None
@@ -205,6 +206,9 @@ class FakeNode:
 
     def is_ready(self) -> bool:
         return self.ready
+
+    def is_isolated(self) -> bool:
+        return self.isolated
 
     # --- reads ----------------------------------------------------------------------------
     def _member(self, node_id: int) -> FakeMember:
@@ -317,6 +321,9 @@ class FakeNode:
                 "lastContactMs": 0.0 if m.node_id == c.leader_id else 12.5,
                 "lastTerm": c.term,
                 "lastIndex": c.applied,
+                "trailingLogs": 0 if m.caught_up else 1000,
+                "reasons": [] if m.caught_up else ["log_behind"],
+                "promotionAt": None,
             }
             for m in sorted(c.members.values(), key=lambda m: m.node_id)
         ]
@@ -327,6 +334,44 @@ class FakeNode:
             "leaderNodeId": c.leader_id,
             "voters": voters,
             "servers": servers,
+        }
+
+    async def what_if(
+        self, *, remove: Sequence[int], fail: Sequence[int], drain: Sequence[int], promote: Sequence[int]
+    ) -> dict[str, Any]:
+        """A small model of SPEC 14 (the node's is ``quorumd.node.registry.autopilot.what_if``)."""
+        await self._enter()
+        c = self.cluster
+        for nid in sorted({*remove, *fail, *drain, *promote}):
+            self._member(nid)
+        voters = sorted(
+            m.node_id
+            for m in c.members.values()
+            if m.node_id not in remove and (m.voter or m.node_id in promote)
+        )
+        healthy = sum(1 for n in voters if n not in fail and c.members[n].caught_up)
+        quorum = len(voters) // 2 + 1
+        leader = c.leader_id
+        if leader in {*remove, *fail, *drain}:
+            others = [n for n in voters if n not in {*remove, *fail, *drain} and n != leader]
+            leader = others[0] if others else 0
+        warnings = []
+        if healthy < quorum:
+            warnings.append("quorum_lost")
+        elif healthy - quorum == 0:
+            warnings.append("failure_tolerance_zero")
+        if leader != c.leader_id:
+            warnings.append("leader_moves")
+        if not voters:
+            warnings.append("last_voter")
+        return {
+            "voters": voters,
+            "quorum": quorum,
+            "healthyVoters": healthy,
+            "failureTolerance": max(0, healthy - quorum),
+            "leaderNodeId": leader,
+            "safe": not ({"quorum_lost", "last_voter"} & set(warnings)),
+            "warnings": warnings,
         }
 
     async def remove_member(self, node_id: int, *, force: bool) -> None:

@@ -101,6 +101,7 @@ CONFIG_KEYS: tuple[str, ...] = (
     "cluster.election-timeout",
     "cluster.snapshot-threshold",
     "cluster.trailing-logs",
+    "cluster.isolation-fence-after",
     "cluster.autopilot",
     "cluster.autopilot.last-contact-threshold",
     "cluster.autopilot.max-trailing-logs",
@@ -192,6 +193,7 @@ class ClusterConfig:
     snapshot_threshold: int = 8192
     trailing_logs: int = 10240
     autopilot: AutopilotConfig = AutopilotConfig()
+    isolation_fence_after_seconds: float = 3.0  # default 3 x election-timeout (SPEC 15)
 
     @property
     def is_joiner(self) -> bool:
@@ -284,6 +286,7 @@ def config_to_dict(config: Config) -> dict[str, Any]:
         "election-timeout": format_duration(c.election_timeout_seconds),
         "snapshot-threshold": c.snapshot_threshold,
         "trailing-logs": c.trailing_logs,
+        "isolation-fence-after": format_duration(c.isolation_fence_after_seconds),
         "autopilot": {
             "last-contact-threshold": format_duration(ap.last_contact_threshold_seconds),
             "max-trailing-logs": ap.max_trailing_logs,
@@ -781,6 +784,13 @@ def _build_cluster(sec: _Section, base_dir: Path, notes: list[str]) -> ClusterCo
         )
     snapshot_threshold = sec.integer("snapshot-threshold", 8192, 1)
     trailing_logs = sec.integer("trailing-logs", 10240, 0)
+    fence_after = sec.duration("isolation-fence-after", 3.0 * election)
+    if fence_after < election - 1e-12:
+        raise sec.error(
+            "isolation-fence-after",
+            f"must be at least cluster.election-timeout ({format_duration(election)}), "
+            f"got {format_duration(fence_after)}",
+        )
     autopilot = _build_autopilot(sec.section("autopilot"))
     return ClusterConfig(
         node_id=node_id,
@@ -797,6 +807,7 @@ def _build_cluster(sec: _Section, base_dir: Path, notes: list[str]) -> ClusterCo
         snapshot_threshold=snapshot_threshold,
         trailing_logs=trailing_logs,
         autopilot=autopilot,
+        isolation_fence_after_seconds=fence_after,
     )
 
 
