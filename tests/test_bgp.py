@@ -87,7 +87,12 @@ def test_prefixes_are_normalized() -> None:
 
 def test_snapshot_reports_count_and_a_numerically_sorted_sample() -> None:
     s, _ = _speaker()
-    assert s.snapshot() == {"running": False, "announcedPrefixes": 0, "samplePrefixes": [], "fencingToken": None}
+    assert s.snapshot() == {
+        "running": False,
+        "announcedPrefixes": 0,
+        "samplePrefixes": [],
+        "fencingToken": None,
+    }
     s.set_prefixes([f"10.0.0.{i}/32" for i in range(20, 0, -1)] + ["2001:db8::1/128"])
     assert s.snapshot()["announcedPrefixes"] == 0
     s.start()
