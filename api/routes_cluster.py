@@ -38,7 +38,7 @@ JOIN_TTL = Field(
 )
 MEMBER_404 = ErrorDoc(404, ("member_not_found",))
 _ID = "([1-9]|[1-5][0-9]|6[0-3])"
-NODE_ID_LIST_SCHEMA = {"type": "string", "pattern": f"^({_ID}(,{_ID})*)?$", "maxLength": 256}
+NODE_ID_LIST_SCHEMA = {"type": "string", "pattern": f"^{_ID}(,{_ID})*$", "maxLength": 256}
 
 
 def _id_list(name: str, what: str) -> Field:
