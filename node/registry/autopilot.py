@@ -254,7 +254,8 @@ def what_if(view: AutopilotView, scenario: Scenario, *, transfer_contact_seconds
     A removed or failed server is not a healthy voter; a drained (or draining) voter still votes
     and counts; a promoted server becomes a voter (healthy if it is healthy now). The predicted
     leader is today's unless it is removed, failed or drained; then the voter a drain would hand
-    leadership to (``transfer_target``), 0 when none could take over."""
+    leadership to (``transfer_target``). When none could take over, a drained leader stays leader
+    (as the drain leaves it) and a removed or failed one leaves no leader (0)."""
     s = view.settings
     gone = scenario.remove | scenario.fail
     by_id = {h.node_id: h for h in view.servers}
@@ -281,6 +282,8 @@ def what_if(view: AutopilotView, scenario: Scenario, *, transfer_contact_seconds
             exclude=gone | {view.leader_node_id},
             contact_threshold_seconds=transfer_contact_seconds,
         )
+        if leader == 0 and view.leader_node_id not in gone:
+            leader = view.leader_node_id  # a drained leader no voter can relieve stays leader
     warnings: list[WhatIfWarning] = []
     if healthy_voters < quorum:
         warnings.append(WhatIfWarning.QUORUM_LOST)
