@@ -31,10 +31,7 @@ from quorumd.node.effects.bgp import BgpSpeaker
 from quorumd.node.effects.ran import RanNotifier
 from quorumd.node.effects.token import FencingToken, token_of
 from quorumd.node.registry import jointoken
-from quorumd.node.registry.autopilot import (
-    AutopilotSettings,
-    removal_refusal,
-)
+from quorumd.node.registry.autopilot import AutopilotSettings, removal_refusal
 from quorumd.node.registry.commands import AllocateLease, ReleaseLease, SetDrain, decode_member_context
 from quorumd.node.registry.leases import Lease
 from quorumd.node.registry.state import ApplyResult
