@@ -80,8 +80,7 @@ class ClusterNode(ForesightService):
     def _after_apply(self, results: Sequence[ApplyResult]) -> None:
         self._fence_guard()
         me = self.identity.node_id
-        add: list[str] = []
-        withdraw: list[str] = []
+        net: dict[str, bool] = {}  # prefix -> announced after this batch (True) or withdrawn
         entries = self.applying
         token: FencingToken | None = None  # of the last entry that changed this node's prefixes
         for i, r in enumerate(results):
@@ -90,12 +89,11 @@ class ClusterNode(ForesightService):
                 # The speaker follows lease changes by delta: one lease costs O(1) however many
                 # this node holds (a full recompute per apply was O(leases) and dominated the
                 # write path's CPU at a few thousand leases).
+                # In log order, the last change of a prefix wins: a batch (a catch-up after a
+                # partition) may allocate and release, or allocate and re-own, the same address.
                 lease = r.value
                 if r.error is None and isinstance(lease, Lease):
-                    if isinstance(cmd, AllocateLease) and lease.node_id == me:
-                        add.append(lease.prefix)
-                    else:  # released, or re-owned by another node
-                        withdraw.append(lease.prefix)
+                    net[lease.prefix] = isinstance(cmd, AllocateLease) and lease.node_id == me
                     token = token_of(entries, i, token)
             elif isinstance(cmd, ConfChange):
                 self._prefixes_dirty = True  # a removal purges leases: recompute once
@@ -113,8 +111,10 @@ class ClusterNode(ForesightService):
         if self._prefixes_dirty and self.bgp.running:
             self._prefixes_dirty = False
             self.bgp.set_prefixes(self.sm.announced_prefixes(me), canonical=True, token=token)
-        elif add or withdraw:
-            self.bgp.update(add, withdraw, token=token)
+        elif net:
+            self.bgp.update(
+                [p for p, on in net.items() if on], [p for p, on in net.items() if not on], token=token
+            )
 
     def _sync_campaign_suppression(self) -> None:
         """A draining or drained node does not seek leadership (cheap, so on every apply)."""
