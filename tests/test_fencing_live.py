@@ -146,7 +146,7 @@ def check_fenced(c: NsCluster, nid: int) -> None:
     status, body = readyz(c, nid)
     assert status == 503 and body["code"] == "isolated", body
     assert isolated_metric(c, nid) == 1
-    assert "node_isolated node=" in log_of(c, nid)
+    wait_for(f"node {nid} logs node_isolated", lambda: "node_isolated node=" in log_of(c, nid), 5)
 
 
 def check_unfenced(c: NsCluster, nid: int) -> None:
@@ -157,7 +157,7 @@ def check_unfenced(c: NsCluster, nid: int) -> None:
 def wait_rejoined(c: NsCluster, nid: int) -> None:
     wait_for(f"node {nid} rejoined", lambda: not c.status(nid)["isolated"], REJOIN_BOUND, 0.1)
     check_unfenced(c, nid)
-    assert "node_rejoined node=" in log_of(c, nid)
+    wait_for(f"node {nid} logs node_rejoined", lambda: "node_rejoined node=" in log_of(c, nid), 5)
 
 
 # --- tests -----------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_cut_off_follower_fences_within_the_bound_and_rejoins_after_the_heal(clu
     elapsed = wait_fenced(c, f, t0)
     assert FENCE_AFTER - 0.2 <= elapsed <= FENCE_AFTER + FENCE_SLACK, elapsed
     check_fenced(c, f)
-    assert log_of(c, f).count("node_isolated node=") == before + 1
+    wait_for("one node_isolated line", lambda: log_of(c, f).count("node_isolated node=") == before + 1, 5)
     # The majority side is not fenced and keeps announcing.
     for nid in (lead, g):
         check_unfenced(c, nid)

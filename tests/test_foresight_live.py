@@ -183,12 +183,15 @@ def test_joiners_promotion_at_is_kept(cluster: Cluster) -> None:
             assert s4["hasVotingRights"] is False, (now, predicted)
             assert s4["promotionAt"] == s["promotionAt"], (s4, s)
     wait_for("node 4 voter", lambda: 4 in c.ok(lead, "GET", "/api/v1/cluster/autopilot")["voters"], 15, 0.02)
-    m = re.search(
-        r"^(\S+) \S+ \S+ node=\d+ autopilot_promoted node_id=4 ok=True", c.nodes[lead].log_text(), re.M
+    pattern = re.compile(r"^(\S+) \S+ \S+ node=\d+ autopilot_promoted node_id=4 ok=True", re.M)
+    m = wait_for(  # the log reaches the file a moment after the promotion
+        "promotion logged",
+        lambda: next(filter(None, (pattern.search(n.log_text()) for n in c.nodes.values())), None),
+        10,
     )
-    assert m is not None
     promoted = rfc3339(m.group(1))
-    assert predicted - 0.05 <= promoted <= predicted + RECONCILE, promoted - predicted
+    # The log line follows the commit of the promotion; the slack is that and scheduling noise.
+    assert predicted - 0.05 <= promoted <= predicted + RECONCILE + PROMOTION_SLACK, promoted - predicted
     settled = server(c.ok(lead, "GET", "/api/v1/cluster/autopilot"), 4)
     assert settled["promotionAt"] is None and "stabilizing" not in settled["reasons"]
 
