@@ -30,7 +30,7 @@ LAST_CONTACT = 1.0
 # The promotion commits a few milliseconds after the reconcile loop decides it (the loop wakes at
 # promotionAt); on a loaded 2-core machine the loop itself may run late. The contract is
 # promotionAt + one reconcile interval; this slack covers the commit and scheduling noise.
-PROMOTION_SLACK = 0.25
+PROMOTION_SLACK = 0.5
 
 
 class RanReceiver:
