@@ -84,6 +84,7 @@ DURATION_KEYS = [
     "cluster.propose-timeout",
     "cluster.heartbeat-interval",
     "cluster.election-timeout",
+    "cluster.isolation-fence-after",
     "cluster.autopilot.last-contact-threshold",
     "cluster.autopilot.server-stabilization-time",
     "cluster.autopilot.reconcile-interval",
@@ -267,6 +268,12 @@ def build_cases() -> list[Case]:
             setting(VALID, "cluster.election-timeout", "400ms"),
             "cluster.election-timeout",
             "at least 5 x cluster.heartbeat-interval",
+        ),
+        case(
+            "rule:fence-vs-election",
+            setting(VALID, "cluster.isolation-fence-after", "500ms"),
+            "cluster.isolation-fence-after",
+            "at least cluster.election-timeout",
         ),
         case(
             "rule:token-and-token-file",

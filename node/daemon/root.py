@@ -324,6 +324,7 @@ class Daemon:
 
         for coro, name in (
             (node.reconcile_loop(), "reconcile"),
+            (node.fence_loop(), "fence"),
             (self._announce_loop(), "announce"),
             (self._ready_loop(), "ready"),
         ):
@@ -379,8 +380,10 @@ class Daemon:
             bgp_enabled=cfg.bgp.enabled,
             ran=ran,
             election_timeout_seconds=cfg.cluster.election_timeout_seconds,
+            isolation_fence_after_seconds=cfg.cluster.isolation_fence_after_seconds,
         )
         node.on_join_result = self.metrics.count_join
+        node.on_isolation = self.metrics.set_isolated
         return node
 
     def _api_ssl(self) -> ssl.SSLContext:
@@ -489,6 +492,8 @@ class Daemon:
     # --- runtime hooks --------------------------------------------------------------------------
     def _on_raft_frame(self, from_id: int, frame: bytes) -> None:
         if self.driver is not None:
+            if self.node is not None:
+                self.node.heard_from(from_id)  # isolation fencing (SPEC 15)
             self.driver.deliver(from_id, frame)
 
     def _update_pins(self) -> None:
