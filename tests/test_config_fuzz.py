@@ -158,6 +158,12 @@ LEAF_MISTAKES: dict[str, list[tuple[Any, str]]] = {
     "cluster.autopilot.cleanup-dead-servers": [("false", "true or false")],
     "cluster.autopilot.min-quorum": [(64, "0..63"), (-1, "0..63")],
     "bgp.enabled": [(0, "true or false"), ("off", "true or false")],
+    "bgp.speaker": [("bird", "stub|gobgp"), ("exabgp", "stub|gobgp"), (True, "stub|gobgp")],
+    "bgp.local-as": [(0, "1..4294967295"), (4294967296, "1..4294967295"), ("65001", "expected an integer")],
+    "bgp.router-id": [("10.0.0", "IPv4 address"), ("fd00::1", "IPv4 address"), ("0.0.0.0", "cannot be")],
+    "bgp.next-hop": [("gw.example", "IPv4 address"), (5, "expected a string")],
+    "bgp.next-hop6": [("10.0.0.1", "IPv6 address"), ("::", "cannot be")],
+    "bgp.peers": [("10.0.0.254", "expected a list"), ({"address": "10.0.0.254"}, "expected a list")],
     "ran.notify-url": [
         ("ftp://amf.example/", "http:// or https://"),
         ("https://", "http:// or https://"),

@@ -54,6 +54,7 @@ __all__ = [
     "ApiConfig",
     "AutopilotConfig",
     "BgpConfig",
+    "BgpPeer",
     "ClusterConfig",
     "Config",
     "ConfigError",
@@ -110,9 +111,20 @@ CONFIG_KEYS: tuple[str, ...] = (
     "cluster.autopilot.reconcile-interval",
     "bgp",
     "bgp.enabled",
+    "bgp.speaker",
+    "bgp.local-as",
+    "bgp.router-id",
+    "bgp.next-hop",
+    "bgp.next-hop6",
+    "bgp.peers",  # a list of {address, remote-as, port}: see BGP_PEER_KEYS
     "ran",
     "ran.notify-url",
 )
+
+# bgp.speaker (SPEC 16): the stub, or the one real backend (node/effects/gobgp.py says why GoBGP).
+BGP_SPEAKERS: tuple[str, ...] = ("stub", "gobgp")
+BGP_PEER_KEYS: tuple[str, ...] = ("address", "remote-as", "port")
+MAX_AS = 4294967295
 
 ELECTION_TO_HEARTBEAT_MIN_RATIO = 5
 MAX_TOKEN_CHARS = 4096
@@ -200,8 +212,21 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BgpPeer:
+    address: str  # an IP literal
+    remote_as: int
+    port: int = 179
+
+
+@dataclass(frozen=True, slots=True)
 class BgpConfig:
     enabled: bool = True
+    speaker: str = "stub"  # one of BGP_SPEAKERS
+    local_as: int | None = None  # required by a real speaker
+    router_id: str | None = None  # IPv4; a real speaker defaults it to next_hop
+    next_hop: str | None = None  # IPv4; a real speaker defaults it to the advertise address
+    next_hop6: str | None = None  # IPv6 next hop of /128 routes (none: /128 leases are not announced)
+    peers: tuple[BgpPeer, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,10 +331,25 @@ def config_to_dict(config: Config) -> dict[str, Any]:
         "log-format": config.log_format,
         "api": api,
         "cluster": cluster,
-        "bgp": {"enabled": config.bgp.enabled},
+        "bgp": _bgp_to_dict(config.bgp),
     }
     if config.ran.notify_url is not None:
         out["ran"] = {"notify-url": config.ran.notify_url}
+    return out
+
+
+def _bgp_to_dict(bgp: BgpConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"enabled": bgp.enabled, "speaker": bgp.speaker}
+    for key, value in (
+        ("local-as", bgp.local_as),
+        ("router-id", bgp.router_id),
+        ("next-hop", bgp.next_hop),
+        ("next-hop6", bgp.next_hop6),
+    ):
+        if value is not None:
+            out[key] = value
+    if bgp.peers:
+        out["peers"] = [{"address": p.address, "remote-as": p.remote_as, "port": p.port} for p in bgp.peers]
     return out
 
 
@@ -497,7 +537,7 @@ def _join(path: str, key: str) -> str:
 class _Section:
     """One mapping of the config being read: typed getters that name the key on error."""
 
-    def __init__(self, raw: object, path: str, line: int | None) -> None:
+    def __init__(self, raw: object, path: str, line: int | None, keys: tuple[str, ...] | None = None) -> None:
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
@@ -507,9 +547,13 @@ class _Section:
         self.line = line
         self._lines: dict[Any, int] = raw.lines if isinstance(raw, _Mapping) else {}
         prefix = f"{path}." if path else ""
-        allowed = [
-            k[len(prefix) :] for k in CONFIG_KEYS if k.startswith(prefix) and "." not in k[len(prefix) :]
-        ]
+        allowed = (
+            list(keys)
+            if keys is not None
+            else [
+                k[len(prefix) :] for k in CONFIG_KEYS if k.startswith(prefix) and "." not in k[len(prefix) :]
+            ]
+        )
         if isinstance(raw, _Mapping) and raw.duplicates:
             key, dup_line = next(iter(raw.duplicates.items()))
             raise ConfigError(_join(path, str(key)), "duplicate key", dup_line)
@@ -649,7 +693,7 @@ def _build(data: dict[Any, Any], base_dir: Path, source: Path | None) -> Config:
     log_format = cast(LogFormat, top.choice("log-format", "text", LOG_FORMATS))
     api = _build_api(top.section("api"), base_dir)
     cluster = _build_cluster(top.section("cluster"), base_dir, notes)
-    bgp = BgpConfig(enabled=top.section("bgp").boolean("enabled", True))
+    bgp = _build_bgp(top.section("bgp"), cluster)
     ran = _build_ran(top.section("ran"))
     return Config(
         cluster=cluster,
@@ -808,6 +852,75 @@ def _build_autopilot(sec: _Section) -> AutopilotConfig:
         cleanup_dead_servers=sec.boolean("cleanup-dead-servers", False),
         min_quorum=sec.integer("min-quorum", 0, 0, MAX_NODE_ID),
         reconcile_interval_seconds=sec.duration("reconcile-interval", 2.0),
+    )
+
+
+def _ip_value(sec: _Section, key: str, version: int | None, what: str) -> str | None:
+    """An IP literal (``version`` 4 or 6, or either) that names a host: not unspecified, not multicast."""
+    text = sec.string(key, None, nullable=True)
+    if text is None:
+        return None
+    try:
+        addr = ipaddress.ip_address(text.strip())
+    except ValueError:
+        raise sec.error(key, f"expected {what}, got {_quote(text)}") from None
+    if version is not None and addr.version != version:
+        raise sec.error(key, f"expected {what}, got {_quote(text)}")
+    if addr.is_unspecified or addr.is_multicast:
+        raise sec.error(key, f"{addr} cannot be {what.removeprefix('an ').removeprefix('a ')}")
+    return str(addr)
+
+
+def _build_bgp(sec: _Section, cluster: ClusterConfig) -> BgpConfig:
+    """SPEC 16. Every key is validated whatever the speaker (switching to a real one cannot
+    surprise); a real speaker also needs ``local-as`` and a peer, and resolves its defaults:
+    ``next-hop`` from the advertise address, ``router-id`` from ``next-hop``."""
+    enabled = sec.boolean("enabled", True)
+    speaker = sec.choice("speaker", "stub", BGP_SPEAKERS)
+    local_as = sec.integer("local-as", 0, 1, MAX_AS) if sec.has("local-as") else None
+    router_id = _ip_value(sec, "router-id", 4, "an IPv4 address")
+    next_hop = _ip_value(sec, "next-hop", 4, "an IPv4 address")
+    next_hop6 = _ip_value(sec, "next-hop6", 6, "an IPv6 address")
+    peers: list[BgpPeer] = []
+    raw = sec._value("peers")
+    if raw is not None:
+        if not isinstance(raw, list):
+            raise sec.error("peers", f"expected a list of {{address, remote-as, port}}, got {_describe(raw)}")
+        for i, item in enumerate(raw):
+            psec = _Section(item, sec.key_path(f"peers[{i}]"), sec.line_of("peers"), BGP_PEER_KEYS)
+            address = _ip_value(psec, "address", None, "an IP address")
+            if address is None:
+                raise psec.error("address", "is required")
+            remote_as = psec.integer("remote-as", None, 1, MAX_AS)
+            port = psec.integer("port", 179, 1, 65535)
+            if any(p.address == address for p in peers):
+                first = next(j for j, p in enumerate(peers) if p.address == address)
+                raise psec.error("address", f"duplicate of bgp.peers[{first}] ({address})")
+            peers.append(BgpPeer(address, remote_as, port))
+    if speaker != "stub":
+        if local_as is None:
+            raise sec.error("local-as", f"is required with bgp.speaker {speaker}")
+        if not peers:
+            raise sec.error("peers", f"bgp.speaker {speaker} needs at least one peer to dial")
+        if next_hop is None:
+            host = cluster.advertise_address.host
+            if not _is_ip(host) or ipaddress.ip_address(host).version != 4:
+                raise sec.error(
+                    "next-hop",
+                    f"is required with bgp.speaker {speaker} when cluster.advertise-address is not "
+                    f"an IPv4 address ({_quote(host)})",
+                )
+            next_hop = host
+        if router_id is None:
+            router_id = next_hop
+    return BgpConfig(
+        enabled=enabled,
+        speaker=speaker,
+        local_as=local_as,
+        router_id=router_id,
+        next_hop=next_hop,
+        next_hop6=next_hop6,
+        peers=tuple(peers),
     )
 
 
