@@ -256,7 +256,11 @@ class GoBgpSpeaker:
         self.socket_path = settings.state_dir / "gobgpd.sock"
         self.config_path = settings.state_dir / "gobgpd.toml"
         self.supervisor = ProcessSupervisor(
-            "gobgpd", self._argv(), cwd=settings.state_dir, on_state=self._wake.set
+            "gobgpd",
+            self._argv(),
+            cwd=settings.state_dir,
+            on_state=self._wake.set,
+            prepare=self._remove_socket,
         )
         s = settings
         self.cli = GoBgpCli(s.gobgp, f"unix://{self.socket_path}", s.command_timeout_seconds, s.concurrency)
@@ -349,8 +353,6 @@ class GoBgpSpeaker:
             self.socket_path = self._tmp_dir / "gobgpd.sock"
             self.cli.target = f"unix://{self.socket_path}"
             self.supervisor.argv = self._argv()
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(render_config(s))
@@ -405,6 +407,7 @@ class GoBgpSpeaker:
         try:
             rib = await self._read_rib()
             self._rib, self._answering = frozenset(rib), True
+            self._report()
             target = self._target()
             delete = [p for p in rib if p not in target]
             add = [p for p in target if p not in rib]
@@ -413,6 +416,7 @@ class GoBgpSpeaker:
                 await self._apply(add, delete, rib)
                 self.reconciles += 1
                 self._rib = frozenset(await self._read_rib())
+                self._report()
             self._sessions = await self.cli.neighbors()
             self._failures = 0
             self._report()
@@ -480,6 +484,11 @@ class GoBgpSpeaker:
             self._last_report = state
             if self._on_change is not None:
                 self._on_change(*state)
+
+    def _remove_socket(self) -> None:
+        """A killed gobgpd leaves its socket behind, and a new one cannot bind over it."""
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
 
     def _stamp(self, token: Any) -> None:
         if token is not None:

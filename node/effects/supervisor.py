@@ -15,6 +15,7 @@
 - Its stdout and stderr are one pipe, read asynchronously in bounded chunks and logged line by
   line (cut to ``MAX_LINE_CHARS``) as ``speaker_output``; a chatty or silent child never blocks
   the loop.
+- ``prepare`` runs before every start (the speaker removes the socket a killed gobgpd left).
 - ``close`` sends SIGTERM, waits a bounded time, then SIGKILL. ``kill`` SIGKILLs the current child
   (a wedged one) and lets the loop restart it.
 """
@@ -68,6 +69,7 @@ class ProcessSupervisor:
         max_backoff_seconds: float = 10.0,
         stable_seconds: float = 10.0,
         on_state: Callable[[], None] | None = None,
+        prepare: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -77,6 +79,7 @@ class ProcessSupervisor:
         self.max_backoff = max_backoff_seconds
         self.stable_seconds = stable_seconds
         self.on_state = on_state
+        self.prepare = prepare  # runs before each start (e.g. remove a stale socket)
         self.starts = 0  # children spawned
         self.last_exit: int | None = None  # the last child's return code (negative: signal)
         self.next_backoff = initial_backoff_seconds
@@ -155,6 +158,8 @@ class ProcessSupervisor:
 
     async def _run_once(self) -> int | None:
         try:
+            if self.prepare is not None:
+                self.prepare()
             proc = await asyncio.create_subprocess_exec(
                 *self.argv,
                 stdin=asyncio.subprocess.DEVNULL,
