@@ -385,7 +385,7 @@ def test_gobgp_speaker_announces_withdraws_and_survives_a_speaker_crash(tmp_path
             pids.append(second)
             await _until("refill", lambda: len(sp.announced) == 3 and sp.supervisor.pid == second, 20)
             assert sp.snapshot()["process"]["restarts"] == 1
-            assert changes[-1] == (True, 3)
+            await _until("metrics follow the read-back", lambda: changes[-1] == (True, 3), 5)
         finally:
             await sp.close(3.0)
         assert sp.supervisor.pid is None and changes[-1] == (False, 0)
@@ -435,3 +435,33 @@ def test_a_wedged_speaker_is_killed_and_never_blocks_the_loop(tmp_path: Path) ->
     worst, pids = asyncio.run(main())
     assert worst < 0.5, f"the event loop stalled {worst:.3f}s"
     assert all(process_gone(p) for p in pids)
+
+
+@needs_gobgp
+@pytest.mark.parametrize("small_rib", [2048, 2])
+def test_state_is_read_back_not_assumed(tmp_path: Path, small_rib: int) -> None:
+    """Routes changed behind quorumd's back (another client of gobgpd's API) show in the
+    read-back and are put right: a small RIB is re-read on every pass, a large one
+    (``small_rib=2`` here) when gobgpd's counts disagree with what quorumd knows (a swap that
+    keeps the counts is caught by the periodic full read, ``full_read_seconds``)."""
+
+    async def main() -> None:
+        sp = GoBgpSpeaker(settings(tmp_path, small_rib=small_rib, full_read_seconds=3600))
+        await sp.open()
+        try:
+            want = {f"10.98.0.{i}/32" for i in range(1, 6)}
+            sp.set_prefixes(sorted(want), canonical=True)
+            sp.start()
+            await _until("announce", lambda: sp.announced == want, 20)
+            before = sp.reconciles
+            await sp.cli.delete("10.98.0.3/32")  # someone else withdraws one ...
+            if small_rib > len(want):  # ... and announces a stray one (a large RIB's counts would
+                await sp.cli.add("10.98.0.99/32", "127.0.0.1")  # match: its periodic full read)
+            # only a read-back can have seen it: nothing told the speaker
+            await _until("put right", lambda: sp.reconciles > before and sp.announced == want, 5)
+            assert sp.snapshot()["readBackAgeSeconds"] is not None
+            assert await sp.cli.rib("ipv4") == want
+        finally:
+            await sp.close(3.0)
+
+    asyncio.run(main())

@@ -30,7 +30,10 @@ How it works:
   said the last time it was asked.
 - The reconciler (one task) reads the RIB back, adds what is missing and deletes what is extra
   (target = desired while running, nothing while stopped), in bounded batches with bounded
-  concurrency, reads back again, and reports. It also polls every ``poll_interval_seconds``
+  concurrency, reads back again, and reports. A RIB above ``small_rib`` routes (2048) is not
+  re-read whole on every pass: each change counts once gobgpd has accepted it, gobgpd's
+  per-family route counts are compared on every pass, and the whole set is re-read when they
+  disagree, after any failure, and every ``full_read_seconds``. It also polls every ``poll_interval_seconds``
   (a restarted gobgpd is refilled from the read-back; a peer's session state is refreshed).
   Every CLI call runs as a subprocess with a timeout; a wedged gobgpd (calls keep failing after
   its start-up grace) is killed and restarted; a stop that gobgpd cannot confirm kills it (a dead
@@ -45,11 +48,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +66,7 @@ from quorumd.node.effects.bgp import (
     StubBgpSpeaker,
     _log_change,
     normalize_prefix,
+    prefix_sort_key,
     sorted_prefixes,
 )
 from quorumd.node.effects.supervisor import ProcessSupervisor
@@ -106,6 +112,8 @@ class GoBgpSettings:
     batch: int = 256  # route changes per reconcile pass (a stop is never queued behind more)
     concurrency: int = 8  # CLI calls in flight
     connect_retry_seconds: int = 5
+    small_rib: int = 2048  # up to this many routes the whole RIB is read back on every pass
+    full_read_seconds: float = 60.0  # a larger RIB: per-family counts every pass, the set this often
 
 
 def render_config(s: GoBgpSettings) -> str:
@@ -225,6 +233,14 @@ class GoBgpCli:
     async def delete(self, prefix: str) -> None:
         await self.run("global", "rib", "del", "-a", _family(prefix), prefix)
 
+    async def count(self, family: str) -> int:
+        text = await self.run("global", "rib", "summary", "-a", family, "-j")
+        try:
+            data = json.loads(text) if text.strip() else {}
+            return int((data or {}).get("num_destination", 0))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise SpeakerError(f"unreadable rib summary: {exc}") from exc
+
     async def delete_all(self, family: str) -> None:
         await self.run("global", "rib", "del", "all", "-a", family)
 
@@ -242,6 +258,10 @@ class GoBgpSpeaker:
         self._admin = False
         self._desired: dict[str, None] = {}
         self._rib: frozenset[str] = frozenset()  # read back from gobgpd
+        self._rib_known = False  # _rib is what the current gobgpd said (not a dead one's)
+        self._sample: list[str] = []
+        self._read_at: float | None = None  # loop time of the last full read-back
+        self._next_full_read = 0.0
         self._sessions: dict[str, str] = {}
         self._answering = False  # the last read-back succeeded
         self._failures = 0  # consecutive failed passes
@@ -322,12 +342,13 @@ class GoBgpSpeaker:
 
     def snapshot(self) -> dict[str, Any]:
         rib = self._rib
-        sample = sorted_prefixes(rib)[:SAMPLE_PREFIXES] if len(rib) <= 4096 else sorted(rib)[:SAMPLE_PREFIXES]
         token = self._token
+        age = None if self._read_at is None else time.monotonic() - self._read_at
         return {
             "running": self._observed_running(),
             "announcedPrefixes": len(rib),
-            "samplePrefixes": sample,
+            "samplePrefixes": sorted_prefixes(p for p in self._sample if p in rib),
+            "readBackAgeSeconds": None if age is None else round(age, 3),
             "speaker": "gobgp",
             "wanted": "running" if self._admin else "stopped",
             "desiredPrefixes": len(self._desired),
@@ -399,37 +420,46 @@ class GoBgpSpeaker:
         """One pass; True when more work is left (a batch limit was hit)."""
         loop = asyncio.get_running_loop()
         pid = self.supervisor.pid
-        if pid != self._pid_seen:
+        if pid != self._pid_seen:  # a new gobgpd starts empty: know nothing until it answers
             self._pid_seen, self._pid_since = pid, loop.time()
+            self._rib, self._rib_known = frozenset(), False
         if pid is None:
             self._mark_down()
             return False
         try:
-            rib = await self._read_rib()
-            self._rib, self._answering = frozenset(rib), True
-            self._report()
+            if not await self._rib_still_valid(loop.time()):
+                await self._read_back(loop.time())
+            rib = self._rib
             target = self._target()
             delete = [p for p in rib if p not in target]
             add = [p for p in target if p not in rib]
             more = len(add) + len(delete) > self.settings.batch
             if delete or add:
-                await self._apply(add, delete, rib)
                 self.reconciles += 1
-                self._rib = frozenset(await self._read_rib())
-                self._report()
-            self._sessions = await self.cli.neighbors()
+                failed = await self._apply(add, delete)
+                if (
+                    failed
+                    or len(self._rib) <= self.settings.small_rib
+                    or len(target) <= self.settings.small_rib
+                ):
+                    await self._read_back(loop.time())
+            try:  # session states are informative: their read failing is not the RIB's
+                self._sessions = await self.cli.neighbors()
+            except SpeakerError as exc:
+                log.debug("bgp_sessions_unread error=%s", exc)
             self._failures = 0
             self._report()
             return more
         except SpeakerError as exc:
             self._failures += 1
             self._answering = False
+            self._rib_known = False
             age = loop.time() - self._pid_since
             level = logging.DEBUG if age < self.settings.startup_grace_seconds else logging.WARNING
             log.log(level, "bgp_speaker_unanswered failures=%d error=%s", self._failures, exc)
-            wedged = age >= self.settings.startup_grace_seconds and self._failures >= 3
-            if wedged or (not self._admin and self._rib and age >= self.settings.startup_grace_seconds):
-                # A speaker that cannot confirm a withdraw, or does not answer at all: a dead one
+            grace_over = age >= self.settings.startup_grace_seconds
+            if grace_over and (self._failures >= 3 or (not self._admin and self._rib)):
+                # A speaker that does not answer, or cannot confirm a withdraw: a dead one
                 # announces nothing, and the supervisor starts a fresh (empty) one.
                 self.supervisor.kill()
                 self._failures = 0
@@ -438,9 +468,25 @@ class GoBgpSpeaker:
                 self._report()
             return False
 
-    async def _read_rib(self) -> set[str]:
+    async def _rib_still_valid(self, now: float) -> bool:
+        """Whether the known RIB can stand without a full read: a small RIB is always re-read
+        (cheap); a large one only when gobgpd's per-family counts disagree with it, and every
+        ``full_read_seconds`` (its JSON is megabytes: parsing it every second would cost the
+        loop more than the routes are worth)."""
+        if not self._rib_known or len(self._rib) <= self.settings.small_rib or now >= self._next_full_read:
+            return False
+        v4, v6 = await asyncio.gather(self.cli.count("ipv4"), self.cli.count("ipv6"))
+        return v4 + v6 == len(self._rib)
+
+    async def _read_back(self, now: float) -> None:
         v4, v6 = await asyncio.gather(self.cli.rib("ipv4"), self.cli.rib("ipv6"))
-        return v4 | v6
+        rib = v4 | v6
+        if rib != self._rib or not self._rib_known:
+            self._sample = heapq.nsmallest(SAMPLE_PREFIXES, rib, key=prefix_sort_key)
+        self._rib, self._rib_known, self._answering = frozenset(rib), True, True
+        self._read_at = time.monotonic()
+        self._next_full_read = now + self.settings.full_read_seconds
+        self._report()
 
     def _target(self) -> dict[str, None]:
         if not self._admin:
@@ -454,26 +500,49 @@ class GoBgpSpeaker:
             return 0
         return sum(1 for p in self._desired if ":" in p)
 
-    async def _apply(self, add: list[str], delete: list[str], rib: set[str]) -> None:
+    async def _apply(self, add: list[str], delete: list[str]) -> bool:
+        """Send one batch of changes; the RIB takes each change gobgpd accepted. True if any failed."""
         s = self.settings
+        rib = set(self._rib)
         if not self._admin and delete and len(delete) == len(rib) and len(delete) > s.concurrency:
             # A stop withdraws everything: one call per family instead of one per prefix.
             await asyncio.gather(self.cli.delete_all("ipv4"), self.cli.delete_all("ipv6"))
             _log_change("bgp_withdraw", delete)
-            return
+            self._rib = frozenset()
+            self._report()
+            return False
         delete, add = delete[: s.batch], add[: max(0, s.batch - len(delete))]
-        await asyncio.gather(*(self.cli.delete(p) for p in delete))
-        _log_change("bgp_withdraw", delete)
-        await asyncio.gather(
-            *(self.cli.add(p, s.next_hop6 if ":" in p and s.next_hop6 else s.next_hop) for p in add)
+        deleted = await asyncio.gather(*(self.cli.delete(p) for p in delete), return_exceptions=True)
+        added = await asyncio.gather(
+            *(self.cli.add(p, s.next_hop6 if ":" in p and s.next_hop6 else s.next_hop) for p in add),
+            return_exceptions=True,
         )
-        _log_change("bgp_announce", add)
+        failed: BaseException | None = None
+        for p, r in zip(delete, deleted, strict=True):
+            if isinstance(r, BaseException):
+                failed = r
+            else:
+                rib.discard(p)
+        for p, r in zip(add, added, strict=True):
+            if isinstance(r, BaseException):
+                failed = r
+            else:
+                rib.add(p)
+        self._rib = frozenset(rib)
+        self._report()
+        _log_change("bgp_withdraw", [p for p, r in zip(delete, deleted, strict=True) if r is None])
+        _log_change("bgp_announce", [p for p, r in zip(add, added, strict=True) if r is None])
+        if isinstance(failed, asyncio.CancelledError):
+            raise failed
+        if failed is not None:
+            raise failed if isinstance(failed, SpeakerError) else SpeakerError(str(failed))
+        return False
 
     def _observed_running(self) -> bool:
         return self._admin and self._answering and self.supervisor.pid is not None
 
     def _mark_down(self) -> None:
-        self._rib = frozenset()
+        self._rib, self._rib_known = frozenset(), False
         self._answering = False
         self._sessions = {}
         self._report()
