@@ -33,7 +33,7 @@ unit: $(STAMP)
 # network namespaces (about 35 s; needs root and the Debian packages gobgpd and bird2, which
 # .ci/run installs). Kept out of `unit` so its 1-second bounds never share the 2 cores with it.
 bgp-test: $(STAMP)
-	$(BIN)/pytest -q -p no:xdist -m bgp tests/test_bgp_netns.py
+	$(BIN)/pytest -q -n 0 -m bgp tests/test_bgp_netns.py
 
 test: lint typecheck unit
 

@@ -132,6 +132,12 @@ class Collector:
                 out[int(m.group(2)[1:])].add(m.group(1))
         return out
 
+    def neighbor_capabilities(self, node: int) -> str:
+        """The capabilities node ``node``'s speaker advertised (``show protocols all``)."""
+        text = self.birdc("show", "protocols", "all", f"n{node}")
+        section = text.split("Neighbor capabilities", 1)[1]
+        return section.split("Session:", 1)[0]
+
     def established(self) -> dict[int, bool]:
         states: dict[int, bool] = {}
         for line in self.birdc("show", "protocols").splitlines():
@@ -213,6 +219,9 @@ def test_collector_rib_follows_leases_drain_and_kill(lab: NetLab, tmp_path: Path
                 60,
             )
         ]
+        for i in (1, 2, 3):  # no graceful restart: a peer keeps nothing when the session goes
+            caps = collector.neighbor_capabilities(i)
+            assert "Multiprotocol" in caps and "raceful restart" not in caps, caps
         lead = cluster.wait_leader()
         cluster.call(lead, "POST", "/api/v1/pools", {"name": "p4", "cidr": "10.77.0.0/24"})
         cluster.call(lead, "POST", "/api/v1/pools", {"name": "p6", "cidr": "fd00:77::/120"})

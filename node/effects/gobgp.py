@@ -204,9 +204,11 @@ class GoBgpCli:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(proc.wait(), 2.0)
                 raise SpeakerError(f"gobgp {' '.join(args[:3])}: no answer in {self.timeout:g}s") from None
-            except asyncio.CancelledError:
+            except asyncio.CancelledError:  # reap it (bounded) so nothing outlives the call
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(proc.wait(), 1.0)
                 raise
         if proc.returncode != 0:
             detail = err.decode("utf-8", "replace").strip()[:200]
