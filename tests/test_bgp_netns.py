@@ -304,6 +304,17 @@ def test_collector_rib_follows_leases_drain_and_kill(lab: NetLab, tmp_path: Path
         timings["restart"] = [timed("restart re-announces", lambda: collector.routes() == expected(), 90)]
         cluster.wait_ready(victim, 60)
         assert collector.routes() == expected()
+        # removal: drain (withdraws), then remove; the purged leases are never announced again.
+        # (Forced removal of an active node is withdrawn by the removed node's isolation
+        # fencing, SPEC 15: a removed node is not told, it stops hearing from a quorum.)
+        removed = 2
+        cluster.call(1, "POST", f"/api/v1/cluster/members/{removed}/drain", {})
+        timings["remove"] = [timed("drain before removal", lambda: not collector.routes()[removed], 10)]
+        cluster.call(1, "DELETE", f"/api/v1/cluster/members/{removed}")
+        for lease_id in [k for k, v in leases.items() if v["nodeId"] == removed]:
+            del leases[lease_id]
+        wait_for("removal seen", lambda: removed not in {m["nodeId"] for m in cluster.members()}, 10)
+        assert collector.routes() == expected()
         print("bgp timings (s):", {k: [round(x, 3) for x in v] for k, v in timings.items()})
         for key in ("appear", "disappear", "drain"):
             assert max(timings[key]) <= APPEAR_SECONDS, (key, timings[key])

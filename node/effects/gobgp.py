@@ -261,6 +261,7 @@ class GoBgpSpeaker:
         self._desired: dict[str, None] = {}
         self._rib: frozenset[str] = frozenset()  # read back from gobgpd
         self._rib_known = False  # _rib is what the current gobgpd said (not a dead one's)
+        self._dirty = False  # the wanted state changed since the reconciler last looked
         self._sample: list[str] = []
         self._read_at: float | None = None  # loop time of the last full read-back
         self._next_full_read = 0.0
@@ -311,14 +312,14 @@ class GoBgpSpeaker:
         if not self._admin:
             self._admin = True
             log.info("bgp_speaker_started speaker=gobgp prefixes=%d", len(self._desired))
-            self._wake.set()
+            self._kick()
 
     def stop(self, *, token: Any = None) -> None:
         self._stamp(token)
         if self._admin:
             self._admin = False
             log.info("bgp_speaker_stopped speaker=gobgp")
-            self._wake.set()
+            self._kick()
 
     def set_prefixes(self, prefixes: Iterable[str], *, canonical: bool = False, token: Any = None) -> None:
         self._stamp(token)
@@ -332,7 +333,7 @@ class GoBgpSpeaker:
                 except ValueError:
                     log.warning("bgp_prefix_rejected prefix=%r", p[:60])
             self._desired = dict.fromkeys(sorted_prefixes(good))
-        self._wake.set()
+        self._kick()
 
     def update(self, add: Iterable[str], withdraw: Iterable[str], *, token: Any = None) -> None:
         self._stamp(token)
@@ -340,7 +341,7 @@ class GoBgpSpeaker:
             self._desired.pop(p, None)
         for p in add:
             self._desired[p] = None
-        self._wake.set()
+        self._kick()
 
     def snapshot(self) -> dict[str, Any]:
         rib = self._rib
@@ -408,8 +409,9 @@ class GoBgpSpeaker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval_seconds)
             self._wake.clear()
+            local, self._dirty = self._dirty, False
             try:
-                again = await self._reconcile_once()
+                again = await self._reconcile_once(local)
             except asyncio.CancelledError:
                 raise
             except Exception:  # never die: the next poll tries again
@@ -418,8 +420,9 @@ class GoBgpSpeaker:
             if again:
                 self._wake.set()
 
-    async def _reconcile_once(self) -> bool:
-        """One pass; True when more work is left (a batch limit was hit)."""
+    async def _reconcile_once(self, local_change: bool = False) -> bool:
+        """One pass; True when more work is left (a batch limit was hit). ``local_change``: the
+        pass was woken by start/stop/set_prefixes/update."""
         loop = asyncio.get_running_loop()
         pid = self.supervisor.pid
         if pid != self._pid_seen:  # a new gobgpd starts empty: know nothing until it answers
@@ -429,7 +432,7 @@ class GoBgpSpeaker:
             self._mark_down()
             return False
         try:
-            if not await self._rib_still_valid(loop.time()):
+            if not await self._rib_still_valid(loop.time(), local_change):
                 await self._read_back(loop.time())
             rib = self._rib
             target = self._target()
@@ -470,11 +473,13 @@ class GoBgpSpeaker:
                 self._report()
             return False
 
-    async def _rib_still_valid(self, now: float) -> bool:
+    async def _rib_still_valid(self, now: float, local_change: bool) -> bool:
         """Whether the known RIB can stand without a full read: a small RIB is always re-read
         (cheap); a large one only when gobgpd's per-family counts disagree with it, and every
         ``full_read_seconds`` (its JSON is megabytes: parsing it every second would cost the
         loop more than the routes are worth)."""
+        if self._rib_known and local_change:  # act on what the last read said, read back after
+            return True  # (one round of CLI calls less between a lease and its route)
         if not self._rib_known or len(self._rib) <= self.settings.small_rib or now >= self._next_full_read:
             return False
         v4, v6 = await asyncio.gather(self.cli.count("ipv4"), self.cli.count("ipv6"))
@@ -555,6 +560,10 @@ class GoBgpSpeaker:
             self._last_report = state
             if self._on_change is not None:
                 self._on_change(*state)
+
+    def _kick(self) -> None:
+        self._dirty = True
+        self._wake.set()
 
     def _remove_socket(self) -> None:
         """A killed gobgpd leaves its socket behind, and a new one cannot bind over it."""
