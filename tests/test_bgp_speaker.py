@@ -27,15 +27,8 @@ import yaml
 
 from quorumd.node.config.schema import BgpConfig, BgpPeer, ConfigError, config_from_dict, config_to_dict
 from quorumd.node.effects.bgp import StubBgpSpeaker
-from quorumd.node.effects.gobgp import (
-    GoBgpPeer,
-    GoBgpSettings,
-    GoBgpSpeaker,
-    build_bgp_speaker,
-    parse_neighbors,
-    parse_rib,
-    render_config,
-)
+from quorumd.node.effects.gobgp import GoBgpSpeaker, build_bgp_speaker
+from quorumd.node.effects.gobgp_api import GoBgpPeer, GoBgpSettings, parse_neighbors, parse_rib, render_config
 from quorumd.node.effects.supervisor import ProcessSupervisor
 from tests.bgp_support import fake_speaker_argv, kill_quietly, process_gone, starts_of, wait_until
 
