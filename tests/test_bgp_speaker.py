@@ -148,6 +148,21 @@ def test_the_daemon_exits_2_naming_the_bgp_key(tmp_path: Path) -> None:
     assert "bgp.speaker" in proc.stderr
 
 
+def test_the_daemon_exits_1_when_gobgpd_is_missing(tmp_path: Path) -> None:
+    conf = tmp_path / "q.yaml"
+    data = {"data-dir": str(tmp_path / "d"), "cluster": {"node-id": 1, "advertise-address": "127.0.0.1:7000"}}
+    conf.write_text(yaml.safe_dump({**data, "bgp": GOBGP}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "quorumd.node.cli", "run", "--config", str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": str(tmp_path / "empty")},
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "gobgpd" in proc.stderr and "install the Debian package gobgpd" in proc.stderr
+
+
 # --- gobgpd's config and answers -----------------------------------------------------------------
 
 

@@ -43,7 +43,7 @@ from quorumd.node.daemon.metrics import Metrics
 from quorumd.node.daemon.node_collector import NodeView, node_view
 from quorumd.node.daemon.sdnotify import SdNotifier
 from quorumd.node.daemon.testhooks import ApplyTrace, planted_bugs
-from quorumd.node.effects.gobgp import GoBgpSpeaker, build_bgp_speaker
+from quorumd.node.effects.gobgp import GoBgpSpeaker, SpeakerError, build_bgp_speaker
 from quorumd.node.effects.ran import WebhookRanNotifier
 from quorumd.node.registry import jointoken
 from quorumd.node.registry.autopilot import AutopilotSettings
@@ -195,7 +195,10 @@ class Daemon:
                 ) from exc
         node = self._build_node(identity, sm)
         if isinstance(node.bgp, GoBgpSpeaker):  # SPEC 16: a supervised gobgpd, stopped with us
-            await node.bgp.open()
+            try:
+                await node.bgp.open()
+            except (SpeakerError, OSError) as exc:
+                raise FatalError(f"bgp.speaker gobgp: {exc}") from exc
             stack.push_async_callback(self._bounded, node.bgp.close(2.0), 5.0)
         self.node = node
         trace = ApplyTrace.from_env(cfg.node_id, node)

@@ -205,6 +205,9 @@ class GoBgpSpeaker:
     async def open(self) -> None:
         """Write the config, start gobgpd under supervision and the reconciler."""
         s = self.settings
+        missing = [prog for prog in (s.gobgpd, s.gobgp) if shutil.which(prog) is None]
+        if missing:
+            raise SpeakerError(f"{' and '.join(missing)} not found (install the Debian package gobgpd)")
         s.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(s.state_dir, 0o700)
         if len(str(self.socket_path)) > MAX_UNIX_PATH:  # a deep data dir: a private short dir
