@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck unit bgp-test sim soak bench chaos clean
+.PHONY: venv demo test lint typecheck unit bgp-test upgrade-test soak bench bench-backup chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,11 @@ bgp-test: $(STAMP)
 
 test: lint typecheck unit
 
+# The rolling upgrade from the baseline build (017d9cc) and the baseline data dir fixture alone
+# (both are also in `unit`). The baseline virtualenv is cached in .upgrade-cache/.
+upgrade-test: $(STAMP)
+	$(BIN)/pytest -q -s tests/test_rolling_upgrade.py tests/test_upgrade_fixture.py
+
 # 10,000 simulator seeds (long; see README for the last run's time)
 soak: $(STAMP)
 	$(BIN)/python -m quorumd.raft.sim --sweep 10000 --steps 5000 --nodes 3,5 --jobs 2
@@ -51,4 +56,4 @@ chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos --minutes 30
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .upgrade-cache

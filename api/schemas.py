@@ -46,7 +46,15 @@ COMPONENTS: dict[str, Schema] = {
             "isLeader": BOOL,
             "drainState": DRAIN_STATE,
             "activeLeases": {"type": "integer", "minimum": 0},
-        }
+        },
+        {
+            "protocolVersion": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "the protocol version the member speaks (recorded in the replicated "
+                "state, else learned from the member, else 1); absent from protocol-1 builds",
+            },
+        },
     ),
     "AutopilotServer": obj(
         {
@@ -86,7 +94,14 @@ COMPONENTS: dict[str, Schema] = {
             "appliedIndex": INT,
             "ready": BOOL,
             "drainState": DRAIN_STATE,
-        }
+        },
+        {
+            "clusterProtocolVersion": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "the lowest protocolVersion of the members; absent from protocol-1 builds",
+            },
+        },
     ),
     "Health": obj({"status": {"type": "string", "enum": ["ok"]}}),
     "Readiness": obj({"ready": BOOL}),

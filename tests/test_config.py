@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
+from quorumd.node.config import example
 from quorumd.node.config.schema import (
     CONFIG_KEYS,
+    TABLE,
     ApiConfig,
     AutopilotConfig,
     BgpConfig,
@@ -32,6 +34,8 @@ from quorumd.node.config.schema import (
     parse_duration,
     parse_host_port,
 )
+from quorumd.node.config.table import REQUIRED, Fields, Key, Section, Table
+from quorumd.node.config.values import Address, Bool, Duration, Int, ListOf
 from quorumd.node.daemon.logs import add_redaction, configure_logging
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,8 +102,12 @@ def _key_paths(node: Any, prefix: str = "") -> set[str]:
 def test_example_file_lists_every_key_with_its_default() -> None:
     raw = yaml.safe_load(EXAMPLE.read_text())
     paths = _key_paths(raw)
-    # api.tls is null in the example, so its children are documented in its comment
-    assert set(CONFIG_KEYS) - paths == {"api.tls.cert", "api.tls.key"}
+    # api.tls is null in the example, so its children are documented in its comment; bgp.peers is
+    # an empty list, its item keys documented in the comment lines below it
+    item_keys = {"bgp.peers.address", "bgp.peers.remote-as", "bgp.peers.port"}
+    assert set(CONFIG_KEYS) - paths == {"api.tls.cert", "api.tls.key", *item_keys}
+    assert all(f"#   {k.rpartition('.')[2]}:" in EXAMPLE.read_text() or f"# - {k.rpartition('.')[2]}:"
+               in EXAMPLE.read_text() for k in item_keys)  # fmt: skip
     assert paths <= set(CONFIG_KEYS)
     tls_line = next(line for line in EXAMPLE.read_text().splitlines() if line.strip().startswith("tls:"))
     assert "{cert:" in tls_line and "key:" in tls_line
@@ -202,6 +210,190 @@ def test_config_to_dict_round_trips(tmp_path: Path) -> None:
     assert again.cluster.advertise_address == HostPort("10.1.1.1", 7000)  # non-wildcard bind is the default
 
 
+# --- the schema table ----------------------------------------------------------------------------
+
+
+def test_shipped_example_is_rendered_from_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert EXAMPLE.read_text() == example.render_example(), (
+        "deploy/quorumd.example.yaml is stale: python -m quorumd.node.config.example > "
+        "deploy/quorumd.example.yaml"
+    )
+    assert example.main(["--check", str(EXAMPLE)]) == 0
+    stale = write(tmp_path, EXAMPLE.read_text() + "# edited by hand\n")
+    assert example.main(["--check", str(stale)]) == 1
+    assert "regenerate" in capsys.readouterr().err
+    assert example.main([]) == 0
+    assert capsys.readouterr().out == EXAMPLE.read_text()
+
+
+# a repeated section (bgp.peers) is a tuple of its dataclass: look at its one item
+WITH_ONE_PEER = {"bgp": {"peers": [{"address": "10.0.0.254", "remote-as": 64512}]}}
+
+
+def _owner(cfg: Any, section: str) -> Any:
+    owner = cfg
+    for part in section.split(".") if section else ():
+        owner = getattr(owner, part.replace("-", "_"))
+        if isinstance(owner, tuple):
+            owner = owner[0]
+    return owner
+
+
+def test_every_row_has_a_doc_and_a_field() -> None:
+    cfg = config_from_dict({**minimal(), **WITH_ONE_PEER})
+    for row in TABLE.walk():
+        assert row.doc or (isinstance(row, Section) and not row.optional), row.name
+        owner = _owner(cfg, row.parent)
+        if owner is not None:  # an optional section that is unset has no fields to look at
+            assert hasattr(owner, row.field), row.name
+    assert TABLE.names == CONFIG_KEYS
+
+
+def test_table_defaults_are_the_dataclass_defaults() -> None:
+    cfg = config_from_dict({**minimal(), **WITH_ONE_PEER})
+    for row in TABLE.walk():
+        if isinstance(row, Key) and not row.required and not row.nullable:
+            owner = _owner(cfg, row.parent)
+            assert getattr(owner, row.field) == TABLE.default(row.name), row.name
+    loopback = HostPort("127.0.0.1", 7000)
+    assert ClusterConfig(node_id=1) == dataclasses.replace(cfg.cluster, advertise_address=loopback)
+
+
+def test_a_table_rejects_rows_out_of_order_and_bad_defaults() -> None:
+    with pytest.raises(ValueError, match="must come first"):
+        Table([Key("a.b", Bool(), True, "x")])
+    with pytest.raises(ValueError, match="two rows"):
+        Table([Key("a", Bool(), True, "x"), Key("a", Bool(), True, "x")])
+    with pytest.raises(ValueError):
+        Table([Key("t", Duration(), "5", "a default must be a valid value")])
+    with pytest.raises(ValueError):
+        Table([Key("n", Int(1, 63), REQUIRED, "an example must be valid too", example=64)])
+
+
+# A toy table with what the product table will need next: a nested section with bounds other than the
+# default, and a list of mappings (bgp.peers: [{address, remote-as, port}]).
+TOY = Table(
+    header=("toy",),
+    rows=[
+        Section("bgp", doc="routing"),
+        Key("bgp.enabled", Bool(), True, "speaker on"),
+        Section("bgp.peers", repeated=True, doc="neighbours the speaker dials"),
+        Key("bgp.peers.address", Address(reachable=True), REQUIRED, "neighbour host:port"),
+        Key("bgp.peers.remote-as", Int(1, 4_294_967_295), REQUIRED, "neighbour AS"),
+        Key("bgp.peers.port", Int(1, 65535), 179, "BGP port"),
+        Section("cluster"),
+        Key("cluster.certificate-lifetime", Duration(high="3650d"), "365d",
+            "node certificates live this long"),
+    ],
+)
+
+
+@TOY.binds("bgp.peers")
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToyPeer:
+    address: HostPort
+    remote_as: int
+    port: int = TOY.default("bgp.peers.port")
+
+
+@TOY.binds("bgp")
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToyBgp:
+    enabled: bool = True
+    peers: tuple[ToyPeer, ...] = ()
+
+
+@TOY.binds("cluster")
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToyCluster:
+    certificate_lifetime_seconds: float = TOY.default("cluster.certificate-lifetime")
+
+
+@TOY.binds("")
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToyConfig:
+    bgp: ToyBgp = ToyBgp()
+    cluster: ToyCluster = ToyCluster()
+
+
+def _no_ports(f: Fields) -> None:
+    if f.get("port") == 1:
+        raise f.error("port", "port 1 is tcpmux")
+
+
+def toy(data: dict[str, Any], rules: dict[str, Any] | None = None) -> Any:
+    return TOY.build(data, Path("/"), rules or {}, [])
+
+
+def test_toy_table_lists_of_mappings_and_nested_sections() -> None:
+    assert toy({}) == ToyConfig()
+    assert ToyCluster().certificate_lifetime_seconds == 365 * 86400.0
+    lifetime = toy({"cluster": {"certificate-lifetime": "1d12h"}}).cluster.certificate_lifetime_seconds
+    assert lifetime == 129600.0
+    peers = [
+        {"address": "10.0.0.9:1179", "remote-as": 65001},
+        {"address": "r2:179", "remote-as": 65002, "port": 1179},
+    ]
+    cfg = toy({"bgp": {"peers": peers}})
+    assert cfg.bgp.peers == (
+        ToyPeer(HostPort("10.0.0.9", 1179), 65001),
+        ToyPeer(HostPort("r2", 179), 65002, 1179),
+    )
+    assert TOY.dump(cfg)["bgp"]["peers"][1] == {"address": "r2:179", "remote-as": 65002, "port": 1179}
+    assert toy(TOY.dump(cfg)) == cfg
+    assert TOY.names == ("bgp", "bgp.enabled", "bgp.peers", "bgp.peers.address", "bgp.peers.remote-as",
+                         "bgp.peers.port", "cluster", "cluster.certificate-lifetime")
+
+
+@pytest.mark.parametrize(
+    ("data", "key_path", "fragment"),
+    [
+        ({"bgp": {"peers": {"address": "a:1"}}}, "bgp.peers", "expected a list of mappings"),
+        ({"bgp": {"peers": ["a:1"]}}, "bgp.peers[0]", "expected a mapping"),
+        ({"bgp": {"peers": [{"address": "a:1", "remote-as": 1}, {"address": "b:1"}]}},
+         "bgp.peers[1].remote-as", "is required"),
+        ({"bgp": {"peers": [{"address": "a:1", "remote-as": 1, "prot": 1}]}},
+         "bgp.peers[0].prot", "did you mean 'port'"),
+        ({"bgp": {"peers": [{"address": "0.0.0.0:1", "remote-as": 1}]}}, "bgp.peers[0].address", "reach"),
+        ({"bgp": {"peers": [{"address": "a:1", "remote-as": 0}]}}, "bgp.peers[0].remote-as", "1..4294967295"),
+        ({"bgp": {"peers": [{"address": "a:1", "remote-as": 1, "port": 1}]}}, "bgp.peers[0].port", "tcpmux"),
+        ({"cluster": {"certificate-lifetime": "3651d"}}, "cluster.certificate-lifetime", "at most 3650d"),
+    ],
+)
+def test_toy_table_errors_name_the_item(data: dict[str, Any], key_path: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        toy(data, {"bgp.peers": _no_ports})
+    assert info.value.key_path == key_path and str(info.value).startswith(f"{key_path}: ")
+    assert fragment in str(info.value)
+
+
+def test_toy_table_renders_an_example() -> None:
+    text = example.render(TOY)
+    peers = next(line for line in text.splitlines() if line.startswith("  peers: []"))
+    assert peers.index("#") == example.COMMENT_COLUMN and peers.endswith("# neighbours the speaker dials")
+    assert "Generated" not in text  # only the product's file says how it is regenerated
+    assert "    # - address: (required)" in text and "    #   port: 179" in text
+    assert "certificate-lifetime: 365d" in text and "(1ms..3650d)" in text
+    assert yaml.safe_load(text) == {
+        "bgp": {"enabled": True, "peers": []},
+        "cluster": {"certificate-lifetime": "365d"},
+    }
+
+
+def test_a_dataclass_without_a_field_for_a_row_is_refused() -> None:
+    table = Table([Section("s"), Key("s.new-key", Bool(), True, "x"), Key("s.t", ListOf(Int(0)), [], "y")])
+    with pytest.raises(TypeError, match=r"no field for s\.new-key"):
+
+        @table.binds("s")
+        @dataclasses.dataclass(frozen=True)
+        class Missing:
+            t: tuple[int, ...] = ()
+
+    assert table.unbound() == ["", "s"]
+
+
 # --- rules and choices ---------------------------------------------------------------------------
 
 
@@ -301,7 +493,8 @@ def test_bare_number_duration_says_why() -> None:
         (minimal(**{"join-timeout": "-1s"}), "cluster.join-timeout", "expected a duration"),
         (minimal(**{"join-timeout": "10"}), "cluster.join-timeout", "expected a duration"),
         (minimal(**{"join-timeout": "10 s"}), "cluster.join-timeout", "expected a duration"),
-        (minimal(**{"join-timeout": "10d"}), "cluster.join-timeout", "expected a duration"),
+        (minimal(**{"join-timeout": "10d"}), "cluster.join-timeout", "at most 24h"),
+        (minimal(**{"join-timeout": "10w"}), "cluster.join-timeout", "expected a duration"),
         (minimal(**{"join-timeout": True}), "cluster.join-timeout", "expected a duration"),
         (minimal(**{"election-timeout": "400ms"}), "cluster.election-timeout", "at least 5 x"),
         (
@@ -366,6 +559,9 @@ def test_error_does_not_echo_a_bad_token() -> None:
         ("1m30s", 90.0),
         ("250ms", 0.25),
         ("0.5ms", 0.0005),
+        ("1d", 86400.0),
+        ("1d12h", 129600.0),
+        ("365d", 365 * 86400.0),
     ],
 )
 def test_durations(text: str, seconds: float) -> None:
@@ -373,7 +569,9 @@ def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(format_duration(seconds)) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["", "5", "s", "1.s", ".5s", "5 s", "-5s", "1d", "1ms2", "fast", "1e3ms"])
+@pytest.mark.parametrize(
+    "text", ["", "5", "s", "1.s", ".5s", "5 s", "-5s", "1w", "1D", "1ms2", "fast", "1e3ms"]
+)
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)

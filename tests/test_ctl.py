@@ -39,6 +39,7 @@ MEMBERS = [
         "isLeader": True,
         "drainState": "active",
         "activeLeases": 12,
+        "protocolVersion": 2,
     },
     {
         "nodeId": 12,
@@ -157,9 +158,9 @@ async def test_members_list_table(api: FakeApi, capsys: pytest.CaptureFixture[st
     assert await _run(api, "members", "list") == 0
     out, err = _out(capsys)
     assert out == (
-        "ID  RAFT-ADDRESS    API-ADDRESS             VERSION  SUFFRAGE  LEADER  DRAIN    LEASES\n"
-        "1   10.0.0.1:7000   https://10.0.0.1:5002   0.1.0    voter     yes     active   12\n"
-        "12  10.0.0.12:7000  https://10.0.0.12:5002  0.1.0    nonvoter  no      drained  0\n"
+        "ID  RAFT-ADDRESS    API-ADDRESS             VERSION  SUFFRAGE  LEADER  DRAIN    LEASES  PROTOCOL\n"
+        "1   10.0.0.1:7000   https://10.0.0.1:5002   0.1.0    voter     yes     active   12      2\n"
+        "12  10.0.0.12:7000  https://10.0.0.12:5002  0.1.0    nonvoter  no      drained  0       -\n"
     )
     assert err == ""
     assert api.last == Seen(

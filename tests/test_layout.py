@@ -27,7 +27,6 @@ MAX_LINES = 600
 LONG_MODULES_ALLOWED = {
     "raft/core/node.py",
     "raft/aio/storage.py",
-    "node/config/schema.py",
     "node/daemon/root.py",
     "node/registry/state.py",
 }

@@ -403,6 +403,7 @@ class ClusterNode(ClusterService):
                 if loop_now - last_autopilot >= self.reconcile_interval:
                     last_autopilot = loop_now
                     await self._reconcile_autopilot()
+                    await self._reconcile_protocol()
             except ApiError as exc:
                 log.info("reconcile_deferred reason=%s", exc.code)
 
@@ -416,6 +417,14 @@ class ClusterNode(ClusterService):
                 reason = "leases_released" if leases == 0 else "deadline"
                 await self.propose(SetDrain(now, m.node_id, DrainState.DRAINED, None))
                 log.info("member_drained node_id=%d reason=%s", m.node_id, reason)
+
+    async def _reconcile_protocol(self) -> None:
+        """Ask the members in contact what they speak; ratchet or record (see versions.py)."""
+        threshold_ticks = max(1, int(self.election_timeout / self.tick_seconds))
+        peers = self.d.core.status().peers
+        in_contact = [p.node_id for p in peers if p.last_contact_ticks <= threshold_ticks]
+        await self.versions.learn(self._rpc, in_contact, recorded_too=True)
+        await self.versions.reconcile(None, [p.node_id for p in peers], self.propose)
 
     async def _reconcile_autopilot(self) -> None:
         view = self.evaluate_autopilot()
@@ -437,7 +446,8 @@ class ClusterNode(ClusterService):
             req = unpack(payload)
             token, node_id = str(req["token"]), int(req["node_id"])
             ctx_bytes = bytes(req["context"])
-        except (ValueError, KeyError, TypeError) as exc:
+            protocol = int(req.get("protocol_version", 1))  # absent: the baseline build (1)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return self._join_refused("malformed", f"bad join request: {exc}")
         if not self.is_leader():
             leader = self.leader_id()
@@ -449,7 +459,7 @@ class ClusterNode(ClusterService):
                 )
             except ApiError as exc:
                 return pack({"ok": False, "reason": "no_leader", "message": exc.message})
-        return await self._join_as_leader(token, node_id, ctx_bytes, client_cert_der)
+        return await self._join_as_leader(token, node_id, ctx_bytes, client_cert_der, protocol)
 
     async def rpc_join_forward(self, from_id: int, payload: bytes) -> bytes:
         inner, der = unpack(payload)
@@ -457,7 +467,11 @@ class ClusterNode(ClusterService):
             return pack({"ok": False, "reason": "no_leader", "message": "not the leader"})
         req = unpack(bytes(inner))
         return await self._join_as_leader(
-            str(req["token"]), int(req["node_id"]), bytes(req["context"]), bytes(der)
+            str(req["token"]),
+            int(req["node_id"]),
+            bytes(req["context"]),
+            bytes(der),
+            int(req.get("protocol_version", 1)),
         )
 
     def _join_refused(self, reason: str, message: str) -> bytes:
@@ -466,7 +480,9 @@ class ClusterNode(ClusterService):
             self.on_join_result("rejected")
         return pack({"ok": False, "reason": reason, "message": message})
 
-    async def _join_as_leader(self, token: str, node_id: int, ctx_bytes: bytes, der: bytes) -> bytes:
+    async def _join_as_leader(
+        self, token: str, node_id: int, ctx_bytes: bytes, der: bytes, protocol: int = 1
+    ) -> bytes:
         key, cluster_id = self.sm.join_key, self.sm.cluster_id
         if key is None or cluster_id is None:
             return pack({"ok": False, "reason": "no_leader", "message": "cluster not initialized"})
@@ -505,10 +521,17 @@ class ClusterNode(ClusterService):
             or ctx.join_token_id != claims.token_id
         ):
             return self._join_refused("bad_certificate", "certificate does not match the joining node")
-        try:
-            res = await self.change_membership(ConfChange(ConfChangeType.ADD_NONVOTER, node_id, ctx_bytes))
-        except ApiError as exc:
-            return pack({"ok": False, "reason": "retry", "message": exc.message})
+        async with self.versions.lock:  # no ratchet between this check and the join's commit
+            too_old = self.versions.join_refusal(protocol)
+            if too_old is not None:
+                return self._join_refused("protocol_too_old", too_old)
+            ctx_bytes = self.versions.joiner_context(ctx, ctx_bytes, protocol)
+            try:
+                res = await self.change_membership(
+                    ConfChange(ConfChangeType.ADD_NONVOTER, node_id, ctx_bytes)
+                )
+            except ApiError as exc:
+                return pack({"ok": False, "reason": "retry", "message": exc.message})
         if not res.ok:
             return self._join_refused(res.error or "rejected", res.message)
         if self.on_join_result:

@@ -4,7 +4,8 @@ It implements ``quorumd.api.ports.NodeApi`` (what the HTTP layer calls), the dri
 ``Application`` (applying committed entries to ``StateMachine``), and the internal RPCs members
 send each other over the cluster channel (``join``, ``api.forward``, ``drain.confirm``,
 ``member.remove``, ``node.register``, ``node.left``). Drain side effects and the leader's
-reconcile loop live in ``quorumd.node.cluster.operations``.
+reconcile loop live in ``quorumd.node.cluster.operations``; members' protocol versions and the
+gate every proposal passes in ``quorumd.node.cluster.versions``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import msgpack
 
 from quorumd.api.errors import ApiError
+from quorumd.api.extensions import BackupArchive
 from quorumd.api.ports import (
     DrainState,
     ForwardedRequest,
@@ -27,6 +29,8 @@ from quorumd.api.ports import (
     Principal,
     TokenRole,
 )
+from quorumd.node.cluster.backup import take_archive
+from quorumd.node.cluster.versions import ProtocolVersions
 from quorumd.node.daemon.gcpolicy import gc_paused
 from quorumd.node.registry import apitoken, jointoken
 from quorumd.node.registry.commands import (
@@ -47,7 +51,7 @@ from quorumd.node.registry.commands import (
     encode_member_context,
 )
 from quorumd.node.registry.leases import Lease
-from quorumd.node.registry.state import ApplyResult, StateMachine
+from quorumd.node.registry.state import ApplyResult, StateMachine, member_rows
 from quorumd.raft.aio.driver import ProposalLostError, RaftDriver
 from quorumd.raft.aio.transport import RpcRemoteError, RpcTimeout, RpcUnreachable
 from quorumd.raft.codec import decode_conf_change, packb
@@ -89,6 +93,12 @@ pack = packb  # the shared encoder (one reused Packer per thread)
 
 def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def rejection_error(res: ApplyResult) -> ApiError:
+    """The API error of a command the state machine rejected (its ``ApplyCode``)."""
+    status, code = _ERRORS.get(res.error or "", (409, res.error or "conflict"))
+    return ApiError(status, code, res.message or code)
 
 
 def commit_timeout(message: str = "the change was not committed in time") -> ApiError:
@@ -134,6 +144,8 @@ class ClusterService:
         self.driver: RaftDriver | None = None
         self._rpc = rpc  # (node_id, method, payload, timeout) -> awaitable bytes
         self._apply_listeners: list[Callable[[Sequence[ApplyResult]], None]] = []
+        self.versions = ProtocolVersions(identity.node_id, sm)
+        self._apply_listeners.append(self.versions.after_apply)
         self._state_waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         # encoded command -> its decoding, for this node's own proposals until they apply
         self._decoded: dict[bytes, Command] = {}
@@ -208,6 +220,7 @@ class ClusterService:
         # The driver enforces the bound (a deadline checked per tick): no timer handle or task
         # cancellation per write. The command was decoded once to validate its encoding; the
         # leader's apply reuses that decoding (decode_command is a pure function of the bytes).
+        self.versions.check(cmd)  # 409 feature_unavailable: a member could not read it
         data, decoded = encode_and_decode(cmd)
         pending = self._decoded
         if len(pending) >= _MAX_DECODED:
@@ -227,8 +240,7 @@ class ClusterService:
             raise commit_timeout() from exc
         assert isinstance(res, ApplyResult)
         if not res.ok:
-            status, code = _ERRORS.get(res.error or "", (409, res.error or "conflict"))
-            raise ApiError(status, code, res.message or code)
+            raise rejection_error(res)
         return res
 
     async def change_membership(self, cc: ConfChange) -> ApplyResult:
@@ -268,7 +280,10 @@ class ClusterService:
         return self.d.core.leader_id if self.driver is not None else 0
 
     def applied_index(self) -> int:
-        return self.d.core.applied_index if self.driver is not None else 0
+        # The state machine's: it applies (and resolves proposals) before the core's applied index
+        # advances at the end of the batch, so a forwarded write's answer must carry this one, or
+        # the follower that forwarded it may serve a read of its replica before the write is there.
+        return self.sm.applied_index if self.driver is not None else 0
 
     def authenticate(self, token: str) -> Principal | None:
         """The token's principal per the local replica.
@@ -401,6 +416,7 @@ class ClusterService:
             "appliedIndex": core.applied_index if core else 0,
             "ready": self.is_ready(),
             "drainState": self._drain_state(self.identity.node_id),
+            "clusterProtocolVersion": self.versions.cluster_version(),
             **self.extra_status(),
         }
 
@@ -410,28 +426,7 @@ class ClusterService:
 
     def members(self) -> list[dict[str, Any]]:
         core = self.d.core
-        out = []
-        for m in self.sm.members():
-            item = m.as_dict()
-            item["suffrage"] = "voter" if m.node_id in core.config.voters else "nonvoter"
-            item["isLeader"] = core.leader_id == m.node_id
-            item["activeLeases"] = self.sm.active_lease_count(m.node_id)
-            out.append(
-                {
-                    k: item[k]
-                    for k in (
-                        "nodeId",
-                        "raftAddress",
-                        "apiAddress",
-                        "binaryVersion",
-                        "suffrage",
-                        "isLeader",
-                        "drainState",
-                        "activeLeases",
-                    )
-                }
-            )
-        return out
+        return member_rows(self.sm, core.config.voters, core.leader_id, self.versions.member_version)
 
     def has_member(self, node_id: int) -> bool:
         return self.sm.has_member(node_id)
@@ -452,6 +447,10 @@ class ClusterService:
         self, *, node_id: int | None, pool: str | None, limit: int, after: int | None
     ) -> list[dict[str, Any]]:
         return [x.as_dict() for x in self.sm.leases(node_id=node_id, pool=pool, limit=limit, after=after)]
+
+    async def backup_archive(self) -> BackupArchive:
+        """GET /backup: this replica's state after a ReadIndex barrier (see cluster/backup.py)."""
+        return await take_archive(self, linearizable=True)
 
     # --- NodeApi: leader operations (membership ones live in operations.py) ---------------
     async def create_token(self, name: str, role: TokenRole, ttl_seconds: int | None) -> dict[str, Any]:

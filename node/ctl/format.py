@@ -109,6 +109,7 @@ MEMBER_COLUMNS: list[Column] = [
     ("LEADER", field("isLeader")),
     ("DRAIN", field("drainState")),
     ("LEASES", field("activeLeases")),
+    ("PROTOCOL", field("protocolVersion")),  # "-": served by a protocol-1 build
 ]
 
 AUTOPILOT_COLUMNS: list[Column] = [
@@ -161,6 +162,7 @@ STATUS_LABELS = {
     "appliedIndex": "Applied index",
     "ready": "Ready",
     "drainState": "Drain state",
+    "clusterProtocolVersion": "Cluster protocol",
 }
 
 

@@ -9,7 +9,6 @@ sd_notify (READY=1 once the API serves and the node has joined, WATCHDOG=1, STOP
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -21,18 +20,24 @@ import uuid
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 from quorumd.api.app import build_app
 from quorumd.api.errors import ApiError
+from quorumd.api.extensions import BackupArchive
 from quorumd.api.ports import DrainState, ForwardedRequest
 from quorumd.api.server import ApiServer
 from quorumd.node.cluster import pki
+from quorumd.node.cluster.backup import take_archive
 from quorumd.node.cluster.operations import ClusterNode
 from quorumd.node.cluster.service import Identity, pack, unpack
 from quorumd.node.config.schema import Config
+from quorumd.node.daemon.backups import BackupScheduler
 from quorumd.node.daemon.datadir import (
     FatalError,
+    NewerFormatError,
     ensure_data_dir,
     load_identity_files,
     read_node_file,
@@ -42,25 +47,32 @@ from quorumd.node.daemon.gcpolicy import GcPolicy, gc_paused
 from quorumd.node.daemon.metrics import Metrics
 from quorumd.node.daemon.node_collector import NodeView, node_view
 from quorumd.node.daemon.sdnotify import SdNotifier
-from quorumd.node.daemon.testhooks import ApplyTrace, planted_bugs
+from quorumd.node.daemon.testhooks import ApplyTrace, LoopLagProbe, planted_bugs
 from quorumd.node.effects.gobgp import GoBgpSpeaker, SpeakerError, build_bgp_speaker
 from quorumd.node.effects.ran import WebhookRanNotifier
 from quorumd.node.registry import jointoken
 from quorumd.node.registry.autopilot import AutopilotSettings
 from quorumd.node.registry.commands import (
     CreateApiToken,
+    EntryNeedsNewerProtocol,
     MarkNodeLeft,
     RegisterNodeInfo,
     SetClusterSecrets,
 )
-from quorumd.node.registry.state import ApplyResult, SnapshotError, StateMachine
-from quorumd.node.version import VERSION
+from quorumd.node.registry.state import (
+    ApplyResult,
+    SnapshotError,
+    SnapshotFormatError,
+    StateMachine,
+    check_snapshot_format,
+)
+from quorumd.node.version import PROTOCOL_VERSION, VERSION
 from quorumd.raft.aio.driver import DriverHooks, RaftDriver
-from quorumd.raft.aio.storage import LogStorage, RecoveredState, StorageError
+from quorumd.raft.aio.storage import LogStorage, RecoveredState, StorageError, StorageFormatError
 from quorumd.raft.aio.transport import ClusterTransport, JoinPinMismatch, join_call
 from quorumd.raft.core.node import RaftCore
 from quorumd.raft.core.ready import CoreConfig, RaftError, SoftState
-from quorumd.raft.core.types import ConfChange, Entry, HardState, Role
+from quorumd.raft.core.types import ConfChange, Entry, HardState, Role, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +100,17 @@ def api_url(cfg: Config) -> str:
 
 
 # --- the daemon ---------------------------------------------------------------------------
+def check_state_format(raft_dir: Path, snapshot: Snapshot) -> None:
+    """The storage's hook (before it changes anything): a state snapshot in a newer format."""
+    try:
+        check_snapshot_format(snapshot.data)
+    except SnapshotFormatError as exc:
+        m = snapshot.meta
+        raise StorageFormatError(
+            raft_dir / f"snap-{m.index:016x}-{m.term:016x}.snap", exc.found, exc.known, "state snapshot"
+        ) from exc
+
+
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -125,8 +148,8 @@ class Daemon:
         cfg = self.cfg
         for note in cfg.notes:
             log.info("config_note %s", note)
+        meta = read_node_file(self.data_dir)  # before anything is written: see NewerFormatError
         ensure_data_dir(self.data_dir)
-        meta = read_node_file(self.data_dir)
         if meta is not None and meta["node_id"] != cfg.node_id:
             raise FatalError(
                 f"data-dir {self.data_dir} belongs to node {meta['node_id']}, "
@@ -134,7 +157,16 @@ class Daemon:
             )
         loop = asyncio.get_running_loop()
         try:
-            storage, recovered = await loop.run_in_executor(None, LogStorage.open, self.data_dir / "raft")
+            storage, recovered = await loop.run_in_executor(
+                None,
+                partial(
+                    LogStorage.open,
+                    self.data_dir / "raft",
+                    check_snapshot=partial(check_state_format, self.data_dir / "raft"),
+                ),
+            )
+        except StorageFormatError as exc:  # a newer build's data dir: refuse, change nothing
+            raise NewerFormatError(str(exc)) from exc
         except StorageError as exc:  # corrupt beyond a torn tail, locked, unreadable: refuse to start
             raise FatalError(f"cannot open the Raft state: {exc}") from exc
         stack.callback(storage.close)
@@ -188,6 +220,13 @@ class Daemon:
             try:
                 with gc_paused():
                     sm.restore(recovered.snapshot.data)
+            except SnapshotFormatError as exc:
+                snap = recovered.snapshot.meta
+                snap_file = self.data_dir / "raft" / f"snap-{snap.index:016x}-{snap.term:016x}.snap"
+                raise NewerFormatError(
+                    f"{snap_file} holds a state snapshot in format version {exc.found}; this build reads "
+                    f"up to version {exc.known} (run a newer build on this data dir)"
+                ) from exc
             except SnapshotError as exc:
                 snap = recovered.snapshot.meta
                 raise FatalError(
@@ -295,8 +334,12 @@ class Daemon:
             (self._ready_loop(), "ready"),
         ):
             self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
+        if cfg.backup.dir is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._backups(node), name="backups"))
+        if (probe := LoopLagProbe.from_env()) is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(probe.run(), name="loop-probe"))
         stack.push_async_callback(self._cancel_tasks)
-        await node.ran.start() if hasattr(node.ran, "start") else None
+        await node.ran.start()
         stack.push_async_callback(self._bounded, node.ran.close(), 3.0)
         if cfg.bgp.enabled:
             node.kick_drain_side_effects()
@@ -370,6 +413,7 @@ class Daemon:
                 "token": cfg.cluster.join_token,
                 "node_id": cfg.node_id,
                 "context": node.member_context(claims.token_id),
+                "protocol_version": PROTOCOL_VERSION,  # absent (the baseline build): 1
             }
         )
         addresses = list(dict.fromkeys([*claims.leader_addresses, *(str(p) for p in cfg.cluster.peers)]))
@@ -439,7 +483,12 @@ class Daemon:
         exc = task.exception()
         if exc is None:  # closed by the unwinding of a failed startup: that error is what matters
             return
-        log.critical("raft_driver_died error=%r", exc)
+        if isinstance(exc, EntryNeedsNewerProtocol):  # never skip it: stop until upgraded
+            log.critical(
+                "entry_needs_newer_protocol index=%d needs=%d have=%d", exc.index, exc.needs, exc.have
+            )
+        else:
+            log.critical("raft_driver_died error=%r", exc)
         self.exit_code = 1
         self.stop_event.set()
 
@@ -508,6 +557,21 @@ class Daemon:
         except ApiError as exc:
             log.warning("leader_init_deferred reason=%s", exc.code)
 
+    async def _backups(self, node: ClusterNode) -> None:
+        """Scheduled backups (config ``backup``): see node/daemon/backups.py."""
+
+        async def archive() -> BackupArchive:
+            return await take_archive(node, linearizable=False)
+
+        async def ready() -> None:
+            while not await node.wait_state(lambda: node.sm.cluster_id is not None, 60.0):
+                pass
+
+        sched = BackupScheduler(
+            self.cfg.backup, self.cfg.node_id, node.identity.cluster_id, archive, self.metrics.backups
+        )
+        await sched.run(ready)
+
     async def _announce_loop(self) -> None:
         """Keep this node's registry record current (version, API address, left flag)."""
         node = self.node
@@ -525,6 +589,8 @@ class Daemon:
                     elif m.left:
                         await node.announce(MarkNodeLeft(time.time(), self.cfg.node_id, False))
                     else:
+                        if not node.is_leader():  # the leader asks in its reconcile loop
+                            await node.versions.learn(node._rpc, node.d.core.config.members())
                         await asyncio.sleep(2.0)
                         continue
             except ApiError as exc:
@@ -607,13 +673,14 @@ class Daemon:
         transport.register_rpc("node.propose", wrap(node.rpc_node_propose))
         transport.register_rpc("member.remove", wrap(node.rpc_member_remove))
         transport.register_rpc("join.forward", node.rpc_join_forward)
+        transport.register_rpc("node.info", node.versions.rpc_node_info)  # SPEC 13
         transport.register_join_handler(node.handle_join)
 
     # --- shutdown ------------------------------------------------------------------------------
     async def _graceful_stop(self) -> None:
         node = self.node
-        if node is None or not self.cfg.cluster.enabled:
-            return
+        if node is None or not self.cfg.cluster.enabled or self.exit_code != 0:
+            return  # a dead driver (exit 1) cannot hand off or announce
         try:
             if node.is_leader() and len(node.d.core.config.voters) > 1:
                 await asyncio.wait_for(
@@ -628,11 +695,14 @@ class Daemon:
             log.info("graceful_stop_partial reason=%s", type(exc).__name__)
 
     async def _cancel_tasks(self) -> None:
+        """Cancel the daemon's own tasks and wait for them; a task that had failed is logged with
+        its error (never swallowed), and the stop goes on."""
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        for t, result in zip(self._tasks, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("task_failed task=%s error=%s", t.get_name(), result, exc_info=result)
 
     @staticmethod
     async def _bounded(aw: Any, timeout: float) -> None:

@@ -2,12 +2,31 @@
 
 Owns the payload of ``EntryType.NORMAL`` entries (one frozen dataclass per operation) and the
 registry payload carried in ``ConfChange.context`` (``MemberContext``). Both are msgpack lists
-that start with a format version, so a later release can add fields or operations without
+that start with an envelope version, so a later release can add fields or operations without
 breaking the replay of an old log:
 
-    command:  [COMMAND_VERSION, OpCode, ts, *fields]
-    context:  [CONTEXT_VERSION, raft_address, api_address, binary_version, cert_fingerprint,
-               cert_pem, join_token_id | nil, ts]
+    command v1:  [1, OpCode, ts, *fields]                      (ops of protocol 1)
+    command v2:  [2, required_protocol, OpCode, ts, *fields]   (ops added since)
+    context v1:  [1, raft_address, api_address, binary_version, cert_fingerprint,
+                  cert_pem, join_token_id | nil, ts]
+    context v2:  [2, required_protocol, <the v1 fields>, protocol_version]
+
+Protocol versions and the gate (SPEC 13). ``OP_PROTOCOL`` is the one table that says which
+protocol version introduced each op. The ops of protocol 1 keep the v1 envelope byte for byte,
+so a node of the baseline build (protocol 1) reads every entry it can be shown. Every later op
+is written in the v2 envelope, which names the protocol needed to read it; every envelope
+after v2 keeps ``required_protocol`` at position 1, so this build can tell "needs a newer
+build" (``EntryNeedsNewerProtocol``: the node stops, it never skips the entry) from "malformed"
+(``CommandError``: today's ``bad_command`` result). ``ClusterService.propose`` calls ``gate``:
+a command whose op needs a protocol above the cluster's recorded protocol version is refused
+(``FeatureUnavailable``, HTTP 409 ``feature_unavailable``), so no entry is written that a
+member cannot read.
+
+Adding an op (audit, backup, certificates, address changes, ...): give it the next ``OpCode``
+number, add its dataclass, its row in ``OP_PROTOCOL`` (the protocol version of the first build
+that has it; bump ``quorumd.node.registry.protocol.PROTOCOL_VERSION`` when it is new), and its
+cases in ``_fields``/``_decode_fields``. Nothing else: the envelope, the decoder's stop and
+the gate follow from the table.
 
 Every command carries ``ts``: unix seconds stamped by the leader when it proposes. The state
 machine uses it as its only clock (creation times, drain timestamps, pruning of spent join
@@ -25,23 +44,53 @@ import logging
 import math
 from dataclasses import dataclass
 from enum import IntEnum
+from itertools import pairwise
 from typing import Any
 
-import msgpack
-
 from quorumd.api.ports import DrainState, TokenRole
+from quorumd.node.registry.context import MemberContext as MemberContext
+from quorumd.node.registry.context import decode_member_context as decode_member_context
+from quorumd.node.registry.context import encode_member_context as encode_member_context
+from quorumd.node.registry.wire import CommandError as CommandError
+from quorumd.node.registry.wire import DrainCode as DrainCode
+from quorumd.node.registry.wire import EntryNeedsNewerProtocol as EntryNeedsNewerProtocol
+from quorumd.node.registry.wire import RoleCode as RoleCode
+from quorumd.node.registry.wire import check_bool as check_bool
+from quorumd.node.registry.wire import check_bytes as check_bytes
+from quorumd.node.registry.wire import check_float as check_float
+from quorumd.node.registry.wire import check_int as check_int
+from quorumd.node.registry.wire import check_list as check_list
+from quorumd.node.registry.wire import check_opt_bytes as check_opt_bytes
+from quorumd.node.registry.wire import check_opt_float as check_opt_float
+from quorumd.node.registry.wire import check_opt_int as check_opt_int
+from quorumd.node.registry.wire import check_required_protocol
+from quorumd.node.registry.wire import check_str as check_str
+from quorumd.node.registry.wire import drain_from_code as drain_from_code
+from quorumd.node.registry.wire import drain_to_code as drain_to_code
+from quorumd.node.registry.wire import role_from_code as role_from_code
+from quorumd.node.registry.wire import role_to_code as role_to_code
+from quorumd.node.registry.wire import unpack as unpack
 from quorumd.raft.codec import packb
 from quorumd.raft.core.types import immutable
 
 logger = logging.getLogger(__name__)
 
-COMMAND_VERSION = 1
-CONTEXT_VERSION = 1
+COMMAND_VERSION = 1  # the v1 envelope (ops of protocol 1)
+COMMAND_ENVELOPE_V2 = 2  # [2, required_protocol, op, ts, *fields]
 MAX_COMMAND_BYTES = 1 << 20
 
 
-class CommandError(ValueError):
-    """A command or member context could not be encoded or decoded."""
+class FeatureUnavailable(Exception):
+    """``gate`` refused a command: the cluster has not reached the protocol version it needs."""
+
+    def __init__(self, op: OpCode, needs: int, have: int) -> None:
+        super().__init__(
+            f"{op.name.lower()} needs cluster protocol version {needs}; the cluster is at protocol "
+            f"version {have} (upgrade every member to a build that speaks protocol {needs})"
+        )
+        self.op = op
+        self.needs = needs
+        self.have = have
 
 
 class OpCode(IntEnum):
@@ -57,51 +106,26 @@ class OpCode(IntEnum):
     ALLOCATE_LEASE = 9
     RELEASE_LEASE = 10
     MINT_JOIN_TOKEN = 11
+    SET_PROTOCOL_VERSION = 12
 
 
-class DrainCode(IntEnum):
-    """Wire code of ``DrainState``."""
-
-    ACTIVE = 0
-    DRAINING = 1
-    DRAINED = 2
-
-
-class RoleCode(IntEnum):
-    """Wire code of ``TokenRole``."""
-
-    ADMIN = 0
-    READONLY = 1
-
-
-_DRAIN_TO_CODE = {
-    DrainState.ACTIVE: DrainCode.ACTIVE,
-    DrainState.DRAINING: DrainCode.DRAINING,
-    DrainState.DRAINED: DrainCode.DRAINED,
+# The protocol version that introduced each op: the one table the envelope, the decoder's stop
+# and the gate read (see the module docstring). Never change a row; add one per new op.
+OP_PROTOCOL: dict[OpCode, int] = {
+    OpCode.NOOP: 1,
+    OpCode.SET_CLUSTER_SECRETS: 1,
+    OpCode.REGISTER_NODE_INFO: 1,
+    OpCode.SET_DRAIN: 1,
+    OpCode.MARK_NODE_LEFT: 1,
+    OpCode.CREATE_API_TOKEN: 1,
+    OpCode.REVOKE_API_TOKEN: 1,
+    OpCode.CREATE_POOL: 1,
+    OpCode.DELETE_POOL: 1,
+    OpCode.ALLOCATE_LEASE: 1,
+    OpCode.RELEASE_LEASE: 1,
+    OpCode.MINT_JOIN_TOKEN: 1,
+    OpCode.SET_PROTOCOL_VERSION: 2,
 }
-_CODE_TO_DRAIN = {code: state for state, code in _DRAIN_TO_CODE.items()}
-_ROLE_TO_CODE = {TokenRole.ADMIN: RoleCode.ADMIN, TokenRole.READONLY: RoleCode.READONLY}
-_CODE_TO_ROLE = {code: role for role, code in _ROLE_TO_CODE.items()}
-
-
-def drain_to_code(state: DrainState) -> int:
-    return int(_DRAIN_TO_CODE[state])
-
-
-def drain_from_code(code: object) -> DrainState:
-    if type(code) is not int or code not in _CODE_TO_DRAIN:
-        raise CommandError("bad drain state code")
-    return _CODE_TO_DRAIN[DrainCode(code)]
-
-
-def role_to_code(role: TokenRole) -> int:
-    return int(_ROLE_TO_CODE[role])
-
-
-def role_from_code(code: object) -> TokenRole:
-    if type(code) is not int or code not in _CODE_TO_ROLE:
-        raise CommandError("bad role code")
-    return _CODE_TO_ROLE[RoleCode(code)]
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -201,6 +225,21 @@ class MintJoinToken:
     expires_at: int
 
 
+@dataclass(frozen=True, slots=True)
+class SetProtocolVersion:
+    """The leader records the cluster's protocol version and each member's (protocol 2).
+
+    Proposed when every member of the Raft configuration reports at least ``cluster_version``
+    (a ratchet: the recorded version never goes down), and again to record the versions of
+    members that joined or were upgraded since. ``members``: (node id, protocol version) pairs,
+    ascending by id. The state machine refuses a raise unless every registered member is listed
+    at or above the new version, so a member that joined meanwhile stops it."""
+
+    ts: float
+    cluster_version: int
+    members: tuple[tuple[int, int], ...]
+
+
 Command = (
     Noop
     | SetClusterSecrets
@@ -214,85 +253,8 @@ Command = (
     | AllocateLease
     | ReleaseLease
     | MintJoinToken
+    | SetProtocolVersion
 )
-
-
-@dataclass(frozen=True, slots=True)
-class MemberContext:
-    """The registry payload of an ADD_NONVOTER (or bootstrap PROMOTE) ConfChange."""
-
-    raft_address: str
-    api_address: str
-    binary_version: str
-    cert_fingerprint: str
-    cert_pem: str
-    join_token_id: bytes | None
-    ts: float
-
-
-# --- field checks (shared with the state machine's snapshot decoder) -----------------------
-
-
-def check_int(value: object, what: str) -> int:
-    if type(value) is not int:
-        raise CommandError(f"{what}: expected int")
-    return value
-
-
-def check_float(value: object, what: str) -> float:
-    if type(value) is int:
-        value = float(value)
-    if type(value) is not float or not math.isfinite(value):
-        raise CommandError(f"{what}: expected finite float")
-    return value
-
-
-def check_opt_float(value: object, what: str) -> float | None:
-    return None if value is None else check_float(value, what)
-
-
-def check_opt_int(value: object, what: str) -> int | None:
-    return None if value is None else check_int(value, what)
-
-
-def check_str(value: object, what: str) -> str:
-    if type(value) is not str:
-        raise CommandError(f"{what}: expected str")
-    return value
-
-
-def check_bytes(value: object, what: str) -> bytes:
-    if type(value) is not bytes:
-        raise CommandError(f"{what}: expected bytes")
-    return value
-
-
-def check_opt_bytes(value: object, what: str) -> bytes | None:
-    return None if value is None else check_bytes(value, what)
-
-
-def check_bool(value: object, what: str) -> bool:
-    if type(value) is not bool:
-        raise CommandError(f"{what}: expected bool")
-    return value
-
-
-def check_list(value: object, what: str, length: int | None = None) -> list[Any]:
-    if type(value) is not list:
-        raise CommandError(f"{what}: expected list")
-    if length is not None and len(value) != length:
-        raise CommandError(f"{what}: expected {length} items, got {len(value)}")
-    return value
-
-
-def unpack(data: bytes, what: str) -> object:
-    """msgpack-decode untrusted bytes; every failure becomes ``CommandError``."""
-    if type(data) is not bytes:
-        raise CommandError(f"{what}: expected bytes")
-    try:
-        return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
-    except Exception as exc:  # msgpack raises a handful of unrelated types on garbage
-        raise CommandError(f"{what}: undecodable ({type(exc).__name__})") from None
 
 
 pack = packb  # the shared encoder (one reused Packer per thread)
@@ -334,7 +296,46 @@ def _fields(cmd: Command) -> tuple[OpCode, list[Any]]:
             return OpCode.RELEASE_LEASE, [cmd.lease_id]
         case MintJoinToken():
             return OpCode.MINT_JOIN_TOKEN, [cmd.token_id, cmd.node_id, cmd.expires_at]
+        case SetProtocolVersion():
+            return OpCode.SET_PROTOCOL_VERSION, [cmd.cluster_version, [list(m) for m in cmd.members]]
     raise CommandError(f"not a command: {type(cmd).__name__}")
+
+
+_OP_OF_TYPE: dict[type, OpCode] = {
+    Noop: OpCode.NOOP,
+    SetClusterSecrets: OpCode.SET_CLUSTER_SECRETS,
+    RegisterNodeInfo: OpCode.REGISTER_NODE_INFO,
+    SetDrain: OpCode.SET_DRAIN,
+    MarkNodeLeft: OpCode.MARK_NODE_LEFT,
+    CreateApiToken: OpCode.CREATE_API_TOKEN,
+    RevokeApiToken: OpCode.REVOKE_API_TOKEN,
+    CreatePool: OpCode.CREATE_POOL,
+    DeletePool: OpCode.DELETE_POOL,
+    AllocateLease: OpCode.ALLOCATE_LEASE,
+    ReleaseLease: OpCode.RELEASE_LEASE,
+    MintJoinToken: OpCode.MINT_JOIN_TOKEN,
+    SetProtocolVersion: OpCode.SET_PROTOCOL_VERSION,
+}
+
+
+def protocol_needed(cmd: Command) -> int:
+    """The protocol version a member must speak to read ``cmd`` (from ``OP_PROTOCOL``)."""
+    return OP_PROTOCOL[_OP_OF_TYPE[type(cmd)]]
+
+
+def gate(cmd: Command, cluster_version: int) -> None:
+    """Raise ``FeatureUnavailable`` unless every member can read ``cmd``.
+
+    ``cluster_version`` is the protocol version recorded in the replicated state. The one
+    exception is the ratchet itself: ``SetProtocolVersion`` may establish the version it needs
+    (the leader proposes it only once every member reports that version, and the state machine
+    checks the list it carries against the registry)."""
+    needs = OP_PROTOCOL[_OP_OF_TYPE[type(cmd)]]
+    if needs <= cluster_version:
+        return
+    if type(cmd) is SetProtocolVersion and cmd.cluster_version >= needs:
+        return
+    raise FeatureUnavailable(_OP_OF_TYPE[type(cmd)], needs, cluster_version)
 
 
 def encode_command(cmd: Command) -> bytes:
@@ -353,7 +354,11 @@ def encode_and_decode(cmd: Command) -> tuple[bytes, Command]:
         data = pack([COMMAND_VERSION, _ALLOCATE, float(cmd.ts), cmd.pool, cmd.holder, cmd.node_id])
     else:
         op, fields = _fields(cmd)
-        data = pack([COMMAND_VERSION, int(op), float(cmd.ts), *fields])
+        needs = OP_PROTOCOL[op]
+        if needs == 1:
+            data = pack([COMMAND_VERSION, int(op), float(cmd.ts), *fields])
+        else:
+            data = pack([COMMAND_ENVELOPE_V2, needs, int(op), float(cmd.ts), *fields])
     return data, decode_command(data)
 
 
@@ -423,11 +428,24 @@ def _decode_fields(op: OpCode, ts: float, f: list[Any]) -> Command:
                 check_int(f[1], "node_id"),
                 check_int(f[2], "expires_at"),
             )
+        case OpCode.SET_PROTOCOL_VERSION:
+            arity(2)
+            version = check_int(f[0], "cluster_version")
+            pairs = []
+            for item in check_list(f[1], "members"):
+                nid, pv = check_list(item, "member version", 2)
+                pairs.append((check_int(nid, "node_id"), check_int(pv, "protocol_version")))
+            if version < 1 or any(pv < 1 for _, pv in pairs):
+                raise CommandError("SET_PROTOCOL_VERSION: protocol versions start at 1")
+            if any(a[0] >= b[0] for a, b in pairwise(pairs)):
+                raise CommandError("SET_PROTOCOL_VERSION: members not ascending by id")
+            return SetProtocolVersion(ts, version, tuple(pairs))
     raise CommandError(f"unhandled op {op!r}")  # pragma: no cover - every OpCode is matched
 
 
 def decode_command(data: bytes) -> Command:
-    """Decode a NORMAL entry's data; raises ``CommandError`` (only) when malformed."""
+    """Decode a NORMAL entry's data; raises ``CommandError`` when malformed and
+    ``EntryNeedsNewerProtocol`` when it is written for a newer build (nothing else)."""
     if len(data) > MAX_COMMAND_BYTES:
         raise CommandError("command too large")
     items = unpack(data, "command")
@@ -457,52 +475,23 @@ def decode_items(items: object) -> Command:
     if len(items) < 3:
         raise CommandError("command: too short")
     version = check_int(items[0], "version")
-    if version != COMMAND_VERSION:
-        raise CommandError(f"command: unsupported version {version}")
-    code = check_int(items[1], "op")
+    if version == COMMAND_VERSION:
+        head = 1
+    else:
+        check_required_protocol(version, items, COMMAND_ENVELOPE_V2, "command")
+        head = 2
+    if len(items) < head + 2:
+        raise CommandError("command: too short")
+    code = check_int(items[head], "op")
     try:
         op = OpCode(code)
     except ValueError:
         raise CommandError(f"command: unknown op {code}") from None
-    ts = check_float(items[2], "ts")
-    return _decode_fields(op, ts, items[3:])
+    if head == 1 and OP_PROTOCOL[op] > 1:
+        raise CommandError(f"command: {op.name} outside the envelope that names its protocol")
+    ts = check_float(items[head + 1], "ts")
+    return _decode_fields(op, ts, items[head + 2 :])
 
 
 _ALLOCATE = int(OpCode.ALLOCATE_LEASE)
 _RELEASE = int(OpCode.RELEASE_LEASE)
-
-
-def encode_member_context(ctx: MemberContext) -> bytes:
-    data = pack(
-        [
-            CONTEXT_VERSION,
-            ctx.raft_address,
-            ctx.api_address,
-            ctx.binary_version,
-            ctx.cert_fingerprint,
-            ctx.cert_pem,
-            ctx.join_token_id,
-            float(ctx.ts),
-        ]
-    )
-    decode_member_context(data)
-    return data
-
-
-def decode_member_context(data: bytes) -> MemberContext:
-    """Decode a ConfChange context; raises ``CommandError`` (only) when malformed."""
-    if len(data) > MAX_COMMAND_BYTES:
-        raise CommandError("member context too large")
-    items = check_list(unpack(data, "member context"), "member context", 8)
-    version = check_int(items[0], "version")
-    if version != CONTEXT_VERSION:
-        raise CommandError(f"member context: unsupported version {version}")
-    return MemberContext(
-        raft_address=check_str(items[1], "raft_address"),
-        api_address=check_str(items[2], "api_address"),
-        binary_version=check_str(items[3], "binary_version"),
-        cert_fingerprint=check_str(items[4], "cert_fingerprint"),
-        cert_pem=check_str(items[5], "cert_pem"),
-        join_token_id=check_opt_bytes(items[6], "join_token_id"),
-        ts=check_float(items[7], "ts"),
-    )

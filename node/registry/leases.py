@@ -446,19 +446,37 @@ class LeaseTable:
         encoding is cached until one of its leases is added, re-owned or released, and the list
         is the array header followed by the chunks' encodings in id order -- exactly what
         msgpack writes for the whole list. tests/test_state.py compares the two."""
-        leases, packed = self._leases, self._packed
+        return b"".join(self.packed_dump_parts())
+
+    def packed_dump_parts(self) -> list[bytes]:
+        """``packed_dump()`` as pieces (the cached chunk encodings themselves, not copied)."""
         for chunk in self._dirty:
-            base = chunk << _CHUNK_BITS
-            items = [lease[:6] for i in range(base, base + _CHUNK) if (lease := leases.get(i)) is not None]
-            if items:
-                encoded = packb(items)
-                packed[chunk] = encoded[_array_header_size(len(items)) :]
-            else:
-                packed.pop(chunk, None)
+            self._encode_chunk(chunk)
         self._dirty.clear()
+        packed = self._packed
         pools = [[p.name, str(p.network), p.created_at, p.hwm] for p in self._sorted_pools()]
-        body = b"".join(packed[c] for c in sorted(packed))
-        return b"\x93" + packb(self._next_id) + packb(pools) + _array_header(len(leases)) + body
+        head = b"\x93" + packb(self._next_id) + packb(pools) + _array_header(len(self._leases))
+        return [head, *(packed[c] for c in sorted(packed))]
+
+    def encode_dirty_chunks(self, max_chunks: int) -> int:
+        """Refresh the cache of at most ``max_chunks`` changed chunks; returns how many remain.
+
+        A caller that must not hold the event loop for long (a backup of a cold cache right
+        after a restart: ~1 ms per thousand leases) calls this between yields until it returns
+        0, then ``packed_dump`` has little left to do."""
+        for _ in range(min(max_chunks, len(self._dirty))):
+            self._encode_chunk(self._dirty.pop())
+        return len(self._dirty)
+
+    def _encode_chunk(self, chunk: int) -> None:
+        leases, packed = self._leases, self._packed
+        base = chunk << _CHUNK_BITS
+        items = [lease[:6] for i in range(base, base + _CHUNK) if (lease := leases.get(i)) is not None]
+        if items:
+            encoded = packb(items)
+            packed[chunk] = encoded[_array_header_size(len(items)) :]
+        else:
+            packed.pop(chunk, None)
 
     @classmethod
     def load(cls, obj: object) -> LeaseTable:

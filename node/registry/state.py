@@ -14,7 +14,9 @@ appliable. The only exceptions are ``StateError`` (the caller applied out of ord
 invariant) and ``SnapshotError`` from ``restore``.
 
 What is stored:
-- members: the registry (addresses, binary version, certificate pin, drain state, left flag);
+- members: the registry (addresses, binary version, certificate pin, drain state, left flag,
+  protocol version once recorded);
+- the cluster's protocol version (SPEC 13): a ratchet, 1 until a ``SetProtocolVersion``;
 - cluster id and join HMAC key (set once by the founder);
 - join tokens: minted and consumed ids with their expiry; entries are pruned once the
   command clock passes expiry plus a grace period, so the set stays bounded; a consumed id is
@@ -23,19 +25,33 @@ What is stored:
 - pools and leases: ``quorumd.node.registry.leases.LeaseTable``.
 
 Snapshot: one msgpack list, every collection sorted by key:
-``[SNAPSHOT_VERSION, applied_index, cluster_id, join_key, members, join_tokens, api_tokens,
-lease_table]``. ``restore`` validates types and cross-references (every lease owner is a
-member, ...) and replaces the state only when all of it is valid.
+``[1, applied_index, cluster_id, join_key, members, join_tokens, api_tokens, lease_table]``
+while the cluster's protocol version is 1 (byte for byte the baseline build's format, so a
+baseline follower can install it), and from protocol 2 on
+``[2, applied_index, cluster_id, join_key, members, join_tokens, api_tokens, lease_table,
+cluster_protocol_version]`` with each member's protocol version (or nil) appended to its row.
+``restore`` reads both; a newer format raises ``SnapshotFormatError`` (the node refuses to
+start). It validates types and cross-references (sorted keys, join key with cluster id, ...) and
+replaces the state only when all of it is valid. A lease owner need not be a member (see
+``refound``: a restored state keeps the leases of ids that are not members yet).
+
+A NORMAL entry or member context written for a newer protocol raises
+``EntryNeedsNewerProtocol`` with nothing changed (not even the applied index): the node must
+stop, never skip it.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from heapq import heapify, heappop, heappush
 from typing import Any
+
+import msgpack
 
 from quorumd.api.ports import DrainState, TokenRole
 from quorumd.node.registry.apitoken import TOKEN_ID_RE
@@ -46,6 +62,7 @@ from quorumd.node.registry.commands import (
     CreateApiToken,
     CreatePool,
     DeletePool,
+    EntryNeedsNewerProtocol,
     MarkNodeLeft,
     MemberContext,
     MintJoinToken,
@@ -55,6 +72,7 @@ from quorumd.node.registry.commands import (
     RevokeApiToken,
     SetClusterSecrets,
     SetDrain,
+    SetProtocolVersion,
     check_bool,
     check_bytes,
     check_float,
@@ -85,13 +103,15 @@ __all__ = [
     "Member",
     "PoolInfo",
     "SnapshotError",
+    "SnapshotFormatError",
     "StateError",
     "StateMachine",
 ]
 
 logger = logging.getLogger(__name__)
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # the newest format this build reads and writes (see the module docstring)
+SNAPSHOT_VERSION_V1 = 1
 JOIN_TOKEN_MAX_TTL_SECONDS = 86400  # bounds the expiry of a consumed id that was never recorded as minted
 JOIN_TOKEN_PRUNE_GRACE_SECONDS = 3600  # tolerance for clock differences between successive leaders
 MAX_TOKEN_NAME_CHARS = 128
@@ -102,6 +122,17 @@ _DUMMY_HASH = bytes(SECRET_HASH_BYTES)
 
 class StateError(Exception):
     """The caller broke the apply contract (an index applied twice or out of order)."""
+
+
+class SnapshotFormatError(SnapshotError):
+    """A snapshot in a newer format than this build reads."""
+
+    def __init__(self, found: int) -> None:
+        super().__init__(
+            f"snapshot format version {found} is newer than this build reads ({SNAPSHOT_VERSION})"
+        )
+        self.found = found
+        self.known = SNAPSHOT_VERSION
 
 
 class ApplyCode(StrEnum):
@@ -122,6 +153,7 @@ class ApplyCode(StrEnum):
     TOKEN_EXISTS = "token_exists"
     SECRETS_ALREADY_SET = "secrets_already_set"
     JOIN_TOKEN_REUSED = "join_token_reused"
+    STALE_PROTOCOL_VIEW = "stale_protocol_view"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +168,7 @@ class Member:
     drain_changed_at: float
     drain_deadline: float | None  # only while draining with a deadline
     left: bool  # announced a graceful stop
+    protocol_version: int | None = None  # recorded from cluster protocol 2 on (SPEC 13)
 
     def as_dict(self) -> dict[str, Any]:
         """The registry part of a /cluster/members item (the node adds suffrage, isLeader,
@@ -207,6 +240,7 @@ class StateMachine:
         "_api_tokens",
         "_applied_index",
         "_cluster_id",
+        "_cluster_protocol",
         "_join_expiry",
         "_join_key",
         "_join_tokens",
@@ -217,6 +251,7 @@ class StateMachine:
     def __init__(self) -> None:
         self._applied_index = 0
         self._cluster_id: str | None = None
+        self._cluster_protocol = 1
         self._join_key: bytes | None = None
         self._members: dict[int, Member] = {}
         self._join_tokens: dict[bytes, JoinTokenRecord] = {}
@@ -237,6 +272,11 @@ class StateMachine:
     @property
     def join_key(self) -> bytes | None:
         return self._join_key
+
+    @property
+    def cluster_protocol_version(self) -> int:
+        """The recorded protocol version of the cluster (a ratchet; 1 until recorded)."""
+        return self._cluster_protocol
 
     # --- registry queries --------------------------------------------------------------------
 
@@ -325,9 +365,13 @@ class StateMachine:
         """Apply a NORMAL entry. Never raises for bad data (see the module docstring).
 
         ``decoded``: ``decode_command(data)`` when the caller already has it (the proposer
-        decoded its own encoding to validate it); the result is the same either way."""
-        self._advance(index)
+        decoded its own encoding to validate it); the result is the same either way.
+        An entry written for a newer protocol raises ``EntryNeedsNewerProtocol`` (``index``
+        set) and changes nothing."""
+        if index <= self._applied_index:
+            raise StateError(f"apply index {index} <= applied index {self._applied_index}")
         if not data:
+            self._applied_index = index
             return ApplyResult(index)
         if decoded is not None:
             cmd = decoded
@@ -335,8 +379,13 @@ class StateMachine:
             try:
                 cmd = decode_command(data)
             except CommandError as exc:
+                self._applied_index = index
                 logger.warning("command_rejected index=%d code=bad_command", index)
                 return ApplyResult(index, ApplyCode.BAD_COMMAND, str(exc))
+            except EntryNeedsNewerProtocol as exc:
+                exc.index = index
+                raise
+        self._applied_index = index
         self._prune_join_tokens(cmd.ts)
         try:
             value = self._dispatch(cmd)
@@ -348,6 +397,14 @@ class StateMachine:
     def apply_conf_change(self, index: int, cc: ConfChange) -> ApplyResult:
         """Mirror a membership change in the registry. The registry always follows the Raft
         configuration; an error code here is advisory (the change itself has happened)."""
+        if cc.context and (cc.type == ConfChangeType.ADD_NONVOTER or cc.type == ConfChangeType.PROMOTE):
+            try:  # a context for a newer protocol stops the node before anything changes
+                decode_member_context(cc.context)
+            except CommandError:
+                pass
+            except EntryNeedsNewerProtocol as exc:
+                exc.index = index
+                raise
         self._advance(index)
         node_id = cc.node_id
         if cc.type == ConfChangeType.REMOVE:
@@ -382,6 +439,14 @@ class StateMachine:
     # --- snapshot ----------------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
+        return b"".join(self.snapshot_parts())
+
+    def snapshot_parts(self) -> list[bytes]:
+        """``snapshot()`` as the pieces it is the concatenation of, the cached lease chunks among
+        them uncopied: a caller that must not hold the event loop while megabytes are copied
+        joins them elsewhere (see quorumd.node.cluster.backup). The v1 format while the cluster
+        is at protocol 1, else the v2 (module docstring)."""
+        v2 = self._cluster_protocol >= 2
         members = [
             [
                 m.node_id,
@@ -394,6 +459,7 @@ class StateMachine:
                 m.drain_changed_at,
                 m.drain_deadline,
                 m.left,
+                *((m.protocol_version,) if v2 else ()),
             ]
             for m in self.members()
         ]
@@ -406,11 +472,16 @@ class StateMachine:
             for t in self.api_tokens()
         ]
         # ``pack([...7 fields..., self._leases.dump()])`` byte for byte: an 8-element array whose
-        # last element the lease table encodes from its cache (LeaseTable.packed_dump).
-        head = (SNAPSHOT_VERSION, self._applied_index, self._cluster_id, self._join_key)
-        parts = [b"\x98", *(pack(x) for x in head), pack(members), pack(join_tokens), pack(api_tokens)]
-        parts.append(self._leases.packed_dump())
-        return b"".join(parts)
+        # last element the lease table encodes from its cache (LeaseTable.packed_dump_parts); v2
+        # is a 9-element array with the cluster's protocol version last.
+        version = SNAPSHOT_VERSION if v2 else SNAPSHOT_VERSION_V1
+        head = (version, self._applied_index, self._cluster_id, self._join_key)
+        parts = [b"\x99" if v2 else b"\x98", *(pack(x) for x in head)]
+        parts += [pack(members), pack(join_tokens), pack(api_tokens)]
+        parts += self._leases.packed_dump_parts()
+        if v2:
+            parts.append(pack(self._cluster_protocol))
+        return parts
 
     def restore(self, data: bytes) -> None:
         """Replace the whole state with a snapshot; raises ``SnapshotError`` (state untouched)."""
@@ -426,6 +497,32 @@ class StateMachine:
             len(self._members),
             self._leases.lease_count(),
         )
+
+    def prepare_snapshot(self, max_chunks: int) -> int:
+        """Do part of the next ``snapshot()``'s encoding now; returns the work left (0: done).
+        For callers that yield to the event loop between steps (see LeaseTable)."""
+        return self._leases.encode_dirty_chunks(max_chunks)
+
+    def refound(self, index: int, member: Member, join_key: bytes, admin: ApiToken) -> None:
+        """``quorumd restore``: this replica's node becomes the founder of the same cluster.
+
+        Every member, and with it every certificate pin, is replaced by ``member``; pools and
+        leases are kept (owner ids too); the join key is replaced and the join-token records
+        dropped (a token minted under the old key no longer verifies); ``admin`` joins the API
+        tokens, which all keep working. ``index`` (above the applied index) becomes the applied
+        index: the state differs from the archive's, so it gets an index of its own."""
+        if self._cluster_id is None:
+            raise StateError("cannot refound a state without cluster secrets")
+        if len(join_key) < MIN_JOIN_KEY_BYTES or admin.token_id in self._api_tokens:
+            raise StateError("short join key or an admin token id that exists")
+        self._advance(index)
+        self._members = {member.node_id: member}
+        self._join_key = join_key
+        self._join_tokens = {}
+        self._join_expiry = []
+        self._api_tokens[admin.token_id] = admin
+        self._api_tokens = dict(sorted(self._api_tokens.items()))
+        logger.info("state_refounded index=%d node_id=%d", index, member.node_id)
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -476,7 +573,26 @@ class StateMachine:
                 if cmd.token_id not in self._join_tokens:
                     self._add_join_token(cmd.token_id, JoinTokenRecord(cmd.node_id, cmd.expires_at, None))
                 return None
+            case SetProtocolVersion():
+                return self._set_protocol_version(cmd)
         raise Rejection(ApplyCode.BAD_COMMAND, "unhandled command")  # pragma: no cover
+
+    def _set_protocol_version(self, cmd: SetProtocolVersion) -> int:
+        """Record members' protocol versions and raise the cluster's (never lower it). A raise
+        needs every registered member listed at or above the new version: a member that joined
+        after the leader looked makes the command a rejected no-op (the leader looks again)."""
+        listed = dict(cmd.members)
+        new = max(self._cluster_protocol, cmd.cluster_version)
+        if new > self._cluster_protocol and any(listed.get(i, 0) < new for i in self._members):
+            raise Rejection(ApplyCode.STALE_PROTOCOL_VIEW, "a member is not listed at the new version")
+        for node_id, version in cmd.members:
+            m = self._members.get(node_id)
+            if m is not None and m.protocol_version != version:
+                self._members[node_id] = replace(m, protocol_version=version)
+        if new != self._cluster_protocol:
+            logger.info("cluster_protocol_version_set from=%d to=%d", self._cluster_protocol, new)
+            self._cluster_protocol = new
+        return new
 
     def _need_member(self, node_id: int) -> Member:
         m = self._members.get(node_id)
@@ -538,6 +654,7 @@ class StateMachine:
                 ctx.ts,
                 None,
                 False,
+                ctx.protocol_version,
             )
             logger.info("member_registered node_id=%d raft_address=%s", node_id, ctx.raft_address)
         else:
@@ -549,6 +666,7 @@ class StateMachine:
                 cert_fingerprint=ctx.cert_fingerprint,
                 cert_pem=ctx.cert_pem,
                 left=False,
+                protocol_version=ctx.protocol_version or old.protocol_version,
             )
             logger.info("member_updated node_id=%d raft_address=%s", node_id, ctx.raft_address)
         self._members[node_id] = m
@@ -582,15 +700,37 @@ class StateMachine:
                 del tokens[token_id]
 
 
+def check_snapshot_format(data: bytes) -> None:
+    """Raise ``SnapshotFormatError`` when ``data`` is a snapshot in a newer format than this build
+    reads (only its head is decoded: cheap for any size). Anything else is left to ``restore``."""
+    try:
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(data[:16])
+        unpacker.read_array_header()
+        version = unpacker.unpack()
+    except Exception:  # malformed: restore says what is wrong
+        return
+    if type(version) is int and version > SNAPSHOT_VERSION:
+        raise SnapshotFormatError(version)
+
+
 def _load_snapshot(data: bytes) -> StateMachine:
     obj = unpack(data, "snapshot")
     items = check_list(obj, "snapshot")
-    if not items or check_int(items[0], "snapshot version") != SNAPSHOT_VERSION:
+    version = check_int(items[0], "snapshot version") if items else 0
+    if version > SNAPSHOT_VERSION:
+        raise SnapshotFormatError(version)
+    if version not in (SNAPSHOT_VERSION_V1, SNAPSHOT_VERSION):
         raise SnapshotError("unsupported snapshot version")
-    (_, applied_raw, cluster_raw, key_raw, members_raw, join_raw, api_raw, leases_raw) = check_list(
-        items, "snapshot", 8
+    v2 = version == SNAPSHOT_VERSION
+    (_, applied_raw, cluster_raw, key_raw, members_raw, join_raw, api_raw, leases_raw, *rest) = check_list(
+        items, "snapshot", 9 if v2 else 8
     )
     sm = StateMachine()
+    if v2:
+        sm._cluster_protocol = check_int(rest[0], "cluster_protocol_version")
+        if sm._cluster_protocol < 2:
+            raise SnapshotError("a v2 snapshot records a cluster protocol version of at least 2")
     sm._applied_index = check_int(applied_raw, "applied_index")
     if sm._applied_index < 0:
         raise SnapshotError("negative applied index")
@@ -601,7 +741,7 @@ def _load_snapshot(data: bytes) -> StateMachine:
 
     prev_node = 0
     for item in check_list(members_raw, "members"):
-        f = check_list(item, "member", 10)
+        f = check_list(item, "member", 11 if v2 else 10)
         m = Member(
             node_id=check_int(f[0], "node_id"),
             raft_address=check_str(f[1], "raft_address"),
@@ -613,6 +753,7 @@ def _load_snapshot(data: bytes) -> StateMachine:
             drain_changed_at=check_float(f[7], "drain_changed_at"),
             drain_deadline=check_opt_float(f[8], "drain_deadline"),
             left=check_bool(f[9], "left"),
+            protocol_version=check_opt_int(f[10], "protocol_version") if v2 else None,
         )
         if m.node_id <= prev_node:
             raise SnapshotError("members not sorted by id (or id < 1)")
@@ -648,8 +789,38 @@ def _load_snapshot(data: bytes) -> StateMachine:
         prev_api = tok.token_id
         sm._api_tokens[tok.token_id] = tok
 
+    # A lease may name an owner that is not a member: a state restored from a backup keeps the
+    # leases of every node id (they count again for a node of that id that joins). Removing a
+    # member still purges its leases.
     sm._leases = LeaseTable.load(leases_raw)
-    for owner in sm._leases.owners():
-        if owner not in sm._members:
-            raise SnapshotError(f"leases owned by node {owner}, which is not a member")
     return sm
+
+
+MEMBER_FIELDS = (
+    "nodeId",
+    "raftAddress",
+    "apiAddress",
+    "binaryVersion",
+    "suffrage",
+    "isLeader",
+    "drainState",
+    "activeLeases",
+    "protocolVersion",
+)
+
+
+def member_rows(
+    sm: StateMachine, voters: AbstractSet[int], leader_id: int, protocol_version: Callable[[int], int]
+) -> list[dict[str, Any]]:
+    """The ``GET /cluster/members`` items: the registry's members (sorted by id) with their live
+    suffrage (``voters``: the Raft configuration's voters), leadership, active leases and
+    protocol version."""
+    out = []
+    for m in sm.members():
+        item = m.as_dict()
+        item["suffrage"] = "voter" if m.node_id in voters else "nonvoter"
+        item["isLeader"] = leader_id == m.node_id
+        item["activeLeases"] = sm.active_lease_count(m.node_id)
+        item["protocolVersion"] = protocol_version(m.node_id)
+        out.append({k: item[k] for k in MEMBER_FIELDS})
+    return out

@@ -13,6 +13,12 @@ Directory layout (``directory``):
   directory fsynced. The two newest are kept.
 - ``LOCK``: an flock held while open, so two processes never share a directory.
 
+Format versions: every WAL record's payload begins with the codec's version byte
+(``raft.codec.VERSION``) and every snapshot file's header carries ``_SNAP_VERSION``. A
+CRC-valid record or a snapshot file in a newer format than this build knows raises
+``StorageFormatError`` from ``open`` before anything in the directory is changed (no temp file
+removed, no torn tail truncated): the daemon refuses to start (SPEC 13).
+
 Log semantics: the last writer wins. An ENTRY record for an index at or below the current last
 index truncates the log there (the log becomes the prefix before that index, then the new entry).
 A record that jumps past the end restarts the log (only legitimate after a snapshot that covers
@@ -43,6 +49,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
+from ..codec import VERSION as CODEC_VERSION
 from ..codec import (
     CodecError,
     decode_entries,
@@ -88,6 +95,17 @@ class StorageError(RaftError):
 
 class StorageCorruptError(StorageError):
     """The data on disk is corrupt beyond a torn tail; the node must not start on it."""
+
+
+class StorageFormatError(StorageError):
+    """A file written in a newer format than this build reads (a newer build's data dir)."""
+
+    def __init__(self, path: Path, found: int, known: int, what: str) -> None:
+        super().__init__(
+            f"{path} is in {what} format version {found}; this build reads up to version {known} "
+            "(run a newer build on this data dir)"
+        )
+        self.path, self.found, self.known = path, found, known
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +173,8 @@ def _read_snapshot(path: Path, index: int, term: int) -> Snapshot:
     magic, version, _, meta_len, data_len, crc = _SNAP_HEAD.unpack_from(raw)
     if magic != _SNAP_MAGIC:
         raise ValueError("bad magic")
+    if version > _SNAP_VERSION:
+        raise StorageFormatError(path, version, _SNAP_VERSION, "snapshot file")
     if version != _SNAP_VERSION:
         raise ValueError(f"unsupported version {version}")
     if _SNAP_HEAD.size + meta_len + data_len != len(raw):
@@ -198,7 +218,15 @@ class LogStorage:
 
     # --- opening and recovery -----------------------------------------------------------------
     @classmethod
-    def open(cls, directory: Path, *, segment_bytes: int = 64 << 20) -> tuple[LogStorage, RecoveredState]:
+    def open(
+        cls,
+        directory: Path,
+        *,
+        segment_bytes: int = 64 << 20,
+        check_snapshot: Callable[[Snapshot], None] | None = None,
+    ) -> tuple[LogStorage, RecoveredState]:
+        """``check_snapshot``: called with the snapshot recovery chose before anything in the
+        directory is changed; what it raises aborts ``open`` (the caller's own format check)."""
         if segment_bytes < 1:
             raise StorageError(f"segment_bytes must be positive, got {segment_bytes}")
         directory = Path(directory)
@@ -217,7 +245,7 @@ class LogStorage:
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            return cls._recover(directory, segment_bytes, lock_fd)
+            return cls._recover(directory, segment_bytes, lock_fd, check_snapshot)
         except OSError as exc:
             os.close(lock_fd)
             raise StorageError(f"cannot recover {directory}: {exc}") from exc
@@ -229,13 +257,15 @@ class LogStorage:
                 gc.enable()
 
     @classmethod
-    def _recover(cls, directory: Path, segment_bytes: int, lock_fd: int) -> tuple[LogStorage, RecoveredState]:
+    def _recover(
+        cls, directory: Path, segment_bytes: int, lock_fd: int, check: Callable[[Snapshot], None] | None
+    ) -> tuple[LogStorage, RecoveredState]:
         wal: list[tuple[int, Path]] = []
         snaps: list[tuple[int, int, Path]] = []
+        leftovers: list[Path] = []  # removed once every file's format is known to be readable
         for path in directory.iterdir():
             if path.name.endswith(".tmp"):
-                path.unlink()
-                logger.info("storage removed leftover temp file file=%s", path.name)
+                leftovers.append(path)
             elif m := _WAL_NAME.fullmatch(path.name):
                 wal.append((int(m[1], 16), path))
             elif m := _SNAP_NAME.fullmatch(path.name):
@@ -250,6 +280,8 @@ class LogStorage:
                 continue
             snapshot = snapshot or snap
             valid.append((index, term))
+        if check is not None and snapshot is not None:
+            check(snapshot)
         wal.sort()
         for (a, pa), (b, _) in pairwise(wal):
             if b != a + 1:
@@ -259,6 +291,9 @@ class LogStorage:
         self = cls(directory, segment_bytes, lock_fd, snapshot.meta if snapshot else None)
         self._snap_files = sorted(valid)
         entries, conflict = self._replay([_Segment(seq, path) for seq, path in wal], snapshot)
+        for path in leftovers:
+            path.unlink()
+            logger.info("storage removed leftover temp file file=%s", path.name)
         self._terms.extend(e.term for e in entries)
         self._written_hard_state = self._hard_state
         if self._segments:
@@ -302,6 +337,8 @@ class LogStorage:
         try:
             return decode(payload)
         except CodecError as exc:
+            if payload and payload[0] > CODEC_VERSION:  # CRC-valid, so written that way
+                raise StorageFormatError(seg.path, payload[0], CODEC_VERSION, "WAL record") from None
             raise StorageCorruptError(f"bad record in {seg.path} at offset {offset}: {exc}") from None
 
     def _replay_segment(self, seg: _Segment, log: list[Entry], *, is_last: bool) -> None:
@@ -629,4 +666,11 @@ class LogStorage:
         self.close()
 
 
-__all__ = ["LogStorage", "RecordType", "RecoveredState", "StorageCorruptError", "StorageError"]
+__all__ = [
+    "LogStorage",
+    "RecordType",
+    "RecoveredState",
+    "StorageCorruptError",
+    "StorageError",
+    "StorageFormatError",
+]

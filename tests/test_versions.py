@@ -1,0 +1,314 @@
+"""Protocol versions (SPEC 13): the op table and the gate, the envelopes that stop a node on an
+entry written for a newer protocol, the ratchet in the state machine, v1/v2 state snapshots
+(the v1 one read by the baseline build itself), the live map and what it shows, joins of old
+builds, and the daemon's stop (exit 1, one log line) on such an entry in its log.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from quorumd.api.errors import ApiError
+from quorumd.node.cluster.versions import ProtocolVersions
+from quorumd.node.registry.commands import (
+    COMMAND_ENVELOPE_V2,
+    OP_PROTOCOL,
+    CreatePool,
+    EntryNeedsNewerProtocol,
+    FeatureUnavailable,
+    MarkNodeLeft,
+    MemberContext,
+    OpCode,
+    SetProtocolVersion,
+    decode_command,
+    decode_member_context,
+    encode_command,
+    encode_member_context,
+    gate,
+    protocol_needed,
+)
+from quorumd.node.registry.protocol import PROTOCOL_VERSION
+from quorumd.node.registry.state import ApplyCode, SnapshotFormatError, StateMachine, check_snapshot_format
+from quorumd.raft.aio.storage import LogStorage
+from quorumd.raft.core.types import ConfChangeType, Entry, EntryType, HardState
+from tests.baseline_support import baseline_python
+from tests.cluster import Cluster, wait_for
+from tests.test_state import cluster, ctx, ok
+from tests.upgrade_support import VersionedCluster
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "baseline-017d9cc"
+
+
+# --- the table and the gate ------------------------------------------------------------------
+
+
+def test_every_op_has_a_row_and_protocol_1_ops_keep_the_v1_envelope() -> None:
+    assert set(OP_PROTOCOL) == set(OpCode)
+    assert max(OP_PROTOCOL.values()) <= PROTOCOL_VERSION
+    data = encode_command(CreatePool(1.5, "p", "10.0.0.0/24"))
+    assert data == msgpack.packb([1, int(OpCode.CREATE_POOL), 1.5, "p", "10.0.0.0/24"])
+    spv = encode_command(SetProtocolVersion(2.5, 2, ((1, 2), (3, 2))))
+    assert msgpack.unpackb(spv) == [
+        COMMAND_ENVELOPE_V2,
+        2,
+        int(OpCode.SET_PROTOCOL_VERSION),
+        2.5,
+        2,
+        [[1, 2], [3, 2]],
+    ]
+    assert protocol_needed(SetProtocolVersion(2.5, 2, ())) == 2
+
+
+def test_gate_refuses_below_and_accepts_at_and_after_the_ratchet() -> None:
+    refresh = SetProtocolVersion(1.0, 1, ((1, 2),))  # records versions: needs the cluster at 2
+    with pytest.raises(FeatureUnavailable) as err:
+        gate(refresh, 1)
+    assert "needs cluster protocol version 2" in str(err.value) and "at protocol version 1" in str(err.value)
+    gate(refresh, 2)
+    gate(refresh, 3)
+    gate(SetProtocolVersion(1.0, 2, ((1, 2),)), 1)  # the ratchet itself establishes 2
+    gate(CreatePool(1.0, "p", "10.0.0.0/24"), 1)  # protocol 1 ops always pass
+
+
+def test_a_future_op_is_gated_then_written_in_an_envelope_that_stops_older_builds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a later feature does: a row saying protocol 3. Below it the gate refuses (the API's
+    409 feature_unavailable naming both versions); a protocol-2 node reading it stops."""
+    monkeypatch.setitem(OP_PROTOCOL, OpCode.CREATE_POOL, 3)
+    cmd = CreatePool(1.0, "p", "10.0.0.0/24")
+    sm = StateMachine()
+    versions = ProtocolVersions(1, sm)
+    with pytest.raises(ApiError) as err:
+        versions.check(cmd)
+    assert err.value.status == 409 and err.value.code == "feature_unavailable"
+    assert "protocol version 3" in err.value.message and "protocol version 1" in err.value.message
+    data = msgpack.packb([COMMAND_ENVELOPE_V2, 3, int(OpCode.CREATE_POOL), 1.0, "p", "10.0.0.0/24"])
+    with pytest.raises(EntryNeedsNewerProtocol) as stop:
+        decode_command(data)
+    assert (stop.value.needs, stop.value.have) == (3, PROTOCOL_VERSION)
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [2, 1, int(OpCode.SET_PROTOCOL_VERSION), 1.0, 2, []],  # v2 envelope, well formed (needs 1)
+        [1, int(OpCode.SET_PROTOCOL_VERSION), 1.0, 2, []],  # a protocol-2 op in the v1 envelope
+        [2, "x", int(OpCode.NOOP), 1.0],  # required protocol not an int
+        [3, 2, int(OpCode.NOOP), 1.0],  # an unknown envelope that needs nothing newer
+        [2, 2, 99, 1.0],  # an unknown op that claims this build can read it
+    ],
+)
+def test_malformed_envelopes_are_bad_commands_not_stops(items: list[object]) -> None:
+    data = msgpack.packb(items)
+    if items[0] == 2 and items[1] == 1:
+        decode_command(data)  # accepted: an envelope may ask for less than it could
+        return
+    h = cluster(1)
+    result = h.raw(data)
+    assert result.error == ApplyCode.BAD_COMMAND and h.sm.applied_index == h.index
+
+
+@pytest.mark.parametrize("envelope", [2, 3, 7])
+def test_an_entry_for_a_newer_protocol_changes_nothing(envelope: int) -> None:
+    h = cluster(1, 2)
+    before = h.sm.snapshot()
+    data = msgpack.packb([envelope, PROTOCOL_VERSION + 1, 12345, 1.0, "anything"])
+    with pytest.raises(EntryNeedsNewerProtocol) as stop:
+        h.raw(data)
+    assert (stop.value.index, stop.value.needs) == (h.index, PROTOCOL_VERSION + 1)
+    assert h.sm.applied_index == h.index - 1 and h.sm.snapshot() == before
+    h.index -= 1  # the same index again once upgraded: still nothing skipped
+    ok(h.run(MarkNodeLeft(2.0, 2, True)))
+
+
+def test_member_contexts_v1_v2_and_newer() -> None:
+    base = decode_member_context(ctx(3))
+    assert base.protocol_version is None and msgpack.unpackb(ctx(3))[0] == 1
+    v2 = MemberContext(**{**{f: getattr(base, f) for f in base.__slots__}, "protocol_version": 2})
+    data = encode_member_context(v2)
+    assert msgpack.unpackb(data)[:2] == [2, 2] and decode_member_context(data) == v2
+    newer = msgpack.packb([5, 3, *msgpack.unpackb(data)[2:]])
+    with pytest.raises(EntryNeedsNewerProtocol):
+        decode_member_context(newer)
+    h = cluster(1)
+    before = h.sm.snapshot()
+    with pytest.raises(EntryNeedsNewerProtocol) as stop:
+        h.conf(ConfChangeType.ADD_NONVOTER, 3, newer)
+    assert stop.value.index == h.index and h.sm.snapshot() == before and not h.sm.has_member(3)
+
+
+# --- the ratchet in the state machine -----------------------------------------------------------
+
+
+def test_ratchet_needs_every_member_listed_and_never_goes_down() -> None:
+    h = cluster(1, 2)
+    stale = h.run(SetProtocolVersion(1.0, 2, ((1, 2),)))  # node 2 joined after the leader looked
+    assert stale.error == ApplyCode.STALE_PROTOCOL_VIEW and h.sm.cluster_protocol_version == 1
+    assert h.sm.member(1).protocol_version is None  # type: ignore[union-attr]
+    ok(h.run(SetProtocolVersion(2.0, 2, ((1, 2), (2, 3)))))
+    assert h.sm.cluster_protocol_version == 2
+    assert [m.protocol_version for m in h.sm.members()] == [2, 3]
+    ok(h.run(SetProtocolVersion(3.0, 1, ((1, 2), (2, 2)))))  # a refresh cannot lower the ratchet
+    assert h.sm.cluster_protocol_version == 2 and h.sm.member(2).protocol_version == 2  # type: ignore[union-attr]
+
+
+def test_joiner_recorded_through_the_v2_context() -> None:
+    h = cluster(1)
+    ok(h.run(SetProtocolVersion(1.0, 2, ((1, 2),))))
+    base = decode_member_context(ctx(4))
+    versions = ProtocolVersions(1, h.sm)
+    data = versions.joiner_context(base, ctx(4), 2)
+    ok(h.conf(ConfChangeType.ADD_NONVOTER, 4, data))
+    assert h.sm.member(4).protocol_version == 2  # type: ignore[union-attr]
+
+
+# --- snapshots ------------------------------------------------------------------------------------
+
+
+def test_snapshot_v1_while_at_protocol_1_and_v2_after() -> None:
+    h = cluster(1, 2)
+    v1 = h.sm.snapshot()
+    items = msgpack.unpackb(v1)
+    assert v1[:1] == b"\x98" and items[0] == 1 and all(len(m) == 10 for m in items[4])
+    again = StateMachine()
+    again.restore(v1)
+    assert again.snapshot() == v1 and again.cluster_protocol_version == 1
+    ok(h.run(SetProtocolVersion(1.0, 2, ((1, 2), (2, 2)))))
+    v2 = h.sm.snapshot()
+    items = msgpack.unpackb(v2)
+    assert v2[:1] == b"\x99" and items[0] == 2 and items[8] == 2 and [m[10] for m in items[4]] == [2, 2]
+    again = StateMachine()
+    again.restore(v2)
+    assert again.snapshot() == v2 and again.cluster_protocol_version == 2
+    assert [m.protocol_version for m in again.members()] == [2, 2]
+
+
+def test_newer_snapshot_format_is_named() -> None:
+    data = msgpack.packb([3, 1, None, None, [], [], [], [], 3, "more"])
+    with pytest.raises(SnapshotFormatError) as err:
+        check_snapshot_format(data)
+    assert (err.value.found, err.value.known) == (3, 2)
+    with pytest.raises(SnapshotFormatError):
+        StateMachine().restore(data)
+    check_snapshot_format(b"\x00garbage")  # not a format question: restore says what is wrong
+
+
+_BASELINE_RESTORE = """
+import sys
+from quorumd.node.state import StateMachine  # the baseline's layout
+data = sys.stdin.buffer.read()
+sm = StateMachine()
+sm.restore(data)
+sys.stdout.buffer.write(sm.snapshot())
+"""
+
+
+def test_the_baseline_build_installs_a_v1_snapshot_of_this_build() -> None:
+    """What a baseline follower does with a snapshot from an upgraded leader at protocol 1."""
+    h = cluster(1, 2, 3)
+    ok(h.run(CreatePool(1.0, "p", "10.0.0.0/24")))
+    data = h.sm.snapshot()
+    proc = subprocess.run(
+        [str(baseline_python()), "-c", _BASELINE_RESTORE],
+        input=data,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.stdout == data
+
+
+# --- the live map and what the API shows ---------------------------------------------------------
+
+
+def test_members_show_recorded_else_live_else_1_and_status_the_lowest() -> None:
+    h = cluster(1, 2, 3)
+    v = ProtocolVersions(1, h.sm)
+    assert [v.member_version(i) for i in (1, 2, 3)] == [PROTOCOL_VERSION, 1, 1]
+    assert v.cluster_version() == 1
+    v.live[2] = (2, 0.0)
+    v.live[3] = (1, 0.0)
+    assert v.ratchet_command([1, 2, 3], 5.0) is None  # node 3 speaks 1: no ratchet
+    assert v.join_refusal(1) is None  # an old joiner at recorded 1 is admitted...
+    v.live[3] = (2, 0.0)
+    cmd = v.ratchet_command([1, 2, 3, 4], 5.0)
+    assert cmd is None  # ...and while it (node 4, not answered yet) is a member, no ratchet
+    cmd = v.ratchet_command([1, 2, 3], 5.0)
+    assert cmd == SetProtocolVersion(5.0, 2, ((1, 2), (2, 2), (3, 2)))
+    ok(h.run(cmd))
+    assert v.cluster_version() == 2 and v.ratchet_command([1, 2, 3], 6.0) is None
+    v.live[3] = (3, 0.0)  # upgraded further: recorded again, the cluster stays at the lowest
+    assert v.ratchet_command([1, 2, 3], 7.0) == SetProtocolVersion(7.0, 2, ((1, 2), (2, 2), (3, 3)))
+    assert "protocol 1" in (v.join_refusal(1) or "") and "uses protocol 2" in (v.join_refusal(1) or "")
+    # a restart announcement makes the node ask again
+    v.after_apply([h.run(MarkNodeLeft(8.0, 3, True))])
+    assert 3 not in v.live and v.needs_asking([1, 2, 3], recorded_too=True) == [3]
+    v.live[2] = (1, 0.0)  # an old answer below this build's protocol is asked again once stale
+    assert v.needs_asking([1, 2, 3], recorded_too=True) == [2, 3]
+
+
+# --- daemons ------------------------------------------------------------------------------------
+
+
+def test_daemon_stops_with_exit_1_on_an_entry_for_a_newer_protocol(tmp_path: Path) -> None:
+    """A committed entry in the log that needs protocol 3: the node applies everything before
+    it, then stops with one log line naming the index and both versions; a restart does the same
+    (it is never skipped)."""
+    c = Cluster(tmp_path, 1)
+    node = c.make_node(1)
+    shutil.copytree(FIXTURE / "data", node.data_dir)
+    for p in [node.data_dir, *node.data_dir.rglob("*")]:
+        p.chmod(0o700 if p.is_dir() else 0o600)
+    c.write_config(node)
+    storage, rec = LogStorage.open(node.data_dir / "raft")
+    with storage:
+        index = storage.last_index + 1
+        data = msgpack.packb([COMMAND_ENVELOPE_V2, PROTOCOL_VERSION + 1, 40, 1.0, "from the future"])
+        storage.append([Entry(storage.last_term, index, EntryType.NORMAL, data)])
+        storage.set_hard_state(HardState(rec.hard_state.term, rec.hard_state.vote, index))
+        storage.sync()
+    for attempt in range(2):
+        c.start(node)
+        assert node.proc is not None
+        assert node.proc.wait(timeout=60) == 1
+        lines = [x for x in node.log_text().splitlines() if "entry_needs_newer_protocol" in x]
+        assert len(lines) == attempt + 1, node.log_text()[-3000:]
+        needle = (
+            f"entry_needs_newer_protocol index={index} needs={PROTOCOL_VERSION + 1} have={PROTOCOL_VERSION}"
+        )
+        assert needle in lines[-1]
+        assert "raft_driver_died" not in node.log_text()
+
+
+def test_a_baseline_joiner_is_refused_by_a_cluster_at_protocol_2(tmp_path: Path) -> None:
+    c = VersionedCluster(tmp_path, 2)
+    try:
+        c.make_node(1)
+        c.write_config(c.nodes[1])
+        c.start(c.nodes[1])
+        token_file = c.nodes[1].data_dir / "admin.token"
+        wait_for("admin token", lambda: token_file.exists() and token_file.read_text().strip())
+        c.token = token_file.read_text().strip()
+        wait_for("protocol 2", lambda: c.status(1)["clusterProtocolVersion"] == 2)
+        c.make_node(2)
+        c.use(2, baseline_python())
+        c.add_node(2, start_only=True)
+        proc = c.nodes[2].proc
+        assert proc is not None and proc.wait(timeout=60) == 1
+        text = c.nodes[2].log_text()
+        assert "protocol_too_old" in text, text[-2000:]
+        assert "this build speaks protocol 1; the cluster's log already uses protocol 2" in text
+        assert [m["nodeId"] for m in c.members(1)] == [1]
+        refused = [
+            x for x in c.nodes[1].log_text().splitlines() if "join_refused reason=protocol_too_old" in x
+        ]
+        assert refused
+    finally:
+        c.close()
