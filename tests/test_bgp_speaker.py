@@ -473,3 +473,26 @@ def test_state_is_read_back_not_assumed(tmp_path: Path, small_rib: int) -> None:
             await sp.close(3.0)
 
     asyncio.run(main())
+
+
+@needs_gobgp
+def test_a_stop_withdraws_many_routes_at_once(tmp_path: Path) -> None:
+    """More routes than CLI calls in flight: stop withdraws them with one call per family."""
+
+    async def main() -> None:
+        sp = GoBgpSpeaker(settings(tmp_path, batch=64))
+        await sp.open()
+        try:
+            want = {f"10.97.0.{i}/32" for i in range(1, 101)} | {
+                f"2001:db8:97::{i:x}/128" for i in range(1, 21)
+            }
+            sp.set_prefixes(sorted(want), canonical=True)
+            sp.start()  # 120 routes in batches of 64
+            await _until("announce", lambda: sp.announced == want, 30)
+            sp.stop()
+            await _until("withdraw", lambda: sp.announced == frozenset(), 5)
+            assert await sp.cli.rib("ipv4") == set() and await sp.cli.rib("ipv6") == set()
+        finally:
+            await sp.close(3.0)
+
+    asyncio.run(main())

@@ -352,11 +352,14 @@ class GoBgpSpeaker:
         if not self._admin and delete and len(delete) == len(rib) and len(delete) > s.concurrency:
             # A stop withdraws everything: one call per family instead of one per prefix.
             await asyncio.gather(self.cli.delete_all("ipv4"), self.cli.delete_all("ipv6"))
-            _log_change("bgp_withdraw", delete)
+            sample = heapq.nsmallest(SAMPLE_PREFIXES, delete, key=prefix_sort_key)
+            log.info("bgp_withdraw count=%d sample=%s", len(delete), ",".join(sample))
             self._rib = frozenset()
             self._report()
             return False
-        delete, add = delete[: s.batch], add[: max(0, s.batch - len(delete))]
+        # at most one batch, in address order (the logs never depend on a set's iteration order)
+        delete = sorted_prefixes(delete[: s.batch])
+        add = sorted_prefixes(add[: max(0, s.batch - len(delete))])
         deleted = await asyncio.gather(*(self.cli.delete(p) for p in delete), return_exceptions=True)
         added = await asyncio.gather(
             *(self.cli.add(p, s.next_hop6 if ":" in p and s.next_hop6 else s.next_hop) for p in add),
