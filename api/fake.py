@@ -54,14 +54,15 @@ class FakeMember:
     voter: bool = True
     caught_up: bool = True
     drain_state: DrainState = DrainState.ACTIVE
+    moved_to: tuple[str, str] | None = None  # (raft, api) set by set_member_address
 
     @property
     def raft_address(self) -> str:
-        return f"127.0.0.{self.node_id}:7000"
+        return self.moved_to[0] if self.moved_to else f"127.0.0.{self.node_id}:7000"
 
     @property
     def api_address(self) -> str:
-        return f"https://127.0.0.{self.node_id}:5002"
+        return self.moved_to[1] if self.moved_to else f"https://127.0.0.{self.node_id}:5002"
 
 
 @dataclass(slots=True)
@@ -370,6 +371,15 @@ class FakeNode:
         await self._enter()
         self._member(node_id).drain_state = DrainState.ACTIVE
         self.cluster.commit()
+
+    async def set_member_address(
+        self, node_id: int, *, raft_address: str | None, api_address: str | None
+    ) -> dict[str, Any]:
+        await self._enter()  # no format checks here: the real node validates like the config
+        m = self._member(node_id)
+        m.moved_to = (raft_address or m.raft_address, api_address or m.api_address)
+        self.cluster.commit()
+        return next(x for x in self.members() if x["nodeId"] == node_id)
 
     async def mint_join_token(self, node_id: int, ttl_seconds: int | None) -> dict[str, Any]:
         await self._enter()

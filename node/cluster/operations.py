@@ -19,7 +19,8 @@ from typing import Any
 from quorumd.api.errors import ApiError
 from quorumd.api.ports import DrainState
 from quorumd.node.cluster import pki
-from quorumd.node.cluster.service import ClusterService, pack, unpack
+from quorumd.node.cluster.addresses import AddressChanges
+from quorumd.node.cluster.service import pack, unpack
 from quorumd.node.effects.bgp import BgpSpeaker
 from quorumd.node.effects.ran import RanNotifier
 from quorumd.node.registry import jointoken
@@ -33,7 +34,7 @@ from quorumd.raft.core.types import ConfChange, ConfChangeType
 log = logging.getLogger(__name__)
 
 
-class ClusterNode(ClusterService):
+class ClusterNode(AddressChanges):  # AddressChanges is a ClusterService (SPEC 17)
     def __init__(
         self,
         *args: Any,

@@ -29,6 +29,7 @@ from quorumd.api.errors import ApiError
 from quorumd.api.ports import DrainState, ForwardedRequest
 from quorumd.api.server import ApiServer
 from quorumd.node.cluster import pki
+from quorumd.node.cluster.addresses import ADDRESS_RPC
 from quorumd.node.cluster.operations import ClusterNode
 from quorumd.node.cluster.service import Identity, pack, unpack
 from quorumd.node.config.schema import Config
@@ -55,6 +56,7 @@ from quorumd.node.registry.commands import (
     MarkNodeLeft,
     RegisterNodeInfo,
     SetClusterSecrets,
+    SetMemberAddress,
 )
 from quorumd.node.registry.state import (
     ApplyResult,
@@ -322,6 +324,7 @@ class Daemon:
         for coro, name in (
             (node.reconcile_loop(), "reconcile"),
             (self._announce_loop(), "announce"),
+            (node.keep_own_address(), "own-address"),  # SPEC 17: restarted elsewhere
             (self._ready_loop(), "ready"),
         ):
             self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
@@ -504,8 +507,8 @@ class Daemon:
         self.gc.after_snapshot()
 
     def _after_apply(self, results: Sequence[ApplyResult]) -> None:
-        if not results or any(isinstance(r.command, ConfChange) for r in results):
-            self._update_pins()
+        if not results or any(isinstance(r.command, ConfChange | SetMemberAddress) for r in results):
+            self._update_pins()  # a member moved (SPEC 17): every node dials its new address
 
     def _on_soft_state(self, old: SoftState, new: SoftState) -> None:
         if old.leader_id != new.leader_id:
@@ -646,6 +649,7 @@ class Daemon:
         transport.register_rpc("member.remove", wrap(node.rpc_member_remove))
         transport.register_rpc("join.forward", node.rpc_join_forward)
         transport.register_rpc("node.info", node.versions.rpc_node_info)  # SPEC 13
+        transport.register_rpc(ADDRESS_RPC, node.rpc_member_address)  # SPEC 17: moves itself only
         transport.register_join_handler(node.handle_join)
 
     # --- shutdown ------------------------------------------------------------------------------

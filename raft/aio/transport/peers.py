@@ -16,9 +16,11 @@ every frame is also checked against the current pin before delivery (``still_pin
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 import ssl
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -33,6 +35,12 @@ from .tls import ALPN_RAFT, ALPN_RPC, _client_context, _client_prove, _tls_facts
 log = logging.getLogger(__name__)
 
 UNPIN_GRACE_SECONDS = 2.0  # an unpinned member's in-flight requests may still be answered this long
+
+Resolver = Callable[[str, int], Awaitable[Sequence[str]]]  # (host, port) -> IP addresses to try
+
+
+def _factory(conn: _Conn) -> Callable[[], _Conn]:
+    return lambda: conn
 
 
 class Peers:
@@ -66,6 +74,7 @@ class Peers:
         self.member_conns: dict[int, set[_Conn]] = {}
         self.on_admitted: Callable[[int], None] | None = None  # a member's connection authenticated
         self.on_raft_peer_lost: Callable[[int], None] | None = None
+        self.resolver: Resolver | None = None  # None: the event loop's getaddrinfo (see resolve)
 
     def set_maps(self, pins: Mapping[int, str], addresses: Mapping[int, str]) -> None:
         for nid, fp in pins.items():
@@ -181,6 +190,49 @@ class Peers:
         return self.pins.get(conn.node_id) == conn.fingerprint
 
     # --- outbound --------------------------------------------------------------------------
+    async def resolve(self, host: str, port: int) -> list[str]:
+        """The IP addresses to try for ``host``, looked up now: a DNS name (an advertise address
+        may be one) is resolved at every dial and never cached beyond one connection, so an IP
+        change behind the name needs nothing (SPEC 17). ``resolver`` replaces the lookup (tests)."""
+        if self.resolver is not None:
+            return list(await self.resolver(host, port))
+        try:
+            ipaddress.ip_address(host)
+            return [host]
+        except ValueError:
+            pass
+        assert self.loop is not None
+        infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+    async def _connect(self, conn: _Conn, host: str, port: int, alpn: str) -> _Conn:
+        """TCP and TLS to the first of ``host``'s addresses that accepts (a fresh ``_Conn`` per
+        attempt); the caller's timeout bounds the whole."""
+        assert self.loop is not None
+        addresses = await self.resolve(host, port)
+        if not addresses:
+            raise OSError(f"{host} resolved to no address")
+        for i, ip in enumerate(addresses):
+            attempt = conn if i == 0 else _Conn(self.loop, self.stats, alpn)
+            attempt.node_id, attempt.peer = conn.node_id, conn.peer
+            try:
+                await self.loop.create_connection(
+                    _factory(attempt),
+                    ip,
+                    port,
+                    ssl=self._client_ctx[alpn],
+                    ssl_handshake_timeout=self._connect_timeout,
+                )
+            except ssl.SSLError:
+                raise
+            except OSError:
+                if i == len(addresses) - 1:
+                    raise
+                continue
+            if ip != host:
+                log.debug("peer_resolved node=%d host=%s address=%s", conn.node_id, host, ip)
+            return attempt
+        raise OSError(f"no address of {host} accepted")  # pragma: no cover - the loop returns or raises
     async def dial(self, node_id: int, alpn: str) -> _Conn:
         """An authenticated connection to a pinned member; _DialError otherwise."""
         assert self.loop is not None
@@ -198,13 +250,7 @@ class Peers:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 try:
-                    await self.loop.create_connection(
-                        lambda: conn,
-                        host,
-                        port,
-                        ssl=self._client_ctx[alpn],
-                        ssl_handshake_timeout=self._connect_timeout,
-                    )
+                    conn = await self._connect(conn, host, port, alpn)
                 except ssl.SSLError as exc:
                     self.refuse("handshake", conn, detail=str(exc.reason or type(exc).__name__))
                     raise _DialError(f"TLS handshake failed: {exc.reason}") from exc
