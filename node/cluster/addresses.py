@@ -129,6 +129,16 @@ class AddressChanges(ClusterService):
     async def announce_own_address(self) -> bool:
         """One round: ask every other member at once; True when the leader recorded it."""
         me = self.identity.node_id
+        if self.is_leader():  # e.g. a one-node cluster moved: nobody else to ask
+            ident = self.identity
+            try:
+                await self._propose_address_change(
+                    SetMemberAddress(time.time(), me, ident.raft_address, ident.api_address), ACTOR_JOIN
+                )
+            except ApiError as exc:
+                log.info("own_address_announce_retry address=%s reasons=%s", ident.raft_address, exc.code)
+                return False
+            return True
         others = [m.node_id for m in self.sm.members() if m.node_id != me]
         if self._rpc is None or not others:
             return False
