@@ -78,7 +78,8 @@ def wait_settled(c: Cluster, nid: int, timeout: float = 60.0) -> float:
     return time.monotonic()
 
 
-def write_through(c: Cluster, nid: int, holder: str) -> None:
+def write_through(c: Cluster, nid: int, holder: str, nodes: list[int] | None = None) -> None:
+    """A lease allocated through ``nid`` shows up on every live node (or on ``nodes``)."""
     lease = c.ok(nid, "POST", "/api/v1/leases", {"pool": "moves", "holder": holder})
 
     def everywhere() -> bool:
@@ -87,7 +88,7 @@ def write_through(c: Cluster, nid: int, holder: str) -> None:
                 x["id"] == lease["id"]
                 for x in c.ok(n, "GET", f"/api/v1/leases?pool=moves&after={lease['id'] - 1}")
             )
-            for n in live(c)
+            for n in (nodes or live(c))
         )
 
     wait_for(f"lease {lease['id']} (via node {nid}) on every node", everywhere, 30)
