@@ -235,3 +235,24 @@ def test_a_member_cannot_move_another(c: Cluster) -> None:
     # Nothing changed anywhere (let any stray entry apply first: a barrier through the leader).
     http("GET", f"{c.nodes[lead].api}{M}?consistent=true", c.token)
     assert {n: c.ok(n, "GET", M) for n in live(c)} == before
+
+
+def test_two_members_move_while_the_cluster_has_no_quorum(c: Cluster) -> None:
+    """Both followers stop and come back elsewhere: the remaining member alone cannot lead, and
+    the two moved members only know each other's old addresses. Each one's announcement tells
+    the member it reaches where to dial it, which gives a quorum; a leader that moved too is
+    found through the member that reaches it; both moves are recorded."""
+    lead = c.wait_leader()
+    first, second = sorted(n for n in c.nodes if n != lead)
+    assert c.stop(first) == 0 and c.stop(second) == 0
+    for nid, host in ((first, "127.0.0.27"), (second, "127.0.0.28")):
+        node = c.nodes[nid]
+        node.host = host
+        node.raft_port, node.api_port = free_port(host), free_port(host)
+        c.write_config(node)
+    for nid in (first, second):
+        c.start(c.nodes[nid])
+    for nid in (first, second):
+        wait_settled(c, nid)
+    for n in live(c):
+        write_through(c, n, f"after-double-move-{n}")

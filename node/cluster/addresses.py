@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -103,6 +104,38 @@ def validate_addresses(raft_address: str | None, api_address: str | None) -> tup
 class AddressChanges(ClusterService):
     """The address operations of a running node (see the module docstring)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # node id -> (announced raft address, the registry's address then): see dial_addresses
+        self._address_hints: dict[int, tuple[str, str]] = {}
+        self.on_dial_addresses_changed: Callable[[], None] | None = None  # the daemon re-reads them
+
+    # --- where to dial ---------------------------------------------------------------------------
+    def dial_addresses(self, registry: dict[int, str]) -> dict[int, str]:
+        """The addresses to dial: the registry's, except for a member that announced (over a
+        connection its certificate proved) that it moved and whose entry still names the address
+        it left. Such a hint is local, never replicated, only says where to dial (every dial is
+        still pin-checked), and is dropped once the registry's entry changes. It lets every node
+        that heard the announcement reach the moved node before the change commits, and, when
+        the moved node is needed for a quorum (another member down or moved too), at all."""
+        hints = self._address_hints
+        out = dict(registry)
+        for nid, (hint, base) in list(hints.items()):
+            if out.get(nid) == base:
+                out[nid] = hint
+            else:
+                del hints[nid]
+        return out
+
+    def _hint_address(self, node_id: int, raft_address: str, registry_address: str) -> None:
+        hints = self._address_hints
+        if hints.get(node_id) == (raft_address, registry_address):
+            return
+        hints[node_id] = (raft_address, registry_address)
+        log.info("peer_address_hint node=%d address=%s registry=%s", node_id, raft_address, registry_address)
+        if self.on_dial_addresses_changed is not None:
+            self.on_dial_addresses_changed()
+
     # --- the moved node ------------------------------------------------------------------------
     def own_entry_moved(self) -> bool:
         """This node's registry entry names a cluster address it does not listen on."""
@@ -154,9 +187,28 @@ class AddressChanges(ClusterService):
         answers = await asyncio.gather(*(self._ask(nid, payload, timeout) for nid in others))
         if any(a.get("ok") for a in answers):
             return True
+        self._follow_leader_hints(dict(zip(others, answers, strict=True)))
         reasons = sorted({str(a.get("reason")) for a in answers})
         log.info("own_address_announce_retry address=%s reasons=%s", self.identity.raft_address, reasons)
         return False
+
+    def _follow_leader_hints(self, answers: dict[int, dict[str, Any]]) -> None:
+        """The leader was unreachable at the address this replica has for it (it moved too, and
+        this node has not seen that yet) but a member that reaches it said where it dials it:
+        dial the leader there (pin-checked, local, dropped once the registry changes)."""
+        for a in answers.values():
+            leader, where = a.get("leader"), a.get("leader_address")
+            if a.get("reason") != "not_leader" or type(leader) is not int or type(where) is not str:
+                continue
+            m = self.sm.member(leader)
+            if m is None or leader == self.identity.node_id or where == m.raft_address:
+                continue
+            if answers.get(leader, {}).get("reason") != "RpcUnreachable":
+                continue
+            try:
+                self._hint_address(leader, parse_raft_address(where), m.raft_address)
+            except ValueProblem:
+                continue
 
     async def _ask(self, node_id: int, payload: bytes, timeout: float) -> dict[str, Any]:
         assert self._rpc is not None
@@ -183,8 +235,6 @@ class AddressChanges(ClusterService):
             return _refused("forbidden", "a member may only change its own addresses")
         # It said what it speaks: the leader cannot ask it over the old address (see the docstring).
         self.versions.live[from_id] = (pv, time.monotonic())
-        if not self.is_leader():
-            return pack({"ok": False, "reason": "not_leader", "leader": self.leader_id()})
         m = self.sm.member(from_id)
         if m is None:
             return _refused("forbidden", f"node {from_id} is not a member")
@@ -193,6 +243,12 @@ class AddressChanges(ClusterService):
         except BadRequest as exc:
             return _refused(exc.code, exc.message)
         assert raft is not None and api is not None
+        if raft != m.raft_address:
+            self._hint_address(from_id, raft, m.raft_address)  # dial it there now (any node)
+        if not self.is_leader():
+            leader = self.leader_id()
+            where = self.dial_addresses({m.node_id: m.raft_address for m in self.sm.members()}).get(leader)
+            return pack({"ok": False, "reason": "not_leader", "leader": leader, "leader_address": where})
         if (m.raft_address, m.api_address) != (raft, api):
             cmd = SetMemberAddress(time.time(), from_id, raft, api)
             try:

@@ -377,6 +377,7 @@ class Daemon:
             election_timeout_seconds=cfg.cluster.election_timeout_seconds,
         )
         node.on_join_result = self.metrics.count_join
+        node.on_dial_addresses_changed = self._update_pins
         return node
 
     def _api_ssl(self) -> ssl.SSLContext:
@@ -499,8 +500,8 @@ class Daemon:
                 pins.setdefault(nid, fp)
                 addrs.setdefault(nid, self._bootstrap_addrs[nid])
         pins.pop(self.cfg.node_id, None)
-        addrs.pop(self.cfg.node_id, None)
-        self.transport.update_pins(pins, addrs)
+        addrs.pop(self.cfg.node_id, None)  # never dial itself (its own entry may be stale: SPEC 17)
+        self.transport.update_pins(pins, self.node.dial_addresses(addrs))
 
     def _on_snapshot(self, _index: int) -> None:
         self.metrics.count_snapshot()
