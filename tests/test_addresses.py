@@ -5,6 +5,7 @@ against the baseline build (protocol 1) for a mixed cluster."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import subprocess
@@ -13,7 +14,13 @@ import msgpack
 import pytest
 
 from quorumd.api.errors import BadRequest
-from quorumd.node.cluster.addresses import parse_api_address, parse_raft_address, validate_addresses
+from quorumd.node.cluster.addresses import (
+    AddressChanges,
+    parse_api_address,
+    parse_raft_address,
+    validate_addresses,
+)
+from quorumd.node.cluster.service import Identity
 from quorumd.node.config.values import ValueProblem
 from quorumd.node.registry.commands import (
     COMMAND_ENVELOPE_V2,
@@ -332,3 +339,55 @@ def test_a_mixed_cluster_allocates_alike_at_protocol_1() -> None:
     assert mine[3][1] == "fd00:99::"  # the baseline hands the anycast out: so must this build at protocol 1
     assert {p.name: p.capacity for p in sm.pools()} == baseline["pools"]
     assert hashlib.sha256(sm.snapshot()).hexdigest() == baseline["snapshot"]
+
+
+# --- the member.address handler and dial hints (no network: this node follows, leader unknown) --
+
+
+def _service(sm: StateMachine) -> AddressChanges:
+    identity = Identity(1, "c", "0", "10.0.0.1:7000", "https://10.0.0.1:5002", "sha256:00", "")
+    return AddressChanges(
+        identity, sm, cluster_enabled=True, propose_timeout_seconds=1.0, tick_seconds=0.1, max_trailing_logs=1
+    )
+
+
+def _ask(svc: AddressChanges, from_id: int, **fields: object) -> dict[str, object]:
+    req = {"node_id": from_id, "raft_address": "127.0.0.9:7100", "api_address": "https://127.0.0.9:5102"}
+    req["protocol_version"] = 2
+    req.update(fields)
+    return dict(msgpack.unpackb(asyncio.run(svc.rpc_member_address(from_id, msgpack.packb(req)))))
+
+
+def test_a_member_may_only_announce_itself() -> None:
+    svc = _service(cluster(1, 2, 3).sm)
+    changed: list[int] = []
+    svc.on_dial_addresses_changed = lambda: changed.append(1)
+    assert _ask(svc, 3, node_id=2)["reason"] == "forbidden"  # node 3 asks to move node 2
+    assert _ask(svc, 7, node_id=7)["reason"] == "forbidden"  # not a member
+    assert _ask(svc, 3, raft_address="0.0.0.0:1")["reason"] == "invalid_raft_address"
+    assert _ask(svc, 3, api_address="http://h:1")["reason"] == "invalid_api_address"
+    assert _ask(svc, 3, node_id="x")["reason"] == "malformed"
+    assert changed == [] and svc.dial_addresses({2: "10.0.0.2:7000", 3: "10.0.0.3:7000"}) == {
+        2: "10.0.0.2:7000",
+        3: "10.0.0.3:7000",
+    }
+
+
+def test_an_announcement_is_a_dial_hint_until_the_registry_changes() -> None:
+    h = cluster(1, 2, 3)
+    svc = _service(h.sm)
+    changed: list[int] = []
+    svc.on_dial_addresses_changed = lambda: changed.append(1)
+    answer = _ask(svc, 2)
+    assert answer["reason"] == "not_leader" and answer["leader"] == 0  # a follower: no proposal
+    assert changed == [1] and svc.versions.live_version(2) == 2  # it said what it speaks
+    registry = {m.node_id: m.raft_address for m in h.sm.members() if m.node_id != 1}
+    assert svc.dial_addresses(registry) == {2: "127.0.0.9:7100", 3: "10.0.0.3:7000"}
+    _ask(svc, 2)
+    assert changed == [1]  # the same hint again changes nothing
+    ok(
+        h.run(SetMemberAddress(9.0, 2, "127.0.0.10:7100", "https://127.0.0.10:5102"))
+    )  # then recorded elsewhere
+    registry = {m.node_id: m.raft_address for m in h.sm.members() if m.node_id != 1}
+    assert svc.dial_addresses(registry)[2] == "127.0.0.10:7100"  # the registry wins, the hint is gone
+    assert svc.dial_addresses({2: "10.0.0.2:7000"}) == {2: "10.0.0.2:7000"}
