@@ -256,3 +256,23 @@ def test_two_members_move_while_the_cluster_has_no_quorum(c: Cluster) -> None:
         wait_settled(c, nid)
     for n in live(c):
         write_through(c, n, f"after-double-move-{n}")
+
+
+def test_every_member_moves_at_once(c: Cluster) -> None:
+    """The whole cluster renumbered (every host at a new address, configs updated): no replica
+    knows where any other member is. Each node asks the configured peers it has not tried, learns
+    from the certificate which member answers there, and dials it there; a leader is elected and
+    records every move."""
+    for nid in c.nodes:
+        assert c.stop(nid) == 0
+    for nid, node in c.nodes.items():
+        node.host = f"127.0.0.{40 + nid}"
+        node.raft_port, node.api_port = free_port(node.host), free_port(node.host)
+    for node in c.nodes.values():
+        c.write_config(node)  # cluster.peers: the new addresses
+    for node in c.nodes.values():
+        c.start(node)
+    for nid in c.nodes:
+        wait_settled(c, nid)
+    for n in live(c):
+        write_through(c, n, f"after-renumbering-{n}")

@@ -180,3 +180,22 @@ async def test_a_moved_member_is_redialed_at_once(ts: Transports) -> None:
                 break
             except TimeoutError:
                 continue
+
+
+async def test_rpc_at_an_address_names_the_member_that_answers(ts: Transports) -> None:
+    a_id, b_id = generate_node_identity(1, CLUSTER), generate_node_identity(2, CLUSTER)
+    port = free_port("127.0.0.37")
+    a = await ts.start(1, a_id, f"127.0.0.1:{free_port()}")
+    a.update_pins({2: b_id.fingerprint}, {2: "127.0.0.1:1"})  # the registry's address is stale
+    b = await ts.start(2, b_id, f"127.0.0.37:{port}")
+
+    async def here(_frm: int, _payload: bytes) -> bytes:
+        return b"here"
+
+    b.register_rpc("where", here)
+    assert await a.rpc_at(f"127.0.0.37:{port}", "where", b"", WAIT_SECONDS) == (2, b"here")
+    stranger = generate_node_identity(3, CLUSTER)  # answers, but is not pinned: refused
+    other = free_port("127.0.0.38")
+    await ts.start(3, stranger, f"127.0.0.38:{other}")
+    with pytest.raises(RpcUnreachable):
+        await a.rpc_at(f"127.0.0.38:{other}", "where", b"", WAIT_SECONDS)

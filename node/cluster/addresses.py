@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -58,6 +58,7 @@ ACTOR_JOIN = "system:join"  # SPEC 11: {"type": "system", "component": "join"}
 ACTOR_API = "api"  # the PATCH's token (the pipeline knows it; see the audit hook above)
 
 _RAFT_ADDRESS = Address(reachable=True)  # the kind of cluster.advertise-address
+RpcAt = Callable[[str, str, bytes, float], Awaitable[tuple[int, bytes]]]  # ClusterTransport.rpc_at
 
 
 def parse_raft_address(text: str) -> str:
@@ -142,15 +143,17 @@ class AddressChanges(ClusterService):
         m = self.sm.member(self.identity.node_id)
         return m is not None and m.raft_address != self.identity.raft_address
 
-    async def keep_own_address(self) -> None:
+    async def keep_own_address(self, seeds: Sequence[str] = (), rpc_at: RpcAt | None = None) -> None:
         """Run for the node's life: whenever its own entry names another cluster address, tell
-        the leader where it is, until its replica shows the new address (bounded tries, backoff)."""
+        the leader where it is, until its replica shows the new address (bounded tries, backoff).
+        ``seeds`` (config ``cluster.peers``) are asked too, through ``rpc_at``, when no member
+        answers at the address this replica has for it (they all moved)."""
         backoff = RETRY_MIN_SECONDS
         while True:
             if not self.own_entry_moved():
                 await self.wait_state(self.own_entry_moved, 3600.0)
                 continue
-            if await self.announce_own_address():
+            if await self.announce_own_address(seeds, rpc_at):
                 ok = await self.wait_state(lambda: not self.own_entry_moved(), self.propose_timeout)
                 if ok:
                     log.info("own_address_recorded address=%s", self.identity.raft_address)
@@ -159,7 +162,7 @@ class AddressChanges(ClusterService):
             await asyncio.sleep(backoff)  # retry pacing (the gate, no leader yet): not a sync wait
             backoff = min(RETRY_MAX_SECONDS, backoff * 2)
 
-    async def announce_own_address(self) -> bool:
+    async def announce_own_address(self, seeds: Sequence[str] = (), rpc_at: RpcAt | None = None) -> bool:
         """One round: ask every other member at once; True when the leader recorded it."""
         me = self.identity.node_id
         if self.is_leader():  # e.g. a one-node cluster moved: nobody else to ask
@@ -187,10 +190,47 @@ class AddressChanges(ClusterService):
         answers = await asyncio.gather(*(self._ask(nid, payload, timeout) for nid in others))
         if any(a.get("ok") for a in answers):
             return True
-        self._follow_leader_hints(dict(zip(others, answers, strict=True)))
+        by_node = dict(zip(others, answers, strict=True))
+        if rpc_at is not None and any(a.get("reason") == "RpcUnreachable" for a in answers):
+            if await self._ask_seeds(seeds, rpc_at, payload, timeout, by_node):
+                return True
+        self._follow_leader_hints(by_node)
         reasons = sorted({str(a.get("reason")) for a in answers})
         log.info("own_address_announce_retry address=%s reasons=%s", self.identity.raft_address, reasons)
         return False
+
+    async def _ask_seeds(
+        self,
+        seeds: Sequence[str],
+        rpc_at: RpcAt,
+        payload: bytes,
+        timeout: float,
+        by_node: dict[int, dict[str, Any]],
+    ) -> bool:
+        """Ask whoever answers at a configured peer address this node has not tried. A member that
+        answers there (its certificate says which) is dialed there from now on (a local hint)."""
+        me = self.identity.node_id
+        registry = {m.node_id: m.raft_address for m in self.sm.members() if m.node_id != me}
+        tried = {*self.dial_addresses(registry).values(), self.identity.raft_address}
+        probe = [a for a in dict.fromkeys(seeds) if a not in tried]
+        if not probe:
+            return False
+
+        async def one(address: str) -> tuple[int, dict[str, Any]]:
+            try:
+                nid, raw = await rpc_at(address, ADDRESS_RPC, payload, timeout)
+                answer = unpack(raw)
+            except (RpcError, ValueError):
+                return 0, {}
+            return nid, answer if isinstance(answer, dict) else {}
+
+        found = await asyncio.gather(*(one(a) for a in probe))
+        for address, (nid, answer) in zip(probe, found, strict=True):
+            if nid in registry and answer:
+                if registry[nid] != address:
+                    self._hint_address(nid, address, registry[nid])
+                by_node[nid] = answer
+        return any(a.get("ok") for _, a in found)
 
     def _follow_leader_hints(self, answers: dict[int, dict[str, Any]]) -> None:
         """The leader was unreachable at the address this replica has for it (it moved too, and

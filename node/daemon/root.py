@@ -321,10 +321,11 @@ class Daemon:
         stack.push_async_callback(self._bounded, api_server.close(), 5.0)
         log.info("api_listening node=%d address=%s port=%d", cfg.node_id, cfg.api.address, self.api_port)
 
+        seeds = [str(p) for p in cfg.cluster.peers]  # SPEC 17: where to look when restarted elsewhere
         for coro, name in (
             (node.reconcile_loop(), "reconcile"),
             (self._announce_loop(), "announce"),
-            (node.keep_own_address(), "own-address"),  # SPEC 17: restarted elsewhere
+            (node.keep_own_address(seeds, transport.rpc_at if transport else None), "own-address"),
             (self._ready_loop(), "ready"),
         ):
             self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))

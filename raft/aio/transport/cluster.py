@@ -200,3 +200,8 @@ class ClusterTransport:
     async def rpc(self, node_id: int, method: str, payload: bytes, timeout: float) -> bytes:
         """Call ``method`` on member ``node_id``: RpcUnreachable, RpcTimeout or RpcRemoteError."""
         return await self._rpc.call(node_id, method, payload, timeout)
+
+    async def rpc_at(self, address: str, method: str, payload: bytes, timeout: float) -> tuple[int, bytes]:
+        """Call ``method`` on whichever pinned member answers at ``address``: (its node id,
+        answer). For a member whose address this node does not know yet (SPEC 17)."""
+        return await self._rpc.call_at(address, method, payload, timeout)

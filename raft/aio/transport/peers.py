@@ -233,18 +233,26 @@ class Peers:
                 log.debug("peer_resolved node=%d host=%s address=%s", conn.node_id, host, ip)
             return attempt
         raise OSError(f"no address of {host} accepted")  # pragma: no cover - the loop returns or raises
+
     async def dial(self, node_id: int, alpn: str) -> _Conn:
         """An authenticated connection to a pinned member; _DialError otherwise."""
-        assert self.loop is not None
         address, expected = self.addresses.get(node_id), self.pins.get(node_id)
         if address is None or expected is None or self.closing:
             raise _DialError("not a pinned member")
+        return await self.dial_address(address, alpn, node_id)
+
+    async def dial_address(self, address: str, alpn: str, node_id: int | None) -> _Conn:
+        """An authenticated connection to the member at ``address``: ``node_id``, or (None) any
+        pinned member, which its proven certificate names (``conn.node_id``); _DialError otherwise."""
+        assert self.loop is not None
+        if self.closing:
+            raise _DialError("closing")
         try:
             host, port = split_host_port(address)
         except ValueError as exc:
             raise _DialError(str(exc)) from exc
         conn = _Conn(self.loop, self.stats, alpn)
-        conn.node_id = node_id
+        conn.node_id = node_id or 0
         conn.peer = address
         self.stats.connections_dialed += 1
         try:
@@ -259,10 +267,11 @@ class Peers:
                 if selected != alpn:
                     self.refuse("alpn", conn)
                     raise _DialError("peer did not select the channel")
-                _, fp, reason = self.check_member(der, node_id)
+                nid, fp, reason = self.check_member(der, node_id)
                 if reason is not None:
                     self.refuse(reason, conn, fp)
                     raise _DialError(f"peer refused: {reason}")
+                conn.node_id = nid
                 await _client_prove(conn, alpn, fp, self._cert_der, self._key)
         except TimeoutError as exc:
             conn.abort()
@@ -270,9 +279,9 @@ class Peers:
         except OSError as exc:
             conn.abort()
             raise _DialError(f"{type(exc).__name__}: {exc}") from exc
-        if self.closing or self.pins.get(node_id) != expected:
+        if self.closing or self.pins.get(nid) != fp:
             conn.abort()
             raise _DialError("unpinned while dialing")
-        self.admit(conn, node_id, fp)
-        log.debug("peer_connected direction=out channel=%s node=%d", alpn, node_id)
+        self.admit(conn, nid, fp)
+        log.debug("peer_connected direction=out channel=%s node=%d", alpn, nid)
         return conn
