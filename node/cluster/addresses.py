@@ -14,6 +14,17 @@ are redialed at once), the leader's Raft traffic reaches the moved node, and it 
 moved node never dials itself: the transport's address map leaves out the node's own id, so the
 stale entry for itself is only ever compared with where it really listens.
 
+Before the change commits, and when it cannot commit without the moved node (the quorum needs
+it: another member is down or moved too), reachability comes from local dial hints: every node
+that receives an announcement dials the announcer at its new address (``dial_addresses``: never
+replicated, still pin-checked, dropped when the registry entry changes); a follower's "not the
+leader" answer says where it dials the leader, which a moved node that cannot reach the leader at
+its recorded address follows; and a moved node that reaches nobody at the recorded addresses
+asks the configured ``cluster.peers`` it has not tried (``ClusterTransport.rpc_at``: whichever
+member answers there is named by its certificate, and dialed there from then on). So one member
+moved, two moved while the third was down, or the whole cluster renumbered at once all heal
+without the operator.
+
 The op needs cluster protocol 2 (``OP_PROTOCOL``). While a member of the baseline build is
 present the gate refuses it; the moved node keeps asking (backoff up to ``RETRY_MAX_SECONDS``),
 and its request tells the leader its protocol version, which the leader could not ask for over

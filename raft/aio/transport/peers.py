@@ -5,7 +5,10 @@ authenticated connections of each member (both directions), the pin check of a p
 certificate, refusals (``peer_refused``, logged and counted), and dialing a member: TLS, the pin
 and identity check of the proven server certificate, then the in-band proof (``tls``). It also
 holds what every channel needs to end cleanly: the event loop, the closing flag, every task and
-every live connection, so that ``ClusterTransport.close`` can stop them all.
+every live connection, so that ``ClusterTransport.close`` can stop them all. A member's address
+may be a DNS name: it is resolved at every dial, never cached beyond one connection, and each
+address it resolves to is tried in turn (``resolve``, SPEC 17). ``dial_address`` also dials an
+address whose member is not known yet: the proven certificate says which pinned member it is.
 
 Contexts never hold pins, so a pin change rebuilds nothing: ``ClusterTransport.update_pins``
 swaps the maps here and closes every live connection (both directions) of a member whose pin was
