@@ -276,3 +276,15 @@ def test_every_member_moves_at_once(c: Cluster) -> None:
         wait_settled(c, nid)
     for n in live(c):
         write_through(c, n, f"after-renumbering-{n}")
+
+
+def test_a_running_member_corrects_a_wrong_patch(c: Cluster) -> None:
+    lead = c.wait_leader()
+    target = min(n for n in c.nodes if n != lead)
+    real = addresses(c, target)
+    item = c.ok(lead, "PATCH", f"{M}/{target}", {"raftAddress": "127.0.0.99:7999"})
+    assert item["nodeId"] == target
+    wait_for(f"node {target} back at {real} everywhere", lambda: listed_everywhere(c, target, real), 30)
+    lines = [line for n in live(c) for line in c.nodes[n].log_text().splitlines()]
+    assert any(f"member_address_change node_id={target}" in x and "was=127.0.0.99:7999" in x for x in lines)
+    wait_for("autopilot healthy, failure tolerance 1", lambda: healthy(c), 30)

@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 ADDRESS_RPC = "member.address"
 RETRY_MIN_SECONDS = 0.1
 RETRY_MAX_SECONDS = 2.0
+UNHEARD_CHECK_SECONDS = 1.0  # how often a member checks whether it knows a leader (see unheard)
 ACTOR_JOIN = "system:join"  # SPEC 11: {"type": "system", "component": "join"}
 ACTOR_API = "api"  # the PATCH's token (the pipeline knows it; see the audit hook above)
 
@@ -154,26 +155,41 @@ class AddressChanges(ClusterService):
         m = self.sm.member(self.identity.node_id)
         return m is not None and m.raft_address != self.identity.raft_address
 
+    def unheard(self) -> bool:
+        """A member that knows no leader: it may be that nobody can reach it (its entry was set to
+        an address it does not listen on, e.g. a PATCH while it ran): it announces where it is."""
+        me = self.identity.node_id
+        if self.driver is None or self.leader_id() != 0 or self.sm.member(me) is None:
+            return False
+        members = self.d.core.config.members()
+        return me in members and len(members) > 1
+
     async def keep_own_address(self, seeds: Sequence[str] = (), rpc_at: RpcAt | None = None) -> None:
         """Run for the node's life: whenever its own entry names another cluster address, tell
         the leader where it is, until its replica shows the new address (bounded tries, backoff).
         ``seeds`` (config ``cluster.peers``) are asked too, through ``rpc_at``, when no member
-        answers at the address this replica has for it (they all moved)."""
+        answers at the address this replica has for it (they all moved). A member that knows no
+        leader announces itself too (``unheard``): every node that hears it dials it where it is,
+        and a leader whose registry says otherwise records where it really is."""
         backoff = RETRY_MIN_SECONDS
         while True:
-            if not self.own_entry_moved():
-                await self.wait_state(self.own_entry_moved, 3600.0)
+            moved = self.own_entry_moved()
+            if not moved and not self.unheard():
+                backoff = RETRY_MIN_SECONDS
+                await self.wait_state(lambda: self.own_entry_moved() or self.unheard(), UNHEARD_CHECK_SECONDS)
                 continue
-            if await self.announce_own_address(seeds, rpc_at):
-                ok = await self.wait_state(lambda: not self.own_entry_moved(), self.propose_timeout)
-                if ok:
+            recorded = await self.announce_own_address(seeds, rpc_at, quiet=not moved)
+            if moved and recorded:
+                if await self.wait_state(lambda: not self.own_entry_moved(), self.propose_timeout):
                     log.info("own_address_recorded address=%s", self.identity.raft_address)
                     backoff = RETRY_MIN_SECONDS
                     continue
             await asyncio.sleep(backoff)  # retry pacing (the gate, no leader yet): not a sync wait
             backoff = min(RETRY_MAX_SECONDS, backoff * 2)
 
-    async def announce_own_address(self, seeds: Sequence[str] = (), rpc_at: RpcAt | None = None) -> bool:
+    async def announce_own_address(
+        self, seeds: Sequence[str] = (), rpc_at: RpcAt | None = None, *, quiet: bool = False
+    ) -> bool:
         """One round: ask every other member at once; True when the leader recorded it."""
         me = self.identity.node_id
         if self.is_leader():  # e.g. a one-node cluster moved: nobody else to ask
@@ -207,7 +223,9 @@ class AddressChanges(ClusterService):
                 return True
         self._follow_leader_hints(by_node)
         reasons = sorted({str(a.get("reason")) for a in answers})
-        log.info("own_address_announce_retry address=%s reasons=%s", self.identity.raft_address, reasons)
+        level = logging.DEBUG if quiet else logging.INFO
+        here = self.identity.raft_address
+        log.log(level, "own_address_announce_retry address=%s reasons=%s", here, reasons)
         return False
 
     async def _ask_seeds(
