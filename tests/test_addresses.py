@@ -391,3 +391,15 @@ def test_an_announcement_is_a_dial_hint_until_the_registry_changes() -> None:
     registry = {m.node_id: m.raft_address for m in h.sm.members() if m.node_id != 1}
     assert svc.dial_addresses(registry)[2] == "127.0.0.10:7100"  # the registry wins, the hint is gone
     assert svc.dial_addresses({2: "10.0.0.2:7000"}) == {2: "10.0.0.2:7000"}
+
+
+def test_a_member_back_where_it_was_drops_its_hint() -> None:
+    h = cluster(1, 2, 3)
+    svc = _service(h.sm)
+    changed: list[int] = []
+    svc.on_dial_addresses_changed = lambda: changed.append(1)
+    _ask(svc, 2)  # moved: dial it at 127.0.0.9:7100
+    assert svc.dial_addresses({2: "10.0.0.2:7000"}) == {2: "127.0.0.9:7100"}
+    _ask(svc, 2, raft_address="10.0.0.2:7000", api_address="https://10.0.0.2:5002")  # and back again
+    assert svc.dial_addresses({2: "10.0.0.2:7000"}) == {2: "10.0.0.2:7000"}
+    assert changed == [1, 1]

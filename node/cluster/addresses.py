@@ -141,11 +141,20 @@ class AddressChanges(ClusterService):
         return out
 
     def _hint_address(self, node_id: int, raft_address: str, registry_address: str) -> None:
+        """Dial ``node_id`` at ``raft_address`` while the registry says ``registry_address``; the
+        same address as the registry's drops the hint (a member back where it was)."""
         hints = self._address_hints
-        if hints.get(node_id) == (raft_address, registry_address):
+        if raft_address == registry_address:
+            if hints.pop(node_id, None) is None:
+                return
+            log.info("peer_address_hint_dropped node=%d address=%s", node_id, raft_address)
+        elif hints.get(node_id) == (raft_address, registry_address):
             return
-        hints[node_id] = (raft_address, registry_address)
-        log.info("peer_address_hint node=%d address=%s registry=%s", node_id, raft_address, registry_address)
+        else:
+            hints[node_id] = (raft_address, registry_address)
+            log.info(
+                "peer_address_hint node=%d address=%s registry=%s", node_id, raft_address, registry_address
+            )
         if self.on_dial_addresses_changed is not None:
             self.on_dial_addresses_changed()
 
@@ -312,8 +321,7 @@ class AddressChanges(ClusterService):
         except BadRequest as exc:
             return _refused(exc.code, exc.message)
         assert raft is not None and api is not None
-        if raft != m.raft_address:
-            self._hint_address(from_id, raft, m.raft_address)  # dial it there now (any node)
+        self._hint_address(from_id, raft, m.raft_address)  # dial it where it is, now (any node)
         if not self.is_leader():
             leader = self.leader_id()
             where = self.dial_addresses({m.node_id: m.raft_address for m in self.sm.members()}).get(leader)

@@ -75,6 +75,8 @@ from quorumd.raft.core.types import ConfChange, Entry, HardState, Role, Snapshot
 
 log = logging.getLogger(__name__)
 
+_PEERS_CHANGED = (ConfChange, SetMemberAddress)  # applied entries after which the pins are re-read
+
 
 @dataclass(frozen=True, slots=True)
 class Timing:
@@ -509,7 +511,7 @@ class Daemon:
         self.gc.after_snapshot()
 
     def _after_apply(self, results: Sequence[ApplyResult]) -> None:
-        if not results or any(isinstance(r.command, ConfChange | SetMemberAddress) for r in results):
+        if not results or any(isinstance(r.command, _PEERS_CHANGED) for r in results):
             self._update_pins()  # a member moved (SPEC 17): every node dials its new address
 
     def _on_soft_state(self, old: SoftState, new: SoftState) -> None:
