@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl
 
 from prometheus_client import CollectorRegistry
 
-from . import routes_cluster, routes_leases, routes_pools, routes_status, routes_tokens
+from . import routes_backup, routes_cluster, routes_leases, routes_pools, routes_status, routes_tokens
 from .auth import FailedAuthLimiter, bearer_token
 from .errors import ApiError, InternalError, PayloadTooLarge
 from .metrics import UNMATCHED, ApiMetrics
@@ -42,6 +42,7 @@ def all_routes() -> list[Route]:
         *routes_tokens.routes(),
         *routes_pools.routes(),
         *routes_leases.routes(),
+        *routes_backup.routes(),
     ]
 
 

@@ -5,10 +5,12 @@ behaviour, one that does not still works.
 
 - ``LeaseAllocationReporting``: lets POST /leases tell a new allocation (201) from an existing
   (pool, holder) lease returned again (200). Without it every allocation answers 201.
+- ``BackupSource``: serves GET /backup. Without it the route answers 404 ``backup_unavailable``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeGuard
 
 
@@ -28,3 +30,22 @@ def reports_lease_allocation(node: object) -> TypeGuard[LeaseAllocationReporting
     not None", which one getattr answers.
     """
     return getattr(node, "allocate_lease_reporting", None) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class BackupArchive:
+    body: bytes  # the whole archive (format: quorumd.node.registry.archive)
+    index: int  # the Raft index of the state it holds
+    sha256: str  # hex SHA-256 of ``body``
+    cluster_id: str
+
+
+class BackupSource(Protocol):
+    async def backup_archive(self) -> BackupArchive:
+        """An archive of the replicated state at a ReadIndex-confirmed index (raises the
+        leader errors of a consistent read: 503 ``no_leader``/``commit_timeout``)."""
+        ...
+
+
+def serves_backups(node: object) -> TypeGuard[BackupSource]:
+    return getattr(node, "backup_archive", None) is not None

@@ -94,6 +94,12 @@ def _success_content(route: Route) -> dict[str, Any]:
         return {"application/json": {"schema": envelope(route.result_schema)}}
     if route.raw_content_type.startswith("application/json"):
         return {"application/json": {"schema": {"type": "object"}}}
+    if route.raw_content_type == "application/octet-stream":
+        return {
+            "application/octet-stream": {
+                "schema": {"type": "string", "contentMediaType": "application/octet-stream"}
+            }
+        }
     return {"text/plain": {"schema": {"type": "string"}}}
 
 
@@ -142,6 +148,10 @@ def operation(route: Route) -> dict[str, Any]:
     responses: dict[str, Any] = {
         str(route.success_status): {"description": "Success.", "content": _success_content(route)}
     }
+    if route.success_headers:
+        responses[str(route.success_status)]["headers"] = {
+            name: {"description": text, "schema": {"type": "string"}} for name, text in route.success_headers
+        }
     for status, text in route.other_statuses:
         responses[str(status)] = {"description": text, "content": _success_content(route)}
     for status, names in sorted(_error_codes(route).items()):

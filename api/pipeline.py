@@ -138,6 +138,7 @@ class Route:
     # expires it after the propose timeout): the leader skips the per-request backstop timer,
     # which cost ~4% of the leader's CPU on the write path.
     self_bounded: bool = False
+    success_headers: tuple[tuple[str, str], ...] = ()  # documented headers of a success: (name, text)
 
     @property
     def cluster(self) -> bool:

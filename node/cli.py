@@ -1,4 +1,5 @@
-"""The ``quorumd`` command: ``run``, ``demo``, ``recover`` and ``version`` (SPEC 2).
+"""The ``quorumd`` command: ``run``, ``demo``, ``recover``, ``backup verify``, ``restore`` and
+``version`` (SPEC 2, 10).
 
 Exit codes: 0 clean stop, 2 bad configuration or usage (the message names the key), 1 any other
 fatal error.
@@ -11,7 +12,7 @@ import logging
 import sys
 
 from quorumd.node.config.schema import ConfigError, load_config
-from quorumd.node.version import VERSION
+from quorumd.node.version import PROTOCOL_VERSION, VERSION
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,37 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_backup_verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from quorumd.node.tools.backup import BackupToolError, verify
+
+    try:
+        print(verify(Path(args.file)))
+    except BackupToolError as exc:
+        print(f"quorumd backup verify: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"quorumd: config error: {exc}", file=sys.stderr)
+        return 2
+    from quorumd.node.tools.backup import BackupToolError, restore
+
+    try:
+        print(restore(cfg, Path(args.archive)))
+    except BackupToolError as exc:
+        print(f"quorumd restore: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from quorumd.node.tools.demo import run_demo
 
@@ -79,18 +111,29 @@ def main(argv: list[str] | None = None) -> int:
     rc = sub.add_parser("recover", help="offline quorum-loss recovery: rewrite the stored voters")
     rc.add_argument("--config", required=True)
     rc.add_argument("--peers", required=True, help="ID=HOST:PORT,...")
-    sub.add_parser("version", help="print the version")
+    b = sub.add_parser("backup", help="offline backup tools")
+    bsub = b.add_subparsers(dest="backup_cmd", required=True)
+    bv = bsub.add_parser("verify", help="check a backup archive and print its summary")
+    bv.add_argument("file")
+    rs = sub.add_parser("restore", help="offline: found a cluster from a backup archive (empty data-dir)")
+    rs.add_argument("--config", required=True)
+    rs.add_argument("--from", dest="archive", required=True, help="backup archive file")
+    sub.add_parser("version", help="print the version and the protocol version")
     try:
         args = p.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
     if args.cmd == "version":
-        print(f"quorumd {VERSION}")
+        print(f"quorumd {VERSION} (protocol {PROTOCOL_VERSION})")
         return 0
     if args.cmd == "run":
         return _cmd_run(args)
     if args.cmd == "recover":
         return _cmd_recover(args)
+    if args.cmd == "backup":
+        return _cmd_backup_verify(args)
+    if args.cmd == "restore":
+        return _cmd_restore(args)
     return _cmd_demo(args)
 
 

@@ -222,7 +222,10 @@ def check_documented(method: str, template: str, r: LiveReply) -> None:
         if r.status >= 400:
             assert r.body["code"] in documented["x-error-codes"], f"undocumented code: {r}"
     else:
-        assert ctype.startswith("text/plain"), (ctype, str(r))
+        assert ctype.split(";")[0] in content, (ctype, str(r))
+        if r.status < 300:
+            missing = {h for h in documented.get("headers", {}) if r.header(h) is None}
+            assert not missing, f"{method} {template}: documented headers missing: {missing}"
 
 
 # --- cluster helpers ----------------------------------------------------------------------------

@@ -10,9 +10,9 @@ from aiohttp import ClientSession
 from prometheus_client import CollectorRegistry
 
 from quorumd.api.app import Api, build_app
-from quorumd.api.fake import FakeCluster, FakeNode
 from quorumd.api.ports import DrainState, TokenRole
 from quorumd.api.server import ApiServer
+from tests.fakes.node import FakeCluster, FakeNode
 
 
 @dataclass
@@ -205,4 +205,7 @@ def check_response(doc: dict[str, Any], method: str, template: str, r: Reply) ->
         if r.status >= 400:
             assert r.body["code"] in documented["x-error-codes"], (method, template, r.status, r.body)
     else:
-        assert r.headers["Content-Type"].startswith("text/plain"), r.headers
+        assert r.headers["Content-Type"].split(";")[0] in content, (list(content), r.headers)
+        if r.status < 300:
+            missing = set(documented.get("headers", {})) - set(r.headers)
+            assert not missing, f"{method} {template}: documented headers missing: {missing}"

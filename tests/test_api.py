@@ -14,10 +14,10 @@ from prometheus_client import CollectorRegistry
 
 from quorumd.api.app import Api, all_routes, build_app
 from quorumd.api.errors import ApiError, CommitTimeout
-from quorumd.api.fake import FakeCluster, FakeNode
 from quorumd.api.openapi import build_document
 from quorumd.api.ports import DrainState, ForwardedRequest, TokenRole
 from tests.api_support import Client, Env, close_env, make_env, request, sample_path
+from tests.fakes.node import FakeCluster, FakeNode
 
 pytestmark = pytest.mark.asyncio
 VIA = ["leader", "follower"]
@@ -100,6 +100,7 @@ async def test_members_consistent_read_goes_through_leader(env: Env, via: str) -
 @pytest.mark.parametrize("via", VIA)
 async def test_remove_member(env: Env, via: str) -> None:
     c = env.client(via)
+    base = env.cluster.applied
     r = await request(c, "DELETE", f"{M}/3", env.admin)
     assert r.status == 409 and r.code == "not_drained"
     r = await request(c, "DELETE", f"{M}/6", env.admin)
@@ -112,7 +113,7 @@ async def test_remove_member(env: Env, via: str) -> None:
     r = await request(c, "DELETE", f"{M}/3", env.admin, params={"force": "maybe"})
     assert r.status == 400 and r.code == "invalid_parameter"
     if via == "follower":  # read-your-writes: one wait per successful forwarded write
-        assert env.follower.waited == [1, 2]
+        assert env.follower.waited == [base + 1, base + 2]
 
 
 async def test_remove_leader_hands_over_and_last_voter(env: Env) -> None:
@@ -593,6 +594,7 @@ async def test_bruteforce_rate_limit(env: Env) -> None:
 async def test_clustering_disabled() -> None:
     cluster = FakeCluster()
     node = FakeNode(cluster, 1, cluster_enabled=False)
+    cluster.add_member(1)  # a standalone node is the one member of its registry
     cluster.leader_id = 1
     _, admin = cluster.add_token(TokenRole.ADMIN)
     app = build_app(node, node_id=1, registry=CollectorRegistry())

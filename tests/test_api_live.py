@@ -14,6 +14,7 @@ route added to the document without a live test makes this module fail.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -533,6 +534,19 @@ def _leases_release(live: Live, nid: int) -> None:
     assert lease["id"] not in {x["id"] for x in listed}
     r = live.call(nid, "DELETE", "/api/v1/leases/{id}", {"id": lease["id"]})
     assert r.status == 404 and r.code == "lease_not_found"
+
+
+@scenario("GET", "/api/v1/backup")
+def _backup(live: Live, nid: int) -> None:
+    r = live.call(nid, "GET", "/api/v1/backup", timeout=60)
+    assert r.status == 200 and r.header("Content-Type") == "application/octet-stream"
+    assert r.header("X-Quorumd-Backup-Sha256") == hashlib.sha256(r.raw).hexdigest()
+    index = int(r.header("X-Quorumd-Backup-Index") or "0")
+    cid = live.c.status(nid)["clusterId"]
+    assert r.header("Content-Disposition") == f'attachment; filename="quorumd-{cid}-{index}.backup"'
+    assert index >= 1 and hashlib.sha256(r.raw[:-32]).digest() == r.raw[-32:]
+    assert live.call(nid, "GET", "/api/v1/backup", token="readonly").status == 403
+    assert live.call(nid, "GET", "/api/v1/backup", token=None).status == 401
 
 
 def test_every_documented_route_has_a_live_scenario() -> None:

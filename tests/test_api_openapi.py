@@ -12,10 +12,10 @@ from openapi_spec_validator import validate
 from prometheus_client import CollectorRegistry
 
 from quorumd.api.app import all_routes, build_app
-from quorumd.api.fake import FakeCluster, FakeNode
 from quorumd.api.openapi import build_document
 from quorumd.api.ports import TokenRole
 from tests.api_support import Env, check_response, close_env, make_env, request, sample_path
+from tests.fakes.node import FakeCluster, FakeNode
 
 DOC = build_document(all_routes())
 
@@ -127,7 +127,7 @@ def _valid_request(method: str, path: str, env: Env) -> tuple[str, Any, dict[str
         ("GET", "/api/v1/leases"): {"limit": "5", "consistent": "true"},
     }
     if path == "/api/v1/tokens/{id}":
-        concrete = path.replace("{id}", max(env.cluster.tokens))  # the one POST /tokens made
+        concrete = path.replace("{id}", env.cluster.last_token_id)  # the one POST /tokens made
     return concrete, bodies.get((method, path)), params.get((method, path))
 
 

@@ -19,10 +19,10 @@ from prometheus_client import CollectorRegistry
 
 from quorumd.api import server as server_mod
 from quorumd.api.app import MAX_BODY_BYTES, Api, build_app
-from quorumd.api.fake import FakeCluster, FakeNode
 from quorumd.api.ports import DrainState, TokenRole
 from quorumd.api.server import MAX_HEADER_BYTES, MAX_TARGET_BYTES, ApiServer, HttpConnection
 from quorumd.node.cluster.pki import load_or_create_api_cert
+from tests.fakes.node import FakeCluster, FakeNode
 
 pytestmark = pytest.mark.asyncio
 
@@ -518,7 +518,7 @@ async def test_disconnect_does_not_cancel_operation(srv: Served, monkeypatch: py
         lost.set()
 
     monkeypatch.setattr(HttpConnection, "connection_lost", connection_lost)
-    srv.cluster.members[3].drain_state = DrainState.DRAINED
+    srv.cluster.set_drain(3, DrainState.DRAINED)
     srv.node.gate = asyncio.Event()
 
     _, writer = await connect(srv.port)

@@ -74,6 +74,7 @@ VALID: dict[str, Any] = {
     },
     "bgp": {"enabled": True},
     "ran": {"notify-url": "https://amf.example:8443/ran"},
+    "backup": {"dir": "backups", "interval": "1h", "keep": 24},
 }
 
 SECTIONS = sorted({k.rsplit(".", 1)[0] for k in CONFIG_KEYS if "." in k})
@@ -86,6 +87,7 @@ DURATION_KEYS = [
     "cluster.autopilot.last-contact-threshold",
     "cluster.autopilot.server-stabilization-time",
     "cluster.autopilot.reconcile-interval",
+    "backup.interval",
 ]
 BAD_DURATIONS: list[tuple[Any, str]] = [
     (5, "bare number"),
@@ -166,6 +168,8 @@ LEAF_MISTAKES: dict[str, list[tuple[Any, str]]] = {
         ("http://[::1", "http:// or https://"),
         (5, "expected a string"),
     ],
+    "backup.dir": [(5, "expected a string"), ("", "must not be empty")],
+    "backup.keep": [(0, "1..10000"), (10001, "1..10000"), ("24", "expected an integer")],
 }
 for _key in DURATION_KEYS:
     LEAF_MISTAKES[_key] = list(BAD_DURATIONS)

@@ -10,8 +10,10 @@ certificate (``<data-dir>/tls/api.crt``) and ``--insecure``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -411,6 +413,26 @@ def test_members_set_address(q: Ctl) -> None:
     assert "raftAddress" in err
     q.fails("members", "set-address", "40", "--raft", "127.0.0.9:7000", status=404, code="member_not_found")
     assert q.run("members", "set-address", "3")[0] == 2  # neither --raft nor --api: a usage error
+
+
+@covers("backup save")
+def test_backup_save(q: Ctl, tmp_path: Path) -> None:
+    """Saved through a follower: atomic, 0600, digest checked; the file verifies offline."""
+    target = tmp_path / "saved.backup"
+    target.write_bytes(b"older content")
+    out = q.ok("backup", "save", str(target))
+    data = target.read_bytes()
+    assert f"sha256: {hashlib.sha256(data).hexdigest()}" in out and f"size:   {len(data)} bytes" in out
+    assert re.search(r"^index:\s+\d+$", out, re.M), out
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved.backup"]  # no temp file left
+    res = json.loads(q.ok("-o", "json", "backup", "save", str(target)))
+    assert res["file"] == str(target) and res["index"] >= 1
+    code, _, err = q.run("backup", "save", str(tmp_path / "missing-dir" / "x.backup"))
+    assert code == EXIT_API and "cannot create" in err
+    code, _, err = q.run("backup", "save", str(tmp_path / "b"), conn=[*q.base(2)[:2], "--insecure"])
+    assert code == EXIT_API and "(unauthorized) [HTTP 401]" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved.backup"]
 
 
 def test_every_command_is_covered() -> None:

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,14 @@ def _call(c: VersionedCluster, via: int, method: str, path: str, body: Any = Non
     return resp.get("result") if isinstance(resp, dict) else resp
 
 
+def _eventually(c: VersionedCluster, via: int, path: str, check: Callable[[Any], bool]) -> None:
+    """A read after a write through the same node. Bounded wait instead of one read: a baseline
+    leader answers a forwarded write with its Raft core's applied index, which can lag the entry
+    it just applied, so the forwarding node may read before the write reaches it (this build's
+    leaders answer with the state machine's index)."""
+    wait_for(f"GET {path} via {via}", lambda: check(_call(c, via, "GET", path)), 10)
+
+
 def exercise_routes(c: VersionedCluster, via: int, tag: str) -> None:
     """Every route of ROUTES (except drain/resume of the procedure) through node ``via``."""
     api = c.nodes[via].api
@@ -231,7 +240,7 @@ def exercise_routes(c: VersionedCluster, via: int, tag: str) -> None:
     minted = _call(c, via, "POST", "/api/v1/cluster/pki/join-tokens", {"nodeID": 9}, want=201)
     assert minted["token"] and minted["expiresAt"] > time.time()
     tok = _call(c, via, "POST", "/api/v1/tokens", {"name": f"t-{tag}", "role": "readonly"}, want=201)
-    assert any(t["id"] == tok["id"] for t in _call(c, via, "GET", "/api/v1/tokens"))
+    _eventually(c, via, "/api/v1/tokens", lambda r: any(t["id"] == tok["id"] for t in r))
     assert _call(c, via, "GET", f"/api/v1/tokens/{tok['id']}")["name"] == f"t-{tag}"
     _call(c, via, "DELETE", f"/api/v1/tokens/{tok['id']}")
     for nid in c.nodes:  # revoked: 401 on every node, whichever build serves it
@@ -242,13 +251,12 @@ def exercise_routes(c: VersionedCluster, via: int, tag: str) -> None:
     pool = f"p-{tag}"
     cidr = f"10.{200 + len(tag) % 50}.{sum(map(ord, tag)) % 250}.0/28"
     _call(c, via, "POST", "/api/v1/pools", {"name": pool, "cidr": cidr}, want=201)
-    assert any(p["name"] == pool for p in _call(c, via, "GET", "/api/v1/pools"))
+    _eventually(c, via, "/api/v1/pools", lambda r: any(p["name"] == pool for p in r))
     _call(c, via, "GET", f"/api/v1/pools/{pool}")
     lease = _call(c, via, "POST", "/api/v1/leases", {"pool": pool, "holder": f"h-{tag}"}, want=201)
     assert lease["nodeId"] == via, lease  # owned by the node that received the request
     query = f"nodeId={via}&pool={pool}&limit=10&after={lease['id'] - 1}"
-    page = _call(c, via, "GET", f"/api/v1/leases?{query}")
-    assert [x["id"] for x in page] == [lease["id"]], (via, lease, page)
+    _eventually(c, via, f"/api/v1/leases?{query}", lambda r: [x["id"] for x in r] == [lease["id"]])
     _call(c, via, "DELETE", f"/api/v1/leases/{lease['id']}")
     _call(c, via, "DELETE", f"/api/v1/pools/{pool}")
 
@@ -373,6 +381,14 @@ def test_rolling_upgrade_from_the_baseline_under_load(tmp_path: Path) -> None:
             addresses = [(x["pool"], x["address"]) for x in table]
             assert len(addresses) == len(set(addresses)), f"node {nid}: an address is leased twice"
             assert table == tables[leader], f"node {nid} and the leader hold different lease tables"
+        # With this build's leader, a write through a follower is visible there when it answers.
+        follower = next(n for n in sorted(c.nodes) if n != leader)
+        for i in range(30):
+            lease = _call(
+                c, follower, "POST", "/api/v1/leases", {"pool": POOL, "holder": f"ryw-{i}"}, want=201
+            )
+            page = _call(c, follower, "GET", f"/api/v1/leases?after={lease['id'] - 1}&limit=1")
+            assert [x["id"] for x in page] == [lease["id"]], f"read-your-writes via {follower}: {page}"
         report = {
             "seconds": round(time.monotonic() - started, 1),
             "acknowledged": len(writer.acked),

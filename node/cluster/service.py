@@ -21,6 +21,7 @@ from typing import Any
 import msgpack
 
 from quorumd.api.errors import ApiError
+from quorumd.api.extensions import BackupArchive
 from quorumd.api.ports import (
     DrainState,
     ForwardedRequest,
@@ -28,6 +29,7 @@ from quorumd.api.ports import (
     Principal,
     TokenRole,
 )
+from quorumd.node.cluster.backup import take_archive
 from quorumd.node.cluster.versions import ProtocolVersions
 from quorumd.node.daemon.gcpolicy import gc_paused
 from quorumd.node.registry import apitoken, jointoken
@@ -49,7 +51,7 @@ from quorumd.node.registry.commands import (
     encode_member_context,
 )
 from quorumd.node.registry.leases import Lease
-from quorumd.node.registry.state import ApplyResult, StateMachine
+from quorumd.node.registry.state import ApplyResult, StateMachine, member_rows
 from quorumd.raft.aio.driver import ProposalLostError, RaftDriver
 from quorumd.raft.aio.transport import RpcRemoteError, RpcTimeout, RpcUnreachable
 from quorumd.raft.codec import decode_conf_change, packb
@@ -91,6 +93,12 @@ pack = packb  # the shared encoder (one reused Packer per thread)
 
 def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def rejection_error(res: ApplyResult) -> ApiError:
+    """The API error of a command the state machine rejected (its ``ApplyCode``)."""
+    status, code = _ERRORS.get(res.error or "", (409, res.error or "conflict"))
+    return ApiError(status, code, res.message or code)
 
 
 def commit_timeout(message: str = "the change was not committed in time") -> ApiError:
@@ -232,8 +240,7 @@ class ClusterService:
             raise commit_timeout() from exc
         assert isinstance(res, ApplyResult)
         if not res.ok:
-            status, code = _ERRORS.get(res.error or "", (409, res.error or "conflict"))
-            raise ApiError(status, code, res.message or code)
+            raise rejection_error(res)
         return res
 
     async def change_membership(self, cc: ConfChange) -> ApplyResult:
@@ -273,7 +280,10 @@ class ClusterService:
         return self.d.core.leader_id if self.driver is not None else 0
 
     def applied_index(self) -> int:
-        return self.d.core.applied_index if self.driver is not None else 0
+        # The state machine's: it applies (and resolves proposals) before the core's applied index
+        # advances at the end of the batch, so a forwarded write's answer must carry this one, or
+        # the follower that forwarded it may serve a read of its replica before the write is there.
+        return self.sm.applied_index if self.driver is not None else 0
 
     def authenticate(self, token: str) -> Principal | None:
         """The token's principal per the local replica.
@@ -416,30 +426,7 @@ class ClusterService:
 
     def members(self) -> list[dict[str, Any]]:
         core = self.d.core
-        out = []
-        for m in self.sm.members():
-            item = m.as_dict()
-            item["suffrage"] = "voter" if m.node_id in core.config.voters else "nonvoter"
-            item["isLeader"] = core.leader_id == m.node_id
-            item["activeLeases"] = self.sm.active_lease_count(m.node_id)
-            item["protocolVersion"] = self.versions.member_version(m.node_id)
-            out.append(
-                {
-                    k: item[k]
-                    for k in (
-                        "nodeId",
-                        "raftAddress",
-                        "apiAddress",
-                        "binaryVersion",
-                        "suffrage",
-                        "isLeader",
-                        "drainState",
-                        "activeLeases",
-                        "protocolVersion",
-                    )
-                }
-            )
-        return out
+        return member_rows(self.sm, core.config.voters, core.leader_id, self.versions.member_version)
 
     def has_member(self, node_id: int) -> bool:
         return self.sm.has_member(node_id)
@@ -460,6 +447,10 @@ class ClusterService:
         self, *, node_id: int | None, pool: str | None, limit: int, after: int | None
     ) -> list[dict[str, Any]]:
         return [x.as_dict() for x in self.sm.leases(node_id=node_id, pool=pool, limit=limit, after=after)]
+
+    async def backup_archive(self) -> BackupArchive:
+        """GET /backup: this replica's state after a ReadIndex barrier (see cluster/backup.py)."""
+        return await take_archive(self, linearizable=True)
 
     # --- NodeApi: leader operations (membership ones live in operations.py) ---------------
     async def create_token(self, name: str, role: TokenRole, ttl_seconds: int | None) -> dict[str, Any]:

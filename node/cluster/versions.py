@@ -177,6 +177,9 @@ class ProtocolVersions:
             version = BASELINE_PROTOCOL_VERSION  # the baseline build has no node.info
         except (RpcError, TimeoutError, ValueError, KeyError, TypeError, msgpack.UnpackException):
             return  # unreachable or slow: ask again next time
+        except Exception as exc:  # never let a poll end the loop that asked (CancelledError passes)
+            log.warning("member_protocol_poll_failed node_id=%d error=%s", node_id, type(exc).__name__)
+            return
         finally:
             self._polling.discard(node_id)
         old = self.live.get(node_id)

@@ -120,6 +120,7 @@ __all__ = [
     "TABLE",
     "ApiConfig",
     "AutopilotConfig",
+    "BackupConfig",
     "BgpConfig",
     "ClusterConfig",
     "Config",
@@ -217,6 +218,12 @@ TABLE = Table(
 
         Section("ran"),
         Key("ran.notify-url", Url(), None, 'optional http(s) webhook for RAN "GUAMI unavailable" events'),
+
+        Section("backup"),
+        Key("backup.dir", FilePath(), None,
+            "scheduled backups: each node writes an archive of its state here (0600); null => off"),
+        Key("backup.interval", Duration(), "1h", "time between scheduled backups"),
+        Key("backup.keep", Int(1, 10000), 24, "the newest archives kept in backup.dir (1..10000)"),
     ],
 )
 # fmt: on
@@ -293,6 +300,16 @@ class RanConfig:
     notify_url: str | None = None
 
 
+@TABLE.binds("backup")
+@dataclass(frozen=True, slots=True)
+class BackupConfig:
+    """Scheduled backups; ``dir`` None: off."""
+
+    dir: Path | None = None
+    interval_seconds: float = _default("backup.interval")
+    keep: int = _default("backup.keep")
+
+
 @TABLE.binds("")
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -303,6 +320,7 @@ class Config:
     api: ApiConfig = ApiConfig()
     bgp: BgpConfig = BgpConfig()
     ran: RanConfig = RanConfig()
+    backup: BackupConfig = BackupConfig()
     notes: tuple[str, ...] = ()  # non-fatal remarks, logged by the daemon at startup
     source: Path | None = None  # the file it was loaded from
 

@@ -14,7 +14,7 @@ import json
 import os
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -48,6 +48,10 @@ class EndpointError(CtlError):
 
 class SettingsError(CtlError):
     """A local setting is unusable (bad endpoint URL, unreadable CA file)."""
+
+
+class LocalError(CtlError):
+    """A local step after a successful answer failed (writing a file, a digest check)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +132,23 @@ class CtlClient:
         body: Mapping[str, Any] | None = None,
     ) -> Any:
         """Send one request; return the envelope's ``result``."""
+        return await self._request(method, path, query, body, None)
+
+    async def download(self, path: str, sink: Callable[[bytes], None]) -> Mapping[str, str]:
+        """GET a binary body, passing it to ``sink`` in chunks; returns the response headers.
+        An error status raises as ``call`` does."""
+        headers = await self._request("GET", path, None, None, sink)
+        assert isinstance(headers, Mapping)
+        return headers
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str] | None,
+        body: Mapping[str, Any] | None,
+        sink: Callable[[bytes], None] | None,
+    ) -> Any:
         assert self._session is not None, "use CtlClient as an async context manager"
         url = self.url(path, query)
         headers: dict[str, str] = {}
@@ -137,6 +158,10 @@ class CtlClient:
             async with self._session.request(
                 method, url, json=body, headers=headers, ssl=self._ssl, allow_redirects=False
             ) as resp:
+                if sink is not None and 200 <= resp.status < 300:
+                    async for chunk in resp.content.iter_chunked(1 << 20):
+                        sink(chunk)
+                    return dict(resp.headers)
                 raw = await resp.read()
                 return _unwrap(resp.status, resp.reason, resp.headers.get("Retry-After"), raw)
         except aiohttp.ClientConnectorCertificateError as exc:

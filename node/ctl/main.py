@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from quorumd.node.ctl import backup as ctl_backup
 from quorumd.node.ctl import format as fmt
 from quorumd.node.ctl.client import (
     DEFAULT_ENDPOINT,
@@ -34,6 +35,7 @@ from quorumd.node.ctl.client import (
     ClientSettings,
     CtlClient,
     EndpointError,
+    LocalError,
     SettingsError,
 )
 
@@ -221,6 +223,10 @@ async def _leases_release(c: CtlClient, a: argparse.Namespace) -> Output:
 # --- arguments ---------------------------------------------------------------------------------
 
 
+async def _backup_save(c: CtlClient, a: argparse.Namespace) -> Output:
+    return Output(await ctl_backup.save(c, a.file), ctl_backup.render)
+
+
 def _non_negative(text: str) -> int:
     try:
         value = int(text)
@@ -358,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--consistent", action="store_true", help="linearizable read through the leader")
     sp = leaf(leases, "release", _leases_release, "release a lease")
     sp.add_argument("id", type=int, metavar="ID")
+
+    backup = group("backup", "download backup archives")
+    sp = leaf(backup, "save", _backup_save, "save a backup archive to FILE (atomic, mode 0600)")
+    sp.add_argument("file", metavar="FILE")
     return p
 
 
@@ -424,6 +434,9 @@ async def execute(inv: Invocation) -> int:
     except EndpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except LocalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_API_ERROR
     if inv.output == "json":
         print(json.dumps(out.result, indent=2))
     else:

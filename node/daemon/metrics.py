@@ -37,6 +37,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from quorumd.api.metrics import LoopHistogram
+from quorumd.node.daemon.backupmetrics import BackupMetrics
 from quorumd.node.daemon.node_collector import DRAIN_STATES, RAFT_STATES, NodeCollector, NodeView
 
 __all__ = [
@@ -111,6 +112,9 @@ class Metrics:
             "quorumd_raft_snapshots_total", "Snapshots taken or installed.", registry=r
         )
 
+        self.backups = BackupMetrics()  # scheduled backups: see node/daemon/backupmetrics.py
+        r.register(self.backups)
+
         # --- bgp / ran --------------------------------------------------------------------------------
         self.bgp_speaker_running = Gauge(
             "quorumd_bgp_speaker_running", "1 when the BGP speaker runs.", registry=r
@@ -156,7 +160,7 @@ class Metrics:
     def sample_names(self) -> frozenset[str]:
         """Every sample name this registry can expose (``_total``, ``_bucket``... included)."""
         names: set[str] = set()
-        families = [*self.registry.collect(), *self.node_collector.describe()]
+        families = [*self.registry.collect(), *self.node_collector.describe(), *self.backups.describe()]
         for family in families:
             if family.type == "counter":
                 names.update({f"{family.name}_total", f"{family.name}_created"})

@@ -26,13 +26,16 @@ from typing import Any
 
 from quorumd.api.app import build_app
 from quorumd.api.errors import ApiError
+from quorumd.api.extensions import BackupArchive
 from quorumd.api.ports import DrainState, ForwardedRequest
 from quorumd.api.server import ApiServer
 from quorumd.node.cluster import pki
 from quorumd.node.cluster.addresses import ADDRESS_RPC
+from quorumd.node.cluster.backup import take_archive
 from quorumd.node.cluster.operations import ClusterNode
 from quorumd.node.cluster.service import Identity, pack, unpack
 from quorumd.node.config.schema import Config
+from quorumd.node.daemon.backups import BackupScheduler
 from quorumd.node.daemon.datadir import (
     FatalError,
     NewerFormatError,
@@ -45,7 +48,7 @@ from quorumd.node.daemon.gcpolicy import GcPolicy, gc_paused
 from quorumd.node.daemon.metrics import Metrics
 from quorumd.node.daemon.node_collector import NodeView, node_view
 from quorumd.node.daemon.sdnotify import SdNotifier
-from quorumd.node.daemon.testhooks import ApplyTrace, planted_bugs
+from quorumd.node.daemon.testhooks import ApplyTrace, LoopLagProbe, planted_bugs
 from quorumd.node.effects.bgp import StubBgpSpeaker
 from quorumd.node.effects.ran import WebhookRanNotifier
 from quorumd.node.registry import jointoken
@@ -331,6 +334,10 @@ class Daemon:
             (self._ready_loop(), "ready"),
         ):
             self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
+        if cfg.backup.dir is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._backups(node), name="backups"))
+        if (probe := LoopLagProbe.from_env()) is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(probe.run(), name="loop-probe"))
         stack.push_async_callback(self._cancel_tasks)
         await node.ran.start()
         stack.push_async_callback(self._bounded, node.ran.close(), 3.0)
@@ -550,6 +557,21 @@ class Daemon:
                 log.info("admin_token_written path=%s", token_file)
         except ApiError as exc:
             log.warning("leader_init_deferred reason=%s", exc.code)
+
+    async def _backups(self, node: ClusterNode) -> None:
+        """Scheduled backups (config ``backup``): see node/daemon/backups.py."""
+
+        async def archive() -> BackupArchive:
+            return await take_archive(node, linearizable=False)
+
+        async def ready() -> None:
+            while not await node.wait_state(lambda: node.sm.cluster_id is not None, 60.0):
+                pass
+
+        sched = BackupScheduler(
+            self.cfg.backup, self.cfg.node_id, node.identity.cluster_id, archive, self.metrics.backups
+        )
+        await sched.run(ready)
 
     async def _announce_loop(self) -> None:
         """Keep this node's registry record current (version, API address, left flag)."""

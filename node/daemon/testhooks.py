@@ -1,14 +1,17 @@
 """Test-only hooks of the daemon, switched on by environment variables and logged when on.
 
 ``QUORUMD_TEST_BUGS`` plants engine bugs for the chaos tests' self-check; ``QUORUMD_TEST_APPLY_TRACE``
-records every applied entry and snapshot for the crash tests. Neither is ever set in production.
+records every applied entry and snapshot for the crash tests; ``QUORUMD_TEST_LOOP_PROBE`` records
+event-loop lag for the backup benchmark. None is ever set in production.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -90,3 +93,34 @@ class ApplyTrace:
     def restore(self, data: bytes, meta: SnapshotMeta) -> None:
         self.restored("S", meta.index, data)
         self._app.restore(data, meta)
+
+
+class LoopLagProbe:
+    """Test-only event-loop lag probe (``QUORUMD_TEST_LOOP_PROBE=<file>``, used by
+    bench/backup.py): a task sleeps 2 ms at a time and appends ``<unix time> <lag ms> <cpu ms>``
+    for every wake-up more than 2 ms late. ``lag`` is wall time: how long the loop was blocked
+    when the timer was due, including waits for the GIL and time the process was not scheduled
+    (noise on a busy host); ``cpu`` is the CPU time the loop's thread used meanwhile, i.e. the
+    loop's own work, whatever the host's load."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def from_env(cls) -> LoopLagProbe | None:
+        path = os.environ.get("QUORUMD_TEST_LOOP_PROBE")
+        if not path:
+            return None
+        log.warning("loop_lag_probe_enabled path=%s (test-only)", path)
+        return cls(Path(path))
+
+    async def run(self) -> None:
+        period = 0.002
+        with open(self.path, "a", buffering=1) as f:
+            while True:
+                t0, c0 = time.perf_counter(), time.thread_time()
+                await asyncio.sleep(period)
+                lag = time.perf_counter() - t0 - period
+                if lag > period:
+                    cpu = time.thread_time() - c0
+                    f.write(f"{time.time():.4f} {lag * 1000:.2f} {cpu * 1000:.2f}\n")

@@ -8,13 +8,9 @@ no output depends on set iteration order.
 Allocation is lowest-free-address first. A pool keeps a high-water mark (offsets below it
 have been handed out at least once) and a min-heap of the released offsets below it, so an
 allocation is O(log n) whatever the pool size: pop the heap, or take the high-water mark.
-IPv4 pools with a prefix of /30 or shorter skip the network and broadcast addresses (IPv4 /31
-and /32 use every address). IPv6 pools of /126 or shorter skip the subnet-router anycast address
-(the all-zero interface id, RFC 4291 2.6.1; /127 and /128 use every address, as RFC 6164 does for
-point-to-point links) -- but only from cluster protocol 2 on (``set_protocol``): the baseline
-build handed it out, and a replicated allocation must be the same on every replica of a mixed
-cluster, so the rule switches at the log index where the cluster's protocol version is raised.
-A lease handed out before keeps its address until released; it is never handed out again.
+IPv4 pools of /30 or shorter skip the network and broadcast addresses; from cluster protocol 2 on
+(``set_protocol``: the rule follows the log, so a mixed cluster allocates alike) IPv6 pools of /126
+or shorter skip the subnet-router anycast address (RFC 4291 2.6.1; /127 and /128: RFC 6164).
 
 Lease ids are increasing integers assigned here. Listing is sorted by id with ``after``
 pagination through ``_IdIndex``: a sorted id list (appends are the common case since ids
@@ -215,7 +211,8 @@ class _IdIndex:
 
 
 class _Pool:
-    __slots__ = ("created_at", "first", "free", "holders", "hwm", "index", "name", "network", "space", "span")
+    __slots__ = ("capacity", "created_at", "free", "holders", "hwm", "index", "name", "network", "space",
+                 "span")  # fmt: skip
 
     def __init__(self, name: str, network: IPNetwork, created_at: float, leases: dict[int, Lease]) -> None:
         self.name = name
@@ -224,7 +221,7 @@ class _Pool:
         skip_edges = network.version == 4 and network.prefixlen <= 30
         self.space = AddressSpace(int(network.network_address) + (1 if skip_edges else 0), network.version)
         self.span = network.num_addresses - (2 if skip_edges else 0)  # offsets [0, span)
-        self.first = 0  # the lowest offset handed out (see set_rule)
+        self.set_rule(1)  # capacity: how many can be handed out (offsets [span - capacity, span))
         self.hwm = 0  # offsets [0, hwm) have been handed out at least once
         self.free: list[int] = []  # min-heap of released offsets < hwm
         self.holders: dict[str, int] = {}  # holder -> lease id
@@ -235,14 +232,9 @@ class _Pool:
 
         self.index = _IdIndex(live)
 
-    def set_rule(self, protocol: int) -> None:
-        """Protocol 2 on: an IPv6 /126 or shorter never hands out offset 0 (the anycast)."""
-        self.first = 1 if protocol >= 2 and self.network.version == 6 and self.network.prefixlen <= 126 else 0
-
-    @property
-    def capacity(self) -> int:
-        """How many addresses can be handed out (the pool's API ``size``)."""
-        return self.span - self.first
+    def set_rule(self, protocol: int) -> None:  # from protocol 2 on, IPv6 /126 and shorter skip offset 0
+        skip = protocol >= 2 and self.network.version == 6 and self.network.prefixlen <= 126
+        self.capacity = self.span - (1 if skip else 0)  # the API's ``size``
 
     def info(self) -> PoolInfo:
         return PoolInfo(self.name, str(self.network), self.capacity, len(self.index), self.created_at)
@@ -353,8 +345,7 @@ class LeaseTable:
 
     # --- mutators ----------------------------------------------------------------------------
 
-    def set_protocol(self, protocol: int) -> None:
-        """Apply the allocation rule of cluster protocol ``protocol`` (see the module docstring)."""
+    def set_protocol(self, protocol: int) -> None:  # the allocation rule of that cluster protocol
         self._protocol = protocol
         for p in self._pools.values():
             p.set_rule(protocol)
@@ -405,13 +396,12 @@ class LeaseTable:
                 self._node_discard(old_owner, existing)
                 self._node_index(node_id).add(existing)
             return lease
-        free = p.free
-        while free and free[0] < p.first:  # released before the rule changed: never again
-            heapq.heappop(free)
-        if free:
-            offset = heapq.heappop(free)
-        elif max(p.hwm, p.first) < p.span:
-            offset = max(p.hwm, p.first)
+        first = p.span - p.capacity  # the lowest offset handed out
+        while p.free and p.free[0] < first:  # released before the rule changed: never again
+            heapq.heappop(p.free)
+        if p.free:
+            offset = heapq.heappop(p.free)
+        elif (offset := max(p.hwm, first)) < p.span:
             p.hwm = offset + 1
         else:
             raise Rejection("pool_exhausted", f"pool {pool!r} has no free address")
@@ -462,19 +452,37 @@ class LeaseTable:
         encoding is cached until one of its leases is added, re-owned or released, and the list
         is the array header followed by the chunks' encodings in id order -- exactly what
         msgpack writes for the whole list. tests/test_state.py compares the two."""
-        leases, packed = self._leases, self._packed
+        return b"".join(self.packed_dump_parts())
+
+    def packed_dump_parts(self) -> list[bytes]:
+        """``packed_dump()`` as pieces (the cached chunk encodings themselves, not copied)."""
         for chunk in self._dirty:
-            base = chunk << _CHUNK_BITS
-            items = [lease[:6] for i in range(base, base + _CHUNK) if (lease := leases.get(i)) is not None]
-            if items:
-                encoded = packb(items)
-                packed[chunk] = encoded[_array_header_size(len(items)) :]
-            else:
-                packed.pop(chunk, None)
+            self._encode_chunk(chunk)
         self._dirty.clear()
+        packed = self._packed
         pools = [[p.name, str(p.network), p.created_at, p.hwm] for p in self._sorted_pools()]
-        body = b"".join(packed[c] for c in sorted(packed))
-        return b"\x93" + packb(self._next_id) + packb(pools) + _array_header(len(leases)) + body
+        head = b"\x93" + packb(self._next_id) + packb(pools) + _array_header(len(self._leases))
+        return [head, *(packed[c] for c in sorted(packed))]
+
+    def encode_dirty_chunks(self, max_chunks: int) -> int:
+        """Refresh the cache of at most ``max_chunks`` changed chunks; returns how many remain.
+
+        A caller that must not hold the event loop for long (a backup of a cold cache right
+        after a restart: ~1 ms per thousand leases) calls this between yields until it returns
+        0, then ``packed_dump`` has little left to do."""
+        for _ in range(min(max_chunks, len(self._dirty))):
+            self._encode_chunk(self._dirty.pop())
+        return len(self._dirty)
+
+    def _encode_chunk(self, chunk: int) -> None:
+        leases, packed = self._leases, self._packed
+        base = chunk << _CHUNK_BITS
+        items = [lease[:6] for i in range(base, base + _CHUNK) if (lease := leases.get(i)) is not None]
+        if items:
+            encoded = packb(items)
+            packed[chunk] = encoded[_array_header_size(len(items)) :]
+        else:
+            packed.pop(chunk, None)
 
     @classmethod
     def load(cls, obj: object) -> LeaseTable:

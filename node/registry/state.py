@@ -31,8 +31,9 @@ baseline follower can install it), and from protocol 2 on
 ``[2, applied_index, cluster_id, join_key, members, join_tokens, api_tokens, lease_table,
 cluster_protocol_version]`` with each member's protocol version (or nil) appended to its row.
 ``restore`` reads both; a newer format raises ``SnapshotFormatError`` (the node refuses to
-start). It validates types and cross-references (every lease owner is a member, ...) and
-replaces the state only when all of it is valid.
+start). It validates types and cross-references (sorted keys, join key with cluster id, ...) and
+replaces the state only when all of it is valid. A lease owner need not be a member (see
+``refound``: a restored state keeps the leases of ids that are not members yet).
 
 A NORMAL entry or member context written for a newer protocol raises
 ``EntryNeedsNewerProtocol`` with nothing changed (not even the applied index): the node must
@@ -43,6 +44,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from heapq import heapify, heappop, heappush
@@ -438,7 +441,13 @@ class StateMachine:
     # --- snapshot ----------------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
-        """The v1 format while the cluster is at protocol 1, else the v2 (module docstring)."""
+        return b"".join(self.snapshot_parts())
+
+    def snapshot_parts(self) -> list[bytes]:
+        """``snapshot()`` as the pieces it is the concatenation of, the cached lease chunks among
+        them uncopied: a caller that must not hold the event loop while megabytes are copied
+        joins them elsewhere (see quorumd.node.cluster.backup). The v1 format while the cluster
+        is at protocol 1, else the v2 (module docstring)."""
         v2 = self._cluster_protocol >= 2
         members = [
             [
@@ -465,15 +474,16 @@ class StateMachine:
             for t in self.api_tokens()
         ]
         # ``pack([...7 fields..., self._leases.dump()])`` byte for byte: an 8-element array whose
-        # last element the lease table encodes from its cache (LeaseTable.packed_dump); v2 is a
-        # 9-element array with the cluster's protocol version last.
+        # last element the lease table encodes from its cache (LeaseTable.packed_dump_parts); v2
+        # is a 9-element array with the cluster's protocol version last.
         version = SNAPSHOT_VERSION if v2 else SNAPSHOT_VERSION_V1
         head = (version, self._applied_index, self._cluster_id, self._join_key)
         parts = [b"\x99" if v2 else b"\x98", *(pack(x) for x in head)]
-        parts += [pack(members), pack(join_tokens), pack(api_tokens), self._leases.packed_dump()]
+        parts += [pack(members), pack(join_tokens), pack(api_tokens)]
+        parts += self._leases.packed_dump_parts()
         if v2:
             parts.append(pack(self._cluster_protocol))
-        return b"".join(parts)
+        return parts
 
     def restore(self, data: bytes) -> None:
         """Replace the whole state with a snapshot; raises ``SnapshotError`` (state untouched)."""
@@ -489,6 +499,32 @@ class StateMachine:
             len(self._members),
             self._leases.lease_count(),
         )
+
+    def prepare_snapshot(self, max_chunks: int) -> int:
+        """Do part of the next ``snapshot()``'s encoding now; returns the work left (0: done).
+        For callers that yield to the event loop between steps (see LeaseTable)."""
+        return self._leases.encode_dirty_chunks(max_chunks)
+
+    def refound(self, index: int, member: Member, join_key: bytes, admin: ApiToken) -> None:
+        """``quorumd restore``: this replica's node becomes the founder of the same cluster.
+
+        Every member, and with it every certificate pin, is replaced by ``member``; pools and
+        leases are kept (owner ids too); the join key is replaced and the join-token records
+        dropped (a token minted under the old key no longer verifies); ``admin`` joins the API
+        tokens, which all keep working. ``index`` (above the applied index) becomes the applied
+        index: the state differs from the archive's, so it gets an index of its own."""
+        if self._cluster_id is None:
+            raise StateError("cannot refound a state without cluster secrets")
+        if len(join_key) < MIN_JOIN_KEY_BYTES or admin.token_id in self._api_tokens:
+            raise StateError("short join key or an admin token id that exists")
+        self._advance(index)
+        self._members = {member.node_id: member}
+        self._join_key = join_key
+        self._join_tokens = {}
+        self._join_expiry = []
+        self._api_tokens[admin.token_id] = admin
+        self._api_tokens = dict(sorted(self._api_tokens.items()))
+        logger.info("state_refounded index=%d node_id=%d", index, member.node_id)
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -778,9 +814,39 @@ def _load_snapshot(data: bytes) -> StateMachine:
         prev_api = tok.token_id
         sm._api_tokens[tok.token_id] = tok
 
+    # A lease may name an owner that is not a member: a state restored from a backup keeps the
+    # leases of every node id (they count again for a node of that id that joins). Removing a
+    # member still purges its leases.
     sm._leases = LeaseTable.load(leases_raw)
     sm._leases.set_protocol(sm._cluster_protocol)
-    for owner in sm._leases.owners():
-        if owner not in sm._members:
-            raise SnapshotError(f"leases owned by node {owner}, which is not a member")
     return sm
+
+
+MEMBER_FIELDS = (
+    "nodeId",
+    "raftAddress",
+    "apiAddress",
+    "binaryVersion",
+    "suffrage",
+    "isLeader",
+    "drainState",
+    "activeLeases",
+    "protocolVersion",
+)
+
+
+def member_rows(
+    sm: StateMachine, voters: AbstractSet[int], leader_id: int, protocol_version: Callable[[int], int]
+) -> list[dict[str, Any]]:
+    """The ``GET /cluster/members`` items: the registry's members (sorted by id) with their live
+    suffrage (``voters``: the Raft configuration's voters), leadership, active leases and
+    protocol version."""
+    out = []
+    for m in sm.members():
+        item = m.as_dict()
+        item["suffrage"] = "voter" if m.node_id in voters else "nonvoter"
+        item["isLeader"] = leader_id == m.node_id
+        item["activeLeases"] = sm.active_lease_count(m.node_id)
+        item["protocolVersion"] = protocol_version(m.node_id)
+        out.append({k: item[k] for k in MEMBER_FIELDS})
+    return out
