@@ -1,7 +1,8 @@
 """The public API (SPEC 5) as one object: route lookup, the request pipeline, envelopes, metrics.
 
 ``build_app(node, node_id=..., registry=...)`` returns an ``Api``. It knows nothing about sockets:
-``quorumd.api.server`` parses HTTP/1.1 and calls ``Api.handle`` once per request;
+``quorumd.api.server`` serves HTTP/1.1 and calls ``Api.handle`` once per request (and
+``Api.precheck`` for a head that waits with ``Expect: 100-continue`` before sending its body);
 ``Api.dispatch_forwarded`` is the leader-side entry for requests a follower forwarded over the
 cluster channel. Both run the same pipeline (authentication with the carried token, validation,
 operation) and neither raises for a bad request: every failure becomes an error envelope --
@@ -25,7 +26,7 @@ from .auth import FailedAuthLimiter, bearer_token
 from .errors import ApiError, InternalError, PayloadTooLarge
 from .metrics import UNMATCHED, ApiMetrics
 from .openapi import render
-from .pipeline import Call, Context, Reply, Route, RouteTable, error_reply, run_call
+from .pipeline import Call, Context, Reply, Route, RouteTable, admit, error_reply, run_call
 from .ports import ForwardedRequest, ForwardedResponse, NodeApi
 from .routes_status import REGISTRY_KEY
 
@@ -84,6 +85,22 @@ class Api:
 
         return await self._run(method, path, call, "api_unhandled_error")
 
+    def precheck(self, method: str, path: str, authorization: str | None, client: str) -> Reply | None:
+        """For a request that waits before sending its body (``Expect: 100-continue``): the final
+        answer its head already decides (404/405, ``clustering_disabled``, 401/403/429), counted
+        like any answer, or None when the body is worth reading. The full pipeline still runs
+        on the complete request."""
+        label = UNMATCHED
+        try:
+            route, _ = self.table.match(method, path)
+            label = route.path
+            admit(self.ctx, route, bearer_token(authorization), client)
+        except ApiError as exc:
+            reply = error_reply(exc)
+            self.metrics.observe(method, label, reply.status, 0.0)
+            return reply
+        return None
+
     def rejected(self, method: str, exc: ApiError) -> Reply:
         """The reply to a request refused before routing (413, malformed), counted under
         ``unmatched``."""
@@ -130,6 +147,8 @@ class Api:
             route, values = self.table.match(method, path)
             label = route.path
             reply = await run_call(self.ctx, route, make_call(route, values))
+            if reply.body is None:
+                reply.body = reply.encoded()  # here, so that a result JSON refuses is a 500 too
         except ApiError as exc:
             reply = error_reply(exc)
         except Exception:

@@ -1,7 +1,8 @@
 """Request metrics for the HTTP API, registered on the registry the node layer hands in.
 
-``quorumd_api_requests_total{method,route,status}`` and
-``quorumd_api_request_duration_seconds{method,route}``. ``route`` is the route template
+``quorumd_api_requests_total{method,route,status}``,
+``quorumd_api_request_duration_seconds{method,route}`` and
+``quorumd_api_refused_connections_total{reason}`` (counted by the server). ``route`` is the route template
 (``/api/v1/cluster/members/{id}``) or ``unmatched``; ``method`` is one of the standard HTTP
 methods or ``OTHER``, so clients cannot inflate label cardinality.
 
@@ -128,6 +129,15 @@ class ApiMetrics:
             "quorumd_api_request_duration_seconds",
             "HTTP API request duration by method and route template.",
             ["method", "route"],
+            registry,
+        )
+
+        # Counted by quorumd.api.server: connections closed at accept (reason: max_connections,
+        # fd_reserve, closing).
+        self.refused_connections = LoopCounter(
+            "quorumd_api_refused_connections_total",
+            "API connections closed at accept: over the connection cap or into the descriptor reserve.",
+            ["reason"],
             registry,
         )
 

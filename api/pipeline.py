@@ -218,13 +218,20 @@ def parse_args(route: Route, call: Call) -> Args:
     return args
 
 
-async def run_call(ctx: Context, route: Route, call: Call) -> Reply:
+def admit(ctx: Context, route: Route, token: str | None, client: str | None) -> None:
+    """Steps 1 and 2 of ``run_call`` (clustering, then authentication and role): what can be
+    decided before the body is read."""
     node = ctx.node
     if route.cluster and not node.cluster_enabled:
         raise NotFound("clustering is disabled on this node", code="clustering_disabled")
     if route.access is not Access.PUBLIC:
         need = TokenRole.ADMIN if route.access is Access.ADMIN else TokenRole.READONLY
-        authorize(node, call.token, need, client=call.client, limiter=ctx.limiter)
+        authorize(node, token, need, client=client, limiter=ctx.limiter)
+
+
+async def run_call(ctx: Context, route: Route, call: Call) -> Reply:
+    node = ctx.node
+    admit(ctx, route, call.token, call.client)
     args = parse_args(route, call)
     consistent = bool(args.query.get("consistent", False))
     if route.placement is Placement.LOCAL or (route.placement is Placement.READ and not consistent):

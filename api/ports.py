@@ -13,6 +13,7 @@ until it has applied that index before answering (read-your-writes on the follow
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple, Protocol
@@ -94,6 +95,10 @@ class NodeApi(Protocol):
         """Joined, leader known, applied caught up with the commit index."""
         ...
 
+    def is_isolated(self) -> bool:
+        """Fenced: the node has not heard from a quorum for isolation-fence-after (SPEC 15)."""
+        ...
+
     # --- reads (local replica) -------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """The /status body (SPEC 5)."""
@@ -117,6 +122,13 @@ class NodeApi(Protocol):
 
     # --- leader-only operations (the HTTP layer has already forwarded when not leader) -------
     async def autopilot(self) -> dict[str, Any]: ...
+
+    async def what_if(
+        self, *, remove: Sequence[int], fail: Sequence[int], drain: Sequence[int], promote: Sequence[int]
+    ) -> dict[str, Any]:
+        """``{voters, quorum, healthyVoters, failureTolerance, leaderNodeId, safe, warnings}`` for
+        the cluster as it would be (SPEC 14); changes nothing. 404 for an id that is not a member."""
+        ...
 
     async def remove_member(self, node_id: int, *, force: bool) -> None: ...
 

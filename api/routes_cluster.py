@@ -48,6 +48,20 @@ RAFT_ADDRESS_BODY = Field(
 API_ADDRESS_BODY = Field(
     "apiAddress", _ADDRESS, "The member's API address, https://host:port.", code="invalid_api_address"
 )
+_ID = "([1-9]|[1-5][0-9]|6[0-3])"
+NODE_ID_LIST_SCHEMA = {"type": "string", "pattern": f"^{_ID}(,{_ID})*$", "maxLength": 256}
+
+
+def _id_list(name: str, what: str) -> Field:
+    return Field(name, NODE_ID_LIST_SCHEMA, f"Comma-separated node ids {what}.", code="invalid_node_id")
+
+
+WHAT_IF_QUERY = (
+    _id_list("remove", "to remove"),
+    _id_list("fail", "to consider failed"),
+    _id_list("drain", "to drain"),
+    _id_list("promote", "to promote to voter"),
+)
 
 
 def require_member(ctx: Context, node_id: int) -> None:
@@ -88,6 +102,21 @@ async def promote_member(ctx: Context, args: Args) -> Reply:
 
 async def get_autopilot(ctx: Context, args: Args) -> Reply:
     return Reply(result=await ctx.node.autopilot())
+
+
+def _ids(args: Args, name: str) -> list[int]:
+    text = str(args.query.get(name, ""))
+    return [int(x) for x in text.split(",")] if text else []
+
+
+async def get_what_if(ctx: Context, args: Args) -> Reply:
+    answer = await ctx.node.what_if(
+        remove=_ids(args, "remove"),
+        fail=_ids(args, "fail"),
+        drain=_ids(args, "drain"),
+        promote=_ids(args, "promote"),
+    )
+    return Reply(result=answer)
 
 
 def _one_deadline(args: Args) -> None:
@@ -158,11 +187,16 @@ def routes() -> list[Route]:
             path_params=(node_id_path(),),
             query=(FORCE_QUERY,),
             result_schema=ref("Message"),
-            errors=(MEMBER_404, ErrorDoc(409, ("not_drained", "last_voter", "membership_conflict"))),
+            errors=(
+                MEMBER_404,
+                ErrorDoc(409, ("not_drained", "last_voter", "would_lose_quorum", "membership_conflict")),
+            ),
             recover=removed_leader_outcome,
             long_running=True,
-            description="The member must be drained unless force=true. Removing the leader first hands "
-            "leadership to another voter. Purges the node's leases and certificate pin.",
+            description="The member must be drained unless force=true. Refused (409 would_lose_quorum) "
+            "when the healthy voters left would be fewer than the new quorum, unless force=true. "
+            "Removing the leader first hands leadership to another voter. Purges the node's leases "
+            "and certificate pin.",
         ),
         Route(
             "PATCH",
@@ -209,6 +243,20 @@ def routes() -> list[Route]:
             Access.ADMIN,
             Placement.LEADER,
             result_schema=ref("Autopilot"),
+        ),
+        Route(
+            "GET",
+            f"{P}/autopilot/what-if",
+            get_what_if,
+            "What if members were removed, failed, drained or promoted (leader only)",
+            tag,
+            Access.ADMIN,
+            Placement.LEADER,
+            query=WHAT_IF_QUERY,
+            result_schema=ref("WhatIf"),
+            errors=(MEMBER_404,),
+            description="Changes nothing. Answers for the cluster as it would be, with the model autopilot, "
+            "member removal and drain use. safe is false iff a warning is quorum_lost or last_voter.",
         ),
         Route(
             "POST",

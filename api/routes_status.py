@@ -2,7 +2,8 @@
 
 None needs a token. /healthz answers 200 while the process serves HTTP; /readyz answers 503
 ``not_ready`` (with Retry-After) until the node has joined, knows a leader and has applied up to
-the commit index. The metrics text comes from the registry the node layer handed to ``build_app``.
+the commit index, and 503 ``isolated`` while the node is fenced (SPEC 15).
+The metrics text comes from the registry the node layer handed to ``build_app``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ async def healthz(ctx: Context, args: Args) -> Reply:
 
 
 async def readyz(ctx: Context, args: Args) -> Reply:
+    if ctx.node.is_isolated():
+        raise ApiError(
+            503, "isolated", "the node has not heard from a quorum (fenced)", headers={"Retry-After": "1"}
+        )
     if not ctx.node.is_ready():
         raise ApiError(503, "not_ready", "the node is not ready", headers={"Retry-After": "1"})
     return Reply(result={"ready": True})
@@ -77,8 +82,9 @@ def routes() -> list[Route]:
             Access.PUBLIC,
             ignore_query=True,
             result_schema=ref("Readiness"),
-            errors=(ErrorDoc(503, ("not_ready",)),),
-            description="Ready: joined, leader known, applied caught up with the commit index.",
+            errors=(ErrorDoc(503, ("not_ready", "isolated")),),
+            description="Ready: joined, leader known, applied caught up with the commit index, and "
+            "not fenced (503 isolated: no quorum heard for cluster.isolation-fence-after).",
         ),
         Route(
             "GET",

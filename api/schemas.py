@@ -18,6 +18,24 @@ TIMESTAMP: Schema = {"type": "string", "description": "RFC 3339 UTC timestamp"}
 NODE_ID: Schema = {"type": "integer", "minimum": 0, "maximum": 63}
 DRAIN_STATE: Schema = {"type": "string", "enum": ["active", "draining", "drained"]}
 ROLE: Schema = {"type": "string", "enum": ["admin", "readonly"]}
+AUTOPILOT_REASONS = (
+    "no_contact",
+    "left",
+    "term_behind",
+    "log_behind",
+    "stabilizing",
+    "draining",
+    "drained",
+    "not_caught_up",
+)
+WHAT_IF_WARNINGS = (
+    "quorum_lost",
+    "failure_tolerance_zero",
+    "leader_moves",
+    "last_voter",
+    "below_min_quorum",
+    "not_caught_up",
+)
 
 
 def ref(name: str) -> Schema:
@@ -68,6 +86,29 @@ COMPONENTS: dict[str, Schema] = {
             "lastContactMs": {"type": ["number", "null"]},
             "lastTerm": INT,
             "lastIndex": INT,
+            "trailingLogs": {"type": "integer", "minimum": 0, "description": "entries behind the leader"},
+            "reasons": array(
+                {
+                    "type": "string",
+                    "enum": list(AUTOPILOT_REASONS),
+                    "description": "why the server is not healthy and settled; empty when it is",
+                }
+            ),
+            "promotionAt": {
+                "type": ["string", "null"],
+                "description": "RFC 3339 UTC: predicted promotion time; null unless stabilizing",
+            },
+        }
+    ),
+    "WhatIf": obj(
+        {
+            "voters": array(NODE_ID),
+            "quorum": {"type": "integer", "minimum": 1},
+            "healthyVoters": {"type": "integer", "minimum": 0},
+            "failureTolerance": {"type": "integer", "minimum": 0},
+            "leaderNodeId": {**NODE_ID, "description": "predicted leader; 0 when none could lead"},
+            "safe": {"type": "boolean", "description": "false iff quorum_lost or last_voter"},
+            "warnings": array({"type": "string", "enum": list(WHAT_IF_WARNINGS)}),
         }
     ),
     "Autopilot": obj(
@@ -100,6 +141,19 @@ COMPONENTS: dict[str, Schema] = {
                 "type": "integer",
                 "minimum": 1,
                 "description": "the lowest protocolVersion of the members; absent from protocol-1 builds",
+            },
+            "isolated": {"type": "boolean", "description": "fenced: no quorum heard lately"},
+            "bgp": {
+                "type": "object",
+                "properties": {
+                    "running": BOOL,
+                    "announcedPrefixes": INT,
+                    "fencingToken": {
+                        "type": ["object", "null"],
+                        "properties": {"term": INT, "index": INT},
+                        "description": "(term, index) of the log entry behind the last change",
+                    },
+                },
             },
         },
     ),

@@ -1,26 +1,75 @@
-"""HTTP/1.1 server for the API: an asyncio protocol around the httptools (llhttp) parser.
+"""HTTP/1.1 server for the API: aiohttp's low-level server (``aiohttp.web.Server``), no router.
 
-Each connection parses with httptools and hands complete requests to ``Api.handle`` one at a time
-(HTTP/1.1 pipelining answers in order); the reply goes out as one ``transport.write`` of the status
-line, headers and body, so over TLS a typical answer is a single record. The API's work per write
-is small, and ``aiohttp.web``'s request and response objects, router and middleware chain had
-become half of the leader's CPU (see BENCHMARKS.md); the API needs none of them.
+``ApiServer(api).start(host, port, ssl_context=...)`` listens; every request goes to one handler that
+turns the ``BaseRequest`` into the arguments of ``Api.handle`` and the ``Reply`` into a
+``web.Response``. aiohttp's C parser (llhttp) reads the request, its protocol
+(``web_protocol.RequestHandler``) runs keep-alive, pipelining (answers in order; at most 32 parsed
+requests queued per connection, and a queued request's body buffers at most 128 KiB, then
+reading pauses) and the lingering close after an early answer. No router, no middleware chain:
+those were half of the leader's CPU when the API was an ``aiohttp.web`` application
+(BENCHMARKS.md).
 
-What the server does itself:
-- keep-alive (HTTP/1.1 default, ``Connection: close`` and HTTP/1.0 honoured), pipelining with a
-  bound on queued requests (reading pauses beyond it), ``Expect: 100-continue``;
-- limits: request target 8 KiB, header section 64 KiB / 100 fields, body ``MAX_BODY_BYTES``
-  (413 before the body is read when Content-Length already says so); a malformed request gets 400
-  and the connection closes; all as JSON error envelopes;
-- timeouts: a request whose head and body have not arrived within ``request_timeout`` seconds
-  gets 408 and is closed, an idle keep-alive connection is closed after ``keepalive_timeout``;
-- HEAD is answered without a body (no route serves HEAD: 405 with ``Allow``);
-- a client that half-closes or disconnects does not cancel its request: a write it sent still completes
-  (as with aiohttp's default), the answer is dropped;
-- write back-pressure: while the transport's buffer is over its high-water mark, the next answer
-  waits.
-Every answer carries ``Content-Length``, ``Date``, ``Server: quorumd`` and
-``Cache-Control: no-store``.
+A connection goes through three objects: ``_Gate`` (the protocol of the accepted socket: admits or
+closes it, starts TLS), ``_Reader`` (a buffered protocol in front of aiohttp's, so that uvloop
+decrypts into one shared buffer) and ``_Connection`` (aiohttp's protocol).
+
+Every answer carries ``Content-Length``, ``Date``, ``Server: quorumd`` and ``Cache-Control:
+no-store``; every error the server produces itself is a JSON error envelope counted by the API
+metrics under ``unmatched``, parse errors included (``_Connection.handle_error``), and is followed
+by ``Connection: close``. HEAD gets the headers of the answer without its body.
+
+Limits (module constants; the timeouts and caps are constructor parameters):
+- request line: target up to ``MAX_TARGET_BYTES`` (8192; 414 beyond); version HTTP/1.0 or HTTP/1.1
+  only (anything else the parser accepts, e.g. ``HTTP/2.0`` or ``HTTP/0.9``, is 400: RFC 9112 2.3,
+  3.2); a method llhttp does not know is 400;
+- header section: each field up to ``MAX_FIELD_BYTES`` (8190 for the name, and as much for the
+  value), at most ``MAX_HEADERS`` (32) fields (431 beyond): a head is at most ~512 KiB. The
+  parser checks the limits as bytes arrive, so a header that never ends is refused after 8 KiB
+  and nothing more is buffered;
+- ``Host``: an HTTP/1.1 request without one, or any request with two, is 400 (RFC 9112 3.2; the
+  parser refuses both too, the handler checks again). HTTP/1.0 requests may omit it, as RFC 9112
+  allows: load-balancer health checks (HAProxy's ``option httpchk``) send HTTP/1.0 without Host;
+- body: ``MAX_BODY_BYTES`` (1 MiB); a Content-Length above it is 413 before any of the body is read,
+  a chunked body is 413 once it crosses it; no content coding is undone (``auto_decompress`` off);
+- ``Expect: 100-continue`` is honoured for HTTP/1.1 only (RFC 9110 10.1.1: ignored for HTTP/1.0)
+  and only once the head has passed every check that needs no body: the Host and version checks,
+  the body limit, the route, clustering, the token and its role (``Api.precheck``). A head that
+  fails them gets its final answer and ``Connection: close`` instead of a 100, so an
+  unauthenticated client never gets to upload. (Never sending 100 would make curl-like clients
+  wait a second per request before sending the body, and RFC 9110 asks for either an immediate
+  final status or a 100.)
+- time: a request head must be complete within ``keepalive_timeout`` (default 30 s) of the
+  connection being established or of the previous answer, otherwise the connection is closed
+  (aiohttp's keep-alive timer, which also closes idle connections: slow-loris heads are dropped);
+  a body must arrive within ``body_timeout`` (30 s; 408 otherwise); the TLS handshake within
+  ``handshake_timeout`` (10 s); a TLS close_notify exchange within ``TLS_SHUTDOWN_SECONDS`` (5 s);
+  after an answer that left body bytes unread, ``LINGER_SECONDS`` (3 s) of discarding them before
+  the close, so the client reads the answer rather than a reset.
+- connections: at most ``max_connections`` (1024) at once, counted from accept (so TLS handshakes
+  in progress count), and never so many that the process comes within ``fd_reserve`` (256)
+  descriptors of its RLIMIT_NOFILE soft limit: the Raft channel and the storage keep descriptors.
+  A connection beyond either cap (or accepted while closing) is closed at accept, before any TLS
+  work, counted in ``refused_connections`` and ``quorumd_api_refused_connections_total{reason}``,
+  passed to the ``on_refused`` hook, and logged at WARNING at most every ``REFUSAL_LOG_SECONDS``
+  (10 s, with the count since the last line). The descriptor
+  check uses the new socket's number (Linux hands out the lowest free one, so all below it are in
+  use) and a count of ``/proc/self/fd`` taken at most once a second for descriptors held elsewhere.
+
+A client that disconnects does not cancel its request (``handler_cancellation`` off): a write it
+sent still completes, the answer is dropped. ``close()`` stops accepting, drops TLS handshakes in
+progress and idle keep-alive connections, lets answers in flight finish within ``shutdown_grace``
+seconds (they go out with ``Connection: close``; requests queued behind them are not started),
+then closes what is left; it returns within ``2 * shutdown_grace + 0.7`` seconds (4.7 s by
+default, inside the 5 s the daemon allows it).
+
+A body whose framing the parser refuses (a chunk size that is not hex, ...) is 400 at once:
+``_Connection.data_received`` ends the read that aiohttp would leave waiting until the body
+timeout. That, the JSON ``handle_error`` and the accounting in ``connection_lost`` are the only
+overrides of aiohttp's protocol; the first reads its private queue (hence ``aiohttp<4``).
+
+Known limit of aiohttp's protocol: when a malformed request arrives in the same read as complete
+requests before it, those earlier requests are discarded with the parser state and only the 400
+is sent (they are never executed).
 """
 
 from __future__ import annotations
@@ -28,363 +77,434 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import resource
 import ssl
-import time
-from collections import deque
-from email.utils import formatdate
-from http import HTTPStatus
-from typing import cast
+from collections.abc import Callable
+from typing import Any, cast
 
-import httptools
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _ErrInfo
 
+from .accept import _feed, _Gate, _Reader
 from .app import MAX_BODY_BYTES, TOO_LARGE_MESSAGE, Api
-from .errors import ApiError, BadRequest, PayloadTooLarge
+from .errors import ApiError, BadRequest, InternalError, PayloadTooLarge
 from .pipeline import Reply
 
 log = logging.getLogger(__name__)
 
-MAX_TARGET_BYTES = 8192
-MAX_HEADER_BYTES = 64 * 1024
-MAX_HEADER_FIELDS = 100
-MAX_PIPELINED = 16
-READ_BUFFER_BYTES = 16 * 1024  # per connection; one TLS record's worth
-KEEPALIVE_TIMEOUT = 75.0
-REQUEST_TIMEOUT = 30.0
-SWEEP_INTERVAL = 1.0
+MAX_TARGET_BYTES = 8192  # aiohttp's max_line_size: the request target
+MAX_FIELD_BYTES = 8190  # aiohttp's max_field_size: one header line, name and value
+MAX_HEADERS = 32
+# The two must differ: a parser's LineTooLong names the limit it hit, which is how 414 and 431
+# are told apart.
+KEEPALIVE_TIMEOUT = 30.0
+BODY_TIMEOUT = 30.0
+HANDSHAKE_TIMEOUT = 10.0
+TLS_SHUTDOWN_SECONDS = 5.0
+LINGER_SECONDS = 3.0
+SHUTDOWN_GRACE = 2.0
+MAX_CONNECTIONS = 1024
+FD_RESERVE = 256
+FD_SAMPLE_SECONDS = 1.0
+REFUSAL_LOG_SECONDS = 10.0
+BACKLOG = 1024
+READ_BUFFER_BYTES = 64 * 1024
 
-_REASONS = {s.value: s.phrase for s in HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BASE_HEADERS = {"Cache-Control": "no-store", "Server": "quorumd"}
 
 
-class _Date:
-    """The ``Date`` header value, formatted once per second."""
-
-    __slots__ = ("_second", "_value")
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._value = b""
-
-    def now(self) -> bytes:
-        second = int(time.time())
-        if second != self._second:
-            self._second = second
-            self._value = formatdate(second, usegmt=True).encode("ascii")
-        return self._value
-
-
-_DATE = _Date()
-
-
-def _head(status: int, content_type: str, length: int, headers: dict[str, str], close: bool) -> bytes:
-    parts = [
-        b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nCache-Control: no-store\r\n"
-        b"Date: %s\r\nServer: quorumd\r\n"
-        % (status, _REASONS.get(status, "").encode(), content_type.encode(), length, _DATE.now())
-    ]
-    for name, value in headers.items():
+def _response(reply: Reply, *, close: bool = False) -> web.Response:
+    headers = {"Content-Type": reply.content_type, **_BASE_HEADERS}
+    for name, value in reply.headers.items():
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
             continue  # never split the header section (values come from our own code)
-        parts.append(f"{name}: {value}\r\n".encode("latin-1", "replace"))
+        headers[name] = value
+    response = web.Response(status=reply.status, body=reply.encoded(), headers=headers)
     if close:
-        parts.append(b"Connection: close\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+        response.force_close()
+    return response
 
 
-class _Reject(Exception):
-    """Raised inside a parser callback to refuse the request (the parser wraps it)."""
-
-    def __init__(self, error: ApiError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
-class _Request:
-    __slots__ = ("authorization", "body", "head_only", "keep_alive", "method", "path", "query")
-
-    def __init__(
-        self, method: str, path: str, query: str, body: bytes, authorization: str | None, keep_alive: bool
-    ) -> None:
-        self.method = method
-        self.path = path
-        self.query = query
-        self.body = body
-        self.authorization = authorization
-        self.keep_alive = keep_alive
-        self.head_only = method == "HEAD"
+def _parse_error(status: int, exc: BaseException | None) -> ApiError:
+    """The envelope for an error aiohttp's protocol reports (parser errors arrive as 400)."""
+    if status >= 500:
+        return InternalError()
+    if isinstance(exc, LineTooLong):
+        if exc.args[1:2] == (MAX_TARGET_BYTES,):
+            return ApiError(414, "uri_too_long", f"request target exceeds {MAX_TARGET_BYTES} bytes")
+        return ApiError(431, "headers_too_large", f"a header field exceeds {MAX_FIELD_BYTES} bytes")
+    if isinstance(exc, BadHttpMessage) and exc.message == "Too many headers received":
+        return ApiError(431, "headers_too_large", f"more than {MAX_HEADERS} header fields")
+    return BadRequest("malformed HTTP request")
 
 
-class HttpConnection(asyncio.BufferedProtocol):
-    """One client connection (see the module docstring).
+class _UnsupportedVersion(web.BaseRequest):
+    """A request whose version is neither HTTP/1.0 nor HTTP/1.1, carried as HTTP/1.1 so that its
+    400 goes out with an HTTP/1.1 status line."""
 
-    A buffered protocol: the loop reads (and decrypts) into this connection's buffer and the
-    parser reads it in place; the parser copies out what it keeps, so the buffer is reused at
-    once. (As a plain ``Protocol`` uvloop's TLS layer allocated 256 KiB per read.)
-    """
+    sent_version = ""
 
-    def __init__(self, server: ApiServer) -> None:
-        self._server = server
-        self._api = server.api
-        self._loop = server.loop
-        self._transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpRequestParser(self)
-        self._read_buffer = bytearray(READ_BUFFER_BYTES)
-        self._client = "unknown"
-        self._pending: deque[_Request] = deque()
-        self._busy = False
-        self._closing = False
-        self._reading_paused = False
-        self._write_ready: asyncio.Future[None] | None = None
-        self._final: Reply | None = None  # a refusal waiting for the request in flight
-        # the request being parsed
-        self._in_message = False
-        self._message_started = 0.0
-        self._url = b""
-        self._header_bytes = 0
-        self._header_fields = 0
-        self._authorization: bytes | None = None
-        self._expect_continue = False
-        self._continue_owed = False
-        self._body: list[bytes] = []
-        self._body_bytes = 0
-        self.last_activity = self._loop.time()
 
-    # --- asyncio.Protocol ---------------------------------------------------------------------
+class _Connection(RequestHandler):
+    """aiohttp's HTTP/1.1 protocol for one connection, with JSON error answers and accounting."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's TLS transport implements asyncio.Transport without subclassing it
-        self._transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and peer:
-            self._client = str(peer[0])
-        elif peer:
-            self._client = str(peer)
-        self._server.connections.add(self)
+    __slots__ = ("_owner", "_released", "body_refused")
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._closing = True
-        self._pending.clear()
-        self._server.connections.discard(self)
-        waiter = self._write_ready
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def __init__(self, owner: ApiServer, **kwargs: Any) -> None:
+        super().__init__(owner.web_server, loop=owner.loop, **kwargs)
+        self._owner = owner
+        self._released = False
+        self.body_refused = False  # the parser refused the framing of the body being read
 
-    def pause_writing(self) -> None:
-        if self._write_ready is None or self._write_ready.done():
-            self._write_ready = self._loop.create_future()
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._owner._release(self)
 
-    def resume_writing(self) -> None:
-        waiter = self._write_ready
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # aiohttp queues a parse error as the next message but leaves the body being read
+        # waiting for bytes that will never parse: when the parser stopped inside that body
+        # (it has not ended), end the read now (the handler answers 400) instead of at the body
+        # timeout. (An exception on the payload would also reach aiohttp's lingering read,
+        # which logs it as unhandled.)
+        request = self._current_request
+        if (
+            request is not None
+            and self._messages
+            and isinstance(self._messages[-1][0], _ErrInfo)
+            and not request.content.is_eof()
+        ):
+            self.body_refused = True
+            request.content.feed_eof()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self._read_buffer)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        with memoryview(self._read_buffer) as view:
-            self.data_received(view[:nbytes])
-
-    def data_received(self, data: bytes | memoryview) -> None:
-        if self._closing:
-            return
-        self.last_activity = self._loop.time()
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._refuse(BadRequest("protocol upgrades are not supported"))
-        except httptools.HttpParserError as exc:
-            cause = exc.__context__  # a callback's _Reject, wrapped by the parser
-            self._refuse(cause.error if isinstance(cause, _Reject) else BadRequest("malformed HTTP request"))
-
-    # --- httptools callbacks ------------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._in_message = True
-        self._message_started = self._loop.time()
-        self._url = b""
-        self._header_bytes = 0
-        self._header_fields = 0
-        self._authorization = None
-        self._expect_continue = False
-        self._continue_owed = False
-        self._body = []
-        self._body_bytes = 0
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        if len(self._url) > MAX_TARGET_BYTES:
-            raise _Reject(ApiError(414, "uri_too_long", f"request target exceeds {MAX_TARGET_BYTES} bytes"))
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_fields += 1
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_fields > MAX_HEADER_FIELDS or self._header_bytes > MAX_HEADER_BYTES:
-            raise _Reject(
-                ApiError(431, "headers_too_large", f"header section exceeds {MAX_HEADER_BYTES} bytes")
-            )
-        lname = name.lower()
-        if lname == b"authorization":
-            self._authorization = value
-        elif lname == b"expect" and value.lower() == b"100-continue":
-            self._expect_continue = True
-        elif lname == b"content-length" and value.strip().isdigit() and int(value) > MAX_BODY_BYTES:
-            raise _Reject(PayloadTooLarge(TOO_LARGE_MESSAGE))
-
-    def on_headers_complete(self) -> None:
-        if self._expect_continue:
-            if self._busy:
-                self._continue_owed = True  # sent once the answers owed before it are out
-            elif self._transport is not None:
-                self._transport.write(_CONTINUE)
-
-    def on_body(self, body: bytes) -> None:
-        self._body_bytes += len(body)
-        if self._body_bytes > MAX_BODY_BYTES:
-            raise _Reject(PayloadTooLarge(TOO_LARGE_MESSAGE))
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        self._in_message = False
-        parser = self._parser
-        if parser.should_upgrade():
-            # llhttp stops at an upgrade; nothing after it could be parsed as HTTP/1.1
-            raise _Reject(BadRequest("protocol upgrades are not supported"))
-        try:
-            url = httptools.parse_url(self._url)
-        except httptools.HttpParserInvalidURLError:
-            raise _Reject(BadRequest("malformed request target")) from None
-        path = url.path.decode("latin-1") if url.path else "/"
-        query = url.query.decode("latin-1") if url.query else ""
-        auth = self._authorization.decode("latin-1") if self._authorization is not None else None
-        body = b"".join(self._body) if self._body else b""
-        request = _Request(
-            parser.get_method().decode("ascii", "replace"),
-            path,
-            query,
-            body,
-            auth,
-            parser.should_keep_alive(),
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # Never log the exception's text: it quotes request bytes (header values, tokens).
+        log.debug(
+            "api_request_refused client=%s status=%d error=%s", request.remote, status, type(exc).__name__
         )
-        if self._busy:
-            self._pending.append(request)
-            if len(self._pending) >= MAX_PIPELINED and not self._reading_paused and self._transport:
-                self._reading_paused = True
-                self._transport.pause_reading()
-            return
-        self._busy = True
-        self._loop.create_task(self._serve(request))
-
-    # --- serving ------------------------------------------------------------------------------
-
-    async def _serve(self, request: _Request) -> None:
-        api = self._api
-        client = self._client
-        try:
-            while True:
-                reply = await api.handle(
-                    request.method, request.path, request.query, request.body, request.authorization, client
-                )
-                if self._write_ready is not None and not self._write_ready.done():
-                    await self._write_ready
-                close = not request.keep_alive or (
-                    self._closing and not self._pending and self._final is None
-                )
-                self._send(reply, head_only=request.head_only, close=close)
-                if close or not self._pending:
-                    break
-                request = self._pending.popleft()
-                if self._reading_paused and len(self._pending) < MAX_PIPELINED // 2 and self._transport:
-                    self._reading_paused = False
-                    self._transport.resume_reading()
-        except Exception:  # Api.handle does not raise; a bug here must not leave the client hanging
-            log.exception("api_connection_error")
-            self._abort()
-        finally:
-            self._busy = False
-            self.last_activity = self._loop.time()
-            final, self._final = self._final, None
-            if final is not None:
-                self._send(final, head_only=False, close=True)
-            elif self._continue_owed and self._in_message and self._transport is not None:
-                self._continue_owed = False
-                self._transport.write(_CONTINUE)
-
-    def _send(self, reply: Reply, *, head_only: bool, close: bool) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        body = reply.encoded()
-        head = _head(reply.status, reply.content_type, len(body), reply.headers, close)
-        transport.write(head if head_only else head + body)
-        if close:
-            self._closing = True
-            transport.close()
-
-    def _refuse(self, error: ApiError) -> None:
-        """Answer a request the parser refused, after any answers still owed, and close."""
-        reply = self._api.rejected("OTHER", error)
-        self._closing = True
-        if not self._reading_paused and self._transport is not None:
-            self._transport.pause_reading()
-            self._reading_paused = True
-        if self._busy:
-            self._final = reply  # sent by _serve after the answer to the request in flight
-        else:
-            self._send(reply, head_only=False, close=True)
-
-    def _abort(self) -> None:
-        self._closing = True
-        if self._transport is not None:
-            self._transport.abort()
-
-    # --- timeouts (driven by ApiServer's sweep) -----------------------------------------------
-
-    def sweep(self, now: float) -> None:
-        if self._closing or self._transport is None:
-            return
-        if self._in_message:
-            if now - self._message_started > REQUEST_TIMEOUT and not self._busy:
-                self._refuse(ApiError(408, "request_timeout", "the request did not arrive in time"))
-        elif not self._busy and not self._pending and now - self.last_activity > KEEPALIVE_TIMEOUT:
-            self._transport.close()
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer is already under way; cannot send the error")
+        return _response(self._owner.api.rejected("OTHER", _parse_error(status, exc)), close=True)
 
 
 class ApiServer:
-    """Listening socket(s) for ``api``; ``start`` binds, ``close`` stops and drops connections."""
+    """Listening socket(s) for ``api`` (see the module docstring); ``start`` binds, ``close``
+    stops gracefully."""
 
-    def __init__(self, api: Api) -> None:
+    def __init__(
+        self,
+        api: Api,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        fd_reserve: int = FD_RESERVE,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        body_timeout: float = BODY_TIMEOUT,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        shutdown_grace: float = SHUTDOWN_GRACE,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
         self.api = api
         self.loop = asyncio.get_running_loop()
-        self.connections: set[HttpConnection] = set()
-        self._server: asyncio.Server | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+        self.max_connections = max_connections
+        self.fd_reserve = fd_reserve
+        self.keepalive_timeout = keepalive_timeout
+        self.body_timeout = body_timeout
+        self.handshake_timeout = handshake_timeout
+        self.shutdown_grace = shutdown_grace
+        self.on_refused = on_refused
+        self.refused_connections = 0
+        # Shared by every connection's _Reader: a transport calls get_buffer and buffer_updated
+        # back to back, and buffer_updated copies the bytes out before returning.
+        self.read_buffer = memoryview(bytearray(READ_BUFFER_BYTES))
+        self.ssl_context: ssl.SSLContext | None = None
+        self.web_server = web.Server(
+            self._handle, request_factory=self._make_request, handler_cancellation=False, loop=self.loop
+        )
+        self._listener: asyncio.Server | None = None
+        self._open = 0  # admitted connections, TLS handshakes included
+        self._conns: set[_Connection] = set()
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._fd_soft: int | None = None
+        self._fd_elsewhere = 0
+        self._fd_sampled_at = -FD_SAMPLE_SECONDS
+        self._refusals_unlogged = 0
+        self._next_refusal_log = 0.0
+
+    @property
+    def open_connections(self) -> int:
+        """Connections admitted and not yet closed (TLS handshakes in progress included)."""
+        return self._open
+
+    @property
+    def connections(self) -> frozenset[_Connection]:
+        """Connections past accept (and TLS handshake) speaking HTTP."""
+        return frozenset(self._conns)
 
     async def start(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None) -> int:
         """Listen on ``host:port`` (0: any free port); returns the bound port."""
-        self._server = await self.loop.create_server(
-            lambda: HttpConnection(self), host, port, ssl=ssl_context, reuse_address=True, backlog=1024
+        self.ssl_context = ssl_context
+        self._listener = await self.loop.create_server(
+            lambda: _Gate(self), host, port, reuse_address=True, backlog=BACKLOG
         )
-        self._sweeper = self.loop.create_task(self._sweep_loop(), name="api-sweep")
-        port_bound: int = self._server.sockets[0].getsockname()[1]
+        port_bound: int = self._listener.sockets[0].getsockname()[1]
         return port_bound
 
-    async def _sweep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
-            now = self.loop.time()
-            for conn in list(self.connections):
-                conn.sweep(now)
+    # --- admission ----------------------------------------------------------------------------
+
+    def _sample_fds(self) -> None:
+        now = self.loop.time()
+        if now - self._fd_sampled_at < FD_SAMPLE_SECONDS:
+            return
+        self._fd_sampled_at = now
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._fd_soft = None if soft == resource.RLIM_INFINITY else soft
+        try:
+            in_use = len(os.listdir("/proc/self/fd")) - 1  # minus the listing's own descriptor
+        except OSError:
+            in_use = 0  # no /proc: the socket-number check alone
+        self._fd_elsewhere = max(0, in_use - self._open - 1)  # the new socket is open already
+
+    def _admit(self, transport: asyncio.Transport) -> bool:
+        reason = None
+        if self._closing:
+            reason = "closing"
+        elif self._open >= self.max_connections:
+            reason = "max_connections"
+        else:
+            self._sample_fds()
+            if self._fd_soft is not None:
+                ceiling = self._fd_soft - self.fd_reserve
+                sock = transport.get_extra_info("socket")
+                fd = sock.fileno() if sock is not None else -1
+                if fd + 1 > ceiling or self._fd_elsewhere + self._open + 1 > ceiling:
+                    reason = "fd_reserve"
+        if reason is None:
+            self._open += 1
+            return True
+        self._refused(reason)
+        return False
+
+    def _refused(self, reason: str) -> None:
+        self.refused_connections += 1
+        self.api.metrics.refused_connections.inc((reason,))
+        if self.on_refused is not None:
+            try:
+                self.on_refused(reason)
+            except Exception:
+                log.exception("api_refusal_hook_failed")
+        self._refusals_unlogged += 1
+        now = self.loop.time()
+        if now >= self._next_refusal_log:
+            log.warning(
+                "api_connections_refused count=%d reason=%s open=%d max_connections=%d "
+                "fd_soft_limit=%s fd_reserve=%d",
+                self._refusals_unlogged,
+                reason,
+                self._open,
+                self.max_connections,
+                self._fd_soft,
+                self.fd_reserve,
+            )
+            self._refusals_unlogged = 0
+            self._next_refusal_log = now + REFUSAL_LOG_SECONDS
+
+    def _new_connection(self) -> _Connection:
+        conn = _Connection(
+            self,
+            keepalive_timeout=self.keepalive_timeout,
+            access_log=None,
+            max_line_size=MAX_TARGET_BYTES,
+            max_field_size=MAX_FIELD_BYTES,
+            max_headers=MAX_HEADERS,
+            lingering_time=LINGER_SECONDS,
+            auto_decompress=False,
+        )
+        self._conns.add(conn)
+        return conn
+
+    def _release(self, conn: _Connection) -> None:
+        """``conn``'s socket is closed (or being closed): it no longer counts. Idempotent."""
+        if not conn._released:
+            conn._released = True
+            self._conns.discard(conn)
+            self._open -= 1
+
+    def _start_tls(self, transport: asyncio.Transport, conn: _Connection, gate: _Gate) -> asyncio.Task[None]:
+        task = self.loop.create_task(self._handshake(transport, conn, gate))
+        self._handshakes.add(task)
+        task.add_done_callback(lambda t: self._handshake_done(t, transport, conn))
+        return task
+
+    async def _handshake(self, transport: asyncio.Transport, conn: _Connection, gate: _Gate) -> None:
+        assert self.ssl_context is not None
+        transport.pause_reading()
+        early = gate.take_early()
+        if early:
+            # Runs before start_tls's own callbacks (it schedules them below): the TLS protocol
+            # gets the early bytes before its connection_made starts the handshake, and reading
+            # resumes only after both.
+            self.loop.call_soon(_feed, transport, early)
+        tls = await self.loop.start_tls(
+            transport,
+            _Reader(conn, self.read_buffer),
+            self.ssl_context,
+            server_side=True,
+            ssl_handshake_timeout=self.handshake_timeout,
+            ssl_shutdown_timeout=TLS_SHUTDOWN_SECONDS,
+        )
+        assert tls is not None
+        # in the same step as the handshake's completion: before the first application data
+        conn.connection_made(tls)
+
+    def _handshake_done(
+        self, task: asyncio.Task[None], transport: asyncio.Transport, conn: _Connection
+    ) -> None:
+        self._handshakes.discard(task)
+        failed = task.cancelled() or task.exception() is not None
+        if failed:
+            if not task.cancelled():
+                log.debug("api_tls_handshake_failed error=%s", type(task.exception()).__name__)
+            transport.abort()
+            self._release(conn)
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def _make_request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        version = message.version
+        if version is HttpVersion11 or (version == HttpVersion10 and message is not ERROR):
+            return web.BaseRequest(message, payload, protocol, writer, task, self.loop)
+        # Answer anything else (a parse error, HTTP/2.0, HTTP/0.9) with an HTTP/1.1 status line.
+        if message is ERROR:
+            return web.BaseRequest(
+                message._replace(version=HttpVersion11), payload, protocol, writer, task, self.loop
+            )
+        request = _UnsupportedVersion(
+            message._replace(version=HttpVersion11), payload, protocol, writer, task, self.loop
+        )
+        request.sent_version = f"HTTP/{version.major}.{version.minor}"
+        return request
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        api = self.api
+        try:
+            refusal = self._check_head(request)
+            if refusal is not None:
+                return _response(api.rejected(request.method, refusal), close=True)
+            rel = request.rel_url
+            path = rel.raw_path
+            query = rel.raw_query_string
+            headers = request.headers
+            authorization = headers.get("Authorization")
+            client = request.remote or "unknown"
+            body = b""
+            if request.body_exists:
+                length = request.content_length
+                if length is not None and length > MAX_BODY_BYTES:
+                    return _response(
+                        api.rejected(request.method, PayloadTooLarge(TOO_LARGE_MESSAGE)), close=True
+                    )
+                if request.version is HttpVersion11 and headers.get("Expect", "").lower() == "100-continue":
+                    early = api.precheck(request.method, path, authorization, client)
+                    if early is not None:
+                        return _response(early, close=True)
+                    await request.writer.write(_CONTINUE)
+                    request.writer.output_size = 0  # the answer proper has not started
+                read = await self._read_body(request)
+                if isinstance(read, ApiError):
+                    return _response(api.rejected(request.method, read), close=True)
+                body = read
+            reply = await api.handle(request.method, path, query, body, authorization, client)
+            return _response(reply, close=self._closing)
+        except (asyncio.CancelledError, ConnectionError):
+            raise  # the client is gone: aiohttp drops the connection
+        except Exception:  # Api.handle does not raise; a bug here still gets an envelope
+            log.exception("api_server_error method=%s", request.method)
+            return _response(api.rejected(request.method, InternalError()), close=True)
+
+    def _check_head(self, request: web.BaseRequest) -> ApiError | None:
+        if isinstance(request, _UnsupportedVersion):
+            return BadRequest(
+                f"{request.sent_version} is not supported; use HTTP/1.1", code="unsupported_http_version"
+            )
+        hosts = request.headers.getall("Host", ())
+        if len(hosts) > 1 or (not hosts and request.version is HttpVersion11):
+            return BadRequest("exactly one Host header is required", code="bad_host")
+        return None
+
+    async def _read_body(self, request: web.BaseRequest) -> bytes | ApiError:
+        content = request.content
+        if content.is_eof():  # the usual case: the whole body came with the head
+            try:
+                body = content.read_nowait(-1)
+            except RequestPayloadError:
+                return BadRequest("malformed request body")
+            if cast(_Connection, request.protocol).body_refused:
+                return BadRequest("malformed request body")
+            return PayloadTooLarge(TOO_LARGE_MESSAGE) if len(body) > MAX_BODY_BYTES else body
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                while True:
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > MAX_BODY_BYTES:
+                        return PayloadTooLarge(TOO_LARGE_MESSAGE)
+                    chunks.append(chunk)
+        except TimeoutError:
+            return ApiError(408, "request_timeout", "the request body did not arrive in time")
+        except RequestPayloadError:  # the body's framing or coding was refused while reading
+            return BadRequest("malformed request body")
+        if cast(_Connection, request.protocol).body_refused:
+            return BadRequest("malformed request body")
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    # --- shutdown -----------------------------------------------------------------------------
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-        if self._server is not None:
-            self._server.close()
-            for conn in list(self.connections):
-                conn._abort()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        """Stop accepting, drop handshakes and idle connections, let answers in flight finish
+        (bounded by ``shutdown_grace``), then close the rest; returns within
+        ``2 * shutdown_grace + 0.7`` seconds (4.7 s by default: inside the daemon's 5 s)."""
+        self._closing = True
+        deadline = self.loop.time() + 2 * self.shutdown_grace + 0.5
+        if self._listener is not None:
+            self._listener.close()
+        for task in list(self._handshakes):
+            task.cancel()
+        self.web_server.pre_shutdown()  # idle keep-alive connections close now
+        try:
+            # aiohttp waits up to the grace for the answer in flight, then as long again for
+            # its connection task after cancelling the request
+            async with asyncio.timeout_at(deadline):
+                await self.web_server.shutdown(self.shutdown_grace)
+        except TimeoutError:
+            log.warning("api_shutdown_timeout connections=%d", len(self._conns))
+        for conn in list(self._conns):
+            conn.force_close()
+        if self._handshakes:
+            await asyncio.wait(list(self._handshakes), timeout=0.1)
+        if self._listener is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._listener.wait_closed(), 0.1)

@@ -330,6 +330,26 @@ def _autopilot(live: Live, nid: int) -> None:
         _rfc3339(s["stableSince"])
 
 
+@scenario("GET", "/api/v1/cluster/autopilot/what-if")
+def _what_if(live: Live, nid: int) -> None:
+    lead = live.leader()
+    voters = sorted(live.call(nid, "GET", "/api/v1/cluster/autopilot").result["voters"])
+    res = live.call(nid, "GET", "/api/v1/cluster/autopilot/what-if").result  # nothing changes
+    assert res["voters"] == voters and res["leaderNodeId"] == lead and res["safe"] is True
+    assert res["quorum"] == len(voters) // 2 + 1
+    gone = [v for v in voters if v != lead][:1]
+    query = {"remove": ",".join(map(str, gone)), "drain": str(lead)}
+    res = live.call(nid, "GET", "/api/v1/cluster/autopilot/what-if", query=query).result
+    assert res["voters"] == [v for v in voters if v not in gone]
+    assert res["leaderNodeId"] not in (lead, 0) and "leader_moves" in res["warnings"]
+    everyone = ",".join(map(str, voters))
+    res = live.call(nid, "GET", "/api/v1/cluster/autopilot/what-if", query={"remove": everyone}).result
+    assert res["safe"] is False and {"quorum_lost", "last_voter"} <= set(res["warnings"])
+    r = live.call(nid, "GET", "/api/v1/cluster/autopilot/what-if", query={"fail": "63"})
+    assert r.status == 404 and r.code == "member_not_found"
+    assert sorted(live.call(nid, "GET", "/api/v1/cluster/autopilot").result["voters"]) == voters
+
+
 def _drain_target(live: Live, nid: int) -> int:
     return next(f for f in live.followers() if f != nid)
 

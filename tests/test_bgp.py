@@ -87,7 +87,12 @@ def test_prefixes_are_normalized() -> None:
 
 def test_snapshot_reports_count_and_a_numerically_sorted_sample() -> None:
     s, _ = _speaker()
-    assert s.snapshot() == {"running": False, "announcedPrefixes": 0, "samplePrefixes": []}
+    assert s.snapshot() == {
+        "running": False,
+        "announcedPrefixes": 0,
+        "samplePrefixes": [],
+        "fencingToken": None,
+    }
     s.set_prefixes([f"10.0.0.{i}/32" for i in range(20, 0, -1)] + ["2001:db8::1/128"])
     assert s.snapshot()["announcedPrefixes"] == 0
     s.start()
@@ -191,3 +196,23 @@ def test_canonical_prefixes_are_taken_as_given() -> None:
     s.start()
     assert s.announced == {"10.0.0.1/32", "10.0.0.2/32"}
     assert s.snapshot()["samplePrefixes"] == ["10.0.0.1/32", "10.0.0.2/32"]
+
+
+def test_every_change_keeps_the_fencing_token_of_the_entry_behind_it() -> None:
+    """SPEC 15: the speaker records the (term, index) of the last change, not of calls that
+    changed nothing, and shows it in /status."""
+    from quorumd.node.effects.token import FencingToken
+
+    s, _ = _speaker()
+    assert s.fencing_token is None
+    s.set_prefixes(["10.0.0.1/32"], canonical=True, token=FencingToken(1, 5))
+    assert s.fencing_token is None  # stopped: nothing announced, nothing changed
+    s.start(token=FencingToken(1, 6))
+    assert s.fencing_token == FencingToken(1, 6)
+    s.update(["10.0.0.2/32"], [], token=FencingToken(2, 9))
+    assert s.snapshot()["fencingToken"] == {"term": 2, "index": 9}
+    s.update(["10.0.0.2/32"], [], token=FencingToken(2, 10))  # already announced: no change
+    assert s.fencing_token == FencingToken(2, 9)
+    s.stop(token=FencingToken(2, 11))
+    assert s.snapshot()["fencingToken"] == {"term": 2, "index": 11}
+    assert FencingToken(1, 99) < FencingToken(2, 1) < FencingToken(2, 2)

@@ -195,3 +195,58 @@ def test_converged_fails_on_two_leaders() -> None:
     views[3].status = {**_status(4, leader=4)}
     v = check_converged(views, _autopilot(), 5)
     assert any("leader" in x.message for x in v)
+
+
+# --- 5. isolation fencing ---------------------------------------------------------------------------
+def test_fenced_silent_flags_a_fenced_node_that_announces() -> None:
+    from tests.chaos.checkers import SpeakerSample, check_fenced_silent
+
+    ok = [SpeakerSample(1.0, 1, True, False, 0), SpeakerSample(1.0, 2, False, True, 3)]
+    assert check_fenced_silent(ok) == []
+    bad = check_fenced_silent([*ok, SpeakerSample(2.0, 1, True, True, 2)])
+    assert len(bad) == 1 and "node 1 is fenced" in str(bad[0])
+
+
+def test_fence_logs_flag_a_speaker_change_inside_a_fenced_interval() -> None:
+    from tests.chaos.checkers import check_fence_logs
+
+    good = (
+        "t0 WARNING x node=1 node_isolated node=1 silent_seconds=3\n"
+        "t1 INFO x node=1 bgp_speaker_stopped token=2/9\n"
+        "t2 INFO x node=1 node_rejoined node=1 applied=10\n"
+        "t3 INFO x node=1 bgp_speaker_started prefixes=1 token=3/10\n"
+        "t4 INFO x node=1 bgp_announce prefix=10.0.0.1/32\n"
+        "t5 WARNING x node=1 node_isolated node=1 silent_seconds=3\n"
+        "\n===== start #1 generation 0 =====\n"
+        "t6 INFO x node=1 bgp_speaker_started prefixes=1 token=3/12\n"  # a new process: not fenced
+    )
+    assert check_fence_logs({1: good}) == []
+    bad = check_fence_logs(
+        {2: "t0 WARNING x node=2 node_isolated node=2\nt1 INFO x node=2 bgp_announce prefix=10.0.0.2/32\n"}
+    )
+    assert len(bad) == 1 and "node 2 changed its speaker while fenced" in str(bad[0])
+
+
+def test_announcements_match_the_active_nodes_leases() -> None:
+    from tests.chaos.checkers import SpeakerView, check_announcements
+
+    leases = [
+        lease(1, "a", "10.0.0.1", node=1),
+        lease(2, "b", "10.0.0.2", node=2),
+        lease(3, "c", "10.0.0.3", node=2),
+    ]
+    views = [
+        SpeakerView(1, False, True, 1, ("10.0.0.1/32",), "active", 1),
+        SpeakerView(2, False, False, 0, (), "drained", 2),  # drained: owns leases, announces none
+    ]
+    assert check_announcements(views, leases, "final") == []
+    wrong = [
+        SpeakerView(1, False, True, 1, ("10.0.0.2/32",), "active", 1),  # announces another's lease
+        SpeakerView(2, False, True, 2, ("10.0.0.2/32",), "drained", 2),  # drained but running
+        SpeakerView(3, True, False, 0, (), "active", 0),  # still fenced
+        SpeakerView(4, False, True, 0, (), "active", 2),  # misses its leases
+    ]
+    found = [str(v) for v in check_announcements(wrong, leases, "after the heal")]
+    assert len(found) == 4, found
+    assert "does not own" in found[0] and "running=True while drained" in found[1]
+    assert "still fenced" in found[2] and "announces 0 prefixes, owns 2" in found[3]

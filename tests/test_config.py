@@ -159,7 +159,7 @@ ran:
     assert cfg.data_dir == tmp_path / "state"
     assert (cfg.log_level, cfg.log_format) == ("debug", "json")
     assert cfg.api == ApiConfig(
-        "10.0.0.1", 8443, TlsConfig(tmp_path / "tls/api.crt", Path("/etc/quorumd/api.key"))
+        "10.0.0.1", 8443, tls=TlsConfig(tmp_path / "tls/api.crt", Path("/etc/quorumd/api.key"))
     )
     c = cfg.cluster
     assert c.node_id == 63

@@ -84,6 +84,7 @@ DURATION_KEYS = [
     "cluster.propose-timeout",
     "cluster.heartbeat-interval",
     "cluster.election-timeout",
+    "cluster.isolation-fence-after",
     "cluster.autopilot.last-contact-threshold",
     "cluster.autopilot.server-stabilization-time",
     "cluster.autopilot.reconcile-interval",
@@ -114,6 +115,7 @@ LEAF_MISTAKES: dict[str, list[tuple[Any, str]]] = {
     "log-format": [("xml", "text|json"), (["json"], "text|json")],
     "api.address": [("not a host", "IP address or a host name"), (5002, "expected a string")],
     "api.port": [(0, "1..65535"), (65536, "1..65535"), ("5002", "expected an integer"), (True, "boolean")],
+    "api.max-connections": [(0, "1..1000000"), ("many", "expected an integer")],
     "api.tls": [("/etc/api.pem", "expected a mapping")],
     "api.tls.cert": [(None, "is required"), (5, "expected a string")],
     "api.tls.key": [(None, "is required"), ("", "must not be empty")],
@@ -266,6 +268,12 @@ def build_cases() -> list[Case]:
             setting(VALID, "cluster.election-timeout", "400ms"),
             "cluster.election-timeout",
             "at least 5 x cluster.heartbeat-interval",
+        ),
+        case(
+            "rule:fence-vs-election",
+            setting(VALID, "cluster.isolation-fence-after", "500ms"),
+            "cluster.isolation-fence-after",
+            "at least cluster.election-timeout",
         ),
         case(
             "rule:token-and-token-file",

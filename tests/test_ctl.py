@@ -256,6 +256,37 @@ async def test_status_key_values(api: FakeApi, capsys: pytest.CaptureFixture[str
 
 
 @pytest.mark.asyncio
+async def test_what_if_sends_the_id_lists_and_prints_the_answer(
+    api: FakeApi, capsys: pytest.CaptureFixture[str]
+) -> None:
+    answer = {
+        "voters": [1, 2],
+        "quorum": 2,
+        "healthyVoters": 1,
+        "failureTolerance": 0,
+        "leaderNodeId": 1,
+        "safe": False,
+        "warnings": ["quorum_lost"],
+    }
+    api.ok("GET", "/cluster/autopilot/what-if", answer)
+    assert await _run(api, "what-if", "--remove", "3", "--fail", "2, 5") == 0
+    out, _ = _out(capsys)
+    assert api.last.query == {"remove": "3", "fail": "2,5"}
+    assert out == (
+        "Safe:               no\n"
+        "Voters:             1,2\n"
+        "Quorum:             2\n"
+        "Healthy voters:     1\n"
+        "Failure tolerance:  0\n"
+        "Leader:             1\n"
+        "Warnings:           quorum_lost\n"
+    )
+    assert await _run(api, "what-if") == 0
+    assert api.last.query == {}
+    assert await _run(api, "what-if", "--drain", "64") == 2
+
+
+@pytest.mark.asyncio
 async def test_autopilot_header_and_table(api: FakeApi, capsys: pytest.CaptureFixture[str]) -> None:
     view = {
         "healthy": False,
@@ -286,6 +317,24 @@ async def test_autopilot_header_and_table(api: FakeApi, capsys: pytest.CaptureFi
                 "lastContactMs": 15000,
                 "lastTerm": 2,
                 "lastIndex": 50,
+                "trailingLogs": 49,
+                "reasons": ["no_contact", "term_behind"],
+                "promotionAt": None,
+            },
+            {
+                "nodeId": 4,
+                "raftAddress": "10.0.0.4:7000",
+                "nodeStatus": "alive",
+                "healthy": True,
+                "isLeader": False,
+                "hasVotingRights": False,
+                "stableSince": "2026-04-20T08:16:05Z",
+                "lastContactMs": 12,
+                "lastTerm": 3,
+                "lastIndex": 99,
+                "trailingLogs": 0,
+                "reasons": ["stabilizing"],
+                "promotionAt": "2026-04-20T08:16:15.000Z",
             },
         ],
     }
@@ -296,9 +345,13 @@ async def test_autopilot_header_and_table(api: FakeApi, capsys: pytest.CaptureFi
         "Healthy: no   Failure tolerance: 0   Leader: 1   Voters: 1,2,3\n"
         "\n"
         "ID  RAFT-ADDRESS   STATUS  HEALTHY  LEADER  VOTER  STABLE-SINCE          "
-        "LAST-CONTACT-MS  TERM  INDEX\n"
-        "1   10.0.0.1:7000  alive   yes      yes     yes    2026-04-20T08:15:02Z  0                3     99\n"
-        "3   10.0.0.3:7000  failed  no       no      yes    2026-04-20T08:16:00Z  15000            2     50\n"
+        "LAST-CONTACT-MS  TERM  INDEX  TRAILING  REASONS                 PROMOTION-AT\n"
+        "1   10.0.0.1:7000  alive   yes      yes     yes    2026-04-20T08:15:02Z  0                "
+        "3     99     -         -                       -\n"
+        "3   10.0.0.3:7000  failed  no       no      yes    2026-04-20T08:16:00Z  15000            "
+        "2     50     49        no_contact,term_behind  -\n"
+        "4   10.0.0.4:7000  alive   yes      no      no     2026-04-20T08:16:05Z  12               "
+        "3     99     0         stabilizing             2026-04-20T08:16:15.000Z\n"
     )
     assert await _run(api, "-o", "json", "autopilot") == 0
     out, _ = _out(capsys)

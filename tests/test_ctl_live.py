@@ -175,7 +175,7 @@ def test_status(q: Ctl) -> None:
     assert json.loads(q.ok("status", "-o", "json"))["nodeId"] == 2
 
 
-@covers("members list", "autopilot")
+@covers("members list", "autopilot", "what-if")
 def test_members_list_and_autopilot(q: Ctl) -> None:
     lead = q.c.wait_leader()
     rows = _table(q.ok("members", "list"))
@@ -203,6 +203,16 @@ def test_members_list_and_autopilot(q: Ctl) -> None:
     ap = q.json("autopilot")
     conforms(ap, "GET", "/api/v1/cluster/autopilot")
     assert ap["leaderNodeId"] == lead and sorted(ap["voters"])[:3] == [1, 2, 3]
+    assert "REASONS" in out and "PROMOTION-AT" in out
+    # what-if (SPEC 14): removing the leader and failing another voter of three loses quorum
+    other = next(n for n in (1, 2, 3) if n != lead)
+    wi = q.json("what-if", "--remove", str(lead), "--fail", str(other))
+    conforms(wi, "GET", "/api/v1/cluster/autopilot/what-if")
+    assert wi["safe"] is False and "quorum_lost" in wi["warnings"] and lead not in wi["voters"]
+    out = q.ok("what-if", "--drain", str(lead))
+    assert re.search(r"^Safe:\s+yes$", out, re.M) and re.search(r"^Warnings:\s+.*leader_moves", out, re.M), (
+        out
+    )
 
 
 @covers("join-token create", "members promote", "members drain", "members resume", "members remove")

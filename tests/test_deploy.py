@@ -160,6 +160,7 @@ def test_every_alert_is_tested_firing_and_not_firing() -> None:
         "QuorumdCommitLatencyHigh",
         "QuorumdNodeStuckDraining",
         "QuorumdNodeDown",
+        "QuorumdNodeIsolated",
     }
     tests = yaml.safe_load((PROM / "rules_test.yml").read_text())
     firing: set[str] = set()

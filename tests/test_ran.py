@@ -13,6 +13,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from quorumd.node.effects.ran import RanEvent, RanNotifier, WebhookRanNotifier, rfc3339_ms
+from quorumd.node.effects.token import FencingToken
 
 T0 = 1_700_000_000.5
 
@@ -89,7 +90,7 @@ async def test_no_url_records_counts_and_logs(caplog: pytest.LogCaptureFixture) 
     assert [(e.node_id, e.reason, e.at, e.seq) for e in notifier.events] == [(3, "drain", T0, 1)]
     assert seen == list(notifier.events)
     assert (n.delivered, n.failed, n.pending) == (0, 0, 0)
-    assert "ran_guami_unavailable node=3 reason=drain seq=1" in caplog.messages
+    assert "ran_guami_unavailable node=3 reason=drain seq=1 token=0/0" in caplog.messages
     assert n.snapshot()["events"] == 1
     await n.close()
 
@@ -98,7 +99,7 @@ async def test_no_url_records_counts_and_logs(caplog: pytest.LogCaptureFixture) 
 async def test_fails_twice_then_delivers(receiver: Receiver) -> None:
     receiver.script = [500, 503]
     n, delays, _ = _notifier(receiver.url)
-    await n.notify_guami_unavailable(2, "drain")
+    await n.notify_guami_unavailable(2, "drain", token=FencingToken(3, 41))
     await n.wait_idle()
     assert (n.delivered, n.failed) == (1, 0)
     assert delays == [0.2, 0.4]
@@ -110,6 +111,7 @@ async def test_fails_twice_then_delivers(receiver: Receiver) -> None:
         "reason": "drain",
         "ts": "2023-11-14T22:13:20.500Z",
         "eventId": n.events[0].event_id,
+        "fencingToken": {"term": 3, "index": 41},
     }
     assert receiver.bodies[1] == body == receiver.bodies[2]  # same eventId on retries
     await n.close()

@@ -77,6 +77,7 @@ ROUTES = [
     "POST /api/v1/leases",
     "GET /api/v1/leases?nodeId=&pool=&limit=&after=",
     "DELETE /api/v1/leases/{id}",
+    "GET /api/v1/backup (an upgraded node serves it; a baseline node answers 404: it has no backups)",
 ]
 
 
@@ -259,6 +260,9 @@ def exercise_routes(c: VersionedCluster, via: int, tag: str) -> None:
     _eventually(c, via, f"/api/v1/leases?{query}", lambda r: [x["id"] for x in r] == [lease["id"]])
     _call(c, via, "DELETE", f"/api/v1/leases/{lease['id']}")
     _call(c, via, "DELETE", f"/api/v1/pools/{pool}")
+    upgraded = "clusterProtocolVersion" in _call(c, via, "GET", "/api/v1/status")
+    backup = _raw_get(api + "/api/v1/backup", c.token)
+    assert backup == (200 if upgraded else 404), f"GET /api/v1/backup via {via}: HTTP {backup}"
 
 
 def check_step(c: VersionedCluster, step: str) -> None:

@@ -5,6 +5,12 @@ remove/promote/drain/resume (SPEC 5, 7), the join handler (SPEC 4), autopilot (S
 node-local drain side effects (RAN notification, BGP speaker stop, leadership hand-off), which
 every node runs for itself from the replicated registry, so they also run when a node comes
 back after being drained while down.
+
+Foresight (SPEC 14): autopilot's reasons and promotion predictions, what-if, and the quorum guard
+of member removal all come from ``quorumd.node.registry.autopilot``. Isolation fencing (SPEC 15):
+``fence_loop`` and ``_fence_check`` (see ``quorumd.node.cluster.fencing``) stop the speaker of a
+node that has not heard from a quorum for ``isolation-fence-after``; every speaker change and RAN
+event carries the fencing token of the log entry behind it.
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ from quorumd.api.errors import ApiError
 from quorumd.api.ports import DrainState
 from quorumd.node.cluster import pki
 from quorumd.node.cluster.addresses import AddressChanges
+from quorumd.node.cluster.foresight import ForesightService
 from quorumd.node.cluster.service import pack, unpack
 from quorumd.node.effects.bgp import BgpSpeaker
 from quorumd.node.effects.ran import RanNotifier
+from quorumd.node.effects.token import FencingToken, token_of
 from quorumd.node.registry import jointoken
-from quorumd.node.registry.autopilot import Autopilot, AutopilotSettings, AutopilotView, ServerInput
+from quorumd.node.registry.autopilot import AutopilotSettings, removal_refusal
 from quorumd.node.registry.commands import AllocateLease, ReleaseLease, SetDrain, decode_member_context
 from quorumd.node.registry.leases import Lease
 from quorumd.node.registry.state import ApplyResult
@@ -34,7 +42,7 @@ from quorumd.raft.core.types import ConfChange, ConfChangeType
 log = logging.getLogger(__name__)
 
 
-class ClusterNode(AddressChanges):  # AddressChanges is a ClusterService (SPEC 17)
+class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SPEC 17; SPEC 14, 15)
     def __init__(
         self,
         *args: Any,
@@ -46,53 +54,68 @@ class ClusterNode(AddressChanges):  # AddressChanges is a ClusterService (SPEC 1
         election_timeout_seconds: float,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
-        self.autopilot_settings = autopilot
+        super().__init__(
+            *args, autopilot=autopilot, bgp=bgp, election_timeout_seconds=election_timeout_seconds, **kwargs
+        )
         self.reconcile_interval = reconcile_interval_seconds
-        self.bgp = bgp
         self.bgp_enabled = bgp_enabled
         self.ran = ran
-        self.election_timeout = election_timeout_seconds
-        self._autopilot: Autopilot | None = None
-        self._last_view: AutopilotView | None = None
         self._drain_effects_done = False  # RAN signalled and speaker stopped for the current drain
         self._side_effects: asyncio.Task[None] | None = None
         self._side_effects_again = False
         self._prefixes_dirty = True
+        self._drain_token: FencingToken | None = None  # the entry that set this node's drain state
         self.add_apply_listener(self._after_apply)
 
+    def _rejoined(self) -> None:
+        self.kick_drain_side_effects()  # restarts the speaker if this node is active
+
     def extra_status(self) -> dict[str, Any]:
-        return {"bgp": self.bgp.snapshot(), "ranNotifications": self.ran.recorded}
+        return {
+            "bgp": self.bgp.snapshot(),
+            "ranNotifications": self.ran.recorded,
+            "isolated": self.is_isolated(),
+        }
 
     # --- apply hook ------------------------------------------------------------------------
     def _after_apply(self, results: Sequence[ApplyResult]) -> None:
+        self._fence_guard()
         me = self.identity.node_id
-        add: list[str] = []
-        withdraw: list[str] = []
-        for r in results:
+        net: dict[str, bool] = {}  # prefix -> announced after this batch (True) or withdrawn
+        entries = self.applying
+        token: FencingToken | None = None  # of the last entry that changed this node's prefixes
+        for i, r in enumerate(results):
             cmd = r.command
             if isinstance(cmd, AllocateLease | ReleaseLease):
                 # The speaker follows lease changes by delta: one lease costs O(1) however many
                 # this node holds (a full recompute per apply was O(leases) and dominated the
                 # write path's CPU at a few thousand leases).
+                # In log order, the last change of a prefix wins: a batch (a catch-up after a
+                # partition) may allocate and release, or allocate and re-own, the same address.
                 lease = r.value
                 if r.error is None and isinstance(lease, Lease):
-                    if isinstance(cmd, AllocateLease) and lease.node_id == me:
-                        add.append(lease.prefix)
-                    else:  # released, or re-owned by another node
-                        withdraw.append(lease.prefix)
+                    net[lease.prefix] = isinstance(cmd, AllocateLease) and lease.node_id == me
+                    token = token_of(entries, i, token)
             elif isinstance(cmd, ConfChange):
                 self._prefixes_dirty = True  # a removal purges leases: recompute once
+                token = token_of(entries, i, token)
+                if cmd.type == ConfChangeType.REMOVE and self._autopilot is not None:
+                    self._autopilot.forget(cmd.node_id)  # see autopilot.py: clocks die with the member
+            elif isinstance(cmd, SetDrain) and cmd.node_id == me and r.error is None:
+                self._drain_token = token_of(entries, i, self._drain_token)
         if not results:  # snapshot restored
             self._prefixes_dirty = True
+            token = self._drain_token = self.applied_token
         self._sync_campaign_suppression()
         if self._side_effects_pending():
             self.kick_drain_side_effects()
         if self._prefixes_dirty and self.bgp.running:
             self._prefixes_dirty = False
-            self.bgp.set_prefixes(self.sm.announced_prefixes(me), canonical=True)
-        elif add or withdraw:
-            self.bgp.update(add, withdraw)
+            self.bgp.set_prefixes(self.sm.announced_prefixes(me), canonical=True, token=token)
+        elif net:
+            self.bgp.update(
+                [p for p, on in net.items() if on], [p for p, on in net.items() if not on], token=token
+            )
 
     def _sync_campaign_suppression(self) -> None:
         """A draining or drained node does not seek leadership (cheap, so on every apply)."""
@@ -113,7 +136,8 @@ class ClusterNode(AddressChanges):  # AddressChanges is a ClusterService (SPEC 1
         if m is None:
             return False
         if m.drain_state == DrainState.ACTIVE:
-            return (self.bgp_enabled and not self.bgp.running) or self._drain_effects_done
+            fenced = self._fence.fenced
+            return (self.bgp_enabled and not self.bgp.running and not fenced) or self._drain_effects_done
         return (
             not self._drain_effects_done
             or self.bgp.running
@@ -157,7 +181,8 @@ class ClusterNode(AddressChanges):  # AddressChanges is a ClusterService (SPEC 1
             return  # see _side_effects_pending: the reconcile tick kicks again once caught up
         if m.drain_state == DrainState.ACTIVE:
             self._drain_effects_done = False
-            if self.bgp_enabled and not self.bgp.running:
+            self._fence_guard()
+            if self.bgp_enabled and not self.bgp.running and not self._fence.fenced:
                 # The desired set follows every apply by delta, stopped or not (_after_apply);
                 # rebuild it from the lease table only when that chain is broken (first start, a
                 # restored snapshot, a removal's purge). Rebuilding is O(leases): 300,000 prefix
@@ -165,15 +190,18 @@ class ClusterNode(AddressChanges):  # AddressChanges is a ClusterService (SPEC 1
                 if self._prefixes_dirty:
                     self.bgp.set_prefixes(self.sm.announced_prefixes(me), canonical=True)
                     self._prefixes_dirty = False
-                self.bgp.start()
+                self.bgp.start(token=self.applied_token)
             return
         # Once per drain (draining -> drained is the same drain: one RAN event, not two).
         if not self._drain_effects_done:
             log.info("drain_side_effects node=%d state=%s", me, m.drain_state)
             self._drain_effects_done = True
-            await self.ran.notify_guami_unavailable(me, "drain")
+            # The RAN event carries the entry that set this drain (SPEC 15).
+            await self.ran.notify_guami_unavailable(
+                me, "drain", token=self._drain_token or self.applied_token
+            )
         if self.bgp.running:
-            self.bgp.stop()
+            self.bgp.stop(token=self.applied_token)
         if self.is_leader():
             # Leadership moves first; "drained" is confirmed below through the new leader, like
             # any member's. Confirming it locally first cost the hand-off a round: the target
@@ -195,23 +223,6 @@ class ClusterNode(AddressChanges):  # AddressChanges is a ClusterService (SPEC 1
                 await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
 
     # --- leadership ----------------------------------------------------------------------------
-    def best_transfer_target(self, exclude: int) -> int:
-        """The most up-to-date healthy voter that is not draining (0 when none)."""
-        st = self.d.core.status()
-        best, best_match = 0, -1
-        threshold_ticks = max(1, int(self.election_timeout / self.tick_seconds))
-        for p in st.peers:
-            if p.node_id == exclude or not p.voter or p.node_id == self.identity.node_id:
-                continue
-            mem = self.sm.member(p.node_id)
-            if mem is None or mem.drain_state != DrainState.ACTIVE:
-                continue
-            if p.last_contact_ticks > threshold_ticks:
-                continue
-            if p.match_index > best_match:
-                best, best_match = p.node_id, p.match_index
-        return best
-
     async def hand_off_leadership(self) -> int:
         """Transfer leadership away from this node; returns the new leader (0 if none)."""
         me = self.identity.node_id
@@ -239,9 +250,6 @@ class ClusterNode(AddressChanges):  # AddressChanges is a ClusterService (SPEC 1
             raise ApiError(404, "member_not_found", f"node {node_id} is not a member")
         return m
 
-    async def autopilot(self) -> dict[str, Any]:
-        return self.evaluate_autopilot().as_dict()
-
     async def remove_member(self, node_id: int, *, force: bool) -> None:
         m = self._need_member(node_id)
         if m.drain_state != DrainState.DRAINED and not force:
@@ -249,6 +257,21 @@ class ClusterNode(AddressChanges):  # AddressChanges is a ClusterService (SPEC 1
         config = self.d.core.config
         if config.voters == frozenset({node_id}):
             raise ApiError(409, "last_voter", "cannot remove the last voter")
+        refusal = removal_refusal(
+            self.evaluate_autopilot(), node_id, transfer_contact_seconds=self.transfer_contact_seconds
+        )
+        if refusal is not None and not force:
+            raise ApiError(
+                409,
+                "would_lose_quorum",
+                f"removing node {node_id} would leave {refusal.healthy_voters} healthy voter(s) "
+                f"for a quorum of {refusal.quorum} (use force=true to override)",
+            )
+        if force:
+            log.warning(
+                "audit member_remove_forced node_id=%d drain_state=%s would_lose_quorum=%s",
+                node_id, m.drain_state, refusal is not None,
+            )  # fmt: skip
         if node_id == self.identity.node_id:
             new_leader = await self.hand_off_leadership()
             if new_leader == 0:
@@ -351,57 +374,32 @@ class ClusterNode(AddressChanges):  # AddressChanges is a ClusterService (SPEC 1
             log.info("member_resumed node_id=%d", node_id)
 
     # --- autopilot ---------------------------------------------------------------------------
-    def evaluate_autopilot(self) -> AutopilotView:
-        if not self.is_leader():
-            raise ApiError(503, "no_leader", "autopilot runs on the leader", headers={"Retry-After": "1"})
-        if self._autopilot is None:
-            self._autopilot = Autopilot(self.autopilot_settings)
-        core = self.d.core
-        st = core.status()
-        servers = []
-        for p in st.peers:
-            mem = self.sm.member(p.node_id)
-            last_term = core.log.term(p.match_index) or 0 if p.node_id != core.node_id else core.term
-            servers.append(
-                ServerInput(
-                    node_id=p.node_id,
-                    raft_address=mem.raft_address if mem else "",
-                    voter=p.voter,
-                    is_leader=p.node_id == core.node_id,
-                    last_contact_seconds=p.last_contact_ticks * self.tick_seconds,
-                    match_index=p.match_index,
-                    last_term=core.term if p.recent_active or p.node_id == core.node_id else last_term,
-                    left=bool(mem and mem.left),
-                )
-            )
-        view = self._autopilot.evaluate(
-            now=time.time(),
-            leader_id=core.node_id,
-            leader_term=core.term,
-            leader_last_index=core.last_index,
-            servers=servers,
-        )
-        self._last_view = view
-        return view
-
-    def on_leadership_change(self, is_leader: bool) -> None:
-        # A new leader resumes autopilot with fresh stabilization clocks (SPEC 6).
-        self._autopilot = Autopilot(self.autopilot_settings) if is_leader else None
-
     async def reconcile_loop(self) -> None:
         """Leader-only duties, every reconcile interval: drain deadlines, promotion, cleanup.
         On every node: catch up this node's own drain side effects (see _side_effects_pending)."""
         last_autopilot = 0.0
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(min(self.reconcile_interval, 0.25))
+            # Wake at a predicted promotion (promotionAt) too, so it is kept to within the time
+            # a promotion takes to commit, well inside the promised one reconcile interval.
+            delay = min(self.reconcile_interval, 0.25)
+            due = (
+                self._last_view.next_promotion_at()
+                if self._last_view is not None and self.is_leader()
+                else None
+            )
+            if due is not None:
+                delay = max(0.005, min(delay, due - time.time() + 0.002))
+            await asyncio.sleep(delay)
             if self._side_effects_pending():
                 self.kick_drain_side_effects()
             if not self.is_leader():
                 continue
             try:
                 await self._reconcile_drains()
-                loop_now = asyncio.get_running_loop().time()
-                if loop_now - last_autopilot >= self.reconcile_interval:
+                loop_now = loop.time()
+                promotion_due = due is not None and time.time() >= due
+                if promotion_due or loop_now - last_autopilot >= self.reconcile_interval:
                     last_autopilot = loop_now
                     await self._reconcile_autopilot()
                     await self._reconcile_protocol()
@@ -429,10 +427,13 @@ class ClusterNode(AddressChanges):  # AddressChanges is a ClusterService (SPEC 1
 
     async def _reconcile_autopilot(self) -> None:
         view = self.evaluate_autopilot()
-        draining = frozenset(m.node_id for m in self.sm.members() if m.drain_state != DrainState.ACTIVE)
-        decisions = self._autopilot.decide(view, time.time(), draining=draining) if self._autopilot else None
-        if decisions is None:
+        if self._autopilot is None:
             return
+        decisions = self._autopilot.decide(
+            view, time.time(), transfer_contact_seconds=self.transfer_contact_seconds
+        )
+        for nid in decisions.refused:
+            log.warning("autopilot_cleanup_refused node_id=%d reason=would_lose_quorum", nid)
         for nid in decisions.promote:
             res = await self.change_membership(ConfChange(ConfChangeType.PROMOTE, nid))
             log.info("autopilot_promoted node_id=%d ok=%s", nid, res.ok)

@@ -32,6 +32,7 @@ from quorumd.api.ports import (
 from quorumd.node.cluster.backup import take_archive
 from quorumd.node.cluster.versions import ProtocolVersions
 from quorumd.node.daemon.gcpolicy import gc_paused
+from quorumd.node.effects.token import FencingToken
 from quorumd.node.registry import apitoken, jointoken
 from quorumd.node.registry.commands import (
     AllocateLease,
@@ -152,6 +153,10 @@ class ClusterService:
         self.on_join_result: Callable[[str], None] | None = None
         # bearer text -> (token id, secret hash): see authenticate
         self._parsed_tokens: dict[str, tuple[str, bytes]] = {}
+        # Fencing tokens (SPEC 15): the entries behind the results the apply listeners are given
+        # (empty for a restored snapshot), and the (term, index) of the last applied entry.
+        self.applying: Sequence[Entry] = ()
+        self.applied_token = FencingToken(0, 0)
 
     # --- wiring ---------------------------------------------------------------------------
     @property
@@ -174,8 +179,13 @@ class ClusterService:
             else:
                 cmd = self._decoded.pop(e.data, None) if self._decoded else None
                 results.append(self.sm.apply(e.index, e.data, cmd))
+        if entries:
+            last = entries[-1]
+            self.applied_token = FencingToken(last.term, last.index)
+        self.applying = entries
         for fn in self._apply_listeners:
             fn(results)
+        self.applying = ()
         self._wake_state_waiters()
         return list(results)
 
@@ -186,6 +196,7 @@ class ClusterService:
     def restore(self, data: bytes, meta: SnapshotMeta) -> None:
         with gc_paused():
             self.sm.restore(data)
+        self.applied_token = FencingToken(meta.term, meta.index)
         for fn in self._apply_listeners:
             fn([])
         self._wake_state_waiters()

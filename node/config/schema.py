@@ -168,6 +168,8 @@ TABLE = Table(
         Section("api"),
         Key("api.address", Host(), "0.0.0.0", "HTTPS API listen address (IP or host name)"),
         Key("api.port", Int(1, 65535), 5002, "HTTPS API port, also serves /metrics, /healthz, /readyz"),
+        Key("api.max-connections", Int(1, 1_000_000), 1024,
+            "concurrent API connections; more are closed at accept (and always 256 fds kept spare)"),
         Section("api.tls", optional=True, absent="a self-signed cert",
                 doc="{cert: /etc/quorumd/api.crt, key: /etc/quorumd/api.key}; "
                     "null => self-signed cert generated once in data-dir"),
@@ -199,6 +201,9 @@ TABLE = Table(
             "entries since the last snapshot before taking a new one (>= 1)"),
         Key("cluster.trailing-logs", Int(0), 10240,
             "entries kept after a snapshot for slow followers (>= 0)"),
+        Key("cluster.isolation-fence-after", Duration(), None, example="3s",
+            doc="no quorum heard for this long => the node fences itself (withdraws its routes); "
+                "default 3 x election-timeout, at least election-timeout"),
         Section("cluster.autopilot"),
         Key("cluster.autopilot.last-contact-threshold", Duration(), "10s",
             "no contact for longer => server failed / unhealthy"),
@@ -249,6 +254,7 @@ class TlsConfig:
 class ApiConfig:
     address: str = _default("api.address")
     port: int = _default("api.port")
+    max_connections: int = _default("api.max-connections")
     tls: TlsConfig | None = None  # None => self-signed certificate generated once in data-dir
 
 
@@ -281,6 +287,7 @@ class ClusterConfig:
     snapshot_threshold: int = _default("cluster.snapshot-threshold")
     trailing_logs: int = _default("cluster.trailing-logs")
     autopilot: AutopilotConfig = AutopilotConfig()
+    isolation_fence_after_seconds: float = 3.0  # the rules set 3 x election-timeout when unset
 
     @property
     def is_joiner(self) -> bool:
@@ -375,6 +382,15 @@ def _cluster_rules(f: Fields) -> None:
             "election-timeout",
             f"must be at least {ELECTION_TO_HEARTBEAT_MIN_RATIO} x {f.key_path('heartbeat-interval')} "
             f"({format_duration(heartbeat)}), got {format_duration(election)}",
+        )
+    fence_after: float | None = f.get("isolation-fence-after")
+    if fence_after is None:
+        f.set("isolation-fence-after", 3.0 * election)
+    elif fence_after < election - 1e-12:
+        raise f.error(
+            "isolation-fence-after",
+            f"must be at least {f.key_path('election-timeout')} ({format_duration(election)}), "
+            f"got {format_duration(fence_after)}",
         )
 
 

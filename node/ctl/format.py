@@ -123,7 +123,18 @@ AUTOPILOT_COLUMNS: list[Column] = [
     ("LAST-CONTACT-MS", field("lastContactMs")),
     ("TERM", field("lastTerm")),
     ("INDEX", field("lastIndex")),
+    ("TRAILING", field("trailingLogs")),
+    ("REASONS", lambda r: _codes(r.get("reasons"))),
+    ("PROMOTION-AT", field("promotionAt")),
 ]
+
+
+def _codes(value: Any) -> Any:
+    """A list of codes as ``a,b``; an empty list as ``-`` (healthy and settled)."""
+    if isinstance(value, list):
+        return ",".join(cell(v) for v in value) or None
+    return value
+
 
 TOKEN_COLUMNS: list[Column] = [
     ("ID", field("id")),
@@ -208,6 +219,22 @@ def autopilot(result: Any) -> str:
     )
     servers = r.get("servers")
     return header + "\n\n" + table(servers if isinstance(servers, list) else [], AUTOPILOT_COLUMNS)
+
+
+def what_if(result: Any) -> str:
+    r = result if isinstance(result, Mapping) else {}
+    voters = r.get("voters")
+    return key_values(
+        [
+            ("Safe", r.get("safe")),
+            ("Voters", ",".join(cell(v) for v in voters) if isinstance(voters, list) else voters),
+            ("Quorum", r.get("quorum")),
+            ("Healthy voters", r.get("healthyVoters")),
+            ("Failure tolerance", r.get("failureTolerance")),
+            ("Leader", r.get("leaderNodeId")),
+            ("Warnings", _codes(r.get("warnings")) or "none"),
+        ]
+    )
 
 
 def status(result: Any) -> str:

@@ -135,6 +135,11 @@ async def _autopilot(c: CtlClient, a: argparse.Namespace) -> Output:
     return Output(await c.call("GET", "/cluster/autopilot"), fmt.autopilot)
 
 
+async def _what_if(c: CtlClient, a: argparse.Namespace) -> Output:
+    query = {k: v for k in ("remove", "fail", "drain", "promote") if (v := getattr(a, k))}
+    return Output(await c.call("GET", "/cluster/autopilot/what-if", query=query), fmt.what_if)
+
+
 async def _join_token_create(c: CtlClient, a: argparse.Namespace) -> Output:
     body: dict[str, Any] = {"nodeID": a.node_id}
     if a.ttl is not None:
@@ -237,6 +242,20 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _id_list(text: str) -> str:
+    """Comma-separated node ids (1..63), passed on as ``1,2``."""
+    ids = []
+    for part in text.split(","):
+        try:
+            value = int(part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a node id: {part.strip()!r}") from None
+        if not 1 <= value <= 63:
+            raise argparse.ArgumentTypeError(f"node ids are 1..63: {value}")
+        ids.append(str(value))
+    return ",".join(ids)
+
+
 def _positive(text: str) -> int:
     value = _non_negative(text)
     if value == 0:
@@ -317,7 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--raft", metavar="HOST:PORT", help="its new cluster address (advertise-address)")
     sp.add_argument("--api", metavar="URL", help="its new API address, https://host:port")
 
-    leaf(sub, "autopilot", _autopilot, "show autopilot's health view")
+    leaf(sub, "autopilot", _autopilot, "show autopilot's health view, reasons and promotion times")
+    sp = leaf(sub, "what-if", _what_if, "show the cluster as it would be after a change (changes nothing)")
+    for name, what in (
+        ("remove", "removed"),
+        ("fail", "failed"),
+        ("drain", "drained"),
+        ("promote", "promoted"),
+    ):
+        sp.add_argument(
+            f"--{name}", type=_id_list, default=None, metavar="IDS", help=f"comma-separated node ids {what}"
+        )
 
     jt = group("join-token", "mint join tokens")
     sp = leaf(jt, "create", _join_token_create, "mint a single-use join token for a node id")

@@ -116,6 +116,11 @@ class Metrics:
         r.register(self.backups)
 
         # --- bgp / ran --------------------------------------------------------------------------------
+        self.node_isolated = Gauge(
+            "quorumd_node_isolated",
+            "1 while the node is fenced: it has not heard from a quorum for isolation-fence-after.",
+            registry=r,
+        )
         self.bgp_speaker_running = Gauge(
             "quorumd_bgp_speaker_running", "1 when the BGP speaker runs.", registry=r
         )
@@ -193,6 +198,9 @@ class Metrics:
     def set_bgp(self, running: bool, announced_prefixes: int) -> None:
         self.bgp_speaker_running.set(1 if running else 0)
         self.bgp_announced_prefixes.set(max(0, announced_prefixes))
+
+    def set_isolated(self, isolated: bool) -> None:
+        self.node_isolated.set(1 if isolated else 0)
 
     def count_ran(self, event: object = None) -> None:
         """One GUAMI-unavailable event (the argument, if any, is the event itself and is not inspected)."""

@@ -321,7 +321,7 @@ class Daemon:
             propose_timeout_seconds=cfg.cluster.propose_timeout_seconds,
         )
         self.app = app
-        api_server = ApiServer(app)
+        api_server = ApiServer(app, max_connections=cfg.api.max_connections)
         self.api_port = await api_server.start(cfg.api.address, cfg.api.port, ssl_context=self._api_ssl())
         stack.push_async_callback(self._bounded, api_server.close(), 5.0)
         log.info("api_listening node=%d address=%s port=%d", cfg.node_id, cfg.api.address, self.api_port)
@@ -329,6 +329,7 @@ class Daemon:
         seeds = [str(p) for p in cfg.cluster.peers]  # SPEC 17: where to look when restarted elsewhere
         for coro, name in (
             (node.reconcile_loop(), "reconcile"),
+            (node.fence_loop(), "fence"),
             (self._announce_loop(), "announce"),
             (node.keep_own_address(seeds, transport.rpc_at if transport else None), "own-address"),
             (self._ready_loop(), "ready"),
@@ -385,9 +386,11 @@ class Daemon:
             bgp_enabled=cfg.bgp.enabled,
             ran=ran,
             election_timeout_seconds=cfg.cluster.election_timeout_seconds,
+            isolation_fence_after_seconds=cfg.cluster.isolation_fence_after_seconds,
         )
         node.on_join_result = self.metrics.count_join
         node.on_dial_addresses_changed = self._update_pins
+        node.on_isolation = self.metrics.set_isolated
         return node
 
     def _api_ssl(self) -> ssl.SSLContext:
@@ -496,6 +499,8 @@ class Daemon:
     # --- runtime hooks --------------------------------------------------------------------------
     def _on_raft_frame(self, from_id: int, frame: bytes) -> None:
         if self.driver is not None:
+            if self.node is not None:
+                self.node.heard_from(from_id)  # isolation fencing (SPEC 15)
             self.driver.deliver(from_id, frame)
 
     def _update_pins(self) -> None:

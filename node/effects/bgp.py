@@ -12,6 +12,10 @@ per prefix for small changes, counts and a sample for large batches) and calls `
 and ``quorumd_bgp_announced_prefixes`` follow it. Pure and synchronous: no asyncio, no I/O.
 Output never depends on set iteration order: prefixes are sorted by address family, address and
 length wherever they are listed.
+
+Fencing tokens (SPEC 15): every change takes the ``(term, index)`` of the log entry that caused it
+(``token``); the speaker keeps the token of its last change (``fencing_token``, in ``/status`` as
+``bgp.fencingToken``) and logs it with the change, so announcements can be ordered by a receiver.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import logging
 import socket
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, Protocol
+
+from quorumd.node.effects.token import FencingToken
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +47,29 @@ class BgpSpeaker(Protocol):
         """The prefixes currently announced to peers (empty while stopped)."""
         ...
 
-    def start(self) -> None:
+    @property
+    def fencing_token(self) -> FencingToken | None:
+        """The token of the last change (None before the first)."""
+        ...
+
+    def start(self, *, token: FencingToken | None = None) -> None:
         """Start the speaker and announce the desired set. Idempotent."""
         ...
 
-    def stop(self) -> None:
+    def stop(self, *, token: FencingToken | None = None) -> None:
         """Withdraw every prefix and stop the speaker. Idempotent."""
         ...
 
-    def set_prefixes(self, prefixes: Iterable[str], *, canonical: bool = False) -> None:
+    def set_prefixes(
+        self, prefixes: Iterable[str], *, canonical: bool = False, token: FencingToken | None = None
+    ) -> None:
         """Replace the desired set; announced at once while running, kept for ``start`` otherwise.
         ``canonical``: the caller vouches that every prefix is a canonical host route (no parsing)."""
         ...
 
-    def update(self, add: Iterable[str], withdraw: Iterable[str]) -> None:
+    def update(
+        self, add: Iterable[str], withdraw: Iterable[str], *, token: FencingToken | None = None
+    ) -> None:
         """Change the desired set by a delta of canonical host routes (``Lease.prefix``): O(delta),
         so a node holding 100,000 leases pays nothing per allocation for the other 99,999."""
         ...
@@ -93,7 +108,7 @@ def normalize_prefix(prefix: str) -> str:
 class StubBgpSpeaker:
     """In-memory speaker: the state a real one would have, logged and reported, nothing on the wire."""
 
-    __slots__ = ("_announced", "_desired", "_on_change", "_running", "rejected_prefixes")
+    __slots__ = ("_announced", "_desired", "_on_change", "_running", "_token", "rejected_prefixes")
 
     def __init__(self, on_change: Callable[[bool, int], None] | None = None) -> None:
         self._on_change = on_change
@@ -102,6 +117,15 @@ class StubBgpSpeaker:
         self._desired: dict[str, None] = {}
         self._announced: dict[str, None] = {}
         self.rejected_prefixes = 0  # invalid prefixes passed to set_prefixes (skipped)
+        self._token: FencingToken | None = None
+
+    @property
+    def fencing_token(self) -> FencingToken | None:
+        return self._token
+
+    def _stamp(self, token: FencingToken | None) -> None:
+        if token is not None:
+            self._token = token
 
     @property
     def running(self) -> bool:
@@ -115,30 +139,35 @@ class StubBgpSpeaker:
     def desired(self) -> frozenset[str]:
         return frozenset(self._desired)
 
-    def start(self) -> None:
+    def start(self, *, token: FencingToken | None = None) -> None:
         if self._running:
             return
         self._running = True
-        log.info("bgp_speaker_started prefixes=%d", len(self._desired))
+        self._stamp(token)
+        log.info("bgp_speaker_started prefixes=%d%s", len(self._desired), _fmt(self._token))
         self._apply(self._desired)
         self._changed()
 
-    def stop(self) -> None:
+    def stop(self, *, token: FencingToken | None = None) -> None:
         if not self._running:
             return
+        self._stamp(token)
         # O(1) on the drain's critical path: swap the announced set out instead of diffing it
         # (a node with 190,000 leases spent 5-11 ms here before its leadership could move).
         withdrawn, self._announced = self._announced, {}
         self._running = False
         _log_change("bgp_withdraw", withdrawn)
-        log.info("bgp_speaker_stopped")
+        log.info("bgp_speaker_stopped%s", _fmt(self._token))
         self._changed()
         _release_later(withdrawn)
 
-    def set_prefixes(self, prefixes: Iterable[str], *, canonical: bool = False) -> None:
+    def set_prefixes(
+        self, prefixes: Iterable[str], *, canonical: bool = False, token: FencingToken | None = None
+    ) -> None:
         if canonical:  # the node's own host routes (Lease.prefix): already canonical, in lease order
             self._desired = dict.fromkeys(prefixes)
             if self._running and self._apply(self._desired):
+                self._stamp(token)
                 self._changed()
             return
         desired: set[str] = set()
@@ -153,9 +182,12 @@ class StubBgpSpeaker:
             log.warning("bgp_prefixes_rejected count=%d", bad)
         self._desired = dict.fromkeys(sorted_prefixes(desired))
         if self._running and self._apply(self._desired):
+            self._stamp(token)
             self._changed()
 
-    def update(self, add: Iterable[str], withdraw: Iterable[str]) -> None:
+    def update(
+        self, add: Iterable[str], withdraw: Iterable[str], *, token: FencingToken | None = None
+    ) -> None:
         changed = False
         for p in withdraw:
             self._desired.pop(p, None)
@@ -169,6 +201,7 @@ class StubBgpSpeaker:
                 log.debug("bgp_announce prefix=%s", p)
                 changed = True
         if changed:
+            self._stamp(token)
             self._changed()
 
     def snapshot(self) -> dict[str, Any]:
@@ -181,6 +214,7 @@ class StubBgpSpeaker:
             "running": self._running,
             "announcedPrefixes": len(self._announced),
             "samplePrefixes": sorted_prefixes(sample),
+            "fencingToken": None if self._token is None else self._token.as_dict(),
         }
 
     # --- internals -----------------------------------------------------------------------------
@@ -202,6 +236,10 @@ class StubBgpSpeaker:
     def _changed(self) -> None:
         if self._on_change is not None:
             self._on_change(self._running, len(self._announced))
+
+
+def _fmt(token: FencingToken | None) -> str:
+    return "" if token is None else f" token={token.term}/{token.index}"
 
 
 def _release_later(prefixes: dict[str, None]) -> None:

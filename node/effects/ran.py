@@ -6,8 +6,10 @@ logic calls ``notify_guami_unavailable``; a real AMF integration implements the 
 ``WebhookRanNotifier`` records every event locally (a bounded list, newest last), logs it, calls
 ``on_event`` (the ``quorumd_ran_notifications_total`` counter), and, when a ``notify_url`` is
 configured, POSTs ``{"event": "guami_unavailable", "nodeId", "reason", "ts" (RFC 3339 UTC),
-"eventId"}`` to it. ``eventId`` is unique per event so a receiver can drop the duplicate that a
-retry after a lost response produces.
+"eventId", "fencingToken": {"term", "index"}}`` to it. ``eventId`` is unique per event so a
+receiver can drop the duplicate that a retry after a lost response produces; ``fencingToken``
+(SPEC 15) is the ``(term, index)`` of the log entry that caused the event (the drain), so it
+increases across the events a node sends and a receiver can drop stale or reordered ones.
 
 Design choice: ``notify_guami_unavailable`` never waits for the network. Drain side effects must
 finish quickly and a slow or dead webhook must not hold a drain; so the event is recorded at once
@@ -37,6 +39,8 @@ from typing import Any, Protocol
 import aiohttp
 from yarl import URL
 
+from quorumd.node.effects.token import NO_TOKEN, FencingToken
+
 log = logging.getLogger(__name__)
 
 EVENT_GUAMI_UNAVAILABLE = "guami_unavailable"
@@ -57,6 +61,7 @@ class RanEvent:
     node_id: int
     reason: str
     at: float  # unix seconds
+    fencing_token: FencingToken = NO_TOKEN
 
     def as_dict(self) -> dict[str, Any]:
         """The webhook body."""
@@ -66,6 +71,7 @@ class RanEvent:
             "reason": self.reason,
             "ts": rfc3339_ms(self.at),
             "eventId": self.event_id,
+            "fencingToken": self.fencing_token.as_dict(),
         }
 
 
@@ -84,8 +90,11 @@ class RanNotifier(Protocol):
 
     async def start(self) -> None: ...
 
-    async def notify_guami_unavailable(self, node_id: int, reason: str) -> None:
-        """Record the event and signal the RANs; returns without waiting for remote delivery."""
+    async def notify_guami_unavailable(
+        self, node_id: int, reason: str, *, token: FencingToken | None = None
+    ) -> None:
+        """Record the event and signal the RANs; returns without waiting for remote delivery.
+        ``token``: the fencing token of the log entry that caused it."""
         ...
 
     async def close(self) -> None: ...
@@ -160,11 +169,17 @@ class WebhookRanNotifier:
     async def start(self) -> None:
         """Nothing to do: the worker starts with the first event that needs delivery."""
 
-    async def notify_guami_unavailable(self, node_id: int, reason: str) -> None:
+    async def notify_guami_unavailable(
+        self, node_id: int, reason: str, *, token: FencingToken | None = None
+    ) -> None:
         self._seq += 1
-        event = RanEvent(self._seq, uuid.uuid4().hex, node_id, reason, self._clock())
+        tok = NO_TOKEN if token is None else token
+        event = RanEvent(self._seq, uuid.uuid4().hex, node_id, reason, self._clock(), tok)
         self._events.append(event)
-        log.info("ran_guami_unavailable node=%d reason=%s seq=%d", node_id, reason, event.seq)
+        log.info(
+            "ran_guami_unavailable node=%d reason=%s seq=%d token=%d/%d",
+            node_id, reason, event.seq, tok.term, tok.index,
+        )  # fmt: skip
         if self._on_event is not None:
             self._on_event(event)
         if self.notify_url is None:

@@ -16,6 +16,10 @@
 3. Linearizability lives in ``tests.chaos.linearizability``.
 4. ``check_converged``: after healing, every node reports the same appliedIndex, leader and lease
    list, and autopilot (from the leader) is healthy with the full failure tolerance.
+5. Isolation fencing (SPEC 15): ``check_fenced_silent`` (sampled /status during the run) and
+   ``check_fence_logs`` (each node's log): no node announces a prefix while it is fenced;
+   ``check_announcements`` after every heal: the union of announced prefixes equals the active
+   leases of the active nodes.
 
 Each checker returns a list of ``Violation`` (empty = pass); they are pure functions of data so
 the unit tests feed them synthetic histories.
@@ -248,4 +252,94 @@ def check_converged(
         )
     if len(voters) != expected_voters:
         out.append(Violation("converged", f"autopilot voters {voters}, expected {expected_voters}"))
+    return out
+
+
+# --- 5. isolation fencing (SPEC 15) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SpeakerSample:
+    """One node's /status at one moment: its fence and its speaker."""
+
+    at: float
+    node_id: int
+    isolated: bool
+    running: bool
+    announced: int
+
+
+def check_fenced_silent(samples: list[SpeakerSample]) -> list[Violation]:
+    """No node announces a prefix (or runs its speaker) while it reports itself fenced."""
+    out: list[Violation] = []
+    for s in samples:
+        if s.isolated and (s.running or s.announced > 0):
+            out.append(
+                Violation(
+                    "fencing",
+                    f"t={s.at:.3f}: node {s.node_id} is fenced but its speaker "
+                    f"{'runs' if s.running else 'stopped'} with {s.announced} prefixes announced",
+                )
+            )
+    return out
+
+
+def check_fence_logs(logs: dict[int, str]) -> list[Violation]:
+    """From each node's log: between ``node_isolated`` and the next ``node_rejoined`` (or the end
+    of that process: a restart banner) the speaker neither starts nor announces anything."""
+    out: list[Violation] = []
+    for nid, text in sorted(logs.items()):
+        fenced_since = ""
+        for line in text.splitlines():
+            if line.startswith("===== start") or " node_rejoined " in line:
+                fenced_since = ""
+            elif " node_isolated " in line:
+                fenced_since = line[:24]
+            elif fenced_since and (" bgp_speaker_started" in line or " bgp_announce " in line):
+                out.append(
+                    Violation(
+                        "fencing",
+                        f"node {nid} changed its speaker while fenced (since {fenced_since}): {line[:160]}",
+                    )
+                )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class SpeakerView:
+    """After a heal: what a node announces and what its own replica says it owns."""
+
+    node_id: int
+    isolated: bool
+    running: bool
+    announced: int
+    sample: tuple[str, ...]
+    drain_state: str
+    owned: int  # this node's active leases, per its own replica
+
+
+def check_announcements(
+    views: list[SpeakerView], leases: list[LeaseObs] | None, label: str
+) -> list[Violation]:
+    """The union of announced prefixes equals the host routes of the active nodes' active leases:
+    every active node announces exactly the leases it owns (count, and its sample are its own),
+    every draining or drained node announces nothing, and no node is fenced."""
+    out: list[Violation] = []
+    routes: dict[int, set[str]] = {}
+    for x in leases or []:
+        routes.setdefault(x.node_id, set()).add(f"{x.address}/{128 if ':' in x.address else 32}")
+    for v in views:
+        active = v.drain_state == "active"
+        want = v.owned if active else 0
+        problem = ""
+        if v.isolated:
+            problem = "is still fenced"
+        elif v.running != active:
+            problem = f"speaker running={v.running} while {v.drain_state}"
+        elif v.announced != want:
+            problem = f"announces {v.announced} prefixes, owns {want} active leases"
+        elif leases is not None and not set(v.sample) <= routes.get(v.node_id, set()):
+            problem = f"announces {sorted(set(v.sample) - routes.get(v.node_id, set()))[:5]} it does not own"
+        if problem:
+            out.append(Violation("announcements", f"{label}: node {v.node_id} {problem}"))
     return out

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ class Nemesis:
     actions: list[str] = field(default_factory=list)
     rounds: int = 0
     problems: list[str] = field(default_factory=list)  # e.g. a node that never came back
+    after_recovered: Callable[[], Awaitable[None]] | None = None  # a check after every heal
 
     def __post_init__(self) -> None:
         self.rng = random.Random(f"{self.seed}/nemesis")
@@ -134,6 +135,8 @@ class Nemesis:
             finally:
                 await self.heal_all()
             await self.wait_recovered()
+            if self.after_recovered is not None:
+                await self.after_recovered()
             await asyncio.sleep(self.rng.uniform(*self.quiet_seconds))  # quiet time between faults
         self.log(f"nemesis done rounds={self.rounds}")
 

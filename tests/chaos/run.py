@@ -4,7 +4,11 @@ workload and the nemesis for the given time, a final heal, then the checkers.
 Order: set up the lab, form the cluster, create the pool, run workload + nemesis, heal everything
 (network, paused and dead nodes, drained nodes resumed), let the workload run a short tail against
 the healed cluster, stop it, wait (bounded) for convergence, take the final lease table, then run
-checkers 1 (exclusive), 2 (durable), 3 (linearizable) and 4 (converged). Every run prints its seed
+checkers 1 (exclusive), 2 (durable), 3 (linearizable) and 4 (converged). Checker 5 (fencing,
+SPEC 15) runs throughout: every node's /status is sampled while the nemesis works (no node may
+announce while fenced), after every heal the announcements must come to equal the active leases of
+the active nodes (a bounded poll), and at the end each node's log is scanned for speaker changes
+inside its fenced intervals. Every run prints its seed
 and the one command that replays it. The run directory (history.json, nemesis.log, node logs and
 configs, report.txt) is kept when the run fails or ``keep`` is set; cleanup of processes and
 namespaces happens in ``finally`` (and in atexit hooks for the hard cases).
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import shutil
 import tempfile
 import time
@@ -22,7 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.chaos.checkers import NodeView, Violation, check_converged, check_durable, check_exclusive
+from tests.chaos.checkers import (
+    NodeView,
+    SpeakerSample,
+    SpeakerView,
+    Violation,
+    check_announcements,
+    check_converged,
+    check_durable,
+    check_exclusive,
+    check_fence_logs,
+    check_fenced_silent,
+)
 from tests.chaos.history import History, LeaseObs
 from tests.chaos.linearizability import LinearizabilityReport, check_history
 from tests.chaos.nemesis import FAULTS, Nemesis
@@ -50,6 +66,8 @@ class RunConfig:
     recover_seconds: float = 60.0  # bound on each wait for the cluster to come back after a fault
     linearizability_budget_seconds: float = 300.0
     cluster_overrides: dict[str, Any] = field(default_factory=dict)
+    sample_seconds: float = 0.3  # how often every node's fence and speaker are sampled
+    announce_seconds: float = 30.0  # bound on the wait for announcements to settle after a heal
 
     def replay_command(self) -> str:
         cmd = f"cd {REPO} && .venv/bin/python -m tests.chaos --seconds {self.seconds:g} --seed {self.seed}"
@@ -120,7 +138,19 @@ def run_chaos(cfg: RunConfig) -> RunResult:
         workload = Workload(
             {i: n.api for i, n in cluster.nodes.items()}, cluster.token, history, cfg.seed, t0, cfg.workload
         )
-        asyncio.run(_drive(cfg, cluster, nemesis, workload))
+        samples: list[SpeakerSample] = []
+        fence_violations: list[Violation] = []
+        if not cfg.nonvoters:  # the planted-bug scenario keeps nonvoters: announcements are not its point
+
+            async def after_heal() -> None:
+                label = f"after the heal at t={nemesis.now():.1f}s"
+                fence_violations.extend(
+                    await asyncio.to_thread(_settled_announcements, cluster, label, cfg, None)
+                )
+
+            nemesis.after_recovered = after_heal
+        asyncio.run(_drive(cfg, cluster, nemesis, workload, samples))
+        result.violations += fence_violations + check_fenced_silent(samples)
         _say(f"workload done: {sorted(workload.counts.items())}; nemesis rounds {nemesis.rounds}")
         views, autopilot, final = _converge(cluster, len(voters), cfg.converge_seconds)
         result.violations += check_converged(views, autopilot, len(voters))
@@ -129,6 +159,15 @@ def run_chaos(cfg: RunConfig) -> RunResult:
         else:
             result.violations += check_durable(history, final)
         result.violations += check_exclusive(history)
+        if not cfg.nonvoters:
+            result.violations += _settled_announcements(cluster, "after the final heal", cfg, final)
+        result.violations += check_fence_logs(
+            {
+                i: n.log_path.read_text(errors="replace")
+                for i, n in cluster.nodes.items()
+                if n.log_path.exists()
+            }
+        )
         _say(f"checking linearizability of {len(history.ops)} ops")
         lin = check_history(history, budget_seconds=cfg.linearizability_budget_seconds)
         result.linearizability = lin
@@ -142,6 +181,8 @@ def run_chaos(cfg: RunConfig) -> RunResult:
             "nemesis_problems": nemesis.problems,
             "linearizability": lin.describe(),
             "final_leases": None if final is None else len(final),
+            "speaker_samples": len(samples),
+            "fenced_samples": sum(1 for x in samples if x.isolated),
         }
     except BaseException as exc:
         result.error = f"{type(exc).__name__}: {exc}"
@@ -194,12 +235,19 @@ def _report(cfg: RunConfig, result: RunResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def _drive(cfg: RunConfig, cluster: NsCluster, nemesis: Nemesis, workload: Workload) -> None:
+async def _drive(
+    cfg: RunConfig,
+    cluster: NsCluster,
+    nemesis: Nemesis,
+    workload: Workload,
+    samples: list[SpeakerSample] | None = None,
+) -> None:
     stop_workload = asyncio.Event()
     stop_nemesis = asyncio.Event()
     deadline = time.monotonic() + cfg.seconds
     hard_deadline = deadline + cfg.tail_seconds + 300.0
     work = asyncio.create_task(workload.run(stop_workload, hard_deadline))
+    sampler = asyncio.create_task(_sample_speakers(cluster, nemesis, cfg, stop_workload, samples))
     try:
         await nemesis.run(stop_nemesis, deadline)
         await nemesis.heal_all()
@@ -211,6 +259,83 @@ async def _drive(cfg: RunConfig, cluster: NsCluster, nemesis: Nemesis, workload:
     finally:
         stop_workload.set()
         await work
+        await sampler
+
+
+async def _sample_speakers(
+    cluster: NsCluster, nemesis: Nemesis, cfg: RunConfig, stop: asyncio.Event, out: list[SpeakerSample] | None
+) -> None:
+    """Sample every running node's fence and speaker (/status answers both from one moment)."""
+    if out is None:
+        return
+    while not stop.is_set():
+        for nid, node in sorted(cluster.nodes.items()):
+            if not node.alive() or node.paused:
+                continue
+            try:
+                st = await asyncio.to_thread(cluster.status, nid, 1.0)
+            except (OSError, ApiCallError, ValueError):
+                continue
+            bgp = st.get("bgp") or {}
+            out.append(
+                SpeakerSample(
+                    nemesis.now(),
+                    nid,
+                    bool(st.get("isolated")),
+                    bool(bgp.get("running")),
+                    int(bgp.get("announcedPrefixes") or 0),
+                )
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), cfg.sample_seconds)
+
+
+def _speaker_views(cluster: NsCluster) -> list[SpeakerView] | None:
+    """Each running member's speaker and what its own replica says it owns (None: not settled)."""
+    views = []
+    for nid, node in sorted(cluster.nodes.items()):
+        if not node.alive():
+            return None
+        try:
+            st = cluster.status(nid)
+            members = cluster.call(nid, "GET", "/api/v1/cluster/members")
+        except (OSError, ApiCallError, ValueError):
+            return None
+        me = next((m for m in members if m["nodeId"] == nid), None)
+        if me is None:
+            return None  # not (yet) a member in its own replica: a re-join in progress
+        bgp = st.get("bgp") or {}
+        views.append(
+            SpeakerView(
+                node_id=nid,
+                isolated=bool(st.get("isolated")),
+                running=bool(bgp.get("running")),
+                announced=int(bgp.get("announcedPrefixes") or 0),
+                sample=tuple(bgp.get("samplePrefixes") or ()),
+                drain_state=str(st.get("drainState")),
+                owned=int(me["activeLeases"]),
+            )
+        )
+    return views
+
+
+def _settled_announcements(
+    cluster: NsCluster, label: str, cfg: RunConfig, leases: list[LeaseObs] | None
+) -> list[Violation]:
+    """Bounded poll until the announcements equal the active leases of the active nodes (the
+    workload may still be changing them: they must match at some moment); the last violations
+    otherwise."""
+    deadline = time.monotonic() + cfg.announce_seconds
+    problems = [Violation("announcements", f"{label}: no node view could be read")]
+    while True:
+        views = _speaker_views(cluster)
+        if views is not None:
+            problems = check_announcements(views, leases, label)
+            if not problems:
+                return []
+        if time.monotonic() >= deadline:
+            return problems
+        time.sleep(0.2)  # poll interval of a bounded wait
 
 
 def _create_pool(cluster: NsCluster) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,14 @@ from quorumd.api.ports import DrainState, ForwardedRequest, ForwardedResponse, P
 from quorumd.node.cluster.addresses import validate_addresses
 from quorumd.node.cluster.service import rejection_error
 from quorumd.node.registry import apitoken, jointoken
+from quorumd.node.registry.autopilot import (
+    Autopilot,
+    AutopilotSettings,
+    AutopilotView,
+    Scenario,
+    ServerInput,
+    what_if,
+)
 from quorumd.node.registry.commands import (
     AllocateLease,
     Command,
@@ -53,6 +61,7 @@ if TYPE_CHECKING:
     from quorumd.api.app import Api
 
 FAKE_VERSION = "0.0.0-fake"
+AUTOPILOT = AutopilotSettings(server_stabilization_seconds=0.0)
 FAKE_CLUSTER_ID = "fake-cluster"
 
 
@@ -78,6 +87,7 @@ class FakeCluster:
         self.voters: set[int] = set()
         self.lagging: set[int] = set()
         self.apps: dict[int, Api] = {}
+        self.autopilot = Autopilot(AUTOPILOT)
         self.last_token_id = ""
         self._last_ts = 0.0
         self.run(SetClusterSecrets(self.stamp(), FAKE_CLUSTER_ID, secrets.token_bytes(32)))
@@ -178,6 +188,7 @@ class FakeNode:
         self.node_id = node_id
         self._cluster_enabled = cluster_enabled
         self.ready = True
+        self.isolated = False
         self.forward_failure: str | None = None  # "unreachable" | None
         self.apply_stuck = False
         self.gate: asyncio.Event | None = None
@@ -234,6 +245,9 @@ class FakeNode:
     def is_ready(self) -> bool:
         return self.ready
 
+    def is_isolated(self) -> bool:
+        return self.isolated
+
     async def backup_archive(self) -> BackupArchive:
         """A stand-in body (the archive format is the node layer's), counted as a barrier."""
         self.barriers += 1
@@ -265,6 +279,7 @@ class FakeNode:
             "appliedIndex": c.applied,
             "ready": self.ready,
             "drainState": str(me.drain_state if me else DrainState.ACTIVE),
+            "clusterProtocolVersion": c.sm.cluster_protocol_version,
         }
 
     def members(self) -> list[dict[str, Any]]:
@@ -306,33 +321,44 @@ class FakeNode:
             await self.gate.wait()
         self._require_leader()
 
-    async def autopilot(self) -> dict[str, Any]:
-        await self._enter()
+    def _autopilot_view(self) -> AutopilotView:
+        """The product's autopilot run on the fake's members: a lagging member is far behind."""
         c = self.cluster
-        voters = sorted(c.voters)
+        leader_last = c.applied + AUTOPILOT.max_trailing_logs + 1
         servers = [
-            {
-                "nodeId": m.node_id,
-                "raftAddress": m.raft_address,
-                "nodeStatus": "alive",
-                "healthy": m.node_id not in c.lagging,
-                "isLeader": m.node_id == c.leader_id,
-                "hasVotingRights": m.node_id in c.voters,
-                "stableSince": "2025-06-15T15:06:40Z",
-                "lastContactMs": 0.0 if m.node_id == c.leader_id else 12.5,
-                "lastTerm": c.term,
-                "lastIndex": c.applied,
-            }
+            ServerInput(
+                node_id=m.node_id,
+                raft_address=m.raft_address,
+                voter=m.node_id in c.voters,
+                is_leader=m.node_id == c.leader_id,
+                last_contact_seconds=0.0 if m.node_id == c.leader_id else 0.0125,
+                match_index=leader_last if m.node_id not in c.lagging else c.applied,
+                last_term=c.term,
+                drain_state=m.drain_state,
+                incarnation=m.cert_fingerprint,
+            )
             for m in c.sm.members()
         ]
-        healthy_voters = len(c.voters - c.lagging)
-        return {
-            "healthy": all(s["healthy"] for s in servers),
-            "failureTolerance": max(0, healthy_voters - (len(voters) // 2 + 1)),
-            "leaderNodeId": c.leader_id,
-            "voters": voters,
-            "servers": servers,
-        }
+        return c.autopilot.evaluate(
+            now=c.now(),
+            leader_id=c.leader_id,
+            leader_term=c.term,
+            leader_last_index=leader_last,
+            servers=servers,
+        )
+
+    async def autopilot(self) -> dict[str, Any]:
+        await self._enter()
+        return self._autopilot_view().as_dict()
+
+    async def what_if(
+        self, *, remove: Sequence[int], fail: Sequence[int], drain: Sequence[int], promote: Sequence[int]
+    ) -> dict[str, Any]:
+        await self._enter()
+        for nid in sorted({*remove, *fail, *drain, *promote}):
+            self._member(nid)
+        scenario = Scenario(frozenset(remove), frozenset(fail), frozenset(drain), frozenset(promote))
+        return what_if(self._autopilot_view(), scenario, transfer_contact_seconds=1.0).as_dict()
 
     async def remove_member(self, node_id: int, *, force: bool) -> None:
         await self._enter()

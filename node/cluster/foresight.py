@@ -1,0 +1,117 @@
+"""ForesightService: autopilot's live view, what-if and the leadership choice (SPEC 6, 14).
+
+The leader's ``Autopilot`` (``quorumd.node.registry.autopilot``) is fed from the Raft core's
+progress view and the member registry here; ``what_if`` and the removal guard run the same pure
+model on the same view, and ``best_transfer_target`` (the drain's hand-off) uses the same rule
+as what-if's predicted leader. The reconcile loop that acts on the view is in ``operations.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from quorumd.api.errors import ApiError
+from quorumd.api.ports import DrainState
+from quorumd.node.cluster.isolation import FencedService
+from quorumd.node.registry.autopilot import (
+    Autopilot,
+    AutopilotSettings,
+    AutopilotView,
+    Scenario,
+    ServerInput,
+    TransferCandidate,
+    transfer_target,
+    what_if,
+)
+
+
+class ForesightService(FencedService):
+    def __init__(self, *args: Any, autopilot: AutopilotSettings, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.autopilot_settings = autopilot
+        self._autopilot: Autopilot | None = None
+        self._last_view: AutopilotView | None = None
+
+    # --- leadership ----------------------------------------------------------------------------
+    @property
+    def transfer_contact_seconds(self) -> float:
+        """How recently a voter must have been heard from to take leadership over."""
+        return max(1, int(self.election_timeout / self.tick_seconds)) * self.tick_seconds
+
+    def best_transfer_target(self, exclude: int) -> int:
+        """The most up-to-date healthy voter that is not draining (0 when none): the rule in
+        ``autopilot.transfer_target``, which what-if's predicted leader uses too."""
+        candidates = []
+        for p in self.d.core.status().peers:
+            mem = self.sm.member(p.node_id)
+            candidates.append(
+                TransferCandidate(
+                    node_id=p.node_id,
+                    voter=p.voter,
+                    drain_state=mem.drain_state if mem is not None else DrainState.DRAINED,
+                    last_contact_seconds=p.last_contact_ticks * self.tick_seconds,
+                    match_index=p.match_index,
+                )
+            )
+        return transfer_target(
+            candidates,
+            exclude=(exclude, self.identity.node_id),
+            contact_threshold_seconds=self.transfer_contact_seconds,
+        )
+
+    async def autopilot(self) -> dict[str, Any]:
+        return self.evaluate_autopilot().as_dict()
+
+    async def what_if(
+        self, *, remove: Sequence[int], fail: Sequence[int], drain: Sequence[int], promote: Sequence[int]
+    ) -> dict[str, Any]:
+        """GET /cluster/autopilot/what-if (SPEC 14): the autopilot view run through
+        ``autopilot.what_if``, the model the removal guard and the cleanup use. Changes nothing."""
+        view = self.evaluate_autopilot()
+        scenario = Scenario(frozenset(remove), frozenset(fail), frozenset(drain), frozenset(promote))
+        for nid in sorted(scenario.node_ids()):
+            if view.server(nid) is None or not self.sm.has_member(nid):
+                raise ApiError(404, "member_not_found", f"node {nid} is not a member")
+        return what_if(view, scenario, transfer_contact_seconds=self.transfer_contact_seconds).as_dict()
+
+    # --- autopilot ---------------------------------------------------------------------------
+    def evaluate_autopilot(self) -> AutopilotView:
+        if not self.is_leader():
+            raise ApiError(503, "no_leader", "autopilot runs on the leader", headers={"Retry-After": "1"})
+        if self._autopilot is None:
+            self._autopilot = Autopilot(self.autopilot_settings)
+        core = self.d.core
+        st = core.status()
+        servers = []
+        for p in st.peers:
+            mem = self.sm.member(p.node_id)
+            last_term = core.log.term(p.match_index) or 0 if p.node_id != core.node_id else core.term
+            servers.append(
+                ServerInput(
+                    node_id=p.node_id,
+                    raft_address=mem.raft_address if mem else "",
+                    voter=p.voter,
+                    is_leader=p.node_id == core.node_id,
+                    last_contact_seconds=p.last_contact_ticks * self.tick_seconds,
+                    match_index=p.match_index,
+                    last_term=core.term if p.recent_active or p.node_id == core.node_id else last_term,
+                    left=bool(mem and mem.left),
+                    drain_state=mem.drain_state if mem is not None else DrainState.ACTIVE,
+                    incarnation=mem.cert_fingerprint if mem is not None else "",
+                )
+            )
+        view = self._autopilot.evaluate(
+            now=time.time(),
+            leader_id=core.node_id,
+            leader_term=core.term,
+            leader_last_index=core.last_index,
+            servers=servers,
+        )
+        self._last_view = view
+        return view
+
+    def on_leadership_change(self, is_leader: bool) -> None:
+        # A new leader resumes autopilot with fresh stabilization clocks (SPEC 6).
+        self._autopilot = Autopilot(self.autopilot_settings) if is_leader else None
