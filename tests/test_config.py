@@ -102,8 +102,12 @@ def _key_paths(node: Any, prefix: str = "") -> set[str]:
 def test_example_file_lists_every_key_with_its_default() -> None:
     raw = yaml.safe_load(EXAMPLE.read_text())
     paths = _key_paths(raw)
-    # api.tls is null in the example, so its children are documented in its comment
-    assert set(CONFIG_KEYS) - paths == {"api.tls.cert", "api.tls.key"}
+    # api.tls is null in the example, so its children are documented in its comment; bgp.peers is
+    # an empty list, its item keys documented in the comment lines below it
+    item_keys = {"bgp.peers.address", "bgp.peers.remote-as", "bgp.peers.port"}
+    assert set(CONFIG_KEYS) - paths == {"api.tls.cert", "api.tls.key", *item_keys}
+    assert all(f"#   {k.rpartition('.')[2]}:" in EXAMPLE.read_text() or f"# - {k.rpartition('.')[2]}:"
+               in EXAMPLE.read_text() for k in item_keys)  # fmt: skip
     assert paths <= set(CONFIG_KEYS)
     tls_line = next(line for line in EXAMPLE.read_text().splitlines() if line.strip().startswith("tls:"))
     assert "{cert:" in tls_line and "key:" in tls_line
@@ -224,25 +228,34 @@ def test_shipped_example_is_rendered_from_the_table(
     assert capsys.readouterr().out == EXAMPLE.read_text()
 
 
+# a repeated section (bgp.peers) is a tuple of its dataclass: look at its one item
+WITH_ONE_PEER = {"bgp": {"peers": [{"address": "10.0.0.254", "remote-as": 64512}]}}
+
+
+def _owner(cfg: Any, section: str) -> Any:
+    owner = cfg
+    for part in section.split(".") if section else ():
+        owner = getattr(owner, part.replace("-", "_"))
+        if isinstance(owner, tuple):
+            owner = owner[0]
+    return owner
+
+
 def test_every_row_has_a_doc_and_a_field() -> None:
-    cfg = config_from_dict(minimal())
+    cfg = config_from_dict({**minimal(), **WITH_ONE_PEER})
     for row in TABLE.walk():
         assert row.doc or (isinstance(row, Section) and not row.optional), row.name
-        owner: Any = cfg
-        for part in row.parent.split(".") if row.parent else ():
-            owner = getattr(owner, part.replace("-", "_"))
+        owner = _owner(cfg, row.parent)
         if owner is not None:  # an optional section that is unset has no fields to look at
             assert hasattr(owner, row.field), row.name
     assert TABLE.names == CONFIG_KEYS
 
 
 def test_table_defaults_are_the_dataclass_defaults() -> None:
-    cfg = config_from_dict(minimal())
+    cfg = config_from_dict({**minimal(), **WITH_ONE_PEER})
     for row in TABLE.walk():
         if isinstance(row, Key) and not row.required and not row.nullable:
-            owner: Any = cfg
-            for part in row.parent.split(".") if row.parent else ():
-                owner = getattr(owner, part.replace("-", "_"))
+            owner = _owner(cfg, row.parent)
             assert getattr(owner, row.field) == TABLE.default(row.name), row.name
     loopback = HostPort("127.0.0.1", 7000)
     assert ClusterConfig(node_id=1) == dataclasses.replace(cfg.cluster, advertise_address=loopback)

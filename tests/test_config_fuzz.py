@@ -35,12 +35,14 @@ from hypothesis import strategies as st
 from quorumd.node import cli
 from quorumd.node.config.schema import (
     CONFIG_KEYS,
+    TABLE,
     Config,
     ConfigError,
     config_from_dict,
     config_to_dict,
     load_config,
 )
+from quorumd.node.config.table import Section
 
 JOIN_TOKEN = "qd_jt_abcdefgh12345678"
 
@@ -72,12 +74,22 @@ VALID: dict[str, Any] = {
             "reconcile-interval": "2s",
         },
     },
-    "bgp": {"enabled": True},
+    "bgp": {
+        "enabled": True,
+        "speaker": "gobgp",
+        "local-as": 65002,
+        "router-id": "10.0.0.2",
+        "next-hop": "10.0.0.2",
+        "next-hop6": "fd00::2",
+        "peers": [{"address": "10.0.0.254", "remote-as": 64512, "port": 179}],
+    },
     "ran": {"notify-url": "https://amf.example:8443/ran"},
     "backup": {"dir": "backups", "interval": "1h", "keep": 24},
 }
 
-SECTIONS = sorted({k.rsplit(".", 1)[0] for k in CONFIG_KEYS if "." in k})
+# A repeated section (a list of mappings, bgp.peers) is checked item by item: see item_case().
+REPEATED = sorted(r.name for r in TABLE.walk() if isinstance(r, Section) and r.repeated)
+SECTIONS = sorted({k.rsplit(".", 1)[0] for k in CONFIG_KEYS if "." in k} - set(REPEATED))
 LEAVES = sorted(k for k in CONFIG_KEYS if k not in SECTIONS)
 DURATION_KEYS = [
     "cluster.join-timeout",
@@ -163,6 +175,18 @@ LEAF_MISTAKES: dict[str, list[tuple[Any, str]]] = {
     "cluster.autopilot.cleanup-dead-servers": [("false", "true or false")],
     "cluster.autopilot.min-quorum": [(64, "0..63"), (-1, "0..63")],
     "bgp.enabled": [(0, "true or false"), ("off", "true or false")],
+    "bgp.speaker": [("bird", "stub|gobgp"), ("exabgp", "stub|gobgp"), (True, "stub|gobgp")],
+    "bgp.local-as": [(0, "1..4294967295"), (4294967296, "1..4294967295"), ("65001", "expected an integer")],
+    "bgp.router-id": [("10.0.0", "IPv4 address"), ("fd00::1", "IPv4 address"), ("0.0.0.0", "cannot be")],
+    "bgp.next-hop": [("gw.example", "IPv4 address"), (5, "expected a string")],
+    "bgp.next-hop6": [("10.0.0.1", "IPv6 address"), ("::", "cannot be")],
+    "bgp.peers": [
+        ("10.0.0.254", "expected a list of mappings"),
+        ({"address": "10.0.0.254"}, "expected a list of mappings"),
+    ],
+    "bgp.peers.address": [(None, "is required"), ("router.example", "IP address"), ("0.0.0.0", "cannot be")],
+    "bgp.peers.remote-as": [(None, "is required"), (0, "1..4294967295"), ("64512", "expected an integer")],
+    "bgp.peers.port": [(0, "1..65535"), (None, "must not be null")],
     "ran.notify-url": [
         ("ftp://amf.example/", "http:// or https://"),
         ("https://", "http:// or https://"),
@@ -216,6 +240,17 @@ def raw_null(dotted: str) -> dict[str, Any]:
     return out
 
 
+def item_case(id: str, dotted: str, value: Any, fragment: str) -> Case:
+    """A mistake in the first item of a repeated section: the error names ``section[0].key``."""
+    section, _, leaf = dotted.rpartition(".")
+    item = dict(copy.deepcopy(VALID[section.split(".")[0]][section.split(".")[1]][0]))
+    if value is None and fragment == "is required":
+        item.pop(leaf)
+    else:
+        item[leaf] = value
+    return case(id, setting(VALID, section, [item]), f"{section}[0].{leaf}", fragment)
+
+
 def build_cases() -> list[Case]:
     cases: list[Case] = []
     # an unknown key in every section, and a misspelt one with a hint
@@ -230,6 +265,24 @@ def build_cases() -> list[Case]:
             "did you mean 'heartbeat-interval'",
         )
     )
+    for section in REPEATED:  # an unknown key in an item; an item that is not a mapping
+        item = {**VALID[section.split(".")[0]][section.split(".")[1]][0], "colour": "blue"}
+        cases.append(
+            case(
+                f"unknown-key:{section}",
+                setting(VALID, section, [item]),
+                f"{section}[0].colour",
+                "unknown key",
+            )
+        )
+        cases.append(
+            case(
+                f"not-a-mapping:{section}",
+                setting(VALID, section, [7]),
+                f"{section}[0]",
+                "expected a mapping",
+            )
+        )
     # every section given something other than a mapping
     for section in SECTIONS:
         cases.append(
@@ -238,6 +291,9 @@ def build_cases() -> list[Case]:
     # every leaf key: wrong values
     for dotted, mistakes in LEAF_MISTAKES.items():
         for i, (value, fragment) in enumerate(mistakes):
+            if dotted.rpartition(".")[0] in REPEATED:
+                cases.append(item_case(f"value:{dotted}:{i}", dotted, value, fragment))
+                continue
             base = VALID
             if dotted == "cluster.join-token-file":  # exclusive with join-token: a file-only config
                 base = setting(VALID, "cluster.join-token", None)

@@ -78,6 +78,7 @@ ROUTES = [
     "GET /api/v1/leases?nodeId=&pool=&limit=&after=",
     "DELETE /api/v1/leases/{id}",
     "GET /api/v1/backup (an upgraded node serves it; a baseline node answers 404: it has no backups)",
+    "GET /api/v1/cluster/autopilot/what-if (served once the leader is upgraded; 404 before)",
 ]
 
 
@@ -263,6 +264,12 @@ def exercise_routes(c: VersionedCluster, via: int, tag: str) -> None:
     upgraded = "clusterProtocolVersion" in _call(c, via, "GET", "/api/v1/status")
     backup = _raw_get(api + "/api/v1/backup", c.token)
     assert backup == (200 if upgraded else 404), f"GET /api/v1/backup via {via}: HTTP {backup}"
+    # what-if runs on the leader (proxied by followers): a baseline leader does not know the route
+    leader = _call(c, via, "GET", "/api/v1/status")["leaderNodeId"]
+    leader_upgraded = "clusterProtocolVersion" in _call(c, leader, "GET", "/api/v1/status")
+    what_if = _raw_get(api + f"/api/v1/cluster/autopilot/what-if?fail={voter}", c.token)
+    expected = 200 if upgraded and leader_upgraded else 404
+    assert what_if == expected, f"GET what-if via {via} (leader {leader}): HTTP {what_if}"
 
 
 def check_step(c: VersionedCluster, step: str) -> None:

@@ -84,12 +84,13 @@ Rules and choices (documented here and in the example file):
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quorumd.node.config.reader import os_reason, read_yaml
+from quorumd.node.config.reader import line_of, os_reason, read_yaml
 from quorumd.node.config.table import REQUIRED, Fields, Key, Rule, Section, Table
 from quorumd.node.config.values import (
     MAX_ECHO_CHARS,
@@ -103,6 +104,7 @@ from quorumd.node.config.values import (
     HostPort,
     Int,
     ListOf,
+    Text,
     Token,
     Url,
     ValueProblem,
@@ -110,6 +112,7 @@ from quorumd.node.config.values import (
     format_duration,
     parse_duration,
     parse_host_port,
+    quote,
 )
 from quorumd.node.daemon.logs import LogFormat, LogLevel
 
@@ -122,6 +125,7 @@ __all__ = [
     "AutopilotConfig",
     "BackupConfig",
     "BgpConfig",
+    "BgpPeer",
     "ClusterConfig",
     "Config",
     "ConfigError",
@@ -149,6 +153,33 @@ MAX_TOKEN_CHARS = 4096
 JOIN_TOKEN = Token(max_chars=MAX_TOKEN_CHARS)
 HOST_PORT = Address()
 REACHABLE = Address(reachable=True)
+
+# bgp.speaker (SPEC 16): the stub, or the one real backend (node/effects/gobgp.py says why GoBGP).
+BGP_SPEAKERS: tuple[str, ...] = ("stub", "gobgp")
+AS_NUMBER = Int(1, 4_294_967_295)
+
+
+@dataclass(frozen=True, slots=True)
+class IpAddress(Text):
+    """An IP literal naming one host (``version`` 4 or 6, or 0 for either): not unspecified, not
+    multicast. Kept as its canonical text."""
+
+    version: int = 0
+    what = "an IP address"
+
+    def parse(self, raw: object, base_dir: Path) -> object:
+        text = self.text(raw).strip()
+        family = {4: "an IPv4 address", 6: "an IPv6 address"}.get(self.version, "an IP address")
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            raise ValueProblem(f"expected {family}, got {quote(text)}") from None
+        if self.version and addr.version != self.version:
+            raise ValueProblem(f"expected {family}, got {quote(text)}")
+        if addr.is_unspecified or addr.is_multicast:
+            raise ValueProblem(f"{addr} cannot be {family.removeprefix('an ')}")
+        return str(addr)
+
 
 # fmt: off
 TABLE = Table(
@@ -220,6 +251,19 @@ TABLE = Table(
 
         Section("bgp"),
         Key("bgp.enabled", Bool(), True, "the BGP speaker (stub by default); false => drain/resume skip it"),
+        Key("bgp.speaker", Choice(BGP_SPEAKERS), "stub",
+            "stub | gobgp (a supervised gobgpd, Debian package gobgpd)"),
+        Key("bgp.local-as", AS_NUMBER, None, "1..4294967295; required with a real speaker"),
+        Key("bgp.router-id", IpAddress(version=4), None, "IPv4; default next-hop"),
+        Key("bgp.next-hop", IpAddress(version=4), None,
+            "IPv4 next hop of /32 routes; default the advertise-address host"),
+        Key("bgp.next-hop6", IpAddress(version=6), None,
+            "IPv6 next hop of /128 routes; unset => /128s not announced"),
+        Section("bgp.peers", repeated=True,
+                doc="peers the speaker dials (it never listens); a list of:"),
+        Key("bgp.peers.address", IpAddress(), REQUIRED, "the peer's IP address"),
+        Key("bgp.peers.remote-as", AS_NUMBER, REQUIRED, "the peer's AS number, 1..4294967295"),
+        Key("bgp.peers.port", Int(1, 65535), 179, "the peer's BGP port"),
 
         Section("ran"),
         Key("ran.notify-url", Url(), None, 'optional http(s) webhook for RAN "GUAMI unavailable" events'),
@@ -295,10 +339,24 @@ class ClusterConfig:
         return self.join_token is not None
 
 
+@TABLE.binds("bgp.peers")
+@dataclass(frozen=True, slots=True)
+class BgpPeer:
+    address: str  # an IP literal
+    remote_as: int
+    port: int = _default("bgp.peers.port")
+
+
 @TABLE.binds("bgp")
 @dataclass(frozen=True, slots=True)
 class BgpConfig:
     enabled: bool = _default("bgp.enabled")
+    speaker: str = _default("bgp.speaker")  # one of BGP_SPEAKERS
+    local_as: int | None = None  # required by a real speaker
+    router_id: str | None = None  # a real speaker defaults it to next_hop
+    next_hop: str | None = None  # a real speaker defaults it to the advertise address
+    next_hop6: str | None = None  # None: /128 leases are not announced
+    peers: tuple[BgpPeer, ...] = ()
 
 
 @TABLE.binds("ran")
@@ -407,8 +465,53 @@ def _read_token_file(f: Fields, path: Path) -> str:
         raise f.error("join-token-file", exc.message) from None
 
 
+def _bgp_rules(f: Fields) -> None:
+    """A real speaker needs local-as and a peer; peers are distinct. Every key is checked whatever
+    the speaker (switching to a real one cannot surprise)."""
+    peers: tuple[BgpPeer, ...] = f.get("peers")
+    for i, peer in enumerate(peers):
+        first = next(j for j, p in enumerate(peers) if p.address == peer.address)
+        if first != i:
+            raise ConfigError(
+                f"{f.key_path('peers')}[{i}].address",
+                f"duplicate of {f.key_path('peers')}[{first}] ({peer.address})",
+                line_of(f.raw, "peers", f.line),
+            )
+    speaker: str = f.get("speaker")
+    if speaker != "stub":
+        if f.get("local-as") is None:
+            raise f.error("local-as", f"is required with {f.key_path('speaker')} {speaker}")
+        if not peers:
+            raise f.error("peers", f"{f.key_path('speaker')} {speaker} needs at least one peer to dial")
+
+
+def _top_rules(f: Fields) -> None:
+    """A real speaker's next-hop defaults to the advertise address (it must then be IPv4), and its
+    router-id to the next-hop."""
+    bgp: BgpConfig = f.get("bgp")
+    if bgp.speaker == "stub":
+        return
+    next_hop = bgp.next_hop
+    if next_hop is None:
+        host = f.get("cluster").advertise_address.host
+        try:
+            v4 = ipaddress.ip_address(host).version == 4
+        except ValueError:
+            v4 = False
+        if not v4:
+            raw_bgp, bgp_line = f.raw.get("bgp"), line_of(f.raw, "bgp", None)
+            raise ConfigError(
+                "bgp.next-hop",
+                f"is required with bgp.speaker {bgp.speaker} when cluster.advertise-address is not an "
+                f"IPv4 address ({quote(host)})",
+                line_of(raw_bgp, "next-hop", bgp_line) if isinstance(raw_bgp, dict) else bgp_line,
+            )
+        next_hop = host
+    f.set("bgp", dataclasses.replace(bgp, next_hop=next_hop, router_id=bgp.router_id or next_hop))
+
+
 # The rules that read more than one key, by section. Single-key checks belong in the row's kind.
-CROSS_KEY_RULES: Mapping[str, Rule] = {"cluster": _cluster_rules}
+CROSS_KEY_RULES: Mapping[str, Rule] = {"cluster": _cluster_rules, "bgp": _bgp_rules, "": _top_rules}
 
 if TABLE.unbound():
     raise TypeError(f"sections without a dataclass: {TABLE.unbound()}")

@@ -49,7 +49,7 @@ from quorumd.node.daemon.metrics import Metrics
 from quorumd.node.daemon.node_collector import NodeView, node_view
 from quorumd.node.daemon.sdnotify import SdNotifier
 from quorumd.node.daemon.testhooks import ApplyTrace, LoopLagProbe, planted_bugs
-from quorumd.node.effects.bgp import StubBgpSpeaker
+from quorumd.node.effects.gobgp import GoBgpSpeaker, SpeakerError, build_bgp_speaker
 from quorumd.node.effects.ran import WebhookRanNotifier
 from quorumd.node.registry import jointoken
 from quorumd.node.registry.autopilot import AutopilotSettings
@@ -237,6 +237,12 @@ class Daemon:
                     f"stored snapshot {snap.index}/{snap.term} is not a valid state: {exc}"
                 ) from exc
         node = self._build_node(identity, sm)
+        if isinstance(node.bgp, GoBgpSpeaker):  # SPEC 16: a supervised gobgpd, stopped with us
+            try:
+                await node.bgp.open()
+            except (SpeakerError, OSError) as exc:
+                raise FatalError(f"bgp.speaker gobgp: {exc}") from exc
+            stack.push_async_callback(self._bounded, node.bgp.close(2.0), 5.0)
         self.node = node
         trace = ApplyTrace.from_env(cfg.node_id, node)
         if trace is not None:
@@ -365,7 +371,7 @@ class Daemon:
     def _build_node(self, identity: Identity, sm: StateMachine) -> ClusterNode:
         cfg = self.cfg
         ap = cfg.cluster.autopilot
-        bgp = StubBgpSpeaker(on_change=self.metrics.set_bgp)
+        bgp = build_bgp_speaker(cfg.bgp, self.data_dir, on_change=self.metrics.set_bgp)
         ran = WebhookRanNotifier(cfg.ran.notify_url, on_event=self.metrics.count_ran)
         node = ClusterNode(
             identity,

@@ -3,8 +3,10 @@
 The node owns one speaker. The desired set of prefixes is the ``/32`` or ``/128`` host route of
 every active lease owned by this node; the node pushes it with ``set_prefixes`` after each apply.
 While the speaker runs it announces exactly the desired set; ``stop`` (drain) withdraws every
-prefix, ``start`` (resume) re-announces the desired set. A real speaker (ExaBGP, GoBGP, BIRD)
-implements the same protocol and replaces ``StubBgpSpeaker`` without touching the drain logic.
+prefix, ``start`` (resume) re-announces the desired set. A real speaker implements the same
+protocol and replaces ``StubBgpSpeaker`` without touching the drain logic: ``bgp.speaker: gobgp``
+is ``GoBgpSpeaker`` in ``node/effects/gobgp.py`` (SPEC 16), whose ``running`` is the state the node
+asked for and whose ``announced`` and ``snapshot()`` are read back from the speaker process.
 
 ``StubBgpSpeaker`` holds the state a real speaker would have, logs each change at INFO (one line
 per prefix for small changes, counts and a sample for large batches) and calls ``on_change`` with
