@@ -138,6 +138,13 @@ class NodeApi(Protocol):
 
     async def resume_member(self, node_id: int) -> None: ...
 
+    async def set_member_address(
+        self, node_id: int, *, raft_address: str | None, api_address: str | None
+    ) -> dict[str, Any]:
+        """Record a member's new addresses (SPEC 17; None: unchanged); returns its members item.
+        Validates them like the config keys (400 ``invalid_raft_address``/``invalid_api_address``)."""
+        ...
+
     async def mint_join_token(self, node_id: int, ttl_seconds: int | None) -> dict[str, Any]:
         """``{"token": str, "expiresAt": int}``"""
         ...

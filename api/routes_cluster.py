@@ -1,4 +1,5 @@
-"""Routes under /api/v1/cluster: members, promote, drain, resume, removal, autopilot, join tokens.
+"""Routes under /api/v1/cluster: members, addresses, promote, drain, resume, removal, autopilot,
+join tokens.
 
 All answer 404 ``clustering_disabled`` on a standalone node (see ``quorumd.api.pipeline``).
 Membership checks (404 ``member_not_found``) run where the operation runs, i.e. on the leader,
@@ -37,6 +38,16 @@ JOIN_TTL = Field(
     code="invalid_ttl",
 )
 MEMBER_404 = ErrorDoc(404, ("member_not_found",))
+_ADDRESS = {"type": "string", "minLength": 1, "maxLength": 300, "pattern": "^[^\\s]+$"}
+RAFT_ADDRESS_BODY = Field(
+    "raftAddress",
+    _ADDRESS,
+    "The member's cluster address, host:port or [v6]:port (as cluster.advertise-address).",
+    code="invalid_raft_address",
+)
+API_ADDRESS_BODY = Field(
+    "apiAddress", _ADDRESS, "The member's API address, https://host:port.", code="invalid_api_address"
+)
 _ID = "([1-9]|[1-5][0-9]|6[0-3])"
 NODE_ID_LIST_SCHEMA = {"type": "string", "pattern": f"^{_ID}(,{_ID})*$", "maxLength": 256}
 
@@ -130,6 +141,20 @@ async def resume_member(ctx: Context, args: Args) -> Reply:
     return Reply(result={"message": "Cluster member resumed"})
 
 
+def _some_address(args: Args) -> None:
+    if not args.body:
+        raise BadRequest("give raftAddress, apiAddress or both", code="missing_field")
+
+
+async def set_member_address(ctx: Context, args: Args) -> Reply:
+    node_id = int(args.path["id"])
+    require_member(ctx, node_id)
+    result = await ctx.node.set_member_address(
+        node_id, raft_address=args.body.get("raftAddress"), api_address=args.body.get("apiAddress")
+    )
+    return Reply(result=result)
+
+
 async def mint_join_token(ctx: Context, args: Args) -> Reply:
     ttl = args.body.get("ttlSeconds")
     result = await ctx.node.mint_join_token(int(args.body["nodeID"]), None if ttl is None else int(ttl))
@@ -172,6 +197,28 @@ def routes() -> list[Route]:
             "when the healthy voters left would be fewer than the new quorum, unless force=true. "
             "Removing the leader first hands leadership to another voter. Purges the node's leases "
             "and certificate pin.",
+        ),
+        Route(
+            "PATCH",
+            f"{P}/members/{{id}}",
+            set_member_address,
+            "Set a member's addresses",
+            tag,
+            Access.ADMIN,
+            Placement.LEADER,
+            path_params=(node_id_path(),),
+            body=(RAFT_ADDRESS_BODY, API_ADDRESS_BODY),
+            check=_some_address,
+            result_schema=ref("Member"),
+            errors=(
+                MEMBER_404,
+                ErrorDoc(400, ("invalid_raft_address", "invalid_api_address", "missing_field")),
+                ErrorDoc(409, ("address_in_use", "feature_unavailable")),
+            ),
+            description="For a member that is down and will come back at another address (a member "
+            "that restarts elsewhere records its new addresses itself). Validated like the config "
+            "keys; every node dials the new raftAddress once the change commits. Needs cluster "
+            "protocol version 2.",
         ),
         Route(
             "POST",

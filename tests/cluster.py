@@ -27,9 +27,9 @@ from typing import Any
 import yaml
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -101,10 +101,11 @@ class Node:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    host: str = "127.0.0.1"  # its loopback address (a test may move a node to another 127.0.0.x)
 
     @property
     def api(self) -> str:
-        return f"https://127.0.0.1:{self.api_port}"
+        return f"https://{self.host}:{self.api_port}"
 
     @property
     def data_dir(self) -> Path:
@@ -149,11 +150,11 @@ class Cluster:
         return node
 
     def write_config(self, node: Node, join_token: str | None = None) -> None:
-        peers = [f"127.0.0.1:{n.raft_port}" for n in self.nodes.values()]
+        peers = [f"{n.host}:{n.raft_port}" for n in self.nodes.values()]
         cluster: dict[str, Any] = {
             "node-id": node.node_id,
-            "bind-address": f"127.0.0.1:{node.raft_port}",
-            "advertise-address": f"127.0.0.1:{node.raft_port}",
+            "bind-address": f"{node.host}:{node.raft_port}",
+            "advertise-address": f"{node.host}:{node.raft_port}",
             "peers": peers,
             "heartbeat-interval": "50ms",
             "election-timeout": "500ms",
@@ -176,7 +177,7 @@ class Cluster:
         cfg: dict[str, Any] = {
             "data-dir": str(node.data_dir),
             "log-level": "debug" if os.environ.get("QUORUMD_TEST_DEBUG") else "info",
-            "api": {"address": "127.0.0.1", "port": node.api_port},
+            "api": {"address": node.host, "port": node.api_port},
             "cluster": cluster,
             **self.top_overrides,
         }

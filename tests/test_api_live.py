@@ -261,6 +261,20 @@ def _members_list(live: Live, nid: int) -> None:
             assert m["raftAddress"] == f"127.0.0.1:{live.c.nodes[m['nodeId']].raft_port}"
 
 
+@scenario("PATCH", "/api/v1/cluster/members/{id}")
+def _set_address(live: Live, nid: int) -> None:
+    """A running member's own addresses again (a no-op); a refusal names the field (SPEC 17)."""
+    target = max(live.members(nid, consistent=True))
+    me = live.members(nid)[target]
+    same = {"raftAddress": me["raftAddress"], "apiAddress": me["apiAddress"]}
+    r = live.call(nid, "PATCH", "/api/v1/cluster/members/{id}", {"id": target}, body=same)
+    assert (r.result["nodeId"], r.result["raftAddress"], r.result["apiAddress"]) == (target, *same.values())
+    bad = {"raftAddress": "0.0.0.0:1"}
+    r = live.call(nid, "PATCH", "/api/v1/cluster/members/{id}", {"id": target}, body=bad)
+    assert r.status == 400 and r.code == "invalid_raft_address" and "raftAddress" in r.body["error"], str(r)
+    assert live.members(nid, consistent=True)[target]["raftAddress"] == me["raftAddress"]
+
+
 @scenario("POST", "/api/v1/cluster/members/{id}/promote")
 def _promote(live: Live, nid: int) -> None:
     via = "leader" if nid == live.leader() else "follower"
@@ -446,7 +460,8 @@ def _pool_name(nid: int, tag: str) -> str:
 
 @scenario("POST", "/api/v1/pools")
 def _pools_create(live: Live, nid: int) -> None:
-    for tag, cidr, size in (("v4", f"10.{70 + nid}.0.0/24", 254), ("v6", f"fd00:{nid}::/120", 256)):
+    # sizes count what can be handed out: no network/broadcast (v4), no subnet-router anycast (v6)
+    for tag, cidr, size in (("v4", f"10.{70 + nid}.0.0/24", 254), ("v6", f"fd00:{nid}::/120", 255)):
         res = live.call(
             nid, "POST", "/api/v1/pools", body={"name": _pool_name(nid, tag), "cidr": cidr}
         ).result
@@ -595,6 +610,7 @@ def test_not_found_cases(live: Live, via: str) -> None:
         ("DELETE", "/api/v1/leases/{id}", {"id": 2**62}, _NO_BODY, "lease_not_found"),
         ("POST", "/api/v1/leases", {}, {"pool": "nope", "holder": "h"}, "pool_not_found"),
         ("POST", "/api/v1/leases", {}, {"pool": WALK_POOL, "holder": "h", "nodeId": 42}, "member_not_found"),
+        ("PATCH", "/api/v1/cluster/members/{id}", member, {"raftAddress": "10.9.9.9:7"}, "member_not_found"),
     ]
     for method, template, values, body, code in cases:
         r = live.call(nid, method, template, values, body=body)
@@ -748,6 +764,8 @@ BODY_SAMPLES: dict[str, Any] = {
     "nodeId": NOT_A_MEMBER,
     "deadlineSeconds": 0,
     "role": "readonly",
+    "raftAddress": "127.0.0.9:7000",
+    "apiAddress": "https://127.0.0.9:5002",
 }
 
 

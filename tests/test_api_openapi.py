@@ -120,6 +120,7 @@ def _valid_request(method: str, path: str, env: Env) -> tuple[str, Any, dict[str
         ("POST", "/api/v1/pools"): {"name": "pool-a", "cidr": "192.0.2.0/28"},
         ("POST", "/api/v1/leases"): {"pool": "pool-a", "holder": "imsi-1"},
         ("POST", "/api/v1/cluster/members/{id}/drain"): {"deadlineSeconds": 10},
+        ("PATCH", "/api/v1/cluster/members/{id}"): {"raftAddress": "127.0.0.9:7100"},
     }
     params: dict[tuple[str, str], dict[str, str]] = {
         ("DELETE", "/api/v1/cluster/members/{id}"): {"force": "true"},

@@ -409,6 +409,22 @@ def test_tls_verification(q: Ctl) -> None:
     wait_for("all nodes still ready", lambda: all(q.c.status(n)["ready"] for n in (1, 2, 3)))
 
 
+@covers("members set-address")
+def test_members_set_address(q: Ctl) -> None:
+    """Its own addresses again (a no-op on a running member); refusals name the field (SPEC 17)."""
+    me = next(m for m in q.json("members", "list") if m["nodeId"] == 3)
+    out = q.ok("members", "set-address", "3", "--raft", me["raftAddress"], "--api", me["apiAddress"])
+    assert me["raftAddress"] in out and me["apiAddress"] in out
+    res = q.json("members", "set-address", "3", "--api", me["apiAddress"])
+    conforms(res, "PATCH", "/api/v1/cluster/members/{id}")
+    assert (res["raftAddress"], res["apiAddress"]) == (me["raftAddress"], me["apiAddress"])
+    bad = ("members", "set-address", "3", "--raft", "0.0.0.0:7000")
+    err = q.fails(*bad, status=400, code="invalid_raft_address")
+    assert "raftAddress" in err
+    q.fails("members", "set-address", "40", "--raft", "127.0.0.9:7000", status=404, code="member_not_found")
+    assert q.run("members", "set-address", "3")[0] == 2  # neither --raft nor --api: a usage error
+
+
 @covers("backup save")
 def test_backup_save(q: Ctl, tmp_path: Path) -> None:
     """Saved through a follower: atomic, 0600, digest checked; the file verifies offline."""

@@ -61,6 +61,8 @@ ROUTES = [
     "GET /api/v1/cluster/autopilot",
     "POST /api/v1/cluster/members/{id}/promote (409 already_voter)",
     "DELETE /api/v1/cluster/members/{id} (409 not_drained; 404 for a non-member)",
+    "PATCH /api/v1/cluster/members/{id} (its own addresses: 200 when this build leads and serves, 405 "
+    "where the baseline does)",
     "POST /api/v1/cluster/members/{id}/drain (the procedure's drains)",
     "POST /api/v1/cluster/members/{id}/resume (the procedure's resumes, and idempotent on an active node)",
     "POST /api/v1/cluster/pki/join-tokens",
@@ -233,6 +235,9 @@ def exercise_routes(c: VersionedCluster, via: int, tag: str) -> None:
     assert _call(c, via, "POST", f"/api/v1/cluster/members/{voter}/promote", want=409) is None
     _call(c, via, "DELETE", f"/api/v1/cluster/members/{voter}", want=409)
     _call(c, via, "DELETE", "/api/v1/cluster/members/40", want=404)
+    same = {"raftAddress": members[0]["raftAddress"], "apiAddress": members[0]["apiAddress"]}
+    this_build = all(c.python_of(n) == Path(sys.executable) for n in (via, c.wait_leader()))
+    _call(c, via, "PATCH", f"/api/v1/cluster/members/{voter}", same, want=200 if this_build else 405)
     _call(c, via, "POST", f"/api/v1/cluster/members/{voter}/resume")  # idempotent on an active node
     minted = _call(c, via, "POST", "/api/v1/cluster/pki/join-tokens", {"nodeID": 9}, want=201)
     assert minted["token"] and minted["expiresAt"] > time.time()

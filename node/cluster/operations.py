@@ -25,6 +25,7 @@ from typing import Any
 from quorumd.api.errors import ApiError
 from quorumd.api.ports import DrainState
 from quorumd.node.cluster import pki
+from quorumd.node.cluster.addresses import AddressChanges
 from quorumd.node.cluster.foresight import ForesightService
 from quorumd.node.cluster.service import pack, unpack
 from quorumd.node.effects.bgp import BgpSpeaker
@@ -41,7 +42,7 @@ from quorumd.raft.core.types import ConfChange, ConfChangeType
 log = logging.getLogger(__name__)
 
 
-class ClusterNode(ForesightService):
+class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SPEC 17; SPEC 14, 15)
     def __init__(
         self,
         *args: Any,

@@ -185,6 +185,10 @@ def members(result: Any) -> str:
     return table(_rows(result), MEMBER_COLUMNS)
 
 
+def member(result: Any) -> str:
+    return table([result], MEMBER_COLUMNS)
+
+
 def tokens(result: Any) -> str:
     return table(_rows(result), TOKEN_COLUMNS)
 

@@ -125,6 +125,12 @@ async def _members_resume(c: CtlClient, a: argparse.Namespace) -> Output:
     return Output(result, _message(f"Cluster member {a.id} resumed"))
 
 
+async def _members_set_address(c: CtlClient, a: argparse.Namespace) -> Output:
+    body = {k: v for k, v in (("raftAddress", a.raft), ("apiAddress", a.api)) if v is not None}
+    result = await c.call("PATCH", f"/cluster/members/{_seg(a.id)}", body=body)
+    return Output(result, fmt.member)
+
+
 async def _autopilot(c: CtlClient, a: argparse.Namespace) -> Output:
     return Output(await c.call("GET", "/cluster/autopilot"), fmt.autopilot)
 
@@ -325,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sp = leaf(members, "resume", _members_resume, "resume a drained or draining member")
     sp.add_argument("id", type=int, metavar="ID")
+    sp = leaf(members, "set-address", _members_set_address, "record new addresses of a member that is down")
+    sp.add_argument("id", type=int, metavar="ID")
+    sp.add_argument("--raft", metavar="HOST:PORT", help="its new cluster address (advertise-address)")
+    sp.add_argument("--api", metavar="URL", help="its new API address, https://host:port")
 
     leaf(sub, "autopilot", _autopilot, "show autopilot's health view, reasons and promotion times")
     sp = leaf(sub, "what-if", _what_if, "show the cluster as it would be after a change (changes nothing)")
@@ -412,6 +422,8 @@ def parse(argv: Sequence[str], env: Mapping[str, str]) -> Invocation:
         raise UsageError("--token and --token-file are mutually exclusive")
     if cacert is not None and insecure:
         raise UsageError("--cacert and --insecure are mutually exclusive")
+    if args.handler is _members_set_address and args.raft is None and args.api is None:
+        raise UsageError("members set-address: give --raft HOST:PORT, --api URL or both")
     if token_arg is not None:
         token: str | None = token_arg.strip()
     elif token_file is not None:

@@ -30,6 +30,7 @@ from quorumd.api.extensions import BackupArchive
 from quorumd.api.ports import DrainState, ForwardedRequest
 from quorumd.api.server import ApiServer
 from quorumd.node.cluster import pki
+from quorumd.node.cluster.addresses import ADDRESS_RPC
 from quorumd.node.cluster.backup import take_archive
 from quorumd.node.cluster.operations import ClusterNode
 from quorumd.node.cluster.service import Identity, pack, unpack
@@ -58,6 +59,7 @@ from quorumd.node.registry.commands import (
     MarkNodeLeft,
     RegisterNodeInfo,
     SetClusterSecrets,
+    SetMemberAddress,
 )
 from quorumd.node.registry.state import (
     ApplyResult,
@@ -75,6 +77,8 @@ from quorumd.raft.core.ready import CoreConfig, RaftError, SoftState
 from quorumd.raft.core.types import ConfChange, Entry, HardState, Role, Snapshot
 
 log = logging.getLogger(__name__)
+
+_PEERS_CHANGED = (ConfChange, SetMemberAddress)  # applied entries after which the pins are re-read
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,10 +332,12 @@ class Daemon:
         stack.push_async_callback(self._bounded, api_server.close(), 5.0)
         log.info("api_listening node=%d address=%s port=%d", cfg.node_id, cfg.api.address, self.api_port)
 
+        seeds = [str(p) for p in cfg.cluster.peers]  # SPEC 17: where to look when restarted elsewhere
         for coro, name in (
             (node.reconcile_loop(), "reconcile"),
             (node.fence_loop(), "fence"),
             (self._announce_loop(), "announce"),
+            (node.keep_own_address(seeds, transport.rpc_at if transport else None), "own-address"),
             (self._ready_loop(), "ready"),
         ):
             self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
@@ -389,6 +395,7 @@ class Daemon:
             isolation_fence_after_seconds=cfg.cluster.isolation_fence_after_seconds,
         )
         node.on_join_result = self.metrics.count_join
+        node.on_dial_addresses_changed = self._update_pins
         node.on_isolation = self.metrics.set_isolated
         return node
 
@@ -514,16 +521,16 @@ class Daemon:
                 pins.setdefault(nid, fp)
                 addrs.setdefault(nid, self._bootstrap_addrs[nid])
         pins.pop(self.cfg.node_id, None)
-        addrs.pop(self.cfg.node_id, None)
-        self.transport.update_pins(pins, addrs)
+        addrs.pop(self.cfg.node_id, None)  # never dial itself (its own entry may be stale: SPEC 17)
+        self.transport.update_pins(pins, self.node.dial_addresses(addrs))
 
     def _on_snapshot(self, _index: int) -> None:
         self.metrics.count_snapshot()
         self.gc.after_snapshot()
 
     def _after_apply(self, results: Sequence[ApplyResult]) -> None:
-        if not results or any(isinstance(r.command, ConfChange) for r in results):
-            self._update_pins()
+        if not results or any(isinstance(r.command, _PEERS_CHANGED) for r in results):
+            self._update_pins()  # a member moved (SPEC 17): every node dials its new address
 
     def _on_soft_state(self, old: SoftState, new: SoftState) -> None:
         if old.leader_id != new.leader_id:
@@ -679,6 +686,7 @@ class Daemon:
         transport.register_rpc("member.remove", wrap(node.rpc_member_remove))
         transport.register_rpc("join.forward", node.rpc_join_forward)
         transport.register_rpc("node.info", node.versions.rpc_node_info)  # SPEC 13
+        transport.register_rpc(ADDRESS_RPC, node.rpc_member_address)  # SPEC 17: moves itself only
         transport.register_join_handler(node.handle_join)
 
     # --- shutdown ------------------------------------------------------------------------------

@@ -107,6 +107,8 @@ class OpCode(IntEnum):
     RELEASE_LEASE = 10
     MINT_JOIN_TOKEN = 11
     SET_PROTOCOL_VERSION = 12
+    # 13..19 are taken by other features; never reuse a number.
+    SET_MEMBER_ADDRESS = 20
 
 
 # The protocol version that introduced each op: the one table the envelope, the decoder's stop
@@ -125,6 +127,7 @@ OP_PROTOCOL: dict[OpCode, int] = {
     OpCode.RELEASE_LEASE: 1,
     OpCode.MINT_JOIN_TOKEN: 1,
     OpCode.SET_PROTOCOL_VERSION: 2,
+    OpCode.SET_MEMBER_ADDRESS: 2,
 }
 
 
@@ -240,6 +243,20 @@ class SetProtocolVersion:
     members: tuple[tuple[int, int], ...]
 
 
+@dataclass(frozen=True, slots=True)
+class SetMemberAddress:
+    """A member's cluster (Raft) and API addresses change (SPEC 17; protocol 2).
+
+    Proposed by the leader for a member that restarted elsewhere and proved its identity by its
+    pinned certificate (it may only move itself), or by an admin's PATCH for a member that is
+    down. Both addresses are always carried (the unchanged one as recorded)."""
+
+    ts: float
+    node_id: int
+    raft_address: str
+    api_address: str
+
+
 Command = (
     Noop
     | SetClusterSecrets
@@ -254,6 +271,7 @@ Command = (
     | ReleaseLease
     | MintJoinToken
     | SetProtocolVersion
+    | SetMemberAddress
 )
 
 
@@ -298,6 +316,8 @@ def _fields(cmd: Command) -> tuple[OpCode, list[Any]]:
             return OpCode.MINT_JOIN_TOKEN, [cmd.token_id, cmd.node_id, cmd.expires_at]
         case SetProtocolVersion():
             return OpCode.SET_PROTOCOL_VERSION, [cmd.cluster_version, [list(m) for m in cmd.members]]
+        case SetMemberAddress():
+            return OpCode.SET_MEMBER_ADDRESS, [cmd.node_id, cmd.raft_address, cmd.api_address]
     raise CommandError(f"not a command: {type(cmd).__name__}")
 
 
@@ -315,6 +335,7 @@ _OP_OF_TYPE: dict[type, OpCode] = {
     ReleaseLease: OpCode.RELEASE_LEASE,
     MintJoinToken: OpCode.MINT_JOIN_TOKEN,
     SetProtocolVersion: OpCode.SET_PROTOCOL_VERSION,
+    SetMemberAddress: OpCode.SET_MEMBER_ADDRESS,
 }
 
 
@@ -440,6 +461,14 @@ def _decode_fields(op: OpCode, ts: float, f: list[Any]) -> Command:
             if any(a[0] >= b[0] for a, b in pairwise(pairs)):
                 raise CommandError("SET_PROTOCOL_VERSION: members not ascending by id")
             return SetProtocolVersion(ts, version, tuple(pairs))
+        case OpCode.SET_MEMBER_ADDRESS:
+            arity(3)
+            return SetMemberAddress(
+                ts,
+                check_int(f[0], "node_id"),
+                check_str(f[1], "raft_address"),
+                check_str(f[2], "api_address"),
+            )
     raise CommandError(f"unhandled op {op!r}")  # pragma: no cover - every OpCode is matched
 
 

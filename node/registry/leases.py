@@ -8,8 +8,9 @@ no output depends on set iteration order.
 Allocation is lowest-free-address first. A pool keeps a high-water mark (offsets below it
 have been handed out at least once) and a min-heap of the released offsets below it, so an
 allocation is O(log n) whatever the pool size: pop the heap, or take the high-water mark.
-IPv4 pools with a prefix of /30 or shorter skip the network and broadcast addresses; IPv6
-pools and IPv4 /31 and /32 use every address.
+IPv4 pools of /30 or shorter skip the network and broadcast addresses; from cluster protocol 2 on
+(``set_protocol``: the rule follows the log, so a mixed cluster allocates alike) IPv6 pools of /126
+or shorter skip the subnet-router anycast address (RFC 4291 2.6.1; /127 and /128: RFC 6164).
 
 Lease ids are increasing integers assigned here. Listing is sorted by id with ``after``
 pagination through ``_IdIndex``: a sorted id list (appends are the common case since ids
@@ -210,17 +211,8 @@ class _IdIndex:
 
 
 class _Pool:
-    __slots__ = (
-        "capacity",
-        "created_at",
-        "free",
-        "holders",
-        "hwm",
-        "index",
-        "name",
-        "network",
-        "space",
-    )
+    __slots__ = ("capacity", "created_at", "free", "holders", "hwm", "index", "name", "network", "space",
+                 "span")  # fmt: skip
 
     def __init__(self, name: str, network: IPNetwork, created_at: float, leases: dict[int, Lease]) -> None:
         self.name = name
@@ -228,7 +220,8 @@ class _Pool:
         self.created_at = created_at
         skip_edges = network.version == 4 and network.prefixlen <= 30
         self.space = AddressSpace(int(network.network_address) + (1 if skip_edges else 0), network.version)
-        self.capacity = network.num_addresses - (2 if skip_edges else 0)
+        self.span = network.num_addresses - (2 if skip_edges else 0)  # offsets [0, span)
+        self.set_rule(1)  # capacity: how many can be handed out (offsets [span - capacity, span))
         self.hwm = 0  # offsets [0, hwm) have been handed out at least once
         self.free: list[int] = []  # min-heap of released offsets < hwm
         self.holders: dict[str, int] = {}  # holder -> lease id
@@ -238,6 +231,10 @@ class _Pool:
             return lease is not None and lease.pool == name
 
         self.index = _IdIndex(live)
+
+    def set_rule(self, protocol: int) -> None:  # from protocol 2 on, IPv6 /126 and shorter skip offset 0
+        skip = protocol >= 2 and self.network.version == 6 and self.network.prefixlen <= 126
+        self.capacity = self.span - (1 if skip else 0)  # the API's ``size``
 
     def info(self) -> PoolInfo:
         return PoolInfo(self.name, str(self.network), self.capacity, len(self.index), self.created_at)
@@ -271,7 +268,7 @@ def _array_header_size(n: int) -> int:
 class LeaseTable:
     """Pools, leases and their indices. Mutators raise ``Rejection`` before changing anything."""
 
-    __slots__ = ("_all", "_by_node", "_dirty", "_leases", "_next_id", "_packed", "_pools")
+    __slots__ = ("_all", "_by_node", "_dirty", "_leases", "_next_id", "_packed", "_pools", "_protocol")
 
     def __init__(self) -> None:
         self._pools: dict[str, _Pool] = {}
@@ -279,6 +276,7 @@ class LeaseTable:
         self._all = _IdIndex(self._leases.__contains__)
         self._by_node: dict[int, _IdIndex] = {}
         self._next_id = 1
+        self._protocol = 1  # the cluster protocol version: selects the allocation rule
         # Snapshot encoding cache (see packed_dump): chunk -> the msgpack encoding of its leases,
         # and the chunks changed since they were encoded.
         self._packed: dict[int, bytes] = {}
@@ -347,6 +345,11 @@ class LeaseTable:
 
     # --- mutators ----------------------------------------------------------------------------
 
+    def set_protocol(self, protocol: int) -> None:  # the allocation rule of that cluster protocol
+        self._protocol = protocol
+        for p in self._pools.values():
+            p.set_rule(protocol)
+
     def create_pool(self, name: str, cidr: str, ts: float) -> PoolInfo:
         if not POOL_NAME_RE.fullmatch(name):
             raise Rejection("invalid_argument", "pool name must be 1-63 of [A-Za-z0-9_.-]")
@@ -357,6 +360,7 @@ class LeaseTable:
             if other.network.version == network.version and other.network.overlaps(network):
                 raise Rejection("pool_overlap", f"{network} overlaps pool {other.name!r}")
         p = _Pool(name, network, ts, self._leases)
+        p.set_rule(self._protocol)
         if p.capacity <= 0:  # pragma: no cover - every network has at least one usable address
             raise Rejection("invalid_cidr", f"{network} has no usable address")
         self._pools[name] = p
@@ -392,11 +396,13 @@ class LeaseTable:
                 self._node_discard(old_owner, existing)
                 self._node_index(node_id).add(existing)
             return lease
+        first = p.span - p.capacity  # the lowest offset handed out
+        while p.free and p.free[0] < first:  # released before the rule changed: never again
+            heapq.heappop(p.free)
         if p.free:
             offset = heapq.heappop(p.free)
-        elif p.hwm < p.capacity:
-            offset = p.hwm
-            p.hwm += 1
+        elif (offset := max(p.hwm, first)) < p.span:
+            p.hwm = offset + 1
         else:
             raise Rejection("pool_exhausted", f"pool {pool!r} has no free address")
         lease_id = self._next_id
@@ -505,7 +511,7 @@ class LeaseTable:
             if str(p.network) != cidr_raw:
                 raise SnapshotError(f"pool {name!r}: non-canonical cidr")
             hwm = check_int(hwm_raw, "hwm")
-            if not 0 <= hwm <= p.capacity:
+            if not 0 <= hwm <= p.span:
                 raise SnapshotError(f"pool {name!r}: hwm out of range")
             p.hwm = hwm
         used: dict[str, set[int]] = {name: set() for name in table._pools}

@@ -72,6 +72,7 @@ from quorumd.node.registry.commands import (
     RevokeApiToken,
     SetClusterSecrets,
     SetDrain,
+    SetMemberAddress,
     SetProtocolVersion,
     check_bool,
     check_bytes,
@@ -115,6 +116,7 @@ SNAPSHOT_VERSION_V1 = 1
 JOIN_TOKEN_MAX_TTL_SECONDS = 86400  # bounds the expiry of a consumed id that was never recorded as minted
 JOIN_TOKEN_PRUNE_GRACE_SECONDS = 3600  # tolerance for clock differences between successive leaders
 MAX_TOKEN_NAME_CHARS = 128
+MAX_ADDRESS_CHARS = 512  # a member's raft or API address (SPEC 17)
 SECRET_HASH_BYTES = 32
 MIN_JOIN_KEY_BYTES = 16
 _DUMMY_HASH = bytes(SECRET_HASH_BYTES)
@@ -575,6 +577,8 @@ class StateMachine:
                 return None
             case SetProtocolVersion():
                 return self._set_protocol_version(cmd)
+            case SetMemberAddress():
+                return self._set_member_address(cmd)
         raise Rejection(ApplyCode.BAD_COMMAND, "unhandled command")  # pragma: no cover
 
     def _set_protocol_version(self, cmd: SetProtocolVersion) -> int:
@@ -592,6 +596,27 @@ class StateMachine:
         if new != self._cluster_protocol:
             logger.info("cluster_protocol_version_set from=%d to=%d", self._cluster_protocol, new)
             self._cluster_protocol = new
+            self._leases.set_protocol(new)  # the allocation rule follows the log (see leases.py)
+        return new
+
+    def _set_member_address(self, cmd: SetMemberAddress) -> Member:
+        """A member's addresses (SPEC 17). The proposer validated them like the config keys;
+        here only what keeps the registry sane: non-empty, bounded, printable.
+        (Audit action ``member_address_changed`` is recorded by whoever proposes this command,
+        in the same entry, once the audit trail exists: see node/cluster/addresses.py.)"""
+        m = self._need_member(cmd.node_id)
+        for name, value in (("raft_address", cmd.raft_address), ("api_address", cmd.api_address)):
+            if not value or len(value) > MAX_ADDRESS_CHARS or not value.isprintable() or " " in value:
+                limit = MAX_ADDRESS_CHARS
+                raise Rejection(ApplyCode.INVALID_ARGUMENT, f"{name} must be 1-{limit} printable characters")
+        if m.raft_address == cmd.raft_address and m.api_address == cmd.api_address:
+            return m
+        new = replace(m, raft_address=cmd.raft_address, api_address=cmd.api_address)
+        self._members[m.node_id] = new
+        logger.info(
+            "member_address_changed node_id=%d raft_address=%s api_address=%s",
+            m.node_id, new.raft_address, new.api_address,
+        )  # fmt: skip
         return new
 
     def _need_member(self, node_id: int) -> Member:
@@ -793,6 +818,7 @@ def _load_snapshot(data: bytes) -> StateMachine:
     # leases of every node id (they count again for a node of that id that joins). Removing a
     # member still purges its leases.
     sm._leases = LeaseTable.load(leases_raw)
+    sm._leases.set_protocol(sm._cluster_protocol)
     return sm
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from quorumd.api.errors import Conflict, LeaderTimeout, LeaderUnavailable, LeaderUnreachable, NotFound
 from quorumd.api.extensions import BackupArchive
 from quorumd.api.ports import DrainState, ForwardedRequest, ForwardedResponse, Principal, TokenRole
+from quorumd.node.cluster.addresses import validate_addresses
 from quorumd.node.cluster.service import rejection_error
 from quorumd.node.registry import apitoken, jointoken
 from quorumd.node.registry.autopilot import (
@@ -48,6 +49,7 @@ from quorumd.node.registry.commands import (
     RevokeApiToken,
     SetClusterSecrets,
     SetDrain,
+    SetMemberAddress,
     encode_command,
 )
 from quorumd.node.registry.context import MemberContext, encode_member_context
@@ -396,6 +398,18 @@ class FakeNode:
         await self._enter()
         self._member(node_id)
         self.cluster.set_drain(node_id, DrainState.ACTIVE)
+
+    async def set_member_address(
+        self, node_id: int, *, raft_address: str | None, api_address: str | None
+    ) -> dict[str, Any]:
+        await self._enter()
+        self._member(node_id)
+        raft, api = validate_addresses(raft_address, api_address)  # as the node does
+        c = self.cluster
+        cur = c.sm.member(node_id)
+        assert cur is not None
+        c.run(SetMemberAddress(c.stamp(), node_id, raft or cur.raft_address, api or cur.api_address))
+        return next(x for x in self.members() if x["nodeId"] == node_id)
 
     async def mint_join_token(self, node_id: int, ttl_seconds: int | None) -> dict[str, Any]:
         await self._enter()

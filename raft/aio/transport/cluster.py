@@ -18,7 +18,7 @@ from .framing import split_host_port
 from .identity import _load_own_identity
 from .join import JoinHandler, JoinServer
 from .listener import Listener
-from .peers import Peers
+from .peers import Peers, Resolver
 from .raft_channel import RaftChannel
 from .rpc import RpcChannel, RpcHandler
 from .stats import TransportStats
@@ -48,6 +48,7 @@ class ClusterTransport:
         raft_queue_bytes: int = 64 * 1024 * 1024,
         backoff_min_seconds: float = 0.05,
         backoff_max_seconds: float = 2.0,
+        resolver: Resolver | None = None,
     ) -> None:
         self.node_id = node_id
         self.cluster_id = cluster_id
@@ -63,6 +64,7 @@ class ClusterTransport:
         self.fingerprint = peers.fingerprint
         server_ctx = _server_context(cert_pem, key_pem)
         peers.set_maps(pins, addresses)
+        peers.resolver = resolver  # None: look names up at every dial (see Peers.resolve)
         self._peers = peers
         self._raft = RaftChannel(
             peers,
@@ -198,3 +200,8 @@ class ClusterTransport:
     async def rpc(self, node_id: int, method: str, payload: bytes, timeout: float) -> bytes:
         """Call ``method`` on member ``node_id``: RpcUnreachable, RpcTimeout or RpcRemoteError."""
         return await self._rpc.call(node_id, method, payload, timeout)
+
+    async def rpc_at(self, address: str, method: str, payload: bytes, timeout: float) -> tuple[int, bytes]:
+        """Call ``method`` on whichever pinned member answers at ``address``: (its node id,
+        answer). For a member whose address this node does not know yet (SPEC 17)."""
+        return await self._rpc.call_at(address, method, payload, timeout)

@@ -5,7 +5,10 @@ authenticated connections of each member (both directions), the pin check of a p
 certificate, refusals (``peer_refused``, logged and counted), and dialing a member: TLS, the pin
 and identity check of the proven server certificate, then the in-band proof (``tls``). It also
 holds what every channel needs to end cleanly: the event loop, the closing flag, every task and
-every live connection, so that ``ClusterTransport.close`` can stop them all.
+every live connection, so that ``ClusterTransport.close`` can stop them all. A member's address
+may be a DNS name: it is resolved at every dial, never cached beyond one connection, and each
+address it resolves to is tried in turn (``resolve``, SPEC 17). ``dial_address`` also dials an
+address whose member is not known yet: the proven certificate says which pinned member it is.
 
 Contexts never hold pins, so a pin change rebuilds nothing: ``ClusterTransport.update_pins``
 swaps the maps here and closes every live connection (both directions) of a member whose pin was
@@ -16,9 +19,11 @@ every frame is also checked against the current pin before delivery (``still_pin
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 import ssl
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -33,6 +38,12 @@ from .tls import ALPN_RAFT, ALPN_RPC, _client_context, _client_prove, _tls_facts
 log = logging.getLogger(__name__)
 
 UNPIN_GRACE_SECONDS = 2.0  # an unpinned member's in-flight requests may still be answered this long
+
+Resolver = Callable[[str, int], Awaitable[Sequence[str]]]  # (host, port) -> IP addresses to try
+
+
+def _factory(conn: _Conn) -> Callable[[], _Conn]:
+    return lambda: conn
 
 
 class Peers:
@@ -66,6 +77,7 @@ class Peers:
         self.member_conns: dict[int, set[_Conn]] = {}
         self.on_admitted: Callable[[int], None] | None = None  # a member's connection authenticated
         self.on_raft_peer_lost: Callable[[int], None] | None = None
+        self.resolver: Resolver | None = None  # None: the event loop's getaddrinfo (see resolve)
 
     def set_maps(self, pins: Mapping[int, str], addresses: Mapping[int, str]) -> None:
         for nid, fp in pins.items():
@@ -181,30 +193,75 @@ class Peers:
         return self.pins.get(conn.node_id) == conn.fingerprint
 
     # --- outbound --------------------------------------------------------------------------
+    async def resolve(self, host: str, port: int) -> list[str]:
+        """The IP addresses to try for ``host``, looked up now: a DNS name (an advertise address
+        may be one) is resolved at every dial and never cached beyond one connection, so an IP
+        change behind the name needs nothing (SPEC 17). ``resolver`` replaces the lookup (tests)."""
+        if self.resolver is not None:
+            return list(await self.resolver(host, port))
+        try:
+            ipaddress.ip_address(host)
+            return [host]
+        except ValueError:
+            pass
+        assert self.loop is not None
+        infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+    async def _connect(self, conn: _Conn, host: str, port: int, alpn: str) -> _Conn:
+        """TCP and TLS to the first of ``host``'s addresses that accepts (a fresh ``_Conn`` per
+        attempt); the caller's timeout bounds the whole."""
+        assert self.loop is not None
+        addresses = await self.resolve(host, port)
+        if not addresses:
+            raise OSError(f"{host} resolved to no address")
+        for i, ip in enumerate(addresses):
+            attempt = conn if i == 0 else _Conn(self.loop, self.stats, alpn)
+            attempt.node_id, attempt.peer = conn.node_id, conn.peer
+            try:
+                await self.loop.create_connection(
+                    _factory(attempt),
+                    ip,
+                    port,
+                    ssl=self._client_ctx[alpn],
+                    ssl_handshake_timeout=self._connect_timeout,
+                )
+            except ssl.SSLError:
+                raise
+            except OSError:
+                if i == len(addresses) - 1:
+                    raise
+                continue
+            if ip != host:
+                log.debug("peer_resolved node=%d host=%s address=%s", conn.node_id, host, ip)
+            return attempt
+        raise OSError(f"no address of {host} accepted")  # pragma: no cover - the loop returns or raises
+
     async def dial(self, node_id: int, alpn: str) -> _Conn:
         """An authenticated connection to a pinned member; _DialError otherwise."""
-        assert self.loop is not None
         address, expected = self.addresses.get(node_id), self.pins.get(node_id)
         if address is None or expected is None or self.closing:
             raise _DialError("not a pinned member")
+        return await self.dial_address(address, alpn, node_id)
+
+    async def dial_address(self, address: str, alpn: str, node_id: int | None) -> _Conn:
+        """An authenticated connection to the member at ``address``: ``node_id``, or (None) any
+        pinned member, which its proven certificate names (``conn.node_id``); _DialError otherwise."""
+        assert self.loop is not None
+        if self.closing:
+            raise _DialError("closing")
         try:
             host, port = split_host_port(address)
         except ValueError as exc:
             raise _DialError(str(exc)) from exc
         conn = _Conn(self.loop, self.stats, alpn)
-        conn.node_id = node_id
+        conn.node_id = node_id or 0
         conn.peer = address
         self.stats.connections_dialed += 1
         try:
             async with asyncio.timeout(self._connect_timeout):
                 try:
-                    await self.loop.create_connection(
-                        lambda: conn,
-                        host,
-                        port,
-                        ssl=self._client_ctx[alpn],
-                        ssl_handshake_timeout=self._connect_timeout,
-                    )
+                    conn = await self._connect(conn, host, port, alpn)
                 except ssl.SSLError as exc:
                     self.refuse("handshake", conn, detail=str(exc.reason or type(exc).__name__))
                     raise _DialError(f"TLS handshake failed: {exc.reason}") from exc
@@ -213,10 +270,11 @@ class Peers:
                 if selected != alpn:
                     self.refuse("alpn", conn)
                     raise _DialError("peer did not select the channel")
-                _, fp, reason = self.check_member(der, node_id)
+                nid, fp, reason = self.check_member(der, node_id)
                 if reason is not None:
                     self.refuse(reason, conn, fp)
                     raise _DialError(f"peer refused: {reason}")
+                conn.node_id = nid
                 await _client_prove(conn, alpn, fp, self._cert_der, self._key)
         except TimeoutError as exc:
             conn.abort()
@@ -224,9 +282,9 @@ class Peers:
         except OSError as exc:
             conn.abort()
             raise _DialError(f"{type(exc).__name__}: {exc}") from exc
-        if self.closing or self.pins.get(node_id) != expected:
+        if self.closing or self.pins.get(nid) != fp:
             conn.abort()
             raise _DialError("unpinned while dialing")
-        self.admit(conn, node_id, fp)
-        log.debug("peer_connected direction=out channel=%s node=%d", alpn, node_id)
+        self.admit(conn, nid, fp)
+        log.debug("peer_connected direction=out channel=%s node=%d", alpn, nid)
         return conn

@@ -101,10 +101,15 @@ class RaftChannel:
             peer.conn.abort()
 
     def abort_connection(self, node_id: int) -> None:
-        """Drop the outgoing connection to ``node_id`` (its address changed): dialed again."""
+        """Drop the outgoing connection to ``node_id`` (its address changed): dialed again at
+        once, also when the writer is backing off after failed dials to the old address."""
         peer = self.outgoing.get(node_id)
-        if peer is not None and peer.conn is not None:
+        if peer is None:
+            return
+        if peer.conn is not None:
             peer.conn.abort()
+        peer.redial.set()
+        peer.wakeup.set()
 
     # --- inbound ---------------------------------------------------------------------------
     def on_inbound(self, conn: _Conn, frame: bytes) -> None:

@@ -116,6 +116,40 @@ class RpcChannel:
             peers.stats.rpc_failures += 1
             raise
 
+    async def call_at(self, address: str, method: str, payload: bytes, timeout: float) -> tuple[int, bytes]:
+        """Call ``method`` on whichever pinned member answers at ``address`` (its certificate
+        names it) over a connection of its own, closed after the answer: (node id, answer).
+        For finding members whose address this node does not know (SPEC 17). RpcUnreachable,
+        RpcTimeout or RpcRemoteError."""
+        peers = self._peers
+        if peers.loop is None:
+            raise RpcUnreachable("cluster transport not started")
+        peers.stats.rpc_calls += 1
+        conn: _Conn | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    conn = await peers.dial_address(address, ALPN_RPC, None)
+                except _DialError as exc:
+                    raise RpcUnreachable(f"{address}: {exc}") from None
+                conn.use_handler(self._on_response)
+                self._next_request_id += 1
+                request_id = self._next_request_id
+                fut: asyncio.Future[bytes] = peers.loop.create_future()
+                conn.rpc_pending[request_id] = fut
+                if not conn.write_frames([packb([FrameKind.RPC_REQUEST, request_id, method, payload])]):
+                    raise RpcUnreachable(f"connection to {address} lost")
+                return conn.node_id, await fut
+        except TimeoutError:
+            peers.stats.rpc_failures += 1
+            raise RpcTimeout(f"{address} did not answer {method} within {timeout:g}s") from None
+        except RpcError:
+            peers.stats.rpc_failures += 1
+            raise
+        finally:
+            if conn is not None:
+                conn.close()
+
     def _arm_sweep(self) -> None:
         assert self._peers.loop is not None
         self._sweep_handle = self._peers.loop.call_later(RPC_SWEEP_SECONDS, self._sweep_deadlines)
