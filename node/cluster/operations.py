@@ -12,19 +12,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from quorumd.api.errors import ApiError
-from quorumd.api.ports import DrainState
+from quorumd.api.ports import DrainState, TokenRole
 from quorumd.node.cluster import pki
 from quorumd.node.cluster.service import ClusterService, pack, unpack
 from quorumd.node.effects.bgp import BgpSpeaker
 from quorumd.node.effects.ran import RanNotifier
-from quorumd.node.registry import jointoken
+from quorumd.node.registry import apitoken, jointoken
 from quorumd.node.registry.autopilot import Autopilot, AutopilotSettings, AutopilotView, ServerInput
-from quorumd.node.registry.commands import AllocateLease, ReleaseLease, SetDrain, decode_member_context
+from quorumd.node.registry.commands import (
+    AllocateLease,
+    CreateApiToken,
+    ReleaseLease,
+    RevokeApiToken,
+    SetDrain,
+    decode_member_context,
+)
 from quorumd.node.registry.leases import Lease
 from quorumd.node.registry.state import ApplyResult
 from quorumd.raft.core.node import RaftCore
@@ -52,6 +60,7 @@ class ClusterNode(ClusterService):
         self.bgp_enabled = bgp_enabled
         self.ran = ran
         self.election_timeout = election_timeout_seconds
+        self.live_contact_seconds = election_timeout_seconds
         self._autopilot: Autopilot | None = None
         self._last_view: AutopilotView | None = None
         self._drain_effects_done = False  # RAN signalled and speaker stopped for the current drain
@@ -253,22 +262,30 @@ class ClusterNode(ClusterService):
             new_leader = await self.hand_off_leadership()
             if new_leader == 0:
                 raise ApiError(409, "last_voter", "no other healthy voter can take over leadership")
-            await self.call_member(new_leader, "member.remove", pack([node_id]), self.propose_timeout)
+            try:
+                await self.call_member(new_leader, "member.remove", pack([node_id]), self.propose_timeout)
+            except ApiError as exc:
+                # The answer can be lost although the removal happened (the new leader applied it
+                # and this node's connections closed): settle the outcome from the replicated log.
+                if exc.status not in (502, 504) or not await self._removal_applied(node_id):
+                    raise
             return
         res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, node_id))
         if not res.ok:
             raise ApiError(409, res.error or "conflict", res.message)
         log.info("member_removed node_id=%d force=%s", node_id, force)
 
-    async def rpc_member_remove(self, from_id: int, payload: bytes) -> bytes:
-        (node_id,) = unpack(payload)
-        if not self.is_leader():
-            raise ApiError(503, "no_leader", "not the leader")
-        res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, int(node_id)))
-        if not res.ok:
-            raise ApiError(409, res.error or "conflict", res.message)
-        log.info("member_removed node_id=%d by_request_of=%d", node_id, from_id)
-        return pack(True)
+    async def _removal_applied(self, node_id: int) -> bool:
+        """Whether the removal of ``node_id`` (this node, after handing leadership over) is known
+        committed here: when the new leader's commit index reached this replica before it dropped
+        this node. The new leader keeps this node's pin until its answer is written
+        (``ClusterService.pin_kept``), so this is the fallback, not the rule; False: the error
+        stands."""
+        ok = await self.wait_state(
+            lambda: not self.sm.has_member(node_id), max(self.election_timeout * 2, 1.0)
+        )
+        log.info("member_remove_answer_lost node_id=%d removed=%s", node_id, ok)
+        return ok
 
     async def promote_member(self, node_id: int) -> None:
         self._need_member(node_id)
@@ -349,6 +366,69 @@ class ClusterNode(ClusterService):
         if m.drain_state != DrainState.ACTIVE:
             await self.propose(SetDrain(time.time(), node_id, DrainState.ACTIVE, None))
             log.info("member_resumed node_id=%d", node_id)
+
+    # --- API tokens: visible on every live member once the call answers ----------------
+    async def create_token(self, name: str, role: TokenRole, ttl_seconds: int | None) -> dict[str, Any]:
+        token_id = apitoken.token_id_from_bytes(secrets.token_bytes(6))
+        secret = secrets.token_bytes(32)
+        now = time.time()
+        expires = int(now + ttl_seconds) if ttl_seconds else None
+        res = await self.propose(
+            CreateApiToken(now, token_id, name, role, apitoken.hash_secret(secret), expires)
+        )
+        await self.applied_on_every_live_member(res.index, "token_create")
+        tok = self.sm.api_token(token_id)
+        return {
+            "id": token_id,
+            "name": tok.name if tok is not None else name,
+            "role": str(role),
+            "token": apitoken.format_api_token(token_id, secret),
+            "expiresAt": expires,
+        }
+
+    async def revoke_token(self, token_id: str) -> None:
+        res = await self.propose(RevokeApiToken(time.time(), token_id))
+        await self.applied_on_every_live_member(res.index, "token_revoke")
+
+    async def applied_on_every_live_member(self, index: int, what: str) -> list[int]:
+        """Wait until every live member has applied ``index`` (this leader has): a token change
+        then holds on every node that serves the API once the call answers (SPEC 5: revocation is
+        immediate cluster-wide; a new token works everywhere at once).
+
+        Live: every other member the leader heard from within ``live_contact_seconds`` (an
+        election timeout). Each is asked over ``node.wait_applied``; one that does not confirm
+        within the propose timeout is treated as down (logged at WARNING, returned): a member that
+        is down cannot serve the token, and it applies the change before it serves again (a
+        restarted node replays its log before its API listens). Returns the unconfirmed ids."""
+        if self.driver is None or self._rpc is None or not self._cluster_enabled or not self.is_leader():
+            return []
+        me = self.identity.node_id
+        limit_ticks = self.live_contact_seconds / self.tick_seconds
+        live = [
+            p.node_id
+            for p in self.d.core.status().peers
+            if p.node_id != me and p.last_contact_ticks <= limit_ticks
+        ]
+        if not live:
+            return []
+        self.d.flush_commit_broadcast()  # they learn the commit index now, not after the delay
+        timeout = self.propose_timeout
+        rpc = self._rpc
+        answers = await asyncio.gather(
+            *(rpc(nid, "node.wait_applied", pack([index, timeout]), timeout + 0.5) for nid in live),
+            return_exceptions=True,
+        )
+        missing = []
+        for nid, answer in zip(live, answers, strict=True):
+            if isinstance(answer, BaseException):
+                if isinstance(answer, asyncio.CancelledError):
+                    raise answer
+                missing.append(nid)
+            elif not isinstance(answer, bytes) or int(unpack(answer)) < index:
+                missing.append(nid)
+        for nid in missing:
+            log.warning("change_unconfirmed what=%s node=%d index=%d (treated as down)", what, nid, index)
+        return missing
 
     # --- autopilot ---------------------------------------------------------------------------
     def evaluate_autopilot(self) -> AutopilotView:
@@ -454,14 +534,12 @@ class ClusterNode(ClusterService):
                 return pack({"ok": False, "reason": "no_leader", "message": exc.message})
         return await self._join_as_leader(token, node_id, ctx_bytes, client_cert_der)
 
-    async def rpc_join_forward(self, from_id: int, payload: bytes) -> bytes:
-        inner, der = unpack(payload)
+    async def join_forwarded(self, from_id: int, token: str, node_id: int, ctx: bytes, der: bytes) -> bytes:
+        """A join request relayed by member ``from_id`` (``join.forward``, node/cluster/rpcs.py)."""
         if not self.is_leader():
             return pack({"ok": False, "reason": "no_leader", "message": "not the leader"})
-        req = unpack(bytes(inner))
-        return await self._join_as_leader(
-            str(req["token"]), int(req["node_id"]), bytes(req["context"]), bytes(der)
-        )
+        log.info("join_relayed node_id=%d via=%d", node_id, from_id)
+        return await self._join_as_leader(token, node_id, ctx, der)
 
     def _join_refused(self, reason: str, message: str) -> bytes:
         log.warning("join_refused reason=%s detail=%s", reason, message)

@@ -25,10 +25,11 @@ from typing import Any
 
 from quorumd.api.app import build_app
 from quorumd.api.errors import ApiError
-from quorumd.api.ports import DrainState, ForwardedRequest
+from quorumd.api.ports import DrainState
 from quorumd.api.server import ApiServer
 from quorumd.node.cluster import pki
 from quorumd.node.cluster.operations import ClusterNode
+from quorumd.node.cluster.rpcs import register_internal_rpcs
 from quorumd.node.cluster.service import Identity, pack, unpack
 from quorumd.node.config.schema import Config
 from quorumd.node.daemon.datadir import (
@@ -102,6 +103,8 @@ class Daemon:
         self.cluster_port = 0
         self._bootstrap_pins: dict[int, str] = {}
         self._bootstrap_addrs: dict[int, str] = {}
+        self._last_pins: dict[int, str] = {}
+        self._last_addrs: dict[int, str] = {}
         self._founder = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._transport_seen: dict[str, int] = {}
@@ -250,6 +253,7 @@ class Daemon:
         self.driver = driver
         node.driver = driver
         node.add_apply_listener(self._after_apply)
+        node.on_pins_changed = self._update_pins
         self._update_pins()
 
         if transport is not None:
@@ -453,8 +457,14 @@ class Daemon:
             for nid, fp in self._bootstrap_pins.items():
                 pins.setdefault(nid, fp)
                 addrs.setdefault(nid, self._bootstrap_addrs[nid])
+        for nid in self.node.pins_kept:  # answering a removed member (ClusterService.pin_kept)
+            if nid not in pins and nid in self._last_pins:
+                pins[nid] = self._last_pins[nid]
+                if nid in self._last_addrs:
+                    addrs.setdefault(nid, self._last_addrs[nid])
         pins.pop(self.cfg.node_id, None)
         addrs.pop(self.cfg.node_id, None)
+        self._last_pins, self._last_addrs = dict(pins), dict(addrs)
         self.transport.update_pins(pins, addrs)
 
     def _on_snapshot(self, _index: int) -> None:
@@ -573,38 +583,15 @@ class Daemon:
             seen["malformed"] = stats.malformed_frames
 
     def _register_rpcs(self, transport: ClusterTransport, node: ClusterNode) -> None:
-        async def api_forward(from_id: int, payload: bytes) -> bytes:
-            method, path, query, body, token, hops = unpack(payload)
-            req = ForwardedRequest(
-                str(method),
-                str(path),
-                tuple((str(k), str(v)) for k, v in query) if query else (),
-                bytes(body),
-                str(token),
-                int(hops),
-            )
-            resp = await self.app.dispatch_forwarded(req)
+        """Who may call what: see node/cluster/rpcs.py."""
+
+        def flush() -> None:
             if self.driver is not None:
-                # The caller waits until its replica has applied resp.applied_index: tell it the
-                # commit index now instead of after the lazy-broadcast delay.
                 self.driver.flush_commit_broadcast()
-            headers = [list(h) for h in resp.headers] if resp.headers else []
-            return pack([resp.status, resp.body, headers, resp.applied_index])
 
-        def wrap(fn: Any) -> Any:
-            async def handler(from_id: int, payload: bytes) -> bytes:
-                try:
-                    return await fn(from_id, payload)  # type: ignore[no-any-return]
-                except ApiError as exc:
-                    raise RuntimeError(f"{exc.code}: {exc.message}") from exc
-
-            return handler
-
-        transport.register_rpc("api.forward", api_forward)
-        transport.register_rpc("node.propose", wrap(node.rpc_node_propose))
-        transport.register_rpc("member.remove", wrap(node.rpc_member_remove))
-        transport.register_rpc("join.forward", node.rpc_join_forward)
-        transport.register_join_handler(node.handle_join)
+        register_internal_rpcs(
+            transport, node, lambda req, source: self.app.dispatch_forwarded(req, source=source), flush
+        )
 
     # --- shutdown ------------------------------------------------------------------------------
     async def _graceful_stop(self) -> None:
