@@ -301,6 +301,12 @@ class Metrics:
         self.raft_snapshots = Counter(
             "quorumd_raft_snapshots_total", "Snapshots taken or installed.", registry=r
         )
+        self.storage_retries = Counter(
+            "quorumd_raft_storage_retries_total",
+            "Storage writes and snapshot saves retried because the process was out of file descriptors.",
+            ["what"],
+            registry=r,
+        )
 
         # --- autopilot (custom collector, leader only) ----------------------------------------------
         self._autopilot = _AutopilotCollector()
@@ -455,6 +461,9 @@ class Metrics:
 
     def count_snapshot(self) -> None:
         self.raft_snapshots.inc()
+
+    def count_storage_retry(self, what: str) -> None:
+        self.storage_retries.labels(what=what).inc()
 
     def set_peer(self, node_id: int, lag_entries: int, last_contact_seconds: float) -> None:
         """Leader view of one peer's replication."""

@@ -248,6 +248,7 @@ class Daemon:
                 on_commit_latency=self.metrics.observe_commit,
                 on_snapshot=self._on_snapshot,
                 on_bad_message=lambda _p, _r: self.metrics.count_bad_message(),
+                on_storage_retry=self.metrics.count_storage_retry,
             ),
         )
         self.driver = driver
