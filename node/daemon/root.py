@@ -34,6 +34,7 @@ from quorumd.node.cluster.service import Identity, pack, unpack
 from quorumd.node.config.schema import Config
 from quorumd.node.daemon.datadir import (
     FatalError,
+    disk_full_message,
     ensure_data_dir,
     load_identity_files,
     read_node_file,
@@ -110,6 +111,7 @@ class Daemon:
         self._transport_seen: dict[str, int] = {}
         self.gc = GcPolicy()
         self.exit_code = 0
+        self.fatal_message: str | None = None  # said once more by ``quorumd run`` on stderr
 
     # --- startup -----------------------------------------------------------------------------
     async def run(self) -> int:
@@ -120,6 +122,8 @@ class Daemon:
             self.notifier.notify("STOPPING=1")
             await self._graceful_stop()
         log.info("shutdown_done node=%d exit_code=%d", self.cfg.node_id, self.exit_code)
+        if self.fatal_message is not None:
+            raise FatalError(self.fatal_message)
         return self.exit_code
 
     async def _start(self, stack: AsyncExitStack) -> None:
@@ -265,7 +269,7 @@ class Daemon:
         self.gc.settled()  # the replicated state is loaded: freeze it (see node/daemon/gcpolicy.py)
         core.fast_forward_election()
         driver.start().add_done_callback(self._on_driver_exit)
-        stack.push_async_callback(self._bounded, driver.close(), 5.0)
+        stack.push_async_callback(self._close_driver, driver)
 
         if claims is not None:
             await self._join(claims, node, transport)
@@ -438,9 +442,23 @@ class Daemon:
         exc = task.exception()
         if exc is None:  # closed by the unwinding of a failed startup: that error is what matters
             return
-        log.critical("raft_driver_died error=%r", exc)
+        full = disk_full_message(exc)
+        if full is not None:
+            log.critical("disk_full %s", full)
+            self.fatal_message = full
+        else:
+            log.critical("raft_driver_died error=%r", exc)
         self.exit_code = 1
         self.stop_event.set()
+
+    async def _close_driver(self, driver: RaftDriver) -> None:
+        """Stop the driver; its own death was reported by ``_on_driver_exit``, not raised again."""
+        try:
+            await self._bounded(driver.close(), 5.0)
+        except Exception as exc:
+            if self.exit_code == 0:
+                raise
+            log.debug("driver_close error=%r", exc)
 
     # --- runtime hooks --------------------------------------------------------------------------
     def _on_raft_frame(self, from_id: int, frame: bytes) -> None:

@@ -8,13 +8,10 @@ leadership transfers. One task (``run``) does everything in order:
     while core.has_ready(): persist (one fsync for the batch) -> send -> apply -> advance
 
 Everything that arrives while an fsync is in flight is batched into the next round, which gives
-group commit for free. A storage call refused for lack of file descriptors
-(``StorageTransientError``: the process hit its fd limit) is retried with a backoff capped at
-``STORAGE_RETRY_MAX_SECONDS``, logged and counted (``storage_retries``, ``on_storage_retry``),
-never fatal: the loop keeps serving meanwhile, so connections can close and free descriptors.
-A leader sends its appends before its own fsync (thesis 10.2.1; the core
+group commit for free. A leader sends its appends before its own fsync (thesis 10.2.1; the core
 only counts the leader's entries once they are durable). Anything that needs a new term or vote
-on disk is persisted before its messages leave.
+on disk is persisted before its messages leave. Storage calls refused for lack of file
+descriptors are retried, never fatal (``quorumd.raft.aio.fdretry``).
 """
 
 from __future__ import annotations
@@ -43,7 +40,7 @@ from ..core.types import (
     Snapshot,
     SnapshotMeta,
 )
-from .storage import StorageTransientError
+from .fdretry import StorageRetries
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +50,6 @@ _INLINE_MAX_BYTES = 1 << 20
 # ... and only while this disk's fsyncs are fast (moving average): on a slow disk the loop would
 # stall for every write, and the hand-off is then a small share of the wait.
 _INLINE_MAX_FSYNC_SECONDS = 0.001
-
-STORAGE_RETRY_MIN_SECONDS = 0.01
-STORAGE_RETRY_MAX_SECONDS = 1.0
 
 _TIMER_SLACK_SECONDS = 0.002  # a tick timer may fire up to ~1 ms before its deadline (libuv)
 
@@ -156,7 +150,8 @@ class RaftDriver:
         self._snapshot_index = core.status().snapshot_index
         self._snapshotting = False
         self._resume_sync = False  # a transient failure hit the sync of a buffered batch
-        self.storage_retries = 0
+        self._retries = StorageRetries(self.hooks)  # counts through hooks.on_storage_retry
+        self._snapshot_save: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         # CoreConfig.lazy_commit_broadcast: how long a commit advance may wait for an append to
         # carry it before it is sent on its own.
@@ -176,6 +171,8 @@ class RaftDriver:
                 await asyncio.wait_for(asyncio.shield(self._task), 5.0)
             except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
+        if self._snapshot_save is not None and not self._snapshot_save.done():
+            self._snapshot_save.cancel()  # only ever waiting to retry here: nothing half-done
         self._fail_all(DriverClosedError("raft driver stopped"))
         self._executor.shutdown(wait=True)
 
@@ -467,37 +464,23 @@ class RaftDriver:
             return False
         return sum(len(e.data) for e in rd.entries) <= _INLINE_MAX_BYTES
 
-    async def _persist_retrying(self, rd: Ready, hs: HardState | None) -> float | None:
-        """``_persist``, retried while the storage reports a transient failure (module doc)."""
-        loop = asyncio.get_running_loop()
-        delay = STORAGE_RETRY_MIN_SECONDS
-        attempt = 0
-        while True:
-            try:
-                if attempt == 0 and self._persist_inline(rd):
-                    return self._persist(rd, hs)
-                return await loop.run_in_executor(self._executor, self._persist, rd, hs)
-            except StorageTransientError as exc:
-                if self._closed:
-                    raise
-                attempt += 1
-                self._count_storage_retry("write", attempt, delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, STORAGE_RETRY_MAX_SECONDS)
+    @property
+    def storage_retries(self) -> int:
+        return self._retries.count
 
-    def _count_storage_retry(self, what: str, attempt: int, delay: float, exc: Exception) -> None:
-        self.storage_retries += 1
-        if self.hooks.on_storage_retry:
-            self.hooks.on_storage_retry(what)
-        if attempt & (attempt - 1) == 0:  # attempts 1, 2, 4, 8, ...: bounded log volume
-            log.warning(
-                "raft_storage_retry what=%s attempt=%d delay_seconds=%.2f error=%s", what, attempt, delay, exc
-            )
+    async def _persist_retrying(self, rd: Ready, hs: HardState | None) -> float | None:
+        loop = asyncio.get_running_loop()
+
+        async def attempt(n: int) -> float | None:
+            if n == 0 and self._persist_inline(rd):
+                return self._persist(rd, hs)
+            return await loop.run_in_executor(self._executor, self._persist, rd, hs)
+
+        return await self._retries.run("write", attempt, lambda: self._closed)
 
     def _persist(self, rd: Ready, hs: HardState | None) -> float | None:
         st = self._storage
-        if not self._resume_sync:
-            # StorageTransientError from here on: nothing of this batch was stored, retry it all
+        if not self._resume_sync:  # (a transient failure in here stored nothing: retry it all)
             if rd.snapshot is not None:
                 st.install_snapshot(rd.snapshot)
             if rd.entries:
@@ -591,42 +574,26 @@ class RaftDriver:
             assert snap is not None
             self._snapshot_index = index
             first = core.status().first_index
-            self._submit_snapshot_save(snap, first - 1, STORAGE_RETRY_MIN_SECONDS, 0)
+            self._snapshot_save = asyncio.get_running_loop().create_task(self._save_snapshot(snap, first - 1))
 
-    def _submit_snapshot_save(self, snap: Snapshot, compact_upto: int, delay: float, attempt: int) -> None:
-        if self._closed:
-            self._snapshotting = False
-            return
-        fut = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._save_snapshot, snap, compact_upto
-        )
-        fut.add_done_callback(lambda f: self._snapshot_saved(f, snap, compact_upto, delay, attempt))
+    async def _save_snapshot(self, snap: Snapshot, compact_upto: int) -> None:
+        """Store the snapshot on the storage thread; a transient failure stored nothing and is
+        retried (``_snapshotting`` stays set meanwhile: no other snapshot starts)."""
+        loop = asyncio.get_running_loop()
 
-    def _save_snapshot(self, snap: Snapshot, compact_upto: int) -> None:
-        self._storage.save_snapshot(snap)
-        self._storage.compact(compact_upto)
+        def save() -> None:
+            self._storage.save_snapshot(snap)
+            self._storage.compact(compact_upto)
 
-    def _snapshot_saved(
-        self, fut: asyncio.Future[None], snap: Snapshot, compact_upto: int, delay: float, attempt: int
-    ) -> None:
-        exc = None if fut.cancelled() else fut.exception()
-        if isinstance(exc, StorageTransientError) and not self._closed:
-            # Out of file descriptors: nothing was stored; save the same snapshot again later
-            # (``_snapshotting`` stays set, so no other snapshot starts meanwhile).
-            self._count_storage_retry("snapshot", attempt + 1, delay, exc)
-            asyncio.get_running_loop().call_later(
-                delay,
-                self._submit_snapshot_save,
-                snap,
-                compact_upto,
-                min(delay * 2, STORAGE_RETRY_MAX_SECONDS),
-                attempt + 1,
+        try:
+            await self._retries.run(
+                "snapshot", lambda _n: loop.run_in_executor(self._executor, save), lambda: self._closed
             )
-            return
-        self._snapshotting = False
-        if exc is not None:
+        except Exception as exc:
             log.error("raft_snapshot_failed error=%s", exc)
             return
+        finally:
+            self._snapshotting = False
         log.info("raft_snapshot_saved index=%d", self._snapshot_index)
         if self.hooks.on_snapshot:
             self.hooks.on_snapshot(self._snapshot_index)
