@@ -108,6 +108,7 @@ class RogueMember:
     cluster_id: str
     join_token: str
     listen_port: int
+    host: str = "127.0.0.1"  # the address it listens on and advertises
     ident: pki.NodeIdentity = field(init=False)
     transport: ClusterTransport | None = None
     members: dict[int, str] = field(default_factory=dict)  # node id -> raft address
@@ -115,10 +116,10 @@ class RogueMember:
     async def start(self, seed_addresses: list[str]) -> None:
         claims = jointoken.parse_join_token(self.join_token)
         self.ident = pki.generate_node_identity(self.node_id, self.cluster_id)
-        address = f"127.0.0.1:{self.listen_port}"
+        address = f"{self.host}:{self.listen_port}"
         ctx = MemberContext(
             raft_address=address,
-            api_address=f"https://127.0.0.1:{self.listen_port}",
+            api_address=f"https://{self.host}:{self.listen_port}",
             binary_version="rogue",
             cert_fingerprint=self.ident.fingerprint,
             cert_pem=self.ident.cert_pem.decode(),

@@ -195,3 +195,15 @@ def test_converged_fails_on_two_leaders() -> None:
     views[3].status = {**_status(4, leader=4)}
     v = check_converged(views, _autopilot(), 5)
     assert any("leader" in x.message for x in v)
+
+
+def test_no_unauthorized_membership_change_checker() -> None:
+    from tests.chaos.checkers import check_no_unauthorized_membership_change
+
+    same = [(1, "voter", "active", "a", "b"), (2, "voter", "active", "c", "d")]
+    gone = [(1, "voter", "active", "a", "b")]
+    drained = [(1, "voter", "active", "a", "b"), (2, "voter", "drained", "c", "d")]
+    assert check_no_unauthorized_membership_change([("rogue 41", same, list(same))]) == []
+    for after in (gone, drained, None):
+        (v,) = check_no_unauthorized_membership_change([("rogue 41", same, after)])
+        assert v.checker == "unauthorized_membership" and "rogue 41" in v.message

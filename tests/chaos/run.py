@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.chaos.checkers import NodeView, Violation, check_converged, check_durable, check_exclusive
+from tests.chaos.checkers import (
+    NodeView,
+    Violation,
+    check_converged,
+    check_durable,
+    check_exclusive,
+    check_no_unauthorized_membership_change,
+)
 from tests.chaos.history import History, LeaseObs
 from tests.chaos.linearizability import LinearizabilityReport, check_history
 from tests.chaos.nemesis import FAULTS, Nemesis
@@ -129,6 +136,7 @@ def run_chaos(cfg: RunConfig) -> RunResult:
         else:
             result.violations += check_durable(history, final)
         result.violations += check_exclusive(history)
+        result.violations += check_no_unauthorized_membership_change(nemesis.membership_observations)
         _say(f"checking linearizability of {len(history.ops)} ops")
         lin = check_history(history, budget_seconds=cfg.linearizability_budget_seconds)
         result.linearizability = lin
@@ -140,6 +148,7 @@ def run_chaos(cfg: RunConfig) -> RunResult:
             "ops": history.summary(),
             "nemesis_rounds": nemesis.rounds,
             "nemesis_problems": nemesis.problems,
+            "rogue_member_attacks": len(nemesis.membership_observations),
             "linearizability": lin.describe(),
             "final_leases": None if final is None else len(final),
         }
