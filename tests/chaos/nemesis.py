@@ -51,7 +51,7 @@ FAULTS: dict[str, int] = {
     "drain": 2,
     "transfer": 2,
     "remove_rejoin": 1,
-    "rogue_member": 1,
+    "rogue_member": 3,
 }
 
 
