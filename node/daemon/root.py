@@ -40,7 +40,7 @@ from quorumd.node.daemon.datadir import (
     read_node_file,
     write_node_file,
 )
-from quorumd.node.daemon.gcpolicy import GcPolicy, gc_paused
+from quorumd.node.daemon.gcpolicy import GcPolicy, HeapTrimmer, gc_paused
 from quorumd.node.daemon.metrics import Metrics
 from quorumd.node.daemon.sdnotify import SdNotifier
 from quorumd.node.daemon.testhooks import ApplyTrace, planted_bugs
@@ -88,6 +88,16 @@ def api_url(cfg: Config) -> str:
     return f"https://{host}:{cfg.api.port}"
 
 
+def heap_trim_seconds() -> float:
+    """How often the C heap is trimmed (node/daemon/gcpolicy.py): 30 s, or
+    ``QUORUMD_HEAP_TRIM_SECONDS`` (a measurement knob: ``inf`` turns trimming off)."""
+    try:
+        value = float(os.environ.get("QUORUMD_HEAP_TRIM_SECONDS", "30"))
+    except ValueError:
+        return 30.0
+    return value if value > 0 else 30.0
+
+
 # --- the daemon ---------------------------------------------------------------------------
 class Daemon:
     def __init__(self, cfg: Config) -> None:
@@ -110,6 +120,7 @@ class Daemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self._transport_seen: dict[str, int] = {}
         self.gc = GcPolicy()
+        self.heap = HeapTrimmer(every_seconds=heap_trim_seconds())
         self.exit_code = 0
         self.fatal_message: str | None = None  # said once more by ``quorumd run`` on stderr
 
@@ -577,6 +588,7 @@ class Daemon:
             if self.node is not None and self.driver is not None:
                 self.metrics.update_from(self.node, self.driver.core, self.timing.tick_seconds)
             self._export_transport_stats()
+            self.heap.maybe_trim()  # see node/daemon/gcpolicy.py
             await asyncio.sleep(1.0)
 
     def _export_transport_stats(self) -> None:
