@@ -123,7 +123,7 @@ async def member_remove(node: ClusterNode, from_id: int, payload: bytes) -> byte
         res = await node.change_membership(ConfChange(ConfChangeType.REMOVE, node_id))
     if not res.ok:
         raise ApiError(409, res.error or "conflict", res.message)
-    log.info("member_removed node_id=%d by_request_of=itself", node_id)
+    log.info("member_removed node_id=%d by_request_of=%d", node_id, from_id)
     return pack(True)
 
 
