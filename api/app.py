@@ -108,8 +108,12 @@ class Api:
         self.metrics.observe(method, UNMATCHED, reply.status, 0.0)
         return reply
 
-    async def dispatch_forwarded(self, request: ForwardedRequest) -> ForwardedResponse:
-        """Run a request forwarded by another member (see the module docstring)."""
+    async def dispatch_forwarded(
+        self, request: ForwardedRequest, *, source: str | None = None
+    ) -> ForwardedResponse:
+        """Run a request forwarded by another member (see the module docstring). ``source``
+        names the forwarding member (``member:N``): failed tokens it relays are counted against
+        it by the failed-authentication limiter like a client address's."""
         method = request.method.upper()
 
         def call(route: Route, values: dict[str, str]) -> Call:
@@ -120,7 +124,7 @@ class Api:
                 path_values=values,
                 body=request.body if route.body is not None else b"",
                 token=request.token or None,
-                client=None,
+                client=source,
                 hops=max(1, request.hops),
             )
 
@@ -172,8 +176,8 @@ def build_app(
     """The API of ``node`` (see the module docstring).
 
     ``registry`` receives the API request metrics and is what /metrics exposes. ``clock`` drives
-    the failed-authentication limiter (``auth_failure_limit`` failures per client address within
-    ``auth_failure_window_seconds``).
+    the failed-authentication limiter (``auth_failure_limit`` failures per client address, and per
+    presented token id, within ``auth_failure_window_seconds``; see ``quorumd.api.auth``).
     """
     routes = all_routes()
     ctx = Context(

@@ -23,6 +23,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"quorumd: config error: {exc}", file=sys.stderr)
         return 2
+    from quorumd.node.daemon.datadir import disk_full_message
     from quorumd.node.daemon.logs import configure_logging
     from quorumd.node.daemon.root import FatalError, main_async
 
@@ -38,9 +39,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return exc.exit_code  # 2: a data dir in a newer format (nothing changed)
     except KeyboardInterrupt:
         return 0
-    except OSError as exc:
-        log.error("fatal error=%s", exc)
-        print(f"quorumd: {exc}", file=sys.stderr)
+    except Exception as exc:
+        # Disk full anywhere (a WAL write, a snapshot, node.json): one line naming the path, no
+        # traceback. Other OS errors likewise; anything else is a bug and keeps its traceback.
+        message = disk_full_message(exc)
+        if message is None and not isinstance(exc, OSError):
+            raise
+        log.error("fatal error=%s", message or exc)
+        print(f"quorumd: {message or exc}", file=sys.stderr)
         return 1
 
 

@@ -13,7 +13,8 @@ import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
 from quorumd.api.app import Api, all_routes, build_app
-from quorumd.api.errors import ApiError, CommitTimeout
+from quorumd.api.auth import FailedAuthLimiter, authorize
+from quorumd.api.errors import ApiError, CommitTimeout, TooManyRequests, Unauthorized
 from quorumd.api.openapi import build_document
 from quorumd.api.ports import DrainState, ForwardedRequest, TokenRole
 from tests.api_support import Client, Env, close_env, make_env, request, sample_path
@@ -574,18 +575,42 @@ async def test_bearer_scheme_parsing(env: Env) -> None:
 
 
 async def test_bruteforce_rate_limit(env: Env) -> None:
+    """20 wrong tokens from one client: its further wrong tokens answer 429 for the window, while
+    a valid token from that same client keeps working (the lockout never locks the admin out)."""
     bad = "qd_00000000beef_" + "B" * 43
-    for _ in range(20):
-        assert (await request(env.fc, "GET", M, bad)).status == 401
-    r = await request(env.fc, "GET", M, env.readonly)  # even a good token waits now
+    for i in range(20):
+        assert (await request(env.fc, "GET", M, f"qd_00000000{i:04x}_" + "B" * 43)).status == 401
+    r = await request(env.fc, "GET", M, bad)  # a flood of guesses is throttled
     assert r.status == 429 and r.code == "rate_limited" and int(r.headers["Retry-After"]) == 60
+    assert (await request(env.fc, "GET", M, env.readonly)).status == 200  # a valid token is served
     assert (await request(env.fc, "GET", "/api/v1/status")).status == 200  # public stays open
-    assert (await request(env.lc, "GET", M, env.readonly)).status == 200  # per node, per client
+    assert (await request(env.lc, "GET", M, bad)).status == 401  # per node, per client
     env.clock.now += 30
-    r = await request(env.fc, "GET", M, env.readonly)
+    r = await request(env.fc, "GET", M, bad)
     assert r.status == 429 and int(r.headers["Retry-After"]) == 30
-    env.clock.now += 30.5
     assert (await request(env.fc, "GET", M, env.readonly)).status == 200
+    env.clock.now += 30.5
+    assert (await request(env.fc, "GET", M, bad)).status == 401
+
+
+async def test_bruteforce_on_one_token_id_from_many_clients(env: Env) -> None:
+    """Wrong secrets for one token id are counted per token id too (across addresses); the holder
+    of that token id is still served with the right secret, from any address."""
+    tid = env.readonly.split("_")[1]
+    limiter = FailedAuthLimiter(clock=env.clock)
+    node = env.follower
+    for i in range(20):
+        wrong = f"qd_{tid}_{i:02d}" + "C" * 41
+        with pytest.raises(Unauthorized):
+            authorize(node, wrong, TokenRole.READONLY, client=f"10.9.0.{i + 1}", limiter=limiter)
+    with pytest.raises(TooManyRequests):
+        authorize(node, f"qd_{tid}_" + "D" * 43, TokenRole.READONLY, client="10.9.1.1", limiter=limiter)
+    for source in ("10.9.1.1", "10.9.0.1"):
+        p = authorize(node, env.readonly, TokenRole.READONLY, client=source, limiter=limiter)
+        assert p.role == TokenRole.READONLY
+    # another token id from a fresh address is not affected
+    with pytest.raises(Unauthorized):
+        authorize(node, "qd_0123456789ab_" + "E" * 43, TokenRole.READONLY, client="10.9.2.1", limiter=limiter)
 
 
 # --- routing errors -----------------------------------------------------------------------------

@@ -250,3 +250,13 @@ def test_announcements_match_the_active_nodes_leases() -> None:
     assert len(found) == 4, found
     assert "does not own" in found[0] and "running=True while drained" in found[1]
     assert "still fenced" in found[2] and "announces 0 prefixes, owns 2" in found[3]
+def test_no_unauthorized_membership_change_checker() -> None:
+    from tests.chaos.checkers import check_no_unauthorized_membership_change
+
+    same = [(1, "voter", "active", "a", "b"), (2, "voter", "active", "c", "d")]
+    gone = [(1, "voter", "active", "a", "b")]
+    drained = [(1, "voter", "active", "a", "b"), (2, "voter", "drained", "c", "d")]
+    assert check_no_unauthorized_membership_change([("rogue 41", same, list(same))]) == []
+    for after in (gone, drained, None):
+        (v,) = check_no_unauthorized_membership_change([("rogue 41", same, after)])
+        assert v.checker == "unauthorized_membership" and "rogue 41" in v.message

@@ -140,3 +140,89 @@ def test_demo_runs_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
             demo.wait(10)
         for pid in processes_under(directory):  # only the daemons this test started
             os.kill(pid, signal.SIGKILL)
+
+
+def node_pid(directory: Path, node_id: int) -> int:
+    pids = [
+        p
+        for p in processes_under(directory)
+        if f"node{node_id}.yaml" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")
+    ]
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+def test_demo_keeps_the_others_running_when_a_node_is_killed(tmp_path: Path) -> None:
+    """kill -9 of one daemon: the demo reports it with the command that restarts it and keeps
+    the rest of the cluster running; that command brings the node back; Ctrl-C still stops the
+    demo's daemons cleanly."""
+    directory = tmp_path / "demo"
+    base = free_base_port()
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "quorumd.node.cli", "demo", "--nodes", str(NODES), "--base-port", str(base),
+         "--dir", str(directory)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    output: list[str] = []
+
+    def read_until(needle: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while not any(needle in x for x in output):
+            assert time.monotonic() < deadline, f"no {needle!r} from the demo: {''.join(output)}"
+            try:
+                output.append(lines.get(timeout=1.0))
+            except queue.Empty:
+                assert demo.poll() is None or not lines.empty(), f"demo exited: {''.join(output)}"
+        return "".join(output)
+
+    restarted: subprocess.Popen[bytes] | None = None
+    try:
+        text = read_until("Ctrl-C stops the cluster", 120)
+        apis = dict(re.findall(r"node (\d+): API (https://127\.0\.0\.1:\d+)", text))
+        token = Path(re.findall(r"admin token file: (\S+)", text)[0]).read_text().strip()
+        os.kill(node_pid(directory, 2), signal.SIGKILL)
+        text = read_until("restart it with:", 30)
+        assert "node 2 exited (killed by signal 9); the other nodes keep running" in text, text
+        assert demo.poll() is None  # the demo keeps running ...
+        for nid in ("1", "3"):  # ... and so do the other nodes, with a leader among them
+            wait_for(
+                f"node {nid} serving",
+                lambda nid=nid: http("GET", f"{apis[nid]}/api/v1/cluster/members", token)[0] == 200,
+            )
+        wait_for(
+            "a leader among 1 and 3",
+            lambda: http("GET", f"{apis['1']}/api/v1/status")[1]["result"]["leaderNodeId"] in (1, 3),
+        )
+        command = re.search(r"restart it with: (.+) >> (\S+) 2>&1 &", text)
+        assert command is not None, text
+        with open(shlex.split(command.group(2))[0], "ab") as log:
+            restarted = subprocess.Popen(shlex.split(command.group(1)), stdout=log, stderr=log)
+        wait_for(
+            "node 2 back and ready",
+            lambda: http("GET", f"{apis['2']}/api/v1/status")[1]["result"]["ready"],
+            60,
+        )
+        os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C: the demo stops its own daemons
+        assert demo.wait(60) == 0
+        for i in (1, 3):
+            assert f"shutdown_done node={i} exit_code=0" in (directory / f"node{i}.log").read_text()
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait(10)
+        if restarted is not None and restarted.poll() is None:
+            restarted.terminate()
+            restarted.wait(30)
+        for pid in processes_under(directory):  # only the daemons this test started
+            os.kill(pid, signal.SIGKILL)

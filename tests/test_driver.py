@@ -4,6 +4,9 @@ snapshots and leadership transfer through the asyncio layer."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
+import os
 import random
 import threading
 import time
@@ -429,4 +432,68 @@ async def test_followers_write_on_the_loop_only_while_the_disk_is_fast(tmp_path:
         await asyncio.wait_for(c.drivers[follower].wait_applied(lead.core.commit_index), 5)
         assert c.apps[follower].values[-1] == b"slow19"
     finally:
+        await c.close()
+
+
+class _FdExhaustion:
+    """``os.open`` failing with EMFILE for the storage's new files while the process "has hit its
+    file-descriptor limit": the next ``per_kind`` snapshot temp files and WAL segments."""
+
+    def __init__(self, per_kind: int) -> None:
+        self.remaining = {"snapshot": per_kind, "wal": per_kind}
+        self.refused = 0
+        self._real = os.open
+        self._lock = threading.Lock()
+
+    def __call__(self, path: Any, flags: int, mode: int = 0o777, *a: Any, **kw: Any) -> int:
+        name = os.fspath(path)
+        kind = None
+        if name.endswith(".tmp"):
+            kind = "snapshot"
+        elif Path(name).name.startswith("wal-") and flags & os.O_CREAT:
+            kind = "wal"
+        if kind is not None:
+            with self._lock:
+                if self.remaining[kind] > 0:
+                    self.remaining[kind] -= 1
+                    self.refused += 1
+                    raise OSError(errno.EMFILE, "Too many open files", name)
+        return self._real(path, flags, mode, *a, **kw)
+
+
+@pytest.mark.asyncio
+async def test_out_of_file_descriptors_in_storage_is_retried_never_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Snapshots and WAL segment rolls refused with EMFILE: the driver backs off and retries,
+    every proposal commits, the driver keeps running, and a restart recovers every write."""
+    c = Cluster(tmp_path)
+    try:
+        lead = c.start(1, founder=True, snapshot_threshold=10)
+        await c.leader()
+        caplog.set_level(logging.WARNING, logger="quorumd.raft.aio.driver")
+        exhaustion = _FdExhaustion(per_kind=3)
+        monkeypatch.setattr(os, "open", exhaustion)
+        n = 0
+        deadline = time.monotonic() + 60
+        while any(exhaustion.remaining.values()) and time.monotonic() < deadline:
+            await asyncio.wait_for(lead.propose(b"f%d" % n), 10)  # a snapshot every 10 entries
+            n += 1
+        assert not any(exhaustion.remaining.values()), exhaustion.remaining
+        retried = {m.split()[1] for m in caplog.messages if m.startswith("raft_storage_retry")}
+        assert retried == {"what=snapshot", "what=write"}, caplog.messages  # snapshot files, WAL rolls
+        assert lead.storage_retries >= 6
+        for i in range(n, n + 40):  # the limit is gone: snapshots are taken and saved again
+            await asyncio.wait_for(lead.propose(b"f%d" % i), 10)
+        n += 40
+        assert lead._task is not None and not lead._task.done()  # the driver survived
+        monkeypatch.undo()
+        assert lead.core.status().snapshot_index > 0
+        commit = lead.core.commit_index
+        await c.stop(1)
+        d = c.start(1, snapshot_threshold=10)
+        await asyncio.wait_for(d.wait_applied(commit), 10)
+        assert c.apps[1].values[-n:] == [b"f%d" % i for i in range(n)]
+    finally:
+        monkeypatch.undo()
         await c.close()

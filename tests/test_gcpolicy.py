@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from quorumd.node.daemon.gcpolicy import GcPolicy
+from quorumd.node.daemon.gcpolicy import GcPolicy, HeapTrimmer
 
 
 class _Node:
@@ -66,3 +66,18 @@ def test_gc_paused_restores_the_previous_setting() -> None:
             assert not gc.isenabled()
         assert not gc.isenabled()  # the inner pause does not re-enable inside the outer one
     assert gc.isenabled()
+
+
+def test_heap_trimmer_trims_at_most_every_interval() -> None:
+    now = [100.0]
+    trimmer = HeapTrimmer(every_seconds=30.0, clock=lambda: now[0])
+    if not trimmer.available:
+        pytest.skip("not glibc: malloc_trim is unavailable")
+    assert not trimmer.maybe_trim()  # just started
+    now[0] += 29.0
+    assert not trimmer.maybe_trim()
+    now[0] += 1.5
+    assert trimmer.maybe_trim() and trimmer.trims == 1
+    assert not trimmer.maybe_trim()
+    now[0] += 30.0
+    assert trimmer.maybe_trim() and trimmer.trims == 2 and trimmer.last_ms >= 0.0

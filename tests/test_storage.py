@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from quorumd.raft.aio import storage as storage_mod
-from quorumd.raft.aio.storage import LogStorage, StorageCorruptError, StorageError
+from quorumd.raft.aio.storage import LogStorage, StorageCorruptError, StorageError, StorageTransientError
 from quorumd.raft.core.types import Configuration, Entry, EntryType, HardState, Snapshot, SnapshotMeta
 
 CONFIG = Configuration(frozenset({1, 2}), frozenset({3}))
@@ -655,3 +655,48 @@ def test_crash_recovery_under_sigkill(tmp_path: Path) -> None:
         f"crash test kills={kills} acks={acks} in_flight_landed={in_flight_landed} partial={partial_batches}"
     )
     assert kills >= 50 and acks >= kills
+
+
+def test_out_of_file_descriptors_is_transient_and_leaves_the_storage_usable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMFILE/ENFILE on a snapshot's temp file or a new WAL segment raises StorageTransientError,
+    changes nothing, and the same call succeeds once descriptors are free again; any other
+    error still stops the storage."""
+    import errno
+
+    d = tmp_path / "raft"
+    st, _ = LogStorage.open(d, segment_bytes=1)  # every sync rolls a new segment
+    try:
+        st.append(entries(1, 5))
+        st.sync()
+        real_open = os.open
+        errs = [errno.EMFILE, errno.ENFILE]
+
+        def exhausted(path, flags, mode=0o777, *a, **kw):  # type: ignore[no-untyped-def]
+            name = os.fspath(path)
+            if errs and (name.endswith(".tmp") or (flags & os.O_CREAT and "wal-" in name)):
+                raise OSError(errs.pop(0), "Too many open files", name)
+            return real_open(path, flags, mode, *a, **kw)
+
+        monkeypatch.setattr(os, "open", exhausted)
+        with pytest.raises(StorageTransientError):
+            st.save_snapshot(snap(3, 1))
+        st.append(entries(6, 6))
+        with pytest.raises(StorageTransientError):
+            st.sync()  # the roll to a new segment
+        assert st.transient_errors == 2
+        st.sync()  # descriptors free again: the same calls succeed
+        st.save_snapshot(snap(3, 1))
+        st.append(entries(7, 8))
+        st.sync()
+        monkeypatch.undo()
+        errs[:] = []
+    finally:
+        st.close()
+    st, rec = reopen(d)
+    try:
+        assert rec.snapshot is not None and rec.snapshot.meta.index == 3
+        assert [e.index for e in rec.entries] == [4, 5, 6, 7, 8]
+    finally:
+        st.close()

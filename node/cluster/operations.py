@@ -18,22 +18,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from quorumd.api.errors import ApiError
-from quorumd.api.ports import DrainState
-from quorumd.node.cluster import pki
+from quorumd.api.ports import DrainState, TokenRole
 from quorumd.node.cluster.addresses import AddressChanges
 from quorumd.node.cluster.foresight import ForesightService
+from quorumd.node.cluster.join import JoinHandler
 from quorumd.node.cluster.service import pack, unpack
 from quorumd.node.effects.bgp import BgpSpeaker
 from quorumd.node.effects.ran import RanNotifier
 from quorumd.node.effects.token import FencingToken, token_of
-from quorumd.node.registry import jointoken
+from quorumd.node.registry import apitoken
 from quorumd.node.registry.autopilot import AutopilotSettings, removal_refusal
-from quorumd.node.registry.commands import AllocateLease, ReleaseLease, SetDrain, decode_member_context
+from quorumd.node.registry.commands import (
+    AllocateLease,
+    CreateApiToken,
+    ReleaseLease,
+    RevokeApiToken,
+    SetDrain,
+)
 from quorumd.node.registry.leases import Lease
 from quorumd.node.registry.state import ApplyResult
 from quorumd.raft.core.node import RaftCore
@@ -60,12 +67,15 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SP
         self.reconcile_interval = reconcile_interval_seconds
         self.bgp_enabled = bgp_enabled
         self.ran = ran
+        self.election_timeout = election_timeout_seconds
+        self.live_contact_seconds = election_timeout_seconds
         self._drain_effects_done = False  # RAN signalled and speaker stopped for the current drain
         self._side_effects: asyncio.Task[None] | None = None
         self._side_effects_again = False
         self._prefixes_dirty = True
         self._drain_token: FencingToken | None = None  # the entry that set this node's drain state
         self.add_apply_listener(self._after_apply)
+        self.joins = JoinHandler(self)
 
     def _rejoined(self) -> None:
         self.kick_drain_side_effects()  # restarts the speaker if this node is active
@@ -276,22 +286,30 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SP
             new_leader = await self.hand_off_leadership()
             if new_leader == 0:
                 raise ApiError(409, "last_voter", "no other healthy voter can take over leadership")
-            await self.call_member(new_leader, "member.remove", pack([node_id]), self.propose_timeout)
+            try:
+                await self.call_member(new_leader, "member.remove", pack([node_id]), self.propose_timeout)
+            except ApiError as exc:
+                # The answer can be lost although the removal happened (the new leader applied it
+                # and this node's connections closed): settle the outcome from the replicated log.
+                if exc.status not in (502, 504) or not await self._removal_applied(node_id):
+                    raise
             return
         res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, node_id))
         if not res.ok:
             raise ApiError(409, res.error or "conflict", res.message)
         log.info("member_removed node_id=%d force=%s", node_id, force)
 
-    async def rpc_member_remove(self, from_id: int, payload: bytes) -> bytes:
-        (node_id,) = unpack(payload)
-        if not self.is_leader():
-            raise ApiError(503, "no_leader", "not the leader")
-        res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, int(node_id)))
-        if not res.ok:
-            raise ApiError(409, res.error or "conflict", res.message)
-        log.info("member_removed node_id=%d by_request_of=%d", node_id, from_id)
-        return pack(True)
+    async def _removal_applied(self, node_id: int) -> bool:
+        """Whether the removal of ``node_id`` (this node, after handing leadership over) is known
+        committed here: when the new leader's commit index reached this replica before it dropped
+        this node. The new leader keeps this node's pin until its answer is written
+        (``ClusterService.pin_kept``), so this is the fallback, not the rule; False: the error
+        stands."""
+        ok = await self.wait_state(
+            lambda: not self.sm.has_member(node_id), max(self.election_timeout * 2, 1.0)
+        )
+        log.info("member_remove_answer_lost node_id=%d removed=%s", node_id, ok)
+        return ok
 
     async def promote_member(self, node_id: int) -> None:
         self._need_member(node_id)
@@ -373,6 +391,69 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SP
             await self.propose(SetDrain(time.time(), node_id, DrainState.ACTIVE, None))
             log.info("member_resumed node_id=%d", node_id)
 
+    # --- API tokens: visible on every live member once the call answers ----------------
+    async def create_token(self, name: str, role: TokenRole, ttl_seconds: int | None) -> dict[str, Any]:
+        token_id = apitoken.token_id_from_bytes(secrets.token_bytes(6))
+        secret = secrets.token_bytes(32)
+        now = time.time()
+        expires = int(now + ttl_seconds) if ttl_seconds else None
+        res = await self.propose(
+            CreateApiToken(now, token_id, name, role, apitoken.hash_secret(secret), expires)
+        )
+        await self.applied_on_every_live_member(res.index, "token_create")
+        tok = self.sm.api_token(token_id)
+        return {
+            "id": token_id,
+            "name": tok.name if tok is not None else name,
+            "role": str(role),
+            "token": apitoken.format_api_token(token_id, secret),
+            "expiresAt": expires,
+        }
+
+    async def revoke_token(self, token_id: str) -> None:
+        res = await self.propose(RevokeApiToken(time.time(), token_id))
+        await self.applied_on_every_live_member(res.index, "token_revoke")
+
+    async def applied_on_every_live_member(self, index: int, what: str) -> list[int]:
+        """Wait until every live member has applied ``index`` (this leader has): a token change
+        then holds on every node that serves the API once the call answers (SPEC 5: revocation is
+        immediate cluster-wide; a new token works everywhere at once).
+
+        Live: every other member the leader heard from within ``live_contact_seconds`` (an
+        election timeout). Each is asked over ``node.wait_applied``; one that does not confirm
+        within the propose timeout is treated as down (logged at WARNING, returned): a member that
+        is down cannot serve the token, and it applies the change before it serves again (a
+        restarted node replays its log before its API listens). Returns the unconfirmed ids."""
+        if self.driver is None or self._rpc is None or not self._cluster_enabled or not self.is_leader():
+            return []
+        me = self.identity.node_id
+        limit_ticks = self.live_contact_seconds / self.tick_seconds
+        live = [
+            p.node_id
+            for p in self.d.core.status().peers
+            if p.node_id != me and p.last_contact_ticks <= limit_ticks
+        ]
+        if not live:
+            return []
+        self.d.flush_commit_broadcast()  # they learn the commit index now, not after the delay
+        timeout = self.propose_timeout
+        rpc = self._rpc
+        answers = await asyncio.gather(
+            *(rpc(nid, "node.wait_applied", pack([index, timeout]), timeout + 0.5) for nid in live),
+            return_exceptions=True,
+        )
+        missing = []
+        for nid, answer in zip(live, answers, strict=True):
+            if isinstance(answer, BaseException):
+                if isinstance(answer, asyncio.CancelledError):
+                    raise answer
+                missing.append(nid)
+            elif not isinstance(answer, bytes) or int(unpack(answer)) < index:
+                missing.append(nid)
+        for nid in missing:
+            log.warning("change_unconfirmed what=%s node=%d index=%d (treated as down)", what, nid, index)
+        return missing
+
     # --- autopilot ---------------------------------------------------------------------------
     async def reconcile_loop(self) -> None:
         """Leader-only duties, every reconcile interval: drain deadlines, promotion, cleanup.
@@ -441,103 +522,11 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SP
             res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, nid))
             log.warning("autopilot_removed_dead_server node_id=%d ok=%s", nid, res.ok)
 
-    # --- join (SPEC 4) -----------------------------------------------------------------------
+    # --- join: node/cluster/join.py ------------------------------------------------------------
     async def handle_join(self, payload: bytes, client_cert_der: bytes) -> bytes:
-        """The join bootstrap handler (any node; a follower forwards to the leader)."""
-        try:
-            req = unpack(payload)
-            token, node_id = str(req["token"]), int(req["node_id"])
-            ctx_bytes = bytes(req["context"])
-            protocol = int(req.get("protocol_version", 1))  # absent: the baseline build (1)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            return self._join_refused("malformed", f"bad join request: {exc}")
-        if not self.is_leader():
-            leader = self.leader_id()
-            if leader == 0:
-                return pack({"ok": False, "reason": "no_leader", "message": "no leader; retry"})
-            try:
-                return await self.call_member(
-                    leader, "join.forward", pack([payload, client_cert_der]), self.propose_timeout * 2
-                )
-            except ApiError as exc:
-                return pack({"ok": False, "reason": "no_leader", "message": exc.message})
-        return await self._join_as_leader(token, node_id, ctx_bytes, client_cert_der, protocol)
+        return await self.joins.handle(payload, client_cert_der)
 
-    async def rpc_join_forward(self, from_id: int, payload: bytes) -> bytes:
-        inner, der = unpack(payload)
-        if not self.is_leader():
-            return pack({"ok": False, "reason": "no_leader", "message": "not the leader"})
-        req = unpack(bytes(inner))
-        return await self._join_as_leader(
-            str(req["token"]),
-            int(req["node_id"]),
-            bytes(req["context"]),
-            bytes(der),
-            int(req.get("protocol_version", 1)),
-        )
-
-    def _join_refused(self, reason: str, message: str) -> bytes:
-        log.warning("join_refused reason=%s detail=%s", reason, message)
-        if self.on_join_result:
-            self.on_join_result("rejected")
-        return pack({"ok": False, "reason": reason, "message": message})
-
-    async def _join_as_leader(
-        self, token: str, node_id: int, ctx_bytes: bytes, der: bytes, protocol: int = 1
+    async def join_forwarded(
+        self, from_id: int, token: str, node_id: int, ctx: bytes, der: bytes, protocol: int = 1
     ) -> bytes:
-        key, cluster_id = self.sm.join_key, self.sm.cluster_id
-        if key is None or cluster_id is None:
-            return pack({"ok": False, "reason": "no_leader", "message": "cluster not initialized"})
-        try:
-            claims = jointoken.verify_join_token(
-                key, token, now=time.time(), cluster_id=cluster_id, node_id=node_id
-            )
-        except jointoken.JoinTokenError as exc:
-            return self._join_refused(exc.reason, str(exc))
-        member = self.sm.member(node_id)
-        if member is not None and self.sm.is_join_token_consumed(claims.token_id):
-            # The same joiner again (it died after the join committed, before it stored the
-            # answer): its TLS-proven certificate is the one pinned for this node, so the join
-            # is idempotent for it. Anyone else presenting the spent token is a replay.
-            try:
-                same = pki.fingerprint(der) == member.cert_fingerprint
-            except Exception:  # a malformed certificate is never the member's
-                same = False
-            if same:
-                log.info("join_repeated node_id=%d", node_id)
-                members = [[m.node_id, m.raft_address, m.cert_fingerprint] for m in self.sm.members()]
-                return pack({"ok": True, "cluster_id": cluster_id, "members": members})
-        if self.sm.is_join_token_consumed(claims.token_id):
-            return self._join_refused("replayed", "join token was already used")
-        if self.sm.has_member(node_id):
-            return self._join_refused("already_member", f"node {node_id} is already a member")
-        try:
-            ctx = decode_member_context(ctx_bytes)
-            fp = pki.fingerprint(der)
-            ident = pki.identity_of(der)
-        except Exception as exc:  # any malformed context or certificate is a refusal
-            return self._join_refused("bad_certificate", str(exc))
-        if (
-            fp != ctx.cert_fingerprint
-            or ident != (node_id, cluster_id)
-            or ctx.join_token_id != claims.token_id
-        ):
-            return self._join_refused("bad_certificate", "certificate does not match the joining node")
-        async with self.versions.lock:  # no ratchet between this check and the join's commit
-            too_old = self.versions.join_refusal(protocol)
-            if too_old is not None:
-                return self._join_refused("protocol_too_old", too_old)
-            ctx_bytes = self.versions.joiner_context(ctx, ctx_bytes, protocol)
-            try:
-                res = await self.change_membership(
-                    ConfChange(ConfChangeType.ADD_NONVOTER, node_id, ctx_bytes)
-                )
-            except ApiError as exc:
-                return pack({"ok": False, "reason": "retry", "message": exc.message})
-        if not res.ok:
-            return self._join_refused(res.error or "rejected", res.message)
-        if self.on_join_result:
-            self.on_join_result("consumed")
-        log.info("join_accepted node_id=%d", node_id)
-        members = [[m.node_id, m.raft_address, m.cert_fingerprint] for m in self.sm.members()]
-        return pack({"ok": True, "cluster_id": cluster_id, "members": members})
+        return await self.joins.forwarded(from_id, token, node_id, ctx, der, protocol)

@@ -1,20 +1,20 @@
 """ClusterService: the running node's replicated state, its Raft driver, and the API operations.
 
 It implements ``quorumd.api.ports.NodeApi`` (what the HTTP layer calls), the driver's
-``Application`` (applying committed entries to ``StateMachine``), and the internal RPCs members
-send each other over the cluster channel (``join``, ``api.forward``, ``drain.confirm``,
-``member.remove``, ``node.register``, ``node.left``). Drain side effects and the leader's
-reconcile loop live in ``quorumd.node.cluster.operations``; members' protocol versions and the
-gate every proposal passes in ``quorumd.node.cluster.versions``.
+``Application`` (applying committed entries to ``StateMachine``). The internal RPCs members send
+each other over the cluster channel, and who may call them, are in ``quorumd.node.cluster.rpcs``.
+Drain side effects and the leader's reconcile loop live in ``quorumd.node.cluster.operations``;
+members' protocol versions and the gate every proposal passes in ``quorumd.node.cluster.versions``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,6 @@ from quorumd.api.ports import (
     ForwardedRequest,
     ForwardedResponse,
     Principal,
-    TokenRole,
 )
 from quorumd.node.cluster.backup import take_archive
 from quorumd.node.cluster.versions import ProtocolVersions
@@ -37,16 +36,13 @@ from quorumd.node.registry import apitoken, jointoken
 from quorumd.node.registry.commands import (
     AllocateLease,
     Command,
-    CreateApiToken,
     CreatePool,
     DeletePool,
     MarkNodeLeft,
     MemberContext,
     RegisterNodeInfo,
     ReleaseLease,
-    RevokeApiToken,
     SetDrain,
-    decode_command,
     encode_and_decode,
     encode_command,
     encode_member_context,
@@ -157,6 +153,11 @@ class ClusterService:
         # (empty for a restored snapshot), and the (term, index) of the last applied entry.
         self.applying: Sequence[Entry] = ()
         self.applied_token = FencingToken(0, 0)
+        # node id -> count: members whose pin the daemon keeps although the replica dropped
+        # them, while an answer to them is being written (see pin_kept)
+        self.pins_kept: dict[int, int] = {}
+        self.live_contact_seconds = 1.0  # see applied_on_every_live_member (ClusterNode: election timeout)
+        self.on_pins_changed: Callable[[], None] | None = None
 
     # --- wiring ---------------------------------------------------------------------------
     @property
@@ -169,6 +170,27 @@ class ClusterService:
 
     def set_rpc(self, rpc: Callable[[int, str, bytes, float], Any]) -> None:
         self._rpc = rpc
+
+    @contextlib.contextmanager
+    def pin_kept(self, node_id: int) -> Iterator[None]:
+        """Keep ``node_id``'s certificate pin (and so its connections) while the block runs and
+        until the current task step ends, even when the replica removes it meanwhile: an RPC
+        handler that removes its caller writes its answer right after the block, before the pin
+        goes and the connection closes (else the caller sees a lost answer for a done removal)."""
+        self.pins_kept[node_id] = self.pins_kept.get(node_id, 0) + 1
+        try:
+            yield
+        finally:
+            asyncio.get_running_loop().call_soon(self._release_pin, node_id)
+
+    def _release_pin(self, node_id: int) -> None:
+        left = self.pins_kept.get(node_id, 0) - 1
+        if left > 0:
+            self.pins_kept[node_id] = left
+            return
+        self.pins_kept.pop(node_id, None)
+        if self.on_pins_changed is not None:
+            self.on_pins_changed()
 
     # --- Application (driver) ---------------------------------------------------------------
     def apply_entries(self, entries: Sequence[Entry]) -> list[Any]:
@@ -464,24 +486,6 @@ class ClusterService:
         return await take_archive(self, linearizable=True)
 
     # --- NodeApi: leader operations (membership ones live in operations.py) ---------------
-    async def create_token(self, name: str, role: TokenRole, ttl_seconds: int | None) -> dict[str, Any]:
-        token_id = apitoken.token_id_from_bytes(secrets.token_bytes(6))
-        secret = secrets.token_bytes(32)
-        now = time.time()
-        expires = int(now + ttl_seconds) if ttl_seconds else None
-        await self.propose(CreateApiToken(now, token_id, name, role, apitoken.hash_secret(secret), expires))
-        tok = self.sm.api_token(token_id)
-        return {
-            "id": token_id,
-            "name": tok.name if tok is not None else name,
-            "role": str(role),
-            "token": apitoken.format_api_token(token_id, secret),
-            "expiresAt": expires,
-        }
-
-    async def revoke_token(self, token_id: str) -> None:
-        await self.propose(RevokeApiToken(time.time(), token_id))
-
     async def create_pool(self, name: str, cidr: str) -> dict[str, Any]:
         res = await self.propose(CreatePool(time.time(), name, cidr))
         return self.pool(name) if res.value is None else res.value.as_dict()  # type: ignore[union-attr]
@@ -547,31 +551,6 @@ class ClusterService:
         if leader == 0:
             raise no_leader()
         await self.call_member(leader, "node.propose", encode_command(cmd), self.propose_timeout)
-
-    async def rpc_node_propose(self, from_id: int, payload: bytes) -> bytes:
-        cmd = decode_command(payload)
-        # A member may only announce facts about itself.
-        if not isinstance(cmd, RegisterNodeInfo | MarkNodeLeft | SetDrain) or cmd.node_id != from_id:
-            raise ApiError(403, "forbidden", "members may only announce their own state")
-        if isinstance(cmd, SetDrain):
-            m = self.sm.member(from_id)
-            if (m is None or m.drain_state != DrainState.DRAINING) and self.is_leader():
-                # A leader that just took over (a drained leader's hand-off) may not have applied
-                # the member's "draining" yet: it was committed in the previous term and is only
-                # known committed here once this term's first entry commits. Judge on the full
-                # state, else the confirmation is refused and the drain waits out a timeout.
-                await self.linearizable_barrier()
-                m = self.sm.member(from_id)
-            # drain confirmation: only draining -> drained without a deadline
-            if m is None or m.drain_state != DrainState.DRAINING or cmd.state != DrainState.DRAINED:
-                return pack(False)
-        if not self.is_leader():
-            raise no_leader()
-        await self.propose(cmd)
-        # The caller waits until its own replica applies this: send the commit index now rather
-        # than after the lazy-broadcast delay (as the api.forward handler does).
-        self.d.flush_commit_broadcast()
-        return pack(True)
 
     def member_context(self, join_token_id: bytes | None) -> bytes:
         i = self.identity

@@ -111,6 +111,12 @@ class Metrics:
         self.raft_snapshots = Counter(
             "quorumd_raft_snapshots_total", "Snapshots taken or installed.", registry=r
         )
+        self.storage_retries = Counter(
+            "quorumd_raft_storage_retries_total",
+            "Storage writes and snapshot saves retried because the process was out of file descriptors.",
+            ["what"],
+            registry=r,
+        )
 
         self.backups = BackupMetrics()  # scheduled backups: see node/daemon/backupmetrics.py
         r.register(self.backups)
@@ -193,6 +199,9 @@ class Metrics:
 
     def count_snapshot(self) -> None:
         self.raft_snapshots.inc()
+
+    def count_storage_retry(self, what: str) -> None:
+        self.storage_retries.labels(what=what).inc()
 
     # --- bgp / ran ----------------------------------------------------------------------------------
     def set_bgp(self, running: bool, announced_prefixes: int) -> None:

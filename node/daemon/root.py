@@ -27,24 +27,25 @@ from typing import Any
 from quorumd.api.app import build_app
 from quorumd.api.errors import ApiError
 from quorumd.api.extensions import BackupArchive
-from quorumd.api.ports import DrainState, ForwardedRequest
+from quorumd.api.ports import DrainState
 from quorumd.api.server import ApiServer
 from quorumd.node.cluster import pki
-from quorumd.node.cluster.addresses import ADDRESS_RPC
 from quorumd.node.cluster.backup import take_archive
 from quorumd.node.cluster.operations import ClusterNode
+from quorumd.node.cluster.rpcs import register_internal_rpcs
 from quorumd.node.cluster.service import Identity, pack, unpack
 from quorumd.node.config.schema import Config
 from quorumd.node.daemon.backups import BackupScheduler
 from quorumd.node.daemon.datadir import (
     FatalError,
     NewerFormatError,
+    disk_full_message,
     ensure_data_dir,
     load_identity_files,
     read_node_file,
     write_node_file,
 )
-from quorumd.node.daemon.gcpolicy import GcPolicy, gc_paused
+from quorumd.node.daemon.gcpolicy import GcPolicy, HeapTrimmer, gc_paused
 from quorumd.node.daemon.metrics import Metrics
 from quorumd.node.daemon.node_collector import NodeView, node_view
 from quorumd.node.daemon.sdnotify import SdNotifier
@@ -103,6 +104,16 @@ def api_url(cfg: Config) -> str:
     return f"https://{host}:{cfg.api.port}"
 
 
+def heap_trim_seconds() -> float:
+    """How often the C heap is trimmed (node/daemon/gcpolicy.py): 30 s, or
+    ``QUORUMD_HEAP_TRIM_SECONDS`` (a measurement knob: ``inf`` turns trimming off)."""
+    try:
+        value = float(os.environ.get("QUORUMD_HEAP_TRIM_SECONDS", "30"))
+    except ValueError:
+        return 30.0
+    return value if value > 0 else 30.0
+
+
 # --- the daemon ---------------------------------------------------------------------------
 def check_state_format(raft_dir: Path, snapshot: Snapshot) -> None:
     """The storage's hook (before it changes anything): a state snapshot in a newer format."""
@@ -131,11 +142,15 @@ class Daemon:
         self.cluster_port = 0
         self._bootstrap_pins: dict[int, str] = {}
         self._bootstrap_addrs: dict[int, str] = {}
+        self._last_pins: dict[int, str] = {}
+        self._last_addrs: dict[int, str] = {}
         self._founder = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._transport_seen: dict[str, int] = {}
         self.gc = GcPolicy()
+        self.heap = HeapTrimmer(every_seconds=heap_trim_seconds())
         self.exit_code = 0
+        self.fatal_message: str | None = None  # said once more by ``quorumd run`` on stderr
 
     # --- startup -----------------------------------------------------------------------------
     async def run(self) -> int:
@@ -146,6 +161,8 @@ class Daemon:
             self.notifier.notify("STOPPING=1")
             await self._graceful_stop()
         log.info("shutdown_done node=%d exit_code=%d", self.cfg.node_id, self.exit_code)
+        if self.fatal_message is not None:
+            raise FatalError(self.fatal_message)
         return self.exit_code
 
     async def _start(self, stack: AsyncExitStack) -> None:
@@ -296,11 +313,13 @@ class Daemon:
                 on_commit_latency=self.metrics.observe_commit,
                 on_snapshot=self._on_snapshot,
                 on_bad_message=lambda _p, _r: self.metrics.count_bad_message(),
+                on_storage_retry=self.metrics.count_storage_retry,
             ),
         )
         self.driver = driver
         node.driver = driver
         node.add_apply_listener(self._after_apply)
+        node.on_pins_changed = self._update_pins
         self._update_pins()
 
         if transport is not None:
@@ -311,7 +330,7 @@ class Daemon:
         self.gc.settled()  # the replicated state is loaded: freeze it (see node/daemon/gcpolicy.py)
         core.fast_forward_election()
         driver.start().add_done_callback(self._on_driver_exit)
-        stack.push_async_callback(self._bounded, driver.close(), 5.0)
+        stack.push_async_callback(self._close_driver, driver)
 
         if claims is not None:
             await self._join(claims, node, transport)
@@ -336,6 +355,7 @@ class Daemon:
         for coro, name in (
             (node.reconcile_loop(), "reconcile"),
             (node.fence_loop(), "fence"),
+            (self._heap_loop(), "heap"),
             (self._announce_loop(), "announce"),
             (node.keep_own_address(seeds, transport.rpc_at if transport else None), "own-address"),
             (self._ready_loop(), "ready"),
@@ -493,14 +513,27 @@ class Daemon:
         exc = task.exception()
         if exc is None:  # closed by the unwinding of a failed startup: that error is what matters
             return
+        full = disk_full_message(exc)
         if isinstance(exc, EntryNeedsNewerProtocol):  # never skip it: stop until upgraded
             log.critical(
                 "entry_needs_newer_protocol index=%d needs=%d have=%d", exc.index, exc.needs, exc.have
             )
+        elif full is not None:
+            log.critical("disk_full %s", full)
+            self.fatal_message = full
         else:
             log.critical("raft_driver_died error=%r", exc)
         self.exit_code = 1
         self.stop_event.set()
+
+    async def _close_driver(self, driver: RaftDriver) -> None:
+        """Stop the driver; its own death was reported by ``_on_driver_exit``, not raised again."""
+        try:
+            await self._bounded(driver.close(), 5.0)
+        except Exception as exc:
+            if self.exit_code == 0:
+                raise
+            log.debug("driver_close error=%r", exc)
 
     # --- runtime hooks --------------------------------------------------------------------------
     def _on_raft_frame(self, from_id: int, frame: bytes) -> None:
@@ -520,8 +553,14 @@ class Daemon:
             for nid, fp in self._bootstrap_pins.items():
                 pins.setdefault(nid, fp)
                 addrs.setdefault(nid, self._bootstrap_addrs[nid])
+        for nid in self.node.pins_kept:  # answering a removed member (ClusterService.pin_kept)
+            if nid not in pins and nid in self._last_pins:
+                pins[nid] = self._last_pins[nid]
+                if nid in self._last_addrs:
+                    addrs.setdefault(nid, self._last_addrs[nid])
         pins.pop(self.cfg.node_id, None)
-        addrs.pop(self.cfg.node_id, None)  # never dial itself (its own entry may be stale: SPEC 17)
+        addrs.pop(self.cfg.node_id, None)  # never dial itself (its own entry may be stale)
+        self._last_pins, self._last_addrs = dict(pins), dict(addrs)
         self.transport.update_pins(pins, self.node.dial_addresses(addrs))
 
     def _on_snapshot(self, _index: int) -> None:
@@ -631,6 +670,12 @@ class Daemon:
         view = node.evaluate_autopilot() if node.is_leader() else None
         return node_view(node, driver.core, self.timing.tick_seconds, view)
 
+    async def _heap_loop(self) -> None:
+        """Give freed C heap back to the kernel now and then (see node/daemon/gcpolicy.py)."""
+        while True:
+            self.heap.maybe_trim()
+            await asyncio.sleep(1.0)
+
     def _export_transport_stats(self) -> None:
         """Move the transport's plain counters (refusals by reason, dropped and malformed frames)
         into the Prometheus counters, by the increase since the last call."""
@@ -654,40 +699,15 @@ class Daemon:
             seen["malformed"] = stats.malformed_frames
 
     def _register_rpcs(self, transport: ClusterTransport, node: ClusterNode) -> None:
-        async def api_forward(from_id: int, payload: bytes) -> bytes:
-            method, path, query, body, token, hops = unpack(payload)
-            req = ForwardedRequest(
-                str(method),
-                str(path),
-                tuple((str(k), str(v)) for k, v in query) if query else (),
-                bytes(body),
-                str(token),
-                int(hops),
-            )
-            resp = await self.app.dispatch_forwarded(req)
+        """Who may call what: see node/cluster/rpcs.py."""
+
+        def flush() -> None:
             if self.driver is not None:
-                # The caller waits until its replica has applied resp.applied_index: tell it the
-                # commit index now instead of after the lazy-broadcast delay.
                 self.driver.flush_commit_broadcast()
-            headers = [list(h) for h in resp.headers] if resp.headers else []
-            return pack([resp.status, resp.body, headers, resp.applied_index])
 
-        def wrap(fn: Any) -> Any:
-            async def handler(from_id: int, payload: bytes) -> bytes:
-                try:
-                    return await fn(from_id, payload)  # type: ignore[no-any-return]
-                except ApiError as exc:
-                    raise RuntimeError(f"{exc.code}: {exc.message}") from exc
-
-            return handler
-
-        transport.register_rpc("api.forward", api_forward)
-        transport.register_rpc("node.propose", wrap(node.rpc_node_propose))
-        transport.register_rpc("member.remove", wrap(node.rpc_member_remove))
-        transport.register_rpc("join.forward", node.rpc_join_forward)
-        transport.register_rpc("node.info", node.versions.rpc_node_info)  # SPEC 13
-        transport.register_rpc(ADDRESS_RPC, node.rpc_member_address)  # SPEC 17: moves itself only
-        transport.register_join_handler(node.handle_join)
+        register_internal_rpcs(
+            transport, node, lambda req, source: self.app.dispatch_forwarded(req, source=source), flush
+        )
 
     # --- shutdown ------------------------------------------------------------------------------
     async def _graceful_stop(self) -> None:

@@ -3,7 +3,9 @@
 Node 1 founds the cluster; the demo then mints one join token per further node through the
 public API with the founder's admin token, starts each joiner with ``cluster.join-token-file``,
 waits until autopilot has promoted them all to voters, prints how to reach the cluster, and
-runs until Ctrl-C (then stops every daemon gracefully).
+runs until Ctrl-C (then stops every daemon gracefully). A node that exits meanwhile (killed, to
+see the cluster survive it) is reported once with the command that restarts it; the others keep
+running, and the demo ends only on Ctrl-C or when no node is left.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import shlex
+import shutil
 import signal
 import ssl
 import subprocess
@@ -136,6 +140,27 @@ def form_cluster(
     return procs, str(token_file)
 
 
+def restart_command(directory: Path, node_id: int) -> str:
+    """The shell command that starts node ``node_id`` again on its data dir (appending to its log)."""
+    exe = shutil.which("quorumd")
+    cmd = [exe] if exe else [sys.executable, "-m", "quorumd.node.cli"]
+    config = directory / f"node{node_id}.yaml"
+    log = directory / f"node{node_id}.log"
+    return f"{shlex.join([*cmd, 'run', '--config', str(config)])} >> {shlex.quote(str(log))} 2>&1 &"
+
+
+def report_exit(directory: Path, node_id: int, code: int | None) -> None:
+    how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+    print(
+        f"quorumd demo: node {node_id} exited ({how}); the other nodes keep running.\n"
+        f"  its log: {directory / f'node{node_id}.log'}\n"
+        f"  restart it with: {restart_command(directory, node_id)}\n"
+        "  (a node started that way runs on its own: Ctrl-C of the demo does not stop it)",
+        file=sys.stderr,
+    )
+    sys.stderr.flush()
+
+
 def run_demo(nodes: int = 3, base_port: int = 15000, directory: str | None = None) -> int:
     if not 1 <= nodes <= 7:
         print("quorumd demo: --nodes must be 1..7", file=sys.stderr)
@@ -169,9 +194,14 @@ def run_demo(nodes: int = 3, base_port: int = 15000, directory: str | None = Non
         )
         print("Ctrl-C stops the cluster.")
         sys.stdout.flush()
+        reported: set[int] = set()
         while not stop:
-            if any(p.poll() is not None for p in procs):
-                print("quorumd demo: a node exited; see its log", file=sys.stderr)
+            for i, p in enumerate(procs, start=1):
+                if i not in reported and p.poll() is not None:
+                    reported.add(i)
+                    report_exit(d, i, p.returncode)
+            if len(reported) == len(procs):
+                print("quorumd demo: every node has exited", file=sys.stderr)
                 return 1
             time.sleep(0.5)
         return 0

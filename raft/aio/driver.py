@@ -10,7 +10,8 @@ leadership transfers. One task (``run``) does everything in order:
 Everything that arrives while an fsync is in flight is batched into the next round, which gives
 group commit for free. A leader sends its appends before its own fsync (thesis 10.2.1; the core
 only counts the leader's entries once they are durable). Anything that needs a new term or vote
-on disk is persisted before its messages leave.
+on disk is persisted before its messages leave. Storage calls refused for lack of file
+descriptors are retried, never fatal (``quorumd.raft.aio.fdretry``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ..core.types import (
     Snapshot,
     SnapshotMeta,
 )
+from .fdretry import StorageRetries
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,7 @@ class DriverHooks:
     on_snapshot: Callable[[int], None] | None = None
     on_bad_message: Callable[[NodeId, str], None] | None = None
     on_applied: Callable[[int], None] | None = None
+    on_storage_retry: Callable[[str], None] | None = None  # what: "write" or "snapshot"
 
 
 class RaftDriver:
@@ -146,6 +149,9 @@ class RaftDriver:
         self._timer_due = False
         self._snapshot_index = core.status().snapshot_index
         self._snapshotting = False
+        self._resume_sync = False  # a transient failure hit the sync of a buffered batch
+        self._retries = StorageRetries(self.hooks)  # counts through hooks.on_storage_retry
+        self._snapshot_save: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         # CoreConfig.lazy_commit_broadcast: how long a commit advance may wait for an append to
         # carry it before it is sent on its own.
@@ -165,6 +171,8 @@ class RaftDriver:
                 await asyncio.wait_for(asyncio.shield(self._task), 5.0)
             except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
+        if self._snapshot_save is not None and not self._snapshot_save.done():
+            self._snapshot_save.cancel()  # only ever waiting to retry here: nothing half-done
         self._fail_all(DriverClosedError("raft driver stopped"))
         self._executor.shutdown(wait=True)
 
@@ -402,12 +410,7 @@ class RaftDriver:
         if rd.snapshot is not None or rd.entries or rd.must_sync:
             hs_out = hs if hs is not None else self._deferred_hs
             self._deferred_hs = None
-            if self._persist_inline(rd):
-                fsync_seconds = self._persist(rd, hs_out)
-            else:
-                fsync_seconds = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._persist, rd, hs_out
-                )
+            fsync_seconds = await self._persist_retrying(rd, hs_out)
             if fsync_seconds is not None:
                 self._fsync_avg += 0.2 * (fsync_seconds - self._fsync_avg)
                 if self.hooks.on_fsync:
@@ -461,17 +464,33 @@ class RaftDriver:
             return False
         return sum(len(e.data) for e in rd.entries) <= _INLINE_MAX_BYTES
 
+    @property
+    def storage_retries(self) -> int:
+        return self._retries.count
+
+    async def _persist_retrying(self, rd: Ready, hs: HardState | None) -> float | None:
+        loop = asyncio.get_running_loop()
+
+        async def attempt(n: int) -> float | None:
+            if n == 0 and self._persist_inline(rd):
+                return self._persist(rd, hs)
+            return await loop.run_in_executor(self._executor, self._persist, rd, hs)
+
+        return await self._retries.run("write", attempt, lambda: self._closed)
+
     def _persist(self, rd: Ready, hs: HardState | None) -> float | None:
         st = self._storage
-        if rd.snapshot is not None:
-            st.install_snapshot(rd.snapshot)
-        if rd.entries:
-            st.append(rd.entries)
-        if hs is not None:
-            st.set_hard_state(hs)
-        if rd.must_sync or rd.snapshot is not None:
-            return st.sync()
-        return None
+        if not self._resume_sync:  # (a transient failure in here stored nothing: retry it all)
+            if rd.snapshot is not None:
+                st.install_snapshot(rd.snapshot)
+            if rd.entries:
+                st.append(rd.entries)
+            if hs is not None:
+                st.set_hard_state(hs)
+            self._resume_sync = True  # buffered: a retry only has to sync
+        out = st.sync() if rd.must_sync or rd.snapshot is not None else None
+        self._resume_sync = False
+        return out
 
     def _send_messages(self, msgs: Sequence[Message]) -> None:
         for m in msgs:
@@ -555,20 +574,26 @@ class RaftDriver:
             assert snap is not None
             self._snapshot_index = index
             first = core.status().first_index
-            loop = asyncio.get_running_loop()
-            fut = loop.run_in_executor(self._executor, self._save_snapshot, snap, first - 1)
-            fut.add_done_callback(self._snapshot_saved)
+            self._snapshot_save = asyncio.get_running_loop().create_task(self._save_snapshot(snap, first - 1))
 
-    def _save_snapshot(self, snap: Snapshot, compact_upto: int) -> None:
-        self._storage.save_snapshot(snap)
-        self._storage.compact(compact_upto)
+    async def _save_snapshot(self, snap: Snapshot, compact_upto: int) -> None:
+        """Store the snapshot on the storage thread; a transient failure stored nothing and is
+        retried (``_snapshotting`` stays set meanwhile: no other snapshot starts)."""
+        loop = asyncio.get_running_loop()
 
-    def _snapshot_saved(self, fut: asyncio.Future[None]) -> None:
-        self._snapshotting = False
-        exc = fut.exception()
-        if exc is not None:
+        def save() -> None:
+            self._storage.save_snapshot(snap)
+            self._storage.compact(compact_upto)
+
+        try:
+            await self._retries.run(
+                "snapshot", lambda _n: loop.run_in_executor(self._executor, save), lambda: self._closed
+            )
+        except Exception as exc:
             log.error("raft_snapshot_failed error=%s", exc)
             return
+        finally:
+            self._snapshotting = False
         log.info("raft_snapshot_saved index=%d", self._snapshot_index)
         if self.hooks.on_snapshot:
             self.hooks.on_snapshot(self._snapshot_index)

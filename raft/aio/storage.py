@@ -24,6 +24,13 @@ index truncates the log there (the log becomes the prefix before that index, the
 A record that jumps past the end restarts the log (only legitimate after a snapshot that covers
 the jump, which recovery checks). Entries at or before the snapshot index are not returned.
 
+Out of file descriptors (EMFILE/ENFILE) is transient, not a failure: the directory's fd is held
+open for its fsyncs, and the only files opened while running (a new WAL segment, a snapshot's
+temporary file) are opened before anything changes, so such an open raises
+``StorageTransientError`` with the storage untouched and usable; the driver retries with a
+bounded backoff. Any other I/O error stops the storage (``_failed``): after a failed write or
+fsync the state of the page cache is unknown.
+
 Durability: nothing is durable until ``sync()`` returns. Only the tail of the last segment can be
 torn (records are only appended there, and a segment is closed only after its last fsync), so a
 bad record there with nothing valid after it is a torn write and is truncated; any other bad
@@ -32,6 +39,7 @@ record is corruption and ``open`` raises ``StorageCorruptError`` (the daemon ref
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import gc
 import logging
@@ -93,6 +101,14 @@ class StorageError(RaftError):
     """A storage operation failed or was asked to break the log's invariants."""
 
 
+class StorageTransientError(StorageError):
+    """Out of file descriptors (EMFILE/ENFILE) while opening a file: nothing was changed; the
+    same call may be retried later (the caller backs off)."""
+
+
+_TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
+
+
 class StorageCorruptError(StorageError):
     """The data on disk is corrupt beyond a torn tail; the node must not start on it."""
 
@@ -130,14 +146,6 @@ def _wal_path(directory: Path, seq: int) -> Path:
 
 def _snap_path(directory: Path, index: int, term: int) -> Path:
     return directory / f"snap-{index:016x}-{term:016x}.snap"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -215,6 +223,21 @@ class LogStorage:
         self._hard_state = HardState()  # latest set (maybe not yet synced)
         self._written_hard_state = HardState()  # latest written to the current segment
         self._failed: str | None = None
+        self.transient_errors = 0  # opens refused for lack of file descriptors (retried)
+        self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)  # for fsyncs: see module doc
+
+    def _open_new(self, path: Path, flags: int) -> int:
+        """``os.open`` of a file the storage creates while running; EMFILE/ENFILE is transient."""
+        try:
+            return os.open(path, flags, 0o600)
+        except OSError as exc:
+            if exc.errno in _TRANSIENT_ERRNOS:
+                self.transient_errors += 1
+                raise StorageTransientError(f"cannot open {path} now: {exc.strerror}") from exc
+            raise
+
+    def _fsync_directory(self) -> None:
+        os.fsync(self._dir_fd)
 
     # --- opening and recovery -----------------------------------------------------------------
     @classmethod
@@ -289,6 +312,22 @@ class LogStorage:
         if not wal and snaps:
             raise StorageCorruptError(f"snapshots but no wal segments in {directory}")
         self = cls(directory, segment_bytes, lock_fd, snapshot.meta if snapshot else None)
+        try:
+            return self._finish_recovery(valid, wal, snapshot, leftovers)
+        except BaseException:
+            os.close(self._dir_fd)
+            if self._fd >= 0:
+                os.close(self._fd)
+            raise
+
+    def _finish_recovery(
+        self,
+        valid: list[tuple[int, int]],
+        wal: list[tuple[int, Path]],
+        snapshot: Snapshot | None,
+        leftovers: list[Path],
+    ) -> tuple[LogStorage, RecoveredState]:
+        directory = self._dir
         self._snap_files = sorted(valid)
         entries, conflict = self._replay([_Segment(seq, path) for seq, path in wal], snapshot)
         for path in leftovers:
@@ -490,8 +529,8 @@ class LogStorage:
         if not self._buf:
             return 0.0
         if self._size >= self._segment_bytes or (self._roll_at_next_sync and self._size > 0):
+            self._roll()  # StorageTransientError: nothing changed, the next sync rolls again
             self._roll_at_next_sync = False
-            self._roll()
         return self._sync_now()
 
     def _sync_now(self) -> float:
@@ -503,7 +542,7 @@ class LogStorage:
             started = time.perf_counter()
             _fsync_data(self._fd)
             if self._dir_dirty:
-                _fsync_dir(self._dir)
+                self._fsync_directory()
                 self._dir_dirty = False
             spent = time.perf_counter() - started
         except OSError as exc:  # after a failed fsync the page cache state is unknown: stop
@@ -520,7 +559,9 @@ class LogStorage:
         seq = self._segments[-1].seq + 1 if self._segments else 1
         path = _wal_path(self._dir, seq)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+            fd = self._open_new(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND)
+        except StorageTransientError:
+            raise
         except OSError as exc:
             self._failed = f"cannot create {path}: {exc}"
             raise StorageError(self._failed) from exc
@@ -599,7 +640,7 @@ class LogStorage:
         path = _snap_path(self._dir, meta.index, meta.term)
         tmp = path.with_name(path.name + ".tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = self._open_new(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             try:
                 _write_all(fd, head + encoded)
                 _write_all(fd, snapshot.data)
@@ -607,7 +648,9 @@ class LogStorage:
             finally:
                 os.close(fd)
             os.replace(tmp, path)
-            _fsync_dir(self._dir)
+            self._fsync_directory()
+        except StorageTransientError:
+            raise
         except OSError as exc:
             self._failed = f"cannot write snapshot {path}: {exc}"
             raise StorageError(self._failed) from exc
@@ -632,7 +675,7 @@ class LogStorage:
 
     def _sync_dir(self) -> None:
         try:
-            _fsync_dir(self._dir)
+            self._fsync_directory()
         except OSError as exc:
             self._failed = f"cannot fsync directory {self._dir}: {exc}"
             raise StorageError(self._failed) from exc
@@ -654,6 +697,9 @@ class LogStorage:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
         os.close(self._lock_fd)
         self._lock_fd = -1
 
@@ -673,4 +719,5 @@ __all__ = [
     "StorageCorruptError",
     "StorageError",
     "StorageFormatError",
+    "StorageTransientError",
 ]

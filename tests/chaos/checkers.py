@@ -343,3 +343,22 @@ def check_announcements(
         if problem:
             out.append(Violation("announcements", f"{label}: node {v.node_id} {problem}"))
     return out
+def check_no_unauthorized_membership_change(
+    observations: list[tuple[str, Any, Any]],
+) -> list[Violation]:
+    """No membership change without an authorized API request: around each attempt made without
+    one (the rogue member's hostile internal RPCs), the members -- ids, suffrage, drain state,
+    addresses -- read through the leader are the same before and after. An observation that could
+    not be read (None) is reported too: the check must not pass by not looking."""
+    out: list[Violation] = []
+    for what, before, after in observations:
+        if before is None or after is None:
+            out.append(Violation("unauthorized_membership", f"{what}: members could not be read"))
+        elif before != after:
+            out.append(
+                Violation(
+                    "unauthorized_membership",
+                    f"{what}: members changed without an authorized API request: {before} -> {after}",
+                )
+            )
+    return out

@@ -15,6 +15,13 @@ should run answers ``/status`` again before the next round. Faults:
 * ``remove_rejoin``: DELETE the member with force=true (recorded in the history: the removal purges
   the node's leases), stop it, and re-join it under the same id with a fresh data dir and a new
   join token.
+* ``rogue_member``: a node joins as a nonvoter with a join token (tests/rogue_member.py, in the
+  host namespace) and calls every internal RPC on every member with hostile arguments: removing
+  voters, draining them, rewriting their registry records, proposing tokens, pools and leases,
+  forwarding admin requests without a valid token, replaying its join. The members as seen by the
+  leader before and after the attack are recorded (``membership_observations``) for the checker
+  "no membership change without an authorized API request"; then the rogue removes itself (the
+  one change a member may ask for), or the admin removes it.
 
 The schedule is a pure function of the seed; wall-clock timing (and so the exact interleaving with
 the workload) is not, which is why a failing run keeps its whole history for offline re-checking.
@@ -44,6 +51,7 @@ FAULTS: dict[str, int] = {
     "drain": 2,
     "transfer": 2,
     "remove_rejoin": 1,
+    "rogue_member": 3,
 }
 
 
@@ -64,6 +72,8 @@ class Nemesis:
     rounds: int = 0
     problems: list[str] = field(default_factory=list)  # e.g. a node that never came back
     after_recovered: Callable[[], Awaitable[None]] | None = None  # a check after every heal
+    # (what, members before, members after) around each unauthorized attempt: see checkers.py
+    membership_observations: list[tuple[str, Any, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(f"{self.seed}/nemesis")
@@ -292,6 +302,70 @@ class Nemesis:
         except AssertionError as exc:
             self.problems.append(f"t={self.now():.1f}: node {node} not a voter after re-join: {exc}")
             self.log(f"WARN node {node} not a voter after re-join")
+
+    async def _members_view(self, exclude: int) -> Any:
+        """(nodeId, suffrage, drainState, raftAddress, apiAddress) of every member but ``exclude``, read
+        through the leader (consistent), or None when it cannot be read."""
+        status, body = await self._api("GET", "/api/v1/cluster/members?consistent=true")
+        if status != 200:
+            return None
+        rows = body["result"]
+        return sorted(
+            (m["nodeId"], m["suffrage"], m["drainState"], m["raftAddress"], m["apiAddress"])
+            for m in rows
+            if m["nodeId"] != exclude
+        )
+
+    async def _fault_rogue_member(self) -> None:
+        from quorumd.node.cluster.service import pack
+        from tests.rogue_member import RogueMember
+
+        rogue_id = self.rng.randrange(40, 64)
+        lid = await self._leader()
+        if not lid:
+            self.log("rogue_member skipped: no leader")
+            return
+        try:
+            token = await self._bg(self.cluster.mint, rogue_id)
+        except (ApiCallError, OSError, AssertionError) as exc:
+            self.log(f"rogue_member skipped: no join token ({exc})")
+            return
+        cluster_id = str((await self._bg(self.cluster.status, lid))["clusterId"])
+        port = self.rng.randrange(20000, 40000)
+        rogue = RogueMember(rogue_id, cluster_id, token, port, host=self.cluster.lab.host_addr)
+        try:
+            await rogue.start([f"{n.addr}:7000" for n in self.cluster.nodes.values()])
+            self.log(f"rogue member {rogue_id} joined as a nonvoter from {rogue.host}:{port}")
+            before = await self._members_view(rogue_id)
+            answered = await rogue.attack(sorted(self.cluster.nodes), sorted(self.cluster.nodes), "0" * 12)
+            after = await self._members_view(rogue_id)
+            self.membership_observations.append(
+                (f"rogue member {rogue_id} at t={self.now():.1f}", before, after)
+            )
+            self.log(
+                f"rogue member {rogue_id} attacked: {len(answered)} calls answered, "
+                f"members unchanged: {before == after}"
+            )
+            removed = ("error", b"")
+            for _ in range(10):  # bounded: the leader may move meanwhile
+                lead = await self._leader()
+                if lead:
+                    removed = await rogue.call(lead, "member.remove", pack([rogue_id]))
+                    if removed[0] == "ok":
+                        break
+                await asyncio.sleep(0.5)  # retry pacing of a bounded retry loop
+            self.log(f"rogue member {rogue_id} removes itself -> {removed[0]} {removed[1][:80]!r}")
+        except Exception as exc:  # a rogue that cannot even join is no violation; the cleanup below runs
+            self.log(f"rogue member {rogue_id} failed: {type(exc).__name__}: {exc}")
+        finally:
+            await rogue.close()
+        if not await self._removed(rogue_id, timeout=10.0):
+            status, body = await self._api(
+                "DELETE", f"/api/v1/cluster/members/{rogue_id}?force=true", timeout=30
+            )
+            self.log(f"admin removes rogue member {rogue_id} -> {status} {_short(body)}")
+            if not await self._removed(rogue_id):
+                self.problems.append(f"t={self.now():.1f}: rogue member {rogue_id} could not be removed")
 
 
 def _short(body: Any) -> str:

@@ -38,6 +38,7 @@ from tests.chaos.checkers import (
     check_exclusive,
     check_fence_logs,
     check_fenced_silent,
+    check_no_unauthorized_membership_change,
 )
 from tests.chaos.history import History, LeaseObs
 from tests.chaos.linearizability import LinearizabilityReport, check_history
@@ -168,6 +169,7 @@ def run_chaos(cfg: RunConfig) -> RunResult:
                 if n.log_path.exists()
             }
         )
+        result.violations += check_no_unauthorized_membership_change(nemesis.membership_observations)
         _say(f"checking linearizability of {len(history.ops)} ops")
         lin = check_history(history, budget_seconds=cfg.linearizability_budget_seconds)
         result.linearizability = lin
@@ -179,6 +181,7 @@ def run_chaos(cfg: RunConfig) -> RunResult:
             "ops": history.summary(),
             "nemesis_rounds": nemesis.rounds,
             "nemesis_problems": nemesis.problems,
+            "rogue_member_attacks": len(nemesis.membership_observations),
             "linearizability": lin.describe(),
             "final_leases": None if final is None else len(final),
             "speaker_samples": len(samples),

@@ -1,0 +1,215 @@
+"""The internal RPCs served on the cluster port, and who may call them (one place for the rule).
+
+Only members reach these handlers: the transport admits a connection only when its certificate is
+pinned in the replicated state, and passes each handler the node id that certificate proves
+(``from_id``). Membership alone confers no authority over the cluster: a node that joined as a
+nonvoter with nothing but a join token must not be able to remove, drain or promote anyone, mint
+tokens or change pools. So every RPC is one of two kinds:
+
+* it carries the authority of an API request: the client's bearer token travels with the request
+  and the receiving leader checks it against its own replica, exactly as for a direct call; or
+* it lets the caller act on itself only (its own departure, drain confirmation, registry record),
+  or changes nothing.
+
+Per RPC (``from_id``: the caller's certificate-proven node id):
+
+``api.forward`` -- any member. Runs one API request a follower received, with that client's
+    token, through the same pipeline as a direct request (authentication, role, validation). No
+    token or a bad token: 401, nothing runs. Forwarded once at most (``hops``): a non-leader
+    answers 503. Failed tokens it relays are counted by the failed-authentication limiter under
+    ``member:<from_id>``, like a client address.
+``node.propose`` -- any member, about itself only: ``RegisterNodeInfo`` (its own API address and
+    binary version), ``MarkNodeLeft`` (its own graceful-stop flag), and ``SetDrain`` from
+    ``draining`` to ``drained`` with no deadline, only while the registry has it draining without
+    a deadline (the confirmation of a synchronous drain an admin started). Any other command, or
+    one naming another node: refused (403), nothing proposed.
+``member.remove`` -- any member, to remove itself only (the payload's node id must be
+    ``from_id``). Used by a leader that was asked, through the API, to remove itself: it hands
+    leadership over and asks the new leader to remove it; the admin's request was authorized on
+    the old leader. Asking to remove any other node: refused (403). While it answers, the new
+    leader keeps the caller's pin, so the answer is delivered before the connection closes.
+``node.wait_applied`` -- any member. Waits (at most ``WAIT_APPLIED_MAX_SECONDS``) until this node
+    has applied a given index and answers its applied index. Changes nothing. A leader uses it
+    to make a token revocation (or creation) visible on every live member before it answers.
+``join.forward`` -- any member. Relays a join request (and the joiner's certificate, whose key
+    the relaying member's transport saw proven) to the leader, which verifies the join token
+    itself: HMAC with the cluster's join key, this cluster, the node id, expiry, single use, and
+    that the certificate carries the node id and matches the token's request. Without a valid
+    unused join token minted by an admin, nothing changes. The joiner's protocol version travels
+    with it (a joiner older than the log's recorded protocol is refused).
+``node.info`` -- any member. Answers this node's protocol and binary versions; changes nothing.
+    (A build that does not serve it is protocol 1.)
+``member.address`` -- any member, about itself only: announces the cluster and API addresses it
+    now listens on after a restart elsewhere; the payload's node id must be ``from_id``
+    (refused otherwise, nothing changes). The leader validates the addresses as the config keys
+    are validated and records them through the log; other members answer with the leader's id
+    and address, and dial the caller at the announced address (a local hint, still pin-checked).
+
+The join channel (a different ALPN on the same port) is the only one open to non-members: the
+joiner proves possession of its key and presents a join token, checked as for ``join.forward``.
+Raft messages travel on their own channel, also only from pinned members.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from quorumd.api.errors import ApiError
+from quorumd.api.ports import DrainState, ForwardedRequest, ForwardedResponse
+from quorumd.node.cluster.addresses import ADDRESS_RPC
+from quorumd.node.cluster.operations import ClusterNode
+from quorumd.node.cluster.service import pack, unpack
+from quorumd.node.registry.commands import MarkNodeLeft, RegisterNodeInfo, SetDrain, decode_command
+from quorumd.raft.core.types import ConfChange, ConfChangeType
+
+log = logging.getLogger(__name__)
+
+WAIT_APPLIED_MAX_SECONDS = 5.0
+RpcHandler = Callable[[int, bytes], Awaitable[bytes]]
+
+
+class RpcRegistrar(Protocol):
+    def register_rpc(self, method: str, handler: RpcHandler) -> None: ...
+    def register_join_handler(self, handler: Callable[[bytes, bytes], Awaitable[bytes]]) -> None: ...
+
+
+ForwardDispatch = Callable[[ForwardedRequest, str], Awaitable[ForwardedResponse]]
+
+
+def forbidden(message: str) -> ApiError:
+    return ApiError(403, "forbidden", message)
+
+
+async def node_propose(node: ClusterNode, from_id: int, payload: bytes) -> bytes:
+    """``node.propose``: a member announces a fact about itself (see the module docstring)."""
+    try:
+        cmd = decode_command(payload)
+    except Exception as exc:  # any undecodable payload is a refusal, never a crash
+        raise ApiError(400, "bad_request", "undecodable command") from exc
+    if not isinstance(cmd, RegisterNodeInfo | MarkNodeLeft | SetDrain) or cmd.node_id != from_id:
+        name = type(cmd).__name__
+        log.warning("internal_rpc_refused method=node.propose node=%d command=%s", from_id, name)
+        raise forbidden("members may only announce their own state")
+    if isinstance(cmd, SetDrain):
+        if cmd.state != DrainState.DRAINED or cmd.deadline_ts is not None:
+            log.warning("internal_rpc_refused method=node.propose node=%d command=SetDrain", from_id)
+            raise forbidden("a member may only confirm its own synchronous drain")
+        m = node.sm.member(from_id)
+        if (m is None or m.drain_state != DrainState.DRAINING) and node.is_leader():
+            # A leader that just took over (a drained leader's hand-off) may not have applied
+            # the member's "draining" yet: it was committed in the previous term and is only
+            # known committed here once this term's first entry commits. Judge on the full
+            # state, else the confirmation is refused and the drain waits out a timeout.
+            await node.linearizable_barrier()
+            m = node.sm.member(from_id)
+        # drain confirmation: only draining (no deadline) -> drained
+        if m is None or m.drain_state != DrainState.DRAINING or m.drain_deadline is not None:
+            return pack(False)
+    if not node.is_leader():
+        raise ApiError(503, "no_leader", "not the leader")
+    await node.propose(cmd)
+    # The caller waits until its own replica applies this: send the commit index now rather
+    # than after the lazy-broadcast delay (as the api.forward handler does).
+    node.d.flush_commit_broadcast()
+    return pack(True)
+
+
+async def member_remove(node: ClusterNode, from_id: int, payload: bytes) -> bytes:
+    """``member.remove``: the caller asks the leader to remove the caller itself."""
+    try:
+        (node_id,) = unpack(payload)
+        node_id = int(node_id)
+    except Exception as exc:
+        raise ApiError(400, "bad_request", "member.remove takes [node_id]") from exc
+    if node_id != from_id:
+        log.warning("internal_rpc_refused method=member.remove node=%d target=%s", from_id, node_id)
+        raise forbidden("a member may only ask to remove itself")
+    if not node.is_leader():
+        raise ApiError(503, "no_leader", "not the leader")
+    with node.pin_kept(from_id):  # the answer goes out before the caller's connections close
+        res = await node.change_membership(ConfChange(ConfChangeType.REMOVE, node_id))
+    if not res.ok:
+        raise ApiError(409, res.error or "conflict", res.message)
+    log.info("member_removed node_id=%d by_request_of=%d", node_id, from_id)
+    return pack(True)
+
+
+async def wait_applied(node: ClusterNode, from_id: int, payload: bytes) -> bytes:
+    """``node.wait_applied``: answer once this node has applied ``index`` (bounded)."""
+    try:
+        index, timeout = unpack(payload)
+        index, timeout = int(index), float(timeout)
+    except Exception as exc:
+        raise ApiError(400, "bad_request", "node.wait_applied takes [index, timeout]") from exc
+    if not timeout >= 0:  # also NaN
+        raise ApiError(400, "bad_request", "bad timeout")
+    timeout = min(timeout, WAIT_APPLIED_MAX_SECONDS)
+    await node.wait_state(lambda: node.sm.applied_index >= index, timeout)
+    return pack(node.sm.applied_index)
+
+
+def _api_errors_as_remote(fn: RpcHandler) -> RpcHandler:
+    async def handler(from_id: int, payload: bytes) -> bytes:
+        try:
+            return await fn(from_id, payload)
+        except ApiError as exc:
+            raise RuntimeError(f"{exc.code}: {exc.message}") from exc
+
+    return handler
+
+
+def register_internal_rpcs(
+    transport: RpcRegistrar,
+    node: ClusterNode,
+    dispatch_forwarded: ForwardDispatch,
+    after_forward: Callable[[], Any] = lambda: None,
+) -> None:
+    """Serve every internal RPC of the module docstring on ``transport``.
+
+    ``dispatch_forwarded(request, source)`` runs a forwarded API request (the API's pipeline);
+    ``after_forward`` runs after each (the daemon flushes the commit index to the followers)."""
+
+    async def api_forward(from_id: int, payload: bytes) -> bytes:
+        try:
+            method, path, query, body, token, hops = unpack(payload)
+            req = ForwardedRequest(
+                str(method),
+                str(path),
+                tuple((str(k), str(v)) for k, v in query) if query else (),
+                bytes(body),
+                str(token),
+                int(hops),
+            )
+        except Exception as exc:
+            raise RuntimeError("bad_request: malformed forwarded request") from exc
+        resp = await dispatch_forwarded(req, f"member:{from_id}")
+        # The caller waits until its replica has applied resp.applied_index: tell it the commit
+        # index now instead of after the lazy-broadcast delay.
+        after_forward()
+        headers = [list(h) for h in resp.headers] if resp.headers else []
+        return pack([resp.status, resp.body, headers, resp.applied_index])
+
+    async def join_forward(from_id: int, payload: bytes) -> bytes:
+        try:
+            inner, der = unpack(payload)
+            req = unpack(bytes(inner))
+            token, node_id, ctx = str(req["token"]), int(req["node_id"]), bytes(req["context"])
+            protocol = int(req.get("protocol_version", 1))  # absent: the baseline build (1)
+            der = bytes(der)
+        except Exception as exc:
+            raise RuntimeError("bad_request: malformed join.forward") from exc
+        return await node.join_forwarded(from_id, token, node_id, ctx, der, protocol)
+
+    transport.register_rpc("api.forward", api_forward)
+    transport.register_rpc("node.propose", _api_errors_as_remote(lambda f, p: node_propose(node, f, p)))
+    transport.register_rpc("member.remove", _api_errors_as_remote(lambda f, p: member_remove(node, f, p)))
+    transport.register_rpc("node.wait_applied", _api_errors_as_remote(lambda f, p: wait_applied(node, f, p)))
+    transport.register_rpc("join.forward", join_forward)
+    transport.register_rpc("node.info", node.versions.rpc_node_info)
+    transport.register_rpc(ADDRESS_RPC, node.rpc_member_address)  # moves the caller only
+    transport.register_join_handler(node.handle_join)
+
+
+__all__ = ["WAIT_APPLIED_MAX_SECONDS", "register_internal_rpcs"]
