@@ -773,8 +773,8 @@ async def test_slowloris_head_is_dropped() -> None:
     s = await _serve(keepalive_timeout=0.5)
     loop = asyncio.get_running_loop()
     try:
+        started = loop.time()  # before the connection exists: the server's deadline starts later
         reader, writer = await connect(s.port)
-        started = loop.time()
         eof = loop.create_task(read_to_eof(reader))
         try:
             await send(writer, b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Slow: ")
