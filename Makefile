@@ -58,7 +58,7 @@ compose-test: image
 
 # docs/operations.md's three-host systemd walk-through in three systemd containers.
 systemd-test: $(STAMP) dockerd
-	PYTHON=$(CURDIR)/$(BIN)/python deploy/image/build.sh wheels host
+	deploy/image/build.sh host
 	QUORUMD_DOCKER_TESTS=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_systemd_live.py
 
 clean:
