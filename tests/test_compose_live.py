@@ -25,6 +25,7 @@ when the test fails. Skipped unless ``QUORUMD_DOCKER_TESTS=1`` (``make compose-t
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,6 +102,10 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
     (tmp_path / "deploy").symlink_to(REPO / "deploy")
     remove_project(tmp_path)  # a run that was killed may have left its containers and volumes
     assert project_leftovers() == []
+    for port in (*API_PORT.values(), 9090):  # published by the compose file on 127.0.0.1
+        with socket.socket() as probe:
+            taken = probe.connect_ex(("127.0.0.1", port)) == 0
+        assert not taken, f"127.0.0.1:{port} is in use (a host Prometheus? `service prometheus stop`)"
     try:
         yield tmp_path
     finally:
