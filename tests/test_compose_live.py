@@ -172,6 +172,24 @@ def test_compose_walkthrough(workdir: Path) -> None:
         return up == ["node1:5002", "node2:5002", "node3:5002"]
 
     wait_for("Prometheus scraping the three nodes", targets_up, 90, interval=2)
+    for service in ("node1", "node2", "node3", "prometheus"):
+        cid = sh(f"{DC} ps -q {service}", cwd=cwd, timeout=30).stdout.strip()
+        info = json.loads(sh(f"docker inspect {cid}", timeout=30).stdout)[0]
+        host = info["HostConfig"]
+        assert host["ReadonlyRootfs"] and host["CapDrop"] == ["ALL"], (service, host)
+        assert info["Config"]["User"] in ("quorumd", "prometheus"), (service, info["Config"]["User"])
+        assert not info["Config"]["Image"].startswith(("docker.io", "prom/", "python")), info["Config"][
+            "Image"
+        ]
+        if service != "prometheus":  # the image's HEALTHCHECK: /healthz over HTTPS inside the container
+            wait_for(
+                f"{service} healthy",
+                lambda c=cid: (
+                    sh(f"docker inspect -f '{{{{.State.Health.Status}}}}' {c}", timeout=30).stdout.strip()
+                    == "healthy"
+                ),
+                60,
+            )
     groups = json.loads(sh(RULES, cwd=cwd, timeout=30).stdout)["data"]["groups"]
     alerts = {r["name"] for g in groups for r in g["rules"] if r["type"] == "alerting"}
     assert {"QuorumdNoLeader", "QuorumdNodeDown", "QuorumdFailureToleranceZero"} <= alerts, alerts
@@ -186,21 +204,27 @@ def test_compose_walkthrough(workdir: Path) -> None:
 
     # --- the leader's container killed, then started again -------------------------------------------
     leader = leader_of(1, cwd)
-    assert leader == 1, f"node {leader} leads after the bring-up; the docs kill node 1, the founder"
-    sh(KILL_NODE1, cwd=cwd, timeout=60)
+    kill, start = KILL_NODE1, START_NODE1
+    if leader != 1:  # rare (an election under load): the docs' commands, for the node that leads
+        print(f"node {leader} leads, not node 1: the docs' kill and start are run for node {leader}")
+        kill, start = (c.replace("node1", f"node{leader}") for c in (KILL_NODE1, START_NODE1))
+    survivors = [n for n in API_PORT if n != leader]
+    sh(kill, cwd=cwd, timeout=60)
     clock.mark("leader killed")
+    a, b = survivors
     new_leader = wait_for(
-        "a new leader among nodes 2 and 3", lambda: leader_of(2, cwd) in (2, 3) and leader_of(2, cwd), 60
+        "a new leader among the survivors", lambda: leader_of(a, cwd) in survivors and leader_of(a, cwd), 60
     )
-    wait_for("node 3 follows the same leader", lambda: leader_of(3, cwd) == new_leader, 30)
-    second = ctl_json(3, "leases allocate --pool ue --holder imsi-002", cwd=cwd, timeout=30)
-    wait_leases_everywhere([2, 3], {int(first["id"]), int(second["id"])}, cwd)
+    wait_for("both survivors follow the same leader", lambda: leader_of(b, cwd) == new_leader, 30)
+    second = ctl_json(b, "leases allocate --pool ue --holder imsi-002", cwd=cwd, timeout=30)
+    wait_leases_everywhere(survivors, {int(first["id"]), int(second["id"])}, cwd)
     clock.mark(f"node {new_leader} leads, writes continue")
-    sh(START_NODE1, cwd=cwd, timeout=60)
-    wait_for("node 1 back and following", lambda: leader_of(1, cwd) == new_leader, 90)
-    wait_for("node 1 rejoined: autopilot healthy", lambda: autopilot_tolerates_one(2, cwd), 90)
-    wait_leases_everywhere([1], {int(first["id"]), int(second["id"])}, cwd)
-    clock.mark("node 1 rejoined")
+    sh(start, cwd=cwd, timeout=60)
+    wait_for(f"node {leader} back and following", lambda: leader_of(leader, cwd) == new_leader, 90)
+    # the lease written while it was down reaches it: it rejoined and caught up
+    wait_leases_everywhere([leader], {int(first["id"]), int(second["id"])}, cwd)
+    wait_for("autopilot healthy, failure tolerance 1", lambda: autopilot_tolerates_one(a, cwd), 90)
+    clock.mark(f"node {leader} rejoined")
 
     # --- drain and resume of node 3 through its own port ----------------------------------------------
     out = sh(DRAIN3, cwd=cwd, timeout=60).stdout
