@@ -73,6 +73,7 @@ BRINGUP = (
 )
 INSTALL_TOKEN = "install -m 0640 -g quorumd node2.token /etc/quorumd/join.token && rm node2.token"  # q2
 SPENT = "sed -i '/join-token-file/d' /etc/quorumd/quorumd.yaml && rm /etc/quorumd/join.token"
+DELETE_MINTED = "rm -r join"
 CTL = (
     "quorumctl --endpoint https://10.0.0.1:5002 --cacert /var/lib/quorumd/tls/api.crt"
     " --token-file /var/lib/quorumd/admin.token"
@@ -88,7 +89,7 @@ SHOW_FAILED = "systemctl show quorumd -p ExecMainStatus -p NRestarts"
 JOURNAL_5 = "journalctl -u quorumd -n 5"
 DOC_COMMANDS = [
     BUILD_WHEELS, *INSTALL, INSTALL_CONFIG, ENABLE, JOURNAL, BRINGUP, INSTALL_TOKEN, ENABLE, SPENT,
-    MEMBERS, AUTOPILOT, READYZ, STATUS, WATCHDOG,
+    DELETE_MINTED, MEMBERS, AUTOPILOT, READYZ, STATUS, WATCHDOG,
     STOP, START,
     START, SHOW_FAILED, JOURNAL_5,
 ]  # fmt: skip
@@ -279,6 +280,8 @@ def test_systemd_walkthrough(hosts: None, tmp_path: Path) -> None:
         )
         assert on(node, "stat -c '%a %G' /etc/quorumd/quorumd.yaml").stdout.split() == ["640", "quorumd"]
         assert on(node, "test -e /etc/quorumd/join.token", check=False).returncode == 1
+    on(1, DELETE_MINTED)
+    assert on(1, "test -e join", check=False).returncode == 1
     clock.mark("q2 and q3 joined")
 
     # 7. checks
