@@ -10,8 +10,7 @@
 #   quorumd-host:bookworm      the same base with systemd as PID 1, a stand-in for a host in the
 #                              systemd walk-through (host.Dockerfile; only with the argument `host`)
 #
-# Usage: deploy/image/build.sh [images|wheels|host]...   (default: images; `wheels` only fills
-# build/image/wheels, which the systemd test installs from). Run from anywhere, as root
+# Usage: deploy/image/build.sh [images|host]...   (default: images). Run from anywhere, as root
 # (debootstrap). Needs docker (a running dockerd), debootstrap, and Debian's package mirror.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -31,7 +30,7 @@ build_base() {
   fi
   local rootfs
   rootfs="$(mktemp -d /var/tmp/quorumd-rootfs.XXXXXX)"
-  trap 'rm -rf "$rootfs"' RETURN
+  trap 'rm -rf "$rootfs"; trap - RETURN' RETURN
   log "debootstrap $suite into $rootfs"
   debootstrap --variant=minbase --include=python3,python3-venv "$suite" "$rootfs" "$mirror" >&2
   # Keep later apt-get installs small too: no documentation, man pages or translations.
@@ -55,15 +54,11 @@ NODOC
     - "$base" >/dev/null
 }
 
-build_wheels() {
+build_images() {
   rm -rf "$stage" && mkdir -p "$stage/wheels"
   log "pip wheel . -> $stage/wheels"
   "$python" -m pip wheel -q --disable-pip-version-check "$repo" -w "$stage/wheels" >&2
   cp "$repo/deploy/compose/bringup.py" "$stage/bringup.py"
-}
-
-build_images() {
-  build_wheels
   log "docker build quorumd:local"
   docker build -q -f "$here/quorumd.Dockerfile" -t quorumd:local "$stage" >/dev/null
   log "docker build quorumd-prometheus:local"
@@ -80,9 +75,8 @@ build_base
 for what in "${@:-images}"; do
   case "$what" in
     images) build_images ;;
-    wheels) build_wheels ;;
     host) build_host ;;
-    *) log "unknown target $what (images, wheels, host)"; exit 2 ;;
+    *) log "unknown target $what (images, host)"; exit 2 ;;
   esac
 done
 docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '^quorumd' >&2 || true
