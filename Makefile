@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck unit bgp-test upgrade-test soak bench bench-backup chaos clean
+.PHONY: venv demo test lint typecheck unit bgp-test upgrade-test soak bench bench-backup chaos clean dockerd image compose-test systemd-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -54,6 +54,23 @@ bench: $(STAMP)
 
 chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos --minutes 30
+
+# Deployment images, built offline (deploy/image/build.sh): a debootstrapped Debian base (reused once
+# built), quorumd:local from wheels of this checkout, quorumd-prometheus:local. Starts dockerd if needed.
+dockerd:
+	deploy/image/dockerd.sh
+
+image: $(STAMP) dockerd
+	PYTHON=$(CURDIR)/$(BIN)/python deploy/image/build.sh images
+
+# docs/operations.md's docker-compose walk-through against deploy/compose (see docs for its time).
+compose-test: image
+	QUORUMD_DOCKER_TESTS=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_compose_live.py
+
+# docs/operations.md's three-host systemd walk-through in three systemd containers.
+systemd-test: $(STAMP) dockerd
+	deploy/image/build.sh host
+	QUORUMD_DOCKER_TESTS=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_systemd_live.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .upgrade-cache

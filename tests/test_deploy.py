@@ -385,9 +385,25 @@ def test_compose_topology_and_node_configs(tmp_path: Path) -> None:
     init = " ".join(services["init"]["command"])
     assert "--node-ids=2,3" in init and "--out-dir=/join" in init
     assert "node1-data:/node1:ro" in services["init"]["volumes"]
-    dockerfile = (COMPOSE / "Dockerfile").read_text()
-    assert dockerfile.startswith("# ") and "FROM python:3.11-slim" in dockerfile
+    # Images are built offline (deploy/image/build.sh): the compose file never builds or pulls.
+    images = {name: svc.get("image") for name, svc in services.items()}
+    assert images == {
+        "node1": "quorumd:local",
+        "node2": "quorumd:local",
+        "node3": "quorumd:local",
+        "init": "quorumd:local",
+        "prometheus": "quorumd-prometheus:local",
+        "collector": "quorumd-collector:local",
+    }
+    assert all("build" not in svc for svc in services.values())
+    dockerfile = (DEPLOY / "image" / "quorumd.Dockerfile").read_text()
+    froms = re.findall(r"^FROM (\S+)", dockerfile, re.M)
+    assert dockerfile.startswith("# ") and set(froms) == {"quorumd-base:bookworm"}, froms
+    assert "--no-index" in dockerfile and "--find-links" in dockerfile
     assert "USER quorumd" in dockerfile and "HEALTHCHECK" in dockerfile and "/healthz" in dockerfile
+    for other in ("prometheus.Dockerfile", "host.Dockerfile", "collector.Dockerfile"):
+        text = (DEPLOY / "image" / other).read_text()
+        assert re.findall(r"^FROM (\S+)", text, re.M) == ["quorumd-base:bookworm"], other
 
 
 # --- bringup.py ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 # Route collector image of the compose `bgp` profile (BIRD 2 from Debian bookworm).
-FROM debian:bookworm-slim
+# The base is built by `make image` (deploy/image/build.sh), never pulled.
+FROM quorumd-base:bookworm
 RUN apt-get update && apt-get install -y --no-install-recommends bird2 && rm -rf /var/lib/apt/lists/* \
     && install -d -m 0755 /run/bird
 COPY deploy/compose/collector/bird.conf /etc/bird/bird.conf
