@@ -23,9 +23,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"quorumd: config error: {exc}", file=sys.stderr)
         return 2
-    from quorumd.node.daemon.datadir import disk_full_message
+    from quorumd.node.daemon.datadir import FatalError, disk_full_message
     from quorumd.node.daemon.logs import configure_logging
-    from quorumd.node.daemon.root import FatalError, main_async
+    from quorumd.node.daemon.root import main_async
 
     secrets = [cfg.cluster.join_token] if cfg.cluster.join_token else []
     configure_logging(cfg.log_level, cfg.log_format, cfg.node_id, secrets=secrets)

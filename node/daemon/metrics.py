@@ -39,6 +39,7 @@ from prometheus_client.process_collector import ProcessCollector
 from quorumd.api.metrics import LoopHistogram
 from quorumd.node.daemon.backupmetrics import BackupMetrics
 from quorumd.node.daemon.node_collector import DRAIN_STATES, RAFT_STATES, NodeCollector, NodeView
+from quorumd.raft.aio.transport import TransportStats
 
 __all__ = [
     "API_METRIC_NAMES",
@@ -77,6 +78,7 @@ class Metrics:
 
     def __init__(self, version: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._transport_seen: dict[str, int] = {}
         r = self.registry
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
@@ -199,6 +201,25 @@ class Metrics:
 
     def count_snapshot(self) -> None:
         self.raft_snapshots.inc()
+
+    def absorb_transport_stats(self, stats: TransportStats) -> None:
+        """Move the transport's plain counters (refusals by reason, dropped and malformed frames)
+        into the Prometheus counters, by the increase since the last call."""
+        seen = self._transport_seen
+        for reason, count in list(stats.refused_connections.items()):
+            delta = count - seen.get(f"refused:{reason}", 0)
+            if delta > 0:
+                label = reason if _REASON_RE.fullmatch(reason) else "other"
+                self.transport_refused_connections.labels(label).inc(delta)
+                seen[f"refused:{reason}"] = count
+        dropped = stats.frames_dropped - seen.get("dropped", 0)
+        if dropped > 0:
+            self.count_dropped_frame(dropped)
+            seen["dropped"] = stats.frames_dropped
+        malformed = stats.malformed_frames - seen.get("malformed", 0)
+        if malformed > 0:
+            self.transport_malformed_frames.inc(malformed)
+            seen["malformed"] = stats.malformed_frames
 
     def count_storage_retry(self, what: str) -> None:
         self.storage_retries.labels(what=what).inc()

@@ -10,45 +10,45 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import secrets
-import signal
-import ssl
 import time
-import uuid
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 from quorumd.api.app import build_app
 from quorumd.api.errors import ApiError
 from quorumd.api.extensions import BackupArchive
-from quorumd.api.ports import DrainState
 from quorumd.api.server import ApiServer
 from quorumd.node.cluster import pki
 from quorumd.node.cluster.backup import take_archive
 from quorumd.node.cluster.operations import ClusterNode
 from quorumd.node.cluster.rpcs import register_internal_rpcs
-from quorumd.node.cluster.service import Identity, pack, unpack
+from quorumd.node.cluster.service import Identity
 from quorumd.node.config.schema import Config
 from quorumd.node.daemon.backups import BackupScheduler
 from quorumd.node.daemon.datadir import (
     FatalError,
-    NewerFormatError,
     disk_full_message,
     ensure_data_dir,
-    load_identity_files,
     read_node_file,
-    write_node_file,
 )
-from quorumd.node.daemon.gcpolicy import GcPolicy, HeapTrimmer, gc_paused
+from quorumd.node.daemon.gcpolicy import GcPolicy, HeapTrimmer
 from quorumd.node.daemon.metrics import Metrics
 from quorumd.node.daemon.node_collector import NodeView, node_view
-from quorumd.node.daemon.sdnotify import SdNotifier
+from quorumd.node.daemon.sdnotify import SdNotifier, install_signal_handlers
+from quorumd.node.daemon.startup import (
+    StartIdentity,
+    api_ssl_context,
+    api_url,
+    heap_trim_seconds,
+    join_cluster,
+    open_storage,
+    resolve_identity,
+    restore_state,
+    timing_for,
+)
 from quorumd.node.daemon.testhooks import ApplyTrace, LoopLagProbe, planted_bugs
 from quorumd.node.effects.gobgp import GoBgpSpeaker, SpeakerError, build_bgp_speaker
 from quorumd.node.effects.ran import WebhookRanNotifier
@@ -64,66 +64,19 @@ from quorumd.node.registry.commands import (
 )
 from quorumd.node.registry.state import (
     ApplyResult,
-    SnapshotError,
-    SnapshotFormatError,
     StateMachine,
-    check_snapshot_format,
 )
-from quorumd.node.version import PROTOCOL_VERSION, VERSION
+from quorumd.node.version import VERSION
 from quorumd.raft.aio.driver import DriverHooks, RaftDriver
-from quorumd.raft.aio.storage import LogStorage, RecoveredState, StorageError, StorageFormatError
-from quorumd.raft.aio.transport import ClusterTransport, JoinPinMismatch, join_call
+from quorumd.raft.aio.storage import LogStorage, RecoveredState
+from quorumd.raft.aio.transport import ClusterTransport
 from quorumd.raft.core.node import RaftCore
 from quorumd.raft.core.ready import CoreConfig, RaftError, SoftState
-from quorumd.raft.core.types import ConfChange, Entry, HardState, Role, Snapshot
+from quorumd.raft.core.types import ConfChange, Entry, HardState, Role
 
 log = logging.getLogger(__name__)
 
 _PEERS_CHANGED = (ConfChange, SetMemberAddress)  # applied entries after which the pins are re-read
-
-
-@dataclass(frozen=True, slots=True)
-class Timing:
-    tick_seconds: float
-    heartbeat_ticks: int
-    election_ticks: int
-
-
-def timing_for(cfg: Config) -> Timing:
-    hb = cfg.cluster.heartbeat_interval_seconds
-    tick = min(hb / 2.0, 0.025)
-    return Timing(tick, max(1, round(hb / tick)), max(2, round(cfg.cluster.election_timeout_seconds / tick)))
-
-
-def api_url(cfg: Config) -> str:
-    host = cfg.api.address
-    if host in ("0.0.0.0", "::", ""):
-        host = cfg.cluster.advertise_address.host
-    if ":" in host:
-        host = f"[{host}]"
-    return f"https://{host}:{cfg.api.port}"
-
-
-def heap_trim_seconds() -> float:
-    """How often the C heap is trimmed (node/daemon/gcpolicy.py): 30 s, or
-    ``QUORUMD_HEAP_TRIM_SECONDS`` (a measurement knob: ``inf`` turns trimming off)."""
-    try:
-        value = float(os.environ.get("QUORUMD_HEAP_TRIM_SECONDS", "30"))
-    except ValueError:
-        return 30.0
-    return value if value > 0 else 30.0
-
-
-# --- the daemon ---------------------------------------------------------------------------
-def check_state_format(raft_dir: Path, snapshot: Snapshot) -> None:
-    """The storage's hook (before it changes anything): a state snapshot in a newer format."""
-    try:
-        check_snapshot_format(snapshot.data)
-    except SnapshotFormatError as exc:
-        m = snapshot.meta
-        raise StorageFormatError(
-            raft_dir / f"snap-{m.index:016x}-{m.term:016x}.snap", exc.found, exc.known, "state snapshot"
-        ) from exc
 
 
 class Daemon:
@@ -136,6 +89,7 @@ class Daemon:
         self.metrics.set_source(self._node_view)
         self.timing = timing_for(cfg)
         self.node: ClusterNode | None = None
+        self.trace: ApplyTrace | None = None  # test-only (QUORUMD_TEST_APPLY_TRACE)
         self.transport: ClusterTransport | None = None
         self.driver: RaftDriver | None = None
         self.api_port = 0
@@ -146,7 +100,6 @@ class Daemon:
         self._last_addrs: dict[int, str] = {}
         self._founder = False
         self._tasks: list[asyncio.Task[Any]] = []
-        self._transport_seen: dict[str, int] = {}
         self.gc = GcPolicy()
         self.heap = HeapTrimmer(every_seconds=heap_trim_seconds())
         self.exit_code = 0
@@ -166,9 +119,39 @@ class Daemon:
         return self.exit_code
 
     async def _start(self, stack: AsyncExitStack) -> None:
-        cfg = self.cfg
-        for note in cfg.notes:
+        """Each step of the start, in order; each pairs what it opens with its cleanup."""
+        for note in self.cfg.notes:
             log.info("config_note %s", note)
+        storage, recovered, ident = await self._open_state(stack)
+        node = await self._start_node(stack, ident, recovered)
+        if not recovered.entries and recovered.snapshot is None and recovered.hard_state.term == 0:
+            if ident.claims is None:  # founding: the first configuration, written before anything runs
+                hs, entries = await asyncio.get_running_loop().run_in_executor(
+                    None, self._bootstrap, storage, node
+                )
+                recovered = RecoveredState(hs, None, entries)
+        core = self._raft_core(recovered)
+        transport = self._cluster_transport(ident, node)
+        driver = self._raft_driver(core, storage, node, transport)
+        if transport is not None:
+            transport.on_raft_peer_lost = driver.peer_connection_lost  # fast failover hint
+            self._register_rpcs(transport, node)
+            self.cluster_port = await transport.start(str(self.cfg.cluster.bind_address))
+            stack.push_async_callback(self._bounded, transport.close(), 5.0)
+        self.gc.settled()  # the replicated state is loaded: freeze it (see node/daemon/gcpolicy.py)
+        core.fast_forward_election()
+        driver.start().add_done_callback(self._on_driver_exit)
+        stack.push_async_callback(self._close_driver, driver)
+        if ident.claims is not None:
+            await self._join(ident.claims, node)
+        else:
+            await self._replay_local_log(node, core.commit_index)
+        await self._serve_api(stack, node)
+        await self._start_tasks(stack, node, transport)
+
+    async def _open_state(self, stack: AsyncExitStack) -> tuple[LogStorage, RecoveredState, StartIdentity]:
+        """The data dir, the stored Raft state and who this node is (restart, join or founding)."""
+        cfg = self.cfg
         meta = read_node_file(self.data_dir)  # before anything is written: see NewerFormatError
         ensure_data_dir(self.data_dir)
         if meta is not None and meta["node_id"] != cfg.node_id:
@@ -176,99 +159,46 @@ class Daemon:
                 f"data-dir {self.data_dir} belongs to node {meta['node_id']}, "
                 f"but cluster.node-id is {cfg.node_id}"
             )
-        loop = asyncio.get_running_loop()
-        try:
-            storage, recovered = await loop.run_in_executor(
-                None,
-                partial(
-                    LogStorage.open,
-                    self.data_dir / "raft",
-                    check_snapshot=partial(check_state_format, self.data_dir / "raft"),
-                ),
-            )
-        except StorageFormatError as exc:  # a newer build's data dir: refuse, change nothing
-            raise NewerFormatError(str(exc)) from exc
-        except StorageError as exc:  # corrupt beyond a torn tail, locked, unreadable: refuse to start
-            raise FatalError(f"cannot open the Raft state: {exc}") from exc
+        storage, recovered = await asyncio.get_running_loop().run_in_executor(
+            None, open_storage, self.data_dir
+        )
         stack.callback(storage.close)
         has_state = bool(recovered.entries) or recovered.snapshot is not None or recovered.hard_state.term > 0
-        claims: jointoken.JoinClaims | None = None
-        if has_state:
-            if meta is None:
-                raise FatalError(f"{self.data_dir}: Raft state present but node.json is missing")
-            cluster_id = str(meta["cluster_id"])
-            self._founder = bool(meta.get("founder"))
-            cert_pem, key_pem = load_identity_files(self.data_dir)
-            log.info("node_restart node=%d cluster=%s", cfg.node_id, cluster_id)
-        elif cfg.cluster.enabled and cfg.cluster.join_token is not None:
-            try:
-                claims = jointoken.parse_join_token(cfg.cluster.join_token)
-            except jointoken.JoinTokenError as exc:
-                raise FatalError(f"cluster.join-token: {exc}") from exc
-            if claims.node_id != cfg.node_id:
-                raise FatalError(f"join token is for node {claims.node_id}, this is node {cfg.node_id}")
-            cluster_id = claims.cluster_id
-            tls = self.data_dir / "tls"
-            if (
-                meta is not None
-                and meta.get("cluster_id") == cluster_id
-                and (tls / "node.crt").exists()
-                and (tls / "node.key").exists()
-            ):
-                # A join that was cut short (the process died before any Raft state was stored):
-                # keep the identity the leader may already have registered, so that a leader
-                # that accepts retries by the same certificate can recognise this node.
-                cert_pem, key_pem = load_identity_files(self.data_dir)
-                log.info("join_retry node=%d cluster=%s (identity kept)", cfg.node_id, cluster_id)
-            else:
-                cert_pem, key_pem = self._new_identity(cluster_id, founder=False)
-        else:
-            cluster_id = uuid.uuid4().hex
-            cert_pem, key_pem = self._new_identity(cluster_id, founder=True)
-            self._founder = True
-        fp = pki.fingerprint(pki.pem_to_der(cert_pem))
+        ident = resolve_identity(cfg, meta, has_state=has_state)
+        self._founder = ident.founder
+        return storage, recovered, ident
+
+    async def _start_node(
+        self, stack: AsyncExitStack, ident: StartIdentity, recovered: RecoveredState
+    ) -> ClusterNode:
+        """The node over the restored state, with its BGP speaker and the test-only apply trace."""
+        cfg = self.cfg
         identity = Identity(
             node_id=cfg.node_id,
-            cluster_id=cluster_id,
+            cluster_id=ident.cluster_id,
             version=VERSION,
             raft_address=str(cfg.cluster.advertise_address),
             api_address=api_url(cfg),
-            fingerprint=fp,
-            cert_pem=cert_pem.decode(),
+            fingerprint=pki.fingerprint(pki.pem_to_der(ident.cert_pem)),
+            cert_pem=ident.cert_pem.decode(),
         )
-        sm = StateMachine()
-        if recovered.snapshot is not None:
-            try:
-                with gc_paused():
-                    sm.restore(recovered.snapshot.data)
-            except SnapshotFormatError as exc:
-                snap = recovered.snapshot.meta
-                snap_file = self.data_dir / "raft" / f"snap-{snap.index:016x}-{snap.term:016x}.snap"
-                raise NewerFormatError(
-                    f"{snap_file} holds a state snapshot in format version {exc.found}; this build reads "
-                    f"up to version {exc.known} (run a newer build on this data dir)"
-                ) from exc
-            except SnapshotError as exc:
-                snap = recovered.snapshot.meta
-                raise FatalError(
-                    f"stored snapshot {snap.index}/{snap.term} is not a valid state: {exc}"
-                ) from exc
-        node = self._build_node(identity, sm)
-        if isinstance(node.bgp, GoBgpSpeaker):  # SPEC 16: a supervised gobgpd, stopped with us
+        node = self._build_node(identity, restore_state(self.data_dir, recovered.snapshot))
+        if isinstance(node.bgp, GoBgpSpeaker):  # a supervised gobgpd, stopped with us
             try:
                 await node.bgp.open()
             except (SpeakerError, OSError) as exc:
                 raise FatalError(f"bgp.speaker gobgp: {exc}") from exc
             stack.push_async_callback(self._bounded, node.bgp.close(2.0), 5.0)
         self.node = node
-        trace = ApplyTrace.from_env(cfg.node_id, node)
-        if trace is not None:
-            stack.callback(trace.close)
+        self.trace = ApplyTrace.from_env(cfg.node_id, node)
+        if self.trace is not None:
+            stack.callback(self.trace.close)
             if recovered.snapshot is not None:
-                trace.restored("R", recovered.snapshot.meta.index, recovered.snapshot.data)
-        if not has_state and claims is None:
-            hs, entries = await loop.run_in_executor(None, self._bootstrap, storage, node)
-            recovered = RecoveredState(hs, None, entries)
+                self.trace.restored("R", recovered.snapshot.meta.index, recovered.snapshot.data)
+        return node
+
+    def _raft_core(self, recovered: RecoveredState) -> RaftCore:
+        cfg = self.cfg
         core_config = CoreConfig(
             node_id=cfg.node_id,
             election_ticks=self.timing.election_ticks,
@@ -278,7 +208,7 @@ class Daemon:
             **planted_bugs(),
         )
         try:
-            core = RaftCore(
+            return RaftCore(
                 core_config,
                 random.Random(secrets.randbits(64)),
                 hard_state=recovered.hard_state,
@@ -287,26 +217,33 @@ class Daemon:
             )
         except RaftError as exc:  # e.g. a stored commit index beyond the stored log
             raise FatalError(f"inconsistent Raft state in {self.data_dir / 'raft'}: {exc}") from exc
-        transport: ClusterTransport | None = None
-        if cfg.cluster.enabled:
-            transport = ClusterTransport(
-                node_id=cfg.node_id,
-                cluster_id=cluster_id,
-                cert_pem=cert_pem,
-                key_pem=key_pem,
-                pins={},
-                addresses={},
-                on_raft_frame=self._on_raft_frame,
-            )
-            self.transport = transport
-            node.set_rpc(transport.rpc)
+
+    def _cluster_transport(self, ident: StartIdentity, node: ClusterNode) -> ClusterTransport | None:
+        if not self.cfg.cluster.enabled:
+            return None
+        transport = ClusterTransport(
+            node_id=self.cfg.node_id,
+            cluster_id=ident.cluster_id,
+            cert_pem=ident.cert_pem,
+            key_pem=ident.key_pem,
+            pins={},
+            addresses={},
+            on_raft_frame=self._on_raft_frame,
+        )
+        self.transport = transport
+        node.set_rpc(transport.rpc)
+        return transport
+
+    def _raft_driver(
+        self, core: RaftCore, storage: LogStorage, node: ClusterNode, transport: ClusterTransport | None
+    ) -> RaftDriver:
         driver = RaftDriver(
             core,
             storage,
-            trace if trace is not None else node,
+            self.trace if self.trace is not None else node,
             transport.send if transport else (lambda _to, _frame: True),
             tick_seconds=self.timing.tick_seconds,
-            snapshot_threshold=cfg.cluster.snapshot_threshold,
+            snapshot_threshold=self.cfg.cluster.snapshot_threshold,
             hooks=DriverHooks(
                 on_soft_state=self._on_soft_state,
                 on_fsync=self.metrics.observe_fsync,
@@ -321,23 +258,10 @@ class Daemon:
         node.add_apply_listener(self._after_apply)
         node.on_pins_changed = self._update_pins
         self._update_pins()
+        return driver
 
-        if transport is not None:
-            transport.on_raft_peer_lost = driver.peer_connection_lost  # fast failover hint
-            self._register_rpcs(transport, node)
-            self.cluster_port = await transport.start(str(cfg.cluster.bind_address))
-            stack.push_async_callback(self._bounded, transport.close(), 5.0)
-        self.gc.settled()  # the replicated state is loaded: freeze it (see node/daemon/gcpolicy.py)
-        core.fast_forward_election()
-        driver.start().add_done_callback(self._on_driver_exit)
-        stack.push_async_callback(self._close_driver, driver)
-
-        if claims is not None:
-            await self._join(claims, node, transport)
-        else:
-            await self._replay_local_log(node, core.commit_index)
-
-        # API server
+    async def _serve_api(self, stack: AsyncExitStack, node: ClusterNode) -> None:
+        cfg = self.cfg
         app = build_app(
             node,
             node_id=cfg.node_id,
@@ -347,11 +271,19 @@ class Daemon:
         )
         self.app = app
         api_server = ApiServer(app, max_connections=cfg.api.max_connections)
-        self.api_port = await api_server.start(cfg.api.address, cfg.api.port, ssl_context=self._api_ssl())
+        self.api_port = await api_server.start(
+            cfg.api.address, cfg.api.port, ssl_context=api_ssl_context(cfg)
+        )
         stack.push_async_callback(self._bounded, api_server.close(), 5.0)
         log.info("api_listening node=%d address=%s port=%d", cfg.node_id, cfg.api.address, self.api_port)
 
-        seeds = [str(p) for p in cfg.cluster.peers]  # SPEC 17: where to look when restarted elsewhere
+    async def _start_tasks(
+        self, stack: AsyncExitStack, node: ClusterNode, transport: ClusterTransport | None
+    ) -> None:
+        """The node's long-running loops, then its side effects (RAN notifier, BGP speaker)."""
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        seeds = [str(p) for p in cfg.cluster.peers]  # where to look when restarted elsewhere
         for coro, name in (
             (node.reconcile_loop(), "reconcile"),
             (node.fence_loop(), "fence"),
@@ -360,25 +292,16 @@ class Daemon:
             (node.keep_own_address(seeds, transport.rpc_at if transport else None), "own-address"),
             (self._ready_loop(), "ready"),
         ):
-            self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
+            self._tasks.append(loop.create_task(coro, name=name))
         if cfg.backup.dir is not None:
-            self._tasks.append(asyncio.get_running_loop().create_task(self._backups(node), name="backups"))
+            self._tasks.append(loop.create_task(self._backups(node), name="backups"))
         if (probe := LoopLagProbe.from_env()) is not None:
-            self._tasks.append(asyncio.get_running_loop().create_task(probe.run(), name="loop-probe"))
+            self._tasks.append(loop.create_task(probe.run(), name="loop-probe"))
         stack.push_async_callback(self._cancel_tasks)
         await node.ran.start()
         stack.push_async_callback(self._bounded, node.ran.close(), 3.0)
         if cfg.bgp.enabled:
             node.kick_drain_side_effects()
-
-    def _new_identity(self, cluster_id: str, *, founder: bool) -> tuple[bytes, bytes]:
-        ident = pki.generate_node_identity(self.cfg.node_id, cluster_id)
-        pki.write_private_file(self.data_dir / "tls" / "node.crt", ident.cert_pem)
-        pki.write_private_file(self.data_dir / "tls" / "node.key", ident.key_pem)
-        write_node_file(
-            self.data_dir, {"node_id": self.cfg.node_id, "cluster_id": cluster_id, "founder": founder}
-        )
-        return ident.cert_pem, ident.key_pem
 
     def _bootstrap(self, storage: LogStorage, node: ClusterNode) -> tuple[HardState, list[Entry]]:
         hs, entries = RaftCore.bootstrap_entries(self.cfg.node_id, node.member_context(None))
@@ -419,68 +342,13 @@ class Daemon:
         node.on_isolation = self.metrics.set_isolated
         return node
 
-    def _api_ssl(self) -> ssl.SSLContext:
-        cfg = self.cfg
-        if cfg.api.tls is not None:
-            cert, key = cfg.api.tls.cert, cfg.api.tls.key
-        else:
-            hosts = sorted({cfg.cluster.advertise_address.host, cfg.api.address} - {"0.0.0.0", "::"})
-            cert, key = pki.load_or_create_api_cert(self.data_dir / "tls", hosts)
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(str(cert), str(key))
-        return ctx
-
     # --- joining -------------------------------------------------------------------------------
-    async def _join(
-        self, claims: jointoken.JoinClaims, node: ClusterNode, transport: ClusterTransport | None
-    ) -> None:
-        assert transport is not None and self.cfg.cluster.join_token is not None
-        cfg = self.cfg
-        cert_pem, key_pem = load_identity_files(self.data_dir)
-        payload = pack(
-            {
-                "token": cfg.cluster.join_token,
-                "node_id": cfg.node_id,
-                "context": node.member_context(claims.token_id),
-                "protocol_version": PROTOCOL_VERSION,  # absent (the baseline build): 1
-            }
-        )
-        addresses = list(dict.fromkeys([*claims.leader_addresses, *(str(p) for p in cfg.cluster.peers)]))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + cfg.cluster.join_timeout_seconds
-        attempt = 0
-        last_error = "no peer answered"
-        while loop.time() < deadline:
-            for addr in addresses:
-                try:
-                    raw = await join_call(
-                        addr, claims.leader_fingerprint, payload, cert_pem, key_pem, timeout=10.0
-                    )
-                    resp = unpack(raw)
-                except Exception as exc:  # network errors, pin mismatch: try the next peer
-                    last_error = f"{addr}: {type(exc).__name__}: {exc}"
-                    if isinstance(exc, JoinPinMismatch):  # fingerprints only: nothing secret
-                        log.warning(
-                            "join_attempt_failed address=%s error=JoinPinMismatch detail=%s", addr, exc
-                        )
-                    else:
-                        log.info("join_attempt_failed address=%s error=%s", addr, type(exc).__name__)
-                    continue
-                if resp.get("ok"):
-                    for nid, raddr, fp in resp["members"]:
-                        self._bootstrap_pins[int(nid)] = str(fp)
-                        self._bootstrap_addrs[int(nid)] = str(raddr)
-                    self._update_pins()
-                    log.info("join_accepted node=%d members=%d", cfg.node_id, len(resp["members"]))
-                    return
-                reason = str(resp.get("reason"))
-                if reason not in ("no_leader", "retry"):
-                    raise FatalError(f"join refused: {reason}: {resp.get('message')}")
-                last_error = f"{addr}: {reason}"
-            attempt += 1
-            await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
-        raise FatalError(f"could not join within {cfg.cluster.join_timeout_seconds:g}s: {last_error}")
+    async def _join(self, claims: jointoken.JoinClaims, node: ClusterNode) -> None:
+        members = await join_cluster(self.cfg, claims, node.member_context(claims.token_id))
+        for nid, raddr, fp in members:
+            self._bootstrap_pins[nid] = fp
+            self._bootstrap_addrs[nid] = raddr
+        self._update_pins()
 
     async def _replay_local_log(self, node: ClusterNode, commit: int) -> None:
         """Apply the locally known committed entries before the API serves anything.
@@ -663,7 +531,8 @@ class Daemon:
 
     def _node_view(self) -> NodeView | None:
         """One consistent view of the node for a Prometheus scrape (see node/daemon/node_collector.py)."""
-        self._export_transport_stats()
+        if self.transport is not None:
+            self.metrics.absorb_transport_stats(self.transport.stats)
         node, driver = self.node, self.driver
         if node is None or driver is None:
             return None
@@ -675,28 +544,6 @@ class Daemon:
         while True:
             self.heap.maybe_trim()
             await asyncio.sleep(1.0)
-
-    def _export_transport_stats(self) -> None:
-        """Move the transport's plain counters (refusals by reason, dropped and malformed frames)
-        into the Prometheus counters, by the increase since the last call."""
-        if self.transport is None:
-            return
-        stats, seen = self.transport.stats, self._transport_seen
-        for reason, count in list(stats.refused_connections.items()):
-            delta = count - seen.get(f"refused:{reason}", 0)
-            if delta > 0:
-                for _ in range(delta):
-                    self.metrics.count_refused_connection(reason)
-                seen[f"refused:{reason}"] = count
-        dropped = stats.frames_dropped - seen.get("dropped", 0)
-        if dropped > 0:
-            self.metrics.count_dropped_frame(dropped)
-            seen["dropped"] = stats.frames_dropped
-        malformed = stats.malformed_frames - seen.get("malformed", 0)
-        if malformed > 0:
-            for _ in range(malformed):
-                self.metrics.count_bad_message()
-            seen["malformed"] = stats.malformed_frames
 
     def _register_rpcs(self, transport: ClusterTransport, node: ClusterNode) -> None:
         """Who may call what: see node/cluster/rpcs.py."""
@@ -745,27 +592,7 @@ class Daemon:
             log.warning("cleanup_timeout")
 
 
-def install_signal_handlers(daemon: Daemon) -> None:
-    loop = asyncio.get_running_loop()
-    count = 0
-
-    def on_signal(signame: str) -> None:
-        nonlocal count
-        count += 1
-        if count > 1:
-            log.warning("second_signal_exit signal=%s", signame)
-            os._exit(1)
-        log.info("signal_received signal=%s", signame)
-        daemon.stop_event.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
-
-
 async def main_async(cfg: Config) -> int:
     daemon = Daemon(cfg)
-    install_signal_handlers(daemon)
+    install_signal_handlers(daemon.stop_event)
     return await daemon.run()
-
-
-__all__ = ["Daemon", "DrainState", "FatalError", "main_async"]

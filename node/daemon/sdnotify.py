@@ -1,4 +1,5 @@
-"""A minimal ``sd_notify(3)`` client: READY=1, WATCHDOG=1, STOPPING=1, STATUS=... to systemd.
+"""Talking to the service manager: signals, and a minimal ``sd_notify(3)`` client (READY=1,
+WATCHDOG=1, STOPPING=1, STATUS=... to systemd).
 
 ``SdNotifier.from_env()`` reads ``NOTIFY_SOCKET`` (a filesystem path, or ``@name`` for the abstract
 namespace) and ``WATCHDOG_USEC``/``WATCHDOG_PID``. Without ``NOTIFY_SOCKET`` (not under systemd, or
@@ -10,10 +11,15 @@ rather than blocking the event loop for longer. Environment variables are left i
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import signal
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SEND_TIMEOUT_SECONDS", "SdNotifier"]
 
@@ -94,3 +100,21 @@ def _positive_int(text: str | None) -> int | None:
         return None
     value = int(text)
     return value if value > 0 else None
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM/SIGINT set ``stop`` (a graceful stop); a second signal exits at once (code 1)."""
+    loop = asyncio.get_running_loop()
+    count = 0
+
+    def on_signal(signame: str) -> None:
+        nonlocal count
+        count += 1
+        if count > 1:
+            log.warning("second_signal_exit signal=%s", signame)
+            os._exit(1)
+        log.info("signal_received signal=%s", signame)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)

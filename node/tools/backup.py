@@ -33,7 +33,7 @@ from quorumd.api.ports import DrainState, TokenRole
 from quorumd.node.cluster import pki
 from quorumd.node.config.schema import Config
 from quorumd.node.daemon.datadir import ensure_data_dir, write_node_file
-from quorumd.node.daemon.root import api_url
+from quorumd.node.daemon.startup import api_url
 from quorumd.node.registry import apitoken
 from quorumd.node.registry.archive import Archive, ArchiveError, decode_archive
 from quorumd.node.registry.state import SNAPSHOT_VERSION, ApiToken, Member, SnapshotError, StateMachine

@@ -1,0 +1,235 @@
+"""The steps of a node's start that need no running node: storage, identity, state, TLS, joining.
+
+``open_storage`` opens the write-ahead log (refusing a newer build's data dir with exit 2 and a
+corrupt one with exit 1); ``resolve_identity`` decides whether this start is a restart, a join or
+a founding and loads or mints the node certificate accordingly; ``restore_state`` loads the
+stored snapshot into a ``StateMachine``; ``join_cluster`` runs the joiner's side of the join
+bootstrap against the leader the token names and the configured peers; ``api_ssl_context`` loads
+or generates the API certificate. The composition root (``root.py``) calls them in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import uuid
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from quorumd.node.cluster import pki
+from quorumd.node.cluster.service import pack, unpack
+from quorumd.node.config.schema import Config
+from quorumd.node.daemon.datadir import FatalError, NewerFormatError, load_identity_files, write_node_file
+from quorumd.node.daemon.gcpolicy import gc_paused
+from quorumd.node.registry import jointoken
+from quorumd.node.registry.state import (
+    SnapshotError,
+    SnapshotFormatError,
+    StateMachine,
+    check_snapshot_format,
+)
+from quorumd.node.version import PROTOCOL_VERSION
+from quorumd.raft.aio.storage import LogStorage, RecoveredState, StorageError, StorageFormatError
+from quorumd.raft.aio.transport import JoinPinMismatch, join_call
+from quorumd.raft.core.types import Snapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    tick_seconds: float
+    heartbeat_ticks: int
+    election_ticks: int
+
+
+def timing_for(cfg: Config) -> Timing:
+    hb = cfg.cluster.heartbeat_interval_seconds
+    tick = min(hb / 2.0, 0.025)
+    return Timing(tick, max(1, round(hb / tick)), max(2, round(cfg.cluster.election_timeout_seconds / tick)))
+
+
+def api_url(cfg: Config) -> str:
+    host = cfg.api.address
+    if host in ("0.0.0.0", "::", ""):
+        host = cfg.cluster.advertise_address.host
+    if ":" in host:
+        host = f"[{host}]"
+    return f"https://{host}:{cfg.api.port}"
+
+
+def heap_trim_seconds() -> float:
+    """How often the C heap is trimmed (node/daemon/gcpolicy.py): 30 s, or
+    ``QUORUMD_HEAP_TRIM_SECONDS`` (a measurement knob: ``inf`` turns trimming off)."""
+    try:
+        value = float(os.environ.get("QUORUMD_HEAP_TRIM_SECONDS", "30"))
+    except ValueError:
+        return 30.0
+    return value if value > 0 else 30.0
+
+
+# --- storage and state ------------------------------------------------------------------------
+def check_state_format(raft_dir: Path, snapshot: Snapshot) -> None:
+    """The storage's hook (before it changes anything): a state snapshot in a newer format."""
+    try:
+        check_snapshot_format(snapshot.data)
+    except SnapshotFormatError as exc:
+        m = snapshot.meta
+        raise StorageFormatError(
+            raft_dir / f"snap-{m.index:016x}-{m.term:016x}.snap", exc.found, exc.known, "state snapshot"
+        ) from exc
+
+
+def open_storage(data_dir: Path) -> tuple[LogStorage, RecoveredState]:
+    """Open ``<data-dir>/raft`` (blocking: run it in an executor)."""
+    raft_dir = data_dir / "raft"
+    try:
+        return LogStorage.open(raft_dir, check_snapshot=partial(check_state_format, raft_dir))
+    except StorageFormatError as exc:  # a newer build's data dir: refuse, change nothing
+        raise NewerFormatError(str(exc)) from exc
+    except StorageError as exc:  # corrupt beyond a torn tail, locked, unreadable: refuse to start
+        raise FatalError(f"cannot open the Raft state: {exc}") from exc
+
+
+def restore_state(data_dir: Path, snapshot: Snapshot | None) -> StateMachine:
+    """The replicated state of the stored snapshot (an empty one without)."""
+    sm = StateMachine()
+    if snapshot is None:
+        return sm
+    meta = snapshot.meta
+    try:
+        with gc_paused():
+            sm.restore(snapshot.data)
+    except SnapshotFormatError as exc:
+        snap_file = data_dir / "raft" / f"snap-{meta.index:016x}-{meta.term:016x}.snap"
+        raise NewerFormatError(
+            f"{snap_file} holds a state snapshot in format version {exc.found}; this build reads "
+            f"up to version {exc.known} (run a newer build on this data dir)"
+        ) from exc
+    except SnapshotError as exc:
+        raise FatalError(f"stored snapshot {meta.index}/{meta.term} is not a valid state: {exc}") from exc
+    return sm
+
+
+# --- identity ---------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class StartIdentity:
+    """Who this node is at this start: its cluster, its certificate, and how it starts."""
+
+    cluster_id: str
+    cert_pem: bytes
+    key_pem: bytes
+    founder: bool  # this node founded its cluster (now or at its first start)
+    claims: jointoken.JoinClaims | None = None  # set: this start joins with these claims
+
+
+def new_identity(data_dir: Path, node_id: int, cluster_id: str, *, founder: bool) -> tuple[bytes, bytes]:
+    ident = pki.generate_node_identity(node_id, cluster_id)
+    pki.write_private_file(data_dir / "tls" / "node.crt", ident.cert_pem)
+    pki.write_private_file(data_dir / "tls" / "node.key", ident.key_pem)
+    write_node_file(data_dir, {"node_id": node_id, "cluster_id": cluster_id, "founder": founder})
+    return ident.cert_pem, ident.key_pem
+
+
+def resolve_identity(cfg: Config, meta: dict[str, Any] | None, *, has_state: bool) -> StartIdentity:
+    """A restart (stored Raft state), a join (a join token and no state) or a founding."""
+    data_dir = cfg.data_dir
+    if has_state:
+        if meta is None:
+            raise FatalError(f"{data_dir}: Raft state present but node.json is missing")
+        cert_pem, key_pem = load_identity_files(data_dir)
+        log.info("node_restart node=%d cluster=%s", cfg.node_id, meta["cluster_id"])
+        return StartIdentity(str(meta["cluster_id"]), cert_pem, key_pem, bool(meta.get("founder")))
+    if cfg.cluster.enabled and cfg.cluster.join_token is not None:
+        try:
+            claims = jointoken.parse_join_token(cfg.cluster.join_token)
+        except jointoken.JoinTokenError as exc:
+            raise FatalError(f"cluster.join-token: {exc}") from exc
+        if claims.node_id != cfg.node_id:
+            raise FatalError(f"join token is for node {claims.node_id}, this is node {cfg.node_id}")
+        cluster_id = claims.cluster_id
+        tls = data_dir / "tls"
+        if (
+            meta is not None
+            and meta.get("cluster_id") == cluster_id
+            and (tls / "node.crt").exists()
+            and (tls / "node.key").exists()
+        ):
+            # A join that was cut short (the process died before any Raft state was stored):
+            # keep the identity the leader may already have registered, so that a leader
+            # that accepts retries by the same certificate can recognise this node.
+            cert_pem, key_pem = load_identity_files(data_dir)
+            log.info("join_retry node=%d cluster=%s (identity kept)", cfg.node_id, cluster_id)
+        else:
+            cert_pem, key_pem = new_identity(data_dir, cfg.node_id, cluster_id, founder=False)
+        return StartIdentity(cluster_id, cert_pem, key_pem, False, claims)
+    cluster_id = uuid.uuid4().hex
+    cert_pem, key_pem = new_identity(data_dir, cfg.node_id, cluster_id, founder=True)
+    return StartIdentity(cluster_id, cert_pem, key_pem, True)
+
+
+def api_ssl_context(cfg: Config) -> ssl.SSLContext:
+    """The API's TLS context: ``api.tls`` when configured, else a self-signed pair kept in the
+    data dir (generated once)."""
+    if cfg.api.tls is not None:
+        cert, key = cfg.api.tls.cert, cfg.api.tls.key
+    else:
+        hosts = sorted({cfg.cluster.advertise_address.host, cfg.api.address} - {"0.0.0.0", "::"})
+        cert, key = pki.load_or_create_api_cert(cfg.data_dir / "tls", hosts)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+# --- joining ----------------------------------------------------------------------------------
+async def join_cluster(
+    cfg: Config, claims: jointoken.JoinClaims, member_context: bytes
+) -> list[tuple[int, str, str]]:
+    """The joiner's side of the join bootstrap: ask the token's leader, then the configured
+    peers, until one admits this node (answers its members: ``(node id, raft address,
+    fingerprint)``), refuses it (``FatalError`` with the reason), or ``join-timeout`` passes."""
+    assert cfg.cluster.join_token is not None
+    cert_pem, key_pem = load_identity_files(cfg.data_dir)
+    payload = pack(
+        {
+            "token": cfg.cluster.join_token,
+            "node_id": cfg.node_id,
+            "context": member_context,
+            "protocol_version": PROTOCOL_VERSION,  # absent (the baseline build): 1
+        }
+    )
+    addresses = list(dict.fromkeys([*claims.leader_addresses, *(str(p) for p in cfg.cluster.peers)]))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + cfg.cluster.join_timeout_seconds
+    attempt = 0
+    last_error = "no peer answered"
+    while loop.time() < deadline:
+        for addr in addresses:
+            try:
+                raw = await join_call(
+                    addr, claims.leader_fingerprint, payload, cert_pem, key_pem, timeout=10.0
+                )
+                resp = unpack(raw)
+            except Exception as exc:  # network errors, pin mismatch: try the next peer
+                last_error = f"{addr}: {type(exc).__name__}: {exc}"
+                if isinstance(exc, JoinPinMismatch):  # fingerprints only: nothing secret
+                    log.warning("join_attempt_failed address=%s error=JoinPinMismatch detail=%s", addr, exc)
+                else:
+                    log.info("join_attempt_failed address=%s error=%s", addr, type(exc).__name__)
+                continue
+            if resp.get("ok"):
+                members = [(int(nid), str(raddr), str(fp)) for nid, raddr, fp in resp["members"]]
+                log.info("join_accepted node=%d members=%d", cfg.node_id, len(members))
+                return members
+            reason = str(resp.get("reason"))
+            if reason not in ("no_leader", "retry"):
+                raise FatalError(f"join refused: {reason}: {resp.get('message')}")
+            last_error = f"{addr}: {reason}"
+        attempt += 1
+        await asyncio.sleep(min(2.0, 0.1 * 2**attempt))  # backoff between rounds of attempts
+    raise FatalError(f"could not join within {cfg.cluster.join_timeout_seconds:g}s: {last_error}")
