@@ -406,8 +406,16 @@ def encode_and_decode(cmd: Command) -> tuple[bytes, Command]:
     if type(cmd) is AllocateLease:  # the write path: the same list _fields builds, directly
         data = pack([COMMAND_VERSION, _ALLOCATE, float(cmd.ts), cmd.pool, cmd.holder, cmd.node_id])
     elif isinstance(cmd, Audited):
-        data = pack([COMMAND_ENVELOPE_V2, OP_PROTOCOL[OpCode.AUDITED], int(OpCode.AUDITED), float(cmd.ts),
-                     cmd.note.wire(), _items(cmd.command)])
+        data = pack(
+            [
+                COMMAND_ENVELOPE_V2,
+                OP_PROTOCOL[OpCode.AUDITED],
+                int(OpCode.AUDITED),
+                float(cmd.ts),
+                cmd.note.wire(),
+                _items(cmd.command),
+            ]
+        )
     else:
         op, fields = _fields(cmd)
         needs = OP_PROTOCOL[op]

@@ -35,10 +35,11 @@ baseline follower can install it), and from protocol 2 on
 cluster_protocol_version]`` with each member's protocol version (or nil) appended to its row.
 This build writes v3 from protocol 2 on: the v2 list plus the audit trail
 ``[next_id, [[id, ts, *note], ...]]`` as a tenth element (v2 snapshots were written by builds
-before the audit trail: they restore with an empty trail). ``restore`` reads all three; a newer format raises ``SnapshotFormatError`` (the node refuses to
-start). It validates types and cross-references (sorted keys, join key with cluster id, ...) and
-replaces the state only when all of it is valid. A lease owner need not be a member (see
-``refound``: a restored state keeps the leases of ids that are not members yet).
+before the audit trail: they restore with an empty trail). ``restore`` reads all three; a
+newer format raises ``SnapshotFormatError`` (the node refuses to start). It validates types and
+cross-references (sorted keys, join key with cluster id, ...) and replaces the state only when
+all of it is valid. A lease owner need not be a member (see ``refound``: a restored state keeps
+the leases of ids that are not members yet).
 
 A NORMAL entry or member context written for a newer protocol raises
 ``EntryNeedsNewerProtocol`` with nothing changed (not even the applied index): the node must
@@ -96,8 +97,8 @@ from quorumd.node.registry.commands import (
     drain_to_code,
     pack,
     role_from_code,
-    split_audited_context,
     role_to_code,
+    split_audited_context,
     unpack,
 )
 from quorumd.node.registry.leases import Lease, LeaseTable, PoolInfo, Rejection, SnapshotError, rfc3339
