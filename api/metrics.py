@@ -1,7 +1,8 @@
 """Request metrics for the HTTP API, registered on the registry the node layer hands in.
 
-``quorumd_api_requests_total{method,route,status}`` and
-``quorumd_api_request_duration_seconds{method,route}``. ``route`` is the route template
+``quorumd_api_requests_total{method,route,status}``,
+``quorumd_api_request_duration_seconds{method,route}`` and
+``quorumd_api_auth_failures_total{reason}`` (refused requests, SPEC 11). ``route`` is the route template
 (``/api/v1/cluster/members/{id}``) or ``unmatched``; ``method`` is one of the standard HTTP
 methods or ``OTHER``, so clients cannot inflate label cardinality.
 
@@ -130,6 +131,18 @@ class ApiMetrics:
             ["method", "route"],
             registry,
         )
+
+        self.auth_failures = LoopCounter(
+            "quorumd_api_auth_failures_total",
+            "API requests refused by authentication or role (401, 403, 429), by reason.",
+            ["reason"],
+            registry,
+        )
+
+    def count_auth_failure(self, reason: str, source: str | None) -> None:
+        """One refused request (``reason``: missing_token, invalid_token, forbidden,
+        rate_limited); the pipeline has logged it with ``source``."""
+        self.auth_failures.inc((reason,))
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         m = method if method in _METHODS else "OTHER"

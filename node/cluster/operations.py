@@ -5,6 +5,12 @@ remove/promote/drain/resume (SPEC 5, 7), the join handler (SPEC 4), autopilot (S
 node-local drain side effects (RAN notification, BGP speaker stop, leadership hand-off), which
 every node runs for itself from the replicated registry, so they also run when a node comes
 back after being drained while down.
+
+Audit (SPEC 11, see ``quorumd.node.cluster.service``): removals and promotions carry their record
+in the ConfChange context (API calls as the token, autopilot's as the system), drains and resumes
+and the deadline watch's completions in an ``Audited`` entry, a join in its ConfChange context
+(system actor ``join``); a leadership transfer caused by a drain, a removal or a stop is recorded
+through the new leader once it is known (``record_transfer``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from quorumd.node.cluster.service import ClusterService, pack, unpack
 from quorumd.node.effects.bgp import BgpSpeaker
 from quorumd.node.effects.ran import RanNotifier
 from quorumd.node.registry import jointoken
+from quorumd.node.registry.audit import AuditAction, AuditNote, Scalar, SystemComponent, note_of
 from quorumd.node.registry.autopilot import Autopilot, AutopilotSettings, AutopilotView, ServerInput
 from quorumd.node.registry.commands import AllocateLease, ReleaseLease, SetDrain, decode_member_context
 from quorumd.node.registry.leases import Lease
@@ -58,6 +65,7 @@ class ClusterNode(ClusterService):
         self._side_effects: asyncio.Task[None] | None = None
         self._side_effects_again = False
         self._prefixes_dirty = True
+        self._transfers_recorded: set[tuple[int, int]] = set()  # (term, new leader): recorded once
         self.add_apply_listener(self._after_apply)
 
     def extra_status(self) -> dict[str, Any]:
@@ -178,7 +186,8 @@ class ClusterNode(ClusterService):
             # any member's. Confirming it locally first cost the hand-off a round: the target
             # must hold every entry before TimeoutNow (measured: ~3 ms more until the new
             # leader served writes, for ~3 ms less on the drain call itself).
-            await self.hand_off_leadership()
+            new = await self.hand_off_leadership()
+            await self.record_transfer(me, new, "drain", None)
         # Synchronous drain: confirm to the leader until it records "drained".
         attempt = 0
         while True:
@@ -231,6 +240,36 @@ class ClusterNode(ClusterService):
         log.info("leader_transfer_done new_leader=%d", new)
         return new if new != me else 0
 
+    async def record_transfer(self, old: int, new: int, reason: str, note: AuditNote | None) -> None:
+        """Record a completed leadership transfer (``new`` 0: none happened) through the new
+        leader. ``note``: the request's note that caused it (its actor, receiving node and source
+        are kept); None: the system component of ``reason`` (drain or shutdown). Best effort: a
+        transfer has happened whether or not its record commits (logged when it does not)."""
+        if new == 0 or new == old or not self.audit_enabled():
+            return
+        key = (self.d.core.term, new)
+        if key in self._transfers_recorded:
+            return
+        self._transfers_recorded = {key}
+        detail: dict[str, Scalar] = {"from": old, "to": new, "reason": reason}
+        if note is None:
+            component = SystemComponent.SHUTDOWN if reason == "stop" else SystemComponent.DRAIN
+            rec = self.system_note(component, AuditAction.LEADERSHIP_TRANSFER, "cluster", detail)
+        else:
+            rec = note_of(
+                AuditAction.LEADERSHIP_TRANSFER,
+                "cluster",
+                note.actor,
+                detail,
+                via_node_id=note.via_node_id,
+                source_address=note.source_address,
+                retention=note.retention,
+            )
+        try:
+            await self.record_event(rec)
+        except ApiError as exc:
+            log.warning("audit_transfer_unrecorded from=%d to=%d error=%s", old, new, exc.code)
+
     # --- NodeApi: membership operations ---------------------------------------------------
     def _need_member(self, node_id: int) -> Any:
         m = self.sm.member(node_id)
@@ -248,22 +287,27 @@ class ClusterNode(ClusterService):
         config = self.d.core.config
         if config.voters == frozenset({node_id}):
             raise ApiError(409, "last_voter", "cannot remove the last voter")
+        note = self.request_note(AuditAction.MEMBER_REMOVE, f"node:{node_id}", {"force": force})
         if node_id == self.identity.node_id:
             new_leader = await self.hand_off_leadership()
             if new_leader == 0:
                 raise ApiError(409, "last_voter", "no other healthy voter can take over leadership")
-            await self.call_member(new_leader, "member.remove", pack([node_id]), self.propose_timeout)
+            await self.record_transfer(node_id, new_leader, "remove", note)
+            payload = pack([node_id] if note is None else [node_id, self.audited_context(b"", note)])
+            await self.call_member(new_leader, "member.remove", payload, self.propose_timeout)
             return
-        res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, node_id))
+        context = self.audited_context(b"", note)
+        res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, node_id, context))
         if not res.ok:
             raise ApiError(409, res.error or "conflict", res.message)
         log.info("member_removed node_id=%d force=%s", node_id, force)
 
     async def rpc_member_remove(self, from_id: int, payload: bytes) -> bytes:
-        (node_id,) = unpack(payload)
+        node_id, *rest = unpack(payload)  # [id] or [id, audited context] (SPEC 11)
         if not self.is_leader():
             raise ApiError(503, "no_leader", "not the leader")
-        res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, int(node_id)))
+        context = bytes(rest[0]) if rest and from_id == int(node_id) else b""
+        res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, int(node_id), context))
         if not res.ok:
             raise ApiError(409, res.error or "conflict", res.message)
         log.info("member_removed node_id=%d by_request_of=%d", node_id, from_id)
@@ -284,7 +328,9 @@ class ClusterNode(ClusterService):
             if loop.time() >= deadline:
                 raise ApiError(409, "not_caught_up", f"node {node_id} is {lag} entries behind the leader")
             await asyncio.sleep(self.tick_seconds)  # polling the leader's progress view
-        res = await self.change_membership(ConfChange(ConfChangeType.PROMOTE, node_id))
+        note = self.request_note(AuditAction.MEMBER_PROMOTE, f"node:{node_id}")
+        context = self.audited_context(b"", note)
+        res = await self.change_membership(ConfChange(ConfChangeType.PROMOTE, node_id, context))
         if not res.ok:
             raise ApiError(409, res.error or "conflict", res.message)
         log.info("member_promoted node_id=%d", node_id)
@@ -293,12 +339,21 @@ class ClusterNode(ClusterService):
         m = self._need_member(node_id)
         if m.drain_state == DrainState.DRAINED:
             return DrainState.DRAINED
+        note = self.request_note(
+            AuditAction.MEMBER_DRAIN, f"node:{node_id}", {"deadlineSeconds": deadline_seconds}
+        )
+        handing_off = False
         if m.drain_state == DrainState.ACTIVE or deadline_seconds > 0 or m.drain_deadline is not None:
             deadline_ts = time.time() + deadline_seconds if deadline_seconds > 0 else None
             cmd = SetDrain(time.time(), node_id, DrainState.DRAINING, deadline_ts)
-            await self.propose(cmd, then=self._transfer_after(node_id))
+            then = self._transfer_after(node_id)
+            handing_off = then is not None
+            await self.propose_audited(cmd, note, then=then)
             log.info("member_draining node_id=%d deadline_seconds=%d", node_id, deadline_seconds)
         if deadline_seconds > 0:
+            if handing_off:
+                await self._wait_leadership_moved()
+                await self.record_transfer(node_id, self.leader_id(), "drain", note)
             return DrainState.DRAINING
         # Synchronous: the target runs its side effects and confirms through the leader.
         if node_id == self.identity.node_id:
@@ -312,6 +367,7 @@ class ClusterNode(ClusterService):
             )
         if node_id == self.identity.node_id:
             await self._wait_leadership_moved()
+            await self.record_transfer(node_id, self.leader_id(), "drain", note if handing_off else None)
         return DrainState.DRAINED
 
     def _transfer_after(self, node_id: int) -> Callable[[RaftCore], None] | None:
@@ -346,7 +402,8 @@ class ClusterNode(ClusterService):
     async def resume_member(self, node_id: int) -> None:
         m = self._need_member(node_id)
         if m.drain_state != DrainState.ACTIVE:
-            await self.propose(SetDrain(time.time(), node_id, DrainState.ACTIVE, None))
+            note = self.request_note(AuditAction.MEMBER_RESUME, f"node:{node_id}")
+            await self.propose_audited(SetDrain(time.time(), node_id, DrainState.ACTIVE, None), note)
             log.info("member_resumed node_id=%d", node_id)
 
     # --- autopilot ---------------------------------------------------------------------------
@@ -415,7 +472,10 @@ class ClusterNode(ClusterService):
             leases = self.sm.active_lease_count(m.node_id)
             if leases == 0 or now >= m.drain_deadline:
                 reason = "leases_released" if leases == 0 else "deadline"
-                await self.propose(SetDrain(now, m.node_id, DrainState.DRAINED, None))
+                note = self.system_note(
+                    SystemComponent.DRAIN, AuditAction.MEMBER_DRAINED, f"node:{m.node_id}", {"reason": reason}
+                )
+                await self.propose_audited(SetDrain(now, m.node_id, DrainState.DRAINED, None), note)
                 log.info("member_drained node_id=%d reason=%s", m.node_id, reason)
 
     async def _reconcile_protocol(self) -> None:
@@ -433,10 +493,16 @@ class ClusterNode(ClusterService):
         if decisions is None:
             return
         for nid in decisions.promote:
-            res = await self.change_membership(ConfChange(ConfChangeType.PROMOTE, nid))
+            note = self.system_note(SystemComponent.AUTOPILOT, AuditAction.AUTOPILOT_PROMOTE, f"node:{nid}")
+            context = self.audited_context(b"", note)
+            res = await self.change_membership(ConfChange(ConfChangeType.PROMOTE, nid, context))
             log.info("autopilot_promoted node_id=%d ok=%s", nid, res.ok)
         for nid in decisions.remove:
-            res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, nid))
+            note = self.system_note(
+                SystemComponent.AUTOPILOT, AuditAction.AUTOPILOT_REMOVE, f"node:{nid}", {"reason": "failed"}
+            )
+            context = self.audited_context(b"", note)
+            res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, nid, context))
             log.warning("autopilot_removed_dead_server node_id=%d ok=%s", nid, res.ok)
 
     # --- join (SPEC 4) -----------------------------------------------------------------------
@@ -526,6 +592,13 @@ class ClusterNode(ClusterService):
             if too_old is not None:
                 return self._join_refused("protocol_too_old", too_old)
             ctx_bytes = self.versions.joiner_context(ctx, ctx_bytes, protocol)
+            note = self.system_note(
+                SystemComponent.JOIN,
+                AuditAction.MEMBER_JOIN,
+                f"node:{node_id}",
+                {"raftAddress": ctx.raft_address, "protocolVersion": protocol},
+            )
+            ctx_bytes = self.audited_context(ctx_bytes, note)
             try:
                 res = await self.change_membership(
                     ConfChange(ConfChangeType.ADD_NONVOTER, node_id, ctx_bytes)

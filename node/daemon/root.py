@@ -379,6 +379,7 @@ class Daemon:
             bgp_enabled=cfg.bgp.enabled,
             ran=ran,
             election_timeout_seconds=cfg.cluster.election_timeout_seconds,
+            audit_retention=cfg.audit.retention,
         )
         node.on_join_result = self.metrics.count_join
         return node
@@ -637,7 +638,9 @@ class Daemon:
 
     def _register_rpcs(self, transport: ClusterTransport, node: ClusterNode) -> None:
         async def api_forward(from_id: int, payload: bytes) -> bytes:
-            method, path, query, body, token, hops = unpack(payload)
+            # 6 fields, or 8 with the audit trail's source address and receiving node (SPEC 11)
+            method, path, query, body, token, hops, *origin = unpack(payload)
+            source, via = origin if len(origin) == 2 else (None, None)
             req = ForwardedRequest(
                 str(method),
                 str(path),
@@ -645,6 +648,8 @@ class Daemon:
                 bytes(body),
                 str(token),
                 int(hops),
+                None if source is None else str(source),
+                None if via is None else int(via),
             )
             resp = await self.app.dispatch_forwarded(req)
             if self.driver is not None:
@@ -677,8 +682,12 @@ class Daemon:
             return  # a dead driver (exit 1) cannot hand off or announce
         try:
             if node.is_leader() and len(node.d.core.config.voters) > 1:
-                await asyncio.wait_for(
+                new = await asyncio.wait_for(
                     node.hand_off_leadership(), self.cfg.cluster.election_timeout_seconds * 3
+                )
+                await asyncio.wait_for(
+                    node.record_transfer(self.cfg.node_id, new, "stop", None),
+                    self.cfg.cluster.propose_timeout_seconds,
                 )
             if node.leader_id() != 0 and len(node.d.core.config.members()) > 1:
                 await asyncio.wait_for(
