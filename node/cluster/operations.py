@@ -66,6 +66,7 @@ class ClusterNode(ClusterService):
         self._side_effects_again = False
         self._prefixes_dirty = True
         self._transfers_recorded: set[tuple[int, int]] = set()  # (term, new leader): recorded once
+        self._drain_call_hands_off = False  # a drain call of this leader is handing off (it records)
         self.add_apply_listener(self._after_apply)
 
     def extra_status(self) -> dict[str, Any]:
@@ -187,7 +188,8 @@ class ClusterNode(ClusterService):
             # must hold every entry before TimeoutNow (measured: ~3 ms more until the new
             # leader served writes, for ~3 ms less on the drain call itself).
             new = await self.hand_off_leadership()
-            await self.record_transfer(me, new, "drain", None)
+            if not self._drain_call_hands_off:  # else the drain call records it, as its caller
+                await self.record_transfer(me, new, "drain", None)
         # Synchronous drain: confirm to the leader until it records "drained".
         attempt = 0
         while True:
@@ -342,12 +344,18 @@ class ClusterNode(ClusterService):
         note = self.request_note(
             AuditAction.MEMBER_DRAIN, f"node:{node_id}", {"deadlineSeconds": deadline_seconds}
         )
+        try:
+            return await self._drain(m, node_id, deadline_seconds, note)
+        finally:
+            self._drain_call_hands_off = False
+
+    async def _drain(self, m: Any, node_id: int, deadline_seconds: int, note: AuditNote | None) -> DrainState:
         handing_off = False
         if m.drain_state == DrainState.ACTIVE or deadline_seconds > 0 or m.drain_deadline is not None:
             deadline_ts = time.time() + deadline_seconds if deadline_seconds > 0 else None
             cmd = SetDrain(time.time(), node_id, DrainState.DRAINING, deadline_ts)
             then = self._transfer_after(node_id)
-            handing_off = then is not None
+            handing_off = self._drain_call_hands_off = then is not None
             await self.propose_audited(cmd, note, then=then)
             log.info("member_draining node_id=%d deadline_seconds=%d", node_id, deadline_seconds)
         if deadline_seconds > 0:

@@ -297,7 +297,7 @@ class ClusterService:
     # --- audit trail (SPEC 11) --------------------------------------------------------------
     def audit_enabled(self) -> bool:
         """Whether audited entries may be written (every member reads them: protocol 2)."""
-        return self.versions.cluster_version() >= OP_PROTOCOL[OpCode.AUDITED]
+        return self.sm.cluster_protocol_version >= OP_PROTOCOL[OpCode.AUDITED]
 
     def request_note(
         self, action: AuditAction, target: str, detail: dict[str, Scalar] | None = None
