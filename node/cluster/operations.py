@@ -29,7 +29,7 @@ from quorumd.node.cluster.service import ClusterService, pack, unpack
 from quorumd.node.effects.bgp import BgpSpeaker
 from quorumd.node.effects.ran import RanNotifier
 from quorumd.node.registry import jointoken
-from quorumd.node.registry.audit import AuditAction, AuditNote, Scalar, SystemComponent, note_of
+from quorumd.node.registry.audit import AuditAction, AuditNote, SystemComponent
 from quorumd.node.registry.autopilot import Autopilot, AutopilotSettings, AutopilotView, ServerInput
 from quorumd.node.registry.commands import AllocateLease, ReleaseLease, SetDrain, decode_member_context
 from quorumd.node.registry.leases import Lease
@@ -65,7 +65,6 @@ class ClusterNode(ClusterService):
         self._side_effects: asyncio.Task[None] | None = None
         self._side_effects_again = False
         self._prefixes_dirty = True
-        self._transfers_recorded: set[tuple[int, int]] = set()  # (term, new leader): recorded once
         self._drain_call_hands_off = False  # a drain call of this leader is handing off (it records)
         self.add_apply_listener(self._after_apply)
 
@@ -189,7 +188,7 @@ class ClusterNode(ClusterService):
             # leader served writes, for ~3 ms less on the drain call itself).
             new = await self.hand_off_leadership()
             if not self._drain_call_hands_off:  # else the drain call records it, as its caller
-                await self.record_transfer(me, new, "drain", None)
+                await self.trail.record_transfer(me, new, "drain", None)
         # Synchronous drain: confirm to the leader until it records "drained".
         attempt = 0
         while True:
@@ -242,36 +241,6 @@ class ClusterNode(ClusterService):
         log.info("leader_transfer_done new_leader=%d", new)
         return new if new != me else 0
 
-    async def record_transfer(self, old: int, new: int, reason: str, note: AuditNote | None) -> None:
-        """Record a completed leadership transfer (``new`` 0: none happened) through the new
-        leader. ``note``: the request's note that caused it (its actor, receiving node and source
-        are kept); None: the system component of ``reason`` (drain or shutdown). Best effort: a
-        transfer has happened whether or not its record commits (logged when it does not)."""
-        if new == 0 or new == old or not self.audit_enabled():
-            return
-        key = (self.d.core.term, new)
-        if key in self._transfers_recorded:
-            return
-        self._transfers_recorded = {key}
-        detail: dict[str, Scalar] = {"from": old, "to": new, "reason": reason}
-        if note is None:
-            component = SystemComponent.SHUTDOWN if reason == "stop" else SystemComponent.DRAIN
-            rec = self.system_note(component, AuditAction.LEADERSHIP_TRANSFER, "cluster", detail)
-        else:
-            rec = note_of(
-                AuditAction.LEADERSHIP_TRANSFER,
-                "cluster",
-                note.actor,
-                detail,
-                via_node_id=note.via_node_id,
-                source_address=note.source_address,
-                retention=note.retention,
-            )
-        try:
-            await self.record_event(rec)
-        except ApiError as exc:
-            log.warning("audit_transfer_unrecorded from=%d to=%d error=%s", old, new, exc.code)
-
     # --- NodeApi: membership operations ---------------------------------------------------
     def _need_member(self, node_id: int) -> Any:
         m = self.sm.member(node_id)
@@ -289,16 +258,16 @@ class ClusterNode(ClusterService):
         config = self.d.core.config
         if config.voters == frozenset({node_id}):
             raise ApiError(409, "last_voter", "cannot remove the last voter")
-        note = self.request_note(AuditAction.MEMBER_REMOVE, f"node:{node_id}", {"force": force})
+        note = self.trail.request_note(AuditAction.MEMBER_REMOVE, f"node:{node_id}", {"force": force})
         if node_id == self.identity.node_id:
             new_leader = await self.hand_off_leadership()
             if new_leader == 0:
                 raise ApiError(409, "last_voter", "no other healthy voter can take over leadership")
-            await self.record_transfer(node_id, new_leader, "remove", note)
-            payload = pack([node_id] if note is None else [node_id, self.audited_context(b"", note)])
+            await self.trail.record_transfer(node_id, new_leader, "remove", note)
+            payload = pack([node_id] if note is None else [node_id, self.trail.context(b"", note)])
             await self.call_member(new_leader, "member.remove", payload, self.propose_timeout)
             return
-        context = self.audited_context(b"", note)
+        context = self.trail.context(b"", note)
         res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, node_id, context))
         if not res.ok:
             raise ApiError(409, res.error or "conflict", res.message)
@@ -330,8 +299,8 @@ class ClusterNode(ClusterService):
             if loop.time() >= deadline:
                 raise ApiError(409, "not_caught_up", f"node {node_id} is {lag} entries behind the leader")
             await asyncio.sleep(self.tick_seconds)  # polling the leader's progress view
-        note = self.request_note(AuditAction.MEMBER_PROMOTE, f"node:{node_id}")
-        context = self.audited_context(b"", note)
+        note = self.trail.request_note(AuditAction.MEMBER_PROMOTE, f"node:{node_id}")
+        context = self.trail.context(b"", note)
         res = await self.change_membership(ConfChange(ConfChangeType.PROMOTE, node_id, context))
         if not res.ok:
             raise ApiError(409, res.error or "conflict", res.message)
@@ -341,7 +310,7 @@ class ClusterNode(ClusterService):
         m = self._need_member(node_id)
         if m.drain_state == DrainState.DRAINED:
             return DrainState.DRAINED
-        note = self.request_note(
+        note = self.trail.request_note(
             AuditAction.MEMBER_DRAIN, f"node:{node_id}", {"deadlineSeconds": deadline_seconds}
         )
         try:
@@ -356,12 +325,12 @@ class ClusterNode(ClusterService):
             cmd = SetDrain(time.time(), node_id, DrainState.DRAINING, deadline_ts)
             then = self._transfer_after(node_id)
             handing_off = self._drain_call_hands_off = then is not None
-            await self.propose_audited(cmd, note, then=then)
+            await self.trail.propose(cmd, note, then=then)
             log.info("member_draining node_id=%d deadline_seconds=%d", node_id, deadline_seconds)
         if deadline_seconds > 0:
             if handing_off:
                 await self._wait_leadership_moved()
-                await self.record_transfer(node_id, self.leader_id(), "drain", note)
+                await self.trail.record_transfer(node_id, self.leader_id(), "drain", note)
             return DrainState.DRAINING
         # Synchronous: the target runs its side effects and confirms through the leader.
         if node_id == self.identity.node_id:
@@ -375,7 +344,9 @@ class ClusterNode(ClusterService):
             )
         if node_id == self.identity.node_id:
             await self._wait_leadership_moved()
-            await self.record_transfer(node_id, self.leader_id(), "drain", note if handing_off else None)
+            await self.trail.record_transfer(
+                node_id, self.leader_id(), "drain", note if handing_off else None
+            )
         return DrainState.DRAINED
 
     def _transfer_after(self, node_id: int) -> Callable[[RaftCore], None] | None:
@@ -410,8 +381,8 @@ class ClusterNode(ClusterService):
     async def resume_member(self, node_id: int) -> None:
         m = self._need_member(node_id)
         if m.drain_state != DrainState.ACTIVE:
-            note = self.request_note(AuditAction.MEMBER_RESUME, f"node:{node_id}")
-            await self.propose_audited(SetDrain(time.time(), node_id, DrainState.ACTIVE, None), note)
+            note = self.trail.request_note(AuditAction.MEMBER_RESUME, f"node:{node_id}")
+            await self.trail.propose(SetDrain(time.time(), node_id, DrainState.ACTIVE, None), note)
             log.info("member_resumed node_id=%d", node_id)
 
     # --- autopilot ---------------------------------------------------------------------------
@@ -480,10 +451,10 @@ class ClusterNode(ClusterService):
             leases = self.sm.active_lease_count(m.node_id)
             if leases == 0 or now >= m.drain_deadline:
                 reason = "leases_released" if leases == 0 else "deadline"
-                note = self.system_note(
+                note = self.trail.system_note(
                     SystemComponent.DRAIN, AuditAction.MEMBER_DRAINED, f"node:{m.node_id}", {"reason": reason}
                 )
-                await self.propose_audited(SetDrain(now, m.node_id, DrainState.DRAINED, None), note)
+                await self.trail.propose(SetDrain(now, m.node_id, DrainState.DRAINED, None), note)
                 log.info("member_drained node_id=%d reason=%s", m.node_id, reason)
 
     async def _reconcile_protocol(self) -> None:
@@ -501,15 +472,17 @@ class ClusterNode(ClusterService):
         if decisions is None:
             return
         for nid in decisions.promote:
-            note = self.system_note(SystemComponent.AUTOPILOT, AuditAction.AUTOPILOT_PROMOTE, f"node:{nid}")
-            context = self.audited_context(b"", note)
+            note = self.trail.system_note(
+                SystemComponent.AUTOPILOT, AuditAction.AUTOPILOT_PROMOTE, f"node:{nid}"
+            )
+            context = self.trail.context(b"", note)
             res = await self.change_membership(ConfChange(ConfChangeType.PROMOTE, nid, context))
             log.info("autopilot_promoted node_id=%d ok=%s", nid, res.ok)
         for nid in decisions.remove:
-            note = self.system_note(
+            note = self.trail.system_note(
                 SystemComponent.AUTOPILOT, AuditAction.AUTOPILOT_REMOVE, f"node:{nid}", {"reason": "failed"}
             )
-            context = self.audited_context(b"", note)
+            context = self.trail.context(b"", note)
             res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, nid, context))
             log.warning("autopilot_removed_dead_server node_id=%d ok=%s", nid, res.ok)
 
@@ -600,13 +573,13 @@ class ClusterNode(ClusterService):
             if too_old is not None:
                 return self._join_refused("protocol_too_old", too_old)
             ctx_bytes = self.versions.joiner_context(ctx, ctx_bytes, protocol)
-            note = self.system_note(
+            note = self.trail.system_note(
                 SystemComponent.JOIN,
                 AuditAction.MEMBER_JOIN,
                 f"node:{node_id}",
                 {"raftAddress": ctx.raft_address, "protocolVersion": protocol},
             )
-            ctx_bytes = self.audited_context(ctx_bytes, note)
+            ctx_bytes = self.trail.context(ctx_bytes, note)
             try:
                 res = await self.change_membership(
                     ConfChange(ConfChangeType.ADD_NONVOTER, node_id, ctx_bytes)

@@ -6,14 +6,7 @@ send each other over the cluster channel (``join``, ``api.forward``, ``drain.con
 ``member.remove``, ``node.register``, ``node.left``). Drain side effects and the leader's
 reconcile loop live in ``quorumd.node.cluster.operations``; members' protocol versions and the
 gate every proposal passes in ``quorumd.node.cluster.versions``.
-
-Audit trail (SPEC 11): every audited operation writes its record in the same entry as its change
-(``propose_audited``: an ``Audited`` command; ``audited_context``: the ConfChange's context) or,
-for an event that changes nothing else, as its own entry (``record_event``). The actor of an API
-call is the request's origin (``quorumd.api.origin``: token, receiving node, client address);
-background work passes a system actor. Below cluster protocol 2 nothing audited is written: the
-change is proposed as it always was, unaudited. Each note carries this node's
-``audit.retention``, which the state machine applies.
+Audit records (SPEC 11) are written with their changes through ``self.trail`` (cluster/audit.py).
 """
 
 from __future__ import annotations
@@ -30,7 +23,6 @@ import msgpack
 
 from quorumd.api.errors import ApiError
 from quorumd.api.extensions import BackupArchive
-from quorumd.api.origin import current_origin
 from quorumd.api.ports import (
     DrainState,
     ForwardedRequest,
@@ -38,31 +30,19 @@ from quorumd.api.ports import (
     Principal,
     TokenRole,
 )
+from quorumd.node.cluster.audit import AuditAction, AuditWriter, own_event
 from quorumd.node.cluster.backup import take_archive
 from quorumd.node.cluster.versions import ProtocolVersions
 from quorumd.node.daemon.gcpolicy import gc_paused
 from quorumd.node.registry import apitoken, jointoken
-from quorumd.node.registry.audit import (
-    DEFAULT_RETENTION,
-    Actor,
-    AuditAction,
-    AuditNote,
-    Scalar,
-    SystemComponent,
-    note_of,
-)
 from quorumd.node.registry.commands import (
-    OP_PROTOCOL,
     AllocateLease,
-    Audited,
     Command,
     CreateApiToken,
     CreatePool,
     DeletePool,
     MarkNodeLeft,
     MemberContext,
-    MintJoinToken,
-    OpCode,
     RecordAudit,
     RegisterNodeInfo,
     ReleaseLease,
@@ -70,7 +50,6 @@ from quorumd.node.registry.commands import (
     SetDrain,
     decode_command,
     encode_and_decode,
-    encode_audited_context,
     encode_command,
     encode_member_context,
 )
@@ -157,7 +136,6 @@ class ClusterService:
         tick_seconds: float,
         max_trailing_logs: int,
         rpc: Callable[[int, str, bytes, float], Any] | None = None,
-        audit_retention: int = DEFAULT_RETENTION,
     ) -> None:
         self.identity = identity
         self.sm = sm
@@ -165,7 +143,7 @@ class ClusterService:
         self.propose_timeout = propose_timeout_seconds
         self.tick_seconds = tick_seconds
         self.max_trailing_logs = max_trailing_logs
-        self.audit_retention = audit_retention
+        self.trail = AuditWriter(self)
         self._caught_up = False  # see is_ready
         self.driver: RaftDriver | None = None
         self._rpc = rpc  # (node_id, method, payload, timeout) -> awaitable bytes
@@ -294,68 +272,6 @@ class ClusterService:
         assert isinstance(res, ApplyResult)
         return res
 
-    # --- audit trail (SPEC 11) --------------------------------------------------------------
-    def audit_enabled(self) -> bool:
-        """Whether audited entries may be written (every member reads them: protocol 2)."""
-        return self.sm.cluster_protocol_version >= OP_PROTOCOL[OpCode.AUDITED]
-
-    def request_note(
-        self, action: AuditAction, target: str, detail: dict[str, Scalar] | None = None
-    ) -> AuditNote | None:
-        """The note of an API call being served (None below protocol 2 or outside a request)."""
-        origin = current_origin.get()
-        if origin is None or not self.audit_enabled():
-            return None
-        tok = self.sm.api_token(origin.token_id)
-        actor = Actor.token(origin.token_id, tok.name if tok is not None else "unknown")
-        return note_of(
-            action,
-            target,
-            actor,
-            detail,
-            via_node_id=origin.via_node_id,
-            source_address=origin.source_address,
-            retention=self.audit_retention,
-        )
-
-    def system_note(
-        self,
-        component: SystemComponent,
-        action: AuditAction,
-        target: str,
-        detail: dict[str, Scalar] | None = None,
-    ) -> AuditNote | None:
-        """The note of a system action (None below protocol 2)."""
-        if not self.audit_enabled():
-            return None
-        actor = Actor.system(component)
-        return note_of(action, target, actor, detail, retention=self.audit_retention)
-
-    async def propose_audited(
-        self, cmd: Command, note: AuditNote | None, *, then: Callable[[RaftCore], Any] | None = None
-    ) -> ApplyResult:
-        """``propose(cmd)`` with its audit record in the same entry (plain ``cmd`` without a note)."""
-        return await self.propose(cmd if note is None else Audited(cmd.ts, note, cmd), then=then)
-
-    @staticmethod
-    def audited_context(inner: bytes, note: AuditNote | None) -> bytes:
-        """A ConfChange context carrying ``note`` (``inner`` unchanged without a note)."""
-        return inner if note is None else encode_audited_context(inner, time.time(), note)
-
-    async def record_event(self, note: AuditNote | None) -> None:
-        """An audit record that is its own entry, through the leader (see ``rpc_node_propose``:
-        a member may only record a backup it served or a leadership transfer away from itself)."""
-        if note is None:
-            return
-        cmd = RecordAudit(time.time(), note)
-        if self.is_leader():
-            await self.propose(cmd)
-            return
-        leader = self.leader_id()
-        if leader == 0:
-            raise no_leader()
-        await self.call_member(leader, "node.propose", encode_command(cmd), self.propose_timeout)
-
     # --- NodeApi: identity and routing ------------------------------------------------------
     @property
     def cluster_enabled(self) -> bool:
@@ -402,17 +318,18 @@ class ClusterService:
             raise no_leader()
         if leader == self.identity.node_id:
             raise no_leader()
-        fields: list[Any] = [
-            request.method,
-            request.path,
-            [list(q) for q in request.query] if request.query else [],
-            request.body,
-            request.token,
-            request.hops,
-        ]
-        if self.audit_enabled():  # every member reads the two audit fields (the baseline does not)
-            fields += [request.source_address, request.via_node_id]
-        payload = pack(fields)
+        origin = [request.source_address, request.via_node_id] if self.trail.enabled() else []  # SPEC 11
+        payload = pack(
+            [
+                request.method,
+                request.path,
+                [list(q) for q in request.query] if request.query else [],
+                request.body,
+                request.token,
+                request.hops,
+                *origin,
+            ]
+        )
         data = await self.call_member(leader, "api.forward", payload, timeout_seconds)
         status, body, headers, applied = unpack(data)
         return ForwardedResponse(
@@ -534,9 +451,7 @@ class ClusterService:
     ) -> list[dict[str, Any]]:
         return [x.as_dict() for x in self.sm.leases(node_id=node_id, pool=pool, limit=limit, after=after)]
 
-    def audit(
-        self, *, after: int | None, limit: int, action: str | None, actor: str | None
-    ) -> list[dict[str, Any]]:
+    def audit(self, *, after: int | None, limit: int, action: str | None, actor: str | None) -> list[Any]:
         return [
             r.as_dict() for r in self.sm.audit_records(after=after, limit=limit, action=action, actor=actor)
         ]
@@ -544,9 +459,7 @@ class ClusterService:
     async def backup_archive(self) -> BackupArchive:
         """GET /backup: this replica's state after a ReadIndex barrier (see cluster/backup.py)."""
         archive = await take_archive(self, linearizable=True)
-        await self.record_event(
-            self.request_note(AuditAction.BACKUP_EXPORT, "cluster", {"index": archive.index})
-        )
+        await self.trail.record_request(AuditAction.BACKUP_EXPORT, "cluster", {"index": archive.index})
         return archive
 
     # --- NodeApi: leader operations (membership ones live in operations.py) ---------------
@@ -555,13 +468,9 @@ class ClusterService:
         secret = secrets.token_bytes(32)
         now = time.time()
         expires = int(now + ttl_seconds) if ttl_seconds else None
-        note = self.request_note(
-            AuditAction.TOKEN_CREATE,
-            f"token:{token_id}",
-            {"name": name, "role": str(role), "expiresAt": expires},
-        )
         cmd = CreateApiToken(now, token_id, name, role, apitoken.hash_secret(secret), expires)
-        await self.propose_audited(cmd, note)
+        detail = {"name": name, "role": str(role), "expiresAt": expires}
+        await self.trail.propose_request(cmd, AuditAction.TOKEN_CREATE, f"token:{token_id}", detail)
         tok = self.sm.api_token(token_id)
         return {
             "id": token_id,
@@ -572,17 +481,18 @@ class ClusterService:
         }
 
     async def revoke_token(self, token_id: str) -> None:
-        note = self.request_note(AuditAction.TOKEN_REVOKE, f"token:{token_id}")
-        await self.propose_audited(RevokeApiToken(time.time(), token_id), note)
+        cmd = RevokeApiToken(time.time(), token_id)
+        await self.trail.propose_request(cmd, AuditAction.TOKEN_REVOKE, f"token:{token_id}")
 
     async def create_pool(self, name: str, cidr: str) -> dict[str, Any]:
-        note = self.request_note(AuditAction.POOL_CREATE, f"pool:{name}", {"cidr": cidr})
-        res = await self.propose_audited(CreatePool(time.time(), name, cidr), note)
+        cmd = CreatePool(time.time(), name, cidr)
+        res = await self.trail.propose_request(cmd, AuditAction.POOL_CREATE, f"pool:{name}", {"cidr": cidr})
         return self.pool(name) if res.value is None else res.value.as_dict()  # type: ignore[union-attr]
 
     async def delete_pool(self, name: str) -> None:
-        note = self.request_note(AuditAction.POOL_DELETE, f"pool:{name}")
-        await self.propose_audited(DeletePool(time.time(), name), note)
+        await self.trail.propose_request(
+            DeletePool(time.time(), name), AuditAction.POOL_DELETE, f"pool:{name}"
+        )
 
     async def allocate_lease(self, pool: str, holder: str, node_id: int | None) -> dict[str, Any]:
         lease, _ = await self.allocate_lease_reporting(pool, holder, node_id)
@@ -627,9 +537,7 @@ class ClusterService:
             leader_addresses=(self.identity.raft_address,),
         )
         token = jointoken.mint_join_token(key, claims)
-        note = self.request_note(AuditAction.JOIN_TOKEN_MINT, f"node:{node_id}", {"expiresAt": expires})
-        if note is not None:  # the mint and its record (below protocol 2 a mint writes nothing)
-            await self.propose_audited(MintJoinToken(time.time(), claims.token_id, node_id, expires), note)
+        await self.trail.record_mint(claims.token_id, node_id, expires)
         if self.on_join_result:
             self.on_join_result("minted")
         log.info("join_token_minted node_id=%d expires_at=%d", node_id, expires)
@@ -648,14 +556,9 @@ class ClusterService:
 
     async def rpc_node_propose(self, from_id: int, payload: bytes) -> bytes:
         cmd = decode_command(payload)
-        if isinstance(cmd, RecordAudit) and _own_event(cmd.note, from_id):
-            if not self.is_leader():
-                raise no_leader()
-            await self.propose(cmd)
-            self.d.flush_commit_broadcast()
-            return pack(True)
-        # A member may only announce facts about itself.
-        if not isinstance(cmd, RegisterNodeInfo | MarkNodeLeft | SetDrain) or cmd.node_id != from_id:
+        # A member may only announce facts about itself (or record one: see audit.own_event).
+        own = isinstance(cmd, RegisterNodeInfo | MarkNodeLeft | SetDrain) and cmd.node_id == from_id
+        if not own and not (isinstance(cmd, RecordAudit) and own_event(cmd.note, from_id)):
             raise ApiError(403, "forbidden", "members may only announce their own state")
         if isinstance(cmd, SetDrain):
             m = self.sm.member(from_id)
@@ -693,13 +596,3 @@ class ClusterService:
 
     def add_nonvoter_change(self, node_id: int, context: bytes) -> ConfChange:
         return ConfChange(ConfChangeType.ADD_NONVOTER, node_id, context)
-
-
-def _own_event(note: AuditNote, from_id: int) -> bool:
-    """A record a member may write through ``node.propose``: a backup it served, or a leadership
-    transfer away from itself."""
-    if note.action == AuditAction.BACKUP_EXPORT:
-        return note.via_node_id == from_id
-    if note.action == AuditAction.LEADERSHIP_TRANSFER:
-        return dict(note.detail).get("from") == from_id
-    return False

@@ -150,6 +150,7 @@ LEASE_COLUMNS: list[Column] = [
     ("CREATED", field("createdAt")),
 ]
 
+
 def _actor(record: Mapping[str, Any]) -> str:
     actor = record.get("actor")
     if not isinstance(actor, Mapping):

@@ -379,9 +379,10 @@ class Daemon:
             bgp_enabled=cfg.bgp.enabled,
             ran=ran,
             election_timeout_seconds=cfg.cluster.election_timeout_seconds,
-            audit_retention=cfg.audit.retention,
         )
-        node.on_join_result = self.metrics.count_join
+        node.trail.retention = (
+            cfg.audit.retention
+        )  # carried in every audit record's entry        node.on_join_result = self.metrics.count_join
         return node
 
     def _api_ssl(self) -> ssl.SSLContext:
@@ -686,7 +687,7 @@ class Daemon:
                     node.hand_off_leadership(), self.cfg.cluster.election_timeout_seconds * 3
                 )
                 await asyncio.wait_for(
-                    node.record_transfer(self.cfg.node_id, new, "stop", None),
+                    node.trail.record_transfer(self.cfg.node_id, new, "stop", None),
                     self.cfg.cluster.propose_timeout_seconds,
                 )
             if node.leader_id() != 0 and len(node.d.core.config.members()) > 1:

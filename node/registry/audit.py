@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import re
 from bisect import bisect_right
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
@@ -174,7 +175,7 @@ def note_of(
     action: AuditAction,
     target: str,
     actor: Actor,
-    detail: dict[str, Scalar] | None = None,
+    detail: Mapping[str, Scalar] | None = None,
     *,
     via_node_id: int | None = None,
     source_address: str | None = None,
