@@ -11,6 +11,7 @@ import pytest_asyncio
 
 from quorumd.api.ports import DrainState
 from quorumd.api.routes_audit import AUDIT_ACTIONS
+from quorumd.node.registry.archive import ArchiveHeader, encode_archive
 from quorumd.node.registry.audit import (
     Actor,
     AuditAction,
@@ -26,6 +27,7 @@ from quorumd.node.registry.commands import (
     EntryNeedsNewerProtocol,
     FeatureUnavailable,
     RecordAudit,
+    SetClusterSecrets,
     SetDrain,
     SetProtocolVersion,
     decode_command,
@@ -35,6 +37,7 @@ from quorumd.node.registry.commands import (
     split_audited_context,
 )
 from quorumd.node.registry.state import StateMachine
+from quorumd.node.tools.backup import load_archive_bytes
 from quorumd.raft.codec import packb
 from quorumd.raft.core.types import ConfChangeType
 from tests.api_support import Env, close_env, make_env, request
@@ -349,3 +352,16 @@ async def test_leases_are_not_audited(env: Env) -> None:
     r = await request(env.fc, "DELETE", f"/api/v1/leases/{r.result['id']}", env.admin)
     assert r.status == 200
     assert [x.note.action for x in env.cluster.sm.audit_records()] == ["pool_create"]
+
+
+def test_a_backup_archive_keeps_the_trail() -> None:
+    h = make_cluster(1, 2)
+    ok(h.run(SetProtocolVersion(1.0, 2, ((1, 2), (2, 2)))))
+    ok(h.run(Audited(2.0, note(cidr="10.0.0.0/24"), CreatePool(2.0, "a", "10.0.0.0/24"))))
+    ok(h.run(RecordAudit(3.0, note(AuditAction.BACKUP_EXPORT, "cluster", index=h.index))))
+    ok(h.run(SetClusterSecrets(4.0, "c-1", b"k" * 32)))
+    header = ArchiveHeader("c-1", h.sm.applied_index, 2, 4.0, 1, "0.1.0", 3)
+    data, _ = encode_archive(header, h.sm.snapshot())
+    loaded = load_archive_bytes(data)
+    assert [r.as_dict() for r in loaded.state.audit_records()] == [r.as_dict() for r in h.sm.audit_records()]
+    assert loaded.state.audit_count() == 2
