@@ -16,6 +16,7 @@ from quorumd.node.registry.audit import (
     Actor,
     AuditAction,
     AuditNote,
+    AuditTrail,
     SystemComponent,
     decode_note,
     note_of,
@@ -365,3 +366,12 @@ def test_a_backup_archive_keeps_the_trail() -> None:
     loaded = load_archive_bytes(data)
     assert [r.as_dict() for r in loaded.state.audit_records()] == [r.as_dict() for r in h.sm.audit_records()]
     assert loaded.state.audit_count() == 2
+
+
+@pytest.mark.parametrize("count", [0, 1, 15, 16, 17, 40])
+def test_the_trail_encoding_is_the_join_of_its_records(count: int) -> None:
+    trail = AuditTrail()
+    for i in range(count):
+        trail.append(float(i), note(retention=30))
+    assert trail.packed() == packb(trail.dump())
+    assert AuditTrail.load(msgpack.unpackb(trail.packed())).packed() == trail.packed()

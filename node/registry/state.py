@@ -536,7 +536,7 @@ class StateMachine:
         parts += self._leases.packed_dump_parts()
         if v2:
             parts.append(pack(self._cluster_protocol))
-            parts.append(pack(self._audit.dump()))
+            parts.append(self._audit.packed())
         return parts
 
     def restore(self, data: bytes) -> None:
