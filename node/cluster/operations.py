@@ -6,11 +6,11 @@ node-local drain side effects (RAN notification, BGP speaker stop, leadership ha
 every node runs for itself from the replicated registry, so they also run when a node comes
 back after being drained while down.
 
-Audit (SPEC 11, see ``quorumd.node.cluster.service``): removals and promotions carry their record
-in the ConfChange context (API calls as the token, autopilot's as the system), drains and resumes
-and the deadline watch's completions in an ``Audited`` entry, a join in its ConfChange context
+Audit (SPEC 11, written through ``quorumd.node.cluster.audit``): removals and promotions carry
+their record in the ConfChange context (API calls as the token, autopilot's as the system), drains,
+resumes and the deadline watch's completions an ``Audited`` entry, a join its ConfChange context
 (system actor ``join``); a leadership transfer caused by a drain, a removal or a stop is recorded
-through the new leader once it is known (``record_transfer``).
+through the new leader once it is known (``AuditWriter.record_transfer``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from quorumd.node.registry.audit import AuditAction, AuditNote, SystemComponent
 from quorumd.node.registry.autopilot import Autopilot, AutopilotSettings, AutopilotView, ServerInput
 from quorumd.node.registry.commands import AllocateLease, ReleaseLease, SetDrain, decode_member_context
 from quorumd.node.registry.leases import Lease
-from quorumd.node.registry.state import ApplyResult
+from quorumd.node.registry.state import ApplyResult, Member
 from quorumd.raft.core.node import RaftCore
 from quorumd.raft.core.types import ConfChange, ConfChangeType
 
@@ -318,7 +318,9 @@ class ClusterNode(ClusterService):
         finally:
             self._drain_call_hands_off = False
 
-    async def _drain(self, m: Any, node_id: int, deadline_seconds: int, note: AuditNote | None) -> DrainState:
+    async def _drain(
+        self, m: Member, node_id: int, deadline_seconds: int, note: AuditNote | None
+    ) -> DrainState:
         handing_off = False
         if m.drain_state == DrainState.ACTIVE or deadline_seconds > 0 or m.drain_deadline is not None:
             deadline_ts = time.time() + deadline_seconds if deadline_seconds > 0 else None
