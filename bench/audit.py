@@ -8,12 +8,14 @@ Two parts, printed as one JSON object:
    and the same pair wrapped in ``Audited`` with a record (the extra cost of the record).
 2. ``cluster``: real ``quorumd run`` daemons (3 nodes on 127.0.0.1, fsync on), driven over
    keep-alive HTTPS by ``--clients`` threads for ``--seconds`` each phase:
-   - ``audited_admin``: ``POST /pools`` + ``DELETE /pools/{name}`` through a follower and the
-     leader (every one an audited entry);
-   - ``leases``: ``POST /leases`` on the leader (not audited).
+   - ``leases_fresh``: ``POST /leases`` on the leader (not audited);
+   - ``admin_*``: ``POST /pools`` + ``DELETE /pools/{name}`` through the leader and through a
+     follower (each an audited entry on this build);
+   - ``leases_after_admin``: leases again, now with a trail of thousands of records.
    With ``--baseline-src DIR`` (a checkout of the build before the audit trail, e.g.
-   ``git archive 1dfd937 | tar -x -C DIR``) the lease phase also runs on a cluster of that build,
-   alternating builds ``--rounds`` times, so both are compared on the same host minutes.
+   ``git archive 1dfd937 | tar -x -C DIR``) a cluster of that build runs beside it: the lease
+   phases alternate builds ``--rounds`` times (the order swapped every round, so both are compared
+   on the same host minutes) and the admin phase runs on it too (the same calls, unaudited).
 
 Run: ``.venv/bin/python bench/audit.py [--seconds S] [--clients C] [--rounds R]
 [--baseline-src DIR]``.
@@ -322,12 +324,17 @@ def main() -> None:
             res["leases_fresh"] = lease_rounds(this, base, a, "a")
             # audited writes need the recorded protocol 2 (the leader ratchets within a few ticks)
             this._until(lambda: probe(this), "audited writes", 30)
-            leader = this.leader()
-            follower = next(n for n in this.api if n != leader)
-            res["audited_admin_leader"] = audited_admin(this, leader, a.clients, a.seconds, "l")
-            res["audited_admin_follower"] = audited_admin(this, follower, a.clients, a.seconds, "f")
+            # the same admin load on both builds (audited here, not on the baseline), so both
+            # clusters have the same history before the second lease phase
+            for label, d in (("this", this), ("baseline", base)):
+                if d is None:
+                    continue
+                leader = d.leader()
+                follower = next(n for n in d.api if n != leader)
+                res[f"admin_{label}_via_leader"] = audited_admin(d, leader, a.clients, a.seconds, "l")
+                res[f"admin_{label}_via_follower"] = audited_admin(d, follower, a.clients, a.seconds, "f")
             res["audit_records_kept"] = count_records(this)
-            res["leases_full_trail"] = lease_rounds(this, base, a, "b")
+            res["leases_after_admin"] = lease_rounds(this, base, a, "b")
         finally:
             this.stop()
             if base is not None:
