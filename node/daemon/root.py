@@ -380,9 +380,8 @@ class Daemon:
             ran=ran,
             election_timeout_seconds=cfg.cluster.election_timeout_seconds,
         )
-        node.trail.retention = (
-            cfg.audit.retention
-        )  # carried in every audit record's entry        node.on_join_result = self.metrics.count_join
+        node.trail.retention = cfg.audit.retention  # carried in every audit record's entry
+        node.on_join_result = self.metrics.count_join
         return node
 
     def _api_ssl(self) -> ssl.SSLContext:
