@@ -21,7 +21,15 @@ from urllib.parse import parse_qsl
 
 from prometheus_client import CollectorRegistry
 
-from . import routes_backup, routes_cluster, routes_leases, routes_pools, routes_status, routes_tokens
+from . import (
+    routes_audit,
+    routes_backup,
+    routes_cluster,
+    routes_leases,
+    routes_pools,
+    routes_status,
+    routes_tokens,
+)
 from .auth import FailedAuthLimiter, bearer_token
 from .errors import ApiError, InternalError, PayloadTooLarge
 from .metrics import UNMATCHED, ApiMetrics
@@ -44,6 +52,7 @@ def all_routes() -> list[Route]:
         *routes_pools.routes(),
         *routes_leases.routes(),
         *routes_backup.routes(),
+        *routes_audit.routes(),
     ]
 
 
@@ -126,6 +135,8 @@ class Api:
                 token=request.token or None,
                 client=source,
                 hops=max(1, request.hops),
+                source_address=request.source_address,
+                via_node_id=request.via_node_id,
             )
 
         if len(request.body) > MAX_BODY_BYTES:
@@ -192,4 +203,6 @@ def build_app(
         extras={REGISTRY_KEY: registry},
     )
     ctx.openapi_json = render(routes)
-    return Api(ctx, ApiMetrics(registry), RouteTable(routes))
+    metrics = ApiMetrics(registry)
+    ctx.on_auth_refused = metrics.count_auth_failure
+    return Api(ctx, metrics, RouteTable(routes))

@@ -2,7 +2,8 @@
 
 ``quorumd_api_requests_total{method,route,status}``,
 ``quorumd_api_request_duration_seconds{method,route}`` and
-``quorumd_api_refused_connections_total{reason}`` (counted by the server). ``route`` is the route template
+``quorumd_api_refused_connections_total{reason}`` (counted by the server) and
+``quorumd_api_auth_failures_total{reason}`` (refused requests). ``route`` is the route template
 (``/api/v1/cluster/members/{id}``) or ``unmatched``; ``method`` is one of the standard HTTP
 methods or ``OTHER``, so clients cannot inflate label cardinality.
 
@@ -140,6 +141,17 @@ class ApiMetrics:
             ["reason"],
             registry,
         )
+        self.auth_failures = LoopCounter(
+            "quorumd_api_auth_failures_total",
+            "API requests refused by authentication or role (401, 403, 429), by reason.",
+            ["reason"],
+            registry,
+        )
+
+    def count_auth_failure(self, reason: str, source: str | None) -> None:
+        """One refused request (``reason``: missing_token, invalid_token, forbidden,
+        rate_limited); the pipeline has logged it with ``source``."""
+        self.auth_failures.inc((reason,))
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         m = method if method in _METHODS else "OTHER"

@@ -34,13 +34,17 @@ from .errors import (
     JSON_CONTENT_TYPE,
     ApiError,
     CommitTimeout,
+    Forbidden,
     LeaderUnavailable,
     LeaderUnreachable,
     MethodNotAllowed,
     NotFound,
+    TooManyRequests,
+    Unauthorized,
     error_body,
     result_body,
 )
+from .origin import RequestOrigin, current_origin
 from .ports import ForwardedRequest, NodeApi, TokenRole
 from .validation import Args, Field, parse_body, parse_query, parse_text
 
@@ -94,6 +98,9 @@ class Context:
     routes: list[Route] = field(default_factory=list)
     openapi_json: bytes = b""
     extras: dict[str, Any] = field(default_factory=dict)
+    # Called with (reason, source address) for every refused request (401, 403, 429): counted
+    # and logged, never replicated (SPEC 11).
+    on_auth_refused: Callable[[str, str | None], None] | None = None
 
     @property
     def operation_timeout_seconds(self) -> float:
@@ -162,6 +169,8 @@ class Call:
     token: str | None
     client: str | None  # None: forwarded from another member
     hops: int = 0
+    source_address: str | None = None  # forwarded: the original client's address (audit trail)
+    via_node_id: int | None = None  # forwarded: the node that received the HTTP request
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
@@ -218,21 +227,62 @@ def parse_args(route: Route, call: Call) -> Args:
     return args
 
 
-def admit(ctx: Context, route: Route, token: str | None, client: str | None) -> None:
+def _auth_refused(ctx: Context, route: Route, token: str | None, source: str | None, exc: ApiError) -> None:
+    """Count and log a refused request (refusals are never replicated)."""
+    if isinstance(exc, TooManyRequests):
+        reason = "rate_limited"
+    elif isinstance(exc, Forbidden):
+        reason = "forbidden"
+    else:
+        reason = "missing_token" if token is None else "invalid_token"
+    log.warning("api_auth_refused reason=%s source=%s route=%s", reason, source, route.path)
+    if ctx.on_auth_refused is not None:
+        ctx.on_auth_refused(reason, source)
+
+
+def admit(
+    ctx: Context,
+    route: Route,
+    token: str | None,
+    client: str | None,
+    *,
+    source_address: str | None = None,
+    via_node_id: int | None = None,
+) -> RequestOrigin | None:
     """Steps 1 and 2 of ``run_call`` (clustering, then authentication and role): what can be
-    decided before the body is read."""
+    decided before the body is read. Answers who made the request (``None``: a public route):
+    the token, the node that received it and the client's address (``client`` on the receiving
+    node; ``source_address``/``via_node_id`` as the forwarding node sent them)."""
     node = ctx.node
     if route.cluster and not node.cluster_enabled:
         raise NotFound("clustering is disabled on this node", code="clustering_disabled")
-    if route.access is not Access.PUBLIC:
-        need = TokenRole.ADMIN if route.access is Access.ADMIN else TokenRole.READONLY
-        authorize(node, token, need, client=client, limiter=ctx.limiter)
+    if route.access is Access.PUBLIC:
+        return None
+    need = TokenRole.ADMIN if route.access is Access.ADMIN else TokenRole.READONLY
+    try:
+        principal = authorize(node, token, need, client=client, limiter=ctx.limiter)
+    except (Unauthorized, Forbidden, TooManyRequests) as exc:
+        _auth_refused(ctx, route, token, client if client is not None else source_address, exc)
+        raise
+    if client is not None:
+        return RequestOrigin(principal.token_id, ctx.node_id, client)
+    return RequestOrigin(principal.token_id, via_node_id, source_address)
 
 
 async def run_call(ctx: Context, route: Route, call: Call) -> Reply:
-    node = ctx.node
-    admit(ctx, route, call.token, call.client)
+    origin = admit(
+        ctx, route, call.token, call.client, source_address=call.source_address, via_node_id=call.via_node_id
+    )
     args = parse_args(route, call)
+    reset = current_origin.set(origin)
+    try:
+        return await _run_placed(ctx, route, call, args)
+    finally:
+        current_origin.reset(reset)
+
+
+async def _run_placed(ctx: Context, route: Route, call: Call, args: Args) -> Reply:
+    node = ctx.node
     consistent = bool(args.query.get("consistent", False))
     if route.placement is Placement.LOCAL or (route.placement is Placement.READ and not consistent):
         return await route.run(ctx, args)
@@ -275,6 +325,8 @@ async def forward(ctx: Context, route: Route, call: Call, args: Args) -> Reply:
         body=body,
         token=call.token or "",
         hops=call.hops + 1,
+        source_address=call.client if call.client is not None else call.source_address,
+        via_node_id=ctx.node_id,
     )
     timeout = ctx.forward_timeout_seconds
     if route.long_running:

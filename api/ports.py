@@ -37,6 +37,10 @@ class ForwardedRequest(NamedTuple):  # a NamedTuple: built on every forwarded ca
     body: bytes
     token: str  # the caller's bearer token, re-checked on the leader
     hops: int = 1
+    # The original client's address (no port) and the node that received the HTTP request, for
+    # the audit trail (SPEC 11); None from a member that does not send them.
+    source_address: str | None = None
+    via_node_id: int | None = None
 
 
 class ForwardedResponse(NamedTuple):
@@ -119,6 +123,12 @@ class NodeApi(Protocol):
     def leases(
         self, *, node_id: int | None, pool: str | None, limit: int, after: int | None
     ) -> list[dict[str, Any]]: ...
+
+    def audit(
+        self, *, after: int | None, limit: int, action: str | None, actor: str | None
+    ) -> list[dict[str, Any]]:
+        """Audit records (SPEC 11) from the local replica, sorted by id."""
+        ...
 
     # --- leader-only operations (the HTTP layer has already forwarded when not leader) -------
     async def autopilot(self) -> dict[str, Any]: ...

@@ -159,6 +159,33 @@ COMPONENTS: dict[str, Schema] = {
     ),
     "Health": obj({"status": {"type": "string", "enum": ["ok"]}}),
     "Readiness": obj({"ready": BOOL}),
+    "AuditRecord": obj(
+        {
+            "id": {"type": "integer", "minimum": 1, "description": "increasing; never reused"},
+            "time": TIMESTAMP,
+            "actor": {
+                "type": "object",
+                "required": ["type"],
+                "properties": {
+                    "type": {"type": "string", "enum": ["token", "system"]},
+                    "tokenId": STR,
+                    "name": {"type": "string", "description": "the token's name (bootstrap: admin)"},
+                    "component": {
+                        "type": "string",
+                        "enum": ["autopilot", "drain", "join", "shutdown", "certificates"],
+                    },
+                },
+            },
+            "action": STR,
+            "target": {"type": "string", "description": "node:N, token:ID, pool:NAME or cluster"},
+            "detail": {"type": "object"},
+            "viaNodeId": {"type": ["integer", "null"], "description": "null for system actions"},
+            "sourceAddress": {
+                "type": ["string", "null"],
+                "description": "the original client's IP address; null for system actions",
+            },
+        }
+    ),
     "Token": obj(
         {
             "id": STR,

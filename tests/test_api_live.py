@@ -569,6 +569,30 @@ def _backup(live: Live, nid: int) -> None:
     assert live.call(nid, "GET", "/api/v1/backup", token=None).status == 401
 
 
+@scenario("GET", "/api/v1/audit")
+def _audit(live: Live, nid: int) -> None:
+    """The record of a pool deleted through ``nid`` (SPEC 11); audited writes start once the
+    leader has recorded protocol 2, so the write is repeated until one is recorded."""
+    name = _pool_name(nid, "audit")
+
+    def recorded() -> list[dict[str, Any]]:
+        live.call(nid, "POST", "/api/v1/pools", body={"name": name, "cidr": f"10.{90 + nid}.0.0/28"})
+        live.call(nid, "DELETE", "/api/v1/pools/{name}", {"name": name})
+        q = {"action": "pool_delete", "limit": "1000", "consistent": "true"}
+        return [
+            r for r in live.call(nid, "GET", "/api/v1/audit", query=q).result if r["target"] == f"pool:{name}"
+        ]
+
+    rec = wait_for("an audited write", recorded, 30, interval=0.2)[-1]
+    assert rec["viaNodeId"] == nid and rec["actor"]["type"] == "token" and rec["sourceAddress"] == "127.0.0.1"
+    _rfc3339(rec["time"])
+    page = live.call(nid, "GET", "/api/v1/audit", query={"after": str(rec["id"] - 1), "limit": "1"}).result
+    assert page == [rec]
+    r = live.call(nid, "GET", "/api/v1/audit", query={"limit": "1001"})
+    assert r.status == 400 and r.code == "invalid_limit"
+    assert live.call(nid, "GET", "/api/v1/audit", token="readonly").status == 403
+
+
 def test_every_documented_route_has_a_live_scenario() -> None:
     assert set(SCENARIOS) == set(OPS), {
         "documented without a live test": sorted(set(OPS) - set(SCENARIOS)),

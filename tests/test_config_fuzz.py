@@ -128,6 +128,7 @@ LEAF_MISTAKES: dict[str, list[tuple[Any, str]]] = {
     "api.address": [("not a host", "IP address or a host name"), (5002, "expected a string")],
     "api.port": [(0, "1..65535"), (65536, "1..65535"), ("5002", "expected an integer"), (True, "boolean")],
     "api.max-connections": [(0, "1..1000000"), ("many", "expected an integer")],
+    "audit.retention": [(0, "1.."), ("all", "expected an integer")],
     "api.tls": [("/etc/api.pem", "expected a mapping")],
     "api.tls.cert": [(None, "is required"), (5, "expected a string")],
     "api.tls.key": [(None, "is required"), ("", "must not be empty")],

@@ -445,11 +445,44 @@ def test_backup_save(q: Ctl, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved.backup"]
 
 
+@covers("audit")
+def test_audit(q: Ctl) -> None:
+    """``quorumctl audit`` through a follower: the record of a pool made through quorumctl, in a
+    table and as JSON (the documented schema), its filters, and the server's 400 for a limit over
+    1000. Audited writes need the cluster's recorded protocol 2: probe until a write is audited."""
+    probes = iter(range(1000))
+
+    def audited_pool() -> str:
+        name = f"audit{next(probes)}"
+        q.ok("pools", "create", name, "10.77.0.0/24")
+        q.ok("pools", "delete", name)
+        rows = q.json("audit", "--action", "pool_delete", "--limit", "1000")
+        return name if any(r["target"] == f"pool:{name}" for r in rows) else ""
+
+    name = wait_for("an audited write", audited_pool, 30, interval=0.2)
+    rows = q.json("audit", "--action", "pool_create", "--limit", "1000")
+    conforms(rows, "GET", "/api/v1/audit")
+    mine = [r for r in rows if r["target"] == f"pool:{name}"]
+    assert len(mine) == 1 and mine[0]["viaNodeId"] == 2 and mine[0]["sourceAddress"] == "127.0.0.1"
+    assert mine[0]["actor"]["name"] == "admin" and mine[0]["detail"] == {"cidr": "10.77.0.0/24"}
+    after = mine[0]["id"]
+    nxt = q.json("audit", "--after", str(after), "--limit", "1")
+    assert len(nxt) == 1 and nxt[0]["id"] > after and nxt[0]["action"] == "pool_delete"
+    actor = q.json("audit", "--actor", mine[0]["actor"]["tokenId"], "--after", str(after - 1), "--limit", "1")
+    assert [r["id"] for r in actor] == [after]
+    table = _table(q.ok("audit", "--after", str(after - 1), "--limit", "2"))
+    assert table[0] == ["ID", "TIME", "ACTOR", "ACTION", "TARGET", "DETAIL", "VIA", "SOURCE"]
+    assert (
+        table[1][3:6] == ["pool_create", f"pool:{name}", "cidr=10.77.0.0/24"] and table[2][3] == "pool_delete"
+    )
+    q.fails("audit", "--limit", "1001", status=400, code="invalid_limit")
+
+
 def test_every_command_is_covered() -> None:
     """Every quorumctl command (read from its parser, so a new command without a live test fails
     here) is declared by a test above; the ``q`` fixture checks each declared one exited 0."""
     spec = {"status", "members list", "members remove", "members promote", "members drain", "members resume"}
-    spec |= {"autopilot", "join-token create", "tokens create", "tokens list", "tokens revoke"}
+    spec |= {"autopilot", "join-token create", "tokens create", "tokens list", "tokens revoke", "audit"}
     assert spec <= set(LEAVES), sorted(spec - set(LEAVES))
     assert {c.split()[0] for c in LEAVES} >= {"pools", "leases"}
     declared = set().union(*COVERS.values())

@@ -79,6 +79,7 @@ ROUTES = [
     "DELETE /api/v1/leases/{id}",
     "GET /api/v1/backup (an upgraded node serves it; a baseline node answers 404: it has no backups)",
     "GET /api/v1/cluster/autopilot/what-if (served once the leader is upgraded; 404 before)",
+    "GET /api/v1/audit (an upgraded node serves its replica's trail; a baseline node answers 404)",
 ]
 
 
@@ -270,6 +271,8 @@ def exercise_routes(c: VersionedCluster, via: int, tag: str) -> None:
     what_if = _raw_get(api + f"/api/v1/cluster/autopilot/what-if?fail={voter}", c.token)
     expected = 200 if upgraded and leader_upgraded else 404
     assert what_if == expected, f"GET what-if via {via} (leader {leader}): HTTP {what_if}"
+    audit = _raw_get(api + "/api/v1/audit?limit=5", c.token)
+    assert audit == (200 if upgraded else 404), f"GET /api/v1/audit via {via}: HTTP {audit}"
 
 
 def check_step(c: VersionedCluster, step: str) -> None:

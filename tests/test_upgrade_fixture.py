@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from quorumd.node.registry.protocol import PROTOCOL_VERSION
+from quorumd.node.registry.state import SNAPSHOT_VERSION
 from quorumd.raft.codec import VERSION as CODEC_VERSION
 from tests.cluster import Cluster, http, wait_for
 
@@ -151,7 +152,7 @@ def _newer_node_file(data_dir: Path) -> Path:
     [
         (lambda d: _newer_snapshot_file(d / "raft"), 9, 1),
         (lambda d: _newer_wal_record(d / "raft"), 9, CODEC_VERSION),
-        (lambda d: _newer_state_snapshot(d / "raft"), 9, 2),
+        (lambda d: _newer_state_snapshot(d / "raft"), 9, SNAPSHOT_VERSION),
         (_newer_node_file, 7, 1),
     ],
     ids=["snapshot-file", "wal-record", "state-snapshot", "node-json"],

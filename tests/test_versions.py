@@ -180,20 +180,26 @@ def test_snapshot_v1_while_at_protocol_1_and_v2_after() -> None:
     again.restore(v1)
     assert again.snapshot() == v1 and again.cluster_protocol_version == 1
     ok(h.run(SetProtocolVersion(1.0, 2, ((1, 2), (2, 2)))))
-    v2 = h.sm.snapshot()
-    items = msgpack.unpackb(v2)
-    assert v2[:1] == b"\x99" and items[0] == 2 and items[8] == 2 and [m[10] for m in items[4]] == [2, 2]
+    v3 = h.sm.snapshot()  # from protocol 2 on: v3 (v2 plus the audit trail)
+    items = msgpack.unpackb(v3)
+    assert v3[:1] == b"\x9a" and items[0] == 3 and items[8] == 2 and [m[10] for m in items[4]] == [2, 2]
+    assert items[9] == [1, []]
+    again = StateMachine()
+    again.restore(v3)
+    assert again.snapshot() == v3 and again.cluster_protocol_version == 2
+    assert [m.protocol_version for m in again.members()] == [2, 2]
+    # a v2 snapshot (written by builds before the audit trail) restores with an empty trail
+    v2 = msgpack.packb([2, *items[1:9]])
     again = StateMachine()
     again.restore(v2)
-    assert again.snapshot() == v2 and again.cluster_protocol_version == 2
-    assert [m.protocol_version for m in again.members()] == [2, 2]
+    assert again.snapshot() == v3 and again.audit_count() == 0
 
 
 def test_newer_snapshot_format_is_named() -> None:
-    data = msgpack.packb([3, 1, None, None, [], [], [], [], 3, "more"])
+    data = msgpack.packb([4, 1, None, None, [], [], [], [], 3, [1, []], "more"])
     with pytest.raises(SnapshotFormatError) as err:
         check_snapshot_format(data)
-    assert (err.value.found, err.value.known) == (3, 2)
+    assert (err.value.found, err.value.known) == (4, 3)
     with pytest.raises(SnapshotFormatError):
         StateMachine().restore(data)
     check_snapshot_format(b"\x00garbage")  # not a format question: restore says what is wrong

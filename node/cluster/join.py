@@ -18,6 +18,7 @@ from quorumd.api.errors import ApiError
 from quorumd.node.cluster import pki
 from quorumd.node.cluster.service import pack, unpack
 from quorumd.node.registry import jointoken
+from quorumd.node.registry.audit import AuditAction, SystemComponent
 from quorumd.node.registry.commands import decode_member_context
 from quorumd.raft.core.types import ConfChange, ConfChangeType
 
@@ -117,6 +118,13 @@ class JoinHandler:
             if too_old is not None:
                 return self._refused("protocol_too_old", too_old)
             ctx_bytes = n.versions.joiner_context(ctx, ctx_bytes, protocol)
+            note = n.trail.system_note(
+                SystemComponent.JOIN,
+                AuditAction.MEMBER_JOIN,
+                f"node:{node_id}",
+                {"raftAddress": ctx.raft_address, "protocolVersion": protocol},
+            )
+            ctx_bytes = n.trail.context(ctx_bytes, note)
             try:
                 res = await n.change_membership(
                     ConfChange(ConfChangeType.ADD_NONVOTER, node_id, ctx_bytes)

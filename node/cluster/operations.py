@@ -11,6 +11,11 @@ of member removal all come from ``quorumd.node.registry.autopilot``. Isolation f
 ``fence_loop`` and ``_fence_check`` (see ``quorumd.node.cluster.fencing``) stop the speaker of a
 node that has not heard from a quorum for ``isolation-fence-after``; every speaker change and RAN
 event carries the fencing token of the log entry behind it.
+Audit (SPEC 11, written through ``quorumd.node.cluster.audit``): removals and promotions carry
+their record in the ConfChange context (API calls as the token, autopilot's as the system), drains,
+resumes and the deadline watch's completions an ``Audited`` entry, a join its ConfChange context
+(system actor ``join``); a leadership transfer caused by a drain, a removal or a stop is recorded
+through the new leader once it is known (``AuditWriter.record_transfer``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from quorumd.node.effects.bgp import BgpSpeaker
 from quorumd.node.effects.ran import RanNotifier
 from quorumd.node.effects.token import FencingToken, token_of
 from quorumd.node.registry import apitoken
+from quorumd.node.registry.audit import AuditAction, AuditNote, SystemComponent
 from quorumd.node.registry.autopilot import AutopilotSettings, removal_refusal
 from quorumd.node.registry.commands import (
     AllocateLease,
@@ -42,7 +48,7 @@ from quorumd.node.registry.commands import (
     SetDrain,
 )
 from quorumd.node.registry.leases import Lease
-from quorumd.node.registry.state import ApplyResult
+from quorumd.node.registry.state import ApplyResult, Member
 from quorumd.raft.core.node import RaftCore
 from quorumd.raft.core.types import ConfChange, ConfChangeType
 
@@ -74,6 +80,7 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SP
         self._side_effects_again = False
         self._prefixes_dirty = True
         self._drain_token: FencingToken | None = None  # the entry that set this node's drain state
+        self._drain_call_hands_off = False  # a drain call of this leader is handing off (it records)
         self.add_apply_listener(self._after_apply)
         self.joins = JoinHandler(self)
 
@@ -217,7 +224,9 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SP
             # any member's. Confirming it locally first cost the hand-off a round: the target
             # must hold every entry before TimeoutNow (measured: ~3 ms more until the new
             # leader served writes, for ~3 ms less on the drain call itself).
-            await self.hand_off_leadership()
+            new = await self.hand_off_leadership()
+            if not self._drain_call_hands_off:  # else the drain call records it, as its caller
+                await self.trail.record_transfer(me, new, "drain", None)
         # Synchronous drain: confirm to the leader until it records "drained".
         attempt = 0
         while True:
@@ -282,19 +291,23 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SP
                 "audit member_remove_forced node_id=%d drain_state=%s would_lose_quorum=%s",
                 node_id, m.drain_state, refusal is not None,
             )  # fmt: skip
+        note = self.trail.request_note(AuditAction.MEMBER_REMOVE, f"node:{node_id}", {"force": force})
         if node_id == self.identity.node_id:
             new_leader = await self.hand_off_leadership()
             if new_leader == 0:
                 raise ApiError(409, "last_voter", "no other healthy voter can take over leadership")
+            await self.trail.record_transfer(node_id, new_leader, "remove", note)
+            payload = pack([node_id] if note is None else [node_id, self.trail.context(b"", note)])
             try:
-                await self.call_member(new_leader, "member.remove", pack([node_id]), self.propose_timeout)
+                await self.call_member(new_leader, "member.remove", payload, self.propose_timeout)
             except ApiError as exc:
                 # The answer can be lost although the removal happened (the new leader applied it
                 # and this node's connections closed): settle the outcome from the replicated log.
                 if exc.status not in (502, 504) or not await self._removal_applied(node_id):
                     raise
             return
-        res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, node_id))
+        context = self.trail.context(b"", note)
+        res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, node_id, context))
         if not res.ok:
             raise ApiError(409, res.error or "conflict", res.message)
         log.info("member_removed node_id=%d force=%s", node_id, force)
@@ -326,7 +339,9 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SP
             if loop.time() >= deadline:
                 raise ApiError(409, "not_caught_up", f"node {node_id} is {lag} entries behind the leader")
             await asyncio.sleep(self.tick_seconds)  # polling the leader's progress view
-        res = await self.change_membership(ConfChange(ConfChangeType.PROMOTE, node_id))
+        note = self.trail.request_note(AuditAction.MEMBER_PROMOTE, f"node:{node_id}")
+        context = self.trail.context(b"", note)
+        res = await self.change_membership(ConfChange(ConfChangeType.PROMOTE, node_id, context))
         if not res.ok:
             raise ApiError(409, res.error or "conflict", res.message)
         log.info("member_promoted node_id=%d", node_id)
@@ -335,12 +350,29 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SP
         m = self._need_member(node_id)
         if m.drain_state == DrainState.DRAINED:
             return DrainState.DRAINED
+        note = self.trail.request_note(
+            AuditAction.MEMBER_DRAIN, f"node:{node_id}", {"deadlineSeconds": deadline_seconds}
+        )
+        try:
+            return await self._drain(m, node_id, deadline_seconds, note)
+        finally:
+            self._drain_call_hands_off = False
+
+    async def _drain(
+        self, m: Member, node_id: int, deadline_seconds: int, note: AuditNote | None
+    ) -> DrainState:
+        handing_off = False
         if m.drain_state == DrainState.ACTIVE or deadline_seconds > 0 or m.drain_deadline is not None:
             deadline_ts = time.time() + deadline_seconds if deadline_seconds > 0 else None
             cmd = SetDrain(time.time(), node_id, DrainState.DRAINING, deadline_ts)
-            await self.propose(cmd, then=self._transfer_after(node_id))
+            then = self._transfer_after(node_id)
+            handing_off = self._drain_call_hands_off = then is not None
+            await self.trail.propose(cmd, note, then=then)
             log.info("member_draining node_id=%d deadline_seconds=%d", node_id, deadline_seconds)
         if deadline_seconds > 0:
+            if handing_off:
+                await self._wait_leadership_moved()
+                await self.trail.record_transfer(node_id, self.leader_id(), "drain", note)
             return DrainState.DRAINING
         # Synchronous: the target runs its side effects and confirms through the leader.
         if node_id == self.identity.node_id:
@@ -354,6 +386,9 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SP
             )
         if node_id == self.identity.node_id:
             await self._wait_leadership_moved()
+            await self.trail.record_transfer(
+                node_id, self.leader_id(), "drain", note if handing_off else None
+            )
         return DrainState.DRAINED
 
     def _transfer_after(self, node_id: int) -> Callable[[RaftCore], None] | None:
@@ -388,7 +423,8 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SP
     async def resume_member(self, node_id: int) -> None:
         m = self._need_member(node_id)
         if m.drain_state != DrainState.ACTIVE:
-            await self.propose(SetDrain(time.time(), node_id, DrainState.ACTIVE, None))
+            note = self.trail.request_note(AuditAction.MEMBER_RESUME, f"node:{node_id}")
+            await self.trail.propose(SetDrain(time.time(), node_id, DrainState.ACTIVE, None), note)
             log.info("member_resumed node_id=%d", node_id)
 
     # --- API tokens: visible on every live member once the call answers ----------------
@@ -397,9 +433,9 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SP
         secret = secrets.token_bytes(32)
         now = time.time()
         expires = int(now + ttl_seconds) if ttl_seconds else None
-        res = await self.propose(
-            CreateApiToken(now, token_id, name, role, apitoken.hash_secret(secret), expires)
-        )
+        cmd = CreateApiToken(now, token_id, name, role, apitoken.hash_secret(secret), expires)
+        detail = {"name": name, "role": str(role), "expiresAt": expires}
+        res = await self.trail.propose_request(cmd, AuditAction.TOKEN_CREATE, f"token:{token_id}", detail)
         await self.applied_on_every_live_member(res.index, "token_create")
         tok = self.sm.api_token(token_id)
         return {
@@ -411,7 +447,8 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SP
         }
 
     async def revoke_token(self, token_id: str) -> None:
-        res = await self.propose(RevokeApiToken(time.time(), token_id))
+        cmd = RevokeApiToken(time.time(), token_id)
+        res = await self.trail.propose_request(cmd, AuditAction.TOKEN_REVOKE, f"token:{token_id}")
         await self.applied_on_every_live_member(res.index, "token_revoke")
 
     async def applied_on_every_live_member(self, index: int, what: str) -> list[int]:
@@ -495,7 +532,10 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SP
             leases = self.sm.active_lease_count(m.node_id)
             if leases == 0 or now >= m.drain_deadline:
                 reason = "leases_released" if leases == 0 else "deadline"
-                await self.propose(SetDrain(now, m.node_id, DrainState.DRAINED, None))
+                note = self.trail.system_note(
+                    SystemComponent.DRAIN, AuditAction.MEMBER_DRAINED, f"node:{m.node_id}", {"reason": reason}
+                )
+                await self.trail.propose(SetDrain(now, m.node_id, DrainState.DRAINED, None), note)
                 log.info("member_drained node_id=%d reason=%s", m.node_id, reason)
 
     async def _reconcile_protocol(self) -> None:
@@ -516,10 +556,18 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SP
         for nid in decisions.refused:
             log.warning("autopilot_cleanup_refused node_id=%d reason=would_lose_quorum", nid)
         for nid in decisions.promote:
-            res = await self.change_membership(ConfChange(ConfChangeType.PROMOTE, nid))
+            note = self.trail.system_note(
+                SystemComponent.AUTOPILOT, AuditAction.AUTOPILOT_PROMOTE, f"node:{nid}"
+            )
+            context = self.trail.context(b"", note)
+            res = await self.change_membership(ConfChange(ConfChangeType.PROMOTE, nid, context))
             log.info("autopilot_promoted node_id=%d ok=%s", nid, res.ok)
         for nid in decisions.remove:
-            res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, nid))
+            note = self.trail.system_note(
+                SystemComponent.AUTOPILOT, AuditAction.AUTOPILOT_REMOVE, f"node:{nid}", {"reason": "failed"}
+            )
+            context = self.trail.context(b"", note)
+            res = await self.change_membership(ConfChange(ConfChangeType.REMOVE, nid, context))
             log.warning("autopilot_removed_dead_server node_id=%d ok=%s", nid, res.ok)
 
     # --- join: node/cluster/join.py ------------------------------------------------------------

@@ -19,14 +19,16 @@ Per RPC (``from_id``: the caller's certificate-proven node id):
     answers 503. Failed tokens it relays are counted by the failed-authentication limiter under
     ``member:<from_id>``, like a client address.
 ``node.propose`` -- any member, about itself only: ``RegisterNodeInfo`` (its own API address and
-    binary version), ``MarkNodeLeft`` (its own graceful-stop flag), and ``SetDrain`` from
+    binary version), ``MarkNodeLeft`` (its own graceful-stop flag), ``SetDrain`` from
     ``draining`` to ``drained`` with no deadline, only while the registry has it draining without
-    a deadline (the confirmation of a synchronous drain an admin started). Any other command, or
+    a deadline (the confirmation of a synchronous drain an admin started), and ``RecordAudit`` of
+    its own events only (a backup it served, a leadership transfer away from itself). Any other command, or
     one naming another node: refused (403), nothing proposed.
 ``member.remove`` -- any member, to remove itself only (the payload's node id must be
     ``from_id``). Used by a leader that was asked, through the API, to remove itself: it hands
     leadership over and asks the new leader to remove it; the admin's request was authorized on
-    the old leader. Asking to remove any other node: refused (403). While it answers, the new
+    the old leader, whose record of it (the audit note of this removal, and nothing else) may ride
+    along. Asking to remove any other node: refused (403). While it answers, the new
     leader keeps the caller's pin, so the answer is delivered before the connection closes.
 ``node.wait_applied`` -- any member. Waits (at most ``WAIT_APPLIED_MAX_SECONDS``) until this node
     has applied a given index and answers its applied index. Changes nothing. A leader uses it
@@ -59,9 +61,18 @@ from typing import Any, Protocol
 from quorumd.api.errors import ApiError
 from quorumd.api.ports import DrainState, ForwardedRequest, ForwardedResponse
 from quorumd.node.cluster.addresses import ADDRESS_RPC
+from quorumd.node.cluster.audit import own_event
 from quorumd.node.cluster.operations import ClusterNode
 from quorumd.node.cluster.service import pack, unpack
-from quorumd.node.registry.commands import MarkNodeLeft, RegisterNodeInfo, SetDrain, decode_command
+from quorumd.node.registry.audit import AuditAction
+from quorumd.node.registry.commands import (
+    MarkNodeLeft,
+    RecordAudit,
+    RegisterNodeInfo,
+    SetDrain,
+    decode_command,
+)
+from quorumd.node.registry.context import split_audited_context
 from quorumd.raft.core.types import ConfChange, ConfChangeType
 
 log = logging.getLogger(__name__)
@@ -88,7 +99,8 @@ async def node_propose(node: ClusterNode, from_id: int, payload: bytes) -> bytes
         cmd = decode_command(payload)
     except Exception as exc:  # any undecodable payload is a refusal, never a crash
         raise ApiError(400, "bad_request", "undecodable command") from exc
-    if not isinstance(cmd, RegisterNodeInfo | MarkNodeLeft | SetDrain) or cmd.node_id != from_id:
+    own = isinstance(cmd, RegisterNodeInfo | MarkNodeLeft | SetDrain) and cmd.node_id == from_id
+    if not own and not (isinstance(cmd, RecordAudit) and own_event(cmd.note, from_id)):
         name = type(cmd).__name__
         log.warning("internal_rpc_refused method=node.propose node=%d command=%s", from_id, name)
         raise forbidden("members may only announce their own state")
@@ -119,17 +131,29 @@ async def node_propose(node: ClusterNode, from_id: int, payload: bytes) -> bytes
 async def member_remove(node: ClusterNode, from_id: int, payload: bytes) -> bytes:
     """``member.remove``: the caller asks the leader to remove the caller itself."""
     try:
-        (node_id,) = unpack(payload)
+        node_id, *rest = unpack(payload)  # [id], or [id, the audited context of the removal]
         node_id = int(node_id)
+        context = bytes(rest[0]) if rest else b""
+        if len(rest) > 1:
+            raise ValueError("too many fields")
     except Exception as exc:
-        raise ApiError(400, "bad_request", "member.remove takes [node_id]") from exc
+        raise ApiError(400, "bad_request", "member.remove takes [node_id] or [node_id, context]") from exc
     if node_id != from_id:
         log.warning("internal_rpc_refused method=member.remove node=%d target=%s", from_id, node_id)
         raise forbidden("a member may only ask to remove itself")
+    if context:  # only the record of this very removal: nothing else rides along
+        try:
+            inner, _ts, note = split_audited_context(context)
+        except Exception as exc:
+            raise ApiError(400, "bad_request", "member.remove: malformed audited context") from exc
+        this_removal = note is not None and note.action == AuditAction.MEMBER_REMOVE
+        if inner or not this_removal or note is None or note.target != f"node:{from_id}":
+            log.warning("internal_rpc_refused method=member.remove node=%d reason=audit_note", from_id)
+            raise forbidden("the record of a removal must be this member's removal")
     if not node.is_leader():
         raise ApiError(503, "no_leader", "not the leader")
     with node.pin_kept(from_id):  # the answer goes out before the caller's connections close
-        res = await node.change_membership(ConfChange(ConfChangeType.REMOVE, node_id))
+        res = await node.change_membership(ConfChange(ConfChangeType.REMOVE, node_id, context))
     if not res.ok:
         raise ApiError(409, res.error or "conflict", res.message)
     log.info("member_removed node_id=%d by_request_of=%d", node_id, from_id)
@@ -173,7 +197,11 @@ def register_internal_rpcs(
 
     async def api_forward(from_id: int, payload: bytes) -> bytes:
         try:
-            method, path, query, body, token, hops = unpack(payload)
+            # 6 fields, or 8 with the client's address and the receiving node (the audit trail's)
+            method, path, query, body, token, hops, *origin = unpack(payload)
+            if len(origin) not in (0, 2):
+                raise ValueError("6 or 8 fields")
+            source, via = origin if origin else (None, None)
             req = ForwardedRequest(
                 str(method),
                 str(path),
@@ -181,6 +209,8 @@ def register_internal_rpcs(
                 bytes(body),
                 str(token),
                 int(hops),
+                None if source is None else str(source),
+                None if via is None else int(via),
             )
         except Exception as exc:
             raise RuntimeError("bad_request: malformed forwarded request") from exc

@@ -5,6 +5,7 @@ It implements ``quorumd.api.ports.NodeApi`` (what the HTTP layer calls), the dri
 each other over the cluster channel, and who may call them, are in ``quorumd.node.cluster.rpcs``.
 Drain side effects and the leader's reconcile loop live in ``quorumd.node.cluster.operations``;
 members' protocol versions and the gate every proposal passes in ``quorumd.node.cluster.versions``.
+Audit records are written with their changes through ``self.trail`` (``quorumd.node.cluster.audit``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from quorumd.api.ports import (
     ForwardedResponse,
     Principal,
 )
+from quorumd.node.cluster.audit import AuditAction, AuditWriter
 from quorumd.node.cluster.backup import take_archive
 from quorumd.node.cluster.versions import ProtocolVersions
 from quorumd.node.daemon.gcpolicy import gc_paused
@@ -137,6 +139,7 @@ class ClusterService:
         self.propose_timeout = propose_timeout_seconds
         self.tick_seconds = tick_seconds
         self.max_trailing_logs = max_trailing_logs
+        self.trail = AuditWriter(self)
         self._caught_up = False  # see is_ready
         self.driver: RaftDriver | None = None
         self._rpc = rpc  # (node_id, method, payload, timeout) -> awaitable bytes
@@ -350,6 +353,7 @@ class ClusterService:
             raise no_leader()
         if leader == self.identity.node_id:
             raise no_leader()
+        origin = [request.source_address, request.via_node_id] if self.trail.enabled() else []  # SPEC 11
         payload = pack(
             [
                 request.method,
@@ -358,6 +362,7 @@ class ClusterService:
                 request.body,
                 request.token,
                 request.hops,
+                *origin,
             ]
         )
         data = await self.call_member(leader, "api.forward", payload, timeout_seconds)
@@ -481,17 +486,27 @@ class ClusterService:
     ) -> list[dict[str, Any]]:
         return [x.as_dict() for x in self.sm.leases(node_id=node_id, pool=pool, limit=limit, after=after)]
 
+    def audit(self, *, after: int | None, limit: int, action: str | None, actor: str | None) -> list[Any]:
+        return [
+            r.as_dict() for r in self.sm.audit_records(after=after, limit=limit, action=action, actor=actor)
+        ]
+
     async def backup_archive(self) -> BackupArchive:
         """GET /backup: this replica's state after a ReadIndex barrier (see cluster/backup.py)."""
-        return await take_archive(self, linearizable=True)
+        archive = await take_archive(self, linearizable=True)
+        await self.trail.record_request(AuditAction.BACKUP_EXPORT, "cluster", {"index": archive.index})
+        return archive
 
     # --- NodeApi: leader operations (membership ones live in operations.py) ---------------
     async def create_pool(self, name: str, cidr: str) -> dict[str, Any]:
-        res = await self.propose(CreatePool(time.time(), name, cidr))
+        cmd = CreatePool(time.time(), name, cidr)
+        res = await self.trail.propose_request(cmd, AuditAction.POOL_CREATE, f"pool:{name}", {"cidr": cidr})
         return self.pool(name) if res.value is None else res.value.as_dict()  # type: ignore[union-attr]
 
     async def delete_pool(self, name: str) -> None:
-        await self.propose(DeletePool(time.time(), name))
+        await self.trail.propose_request(
+            DeletePool(time.time(), name), AuditAction.POOL_DELETE, f"pool:{name}"
+        )
 
     async def allocate_lease(self, pool: str, holder: str, node_id: int | None) -> dict[str, Any]:
         lease, _ = await self.allocate_lease_reporting(pool, holder, node_id)
@@ -536,6 +551,7 @@ class ClusterService:
             leader_addresses=(self.identity.raft_address,),
         )
         token = jointoken.mint_join_token(key, claims)
+        await self.trail.record_mint(claims.token_id, node_id, expires)
         if self.on_join_result:
             self.on_join_result("minted")
         log.info("join_token_minted node_id=%d expires_at=%d", node_id, expires)

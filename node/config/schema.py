@@ -122,6 +122,7 @@ __all__ = [
     "MAX_ECHO_CHARS",
     "TABLE",
     "ApiConfig",
+    "AuditConfig",
     "AutopilotConfig",
     "BackupConfig",
     "BgpConfig",
@@ -273,6 +274,11 @@ TABLE = Table(
             "scheduled backups: each node writes an archive of its state here (0600); null => off"),
         Key("backup.interval", Duration(), "1h", "time between scheduled backups"),
         Key("backup.keep", Int(1, 10000), 24, "the newest archives kept in backup.dir (1..10000)"),
+
+        Section("audit"),
+        Key("audit.retention", Int(1, 10_000_000), 10000,
+            "the newest audit records kept in the replicated state (1..10000000); the leader's "
+            "value applies"),
     ],
 )
 # fmt: on
@@ -375,6 +381,14 @@ class BackupConfig:
     keep: int = _default("backup.keep")
 
 
+@TABLE.binds("audit")
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """The audit trail (SPEC 11); ``retention`` travels in each record's log entry."""
+
+    retention: int = _default("audit.retention")
+
+
 @TABLE.binds("")
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -386,6 +400,7 @@ class Config:
     bgp: BgpConfig = BgpConfig()
     ran: RanConfig = RanConfig()
     backup: BackupConfig = BackupConfig()
+    audit: AuditConfig = AuditConfig()
     notes: tuple[str, ...] = ()  # non-fatal remarks, logged by the daemon at startup
     source: Path | None = None  # the file it was loaded from
 

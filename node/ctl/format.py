@@ -161,6 +161,34 @@ LEASE_COLUMNS: list[Column] = [
     ("CREATED", field("createdAt")),
 ]
 
+
+def _actor(record: Mapping[str, Any]) -> str:
+    actor = record.get("actor")
+    if not isinstance(actor, Mapping):
+        return cell(actor)
+    if actor.get("type") == "system":
+        return f"system:{cell(actor.get('component'))}"
+    return f"{cell(actor.get('name'))} ({cell(actor.get('tokenId'))})"
+
+
+def _detail(record: Mapping[str, Any]) -> str:
+    detail = record.get("detail")
+    if not isinstance(detail, Mapping) or not detail:
+        return "-"
+    return ",".join(f"{k}={cell(v)}" for k, v in detail.items())
+
+
+AUDIT_COLUMNS: list[Column] = [
+    ("ID", field("id")),
+    ("TIME", field("time")),
+    ("ACTOR", _actor),
+    ("ACTION", field("action")),
+    ("TARGET", field("target")),
+    ("DETAIL", _detail),
+    ("VIA", field("viaNodeId")),
+    ("SOURCE", field("sourceAddress")),
+]
+
 STATUS_LABELS = {
     "version": "Version",
     "nodeId": "Node ID",
@@ -191,6 +219,10 @@ def member(result: Any) -> str:
 
 def tokens(result: Any) -> str:
     return table(_rows(result), TOKEN_COLUMNS)
+
+
+def audit(result: Any) -> str:
+    return table(_rows(result), AUDIT_COLUMNS)
 
 
 def pools(result: Any) -> str:

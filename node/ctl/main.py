@@ -225,6 +225,15 @@ async def _leases_release(c: CtlClient, a: argparse.Namespace) -> Output:
     return Output(result, _message(f"Lease {a.id} released"))
 
 
+async def _audit(c: CtlClient, a: argparse.Namespace) -> Output:
+    query = _consistent(a)
+    for name in ("after", "action", "limit", "actor"):
+        value = getattr(a, name)
+        if value is not None:
+            query[name] = str(value)
+    return Output(await c.call("GET", "/audit", query=query), fmt.audit)
+
+
 # --- arguments ---------------------------------------------------------------------------------
 
 
@@ -393,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--consistent", action="store_true", help="linearizable read through the leader")
     sp = leaf(leases, "release", _leases_release, "release a lease")
     sp.add_argument("id", type=int, metavar="ID")
+
+    sp = leaf(sub, "audit", _audit, "list audit records, oldest first")
+    sp.add_argument("--after", type=_non_negative, default=None, metavar="ID", help="last record id seen")
+    sp.add_argument("--action", default=None, metavar="A", help="only this action (e.g. member_remove)")
+    sp.add_argument("--actor", default=None, metavar="TOKEN-ID", help="only records made by this token id")
+    sp.add_argument(
+        "--limit", type=_positive, default=None, metavar="N", help="page size (server default 100, max 1000)"
+    )
+    sp.add_argument("--consistent", action="store_true", help="linearizable read through the leader")
 
     backup = group("backup", "download backup archives")
     sp = leaf(backup, "save", _backup_save, "save a backup archive to FILE (atomic, mode 0600)")

@@ -27,6 +27,7 @@ heap) left the freed memory resident: see ``HeapTrimmer`` for the measurement.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import gc
@@ -116,6 +117,12 @@ class HeapTrimmer:
     @property
     def available(self) -> bool:
         return self._trim is not None
+
+    async def run(self, check_seconds: float = 1.0) -> None:
+        """Trim now and then, for as long as the daemon runs (``maybe_trim`` decides when)."""
+        while True:
+            self.maybe_trim()
+            await asyncio.sleep(check_seconds)
 
     def maybe_trim(self) -> bool:
         """Trim when ``every_seconds`` have passed since the last trim; True when it trimmed."""

@@ -287,7 +287,7 @@ class Daemon:
         for coro, name in (
             (node.reconcile_loop(), "reconcile"),
             (node.fence_loop(), "fence"),
-            (self._heap_loop(), "heap"),
+            (self.heap.run(), "heap"),
             (self._announce_loop(), "announce"),
             (node.keep_own_address(seeds, transport.rpc_at if transport else None), "own-address"),
             (self._ready_loop(), "ready"),
@@ -337,6 +337,7 @@ class Daemon:
             election_timeout_seconds=cfg.cluster.election_timeout_seconds,
             isolation_fence_after_seconds=cfg.cluster.isolation_fence_after_seconds,
         )
+        node.trail.retention = cfg.audit.retention  # carried in every audit record's entry
         node.on_join_result = self.metrics.count_join
         node.on_dial_addresses_changed = self._update_pins
         node.on_isolation = self.metrics.set_isolated
@@ -539,12 +540,6 @@ class Daemon:
         view = node.evaluate_autopilot() if node.is_leader() else None
         return node_view(node, driver.core, self.timing.tick_seconds, view)
 
-    async def _heap_loop(self) -> None:
-        """Give freed C heap back to the kernel now and then (see node/daemon/gcpolicy.py)."""
-        while True:
-            self.heap.maybe_trim()
-            await asyncio.sleep(1.0)
-
     def _register_rpcs(self, transport: ClusterTransport, node: ClusterNode) -> None:
         """Who may call what: see node/cluster/rpcs.py."""
 
@@ -563,8 +558,12 @@ class Daemon:
             return  # a dead driver (exit 1) cannot hand off or announce
         try:
             if node.is_leader() and len(node.d.core.config.voters) > 1:
-                await asyncio.wait_for(
+                new = await asyncio.wait_for(
                     node.hand_off_leadership(), self.cfg.cluster.election_timeout_seconds * 3
+                )
+                await asyncio.wait_for(
+                    node.trail.record_transfer(self.cfg.node_id, new, "stop", None),
+                    self.cfg.cluster.propose_timeout_seconds,
                 )
             if node.leader_id() != 0 and len(node.d.core.config.members()) > 1:
                 await asyncio.wait_for(

@@ -10,6 +10,10 @@ breaking the replay of an old log:
     context v1:  [1, raft_address, api_address, binary_version, cert_fingerprint,
                   cert_pem, join_token_id | nil, ts]
     context v2:  [2, required_protocol, <the v1 fields>, protocol_version]
+    context v3:  [3, 2, inner_context, ts, audit note]          (audited membership changes)
+
+Audit trail (SPEC 11): ``Audited`` (op 21) wraps a change with its audit record in one entry,
+``RecordAudit`` (op 22) is a record that is its own entry; see ``quorumd.node.registry.audit``.
 
 Protocol versions and the gate (SPEC 13). ``OP_PROTOCOL`` is the one table that says which
 protocol version introduced each op. The ops of protocol 1 keep the v1 envelope byte for byte,
@@ -48,9 +52,12 @@ from itertools import pairwise
 from typing import Any
 
 from quorumd.api.ports import DrainState, TokenRole
+from quorumd.node.registry.audit import AuditNote, decode_note
 from quorumd.node.registry.context import MemberContext as MemberContext
 from quorumd.node.registry.context import decode_member_context as decode_member_context
+from quorumd.node.registry.context import encode_audited_context as encode_audited_context
 from quorumd.node.registry.context import encode_member_context as encode_member_context
+from quorumd.node.registry.context import split_audited_context as split_audited_context
 from quorumd.node.registry.wire import CommandError as CommandError
 from quorumd.node.registry.wire import DrainCode as DrainCode
 from quorumd.node.registry.wire import EntryNeedsNewerProtocol as EntryNeedsNewerProtocol
@@ -109,6 +116,8 @@ class OpCode(IntEnum):
     SET_PROTOCOL_VERSION = 12
     # 13..19 are taken by other features; never reuse a number.
     SET_MEMBER_ADDRESS = 20
+    AUDITED = 21  # 21..29: the audit trail's
+    RECORD_AUDIT = 22
 
 
 # The protocol version that introduced each op: the one table the envelope, the decoder's stop
@@ -128,6 +137,8 @@ OP_PROTOCOL: dict[OpCode, int] = {
     OpCode.MINT_JOIN_TOKEN: 1,
     OpCode.SET_PROTOCOL_VERSION: 2,
     OpCode.SET_MEMBER_ADDRESS: 2,
+    OpCode.AUDITED: 2,
+    OpCode.RECORD_AUDIT: 2,
 }
 
 
@@ -257,6 +268,28 @@ class SetMemberAddress:
     api_address: str
 
 
+@dataclass(frozen=True, slots=True)
+class Audited:
+    """A change and its audit record in one entry (SPEC 11, see ``quorumd.node.registry.audit``).
+
+    Wire: ``[2, 2, 21, ts, note, inner]`` where ``inner`` is the inner command's own list (its
+    envelope included). The state machine applies ``command`` and appends the record only when
+    it succeeded. ``command`` is never itself audited."""
+
+    ts: float
+    note: AuditNote
+    command: Command
+
+
+@dataclass(frozen=True, slots=True)
+class RecordAudit:
+    """An audit record that is its own entry (an event that changes no other state: a backup
+    export, a leadership transfer)."""
+
+    ts: float
+    note: AuditNote
+
+
 Command = (
     Noop
     | SetClusterSecrets
@@ -272,6 +305,8 @@ Command = (
     | MintJoinToken
     | SetProtocolVersion
     | SetMemberAddress
+    | Audited
+    | RecordAudit
 )
 
 
@@ -318,6 +353,10 @@ def _fields(cmd: Command) -> tuple[OpCode, list[Any]]:
             return OpCode.SET_PROTOCOL_VERSION, [cmd.cluster_version, [list(m) for m in cmd.members]]
         case SetMemberAddress():
             return OpCode.SET_MEMBER_ADDRESS, [cmd.node_id, cmd.raft_address, cmd.api_address]
+        case Audited():
+            return OpCode.AUDITED, [cmd.note.wire(), _items(cmd.command)]
+        case RecordAudit():
+            return OpCode.RECORD_AUDIT, [cmd.note.wire()]
     raise CommandError(f"not a command: {type(cmd).__name__}")
 
 
@@ -336,6 +375,8 @@ _OP_OF_TYPE: dict[type, OpCode] = {
     MintJoinToken: OpCode.MINT_JOIN_TOKEN,
     SetProtocolVersion: OpCode.SET_PROTOCOL_VERSION,
     SetMemberAddress: OpCode.SET_MEMBER_ADDRESS,
+    Audited: OpCode.AUDITED,
+    RecordAudit: OpCode.RECORD_AUDIT,
 }
 
 
@@ -359,6 +400,17 @@ def gate(cmd: Command, cluster_version: int) -> None:
     raise FeatureUnavailable(_OP_OF_TYPE[type(cmd)], needs, cluster_version)
 
 
+def _items(cmd: Command) -> list[Any]:
+    """The list ``cmd`` is encoded as (its envelope included)."""
+    if isinstance(cmd, Audited | RecordAudit):
+        raise CommandError("an audited change cannot be audited again")
+    op, fields = _fields(cmd)
+    needs = OP_PROTOCOL[op]
+    if needs == 1:
+        return [COMMAND_VERSION, int(op), float(cmd.ts), *fields]
+    return [COMMAND_ENVELOPE_V2, needs, int(op), float(cmd.ts), *fields]
+
+
 def encode_command(cmd: Command) -> bytes:
     """Encode ``cmd``; the result round-trips through ``decode_command``.
 
@@ -373,6 +425,17 @@ def encode_and_decode(cmd: Command) -> tuple[bytes, Command]:
     ``decode_command`` will produce from the bytes (the decoder is a pure function of them)."""
     if type(cmd) is AllocateLease:  # the write path: the same list _fields builds, directly
         data = pack([COMMAND_VERSION, _ALLOCATE, float(cmd.ts), cmd.pool, cmd.holder, cmd.node_id])
+    elif isinstance(cmd, Audited):
+        data = pack(
+            [
+                COMMAND_ENVELOPE_V2,
+                OP_PROTOCOL[OpCode.AUDITED],
+                int(OpCode.AUDITED),
+                float(cmd.ts),
+                cmd.note.wire(),
+                _items(cmd.command),
+            ]
+        )
     else:
         op, fields = _fields(cmd)
         needs = OP_PROTOCOL[op]
@@ -469,6 +532,16 @@ def _decode_fields(op: OpCode, ts: float, f: list[Any]) -> Command:
                 check_str(f[1], "raft_address"),
                 check_str(f[2], "api_address"),
             )
+        case OpCode.AUDITED:
+            arity(2)
+            note = decode_note(f[0])
+            inner = decode_items(f[1])
+            if isinstance(inner, Audited | RecordAudit):
+                raise CommandError("AUDITED: an audited change cannot be audited again")
+            return Audited(ts, note, inner)
+        case OpCode.RECORD_AUDIT:
+            arity(1)
+            return RecordAudit(ts, decode_note(f[0]))
     raise CommandError(f"unhandled op {op!r}")  # pragma: no cover - every OpCode is matched
 
 

@@ -4,6 +4,13 @@
           join_token_id | nil, ts]
     v2:  [2, required_protocol, <the v1 fields>, protocol_version]
 
+    v3:  [3, 2, inner_context (bytes; may be empty), ts, audit note]   (the audited context)
+
+The audited context (SPEC 11) carries the audit record of the membership change in the same
+entry: a removal or promotion (inner context empty) or a join (inner context: the v1 or v2
+member context, unchanged). Only written at cluster protocol 2; ``split_audited_context``
+unwraps it.
+
 The v1 context is read by every build; the join handler writes the v2 one (which records the
 joiner's protocol version) only once the cluster is at protocol 2 (see
 ``quorumd.node.registry.commands`` for the envelopes and the gate).
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from quorumd.node.registry.audit import AuditNote, decode_note
 from quorumd.node.registry.wire import (
     CommandError,
     check_float,
@@ -27,6 +35,8 @@ from quorumd.raft.codec import packb as pack
 
 CONTEXT_VERSION = 1
 CONTEXT_ENVELOPE_V2 = 2
+CONTEXT_AUDITED = 3
+AUDITED_CONTEXT_PROTOCOL = 2
 MAX_CONTEXT_BYTES = 1 << 20
 
 
@@ -94,3 +104,31 @@ def decode_member_context(data: bytes) -> MemberContext:
         ts=check_float(f[6], "ts"),
         protocol_version=protocol,
     )
+
+
+def encode_audited_context(inner: bytes, ts: float, note: AuditNote) -> bytes:
+    """The audited context around ``inner`` (a member context, or empty); ``ts``: the leader's
+    clock (the record's time). Validated by decoding."""
+    data = pack([CONTEXT_AUDITED, AUDITED_CONTEXT_PROTOCOL, inner, float(ts), note.wire()])
+    split_audited_context(data)
+    return data
+
+
+def split_audited_context(data: bytes) -> tuple[bytes, float, AuditNote | None]:
+    """``(inner context, ts, note)`` of an audited context; ``(data, 0.0, None)`` for any other.
+    Raises ``CommandError`` when an audited context is malformed and ``EntryNeedsNewerProtocol``
+    when a context names a protocol newer than this build's."""
+    if not data or len(data) > MAX_CONTEXT_BYTES:
+        return data, 0.0, None  # empty, or too large: the member context decoder says so
+    try:
+        items = unpack(data, "context")
+    except CommandError:
+        return data, 0.0, None
+    if type(items) is not list or not items or items[0] != CONTEXT_AUDITED:
+        return data, 0.0, None
+    check_list(items, "audited context", 5)
+    check_required_protocol(CONTEXT_AUDITED, items, CONTEXT_AUDITED, "audited context")
+    inner = items[2]
+    if type(inner) is not bytes:
+        raise CommandError("audited context: inner context must be bytes")
+    return inner, check_float(items[3], "ts"), decode_note(items[4])

@@ -22,7 +22,10 @@ What is stored:
   command clock passes expiry plus a grace period, so the set stays bounded; a consumed id is
   kept while the token could still verify, which is what makes a replay fail everywhere;
 - API tokens: only the SHA-256 of the secret (see ``quorumd.node.registry.apitoken``), never the secret;
-- pools and leases: ``quorumd.node.registry.leases.LeaseTable``.
+- pools and leases: ``quorumd.node.registry.leases.LeaseTable``;
+- the audit trail (SPEC 11): ``quorumd.node.registry.audit.AuditTrail``, appended by ``Audited``
+  and ``RecordAudit`` commands and by audited ConfChange contexts, in the same entry as the
+  change; retention is the bound carried in each entry.
 
 Snapshot: one msgpack list, every collection sorted by key:
 ``[1, applied_index, cluster_id, join_key, members, join_tokens, api_tokens, lease_table]``
@@ -30,10 +33,13 @@ while the cluster's protocol version is 1 (byte for byte the baseline build's fo
 baseline follower can install it), and from protocol 2 on
 ``[2, applied_index, cluster_id, join_key, members, join_tokens, api_tokens, lease_table,
 cluster_protocol_version]`` with each member's protocol version (or nil) appended to its row.
-``restore`` reads both; a newer format raises ``SnapshotFormatError`` (the node refuses to
-start). It validates types and cross-references (sorted keys, join key with cluster id, ...) and
-replaces the state only when all of it is valid. A lease owner need not be a member (see
-``refound``: a restored state keeps the leases of ids that are not members yet).
+This build writes v3 from protocol 2 on: the v2 list plus the audit trail
+``[next_id, [[id, ts, *note], ...]]`` as a tenth element (v2 snapshots were written by builds
+before the audit trail: they restore with an empty trail). ``restore`` reads all three; a
+newer format raises ``SnapshotFormatError`` (the node refuses to start). It validates types and
+cross-references (sorted keys, join key with cluster id, ...) and replaces the state only when
+all of it is valid. A lease owner need not be a member (see ``refound``: a restored state keeps
+the leases of ids that are not members yet).
 
 A NORMAL entry or member context written for a newer protocol raises
 ``EntryNeedsNewerProtocol`` with nothing changed (not even the applied index): the node must
@@ -55,8 +61,10 @@ import msgpack
 
 from quorumd.api.ports import DrainState, TokenRole
 from quorumd.node.registry.apitoken import TOKEN_ID_RE
+from quorumd.node.registry.audit import AuditNote, AuditRecord, AuditTrail
 from quorumd.node.registry.commands import (
     AllocateLease,
+    Audited,
     Command,
     CommandError,
     CreateApiToken,
@@ -67,6 +75,7 @@ from quorumd.node.registry.commands import (
     MemberContext,
     MintJoinToken,
     Noop,
+    RecordAudit,
     RegisterNodeInfo,
     ReleaseLease,
     RevokeApiToken,
@@ -90,6 +99,7 @@ from quorumd.node.registry.commands import (
     pack,
     role_from_code,
     role_to_code,
+    split_audited_context,
     unpack,
 )
 from quorumd.node.registry.leases import Lease, LeaseTable, PoolInfo, Rejection, SnapshotError, rfc3339
@@ -111,7 +121,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SNAPSHOT_VERSION = 2  # the newest format this build reads and writes (see the module docstring)
+SNAPSHOT_VERSION = 3  # the newest format this build reads and writes (see the module docstring)
+SNAPSHOT_VERSION_V2 = 2
 SNAPSHOT_VERSION_V1 = 1
 JOIN_TOKEN_MAX_TTL_SECONDS = 86400  # bounds the expiry of a consumed id that was never recorded as minted
 JOIN_TOKEN_PRUNE_GRACE_SECONDS = 3600  # tolerance for clock differences between successive leaders
@@ -241,6 +252,7 @@ class StateMachine:
     __slots__ = (
         "_api_tokens",
         "_applied_index",
+        "_audit",
         "_cluster_id",
         "_cluster_protocol",
         "_join_expiry",
@@ -260,6 +272,7 @@ class StateMachine:
         self._join_expiry: list[tuple[int, bytes]] = []  # min-heap (expires_at, token id)
         self._api_tokens: dict[str, ApiToken] = {}
         self._leases = LeaseTable()
+        self._audit = AuditTrail()
 
     # --- identity ----------------------------------------------------------------------------
 
@@ -334,6 +347,22 @@ class StateMachine:
             return None
         return tok.role
 
+    # --- audit trail -------------------------------------------------------------------------
+
+    def audit_records(
+        self,
+        *,
+        after: int | None = None,
+        limit: int = 100,
+        action: str | None = None,
+        actor: str | None = None,
+    ) -> list[AuditRecord]:
+        """Oldest first; ``after`` is the last id of the previous page; ``actor`` a token id."""
+        return self._audit.query(after=after, limit=limit, action=action, actor=actor)
+
+    def audit_count(self) -> int:
+        return len(self._audit)
+
     # --- pools and leases --------------------------------------------------------------------
 
     def pools(self) -> list[PoolInfo]:
@@ -389,24 +418,40 @@ class StateMachine:
                 raise
         self._applied_index = index
         self._prune_join_tokens(cmd.ts)
+        note: AuditNote | None = None
+        if type(cmd) is Audited:  # the change and its record: the record only if the change is made
+            note, cmd = cmd.note, cmd.command
+            if self._is_ignored_completion(cmd):
+                note = None
         try:
             value = self._dispatch(cmd)
         except Rejection as rej:
             logger.debug("command_rejected index=%d code=%s", index, rej.code)
             return ApplyResult(index, rej.code, rej.message, command=cmd)
+        if note is not None:
+            self._audit.append(cmd.ts, note)
         return ApplyResult(index, value=value, command=cmd)
+
+    def _is_ignored_completion(self, cmd: Command) -> bool:
+        """A "drained" that completes no drain (the member was resumed meanwhile): no record."""
+        if type(cmd) is not SetDrain or cmd.state != DrainState.DRAINED:
+            return False
+        m = self._members.get(cmd.node_id)
+        return m is not None and m.drain_state == DrainState.ACTIVE
 
     def apply_conf_change(self, index: int, cc: ConfChange) -> ApplyResult:
         """Mirror a membership change in the registry. The registry always follows the Raft
         configuration; an error code here is advisory (the change itself has happened)."""
-        if cc.context and (cc.type == ConfChangeType.ADD_NONVOTER or cc.type == ConfChangeType.PROMOTE):
-            try:  # a context for a newer protocol stops the node before anything changes
-                decode_member_context(cc.context)
-            except CommandError:
-                pass
-            except EntryNeedsNewerProtocol as exc:
-                exc.index = index
-                raise
+        context, note_ts, note = cc.context, 0.0, None
+        try:  # a context for a newer protocol stops the node before anything changes
+            context, note_ts, note = split_audited_context(cc.context)
+            if context and (cc.type == ConfChangeType.ADD_NONVOTER or cc.type == ConfChangeType.PROMOTE):
+                decode_member_context(context)
+        except CommandError:
+            pass
+        except EntryNeedsNewerProtocol as exc:
+            exc.index = index
+            raise
         self._advance(index)
         node_id = cc.node_id
         if cc.type == ConfChangeType.REMOVE:
@@ -414,20 +459,25 @@ class StateMachine:
             purged = self._leases.purge_node(node_id)
             if member is not None:
                 logger.info("member_removed node_id=%d leases_purged=%d", node_id, purged)
+            self._audit_conf_change(note, note_ts)
             return ApplyResult(index, value=purged, command=cc)
         if cc.type == ConfChangeType.DEMOTE or (
             cc.type == ConfChangeType.PROMOTE and node_id in self._members
         ):
+            self._audit_conf_change(note, note_ts)
             return ApplyResult(index, value=self._members.get(node_id), command=cc)
         # ADD_NONVOTER, or PROMOTE of an unknown id (the founder's bootstrap entry)
         try:
-            ctx = decode_member_context(cc.context)
+            ctx = decode_member_context(context)
         except CommandError as exc:
             logger.warning("member_context_rejected index=%d node_id=%d", index, node_id)
             return ApplyResult(index, ApplyCode.BAD_COMMAND, f"member context: {exc}", command=cc)
         self._prune_join_tokens(ctx.ts)
         member = self._register(node_id, ctx)
-        if ctx.join_token_id is not None and not self._consume_join_token(ctx, node_id):
+        consumed = ctx.join_token_id is None or self._consume_join_token(ctx, node_id)
+        if consumed and note is not None:
+            self._audit.append(note_ts, note)
+        if not consumed:
             logger.warning("join_token_reused node_id=%d", node_id)
             return ApplyResult(
                 index,
@@ -437,6 +487,11 @@ class StateMachine:
                 command=cc,
             )
         return ApplyResult(index, value=member, command=cc)
+
+    def _audit_conf_change(self, note: AuditNote | None, ts: float) -> None:
+        """Append the record of a removal, promotion or demotion (``ts``: the audited context's)."""
+        if note is not None:
+            self._audit.append(ts, note)
 
     # --- snapshot ----------------------------------------------------------------------------
 
@@ -474,15 +529,16 @@ class StateMachine:
             for t in self.api_tokens()
         ]
         # ``pack([...7 fields..., self._leases.dump()])`` byte for byte: an 8-element array whose
-        # last element the lease table encodes from its cache (LeaseTable.packed_dump_parts); v2
-        # is a 9-element array with the cluster's protocol version last.
+        # last element the lease table encodes from its cache (LeaseTable.packed_dump_parts); v3
+        # is a 10-element array with the cluster's protocol version and the audit trail last.
         version = SNAPSHOT_VERSION if v2 else SNAPSHOT_VERSION_V1
         head = (version, self._applied_index, self._cluster_id, self._join_key)
-        parts = [b"\x99" if v2 else b"\x98", *(pack(x) for x in head)]
+        parts = [b"\x9a" if v2 else b"\x98", *(pack(x) for x in head)]
         parts += [pack(members), pack(join_tokens), pack(api_tokens)]
         parts += self._leases.packed_dump_parts()
         if v2:
             parts.append(pack(self._cluster_protocol))
+            parts.append(self._audit.packed())
         return parts
 
     def restore(self, data: bytes) -> None:
@@ -579,6 +635,10 @@ class StateMachine:
                 return self._set_protocol_version(cmd)
             case SetMemberAddress():
                 return self._set_member_address(cmd)
+            case RecordAudit():
+                return self._audit.append(cmd.ts, cmd.note).record_id
+            case Audited():  # unwrapped by apply; a nested one is refused by the decoder
+                raise Rejection(ApplyCode.BAD_COMMAND, "an audited change cannot be audited again")
         raise Rejection(ApplyCode.BAD_COMMAND, "unhandled command")  # pragma: no cover
 
     def _set_protocol_version(self, cmd: SetProtocolVersion) -> int:
@@ -745,13 +805,15 @@ def _load_snapshot(data: bytes) -> StateMachine:
     version = check_int(items[0], "snapshot version") if items else 0
     if version > SNAPSHOT_VERSION:
         raise SnapshotFormatError(version)
-    if version not in (SNAPSHOT_VERSION_V1, SNAPSHOT_VERSION):
+    if version not in (SNAPSHOT_VERSION_V1, SNAPSHOT_VERSION_V2, SNAPSHOT_VERSION):
         raise SnapshotError("unsupported snapshot version")
-    v2 = version == SNAPSHOT_VERSION
+    v2 = version >= SNAPSHOT_VERSION_V2  # v3: the v2 fields, then the audit trail
     (_, applied_raw, cluster_raw, key_raw, members_raw, join_raw, api_raw, leases_raw, *rest) = check_list(
-        items, "snapshot", 9 if v2 else 8
+        items, "snapshot", {1: 8, 2: 9, 3: 10}[version]
     )
     sm = StateMachine()
+    if version == SNAPSHOT_VERSION:
+        sm._audit = AuditTrail.load(rest[1])
     if v2:
         sm._cluster_protocol = check_int(rest[0], "cluster_protocol_version")
         if sm._cluster_protocol < 2:

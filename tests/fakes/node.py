@@ -14,6 +14,9 @@ cluster channel would, with the node layer's error mapping (503 no leader, 502 u
 slow). Hooks for tests: ``forward_failure``, ``gate`` (an ``asyncio.Event`` leader operations wait
 on: a slow leader), ``raise_next`` (an exception the next operation raises), ``apply_stuck``
 (``wait_applied`` times out), ``ready``.
+
+Pool create/delete and token revoke write their audit record as the node does (the request's
+origin, in the same entry), so API tests can read the trail through ``GET /audit``.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 from quorumd.api.errors import Conflict, LeaderTimeout, LeaderUnavailable, LeaderUnreachable, NotFound
 from quorumd.api.extensions import BackupArchive
+from quorumd.api.origin import current_origin
 from quorumd.api.ports import DrainState, ForwardedRequest, ForwardedResponse, Principal, TokenRole
 from quorumd.node.cluster.addresses import validate_addresses
 from quorumd.node.cluster.service import rejection_error
 from quorumd.node.registry import apitoken, jointoken
+from quorumd.node.registry.audit import Actor, AuditAction, note_of
 from quorumd.node.registry.autopilot import (
     Autopilot,
     AutopilotSettings,
@@ -41,6 +46,7 @@ from quorumd.node.registry.autopilot import (
 )
 from quorumd.node.registry.commands import (
     AllocateLease,
+    Audited,
     Command,
     CreateApiToken,
     CreatePool,
@@ -307,6 +313,29 @@ class FakeNode:
         found = self.cluster.sm.leases(node_id=node_id, pool=pool, limit=limit, after=after)
         return [x.as_dict() for x in found]
 
+    def audit(
+        self, *, after: int | None, limit: int, action: str | None, actor: str | None
+    ) -> list[dict[str, Any]]:
+        found = self.cluster.sm.audit_records(after=after, limit=limit, action=action, actor=actor)
+        return [r.as_dict() for r in found]
+
+    def _audited(self, cmd: Command, action: AuditAction, target: str, detail: dict[str, Any]) -> Command:
+        """``cmd`` with the record of the request being served (as the node writes it)."""
+        origin = current_origin.get()
+        if origin is None:
+            return cmd
+        tok = self.cluster.sm.api_token(origin.token_id)
+        actor = Actor.token(origin.token_id, tok.name if tok is not None else "unknown")
+        note = note_of(
+            action,
+            target,
+            actor,
+            detail,
+            via_node_id=origin.via_node_id,
+            source_address=origin.source_address,
+        )
+        return Audited(cmd.ts, note, cmd)
+
     # --- leader-only operations -----------------------------------------------------------
     def _require_leader(self) -> None:
         if not self.is_leader():
@@ -438,16 +467,19 @@ class FakeNode:
 
     async def revoke_token(self, token_id: str) -> None:
         await self._enter()
-        self.cluster.run(RevokeApiToken(self.cluster.stamp(), token_id))
+        cmd = RevokeApiToken(self.cluster.stamp(), token_id)
+        self.cluster.run(self._audited(cmd, AuditAction.TOKEN_REVOKE, f"token:{token_id}", {}))
 
     async def create_pool(self, name: str, cidr: str) -> dict[str, Any]:
         await self._enter()
-        self.cluster.run(CreatePool(self.cluster.stamp(), name, cidr))
+        cmd = CreatePool(self.cluster.stamp(), name, cidr)
+        self.cluster.run(self._audited(cmd, AuditAction.POOL_CREATE, f"pool:{name}", {"cidr": cidr}))
         return self.pool(name)
 
     async def delete_pool(self, name: str) -> None:
         await self._enter()
-        self.cluster.run(DeletePool(self.cluster.stamp(), name))
+        cmd = DeletePool(self.cluster.stamp(), name)
+        self.cluster.run(self._audited(cmd, AuditAction.POOL_DELETE, f"pool:{name}", {}))
 
     async def allocate_lease_reporting(
         self, pool: str, holder: str, node_id: int | None
