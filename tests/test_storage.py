@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from quorumd.raft.aio import storage as storage_mod
+from quorumd.raft.aio import wal as wal_mod
 from quorumd.raft.aio.storage import LogStorage, StorageCorruptError, StorageError, StorageTransientError
 from quorumd.raft.core.types import Configuration, Entry, EntryType, HardState, Snapshot, SnapshotMeta
 
@@ -186,7 +187,7 @@ def test_failed_fsync_is_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     def broken(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(storage_mod, "_fsync_data", broken)
+    monkeypatch.setattr(wal_mod, "fsync_data", broken)
     with st:
         st.append(entries(1, 1))
         with pytest.raises(StorageError, match="fsync"):
