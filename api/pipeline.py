@@ -246,13 +246,15 @@ def admit(
     token: str | None,
     client: str | None,
     *,
+    forwarded: bool = False,
     source_address: str | None = None,
     via_node_id: int | None = None,
 ) -> RequestOrigin | None:
     """Steps 1 and 2 of ``run_call`` (clustering, then authentication and role): what can be
     decided before the body is read. Answers who made the request (``None``: a public route):
     the token, the node that received it and the client's address (``client`` on the receiving
-    node; ``source_address``/``via_node_id`` as the forwarding node sent them)."""
+    node; for a ``forwarded`` request ``source_address``/``via_node_id`` as the forwarding node
+    sent them, ``client`` then naming that member for the limiter)."""
     node = ctx.node
     if route.cluster and not node.cluster_enabled:
         raise NotFound("clustering is disabled on this node", code="clustering_disabled")
@@ -262,16 +264,22 @@ def admit(
     try:
         principal = authorize(node, token, need, client=client, limiter=ctx.limiter)
     except (Unauthorized, Forbidden, TooManyRequests) as exc:
-        _auth_refused(ctx, route, token, client if client is not None else source_address, exc)
+        _auth_refused(ctx, route, token, source_address if forwarded else client, exc)
         raise
-    if client is not None:
-        return RequestOrigin(principal.token_id, ctx.node_id, client)
-    return RequestOrigin(principal.token_id, via_node_id, source_address)
+    if forwarded:  # ``client`` names the forwarding member (the limiter's key), not the client
+        return RequestOrigin(principal.token_id, via_node_id, source_address)
+    return RequestOrigin(principal.token_id, ctx.node_id, client)
 
 
 async def run_call(ctx: Context, route: Route, call: Call) -> Reply:
     origin = admit(
-        ctx, route, call.token, call.client, source_address=call.source_address, via_node_id=call.via_node_id
+        ctx,
+        route,
+        call.token,
+        call.client,
+        forwarded=call.hops > 0,
+        source_address=call.source_address,
+        via_node_id=call.via_node_id,
     )
     args = parse_args(route, call)
     reset = current_origin.set(origin)

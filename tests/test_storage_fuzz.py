@@ -123,6 +123,22 @@ def open_outcome(d: Path) -> Outcome | None:
     return canonical(rec)
 
 
+def refused_as_newer(d: Path) -> bool:
+    """Whether opening ``d`` refuses it as a newer format; if so, it must have changed nothing
+    (a refusal is safe whether the file is a newer build's or damaged: nothing is lost)."""
+    before = {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+    try:
+        st_, _rec = LogStorage.open(d)
+    except StorageFormatError:
+        after = {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+        assert after == before, "a refused data dir was changed"
+        return True
+    except StorageCorruptError:
+        return False
+    st_.close()
+    return False
+
+
 @dataclass
 class Layout:
     name: str
@@ -295,6 +311,8 @@ def test_damaged_files_never_yield_a_corrupt_state(
     shutil.rmtree(d, ignore_errors=True)
     shutil.copytree(layout.base, d)
     done = [a for a in (apply(d, dmg) for dmg in damage) if a is not None]
+    if refused_as_newer(d):
+        return  # a damaged version field reads as a newer build's file: refused, nothing changed
     outcome = open_outcome(d)  # any exception but StorageCorruptError fails the test
     if len(done) == 1:
         assert outcome == expected_for(layout, done[0], scratch), done[0]

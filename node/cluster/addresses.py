@@ -38,9 +38,9 @@ both whenever the cluster address moves.
 a member that is down and will come back elsewhere (the etcd ``member update`` way). A running
 member corrects its own entry to where it really listens.
 
-Audit hook: every change goes through ``_propose_address_change`` with its actor (``join``
-component for a member's own announcement, the API token for a PATCH). Once the audit trail
-exists, it records ``member_address_changed`` there, in the same log entry as the change.
+Audit: every change goes through ``_propose_address_change``, which records
+``member_address_changed`` in the same log entry as the change (system actor ``join`` for a
+member's own announcement, the API token for a PATCH).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from urllib.parse import urlsplit
 from quorumd.api.errors import ApiError, BadRequest, Conflict, NotFound
 from quorumd.node.cluster.service import ClusterService, pack, unpack
 from quorumd.node.config.values import Address, ValueProblem, quote, valid_host
+from quorumd.node.registry.audit import AuditAction, SystemComponent
 from quorumd.node.registry.commands import SetMemberAddress
 from quorumd.node.version import PROTOCOL_VERSION
 from quorumd.raft.aio.transport import RpcError
@@ -356,11 +357,23 @@ class AddressChanges(ClusterService):
         return next(item for item in self.members() if item["nodeId"] == node_id)
 
     async def _propose_address_change(self, cmd: SetMemberAddress, actor: str) -> None:
-        """The one place an address change is proposed. Audit hook (SPEC 11/17): record
-        ``member_address_changed`` (target ``node:N``, detail the old and new addresses, actor as
-        given) in the same entry once the audit trail exists."""
+        """The one place an address change is proposed, with its ``member_address_changed`` record
+        in the same entry (target ``node:N``, detail the new and previous addresses; the system
+        actor ``join`` for a member's own announcement, the caller's token for a PATCH)."""
         old = self.sm.member(cmd.node_id)
-        await self.propose(cmd)
+        detail = {
+            "raftAddress": cmd.raft_address,
+            "apiAddress": cmd.api_address,
+            "previousRaftAddress": old.raft_address if old else "",
+            "previousApiAddress": old.api_address if old else "",
+        }
+        target = f"node:{cmd.node_id}"
+        action = AuditAction.MEMBER_ADDRESS_CHANGED
+        if actor == ACTOR_JOIN:
+            note = self.trail.system_note(SystemComponent.JOIN, action, target, detail)
+        else:  # the PATCH being served: its token, receiving node and client address
+            note = self.trail.request_note(action, target, detail)
+        await self.trail.propose(cmd, note)
         log.info(
             "member_address_change node_id=%d raft_address=%s api_address=%s was=%s actor=%s",
             cmd.node_id, cmd.raft_address, cmd.api_address, old.raft_address if old else "", actor,
