@@ -57,7 +57,8 @@ from quorumd.node.registry.commands import (
     encode_command,
     encode_member_context,
 )
-from quorumd.node.registry.state import SNAPSHOT_VERSION, StateMachine
+from quorumd.node.registry.records import SNAPSHOT_VERSION
+from quorumd.node.registry.state import StateMachine
 from quorumd.raft.core.types import ConfChange, ConfChangeType
 
 _SSL = ssl.create_default_context()

@@ -45,7 +45,8 @@ from quorumd.node.registry.commands import (
     encode_command,
     encode_member_context,
 )
-from quorumd.node.registry.state import ApiToken, Member, StateMachine
+from quorumd.node.registry.records import ApiToken, Member
+from quorumd.node.registry.state import StateMachine
 from quorumd.node.tools.backup import load_archive_bytes
 from quorumd.raft.core.types import ConfChange, ConfChangeType
 

@@ -26,7 +26,6 @@ MAX_LINES = 600
 # The engine's step functions read best in one place. The others are being split.
 LONG_MODULES_ALLOWED = {
     "raft/core/node.py",
-    "node/registry/state.py",
 }
 
 

@@ -40,15 +40,12 @@ from quorumd.node.registry.commands import (
     encode_member_context,
     pack,
 )
-from quorumd.node.registry.leases import LeaseTable
+from quorumd.node.registry.leases import LeaseTable, SnapshotError
 from quorumd.node.registry.protocol import PROTOCOL_VERSION
+from quorumd.node.registry.records import ApplyCode, ApplyResult, StateError
 from quorumd.node.registry.state import (
     JOIN_TOKEN_MAX_TTL_SECONDS,
     JOIN_TOKEN_PRUNE_GRACE_SECONDS,
-    ApplyCode,
-    ApplyResult,
-    SnapshotError,
-    StateError,
     StateMachine,
 )
 from quorumd.raft.core.types import ConfChange, ConfChangeType

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from quorumd.node.registry.protocol import PROTOCOL_VERSION
-from quorumd.node.registry.state import SNAPSHOT_VERSION
+from quorumd.node.registry.records import SNAPSHOT_VERSION
 from quorumd.raft.codec import VERSION as CODEC_VERSION
 from tests.cluster import Cluster, http, wait_for
 

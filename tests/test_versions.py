@@ -33,7 +33,9 @@ from quorumd.node.registry.commands import (
     protocol_needed,
 )
 from quorumd.node.registry.protocol import PROTOCOL_VERSION
-from quorumd.node.registry.state import ApplyCode, SnapshotFormatError, StateMachine, check_snapshot_format
+from quorumd.node.registry.records import ApplyCode, SnapshotFormatError
+from quorumd.node.registry.snapshot_codec import check_snapshot_format
+from quorumd.node.registry.state import StateMachine
 from quorumd.raft.aio.storage import LogStorage
 from quorumd.raft.core.types import ConfChangeType, Entry, EntryType, HardState
 from tests.baseline_support import baseline_python

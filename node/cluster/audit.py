@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from quorumd.node.cluster.service import ClusterService
-    from quorumd.node.registry.state import ApplyResult
+    from quorumd.node.registry.records import ApplyResult
     from quorumd.raft.core.node import RaftCore
 
 __all__ = ["AuditAction", "AuditWriter", "own_event"]

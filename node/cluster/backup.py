@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from quorumd.api.extensions import BackupArchive
 from quorumd.node.daemon.gcpolicy import gc_paused
 from quorumd.node.registry.archive import ArchiveHeader, encode_archive
-from quorumd.node.registry.state import SNAPSHOT_VERSION
+from quorumd.node.registry.records import SNAPSHOT_VERSION
 
 if TYPE_CHECKING:
     from quorumd.node.cluster.service import ClusterService

@@ -48,7 +48,7 @@ from quorumd.node.registry.commands import (
     SetDrain,
 )
 from quorumd.node.registry.leases import Lease
-from quorumd.node.registry.state import ApplyResult, Member
+from quorumd.node.registry.records import ApplyResult, Member
 from quorumd.raft.core.node import RaftCore
 from quorumd.raft.core.types import ConfChange, ConfChangeType
 

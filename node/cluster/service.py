@@ -50,7 +50,8 @@ from quorumd.node.registry.commands import (
     encode_member_context,
 )
 from quorumd.node.registry.leases import Lease
-from quorumd.node.registry.state import ApplyResult, StateMachine, member_rows
+from quorumd.node.registry.records import ApplyResult, member_rows
+from quorumd.node.registry.state import StateMachine
 from quorumd.raft.aio.driver import ProposalLostError, RaftDriver
 from quorumd.raft.aio.transport import RpcRemoteError, RpcTimeout, RpcUnreachable
 from quorumd.raft.codec import decode_conf_change, packb

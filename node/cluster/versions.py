@@ -41,7 +41,8 @@ from quorumd.node.registry.commands import (
     encode_member_context,
     gate,
 )
-from quorumd.node.registry.state import ApplyResult, StateMachine
+from quorumd.node.registry.records import ApplyResult
+from quorumd.node.registry.state import StateMachine
 from quorumd.node.version import BASELINE_PROTOCOL_VERSION, PROTOCOL_VERSION, VERSION
 from quorumd.raft.aio.transport import RpcError, RpcRemoteError
 from quorumd.raft.codec import packb

@@ -62,10 +62,8 @@ from quorumd.node.registry.commands import (
     SetClusterSecrets,
     SetMemberAddress,
 )
-from quorumd.node.registry.state import (
-    ApplyResult,
-    StateMachine,
-)
+from quorumd.node.registry.records import ApplyResult
+from quorumd.node.registry.state import StateMachine
 from quorumd.node.version import VERSION
 from quorumd.raft.aio.driver import DriverHooks, RaftDriver
 from quorumd.raft.aio.storage import LogStorage, RecoveredState

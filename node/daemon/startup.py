@@ -26,12 +26,10 @@ from quorumd.node.config.schema import Config
 from quorumd.node.daemon.datadir import FatalError, NewerFormatError, load_identity_files, write_node_file
 from quorumd.node.daemon.gcpolicy import gc_paused
 from quorumd.node.registry import jointoken
-from quorumd.node.registry.state import (
-    SnapshotError,
-    SnapshotFormatError,
-    StateMachine,
-    check_snapshot_format,
-)
+from quorumd.node.registry.leases import SnapshotError
+from quorumd.node.registry.records import SnapshotFormatError
+from quorumd.node.registry.snapshot_codec import check_snapshot_format
+from quorumd.node.registry.state import StateMachine
 from quorumd.node.version import PROTOCOL_VERSION
 from quorumd.raft.aio.storage import LogStorage, RecoveredState, StorageError, StorageFormatError
 from quorumd.raft.aio.transport import JoinPinMismatch, join_call

@@ -16,30 +16,22 @@ invariant) and ``SnapshotError`` from ``restore``.
 What is stored:
 - members: the registry (addresses, binary version, certificate pin, drain state, left flag,
   protocol version once recorded);
-- the cluster's protocol version (SPEC 13): a ratchet, 1 until a ``SetProtocolVersion``;
+- the cluster's protocol version: a ratchet, 1 until a ``SetProtocolVersion``;
 - cluster id and join HMAC key (set once by the founder);
 - join tokens: minted and consumed ids with their expiry; entries are pruned once the
   command clock passes expiry plus a grace period, so the set stays bounded; a consumed id is
   kept while the token could still verify, which is what makes a replay fail everywhere;
 - API tokens: only the SHA-256 of the secret (see ``quorumd.node.registry.apitoken``), never the secret;
 - pools and leases: ``quorumd.node.registry.leases.LeaseTable``;
-- the audit trail (SPEC 11): ``quorumd.node.registry.audit.AuditTrail``, appended by ``Audited``
+- the audit trail: ``quorumd.node.registry.audit.AuditTrail``, appended by ``Audited``
   and ``RecordAudit`` commands and by audited ConfChange contexts, in the same entry as the
   change; retention is the bound carried in each entry.
 
-Snapshot: one msgpack list, every collection sorted by key:
-``[1, applied_index, cluster_id, join_key, members, join_tokens, api_tokens, lease_table]``
-while the cluster's protocol version is 1 (byte for byte the baseline build's format, so a
-baseline follower can install it), and from protocol 2 on
-``[2, applied_index, cluster_id, join_key, members, join_tokens, api_tokens, lease_table,
-cluster_protocol_version]`` with each member's protocol version (or nil) appended to its row.
-This build writes v3 from protocol 2 on: the v2 list plus the audit trail
-``[next_id, [[id, ts, *note], ...]]`` as a tenth element (v2 snapshots were written by builds
-before the audit trail: they restore with an empty trail). ``restore`` reads all three; a
-newer format raises ``SnapshotFormatError`` (the node refuses to start). It validates types and
-cross-references (sorted keys, join key with cluster id, ...) and replaces the state only when
-all of it is valid. A lease owner need not be a member (see ``refound``: a restored state keeps
-the leases of ids that are not members yet).
+Snapshots (``snapshot``/``restore``): the format, its versions and its checks are
+``quorumd.node.registry.snapshot_codec``; ``restore`` replaces the state only when all of the
+snapshot is valid. A lease owner need not be a member (see ``refound``: a restored state keeps
+the leases of ids that are not members yet). The value types are in
+``quorumd.node.registry.records``.
 
 A NORMAL entry or member context written for a newer protocol raises
 ``EntryNeedsNewerProtocol`` with nothing changed (not even the applied index): the node must
@@ -50,14 +42,8 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable
-from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, replace
-from enum import StrEnum
-from heapq import heapify, heappop, heappush
-from typing import Any
-
-import msgpack
+from dataclasses import replace
+from heapq import heappop, heappush
 
 from quorumd.api.ports import DrainState, TokenRole
 from quorumd.node.registry.apitoken import TOKEN_ID_RE
@@ -83,167 +69,38 @@ from quorumd.node.registry.commands import (
     SetDrain,
     SetMemberAddress,
     SetProtocolVersion,
-    check_bool,
-    check_bytes,
-    check_float,
-    check_int,
-    check_list,
-    check_opt_bytes,
-    check_opt_float,
-    check_opt_int,
-    check_str,
     decode_command,
     decode_member_context,
-    drain_from_code,
-    drain_to_code,
-    pack,
-    role_from_code,
-    role_to_code,
     split_audited_context,
-    unpack,
 )
-from quorumd.node.registry.leases import Lease, LeaseTable, PoolInfo, Rejection, SnapshotError, rfc3339
-from quorumd.raft.core.types import ConfChange, ConfChangeType, immutable
+from quorumd.node.registry.leases import Lease, LeaseTable, PoolInfo, Rejection, SnapshotError
+from quorumd.node.registry.records import (
+    MIN_JOIN_KEY_BYTES,
+    ApiToken,
+    ApplyCode,
+    ApplyResult,
+    ApplyValue,
+    JoinTokenRecord,
+    Member,
+    StateError,
+)
+from quorumd.node.registry.snapshot_codec import (
+    encode_parts,
+    load_snapshot,
+    refound,
+)
+from quorumd.raft.core.types import ConfChange, ConfChangeType
 
-__all__ = [
-    "ApiToken",
-    "ApplyCode",
-    "ApplyResult",
-    "JoinTokenRecord",
-    "Lease",
-    "Member",
-    "PoolInfo",
-    "SnapshotError",
-    "SnapshotFormatError",
-    "StateError",
-    "StateMachine",
-]
+__all__ = ["StateMachine"]
 
 logger = logging.getLogger(__name__)
 
-SNAPSHOT_VERSION = 3  # the newest format this build reads and writes (see the module docstring)
-SNAPSHOT_VERSION_V2 = 2
-SNAPSHOT_VERSION_V1 = 1
 JOIN_TOKEN_MAX_TTL_SECONDS = 86400  # bounds the expiry of a consumed id that was never recorded as minted
 JOIN_TOKEN_PRUNE_GRACE_SECONDS = 3600  # tolerance for clock differences between successive leaders
 MAX_TOKEN_NAME_CHARS = 128
 MAX_ADDRESS_CHARS = 512  # a member's raft or API address (SPEC 17)
 SECRET_HASH_BYTES = 32
-MIN_JOIN_KEY_BYTES = 16
 _DUMMY_HASH = bytes(SECRET_HASH_BYTES)
-
-
-class StateError(Exception):
-    """The caller broke the apply contract (an index applied twice or out of order)."""
-
-
-class SnapshotFormatError(SnapshotError):
-    """A snapshot in a newer format than this build reads."""
-
-    def __init__(self, found: int) -> None:
-        super().__init__(
-            f"snapshot format version {found} is newer than this build reads ({SNAPSHOT_VERSION})"
-        )
-        self.found = found
-        self.known = SNAPSHOT_VERSION
-
-
-class ApplyCode(StrEnum):
-    """Stable error codes of rejected commands (the API layer maps them to HTTP statuses)."""
-
-    BAD_COMMAND = "bad_command"
-    INVALID_ARGUMENT = "invalid_argument"
-    UNKNOWN_NODE = "unknown_node"
-    NODE_DRAINING = "node_draining"
-    UNKNOWN_POOL = "unknown_pool"
-    POOL_EXISTS = "pool_exists"
-    INVALID_CIDR = "invalid_cidr"
-    POOL_OVERLAP = "pool_overlap"
-    POOL_IN_USE = "pool_in_use"
-    POOL_EXHAUSTED = "pool_exhausted"
-    UNKNOWN_LEASE = "unknown_lease"
-    UNKNOWN_TOKEN = "unknown_token"
-    TOKEN_EXISTS = "token_exists"
-    SECRETS_ALREADY_SET = "secrets_already_set"
-    JOIN_TOKEN_REUSED = "join_token_reused"
-    STALE_PROTOCOL_VIEW = "stale_protocol_view"
-
-
-@dataclass(frozen=True, slots=True)
-class Member:
-    node_id: int
-    raft_address: str  # host:port of the cluster channel
-    api_address: str  # as announced by the node: https://host:port
-    binary_version: str
-    cert_fingerprint: str  # sha256:<hex of DER>
-    cert_pem: str
-    drain_state: DrainState
-    drain_changed_at: float
-    drain_deadline: float | None  # only while draining with a deadline
-    left: bool  # announced a graceful stop
-    protocol_version: int | None = None  # recorded from cluster protocol 2 on (SPEC 13)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The registry part of a /cluster/members item (the node adds suffrage, isLeader,
-        activeLeases from the live Raft state and ``active_lease_count``)."""
-        return {
-            "nodeId": self.node_id,
-            "raftAddress": self.raft_address,
-            "apiAddress": self.api_address,
-            "binaryVersion": self.binary_version,
-            "drainState": str(self.drain_state),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class ApiToken:
-    token_id: str
-    name: str
-    role: TokenRole
-    secret_hash: bytes
-    created_at: float
-    expires_at: int | None
-
-    def as_dict(self) -> dict[str, Any]:
-        """The GET /tokens item (never the hash)."""
-        return {
-            "id": self.token_id,
-            "name": self.name,
-            "role": str(self.role),
-            "createdAt": rfc3339(self.created_at),
-            "expiresAt": self.expires_at,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class JoinTokenRecord:
-    node_id: int
-    expires_at: int
-    consumed_at: float | None  # None: minted, not used yet
-
-
-ApplyValue = Member | ApiToken | PoolInfo | Lease | int | None
-
-
-@immutable  # one per applied entry on every replica
-class ApplyResult:
-    """Outcome of one applied entry. ``error`` is None on success.
-
-    ``value`` is what the operation produced (the lease, the pool, the member record, the
-    number of leases purged by a REMOVE); ``command`` is the decoded command (None for a no-op
-    or undecodable data; the ConfChange for membership entries) so the node can run side
-    effects without decoding twice.
-    """
-
-    index: int
-    error: str | None = None
-    message: str = ""
-    value: ApplyValue = None
-    command: Command | ConfChange | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 class StateMachine:
@@ -502,49 +359,13 @@ class StateMachine:
         """``snapshot()`` as the pieces it is the concatenation of, the cached lease chunks among
         them uncopied: a caller that must not hold the event loop while megabytes are copied
         joins them elsewhere (see quorumd.node.cluster.backup). The v1 format while the cluster
-        is at protocol 1, else the v2 (module docstring)."""
-        v2 = self._cluster_protocol >= 2
-        members = [
-            [
-                m.node_id,
-                m.raft_address,
-                m.api_address,
-                m.binary_version,
-                m.cert_fingerprint,
-                m.cert_pem,
-                drain_to_code(m.drain_state),
-                m.drain_changed_at,
-                m.drain_deadline,
-                m.left,
-                *((m.protocol_version,) if v2 else ()),
-            ]
-            for m in self.members()
-        ]
-        join_tokens = [
-            [tid, rec.node_id, rec.expires_at, rec.consumed_at]
-            for tid, rec in sorted(self._join_tokens.items())
-        ]
-        api_tokens = [
-            [t.token_id, t.name, role_to_code(t.role), t.secret_hash, t.created_at, t.expires_at]
-            for t in self.api_tokens()
-        ]
-        # ``pack([...7 fields..., self._leases.dump()])`` byte for byte: an 8-element array whose
-        # last element the lease table encodes from its cache (LeaseTable.packed_dump_parts); v3
-        # is a 10-element array with the cluster's protocol version and the audit trail last.
-        version = SNAPSHOT_VERSION if v2 else SNAPSHOT_VERSION_V1
-        head = (version, self._applied_index, self._cluster_id, self._join_key)
-        parts = [b"\x9a" if v2 else b"\x98", *(pack(x) for x in head)]
-        parts += [pack(members), pack(join_tokens), pack(api_tokens)]
-        parts += self._leases.packed_dump_parts()
-        if v2:
-            parts.append(pack(self._cluster_protocol))
-            parts.append(self._audit.packed())
-        return parts
+        is at protocol 1, else the newest (``quorumd.node.registry.snapshot_codec``)."""
+        return encode_parts(self)
 
     def restore(self, data: bytes) -> None:
         """Replace the whole state with a snapshot; raises ``SnapshotError`` (state untouched)."""
         try:
-            new = _load_snapshot(data)
+            new = load_snapshot(data)
         except CommandError as exc:
             raise SnapshotError(str(exc)) from None
         for name in StateMachine.__slots__:
@@ -562,25 +383,9 @@ class StateMachine:
         return self._leases.encode_dirty_chunks(max_chunks)
 
     def refound(self, index: int, member: Member, join_key: bytes, admin: ApiToken) -> None:
-        """``quorumd restore``: this replica's node becomes the founder of the same cluster.
-
-        Every member, and with it every certificate pin, is replaced by ``member``; pools and
-        leases are kept (owner ids too); the join key is replaced and the join-token records
-        dropped (a token minted under the old key no longer verifies); ``admin`` joins the API
-        tokens, which all keep working. ``index`` (above the applied index) becomes the applied
-        index: the state differs from the archive's, so it gets an index of its own."""
-        if self._cluster_id is None:
-            raise StateError("cannot refound a state without cluster secrets")
-        if len(join_key) < MIN_JOIN_KEY_BYTES or admin.token_id in self._api_tokens:
-            raise StateError("short join key or an admin token id that exists")
-        self._advance(index)
-        self._members = {member.node_id: member}
-        self._join_key = join_key
-        self._join_tokens = {}
-        self._join_expiry = []
-        self._api_tokens[admin.token_id] = admin
-        self._api_tokens = dict(sorted(self._api_tokens.items()))
-        logger.info("state_refounded index=%d node_id=%d", index, member.node_id)
+        """``quorumd restore``: this replica's node becomes the founder of the same cluster
+        (``snapshot_codec.refound`` says what is kept and what is replaced)."""
+        refound(self, index, member, join_key, admin)
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -783,132 +588,3 @@ class StateMachine:
             rec = tokens.get(token_id)
             if rec is not None and rec.expires_at == expires_at:
                 del tokens[token_id]
-
-
-def check_snapshot_format(data: bytes) -> None:
-    """Raise ``SnapshotFormatError`` when ``data`` is a snapshot in a newer format than this build
-    reads (only its head is decoded: cheap for any size). Anything else is left to ``restore``."""
-    try:
-        unpacker = msgpack.Unpacker(raw=False)
-        unpacker.feed(data[:16])
-        unpacker.read_array_header()
-        version = unpacker.unpack()
-    except Exception:  # malformed: restore says what is wrong
-        return
-    if type(version) is int and version > SNAPSHOT_VERSION:
-        raise SnapshotFormatError(version)
-
-
-def _load_snapshot(data: bytes) -> StateMachine:
-    obj = unpack(data, "snapshot")
-    items = check_list(obj, "snapshot")
-    version = check_int(items[0], "snapshot version") if items else 0
-    if version > SNAPSHOT_VERSION:
-        raise SnapshotFormatError(version)
-    if version not in (SNAPSHOT_VERSION_V1, SNAPSHOT_VERSION_V2, SNAPSHOT_VERSION):
-        raise SnapshotError("unsupported snapshot version")
-    v2 = version >= SNAPSHOT_VERSION_V2  # v3: the v2 fields, then the audit trail
-    (_, applied_raw, cluster_raw, key_raw, members_raw, join_raw, api_raw, leases_raw, *rest) = check_list(
-        items, "snapshot", {1: 8, 2: 9, 3: 10}[version]
-    )
-    sm = StateMachine()
-    if version == SNAPSHOT_VERSION:
-        sm._audit = AuditTrail.load(rest[1])
-    if v2:
-        sm._cluster_protocol = check_int(rest[0], "cluster_protocol_version")
-        if sm._cluster_protocol < 2:
-            raise SnapshotError("a v2 snapshot records a cluster protocol version of at least 2")
-    sm._applied_index = check_int(applied_raw, "applied_index")
-    if sm._applied_index < 0:
-        raise SnapshotError("negative applied index")
-    sm._cluster_id = None if cluster_raw is None else check_str(cluster_raw, "cluster_id")
-    sm._join_key = check_opt_bytes(key_raw, "join_key")
-    if (sm._cluster_id is None) != (sm._join_key is None):
-        raise SnapshotError("cluster id and join key must be set together")
-
-    prev_node = 0
-    for item in check_list(members_raw, "members"):
-        f = check_list(item, "member", 11 if v2 else 10)
-        m = Member(
-            node_id=check_int(f[0], "node_id"),
-            raft_address=check_str(f[1], "raft_address"),
-            api_address=check_str(f[2], "api_address"),
-            binary_version=check_str(f[3], "binary_version"),
-            cert_fingerprint=check_str(f[4], "cert_fingerprint"),
-            cert_pem=check_str(f[5], "cert_pem"),
-            drain_state=drain_from_code(f[6]),
-            drain_changed_at=check_float(f[7], "drain_changed_at"),
-            drain_deadline=check_opt_float(f[8], "drain_deadline"),
-            left=check_bool(f[9], "left"),
-            protocol_version=check_opt_int(f[10], "protocol_version") if v2 else None,
-        )
-        if m.node_id <= prev_node:
-            raise SnapshotError("members not sorted by id (or id < 1)")
-        prev_node = m.node_id
-        sm._members[m.node_id] = m
-
-    prev_tid: bytes | None = None
-    for item in check_list(join_raw, "join tokens"):
-        f = check_list(item, "join token", 4)
-        tid = check_bytes(f[0], "join token id")
-        if prev_tid is not None and tid <= prev_tid:
-            raise SnapshotError("join tokens not sorted by id")
-        prev_tid = tid
-        sm._join_tokens[tid] = JoinTokenRecord(
-            check_int(f[1], "node_id"), check_int(f[2], "expires_at"), check_opt_float(f[3], "consumed_at")
-        )
-    sm._join_expiry = [(rec.expires_at, tid) for tid, rec in sm._join_tokens.items()]
-    heapify(sm._join_expiry)
-
-    prev_api: str | None = None
-    for item in check_list(api_raw, "api tokens"):
-        f = check_list(item, "api token", 6)
-        tok = ApiToken(
-            token_id=check_str(f[0], "token_id"),
-            name=check_str(f[1], "name"),
-            role=role_from_code(f[2]),
-            secret_hash=check_bytes(f[3], "secret_hash"),
-            created_at=check_float(f[4], "created_at"),
-            expires_at=check_opt_int(f[5], "expires_at"),
-        )
-        if prev_api is not None and tok.token_id <= prev_api:
-            raise SnapshotError("api tokens not sorted by id")
-        prev_api = tok.token_id
-        sm._api_tokens[tok.token_id] = tok
-
-    # A lease may name an owner that is not a member: a state restored from a backup keeps the
-    # leases of every node id (they count again for a node of that id that joins). Removing a
-    # member still purges its leases.
-    sm._leases = LeaseTable.load(leases_raw)
-    sm._leases.set_protocol(sm._cluster_protocol)
-    return sm
-
-
-MEMBER_FIELDS = (
-    "nodeId",
-    "raftAddress",
-    "apiAddress",
-    "binaryVersion",
-    "suffrage",
-    "isLeader",
-    "drainState",
-    "activeLeases",
-    "protocolVersion",
-)
-
-
-def member_rows(
-    sm: StateMachine, voters: AbstractSet[int], leader_id: int, protocol_version: Callable[[int], int]
-) -> list[dict[str, Any]]:
-    """The ``GET /cluster/members`` items: the registry's members (sorted by id) with their live
-    suffrage (``voters``: the Raft configuration's voters), leadership, active leases and
-    protocol version."""
-    out = []
-    for m in sm.members():
-        item = m.as_dict()
-        item["suffrage"] = "voter" if m.node_id in voters else "nonvoter"
-        item["isLeader"] = leader_id == m.node_id
-        item["activeLeases"] = sm.active_lease_count(m.node_id)
-        item["protocolVersion"] = protocol_version(m.node_id)
-        out.append({k: item[k] for k in MEMBER_FIELDS})
-    return out

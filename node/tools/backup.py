@@ -36,7 +36,9 @@ from quorumd.node.daemon.datadir import ensure_data_dir, write_node_file
 from quorumd.node.daemon.startup import api_url
 from quorumd.node.registry import apitoken
 from quorumd.node.registry.archive import Archive, ArchiveError, decode_archive
-from quorumd.node.registry.state import SNAPSHOT_VERSION, ApiToken, Member, SnapshotError, StateMachine
+from quorumd.node.registry.leases import SnapshotError
+from quorumd.node.registry.records import SNAPSHOT_VERSION, ApiToken, Member
+from quorumd.node.registry.state import StateMachine
 from quorumd.node.version import VERSION
 from quorumd.raft.aio.storage import LogStorage
 from quorumd.raft.core.types import Configuration, HardState, Snapshot, SnapshotMeta

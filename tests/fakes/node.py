@@ -60,7 +60,8 @@ from quorumd.node.registry.commands import (
 )
 from quorumd.node.registry.context import MemberContext, encode_member_context
 from quorumd.node.registry.leases import Lease
-from quorumd.node.registry.state import ApplyResult, StateMachine, member_rows
+from quorumd.node.registry.records import ApplyResult, member_rows
+from quorumd.node.registry.state import StateMachine
 from quorumd.raft.core.types import ConfChange, ConfChangeType
 
 if TYPE_CHECKING:
