@@ -16,11 +16,13 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -316,3 +318,41 @@ class Cluster:
 
     def applied(self, node_id: int) -> int:
         return int(self.status(node_id)["appliedIndex"])
+
+
+class RanReceiver:
+    """A RAN webhook endpoint on 127.0.0.1: records every JSON event the daemons POST to it."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with receiver._lock:
+                    receiver.events.append(json.loads(raw))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ran"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def of(self, node_id: int) -> list[dict[str, Any]]:
+        """Every event node ``node_id`` sent, in arrival order."""
+        with self._lock:
+            return [e for e in self.events if e.get("nodeId") == node_id]
+
+    def count(self, node_id: int) -> int:
+        """The "GUAMI unavailable" events node ``node_id`` sent."""
+        return sum(1 for e in self.of(node_id) if e.get("event") == "guami_unavailable")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

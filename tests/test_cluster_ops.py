@@ -16,24 +16,21 @@ where that is what is being tested.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from quorumd.node.registry.autopilot import Autopilot, AutopilotSettings, AutopilotView, ServerInput
-from tests.cluster import _SSL, ApiCallError, Cluster, Node, free_port, wait_for
+from tests.cluster import _SSL, ApiCallError, Cluster, Node, RanReceiver, wait_for
 
 # One worker runs this module: the tests share one cluster and build on each other's state.
 pytestmark = pytest.mark.xdist_group("ops")
@@ -72,41 +69,6 @@ class OpsCluster(Cluster):
             env={**os.environ, **self.env},
         )
         out.close()
-
-
-class RanReceiver:
-    """A RAN webhook endpoint: records every JSON event the daemons POST to it."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with receiver._lock:
-                    receiver.events.append(json.loads(raw))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ran"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def count(self, node_id: int) -> int:
-        with self._lock:
-            return sum(
-                1 for e in self.events if e.get("nodeId") == node_id and e.get("event") == "guami_unavailable"
-            )
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,16 @@ the cluster). Every wait is a bounded poll.
 
 from __future__ import annotations
 
-import json
 import re
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster, free_port, wait_for
+from tests.cluster import Cluster, RanReceiver, wait_for
 
 pytestmark = pytest.mark.xdist_group("foresight")
 
@@ -31,39 +28,6 @@ LAST_CONTACT = 1.0
 # promotionAt); on a loaded 2-core machine the loop itself may run late. The contract is
 # promotionAt + one reconcile interval; this slack covers the commit and scheduling noise.
 PROMOTION_SLACK = 0.5
-
-
-class RanReceiver:
-    """A RAN webhook endpoint recording every JSON body POSTed to it."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with receiver._lock:
-                    receiver.events.append(json.loads(raw))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ran"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def of(self, node_id: int) -> list[dict[str, Any]]:
-        with self._lock:
-            return [e for e in self.events if e.get("nodeId") == node_id]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="module")
