@@ -29,7 +29,7 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q -n 2 --dist loadgroup -m "not bgp" tests
 
-# SPEC 16 on the wire: 3 quorumd nodes with gobgpd speakers peering with a BIRD collector in
+# The BGP speaker on the wire: 3 quorumd nodes with gobgpd speakers peering with a BIRD collector in
 # network namespaces (about 35 s; needs root and the Debian packages gobgpd and bird2, which
 # .ci/run installs). Kept out of `unit` so its 1-second bounds never share the 2 cores with it.
 bgp-test: $(STAMP)

@@ -1,4 +1,4 @@
-"""The public API (SPEC 5) as one object: route lookup, the request pipeline, envelopes, metrics.
+"""The public API as one object: route lookup, the request pipeline, envelopes, metrics.
 
 ``build_app(node, node_id=..., registry=...)`` returns an ``Api``. It knows nothing about sockets:
 ``quorumd.api.server`` serves HTTP/1.1 and calls ``Api.handle`` once per request (and

@@ -1,4 +1,4 @@
-"""Who made the request being served: the audit trail's actor, receiving node and source (SPEC 11).
+"""Who made the request being served: the audit trail's actor, receiving node and source.
 
 ``run_call`` sets ``current_origin`` once a request has authenticated, for the duration of the
 route's work, so a node operation can name its actor without every ``NodeApi`` method growing

@@ -99,7 +99,7 @@ class Context:
     openapi_json: bytes = b""
     extras: dict[str, Any] = field(default_factory=dict)
     # Called with (reason, source address) for every refused request (401, 403, 429): counted
-    # and logged, never replicated (SPEC 11).
+    # and logged, never replicated.
     on_auth_refused: Callable[[str, str | None], None] | None = None
 
     @property

@@ -38,7 +38,7 @@ class ForwardedRequest(NamedTuple):  # a NamedTuple: built on every forwarded ca
     token: str  # the caller's bearer token, re-checked on the leader
     hops: int = 1
     # The original client's address (no port) and the node that received the HTTP request, for
-    # the audit trail (SPEC 11); None from a member that does not send them.
+    # the audit trail; None from a member that does not send them.
     source_address: str | None = None
     via_node_id: int | None = None
 
@@ -100,12 +100,12 @@ class NodeApi(Protocol):
         ...
 
     def is_isolated(self) -> bool:
-        """Fenced: the node has not heard from a quorum for isolation-fence-after (SPEC 15)."""
+        """Fenced: the node has not heard from a quorum for isolation-fence-after."""
         ...
 
     # --- reads (local replica) -------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        """The /status body (SPEC 5)."""
+        """The /status body."""
         ...
 
     def members(self) -> list[dict[str, Any]]:
@@ -127,7 +127,7 @@ class NodeApi(Protocol):
     def audit(
         self, *, after: int | None, limit: int, action: str | None, actor: str | None
     ) -> list[dict[str, Any]]:
-        """Audit records (SPEC 11) from the local replica, sorted by id."""
+        """Audit records from the local replica, sorted by id."""
         ...
 
     # --- leader-only operations (the HTTP layer has already forwarded when not leader) -------
@@ -137,7 +137,7 @@ class NodeApi(Protocol):
         self, *, remove: Sequence[int], fail: Sequence[int], drain: Sequence[int], promote: Sequence[int]
     ) -> dict[str, Any]:
         """``{voters, quorum, healthyVoters, failureTolerance, leaderNodeId, safe, warnings}`` for
-        the cluster as it would be (SPEC 14); changes nothing. 404 for an id that is not a member."""
+        the cluster as it would be; changes nothing. 404 for an id that is not a member."""
         ...
 
     async def remove_member(self, node_id: int, *, force: bool) -> None: ...
@@ -151,7 +151,7 @@ class NodeApi(Protocol):
     async def set_member_address(
         self, node_id: int, *, raft_address: str | None, api_address: str | None
     ) -> dict[str, Any]:
-        """Record a member's new addresses (SPEC 17; None: unchanged); returns its members item.
+        """Record a member's new addresses (None: unchanged); returns its members item.
         Validates them like the config keys (400 ``invalid_raft_address``/``invalid_api_address``)."""
         ...
 

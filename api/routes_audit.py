@@ -1,4 +1,4 @@
-"""GET /api/v1/audit: the audit trail (SPEC 11). Admin only.
+"""GET /api/v1/audit: the audit trail. Admin only.
 
 Served from the receiving node's replica (``?consistent=true``: through the leader), so every
 node gives the same answer once it has applied the same index. Records are sorted by id,

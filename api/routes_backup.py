@@ -1,4 +1,4 @@
-"""GET /api/v1/backup: one archive of the replicated state (SPEC 10). Admin only.
+"""GET /api/v1/backup: one archive of the replicated state. Admin only.
 
 Served by the node that receives it (``Placement.LOCAL``): the node runs a ReadIndex round
 through the leader and answers from its own replica once that has applied the confirmed index,

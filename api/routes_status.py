@@ -2,7 +2,7 @@
 
 None needs a token. /healthz answers 200 while the process serves HTTP; /readyz answers 503
 ``not_ready`` (with Retry-After) until the node has joined, knows a leader and has applied up to
-the commit index, and 503 ``isolated`` while the node is fenced (SPEC 15).
+the commit index, and 503 ``isolated`` while the node is fenced.
 The metrics text comes from the registry the node layer handed to ``build_app``.
 """
 

@@ -1,4 +1,4 @@
-"""Audit trail benchmark (SPEC 11): the write rate of audited admin operations, and that lease
+"""Audit trail benchmark: the write rate of audited admin operations, and that lease
 allocation (not audited) keeps its rate.
 
 Two parts, printed as one JSON object:

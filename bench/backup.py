@@ -1,4 +1,4 @@
-"""Backup and restore benchmark (SPEC 10): archive size, backup and restore times, and the longest
+"""Backup and restore benchmark: archive size, backup and restore times, and the longest
 event-loop stall of the serving node during a backup.
 
 Target: a backup of a node holding 100,000 leases never stalls its event loop for more than 50 ms.

@@ -612,7 +612,7 @@ def _judged(separate: float, figures: str, rounds: list[float]) -> tuple[float, 
 
 
 def targets_table(f: Figures) -> list[str]:
-    """The issue #7 targets against this run's figures (met: yes/no, computed, not asserted)."""
+    """The performance targets against this run's figures (met: yes/no, computed, not asserted)."""
     su, qw, ew, pw, ql, pl = f.su, f.qw, f.ew, f.pw, f.ql, f.pl
     q_fo, e_fo, ap_f, ap_l, su_t = f.q_fo, f.e_fo, f.ap_f, f.ap_l, f.su_t
     rows: list[tuple[str, str, bool | None]] = []
@@ -664,7 +664,8 @@ def targets_table(f: Figures) -> list[str]:
     r = ap_f / ap_l if ap_l else float("nan")
     check("follower-proxied autopilot <= 2x leader-direct (p50)", r, 2.0,
           f"{r:.2f}x ({fmt(ap_f, ' ms', 2)} vs {fmt(ap_l, ' ms', 2)})", at_least=False)  # fmt: skip
-    out = ["", "## Against the issue #7 targets (this run)", "", "| target | result | met |", "|---|---|---|"]
+    out = ["", "## Against the performance targets (this run)", ""]
+    out += ["| target | result | met |", "|---|---|---|"]
     for name, detail, ok in rows:
         out.append(f"| {name} | {detail} | {'n/a' if ok is None else ('yes' if ok else 'no')} |")
     return out

@@ -1,4 +1,4 @@
-"""Startup benchmark (issue #7): startup-to-ready time and peak RSS of a node with a large state.
+"""Startup benchmark: startup-to-ready time and peak RSS of a node with a large state.
 
 Target: a node whose log has reached index 1,000,000 and that holds 100,000 active leases is ready
 in under 3 s and stays under 150 MB RSS.

@@ -1,5 +1,5 @@
 """The ``quorumd`` command: ``run``, ``demo``, ``recover``, ``backup verify``, ``restore`` and
-``version`` (SPEC 2, 10).
+``version``.
 
 Exit codes: 0 clean stop, 2 bad configuration or usage (the message names the key), 1 any other
 fatal error.

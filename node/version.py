@@ -1,5 +1,5 @@
 """The binary version reported in /status, the member registry and quorumd_build_info, and the
-protocol version this build speaks (defined in ``quorumd.node.registry.protocol``, SPEC 13)."""
+protocol version this build speaks (defined in ``quorumd.node.registry.protocol``)."""
 
 from __future__ import annotations
 

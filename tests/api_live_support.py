@@ -188,7 +188,7 @@ _TRACE = re.compile(r"Traceback|File \"|\.py\", line")
 
 
 def check_envelope(r: LiveReply) -> None:
-    """Any JSON error answer (documented route or not) is the SPEC 5 envelope, no stack trace."""
+    """Any JSON error answer (documented route or not) is the API's envelope, no stack trace."""
     assert r.status < 500 or r.status in PROXY_STATUSES, f"server error: {r}"
     assert not _TRACE.search(r.raw.decode("utf-8", "replace")), f"stack trace in body: {r}"
     if r.status >= 400:

@@ -1,4 +1,4 @@
-"""SPEC 17, the pure parts: the ``SetMemberAddress`` command and its gate, the state machine, the
+"""Address changes, the pure parts: the ``SetMemberAddress`` command and its gate, the state machine, the
 validation of addresses like the config keys, and the allocation rule of pools (the IPv6
 subnet-router anycast address), gated on the cluster's recorded protocol version and checked
 against the baseline build (protocol 1) for a mixed cluster."""

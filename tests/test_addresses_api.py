@@ -1,4 +1,4 @@
-"""SPEC 17 over HTTP against FakeNodes: PATCH /cluster/members/{id} (role, inputs, forwarding,
+"""Address changes over HTTP against FakeNodes: PATCH /cluster/members/{id} (role, inputs, forwarding,
 OpenAPI), and ``quorumctl members set-address``. The semantic checks of the addresses (like the
 config keys) run in the real node: tests/test_addresses.py and tests/test_addresses_live.py."""
 

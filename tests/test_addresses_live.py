@@ -1,4 +1,4 @@
-"""SPEC 17 with real daemons: members restarted at another address, and the operator's PATCH.
+"""Address changes with real daemons: members restarted at another address, and the operator's PATCH.
 
 One 3-node cluster on 127.0.0.1; nodes move to other loopback addresses (127.0.0.x) and ports,
 keeping their data dir, node id and certificate:

@@ -1,4 +1,4 @@
-"""SPEC 17 in the transport: a DNS name is resolved at every dial (never cached beyond one
+"""Address changes in the transport: a DNS name is resolved at every dial (never cached beyond one
 connection), every address a name resolves to is tried, and a member whose address changes is
 redialed at once at the new one, even while the channel backs off from the old one."""
 

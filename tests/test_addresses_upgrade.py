@@ -1,4 +1,4 @@
-"""SPEC 17 x SPEC 13 with real daemons: a member moves while a baseline member is present.
+"""Address changes across versions with real daemons: a member moves while a baseline member is present.
 
 ``SetMemberAddress`` needs cluster protocol 2, so while a member of the baseline build (protocol
 1) is in the cluster the leader cannot record the move: the gate refuses it (a leader of this

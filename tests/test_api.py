@@ -1,4 +1,4 @@
-"""The HTTP API (SPEC 5) against FakeNodes: every route as leader and as follower, every error case."""
+"""The HTTP API against FakeNodes: every route as leader and as follower, every error case."""
 
 from __future__ import annotations
 

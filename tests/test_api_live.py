@@ -1,4 +1,4 @@
-"""The SPEC 5 API against real daemons: every documented route, every error case, auth, fuzz.
+"""The API against real daemons: every documented route, every error case, auth, fuzz.
 
 One module-scoped 3-node cluster (``live``; autopilot never promotes by itself, so tests control
 suffrage; joined "spare" nodes serve promote/remove/not-caught-up) serves the route walk, the
@@ -263,7 +263,7 @@ def _members_list(live: Live, nid: int) -> None:
 
 @scenario("PATCH", "/api/v1/cluster/members/{id}")
 def _set_address(live: Live, nid: int) -> None:
-    """A running member's own addresses again (a no-op); a refusal names the field (SPEC 17)."""
+    """A running member's own addresses again (a no-op); a refusal names the field."""
     target = max(live.members(nid, consistent=True))
     me = live.members(nid)[target]
     same = {"raftAddress": me["raftAddress"], "apiAddress": me["apiAddress"]}
@@ -571,7 +571,7 @@ def _backup(live: Live, nid: int) -> None:
 
 @scenario("GET", "/api/v1/audit")
 def _audit(live: Live, nid: int) -> None:
-    """The record of a pool deleted through ``nid`` (SPEC 11); audited writes start once the
+    """The record of a pool deleted through ``nid``; audited writes start once the
     leader has recorded protocol 2, so the write is repeated until one is recorded."""
     name = _pool_name(nid, "audit")
 
@@ -894,7 +894,7 @@ def test_wrong_method_is_405_with_allow(live: Live, via: str) -> None:
             assert allow == documented, (template, method, allow)
 
 
-# --- authentication and roles (issue #8) ---------------------------------------------------------
+# --- authentication and roles (the targets) ---------------------------------------------------------
 def _auth_probe(method: str, template: str) -> tuple[dict[str, str], Any]:
     values = _path_values(template)
     if template == "/api/v1/cluster/members/{id}" or "/members/{id}/" in template:
@@ -1228,7 +1228,7 @@ def test_proxy_failures_and_leader_removal(tmp_path: Path) -> None:
 
         # 504 drain_timeout, relayed by a follower: a stopped node cannot confirm a synchronous
         # drain in time (the leader waits 2 x propose timeout, longer than a plain forward); it
-        # stays draining, and completes the drain itself once it runs again (SPEC 7).
+        # stays draining, and completes the drain itself once it runs again.
         lead = c.wait_leader()
         relay, target = sorted(set(c.nodes) - {lead})
         drain = "/api/v1/cluster/members/{id}/drain"

@@ -1,4 +1,4 @@
-"""The audit trail (SPEC 11) without sockets: record encoding, the state machine's trail (same
+"""The audit trail without sockets: record encoding, the state machine's trail (same
 entry as the change, retention, snapshots), the protocol gate, and GET /audit on the API fake."""
 
 from __future__ import annotations

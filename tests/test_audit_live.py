@@ -1,4 +1,4 @@
-"""The audit trail (SPEC 11) on real daemons.
+"""The audit trail on real daemons.
 
 * ``test_every_audited_action_through_a_follower``: a 3-node cluster at protocol 2; a named admin
   token (``ops``) does every audited API call through a follower (pools, tokens, a join token, a

@@ -428,7 +428,7 @@ def test_first_delay_follows_the_newest_archive(tmp_path: Path) -> None:
 
 
 def test_archive_of_the_first_backup_format_stays_readable(tmp_path: Path) -> None:
-    """SPEC 13: every later build reads this file (written by the first build that made backups:
+    """every later build reads this file (written by the first build that made backups:
     format 1, state format 1). Regenerating it is never the fix for a failure here."""
     path = Path(__file__).parent / "data" / "backup-format1.backup"
     res = quorumd("backup", "verify", str(path))

@@ -1,4 +1,4 @@
-"""Backup and restore with real daemons (SPEC 10), run as an operator would.
+"""Backup and restore with real daemons, run as an operator would.
 
 * ``test_backup_through_a_follower_then_restore_elsewhere``: a 3-node cluster under a bounded
   write load through every node; ``quorumctl backup save`` through a follower (the follower

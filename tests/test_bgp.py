@@ -199,7 +199,7 @@ def test_canonical_prefixes_are_taken_as_given() -> None:
 
 
 def test_every_change_keeps_the_fencing_token_of_the_entry_behind_it() -> None:
-    """SPEC 15: the speaker records the (term, index) of the last change, not of calls that
+    """the speaker records the (term, index) of the last change, not of calls that
     changed nothing, and shows it in /status."""
     from quorumd.node.effects.token import FencingToken
 

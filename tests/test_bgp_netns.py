@@ -1,4 +1,4 @@
-"""SPEC 16 proven on the wire: a 3-node quorumd cluster whose GoBGP speakers peer with a BIRD
+"""The BGP speaker proven on the wire: a 3-node quorumd cluster whose GoBGP speakers peer with a BIRD
 route collector (a different implementation) in its own network namespace.
 
 Topology (tests/chaos/netns.py): namespaces n1..n3 run quorumd (which runs gobgpd), n4 runs
@@ -54,7 +54,7 @@ pytestmark = [
 COLLECTOR = 4  # the lab's 4th namespace holds the collector
 COLLECTOR_AS = 64512
 ROUTE_RE = re.compile(r"^(\S+/\d+)\s+\S+\s+\[(n\d)\b")
-APPEAR_SECONDS = 1.0  # SPEC 16: within 1 s of the API answer
+APPEAR_SECONDS = 1.0  # within 1 s of the API answer
 
 
 def node_as(i: int) -> int:
@@ -306,7 +306,7 @@ def test_collector_rib_follows_leases_drain_and_kill(lab: NetLab, tmp_path: Path
         assert collector.routes() == expected()
         # removal: drain (withdraws), then remove; the purged leases are never announced again.
         # (Forced removal of an active node is withdrawn by the removed node's isolation
-        # fencing, SPEC 15: a removed node is not told, it stops hearing from a quorum.)
+        # fencing, a removed node is not told, it stops hearing from a quorum.)
         removed = 2
         cluster.call(1, "POST", f"/api/v1/cluster/members/{removed}/drain", {})
         timings["remove"] = [timed("drain before removal", lambda: not collector.routes()[removed], 10)]

@@ -1,4 +1,4 @@
-"""The real BGP speaker backend (SPEC 16) without a network: its config keys, the process
+"""The real BGP speaker backend without a network: its config keys, the process
 supervisor (restart with capped backoff, death with the parent, bounded close) driven by a fake
 speaker program, and ``GoBgpSpeaker`` against a real ``gobgpd`` on loopback (skipped when the
 Debian package ``gobgpd`` is not installed). The peering test in network namespaces is

@@ -1,4 +1,4 @@
-"""Real daemons on loopback: cluster operations beyond ``test_cluster.py`` (issue #5).
+"""Real daemons on loopback: cluster operations beyond ``test_cluster.py`` (the targets).
 
 Drain of a follower and its node-local side effects (BGP speaker stopped / prefixes withdrawn,
 RAN "GUAMI unavailable" event seen in /status, /metrics and a webhook receiver run by the test),
@@ -258,7 +258,7 @@ def test_drain_deadline_expires_with_leases_still_held(cluster: OpsCluster, ran:
     ran_before, hook_before = c.status(f)["ranNotifications"], ran.count(f)
     deadline = 3
     t0 = time.monotonic()
-    # deadlineSeconds in the query this time (SPEC: body or query).
+    # deadlineSeconds in the query this time (body or query).
     res = c.ok(lead, "POST", f"/api/v1/cluster/members/{f}/drain?deadlineSeconds={deadline}")
     assert res == {"drainState": "draining"}
     # Side effects run as soon as the node is draining, before the deadline.

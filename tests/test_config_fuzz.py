@@ -1,4 +1,4 @@
-"""Every kind of configuration mistake (issue #8): a ``ConfigError`` naming the key, and through the real
+"""Every kind of configuration mistake (the targets): a ``ConfigError`` naming the key, and through the real
 CLI (``python -m quorumd.node.cli run --config F``) exit code 2 with that message on stderr.
 
 The table covers: an unknown key in every section, every section given a non-mapping, at least one

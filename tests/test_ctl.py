@@ -1,7 +1,7 @@
 """quorumctl against an in-process fake API: requests sent, output printed, exit codes.
 
 The fake server records every request (method, path, query, JSON body, Authorization header) and
-answers with SPEC 5 envelopes set up per test. One HTTPS case uses a self-signed certificate made
+answers with the API's envelopes set up per test. One HTTPS case uses a self-signed certificate made
 here with ``cryptography``.
 """
 

@@ -1,6 +1,6 @@
-"""``quorumctl`` end to end against a running 3-node cluster (SPEC 2 and 5).
+"""``quorumctl`` end to end against a running 3-node cluster.
 
-Every command of SPEC 2, in table and ``-o json`` form, through ``quorumd.node.ctl.main.main``; JSON
+Every command, in table and ``-o json`` form, through ``quorumd.node.ctl.main.main``; JSON
 output is checked against the OpenAPI result schema of the route behind the command. Also: the
 exit code and the server's own message on an API error, ``--endpoint`` / ``QUORUMD_ENDPOINT``,
 ``--token`` / ``--token-file`` / ``QUORUMD_TOKEN``, ``--cacert`` with the node's self-signed API
@@ -204,7 +204,7 @@ def test_members_list_and_autopilot(q: Ctl) -> None:
     conforms(ap, "GET", "/api/v1/cluster/autopilot")
     assert ap["leaderNodeId"] == lead and sorted(ap["voters"])[:3] == [1, 2, 3]
     assert "REASONS" in out and "PROMOTION-AT" in out
-    # what-if (SPEC 14): removing the leader and failing another voter of three loses quorum
+    # what-if: removing the leader and failing another voter of three loses quorum
     other = next(n for n in (1, 2, 3) if n != lead)
     wi = q.json("what-if", "--remove", str(lead), "--fail", str(other))
     conforms(wi, "GET", "/api/v1/cluster/autopilot/what-if")
@@ -411,7 +411,7 @@ def test_tls_verification(q: Ctl) -> None:
 
 @covers("members set-address")
 def test_members_set_address(q: Ctl) -> None:
-    """Its own addresses again (a no-op on a running member); refusals name the field (SPEC 17)."""
+    """Its own addresses again (a no-op on a running member); refusals name the field."""
     me = next(m for m in q.json("members", "list") if m["nodeId"] == 3)
     out = q.ok("members", "set-address", "3", "--raft", me["raftAddress"], "--api", me["apiAddress"])
     assert me["raftAddress"] in out and me["apiAddress"] in out

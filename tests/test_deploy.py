@@ -44,7 +44,7 @@ COMPOSE = DEPLOY / "compose"
 UNIT = DEPLOY / "systemd" / "quorumd.service"
 DASHBOARD = DEPLOY / "grafana" / "quorumd.json"
 
-SPEC_METRICS = {  # SPEC section 9, as exposed sample names
+SPEC_METRICS = {  # the metrics operators rely on, as exposed sample names
     "quorumd_raft_state",
     "quorumd_raft_has_leader",
     "quorumd_raft_term",

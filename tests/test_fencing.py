@@ -1,4 +1,4 @@
-"""The isolation fence's decision on explicit time (SPEC 15): fence after isolation-fence-after
+"""The isolation fence's decision on explicit time: fence after isolation-fence-after
 without quorum contact, rejoin after contact and catch-up held for the hold time, and the paused
 process that judges on what it knew before the pause."""
 

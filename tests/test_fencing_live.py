@@ -1,4 +1,4 @@
-"""Isolation fencing with real daemons in network namespaces (SPEC 15; needs root, ip, nft).
+"""Isolation fencing with real daemons in network namespaces (needs root, ip, nft).
 
 Three nodes, each in its own namespace; faults are nftables drops (``tests/chaos/netns.py``).
 election-timeout 500 ms, so isolation-fence-after defaults to 1.5 s. In order, on one cluster:

@@ -1,4 +1,4 @@
-"""Autopilot foresight on the pure model (SPEC 14): reasons, promotion predictions, clocks and
+"""Autopilot foresight on the pure model: reasons, promotion predictions, clocks and
 membership, what-if against a table of cluster shapes, the quorum guard, and a property: what-if's
 answer for "remove X" is what autopilot reports once X is really gone.
 

@@ -1,4 +1,4 @@
-"""Foresight with real daemons on loopback (SPEC 14, 15): fencing tokens on RAN events and BGP
+"""Foresight with real daemons on loopback: fencing tokens on RAN events and BGP
 changes, a joiner's predicted promotion time kept, what-if answered by the leader and proxied by
 followers, and the quorum guard on member removal.
 

@@ -5,7 +5,7 @@ the node id pinned in the data directory.
   two nodes for good; the survivor cannot commit. It is stopped, ``quorumd recover --peers
   1=...`` rewrites its configuration (refused while the node runs), and restarted it leads a
   1-node cluster holding every committed pool, API token and lease of its own; leases owned by
-  the dead members are purged with them (SPEC 5: removal purges a node's leases; recover says how
+  the dead members are purged with them (removal purges a node's leases; recover says how
   many). Fresh nodes then join with join tokens, reusing the dead nodes' ids, and replicate it all.
 * ``test_node_id_is_pinned_in_the_data_dir_and_recover_refuses_bad_input``: starting (or
   recovering) a data dir with another ``cluster.node-id`` fails with exit code 1 and a message

@@ -1,4 +1,4 @@
-"""Rolling upgrade from the baseline build (commit 017d9cc, protocol 1) to this build (SPEC 13).
+"""Rolling upgrade from the baseline build (commit 017d9cc, protocol 1) to this build.
 
 A 3-node cluster on the baseline build (installed from the repository's history into its own
 virtualenv, see tests/baseline_support.py) takes a lease-allocation load through all three
@@ -48,7 +48,7 @@ pytestmark = [
 POOL = "upgrade"
 RETRY = (0, 502, 503, 504)
 
-# Every route of SPEC 5, exercised through both kinds of node in the mixed cluster.
+# Every route of the API, exercised through both kinds of node in the mixed cluster.
 ROUTES = [
     "GET /healthz",
     "GET /readyz",

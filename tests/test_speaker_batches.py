@@ -1,4 +1,4 @@
-"""The node's speaker follows one apply batch in log order (SPEC 8, 15), without a Raft driver.
+"""The node's speaker follows one apply batch in log order, without a Raft driver.
 
 A batch (a follower catching up after a partition or a fence) may allocate a lease to this node
 and release it, or re-own it to another node, before the node sees either: the speaker must end

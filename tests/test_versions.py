@@ -1,4 +1,4 @@
-"""Protocol versions (SPEC 13): the op table and the gate, the envelopes that stop a node on an
+"""Protocol versions: the op table and the gate, the envelopes that stop a node on an
 entry written for a newer protocol, the ratchet in the state machine, v1/v2 state snapshots
 (the v1 one read by the baseline build itself), the live map and what it shows, joins of old
 builds, and the daemon's stop (exit 1, one log line) on such an entry in its log.

@@ -1,4 +1,4 @@
-"""Addresses change (SPEC 17): a member that comes back elsewhere, and the operator's PATCH.
+"""Addresses change: a member that comes back elsewhere, and the operator's PATCH.
 
 A node restarted with a different ``cluster.advertise-address`` (same data dir, node id and
 certificate) is unreachable for the others: they dial the old address from the registry. So the
@@ -67,7 +67,7 @@ ADDRESS_RPC = "member.address"
 RETRY_MIN_SECONDS = 0.1
 RETRY_MAX_SECONDS = 2.0
 UNHEARD_CHECK_SECONDS = 1.0  # how often a member checks whether it knows a leader (see unheard)
-ACTOR_JOIN = "system:join"  # SPEC 11: {"type": "system", "component": "join"}
+ACTOR_JOIN = "system:join"  # {"type": "system", "component": "join"}
 ACTOR_API = "api"  # the PATCH's token (the pipeline knows it; see the audit hook above)
 
 _RAFT_ADDRESS = Address(reachable=True)  # the kind of cluster.advertise-address

@@ -1,4 +1,4 @@
-"""AuditWriter: how the running node writes the audit trail (SPEC 11).
+"""AuditWriter: how the running node writes the audit trail.
 
 Every audited operation writes its record in the same log entry as its change:
 

@@ -1,6 +1,6 @@
 """Backups taken by the running node: ``GET /api/v1/backup`` and the scheduled archives.
 
-Where the archive comes from (the follower path). SPEC 10 asks for the state at a
+Where the archive comes from (the follower path). A backup must hold the state at a
 ReadIndex-confirmed commit index. Every node serves the request itself: it runs a ReadIndex
 round (``ClusterService.linearizable_barrier``: on the leader the usual heartbeat quorum check,
 on a follower a READ_INDEX request to the leader, which answers with its confirmed commit index

@@ -1,4 +1,4 @@
-"""Isolation fencing (SPEC 15): when has this node gone too long without hearing a quorum?
+"""Isolation fencing: when has this node gone too long without hearing a quorum?
 
 ``IsolationFence`` is the decision, pure and clocked by the caller (monotonic seconds). The node
 feeds it ``contact_at``: the latest moment it *knows* it was in contact with a quorum.

@@ -1,4 +1,4 @@
-"""ForesightService: autopilot's live view, what-if and the leadership choice (SPEC 6, 14).
+"""ForesightService: autopilot's live view, what-if and the leadership choice.
 
 The leader's ``Autopilot`` (``quorumd.node.registry.autopilot``) is fed from the Raft core's
 progress view and the member registry here; ``what_if`` and the removal guard run the same pure
@@ -67,7 +67,7 @@ class ForesightService(FencedService):
     async def what_if(
         self, *, remove: Sequence[int], fail: Sequence[int], drain: Sequence[int], promote: Sequence[int]
     ) -> dict[str, Any]:
-        """GET /cluster/autopilot/what-if (SPEC 14): the autopilot view run through
+        """GET /cluster/autopilot/what-if: the autopilot view run through
         ``autopilot.what_if``, the model the removal guard and the cleanup use. Changes nothing."""
         view = self.evaluate_autopilot()
         scenario = Scenario(frozenset(remove), frozenset(fail), frozenset(drain), frozenset(promote))
@@ -113,5 +113,5 @@ class ForesightService(FencedService):
         return view
 
     def on_leadership_change(self, is_leader: bool) -> None:
-        # A new leader resumes autopilot with fresh stabilization clocks (SPEC 6).
+        # A new leader resumes autopilot with fresh stabilization clocks.
         self._autopilot = Autopilot(self.autopilot_settings) if is_leader else None

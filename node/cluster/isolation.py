@@ -1,4 +1,4 @@
-"""FencedService: the running node's isolation fence (SPEC 15) on top of ``ClusterService``.
+"""FencedService: the running node's isolation fence on top of ``ClusterService``.
 
 The decision is ``quorumd.node.cluster.fencing.IsolationFence``; this layer feeds it (the arrival
 time of every peer's Raft frames, the node's role and readiness), checks it every ``step`` and
@@ -54,7 +54,7 @@ class FencedService(ClusterService):
     def _rejoined(self) -> None:
         """Bring the side effects back after a fence (the subclass knows the drain state)."""
 
-    # --- isolation fencing (SPEC 15) ---------------------------------------------------------
+    # --- isolation fencing ---------------------------------------------------------
     def is_isolated(self) -> bool:
         return self._fence.fenced
 

@@ -1,17 +1,17 @@
 """ClusterNode: membership operations, drain side effects, autopilot and the leader's reconcile loop.
 
 Builds on ``ClusterService`` (state, proposing, reads) with what changes the cluster:
-remove/promote/drain/resume (SPEC 5, 7), the join handler (SPEC 4), autopilot (SPEC 6), and the
+remove/promote/drain/resume, the join handler, autopilot, and the
 node-local drain side effects (RAN notification, BGP speaker stop, leadership hand-off), which
 every node runs for itself from the replicated registry, so they also run when a node comes
 back after being drained while down.
 
-Foresight (SPEC 14): autopilot's reasons and promotion predictions, what-if, and the quorum guard
-of member removal all come from ``quorumd.node.registry.autopilot``. Isolation fencing (SPEC 15):
+Foresight: autopilot's reasons and promotion predictions, what-if, and the quorum guard
+of member removal all come from ``quorumd.node.registry.autopilot``. Isolation fencing:
 ``fence_loop`` and ``_fence_check`` (see ``quorumd.node.cluster.fencing``) stop the speaker of a
 node that has not heard from a quorum for ``isolation-fence-after``; every speaker change and RAN
 event carries the fencing token of the log entry behind it.
-Audit (SPEC 11, written through ``quorumd.node.cluster.audit``): removals and promotions carry
+Audit (written through ``quorumd.node.cluster.audit``): removals and promotions carry
 their record in the ConfChange context (API calls as the token, autopilot's as the system), drains,
 resumes and the deadline watch's completions an ``Audited`` entry, a join its ConfChange context
 (system actor ``join``); a leadership transfer caused by a drain, a removal or a stop is recorded
@@ -55,7 +55,7 @@ from quorumd.raft.core.types import ConfChange, ConfChangeType
 log = logging.getLogger(__name__)
 
 
-class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SPEC 17; SPEC 14, 15)
+class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices
     def __init__(
         self,
         *args: Any,
@@ -213,7 +213,7 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SP
         if not self._drain_effects_done:
             log.info("drain_side_effects node=%d state=%s", me, m.drain_state)
             self._drain_effects_done = True
-            # The RAN event carries the entry that set this drain (SPEC 15).
+            # The RAN event carries the entry that set this drain.
             await self.ran.notify_guami_unavailable(
                 me, "drain", token=self._drain_token or self.applied_token
             )
@@ -453,7 +453,7 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices (SP
 
     async def applied_on_every_live_member(self, index: int, what: str) -> list[int]:
         """Wait until every live member has applied ``index`` (this leader has): a token change
-        then holds on every node that serves the API once the call answers (SPEC 5: revocation is
+        then holds on every node that serves the API once the call answers (revocation is
         immediate cluster-wide; a new token works everywhere at once).
 
         Live: every other member the leader heard from within ``live_contact_seconds`` (an

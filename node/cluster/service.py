@@ -153,7 +153,7 @@ class ClusterService:
         self.on_join_result: Callable[[str], None] | None = None
         # bearer text -> (token id, secret hash): see authenticate
         self._parsed_tokens: dict[str, tuple[str, bytes]] = {}
-        # Fencing tokens (SPEC 15): the entries behind the results the apply listeners are given
+        # Fencing tokens: the entries behind the results the apply listeners are given
         # (empty for a restored snapshot), and the (term, index) of the last applied entry.
         self.applying: Sequence[Entry] = ()
         self.applied_token = FencingToken(0, 0)
@@ -354,7 +354,8 @@ class ClusterService:
             raise no_leader()
         if leader == self.identity.node_id:
             raise no_leader()
-        origin = [request.source_address, request.via_node_id] if self.trail.enabled() else []  # SPEC 11
+        # the audit trail's origin: sent once every member reads it (the first release takes 6 fields)
+        origin = [request.source_address, request.via_node_id] if self.trail.enabled() else []
         payload = pack(
             [
                 request.method,

@@ -1,4 +1,4 @@
-"""Protocol versions of the running cluster (SPEC 13): what each member speaks, the ratchet, the gate.
+"""Protocol versions of the running cluster: what each member speaks, the ratchet, the gate.
 
 Each node keeps a live map of its members' protocol versions, learned over the internal RPC
 ``node.info`` (answer ``{protocolVersion, binaryVersion}``; a node of the baseline build

@@ -1,4 +1,4 @@
-"""The daemon's configuration (SPEC section 3): one table of keys, the dataclasses built from it, and
+"""The daemon's configuration: one table of keys, the dataclasses built from it, and
 the rules that span keys.
 
 ``load_config(path)`` reads a file, ``config_from_dict(d)`` validates an already-parsed mapping (tests,
@@ -155,7 +155,7 @@ JOIN_TOKEN = Token(max_chars=MAX_TOKEN_CHARS)
 HOST_PORT = Address()
 REACHABLE = Address(reachable=True)
 
-# bgp.speaker (SPEC 16): the stub, or the one real backend (node/effects/gobgp.py says why GoBGP).
+# bgp.speaker: the stub, or the one real backend (node/effects/gobgp.py says why GoBGP).
 BGP_SPEAKERS: tuple[str, ...] = ("stub", "gobgp")
 AS_NUMBER = Int(1, 4_294_967_295)
 
@@ -185,7 +185,7 @@ class IpAddress(Text):
 # fmt: off
 TABLE = Table(
     header=(
-        "quorumd configuration: every key with its default (SPEC section 3).",
+        "quorumd configuration: every key with its default.",
         "Strict: an unknown key or a bad value stops the daemon with exit code 2 and names the key.",
         "Durations take a unit: ms, s, m, h, d (e.g. 100ms, 1.5s, 2m, 1m30s); a bare number is an error.",
         "A duration is from 1ms to 24h unless its comment gives other bounds.",
@@ -384,7 +384,7 @@ class BackupConfig:
 @TABLE.binds("audit")
 @dataclass(frozen=True, slots=True)
 class AuditConfig:
-    """The audit trail (SPEC 11); ``retention`` travels in each record's log entry."""
+    """The audit trail; ``retention`` travels in each record's log entry."""
 
     retention: int = _default("audit.retention")
 

@@ -1,10 +1,10 @@
-"""The HTTP side of ``quorumctl``: one aiohttp session, the SPEC 5 envelope, and error mapping.
+"""The HTTP side of ``quorumctl``: one aiohttp session, the API's envelope, and error mapping.
 
 ``CtlClient.call`` sends one request under ``/api/v1`` with the bearer token and returns the
 ``result`` of a success envelope. Failures become one of two exceptions, which ``quorumctl`` maps to
 its exit codes: ``ApiCallError`` (the server answered with an error: status, stable code, message,
 Retry-After) and ``EndpointError`` (nothing usable came back: connection refused, DNS, TLS
-verification, timeout, a body that is not a SPEC envelope). Every request runs under one total
+verification, timeout, a body that is not an API envelope). Every request runs under one total
 timeout. The token is only ever put in the Authorization header, never in a message.
 """
 

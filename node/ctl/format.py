@@ -1,4 +1,4 @@
-"""Human output of ``quorumctl``: aligned tables and key/value blocks for the SPEC 5 shapes.
+"""Human output of ``quorumctl``: aligned tables and key/value blocks for the API's result shapes.
 
 Renderers take the ``result`` JSON and return text (no trailing newline). Unknown or missing fields
 print as ``-``; booleans as ``yes``/``no``; unix-second expiries as RFC 3339 UTC. Every value that

@@ -1,4 +1,4 @@
-"""``quorumctl``: the API client for every operation of SPEC 2 and 5.
+"""``quorumctl``: the API client for every operation of the API.
 
 ``quorumctl [--endpoint URL] [--token T | --token-file F] [--cacert F | --insecure] [-o table|json]
 [--timeout S] CMD``. The global options may also follow the command (``quorumctl members list -o json``).

@@ -1,4 +1,4 @@
-"""Metrics of scheduled backups (SPEC 10): exported only on a node that has ``backup.dir`` set.
+"""Metrics of scheduled backups: exported only on a node that has ``backup.dir`` set.
 
 - ``quorumd_backups_total{result}``: scheduled backups written (``ok``) or not (``failed``);
 - ``quorumd_backup_last_success_timestamp_seconds``: unix time of the newest archive in the backup

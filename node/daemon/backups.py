@@ -1,4 +1,4 @@
-"""Scheduled backups (config ``backup: {dir, interval, keep}``, SPEC 10).
+"""Scheduled backups (config ``backup: {dir, interval, keep}``).
 
 Every ``interval`` the node writes an archive of its applied state (no ReadIndex round: each
 node backs up its own replica, which also works while the cluster has no leader) into

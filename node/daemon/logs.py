@@ -2,7 +2,7 @@
 
 ``configure_logging(level, fmt, node_id)`` is called once by the daemon (calling it again replaces the
 handler it installed, it never stacks a second one). Modules log with ``logging.getLogger(__name__)``,
-event first then ``key=value`` pairs (DESIGN.md convention 6)::
+event first then ``key=value`` pairs (the logging convention)::
 
     2026-11-26T10:00:00.123Z INFO quorumd.raft.core node=1 became leader term=4
 

@@ -406,7 +406,7 @@ class Daemon:
     def _on_raft_frame(self, from_id: int, frame: bytes) -> None:
         if self.driver is not None:
             if self.node is not None:
-                self.node.heard_from(from_id)  # isolation fencing (SPEC 15)
+                self.node.heard_from(from_id)  # isolation fencing
             self.driver.deliver(from_id, frame)
 
     def _update_pins(self) -> None:
@@ -436,7 +436,7 @@ class Daemon:
 
     def _after_apply(self, results: Sequence[ApplyResult]) -> None:
         if not results or any(isinstance(r.command, _PEERS_CHANGED) for r in results):
-            self._update_pins()  # a member moved (SPEC 17): every node dials its new address
+            self._update_pins()  # a member moved: every node dials its new address
 
     def _on_soft_state(self, old: SoftState, new: SoftState) -> None:
         if old.leader_id != new.leader_id:

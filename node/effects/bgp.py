@@ -1,11 +1,11 @@
-"""The BGP speaker seen by the drain logic (SPEC 7, 8): the ``BgpSpeaker`` protocol and its stub.
+"""The BGP speaker seen by the drain logic: the ``BgpSpeaker`` protocol and its stub.
 
 The node owns one speaker. The desired set of prefixes is the ``/32`` or ``/128`` host route of
 every active lease owned by this node; the node pushes it with ``set_prefixes`` after each apply.
 While the speaker runs it announces exactly the desired set; ``stop`` (drain) withdraws every
 prefix, ``start`` (resume) re-announces the desired set. A real speaker implements the same
 protocol and replaces ``StubBgpSpeaker`` without touching the drain logic: ``bgp.speaker: gobgp``
-is ``GoBgpSpeaker`` in ``node/effects/gobgp.py`` (SPEC 16), whose ``running`` is the state the node
+is ``GoBgpSpeaker`` in ``node/effects/gobgp.py``, whose ``running`` is the state the node
 asked for and whose ``announced`` and ``snapshot()`` are read back from the speaker process.
 
 ``StubBgpSpeaker`` holds the state a real speaker would have, logs each change at INFO (one line
@@ -15,7 +15,7 @@ and ``quorumd_bgp_announced_prefixes`` follow it. Pure and synchronous: no async
 Output never depends on set iteration order: prefixes are sorted by address family, address and
 length wherever they are listed.
 
-Fencing tokens (SPEC 15): every change takes the ``(term, index)`` of the log entry that caused it
+Fencing tokens: every change takes the ``(term, index)`` of the log entry that caused it
 (``token``); the speaker keeps the token of its last change (``fencing_token``, in ``/status`` as
 ``bgp.fencingToken``) and logs it with the change, so announcements can be ordered by a receiver.
 """

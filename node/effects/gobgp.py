@@ -1,4 +1,4 @@
-"""The real BGP speaker backend (SPEC 16): GoBGP's ``gobgpd``, supervised by quorumd, driven and
+"""The real BGP speaker backend: GoBGP's ``gobgpd``, supervised by quorumd, driven and
 read back through its API with the ``gobgp`` CLI.
 
 Why GoBGP (against ExaBGP and BIRD):
@@ -16,7 +16,7 @@ Why GoBGP (against ExaBGP and BIRD):
   so a peer drops the routes the moment the session goes. BIRD listens on 179 per BGP protocol.
 - Packaging: Debian's ``gobgpd`` package ships both binaries (static Go, no runtime deps);
   ``bird2`` is a Debian package too; ExaBGP comes from PyPI.
-- ExaBGP is pure Python, but its state cannot be read back, which SPEC 16 requires.
+- ExaBGP is pure Python, but its state cannot be read back, which the status and metrics need.
 
 How it works:
 

@@ -1,4 +1,4 @@
-"""gobgpd's side of the GoBGP speaker backend (SPEC 16): its settings, the config file quorumd
+"""gobgpd's side of the GoBGP speaker backend: its settings, the config file quorumd
 generates for it, and an async client of its API through the ``gobgp`` CLI (every call a
 subprocess bounded by a timeout, at most ``concurrency`` at once; answers parsed from ``-j``).
 ``node/effects/gobgp.py`` drives it; the module docstring there says why GoBGP.

@@ -1,4 +1,4 @@
-"""The RAN notifier seen by the drain logic (SPEC 7, 8): the ``RanNotifier`` protocol and its webhook stub.
+"""The RAN notifier seen by the drain logic: the ``RanNotifier`` protocol and its webhook stub.
 
 Draining node X signals the RANs connected to X's AMF that X's GUAMI is unavailable. The drain
 logic calls ``notify_guami_unavailable``; a real AMF integration implements the same protocol.
@@ -8,7 +8,7 @@ logic calls ``notify_guami_unavailable``; a real AMF integration implements the 
 configured, POSTs ``{"event": "guami_unavailable", "nodeId", "reason", "ts" (RFC 3339 UTC),
 "eventId", "fencingToken": {"term", "index"}}`` to it. ``eventId`` is unique per event so a
 receiver can drop the duplicate that a retry after a lost response produces; ``fencingToken``
-(SPEC 15) is the ``(term, index)`` of the log entry that caused the event (the drain), so it
+ is the ``(term, index)`` of the log entry that caused the event (the drain), so it
 increases across the events a node sends and a receiver can drop stale or reordered ones.
 
 Design choice: ``notify_guami_unavailable`` never waits for the network. Drain side effects must

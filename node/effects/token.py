@@ -1,4 +1,4 @@
-"""Fencing tokens (SPEC 15): the ``(term, index)`` of the log entry that caused a side effect.
+"""Fencing tokens: the ``(term, index)`` of the log entry that caused a side effect.
 
 Every side effect of the replicated state (a BGP announce or withdraw, a RAN event) carries the
 token of the entry behind it, so a receiver (a router's policy, an AMF) can drop a stale or

@@ -1,4 +1,4 @@
-"""The audit trail (SPEC 11): what a record is, how it travels in the log, and the trail itself.
+"""The audit trail: what a record is, how it travels in the log, and the trail itself.
 
 A record is written in the same replicated log entry as the change it records, so the trail
 and the state can never disagree:

@@ -1,4 +1,4 @@
-"""Autopilot's pure logic (SPEC 6, 14): per-server health and reasons, failure tolerance,
+"""Autopilot's pure logic: per-server health and reasons, failure tolerance,
 promotion (with its predicted time), cleanup, the leadership-transfer choice, and what-if.
 
 Runs on the leader only. The caller feeds what the leader knows (contact ages, match indexes,
@@ -7,14 +7,14 @@ this module keeps each server's health and ``stable_since`` clock and decides wh
 promote and which failed servers to remove. A new leader builds a fresh ``Autopilot`` so every
 stabilization clock starts again.
 
-Clocks and membership (SPEC 14): a server's clocks belong to one *incarnation* of a member (its
+Clocks and membership: a server's clocks belong to one *incarnation* of a member (its
 pinned certificate fingerprint), not to its node id. They are forgotten the moment the server
 leaves the Raft configuration (``forget``, called when the removal applies, not lazily at the
 next evaluation), and an evaluation that sees the same id with another incarnation starts a fresh
 clock. So a new node that joins later with a removed node's id never inherits its ``stableSince``
 and always waits out the full stabilization time, however quickly it was re-added.
 
-Foresight (SPEC 14): ``reasons`` explain why a server is not healthy and settled; ``promotionAt``
+Foresight: ``reasons`` explain why a server is not healthy and settled; ``promotionAt``
 is ``stable_since + server-stabilization-time``, the earliest moment ``decide`` promotes it (the
 node's reconcile loop wakes at that moment, so the promotion happens no later than that plus one
 reconcile interval). ``what_if`` answers for the cluster as it would be after removing, failing,
@@ -55,7 +55,7 @@ class Reason(StrEnum):
 
 
 class WhatIfWarning(StrEnum):
-    """What-if warnings (SPEC 14)."""
+    """What-if warnings."""
 
     QUORUM_LOST = "quorum_lost"
     FAILURE_TOLERANCE_ZERO = "failure_tolerance_zero"
@@ -249,7 +249,7 @@ class WhatIf:
 
 
 def what_if(view: AutopilotView, scenario: Scenario, *, transfer_contact_seconds: float) -> WhatIf:
-    """The cluster as it would be after the scenario (SPEC 14). Pure: changes nothing.
+    """The cluster as it would be after the scenario. Pure: changes nothing.
 
     A removed or failed server is not a healthy voter; a drained (or draining) voter still votes
     and counts; a promoted server becomes a voter (healthy if it is healthy now). The predicted

@@ -12,10 +12,10 @@ breaking the replay of an old log:
     context v2:  [2, required_protocol, <the v1 fields>, protocol_version]
     context v3:  [3, 2, inner_context, ts, audit note]          (audited membership changes)
 
-Audit trail (SPEC 11): ``Audited`` (op 21) wraps a change with its audit record in one entry,
+Audit trail: ``Audited`` (op 21) wraps a change with its audit record in one entry,
 ``RecordAudit`` (op 22) is a record that is its own entry; see ``quorumd.node.registry.audit``.
 
-Protocol versions and the gate (SPEC 13). ``OP_PROTOCOL`` is the one table that says which
+Protocol versions and the gate. ``OP_PROTOCOL`` is the one table that says which
 protocol version introduced each op. The ops of protocol 1 keep the v1 envelope byte for byte,
 so a node of the baseline build (protocol 1) reads every entry it can be shown. Every later op
 is written in the v2 envelope, which names the protocol needed to read it; every envelope
@@ -256,7 +256,7 @@ class SetProtocolVersion:
 
 @dataclass(frozen=True, slots=True)
 class SetMemberAddress:
-    """A member's cluster (Raft) and API addresses change (SPEC 17; protocol 2).
+    """A member's cluster (Raft) and API addresses change (protocol 2).
 
     Proposed by the leader for a member that restarted elsewhere and proved its identity by its
     pinned certificate (it may only move itself), or by an admin's PATCH for a member that is
@@ -270,7 +270,7 @@ class SetMemberAddress:
 
 @dataclass(frozen=True, slots=True)
 class Audited:
-    """A change and its audit record in one entry (SPEC 11, see ``quorumd.node.registry.audit``).
+    """A change and its audit record in one entry (see ``quorumd.node.registry.audit``).
 
     Wire: ``[2, 2, 21, ts, note, inner]`` where ``inner`` is the inner command's own list (its
     envelope included). The state machine applies ``command`` and appends the record only when

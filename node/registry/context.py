@@ -6,7 +6,7 @@
 
     v3:  [3, 2, inner_context (bytes; may be empty), ts, audit note]   (the audited context)
 
-The audited context (SPEC 11) carries the audit record of the membership change in the same
+The audited context carries the audit record of the membership change in the same
 entry: a removal or promotion (inner context empty) or a join (inner context: the v1 or v2
 member context, unchanged). Only written at cluster protocol 2; ``split_audited_context``
 unwraps it.

@@ -132,7 +132,7 @@ class Lease(NamedTuple):
         return f"{self.address}/{32 if self.space.version == 4 else 128}"
 
     def as_dict(self) -> dict[str, Any]:
-        """The API shape (SPEC 5)."""
+        """The API shape."""
         return {
             "id": self.lease_id,
             "pool": self.pool,

@@ -1,4 +1,4 @@
-"""The cluster protocol version this build speaks (SPEC 13).
+"""The cluster protocol version this build speaks.
 
 The protocol version numbers what a build can read: the kinds of log entries (commands and
 member contexts), the replicated-state snapshot format and the internal RPCs. It is not the

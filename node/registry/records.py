@@ -73,7 +73,7 @@ class Member:
     drain_changed_at: float
     drain_deadline: float | None  # only while draining with a deadline
     left: bool  # announced a graceful stop
-    protocol_version: int | None = None  # recorded from cluster protocol 2 on (SPEC 13)
+    protocol_version: int | None = None  # recorded from cluster protocol 2 on
 
     def as_dict(self) -> dict[str, Any]:
         """The registry part of a /cluster/members item (the node adds suffrage, isLeader,

@@ -98,7 +98,7 @@ logger = logging.getLogger(__name__)
 JOIN_TOKEN_MAX_TTL_SECONDS = 86400  # bounds the expiry of a consumed id that was never recorded as minted
 JOIN_TOKEN_PRUNE_GRACE_SECONDS = 3600  # tolerance for clock differences between successive leaders
 MAX_TOKEN_NAME_CHARS = 128
-MAX_ADDRESS_CHARS = 512  # a member's raft or API address (SPEC 17)
+MAX_ADDRESS_CHARS = 512  # a member's raft or API address
 SECRET_HASH_BYTES = 32
 _DUMMY_HASH = bytes(SECRET_HASH_BYTES)
 
@@ -465,7 +465,7 @@ class StateMachine:
         return new
 
     def _set_member_address(self, cmd: SetMemberAddress) -> Member:
-        """A member's addresses (SPEC 17). The proposer validated them like the config keys;
+        """A member's addresses. The proposer validated them like the config keys;
         here only what keeps the registry sane: non-empty, bounded, printable.
         (Audit action ``member_address_changed`` is recorded by whoever proposes this command,
         in the same entry, once the audit trail exists: see node/cluster/addresses.py.)"""

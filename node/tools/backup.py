@@ -5,7 +5,7 @@ SHA-256) and loads its state exactly as a node would (``StateMachine.restore``),
 summary. Every problem is a ``BackupToolError`` with the exit code and a message that names it.
 
 ``restore`` makes the configured node the founder of a cluster whose replicated state is the
-archive's (SPEC 10):
+archive's:
 - the data-dir must be absent or empty (exit 2 naming it); a bad archive exits 1;
 - everything is prepared in memory first (archive checked, state loaded and refounded, a new
   node certificate generated); only then are files written, and a failure while writing removes

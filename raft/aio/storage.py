@@ -13,7 +13,7 @@ the directory (``directory``), what the files mean together, and opening it agai
 
 Format versions: a CRC-valid WAL record or a snapshot file in a newer format than this build knows
 raises ``StorageFormatError`` from ``open`` before anything in the directory is changed (no temp
-file removed, no torn tail truncated): the daemon refuses to start (SPEC 13).
+file removed, no torn tail truncated): the daemon refuses to start.
 
 Log semantics (``replay.py``): the last writer wins; entries at or before the snapshot index are
 not returned.

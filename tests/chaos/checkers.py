@@ -11,12 +11,12 @@
    addresses/holders anywhere, is also a violation.
 2. ``check_durable``: every acknowledged allocation is in the final lease table unless a release
    of it was acknowledged or is indeterminate, or a removal (acknowledged or indeterminate) of a
-   node that may have owned it purged it (SPEC 5: removal purges the node's leases). Every lease
+   node that may have owned it purged it (removal purges the node's leases). Every lease
    in the final table comes from some allocate of its holder that was not a definite failure.
 3. Linearizability lives in ``tests.chaos.linearizability``.
 4. ``check_converged``: after healing, every node reports the same appliedIndex, leader and lease
    list, and autopilot (from the leader) is healthy with the full failure tolerance.
-5. Isolation fencing (SPEC 15): ``check_fenced_silent`` (sampled /status during the run) and
+5. Isolation fencing: ``check_fenced_silent`` (sampled /status during the run) and
    ``check_fence_logs`` (each node's log): no node announces a prefix while it is fenced;
    ``check_announcements`` after every heal: the union of announced prefixes equals the active
    leases of the active nodes.
@@ -255,7 +255,7 @@ def check_converged(
     return out
 
 
-# --- 5. isolation fencing (SPEC 15) -----------------------------------------------------------------
+# --- 5. isolation fencing -----------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ INFO = "info"
 ALLOCATE = "allocate"
 RELEASE = "release"
 READ = "read"
-REMOVE = "remove"  # removal of a member: purges every lease the node owns (SPEC 5)
+REMOVE = "remove"  # removal of a member: purges every lease the node owns
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ Order: set up the lab, form the cluster, create the pool, run workload + nemesis
 (network, paused and dead nodes, drained nodes resumed), let the workload run a short tail against
 the healed cluster, stop it, wait (bounded) for convergence, take the final lease table, then run
 checkers 1 (exclusive), 2 (durable), 3 (linearizable) and 4 (converged). Checker 5 (fencing,
-SPEC 15) runs throughout: every node's /status is sampled while the nemesis works (no node may
+isolation fencing) runs throughout: every node's /status is sampled while the nemesis works (no node may
 announce while fenced), after every heal the announcements must come to equal the active leases of
 the active nodes (a bounded poll), and at the end each node's log is scanned for speaker changes
 inside its fenced intervals. Every run prints its seed

@@ -203,5 +203,5 @@ class ClusterTransport:
 
     async def rpc_at(self, address: str, method: str, payload: bytes, timeout: float) -> tuple[int, bytes]:
         """Call ``method`` on whichever pinned member answers at ``address``: (its node id,
-        answer). For a member whose address this node does not know yet (SPEC 17)."""
+        answer). For a member whose address this node does not know yet."""
         return await self._rpc.call_at(address, method, payload, timeout)

@@ -7,7 +7,7 @@ and identity check of the proven server certificate, then the in-band proof (``t
 holds what every channel needs to end cleanly: the event loop, the closing flag, every task and
 every live connection, so that ``ClusterTransport.close`` can stop them all. A member's address
 may be a DNS name: it is resolved at every dial, never cached beyond one connection, and each
-address it resolves to is tried in turn (``resolve``, SPEC 17). ``dial_address`` also dials an
+address it resolves to is tried in turn (``resolve``). ``dial_address`` also dials an
 address whose member is not known yet: the proven certificate says which pinned member it is.
 
 Contexts never hold pins, so a pin change rebuilds nothing: ``ClusterTransport.update_pins``
@@ -196,7 +196,7 @@ class Peers:
     async def resolve(self, host: str, port: int) -> list[str]:
         """The IP addresses to try for ``host``, looked up now: a DNS name (an advertise address
         may be one) is resolved at every dial and never cached beyond one connection, so an IP
-        change behind the name needs nothing (SPEC 17). ``resolver`` replaces the lookup (tests)."""
+        change behind the name needs nothing. ``resolver`` replaces the lookup (tests)."""
         if self.resolver is not None:
             return list(await self.resolver(host, port))
         try:

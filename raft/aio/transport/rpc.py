@@ -119,7 +119,7 @@ class RpcChannel:
     async def call_at(self, address: str, method: str, payload: bytes, timeout: float) -> tuple[int, bytes]:
         """Call ``method`` on whichever pinned member answers at ``address`` (its certificate
         names it) over a connection of its own, closed after the answer: (node id, answer).
-        For finding members whose address this node does not know (SPEC 17). RpcUnreachable,
+        For finding members whose address this node does not know. RpcUnreachable,
         RpcTimeout or RpcRemoteError."""
         peers = self._peers
         if peers.loop is None:
