@@ -171,7 +171,7 @@ class AddressChanges(ClusterService):
         me = self.identity.node_id
         if self.driver is None or self.leader_id() != 0 or self.sm.member(me) is None:
             return False
-        members = self.d.core.config.members()
+        members = self.running_driver.core.config.members()
         return me in members and len(members) > 1
 
     async def keep_own_address(self, seeds: Sequence[str] = (), rpc_at: RpcAt | None = None) -> None:
@@ -334,7 +334,7 @@ class AddressChanges(ClusterService):
             except ApiError as exc:
                 log.info("member_address_deferred node_id=%d reason=%s", from_id, exc.code)
                 return _refused(exc.code, exc.message)
-            self.d.flush_commit_broadcast()
+            self.running_driver.flush_commit_broadcast()
         return pack({"ok": True})
 
     async def set_member_address(

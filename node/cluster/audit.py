@@ -152,7 +152,7 @@ class AuditWriter:
         transfer has happened whether or not its record commits (logged when it does not)."""
         if new == 0 or new == old or not self.enabled():
             return
-        key = (self.node.d.core.term, new)
+        key = (self.node.running_driver.core.term, new)
         if key in self._transfers_recorded:
             return
         self._transfers_recorded = {key}

@@ -44,7 +44,7 @@ class ForesightService(FencedService):
         """The most up-to-date healthy voter that is not draining (0 when none): the rule in
         ``autopilot.transfer_target``, which what-if's predicted leader uses too."""
         candidates = []
-        for p in self.d.core.status().peers:
+        for p in self.running_driver.core.status().peers:
             mem = self.sm.member(p.node_id)
             candidates.append(
                 TransferCandidate(
@@ -82,7 +82,7 @@ class ForesightService(FencedService):
             raise ApiError(503, "no_leader", "autopilot runs on the leader", headers={"Retry-After": "1"})
         if self._autopilot is None:
             self._autopilot = Autopilot(self.autopilot_settings)
-        core = self.d.core
+        core = self.running_driver.core
         st = core.status()
         servers = []
         for p in st.peers:

@@ -66,7 +66,7 @@ class FencedService(ClusterService):
         """When this node last knew it was in contact with a quorum (see fencing.py), or None."""
         if self.driver is None:
             return None
-        core = self.d.core
+        core = self.running_driver.core
         me = self.identity.node_id
         if core.role == Role.LEADER:
             voters = core.config.voters

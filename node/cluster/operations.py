@@ -138,7 +138,7 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices
         """A draining or drained node does not seek leadership (cheap, so on every apply)."""
         m = self.sm.member(self.identity.node_id) if self.driver is not None else None
         if m is not None:
-            self.d.core.set_campaign_suppressed(m.drain_state != DrainState.ACTIVE)
+            self.running_driver.core.set_campaign_suppressed(m.drain_state != DrainState.ACTIVE)
 
     def _side_effects_pending(self) -> bool:
         """Whether this node's local side effects (speaker, RAN signal, drain confirmation) lag
@@ -250,14 +250,14 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices
             log.warning("leader_transfer_skipped reason=no_eligible_voter")
             return 0
         log.info("leader_transfer_start from=%d to=%d", me, target)
-        self.d.step_now(lambda c: c.transfer_leadership(target))
+        self.running_driver.step_now(lambda c: c.transfer_leadership(target))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.election_timeout * 2
         # Stepping down is not enough: wait until the new leader is known (the target's election
         # after TimeoutNow), else callers that need the new leader (remove of the leader) see 0.
         while (self.is_leader() or self.leader_id() in (0, me)) and loop.time() < deadline:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.d.wait_leader_change(), deadline - loop.time())
+                await asyncio.wait_for(self.running_driver.wait_leader_change(), deadline - loop.time())
         new = self.leader_id()
         log.info("leader_transfer_done new_leader=%d", new)
         return new if new != me else 0
@@ -273,7 +273,7 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices
         m = self._need_member(node_id)
         if m.drain_state != DrainState.DRAINED and not force:
             raise ApiError(409, "not_drained", f"node {node_id} must be drained first (or use force=true)")
-        config = self.d.core.config
+        config = self.running_driver.core.config
         if config.voters == frozenset({node_id}):
             raise ApiError(409, "last_voter", "cannot remove the last voter")
         refusal = removal_refusal(
@@ -326,7 +326,7 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices
 
     async def promote_member(self, node_id: int) -> None:
         self._need_member(node_id)
-        core = self.d.core
+        core = self.running_driver.core
         if node_id in core.config.voters:
             raise ApiError(409, "already_voter", f"node {node_id} is already a voter")
         loop = asyncio.get_running_loop()
@@ -418,7 +418,7 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices
             if self.is_leader() and self.best_transfer_target(exclude=me) == 0:
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.d.wait_leader_change(), deadline - loop.time())
+                await asyncio.wait_for(self.running_driver.wait_leader_change(), deadline - loop.time())
 
     async def resume_member(self, node_id: int) -> None:
         m = self._need_member(node_id)
@@ -467,12 +467,12 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices
         limit_ticks = self.live_contact_seconds / self.tick_seconds
         live = [
             p.node_id
-            for p in self.d.core.status().peers
+            for p in self.running_driver.core.status().peers
             if p.node_id != me and p.last_contact_ticks <= limit_ticks
         ]
         if not live:
             return []
-        self.d.flush_commit_broadcast()  # they learn the commit index now, not after the delay
+        self.running_driver.flush_commit_broadcast()  # they learn the commit index now, not after the delay
         timeout = self.propose_timeout
         rpc = self._rpc
         answers = await asyncio.gather(
@@ -541,7 +541,7 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices
     async def _reconcile_protocol(self) -> None:
         """Ask the members in contact what they speak; ratchet or record (see versions.py)."""
         threshold_ticks = max(1, int(self.election_timeout / self.tick_seconds))
-        peers = self.d.core.status().peers
+        peers = self.running_driver.core.status().peers
         in_contact = [p.node_id for p in peers if p.last_contact_ticks <= threshold_ticks]
         await self.versions.learn(self._rpc, in_contact, recorded_too=True)
         await self.versions.reconcile(None, [p.node_id for p in peers], self.propose)

@@ -124,7 +124,7 @@ async def node_propose(node: ClusterNode, from_id: int, payload: bytes) -> bytes
     await node.propose(cmd)
     # The caller waits until its own replica applies this: send the commit index now rather
     # than after the lazy-broadcast delay (as the api.forward handler does).
-    node.d.flush_commit_broadcast()
+    node.running_driver.flush_commit_broadcast()
     return pack(True)
 
 

@@ -165,7 +165,8 @@ class ClusterService:
 
     # --- wiring ---------------------------------------------------------------------------
     @property
-    def d(self) -> RaftDriver:
+    def running_driver(self) -> RaftDriver:
+        """The Raft driver, once the daemon has attached it (every caller runs after that)."""
         assert self.driver is not None, "raft driver not attached"
         return self.driver
 
@@ -264,7 +265,7 @@ class ClusterService:
             pending.clear()  # entries that never applied here (leadership lost): drop, decode later
         pending[data] = decoded
         try:
-            res = await self.d.propose(data, self.propose_timeout, then=then)
+            res = await self.running_driver.propose(data, self.propose_timeout, then=then)
         except NotLeaderError as exc:
             pending.pop(data, None)
             raise no_leader() from exc
@@ -286,13 +287,13 @@ class ClusterService:
         deadline = loop.time() + self.propose_timeout
         while True:
             try:
-                fut = self.d.propose_conf_change(cc)
+                fut = self.running_driver.propose_conf_change(cc)
                 res = await asyncio.wait_for(fut, max(0.05, deadline - loop.time()))
                 break
             except ConfChangeError as exc:
                 msg = str(exc)
                 if ("uncommitted" in msg or "not committed" in msg) and loop.time() < deadline:
-                    await self.d.wait_applied(self.d.core.commit_index)
+                    await self.running_driver.wait_applied(self.running_driver.core.commit_index)
                     await asyncio.sleep(self.tick_seconds)  # let the pending change commit
                     continue
                 raise ApiError(409, "membership_conflict", msg) from exc
@@ -311,10 +312,10 @@ class ClusterService:
         return self._cluster_enabled
 
     def is_leader(self) -> bool:
-        return self.driver is not None and self.d.core.role == Role.LEADER
+        return self.driver is not None and self.running_driver.core.role == Role.LEADER
 
     def leader_id(self) -> int:
-        return self.d.core.leader_id if self.driver is not None else 0
+        return self.running_driver.core.leader_id if self.driver is not None else 0
 
     def applied_index(self) -> int:
         # The state machine's: it applies (and resolves proposals) before the core's applied index
@@ -391,18 +392,18 @@ class ClusterService:
         return result
 
     async def wait_applied(self, index: int, timeout_seconds: float) -> None:
-        if self.d.core.applied_index >= index:
+        if self.running_driver.core.applied_index >= index:
             return  # the usual case after a forwarded read: no timer to arm and cancel
         try:
             async with asyncio.timeout(timeout_seconds):  # not wait_for: see propose
-                await self.d.wait_applied(index)
+                await self.running_driver.wait_applied(index)
         except TimeoutError as exc:
             raise ApiError(504, "apply_timeout", "this node did not catch up in time") from exc
 
     async def linearizable_barrier(self) -> None:
         try:
             async with asyncio.timeout(self.propose_timeout):  # not wait_for: see propose
-                await self.d.read_index()
+                await self.running_driver.read_index()
         except NotLeaderError as exc:
             raise no_leader() from exc
         except TimeoutError as exc:
@@ -419,7 +420,7 @@ class ClusterService:
         """
         if self.driver is None:
             return False
-        core = self.d.core
+        core = self.running_driver.core
         if self.identity.node_id not in core.config.members() or core.leader_id == 0:
             self._caught_up = False
             return False
@@ -436,7 +437,7 @@ class ClusterService:
         return str(m.drain_state) if m is not None else str(DrainState.ACTIVE)
 
     def status(self) -> dict[str, Any]:
-        core = self.d.core if self.driver is not None else None
+        core = self.running_driver.core if self.driver is not None else None
         leader = core.leader_id if core is not None else 0
         lm = self.sm.member(leader) if leader else None
         role = "follower"
@@ -465,7 +466,7 @@ class ClusterService:
         return {}
 
     def members(self) -> list[dict[str, Any]]:
-        core = self.d.core
+        core = self.running_driver.core
         return member_rows(self.sm, core.config.voters, core.leader_id, self.versions.member_version)
 
     def has_member(self, node_id: int) -> bool:

@@ -508,7 +508,7 @@ class Daemon:
                         await node.announce(MarkNodeLeft(time.time(), self.cfg.node_id, False))
                     else:
                         if not node.is_leader():  # the leader asks in its reconcile loop
-                            await node.versions.learn(node._rpc, node.d.core.config.members())
+                            await node.versions.learn(node._rpc, node.running_driver.core.config.members())
                         await asyncio.sleep(2.0)
                         continue
             except ApiError as exc:
@@ -555,7 +555,7 @@ class Daemon:
         if node is None or not self.cfg.cluster.enabled or self.exit_code != 0:
             return  # a dead driver (exit 1) cannot hand off or announce
         try:
-            if node.is_leader() and len(node.d.core.config.voters) > 1:
+            if node.is_leader() and len(node.running_driver.core.config.voters) > 1:
                 new = await asyncio.wait_for(
                     node.hand_off_leadership(), self.cfg.cluster.election_timeout_seconds * 3
                 )
@@ -563,7 +563,7 @@ class Daemon:
                     node.trail.record_transfer(self.cfg.node_id, new, "stop", None),
                     self.cfg.cluster.propose_timeout_seconds,
                 )
-            if node.leader_id() != 0 and len(node.d.core.config.members()) > 1:
+            if node.leader_id() != 0 and len(node.running_driver.core.config.members()) > 1:
                 await asyncio.wait_for(
                     node.announce(MarkNodeLeft(time.time(), self.cfg.node_id, True)),
                     self.cfg.cluster.propose_timeout_seconds,
