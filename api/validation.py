@@ -111,14 +111,15 @@ def parse_text(f: Field, text: str, where: str) -> Any:
 def parse_query(fields: Iterable[Field], pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
     """Query parameters by name; unknown or repeated names are 400 errors. Defaults fill gaps."""
     by_name = {f.name: f for f in fields}
-    out: dict[str, Any] = {}
-    for name, text in pairs:
-        f = by_name.get(name)
-        if f is None:
+    pairs = list(pairs)
+    seen: set[str] = set()
+    for name, _text in pairs:  # names first: a repeated one is that, whatever its values
+        if name not in by_name:
             raise BadRequest(f"unknown query parameter {name[:64]!r}", code="unknown_parameter")
-        if name in out:
+        if name in seen:
             raise BadRequest(f"query parameter {name!r} is repeated", code="invalid_parameter")
-        out[name] = parse_text(f, text, "query parameter")
+        seen.add(name)
+    out: dict[str, Any] = {name: parse_text(by_name[name], text, "query parameter") for name, text in pairs}
     for f in by_name.values():
         if f.name not in out:
             if f.required:

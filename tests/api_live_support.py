@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import re
+import secrets
 import signal
 import ssl
 import subprocess
@@ -54,6 +55,12 @@ OPS: list[tuple[str, str]] = sorted(
 )
 PROXY_STATUSES = frozenset({502, 503, 504})
 BAD_TOKEN = "qd_0123456789ab_" + "A" * 43  # well-formed, never issued
+
+
+def bad_token() -> str:
+    """A well-formed token never issued, with a token id of its own: the failed-authentication
+    limiter counts per presented token id too, so tests that expect 401 must not share one."""
+    return f"qd_{secrets.token_hex(6)}_" + "A" * 43
 MANUAL_PROMOTION: dict[str, Any] = {
     # Autopilot never promotes by itself during a test run, so joined nodes stay nonvoters until
     # a test promotes them; a small trailing-logs bound makes "not caught up" cheap to provoke.

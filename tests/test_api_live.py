@@ -40,6 +40,7 @@ from tests.api_live_support import (
     LiveReply,
     LoadThread,
     admin_request,
+    bad_token,
     check_documented,
     check_envelope,
     create_token,
@@ -915,7 +916,7 @@ def test_auth_table(live: Live, method: str, template: str, role: str, via: str)
     nid = live.node(via)
     values, body = _auth_probe(method, template)
     anon = live.call(nid, method, template, values, token=None, body=body)
-    bad = live.call(nid, method, template, values, token=BAD_TOKEN, body=body)
+    bad = live.call(nid, method, template, values, token=bad_token(), body=body)
     if role == "public":
         assert anon.status < 300 and bad.status < 300, (str(anon), str(bad))
         return
@@ -956,12 +957,10 @@ def test_revoked_token_is_refused_on_every_node(live: Live) -> None:
 
 def test_failed_auth_rate_limit_is_per_client(live: Live) -> None:
     nid = live.leader()
-    source = fresh_source()
-    statuses = [
-        live.call(nid, "GET", "/api/v1/pools", token=BAD_TOKEN, source=source).status for _ in range(25)
-    ]
+    source, token = fresh_source(), bad_token()
+    statuses = [live.call(nid, "GET", "/api/v1/pools", token=token, source=source).status for _ in range(25)]
     assert statuses[0] == 401 and statuses[-1] == 429, statuses
-    r = live.call(nid, "GET", "/api/v1/pools", token=BAD_TOKEN, source=source)
+    r = live.call(nid, "GET", "/api/v1/pools", token=token, source=source)
     assert r.status == 429 and r.code == "rate_limited"
     r = live.call(nid, "GET", "/api/v1/pools", source=source)  # a valid token from that client works
     assert r.status == 200, str(r)
