@@ -11,17 +11,24 @@ import argparse
 import logging
 import sys
 
-from quorumd.node.config.schema import ConfigError, load_config
+from quorumd.node.config.schema import Config, ConfigError, load_config
 from quorumd.node.version import PROTOCOL_VERSION, VERSION
 
 log = logging.getLogger(__name__)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _config(path: str) -> Config | None:
+    """The validated config, or None after printing the error that names the key (exit 2)."""
     try:
-        cfg = load_config(args.config)
+        return load_config(path)
     except ConfigError as exc:
         print(f"quorumd: config error: {exc}", file=sys.stderr)
+        return None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = _config(args.config)
+    if cfg is None:
         return 2
     from quorumd.node.daemon.datadir import FatalError, disk_full_message
     from quorumd.node.daemon.logs import configure_logging
@@ -51,10 +58,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_recover(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"quorumd: config error: {exc}", file=sys.stderr)
+    cfg = _config(args.config)
+    if cfg is None:
         return 2
     from quorumd.node.tools.recover import RecoverError, parse_peers, recover
 
@@ -84,10 +89,8 @@ def _cmd_backup_verify(args: argparse.Namespace) -> int:
 def _cmd_restore(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"quorumd: config error: {exc}", file=sys.stderr)
+    cfg = _config(args.config)
+    if cfg is None:
         return 2
     from quorumd.node.tools.backup import BackupToolError, restore
 

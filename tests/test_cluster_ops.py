@@ -72,15 +72,6 @@ class OpsCluster(Cluster):
 
 
 @pytest.fixture(scope="module")
-def ran() -> Iterator[RanReceiver]:
-    r = RanReceiver()
-    try:
-        yield r
-    finally:
-        r.close()
-
-
-@pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, ran: RanReceiver) -> Iterator[OpsCluster]:
     overrides: dict[str, Any] = {
         "propose-timeout": f"{PROPOSE_TIMEOUT:g}s",

@@ -31,15 +31,6 @@ PROMOTION_SLACK = 0.5
 
 
 @pytest.fixture(scope="module")
-def ran() -> Iterator[RanReceiver]:
-    r = RanReceiver()
-    try:
-        yield r
-    finally:
-        r.close()
-
-
-@pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, ran: RanReceiver) -> Iterator[Cluster]:
     c = Cluster(
         tmp_path_factory.mktemp("foresight"),
