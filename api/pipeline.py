@@ -67,6 +67,7 @@ class Placement(StrEnum):
     LOCAL = "local"  # always served by the receiving node
     READ = "read"  # local replica, or the leader with ?consistent=true
     LEADER = "leader"  # always on the leader
+    TARGET = "target"  # on the member the path's {id} names (it acts on itself)
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +295,8 @@ async def _run_placed(ctx: Context, route: Route, call: Call, args: Args) -> Rep
     consistent = bool(args.query.get("consistent", False))
     if route.placement is Placement.LOCAL or (route.placement is Placement.READ and not consistent):
         return await route.run(ctx, args)
+    if route.placement is Placement.TARGET:
+        return await _run_on_target(ctx, route, call, args)
     if node.is_leader():
         if route.self_bounded:
             reply = await route.run(ctx, args)
@@ -312,6 +315,25 @@ async def _run_placed(ctx: Context, route: Route, call: Call, args: Args) -> Rep
     return await forward(ctx, route, call, args)
 
 
+async def _run_on_target(ctx: Context, route: Route, call: Call, args: Args) -> Reply:
+    """Run on the member the path names: here, or forwarded to it (once). 409 ``node_unreachable``
+    when that member cannot be reached: it never received the request, nothing changed."""
+    target = int(args.path["id"])
+    if target == ctx.node_id:
+        return await route.run(ctx, args)
+    if call.hops > 0:
+        raise LeaderUnavailable(f"this is not node {target} (forwarded at most once); retry shortly")
+    if not ctx.node.has_member(target):
+        raise NotFound(f"node {target} is not a cluster member", code="member_not_found")
+    try:
+        return await forward(ctx, route, call, args, to=target)
+    except ApiError as exc:
+        if exc.status == 502 and exc.code == "leader_unreachable":
+            message = f"node {target} is unreachable; nothing changed"
+            raise ApiError(409, "node_unreachable", message) from None
+        raise
+
+
 def _check_envelope(body: bytes) -> None:
     """The leader's answer is a JSON envelope (a structural check: orjson, ~10x the standard
     parser on an autopilot document, and duplicate keys do not matter here)."""
@@ -323,7 +345,7 @@ def _check_envelope(body: bytes) -> None:
         raise LeaderUnreachable("the leader sent an invalid answer", code="leader_error")
 
 
-async def forward(ctx: Context, route: Route, call: Call, args: Args) -> Reply:
+async def forward(ctx: Context, route: Route, call: Call, args: Args, *, to: int | None = None) -> Reply:
     node = ctx.node
     body = route.forward_body(ctx, args, call.body) if route.forward_body is not None else call.body
     request = ForwardedRequest(
@@ -340,7 +362,7 @@ async def forward(ctx: Context, route: Route, call: Call, args: Args) -> Reply:
     if route.long_running:
         timeout = max(timeout, ctx.operation_timeout_seconds + 1.0)
     try:
-        resp = await node.forward(request, timeout)  # bounded by the port: 504 LeaderTimeout
+        resp = await node.forward(request, timeout, to=to)  # bounded by the port: 504 LeaderTimeout
     except ApiError as exc:
         if route.recover is not None and exc.status in (502, 504):
             settled = await route.recover(ctx, args, exc)

@@ -82,9 +82,12 @@ class NodeApi(Protocol):
         """Check a bearer token against the local replica (constant-time compare, expiry)."""
         ...
 
-    async def forward(self, request: ForwardedRequest, timeout_seconds: float) -> ForwardedResponse:
-        """Send the request to the leader over the cluster channel. Raises ``LeaderUnavailable``
-        (503, no leader known), ``LeaderUnreachable`` (502) or ``LeaderTimeout`` (504)."""
+    async def forward(
+        self, request: ForwardedRequest, timeout_seconds: float, *, to: int | None = None
+    ) -> ForwardedResponse:
+        """Send the request to the leader (or to member ``to``) over the cluster channel. Raises
+        ``LeaderUnavailable`` (503, no leader known), ``LeaderUnreachable`` (502) or
+        ``LeaderTimeout`` (504)."""
         ...
 
     async def wait_applied(self, index: int, timeout_seconds: float) -> None:
@@ -173,3 +176,8 @@ class NodeApi(Protocol):
         ...
 
     async def release_lease(self, lease_id: int) -> None: ...
+
+    async def rotate_certificate(self) -> dict[str, Any]:
+        """Rotate this node's certificate through the log (it is the member the request names):
+        ``{certificateFingerprint, certificateExpiresAt}`` once the old certificate is unpinned."""
+        ...

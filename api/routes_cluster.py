@@ -1,5 +1,5 @@
-"""Routes under /api/v1/cluster: members, addresses, promote, drain, resume, removal, autopilot,
-join tokens.
+"""Routes under /api/v1/cluster: members, addresses, promote, drain, resume, removal, certificate
+rotation, autopilot, join tokens.
 
 All answer 404 ``clustering_disabled`` on a standalone node (see ``quorumd.api.pipeline``).
 Membership checks (404 ``member_not_found``) run where the operation runs, i.e. on the leader,
@@ -155,6 +155,10 @@ async def set_member_address(ctx: Context, args: Args) -> Reply:
     return Reply(result=result)
 
 
+async def rotate_certificate(ctx: Context, args: Args) -> Reply:
+    return Reply(result=await ctx.node.rotate_certificate())
+
+
 async def mint_join_token(ctx: Context, args: Args) -> Reply:
     ttl = args.body.get("ttlSeconds")
     result = await ctx.node.mint_join_token(int(args.body["nodeID"]), None if ttl is None else int(ttl))
@@ -233,6 +237,29 @@ def routes() -> list[Route]:
             result_schema=ref("Message"),
             errors=(MEMBER_404, ErrorDoc(409, ("already_voter", "not_caught_up", "membership_conflict"))),
             long_running=True,
+        ),
+        Route(
+            "POST",
+            f"{P}/members/{{id}}/rotate-certificate",
+            rotate_certificate,
+            "Rotate a member's certificate",
+            tag,
+            Access.ADMIN,
+            Placement.TARGET,
+            path_params=(node_id_path(),),
+            body=(),
+            result_schema=ref("CertificateRotation"),
+            errors=(
+                MEMBER_404,
+                ErrorDoc(409, ("node_unreachable", "member_unreachable", "feature_unavailable")),
+                ErrorDoc(504, ("commit_timeout",)),
+            ),
+            long_running=True,
+            description="Runs on node {id} (forwarded there): a new key and certificate, pinned beside "
+            "the old one through the log, then used for every cluster connection, then the old one "
+            "unpinned. Answers once the old certificate is unpinned. 409 node_unreachable when node "
+            "{id} is down (nothing changed); 409 member_unreachable when a member could not confirm "
+            "the new pin (both stay valid; retry to finish). Needs cluster protocol version 3.",
         ),
         Route(
             "GET",

@@ -72,7 +72,23 @@ COMPONENTS: dict[str, Schema] = {
                 "description": "the protocol version the member speaks (recorded in the replicated "
                 "state, else learned from the member, else 1); absent from protocol-1 builds",
             },
+            "certificateFingerprint": {
+                "type": "string",
+                "pattern": "^sha256:[0-9a-f]{64}$",
+                "description": "the member's pinned certificate (absent from builds before rotation)",
+            },
+            "certificateExpiresAt": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "notAfter of that certificate (RFC 3339)",
+            },
         },
+    ),
+    "CertificateRotation": obj(
+        {
+            "certificateFingerprint": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"},
+            "certificateExpiresAt": {"type": ["string", "null"], "format": "date-time"},
+        }
     ),
     "AutopilotServer": obj(
         {

@@ -250,7 +250,7 @@ def test_refound_keeps_leases_tokens_and_replaces_members_and_join_key() -> None
     admin = ApiToken("aaaaaaaaaaaa", "admin", TokenRole.ADMIN, hash_secret(b"s" * 32), 1.0, None)
     index = sm.applied_index + 1
     sm.refound(index, me, b"n" * 32, admin)
-    assert [m.node_id for m in sm.members()] == [3] and sm.pins() == {3: me.cert_fingerprint}
+    assert [m.node_id for m in sm.members()] == [3] and sm.pins() == {3: (me.cert_fingerprint,)}
     assert sm.join_key == b"n" * 32 and sm.cluster_id == CLUSTER and sm.applied_index == index
     assert sm.leases(limit=100) == before  # owners 1 and 2 kept although not members
     assert {t.token_id for t in sm.api_tokens()} == {"0123456789ab", "aaaaaaaaaaaa"}

@@ -197,6 +197,8 @@ LEAF_MISTAKES: dict[str, list[tuple[Any, str]]] = {
     ],
     "backup.dir": [(5, "expected a string"), ("", "must not be empty")],
     "backup.keep": [(0, "1..10000"), (10001, "1..10000"), ("24", "expected an integer")],
+    "cluster.certificate-lifetime": [("5s", "at least 10s"), ("3651d", "at most 3650d"), (5, "bare number")],
+    "cluster.certificate-renew-before": [("0.5s", "at least 1s"), ("1y", "expected a duration")],
 }
 for _key in DURATION_KEYS:
     LEAF_MISTAKES[_key] = list(BAD_DURATIONS)
@@ -331,6 +333,12 @@ def build_cases() -> list[Case]:
             setting(VALID, "cluster.isolation-fence-after", "500ms"),
             "cluster.isolation-fence-after",
             "at least cluster.election-timeout",
+        ),
+        case(
+            "rule:renew-before-vs-lifetime",
+            setting(VALID, "cluster.certificate-renew-before", "400d"),
+            "cluster.certificate-renew-before",
+            "less than cluster.certificate-lifetime",
         ),
         case(
             "rule:token-and-token-file",

@@ -233,7 +233,7 @@ def test_cluster_secrets_set_once() -> None:
 def test_conf_changes_maintain_registry_and_pins() -> None:
     h = cluster(1, 3, 2)
     assert [m.node_id for m in h.sm.members()] == [1, 2, 3]
-    assert list(h.sm.pins()) == [1, 2, 3] and h.sm.pins()[2] == fp(2)
+    assert list(h.sm.pins()) == [1, 2, 3] and h.sm.pins()[2] == (fp(2),)
     m2 = h.sm.member(2)
     assert m2 is not None and m2.raft_address == "10.0.0.2:7000" and m2.drain_state == DrainState.ACTIVE
     assert h.sm.cert_pem(2) is not None and "2" in (h.sm.cert_pem(2) or "")

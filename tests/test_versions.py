@@ -80,20 +80,21 @@ def test_gate_refuses_below_and_accepts_at_and_after_the_ratchet() -> None:
 def test_a_future_op_is_gated_then_written_in_an_envelope_that_stops_older_builds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """What a later feature does: a row saying protocol 3. Below it the gate refuses (the API's
-    409 feature_unavailable naming both versions); a protocol-2 node reading it stops."""
-    monkeypatch.setitem(OP_PROTOCOL, OpCode.CREATE_POOL, 3)
+    """What a later feature does: a row saying the next protocol. Below it the gate refuses (the
+    API's 409 feature_unavailable naming both versions); a node of this build reading it stops."""
+    future = PROTOCOL_VERSION + 1
+    monkeypatch.setitem(OP_PROTOCOL, OpCode.CREATE_POOL, future)
     cmd = CreatePool(1.0, "p", "10.0.0.0/24")
     sm = StateMachine()
     versions = ProtocolVersions(1, sm)
     with pytest.raises(ApiError) as err:
         versions.check(cmd)
     assert err.value.status == 409 and err.value.code == "feature_unavailable"
-    assert "protocol version 3" in err.value.message and "protocol version 1" in err.value.message
-    data = msgpack.packb([COMMAND_ENVELOPE_V2, 3, int(OpCode.CREATE_POOL), 1.0, "p", "10.0.0.0/24"])
+    assert f"protocol version {future}" in err.value.message and "protocol version 1" in err.value.message
+    data = msgpack.packb([COMMAND_ENVELOPE_V2, future, int(OpCode.CREATE_POOL), 1.0, "p", "10.0.0.0/24"])
     with pytest.raises(EntryNeedsNewerProtocol) as stop:
         decode_command(data)
-    assert (stop.value.needs, stop.value.have) == (3, PROTOCOL_VERSION)
+    assert (stop.value.needs, stop.value.have) == (future, PROTOCOL_VERSION)
 
 
 @pytest.mark.parametrize(

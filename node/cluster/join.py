@@ -126,9 +126,7 @@ class JoinHandler:
             )
             ctx_bytes = n.trail.context(ctx_bytes, note)
             try:
-                res = await n.change_membership(
-                    ConfChange(ConfChangeType.ADD_NONVOTER, node_id, ctx_bytes)
-                )
+                res = await n.change_membership(ConfChange(ConfChangeType.ADD_NONVOTER, node_id, ctx_bytes))
             except ApiError as exc:
                 return pack({"ok": False, "reason": "retry", "message": exc.message})
         if not res.ok:

@@ -31,6 +31,7 @@ from typing import Any
 from quorumd.api.errors import ApiError
 from quorumd.api.ports import DrainState, TokenRole
 from quorumd.node.cluster.addresses import AddressChanges
+from quorumd.node.cluster.certificates import CertificateRotation
 from quorumd.node.cluster.foresight import ForesightService
 from quorumd.node.cluster.join import JoinHandler
 from quorumd.node.cluster.service import pack, unpack
@@ -83,6 +84,12 @@ class ClusterNode(AddressChanges, ForesightService):  # both ClusterServices
         self._drain_call_hands_off = False  # a drain call of this leader is handing off (it records)
         self.add_apply_listener(self._after_apply)
         self.joins = JoinHandler(self)
+        self.certificates: CertificateRotation | None = None  # attached by the daemon
+
+    async def rotate_certificate(self) -> dict[str, Any]:
+        if self.certificates is None:
+            raise ApiError(409, "feature_unavailable", "certificate rotation is not set up on this node")
+        return await self.certificates.rotate()
 
     def _rejoined(self) -> None:
         self.kick_drain_side_effects()  # restarts the speaker if this node is active

@@ -39,7 +39,7 @@ from quorumd.raft.aio.transport.identity import (
 
 log = logging.getLogger(__name__)
 
-NODE_CERT_VALIDITY_DAYS = 3650
+NODE_CERT_VALIDITY_DAYS = 365  # cluster.certificate-lifetime's default
 API_CERT_VALIDITY_DAYS = 3650
 CLOCK_SKEW_ALLOWANCE = datetime.timedelta(days=1)
 API_CERT_FILE = "api.crt"
@@ -92,7 +92,7 @@ def _self_signed(
     key: ec.EllipticCurvePrivateKey,
     subject: x509.Name,
     sans: list[x509.GeneralName],
-    validity_days: int,
+    validity_days: float,
     now: datetime.datetime | None,
 ) -> x509.Certificate:
     now = now or datetime.datetime.now(datetime.UTC)
@@ -103,7 +103,7 @@ def _self_signed(
         .issuer_name(subject)
         .public_key(public)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW_ALLOWANCE)
+        .not_valid_before(now - min(CLOCK_SKEW_ALLOWANCE, datetime.timedelta(days=validity_days)))
         .not_valid_after(now + datetime.timedelta(days=validity_days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
@@ -138,16 +138,21 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def generate_node_identity(
-    node_id: int, cluster_id: str, *, now: datetime.datetime | None = None
+    node_id: int,
+    cluster_id: str,
+    *,
+    now: datetime.datetime | None = None,
+    lifetime_seconds: float = NODE_CERT_VALIDITY_DAYS * 86400.0,
 ) -> NodeIdentity:
-    """A fresh self-signed ECDSA P-256 node certificate and key (PEM) with its fingerprint."""
+    """A fresh self-signed ECDSA P-256 node certificate and key (PEM) with its fingerprint,
+    valid for ``lifetime_seconds`` (``cluster.certificate-lifetime``)."""
     try:
         validate_identity(node_id, cluster_id)
     except CertIdentityError as exc:
         raise PkiError(str(exc)) from exc
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity_uri(node_id, cluster_id))]
-    cert = _self_signed(key, _name(node_id, cluster_id), sans, NODE_CERT_VALIDITY_DAYS, now)
+    cert = _self_signed(key, _name(node_id, cluster_id), sans, lifetime_seconds / 86400.0, now)
     der = cert.public_bytes(serialization.Encoding.DER)
     log.info("node_certificate_generated node=%d fingerprint=%s", node_id, fingerprint(der))
     return NodeIdentity(
@@ -181,11 +186,7 @@ def write_private_file(path: Path | str, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(path.parent)
 
 
 def _api_sans(hosts: list[str] | tuple[str, ...]) -> list[x509.GeneralName]:
@@ -228,3 +229,78 @@ def load_or_create_api_cert(data_dir: Path | str, hosts: list[str] | tuple[str, 
         fingerprint(cert.public_bytes(serialization.Encoding.DER)),
     )
     return cert_path, key_path
+
+
+# --- the node's identity files ---------------------------------------------------------------
+class IdentityFiles:
+    """The node certificate and key in ``<data dir>/tls``, and a rotation's files beside them.
+
+    ``node.crt`` / ``node.key``: the identity in use. A rotation first writes the next identity
+    to ``node.next.pem`` (certificate and key, before it is pinned), then switches with one
+    rename to ``node.switch.pem`` (the identity in use from then on, whatever ``node.crt`` and
+    ``node.key`` hold), rewrites ``node.crt`` and ``node.key`` from it and removes it. A crash at
+    any point leaves one identity in use that is pinned: ``load`` finishes an interrupted switch.
+    """
+
+    def __init__(self, data_dir: Path | str) -> None:
+        self.dir = Path(data_dir) / "tls"
+        self.cert, self.key = self.dir / "node.crt", self.dir / "node.key"
+        self.next, self.switching = self.dir / "node.next.pem", self.dir / "node.switch.pem"
+
+    def load(self) -> tuple[bytes, bytes]:
+        """(certificate PEM, key PEM) in use, after finishing a switch a crash interrupted."""
+        if self.switching.exists():
+            self._install(*split_identity_pem(self.switching.read_bytes()))
+        return self.cert.read_bytes(), self.key.read_bytes()
+
+    def write(self, cert_pem: bytes, key_pem: bytes) -> None:
+        write_private_file(self.cert, cert_pem)
+        write_private_file(self.key, key_pem)
+
+    def write_next(self, ident: NodeIdentity) -> None:
+        write_private_file(self.next, ident.cert_pem + ident.key_pem)
+
+    def read_next(self) -> tuple[bytes, bytes] | None:
+        """The next identity a rotation wrote (None: none, or unreadable: then removed)."""
+        try:
+            return split_identity_pem(self.next.read_bytes())
+        except FileNotFoundError:
+            return None
+        except PkiError as exc:
+            log.warning("next_identity_discarded path=%s error=%s", self.next, exc)
+            self.discard_next()
+            return None
+
+    def discard_next(self) -> None:
+        self.next.unlink(missing_ok=True)
+
+    def switch_to_next(self) -> tuple[bytes, bytes]:
+        """Make the next identity the one in use (durable once this returns)."""
+        cert_pem, key_pem = split_identity_pem(self.next.read_bytes())
+        os.replace(self.next, self.switching)
+        _fsync_dir(self.dir)
+        self._install(cert_pem, key_pem)
+        return cert_pem, key_pem
+
+    def _install(self, cert_pem: bytes, key_pem: bytes) -> None:
+        self.write(cert_pem, key_pem)
+        self.switching.unlink()
+        _fsync_dir(self.dir)
+
+
+def split_identity_pem(data: bytes) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) of a file holding both; PkiError when it does not."""
+    begin_key = data.find(b"-----BEGIN PRIVATE KEY-----")
+    if not data.startswith(b"-----BEGIN CERTIFICATE-----") or begin_key < 0:
+        raise PkiError("not a certificate followed by a private key")
+    cert_pem, key_pem = data[:begin_key], data[begin_key:]
+    pem_to_der(cert_pem)
+    return cert_pem, key_pem
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -22,8 +22,11 @@ Per RPC (``from_id``: the caller's certificate-proven node id):
     binary version), ``MarkNodeLeft`` (its own graceful-stop flag), ``SetDrain`` from
     ``draining`` to ``drained`` with no deadline, only while the registry has it draining without
     a deadline (the confirmation of a synchronous drain an admin started), and ``RecordAudit`` of
-    its own events only (a backup it served, a leadership transfer away from itself). Any other command, or
-    one naming another node: refused (403), nothing proposed.
+    its own events only (a backup it served, a leadership transfer away from itself), and its own
+    certificate rotation: ``PinCertificate`` (its next certificate; the state machine checks that
+    the certificate names it) and ``UnpinCertificate`` (one of its own pins, never its only one),
+    the unpin with the audit record ``certificate_rotate`` of that very rotation. Any other
+    command, or one naming another node: refused (403), nothing proposed.
 ``member.remove`` -- any member, to remove itself only (the payload's node id must be
     ``from_id``). Used by a leader that was asked, through the API, to remove itself: it hands
     leadership over and asks the new leader to remove it; the admin's request was authorized on
@@ -66,10 +69,13 @@ from quorumd.node.cluster.operations import ClusterNode
 from quorumd.node.cluster.service import pack, unpack
 from quorumd.node.registry.audit import AuditAction
 from quorumd.node.registry.commands import (
+    Audited,
     MarkNodeLeft,
+    PinCertificate,
     RecordAudit,
     RegisterNodeInfo,
     SetDrain,
+    UnpinCertificate,
     decode_command,
 )
 from quorumd.node.registry.context import split_audited_context
@@ -93,13 +99,30 @@ def forbidden(message: str) -> ApiError:
     return ApiError(403, "forbidden", message)
 
 
+_OWN_FACTS = (RegisterNodeInfo, MarkNodeLeft, SetDrain, PinCertificate, UnpinCertificate)
+
+
+def _own_rotation(cmd: object, from_id: int) -> object:
+    """An unpin with the record of the member's own rotation: the unpin alone (checked like any
+    own fact); anything else audited: unchanged (refused below)."""
+    if (
+        isinstance(cmd, Audited)
+        and isinstance(cmd.command, UnpinCertificate)
+        and cmd.note.action == AuditAction.CERTIFICATE_ROTATE
+        and cmd.note.target == f"node:{from_id}"
+    ):
+        return cmd.command
+    return cmd
+
+
 async def node_propose(node: ClusterNode, from_id: int, payload: bytes) -> bytes:
     """``node.propose``: a member announces a fact about itself (see the module docstring)."""
     try:
         cmd = decode_command(payload)
     except Exception as exc:  # any undecodable payload is a refusal, never a crash
         raise ApiError(400, "bad_request", "undecodable command") from exc
-    own = isinstance(cmd, RegisterNodeInfo | MarkNodeLeft | SetDrain) and cmd.node_id == from_id
+    fact = _own_rotation(cmd, from_id)
+    own = isinstance(fact, _OWN_FACTS) and fact.node_id == from_id
     if not own and not (isinstance(cmd, RecordAudit) and own_event(cmd.note, from_id)):
         name = type(cmd).__name__
         log.warning("internal_rpc_refused method=node.propose node=%d command=%s", from_id, name)

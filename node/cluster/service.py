@@ -349,8 +349,10 @@ class ClusterService:
             self._parsed_tokens[token] = parsed
         return Principal(token_id, role)
 
-    async def forward(self, request: ForwardedRequest, timeout_seconds: float) -> ForwardedResponse:
-        leader = self.leader_id()
+    async def forward(
+        self, request: ForwardedRequest, timeout_seconds: float, *, to: int | None = None
+    ) -> ForwardedResponse:
+        leader = self.leader_id() if to is None else to
         if leader == 0 or self._rpc is None:
             raise no_leader()
         if leader == self.identity.node_id:

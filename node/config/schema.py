@@ -236,6 +236,12 @@ TABLE = Table(
         Key("cluster.isolation-fence-after", Duration(), None, example="3s",
             doc="no quorum heard for this long => the node fences itself (withdraws its routes); "
                 "default 3 x election-timeout, at least election-timeout"),
+        Key("cluster.certificate-lifetime", Duration(low="10s", high="3650d"), "365d",
+            "validity of the node certificates this node makes (at its first start and when it "
+            "rotates); 10s to 3650d"),
+        Key("cluster.certificate-renew-before", Duration(low="1s", high="3650d"), "30d",
+            "the node rotates its certificate this long before it expires; less than "
+            "certificate-lifetime"),
         Section("cluster.autopilot"),
         Key("cluster.autopilot.last-contact-threshold", Duration(), "10s",
             "no contact for longer => server failed / unhealthy"),
@@ -338,6 +344,8 @@ class ClusterConfig:
     trailing_logs: int = _default("cluster.trailing-logs")
     autopilot: AutopilotConfig = AutopilotConfig()
     isolation_fence_after_seconds: float = 3.0  # the rules set 3 x election-timeout when unset
+    certificate_lifetime_seconds: float = _default("cluster.certificate-lifetime")
+    certificate_renew_before_seconds: float = _default("cluster.certificate-renew-before")
 
     @property
     def is_joiner(self) -> bool:
@@ -455,6 +463,12 @@ def _cluster_rules(f: Fields) -> None:
             "election-timeout",
             f"must be at least {ELECTION_TO_HEARTBEAT_MIN_RATIO} x {f.key_path('heartbeat-interval')} "
             f"({format_duration(heartbeat)}), got {format_duration(election)}",
+        )
+    lifetime: float = f.get("certificate-lifetime")
+    if f.get("certificate-renew-before") >= lifetime:
+        raise f.error(
+            "certificate-renew-before",
+            f"must be less than {f.key_path('certificate-lifetime')} ({format_duration(lifetime)})",
         )
     fence_after: float | None = f.get("isolation-fence-after")
     if fence_after is None:

@@ -195,9 +195,7 @@ class Table:
 
     # --- reading ---------------------------------------------------------------------------------
 
-    def build(
-        self, data: dict[Any, Any], base_dir: Path, rules: Mapping[str, Rule], notes: list[str]
-    ) -> Any:
+    def build(self, data: dict[Any, Any], base_dir: Path, rules: Mapping[str, Rule], notes: list[str]) -> Any:
         """The top-level dataclass for ``data`` (the top-level mapping), or a ``ConfigError``."""
         return self._section("", "", data, None, base_dir, rules, notes)
 
@@ -254,9 +252,7 @@ class Table:
             return None
         return self._section(row.name, path, raw, line, base_dir, rules, notes)
 
-    def _key(
-        self, row: Key, path: str, present: bool, raw: object, line: int | None, base_dir: Path
-    ) -> Any:
+    def _key(self, row: Key, path: str, present: bool, raw: object, line: int | None, base_dir: Path) -> Any:
         if raw is None:
             if present and not row.nullable:
                 why = "it is required" if row.required else "remove the key to use the default"

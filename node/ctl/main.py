@@ -125,6 +125,17 @@ async def _members_resume(c: CtlClient, a: argparse.Namespace) -> Output:
     return Output(result, _message(f"Cluster member {a.id} resumed"))
 
 
+async def _members_rotate_certificate(c: CtlClient, a: argparse.Namespace) -> Output:
+    result = await c.call("POST", f"/cluster/members/{_seg(a.id)}/rotate-certificate")
+
+    def render(r: Any) -> str:
+        fp = r.get("certificateFingerprint") if isinstance(r, Mapping) else None
+        until = r.get("certificateExpiresAt") if isinstance(r, Mapping) else None
+        return f"Cluster member {a.id} certificate rotated: {fmt.cell(fp)} (expires {fmt.cell(until)})"
+
+    return Output(result, render)
+
+
 async def _members_set_address(c: CtlClient, a: argparse.Namespace) -> Output:
     body = {k: v for k, v in (("raftAddress", a.raft), ("apiAddress", a.api)) if v is not None}
     result = await c.call("PATCH", f"/cluster/members/{_seg(a.id)}", body=body)
@@ -339,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for active leases to reach zero (0 = drain now and wait)",
     )  # fmt: skip
     sp = leaf(members, "resume", _members_resume, "resume a drained or draining member")
+    sp.add_argument("id", type=int, metavar="ID")
+    sp = leaf(members, "rotate-certificate", _members_rotate_certificate, "give a member a new certificate")
     sp.add_argument("id", type=int, metavar="ID")
     sp = leaf(members, "set-address", _members_set_address, "record new addresses of a member that is down")
     sp.add_argument("id", type=int, metavar="ID")

@@ -29,6 +29,7 @@ DATA_DIR_FORMAT = 1
 
 log = logging.getLogger(__name__)
 
+
 class FatalError(Exception):
     """Startup cannot continue; the message is for the operator (exit code 1)."""
 
@@ -120,4 +121,5 @@ def write_node_file(data_dir: Path, data: dict[str, Any]) -> None:
 
 
 def load_identity_files(data_dir: Path) -> tuple[bytes, bytes]:
-    return (data_dir / "tls" / "node.crt").read_bytes(), (data_dir / "tls" / "node.key").read_bytes()
+    """The node certificate and key in use (``pki.IdentityFiles``)."""
+    return pki.IdentityFiles(data_dir).load()

@@ -165,6 +165,8 @@ class NodeView:
     peers: Mapping[int, tuple[int, float]] = field(default_factory=dict)  # leader: lag, last contact s
     members: Mapping[int, MemberView] = field(default_factory=dict)
     autopilot: AutopilotGauges | None = None  # leader only
+    node_id: int = 0  # this node (0: not known yet)
+    certificate_expiry: float | None = None  # notAfter of this node's certificate (unix seconds)
 
     def __post_init__(self) -> None:
         if self.role not in RAFT_STATES:
@@ -187,7 +189,11 @@ def autopilot_gauges(view: AutopilotViewLike) -> AutopilotGauges:
 
 
 def node_view(
-    node: NodeLike, core: RaftCoreLike, tick_seconds: float, autopilot: AutopilotViewLike | None
+    node: NodeLike,
+    core: RaftCoreLike,
+    tick_seconds: float,
+    autopilot: AutopilotViewLike | None,
+    certificate_expiry: float | None = None,
 ) -> NodeView:
     """The view of ``core.status()`` and the registry (a pre-candidate counts as ``candidate``);
     peers only on the leader (lag = leader's last index - peer's match index, last contact =
@@ -219,6 +225,8 @@ def node_view(
         peers=peers,
         members=members,
         autopilot=autopilot_gauges(autopilot) if autopilot is not None and role == "leader" else None,
+        node_id=st.node_id,
+        certificate_expiry=certificate_expiry,
     )
 
 
@@ -295,6 +303,14 @@ class NodeCollector:
         yield drain
         yield leases
         yield deadline
+        expiry = _gauge(
+            "quorumd_node_certificate_expiry_timestamp_seconds",
+            "Unix time at which this node's cluster certificate expires (renewed before).",
+            ["node_id"],
+        )
+        if v.certificate_expiry is not None and v.node_id:
+            expiry.add_metric([str(v.node_id)], v.certificate_expiry)
+        yield expiry
         if v.autopilot is None and not with_leader_series:
             return
         ap = v.autopilot or AutopilotGauges(False, 0, {})

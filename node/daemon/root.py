@@ -23,6 +23,7 @@ from quorumd.api.extensions import BackupArchive
 from quorumd.api.server import ApiServer
 from quorumd.node.cluster import pki
 from quorumd.node.cluster.backup import take_archive
+from quorumd.node.cluster.certificates import CertificateRotation
 from quorumd.node.cluster.operations import ClusterNode
 from quorumd.node.cluster.rpcs import register_internal_rpcs
 from quorumd.node.cluster.service import Identity
@@ -37,6 +38,7 @@ from quorumd.node.daemon.datadir import (
 from quorumd.node.daemon.gcpolicy import GcPolicy, HeapTrimmer
 from quorumd.node.daemon.metrics import Metrics
 from quorumd.node.daemon.node_collector import NodeView, node_view
+from quorumd.node.daemon.pins import PEERS_CHANGED, PinBook
 from quorumd.node.daemon.sdnotify import SdNotifier, install_signal_handlers
 from quorumd.node.daemon.startup import (
     StartIdentity,
@@ -60,7 +62,6 @@ from quorumd.node.registry.commands import (
     MarkNodeLeft,
     RegisterNodeInfo,
     SetClusterSecrets,
-    SetMemberAddress,
 )
 from quorumd.node.registry.records import ApplyResult
 from quorumd.node.registry.state import StateMachine
@@ -70,11 +71,9 @@ from quorumd.raft.aio.storage import LogStorage, RecoveredState
 from quorumd.raft.aio.transport import ClusterTransport
 from quorumd.raft.core.node import RaftCore
 from quorumd.raft.core.ready import CoreConfig, RaftError, SoftState
-from quorumd.raft.core.types import ConfChange, Entry, HardState, Role
+from quorumd.raft.core.types import Entry, HardState, Role
 
 log = logging.getLogger(__name__)
-
-_PEERS_CHANGED = (ConfChange, SetMemberAddress)  # applied entries after which the pins are re-read
 
 
 class Daemon:
@@ -92,10 +91,7 @@ class Daemon:
         self.driver: RaftDriver | None = None
         self.api_port = 0
         self.cluster_port = 0
-        self._bootstrap_pins: dict[int, str] = {}
-        self._bootstrap_addrs: dict[int, str] = {}
-        self._last_pins: dict[int, str] = {}
-        self._last_addrs: dict[int, str] = {}
+        self.pins = PinBook(cfg.node_id)
         self._founder = False
         self._tasks: list[asyncio.Task[Any]] = []
         self.gc = GcPolicy()
@@ -230,6 +226,8 @@ class Daemon:
         )
         self.transport = transport
         node.set_rpc(transport.rpc)
+        if node.certificates is not None:
+            node.certificates.transport = transport
         return transport
 
     def _raft_driver(
@@ -289,6 +287,7 @@ class Daemon:
             (self._announce_loop(), "announce"),
             (node.keep_own_address(seeds, transport.rpc_at if transport else None), "own-address"),
             (self._ready_loop(), "ready"),
+            *([(node.certificates.run(), "certificates")] if transport and node.certificates else []),
         ):
             self._tasks.append(loop.create_task(coro, name=name))
         if cfg.backup.dir is not None:
@@ -336,6 +335,10 @@ class Daemon:
             isolation_fence_after_seconds=cfg.cluster.isolation_fence_after_seconds,
         )
         node.trail.retention = cfg.audit.retention  # carried in every audit record's entry
+        c = cfg.cluster
+        node.certificates = CertificateRotation(
+            node, self.data_dir, c.certificate_lifetime_seconds, c.certificate_renew_before_seconds
+        )
         node.on_join_result = self.metrics.count_join
         node.on_dial_addresses_changed = self._update_pins
         node.on_isolation = self.metrics.set_isolated
@@ -344,9 +347,7 @@ class Daemon:
     # --- joining -------------------------------------------------------------------------------
     async def _join(self, claims: jointoken.JoinClaims, node: ClusterNode) -> None:
         members = await join_cluster(self.cfg, claims, node.member_context(claims.token_id))
-        for nid, raddr, fp in members:
-            self._bootstrap_pins[nid] = fp
-            self._bootstrap_addrs[nid] = raddr
+        self.pins.joined(members)
         self._update_pins()
 
     async def _replay_local_log(self, node: ClusterNode, commit: int) -> None:
@@ -410,32 +411,15 @@ class Daemon:
             self.driver.deliver(from_id, frame)
 
     def _update_pins(self) -> None:
-        if self.transport is None or self.node is None:
-            return
-        sm = self.node.sm
-        pins = sm.pins()
-        addrs = {m.node_id: m.raft_address for m in sm.members()}
-        if self.cfg.node_id not in pins:
-            # Not yet in our own replica (a joiner catching up): trust what the join returned.
-            for nid, fp in self._bootstrap_pins.items():
-                pins.setdefault(nid, fp)
-                addrs.setdefault(nid, self._bootstrap_addrs[nid])
-        for nid in self.node.pins_kept:  # answering a removed member (ClusterService.pin_kept)
-            if nid not in pins and nid in self._last_pins:
-                pins[nid] = self._last_pins[nid]
-                if nid in self._last_addrs:
-                    addrs.setdefault(nid, self._last_addrs[nid])
-        pins.pop(self.cfg.node_id, None)
-        addrs.pop(self.cfg.node_id, None)  # never dial itself (its own entry may be stale)
-        self._last_pins, self._last_addrs = dict(pins), dict(addrs)
-        self.transport.update_pins(pins, self.node.dial_addresses(addrs))
+        if self.transport is not None and self.node is not None:
+            self.pins.update(self.transport, self.node)
 
     def _on_snapshot(self, _index: int) -> None:
         self.metrics.count_snapshot()
         self.gc.after_snapshot()
 
     def _after_apply(self, results: Sequence[ApplyResult]) -> None:
-        if not results or any(isinstance(r.command, _PEERS_CHANGED) for r in results):
+        if not results or any(isinstance(r.command, PEERS_CHANGED) for r in results):
             self._update_pins()  # a member moved: every node dials its new address
 
     def _on_soft_state(self, old: SoftState, new: SoftState) -> None:
@@ -536,7 +520,8 @@ class Daemon:
         if node is None or driver is None:
             return None
         view = node.evaluate_autopilot() if node.is_leader() else None
-        return node_view(node, driver.core, self.timing.tick_seconds, view)
+        expiry = node.certificates.expires_at() if node.certificates is not None else None
+        return node_view(node, driver.core, self.timing.tick_seconds, view, expiry)
 
     def _register_rpcs(self, transport: ClusterTransport, node: ClusterNode) -> None:
         """Who may call what: see node/cluster/rpcs.py."""

@@ -125,10 +125,11 @@ class StartIdentity:
     claims: jointoken.JoinClaims | None = None  # set: this start joins with these claims
 
 
-def new_identity(data_dir: Path, node_id: int, cluster_id: str, *, founder: bool) -> tuple[bytes, bytes]:
-    ident = pki.generate_node_identity(node_id, cluster_id)
-    pki.write_private_file(data_dir / "tls" / "node.crt", ident.cert_pem)
-    pki.write_private_file(data_dir / "tls" / "node.key", ident.key_pem)
+def new_identity(
+    data_dir: Path, node_id: int, cluster_id: str, *, founder: bool, lifetime_seconds: float
+) -> tuple[bytes, bytes]:
+    ident = pki.generate_node_identity(node_id, cluster_id, lifetime_seconds=lifetime_seconds)
+    pki.IdentityFiles(data_dir).write(ident.cert_pem, ident.key_pem)
     write_node_file(data_dir, {"node_id": node_id, "cluster_id": cluster_id, "founder": founder})
     return ident.cert_pem, ident.key_pem
 
@@ -136,6 +137,7 @@ def new_identity(data_dir: Path, node_id: int, cluster_id: str, *, founder: bool
 def resolve_identity(cfg: Config, meta: dict[str, Any] | None, *, has_state: bool) -> StartIdentity:
     """A restart (stored Raft state), a join (a join token and no state) or a founding."""
     data_dir = cfg.data_dir
+    lifetime = cfg.cluster.certificate_lifetime_seconds
     if has_state:
         if meta is None:
             raise FatalError(f"{data_dir}: Raft state present but node.json is missing")
@@ -163,10 +165,14 @@ def resolve_identity(cfg: Config, meta: dict[str, Any] | None, *, has_state: boo
             cert_pem, key_pem = load_identity_files(data_dir)
             log.info("join_retry node=%d cluster=%s (identity kept)", cfg.node_id, cluster_id)
         else:
-            cert_pem, key_pem = new_identity(data_dir, cfg.node_id, cluster_id, founder=False)
+            cert_pem, key_pem = new_identity(
+                data_dir, cfg.node_id, cluster_id, founder=False, lifetime_seconds=lifetime
+            )
         return StartIdentity(cluster_id, cert_pem, key_pem, False, claims)
     cluster_id = uuid.uuid4().hex
-    cert_pem, key_pem = new_identity(data_dir, cfg.node_id, cluster_id, founder=True)
+    cert_pem, key_pem = new_identity(
+        data_dir, cfg.node_id, cluster_id, founder=True, lifetime_seconds=lifetime
+    )
     return StartIdentity(cluster_id, cert_pem, key_pem, True)
 
 

@@ -27,10 +27,10 @@ a command whose op needs a protocol above the cluster's recorded protocol versio
 member cannot read.
 
 Adding an op (audit, backup, certificates, address changes, ...): give it the next ``OpCode``
-number, add its dataclass, its row in ``OP_PROTOCOL`` (the protocol version of the first build
-that has it; bump ``quorumd.node.registry.protocol.PROTOCOL_VERSION`` when it is new), and its
-cases in ``_fields``/``_decode_fields``. Nothing else: the envelope, the decoder's stop and
-the gate follow from the table.
+number, add its dataclass (in ``command_types``), its row in ``OP_PROTOCOL`` (the protocol
+version of the first build that has it; bump ``quorumd.node.registry.protocol.PROTOCOL_VERSION``
+when it is new), and its cases in ``_fields``/``_decode_fields``. Nothing else: the envelope,
+the decoder's stop and the gate follow from the table.
 
 Every command carries ``ts``: unix seconds stamped by the leader when it proposes. The state
 machine uses it as its only clock (creation times, drain timestamps, pruning of spent join
@@ -46,13 +46,30 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from enum import IntEnum
 from itertools import pairwise
 from typing import Any
 
-from quorumd.api.ports import DrainState, TokenRole
-from quorumd.node.registry.audit import AuditNote, decode_note
+from quorumd.node.registry.audit import decode_note
+from quorumd.node.registry.command_types import AllocateLease as AllocateLease
+from quorumd.node.registry.command_types import Audited as Audited
+from quorumd.node.registry.command_types import Command as Command
+from quorumd.node.registry.command_types import CreateApiToken as CreateApiToken
+from quorumd.node.registry.command_types import CreatePool as CreatePool
+from quorumd.node.registry.command_types import DeletePool as DeletePool
+from quorumd.node.registry.command_types import MarkNodeLeft as MarkNodeLeft
+from quorumd.node.registry.command_types import MintJoinToken as MintJoinToken
+from quorumd.node.registry.command_types import Noop as Noop
+from quorumd.node.registry.command_types import PinCertificate as PinCertificate
+from quorumd.node.registry.command_types import RecordAudit as RecordAudit
+from quorumd.node.registry.command_types import RegisterNodeInfo as RegisterNodeInfo
+from quorumd.node.registry.command_types import ReleaseLease as ReleaseLease
+from quorumd.node.registry.command_types import RevokeApiToken as RevokeApiToken
+from quorumd.node.registry.command_types import SetClusterSecrets as SetClusterSecrets
+from quorumd.node.registry.command_types import SetDrain as SetDrain
+from quorumd.node.registry.command_types import SetMemberAddress as SetMemberAddress
+from quorumd.node.registry.command_types import SetProtocolVersion as SetProtocolVersion
+from quorumd.node.registry.command_types import UnpinCertificate as UnpinCertificate
 from quorumd.node.registry.context import MemberContext as MemberContext
 from quorumd.node.registry.context import decode_member_context as decode_member_context
 from quorumd.node.registry.context import encode_audited_context as encode_audited_context
@@ -78,7 +95,6 @@ from quorumd.node.registry.wire import role_from_code as role_from_code
 from quorumd.node.registry.wire import role_to_code as role_to_code
 from quorumd.node.registry.wire import unpack as unpack
 from quorumd.raft.codec import packb
-from quorumd.raft.core.types import immutable
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +134,8 @@ class OpCode(IntEnum):
     SET_MEMBER_ADDRESS = 20
     AUDITED = 21  # 21..29: the audit trail's
     RECORD_AUDIT = 22
+    PIN_CERTIFICATE = 30  # 30..39: certificate rotation's
+    UNPIN_CERTIFICATE = 31
 
 
 # The protocol version that introduced each op: the one table the envelope, the decoder's stop
@@ -139,175 +157,9 @@ OP_PROTOCOL: dict[OpCode, int] = {
     OpCode.SET_MEMBER_ADDRESS: 2,
     OpCode.AUDITED: 2,
     OpCode.RECORD_AUDIT: 2,
+    OpCode.PIN_CERTIFICATE: 3,
+    OpCode.UNPIN_CERTIFICATE: 3,
 }
-
-
-# --- commands ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Noop:
-    ts: float
-
-
-@dataclass(frozen=True, slots=True)
-class SetClusterSecrets:
-    """Written once by the founder as its first normal command."""
-
-    ts: float
-    cluster_id: str
-    join_key: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class RegisterNodeInfo:
-    """A node announces its API address and binary version at every start."""
-
-    ts: float
-    node_id: int
-    api_address: str
-    binary_version: str
-
-
-@dataclass(frozen=True, slots=True)
-class SetDrain:
-    ts: float
-    node_id: int
-    state: DrainState
-    deadline_ts: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class MarkNodeLeft:
-    """A node announced a graceful stop (``left=True``) or withdrew that announcement."""
-
-    ts: float
-    node_id: int
-    left: bool
-
-
-@dataclass(frozen=True, slots=True)
-class CreateApiToken:
-    ts: float
-    token_id: str
-    name: str
-    role: TokenRole
-    secret_hash: bytes
-    expires_at: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class RevokeApiToken:
-    ts: float
-    token_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class CreatePool:
-    ts: float
-    name: str
-    cidr: str
-
-
-@dataclass(frozen=True, slots=True)
-class DeletePool:
-    ts: float
-    name: str
-
-
-@immutable  # made on every replica for every lease write: no frozen-init cost
-class AllocateLease:
-    ts: float
-    pool: str
-    holder: str
-    node_id: int
-
-
-@immutable  # made on every replica for every lease write: no frozen-init cost
-class ReleaseLease:
-    ts: float
-    lease_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class MintJoinToken:
-    """Records a minted join token id (its expiry bounds how long its consumption is kept)."""
-
-    ts: float
-    token_id: bytes
-    node_id: int
-    expires_at: int
-
-
-@dataclass(frozen=True, slots=True)
-class SetProtocolVersion:
-    """The leader records the cluster's protocol version and each member's (protocol 2).
-
-    Proposed when every member of the Raft configuration reports at least ``cluster_version``
-    (a ratchet: the recorded version never goes down), and again to record the versions of
-    members that joined or were upgraded since. ``members``: (node id, protocol version) pairs,
-    ascending by id. The state machine refuses a raise unless every registered member is listed
-    at or above the new version, so a member that joined meanwhile stops it."""
-
-    ts: float
-    cluster_version: int
-    members: tuple[tuple[int, int], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class SetMemberAddress:
-    """A member's cluster (Raft) and API addresses change (protocol 2).
-
-    Proposed by the leader for a member that restarted elsewhere and proved its identity by its
-    pinned certificate (it may only move itself), or by an admin's PATCH for a member that is
-    down. Both addresses are always carried (the unchanged one as recorded)."""
-
-    ts: float
-    node_id: int
-    raft_address: str
-    api_address: str
-
-
-@dataclass(frozen=True, slots=True)
-class Audited:
-    """A change and its audit record in one entry (see ``quorumd.node.registry.audit``).
-
-    Wire: ``[2, 2, 21, ts, note, inner]`` where ``inner`` is the inner command's own list (its
-    envelope included). The state machine applies ``command`` and appends the record only when
-    it succeeded. ``command`` is never itself audited."""
-
-    ts: float
-    note: AuditNote
-    command: Command
-
-
-@dataclass(frozen=True, slots=True)
-class RecordAudit:
-    """An audit record that is its own entry (an event that changes no other state: a backup
-    export, a leadership transfer)."""
-
-    ts: float
-    note: AuditNote
-
-
-Command = (
-    Noop
-    | SetClusterSecrets
-    | RegisterNodeInfo
-    | SetDrain
-    | MarkNodeLeft
-    | CreateApiToken
-    | RevokeApiToken
-    | CreatePool
-    | DeletePool
-    | AllocateLease
-    | ReleaseLease
-    | MintJoinToken
-    | SetProtocolVersion
-    | SetMemberAddress
-    | Audited
-    | RecordAudit
-)
 
 
 pack = packb  # the shared encoder (one reused Packer per thread)
@@ -357,6 +209,10 @@ def _fields(cmd: Command) -> tuple[OpCode, list[Any]]:
             return OpCode.AUDITED, [cmd.note.wire(), _items(cmd.command)]
         case RecordAudit():
             return OpCode.RECORD_AUDIT, [cmd.note.wire()]
+        case PinCertificate():
+            return OpCode.PIN_CERTIFICATE, [cmd.node_id, cmd.cert_pem]
+        case UnpinCertificate():
+            return OpCode.UNPIN_CERTIFICATE, [cmd.node_id, cmd.fingerprint]
     raise CommandError(f"not a command: {type(cmd).__name__}")
 
 
@@ -377,6 +233,8 @@ _OP_OF_TYPE: dict[type, OpCode] = {
     SetMemberAddress: OpCode.SET_MEMBER_ADDRESS,
     Audited: OpCode.AUDITED,
     RecordAudit: OpCode.RECORD_AUDIT,
+    PinCertificate: OpCode.PIN_CERTIFICATE,
+    UnpinCertificate: OpCode.UNPIN_CERTIFICATE,
 }
 
 
@@ -542,6 +400,12 @@ def _decode_fields(op: OpCode, ts: float, f: list[Any]) -> Command:
         case OpCode.RECORD_AUDIT:
             arity(1)
             return RecordAudit(ts, decode_note(f[0]))
+        case OpCode.PIN_CERTIFICATE:
+            arity(2)
+            return PinCertificate(ts, check_int(f[0], "node_id"), check_str(f[1], "cert_pem"))
+        case OpCode.UNPIN_CERTIFICATE:
+            arity(2)
+            return UnpinCertificate(ts, check_int(f[0], "node_id"), check_str(f[1], "fingerprint"))
     raise CommandError(f"unhandled op {op!r}")  # pragma: no cover - every OpCode is matched
 
 

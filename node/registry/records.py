@@ -14,12 +14,14 @@ from quorumd.node.registry.commands import (
     Command,
 )
 from quorumd.node.registry.leases import Lease, PoolInfo, SnapshotError, rfc3339
+from quorumd.node.registry.pem import expires_at_rfc3339
 from quorumd.raft.core.types import ConfChange, immutable
 
 if TYPE_CHECKING:
     from quorumd.node.registry.state import StateMachine
 
-SNAPSHOT_VERSION = 3  # the newest state-snapshot format this build reads and writes
+SNAPSHOT_VERSION = 4  # the newest state-snapshot format this build reads and writes
+SNAPSHOT_VERSION_V3 = 3
 SNAPSHOT_VERSION_V2 = 2
 SNAPSHOT_VERSION_V1 = 1
 MIN_JOIN_KEY_BYTES = 16
@@ -74,6 +76,8 @@ class Member:
     drain_deadline: float | None  # only while draining with a deadline
     left: bool  # announced a graceful stop
     protocol_version: int | None = None  # recorded from cluster protocol 2 on
+    next_cert_pem: str | None = None  # pinned beside cert_pem while the member rotates (protocol 3)
+    next_cert_fingerprint: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The registry part of a /cluster/members item (the node adds suffrage, isLeader,
@@ -84,6 +88,8 @@ class Member:
             "apiAddress": self.api_address,
             "binaryVersion": self.binary_version,
             "drainState": str(self.drain_state),
+            "certificateFingerprint": self.cert_fingerprint,
+            "certificateExpiresAt": expires_at_rfc3339(self.cert_pem),
         }
 
 
@@ -148,6 +154,8 @@ MEMBER_FIELDS = (
     "drainState",
     "activeLeases",
     "protocolVersion",
+    "certificateFingerprint",
+    "certificateExpiresAt",
 )
 
 

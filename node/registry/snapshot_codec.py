@@ -4,9 +4,11 @@
 the cluster's protocol version is 1 (byte for byte the first release's format, so such a
 follower can install it); from protocol 2 on the newest format, ``[3, ..., lease_table,
 cluster_protocol_version, audit_trail]``, with each member's protocol version appended to its
-row (format 2, without the trail, is read too). This module is the state machine's codec: it
-reads and fills the state machine's fields directly, and validates types and cross-references
-before a single field of the live state is replaced (``StateMachine.restore``).
+row (format 2, without the trail, is read too); from protocol 3 on, format 4: format 3 with each
+member's next certificate (PEM or nil, pinned while it rotates) appended to its row. This
+module is the state machine's codec: it reads and fills the state machine's fields directly, and
+validates types and cross-references before a single field of the live state is replaced
+(``StateMachine.restore``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
+from quorumd.node.registry import certificates
 from quorumd.node.registry.audit import AuditTrail
 from quorumd.node.registry.commands import (
     check_bool,
@@ -41,6 +44,7 @@ from quorumd.node.registry.records import (
     SNAPSHOT_VERSION,
     SNAPSHOT_VERSION_V1,
     SNAPSHOT_VERSION_V2,
+    SNAPSHOT_VERSION_V3,
     ApiToken,
     JoinTokenRecord,
     Member,
@@ -57,6 +61,7 @@ logger = logging.getLogger(__name__)
 def encode_parts(sm: StateMachine) -> list[bytes]:
     """``sm``'s snapshot as the pieces it is the concatenation of (``StateMachine.snapshot_parts``)."""
     v2 = sm._cluster_protocol >= 2
+    v4 = sm._cluster_protocol >= 3
     members = [
         [
             m.node_id,
@@ -70,12 +75,12 @@ def encode_parts(sm: StateMachine) -> list[bytes]:
             m.drain_deadline,
             m.left,
             *((m.protocol_version,) if v2 else ()),
+            *((m.next_cert_pem,) if v4 else ()),
         ]
         for m in sm.members()
     ]
     join_tokens = [
-        [tid, rec.node_id, rec.expires_at, rec.consumed_at]
-        for tid, rec in sorted(sm._join_tokens.items())
+        [tid, rec.node_id, rec.expires_at, rec.consumed_at] for tid, rec in sorted(sm._join_tokens.items())
     ]
     api_tokens = [
         [t.token_id, t.name, role_to_code(t.role), t.secret_hash, t.created_at, t.expires_at]
@@ -84,7 +89,7 @@ def encode_parts(sm: StateMachine) -> list[bytes]:
     # ``pack([...7 fields..., sm._leases.dump()])`` byte for byte: an 8-element array whose
     # last element the lease table encodes from its cache (LeaseTable.packed_dump_parts); v3
     # is a 10-element array with the cluster's protocol version and the audit trail last.
-    version = SNAPSHOT_VERSION if v2 else SNAPSHOT_VERSION_V1
+    version = SNAPSHOT_VERSION if v4 else SNAPSHOT_VERSION_V3 if v2 else SNAPSHOT_VERSION_V1
     head = (version, sm._applied_index, sm._cluster_id, sm._join_key)
     parts = [b"\x9a" if v2 else b"\x98", *(pack(x) for x in head)]
     parts += [pack(members), pack(join_tokens), pack(api_tokens)]
@@ -119,19 +124,20 @@ def load_snapshot(data: bytes) -> StateMachine:
     version = check_int(items[0], "snapshot version") if items else 0
     if version > SNAPSHOT_VERSION:
         raise SnapshotFormatError(version)
-    if version not in (SNAPSHOT_VERSION_V1, SNAPSHOT_VERSION_V2, SNAPSHOT_VERSION):
+    if version not in (SNAPSHOT_VERSION_V1, SNAPSHOT_VERSION_V2, SNAPSHOT_VERSION_V3, SNAPSHOT_VERSION):
         raise SnapshotError("unsupported snapshot version")
     v2 = version >= SNAPSHOT_VERSION_V2  # v3: the v2 fields, then the audit trail
+    v4 = version >= SNAPSHOT_VERSION  # v4: v3, each member row with its next certificate
     (_, applied_raw, cluster_raw, key_raw, members_raw, join_raw, api_raw, leases_raw, *rest) = check_list(
-        items, "snapshot", {1: 8, 2: 9, 3: 10}[version]
+        items, "snapshot", {1: 8, 2: 9, 3: 10, 4: 10}[version]
     )
     sm = StateMachine()
-    if version == SNAPSHOT_VERSION:
+    if version >= SNAPSHOT_VERSION_V3:
         sm._audit = AuditTrail.load(rest[1])
     if v2:
         sm._cluster_protocol = check_int(rest[0], "cluster_protocol_version")
-        if sm._cluster_protocol < 2:
-            raise SnapshotError("a v2 snapshot records a cluster protocol version of at least 2")
+        if sm._cluster_protocol < (3 if v4 else 2):
+            raise SnapshotError(f"a v{version} snapshot records a lower cluster protocol version")
     sm._applied_index = check_int(applied_raw, "applied_index")
     if sm._applied_index < 0:
         raise SnapshotError("negative applied index")
@@ -142,7 +148,11 @@ def load_snapshot(data: bytes) -> StateMachine:
 
     prev_node = 0
     for item in check_list(members_raw, "members"):
-        f = check_list(item, "member", 11 if v2 else 10)
+        f = check_list(item, "member", 12 if v4 else 11 if v2 else 10)
+        next_pem = None if not v4 or f[11] is None else check_str(f[11], "next_cert_pem")
+        next_fp = None if next_pem is None else certificates.fingerprint_of(next_pem)
+        if next_pem is not None and next_fp is None:
+            raise SnapshotError("a member's next certificate is not a PEM certificate")
         m = Member(
             node_id=check_int(f[0], "node_id"),
             raft_address=check_str(f[1], "raft_address"),
@@ -155,6 +165,8 @@ def load_snapshot(data: bytes) -> StateMachine:
             drain_deadline=check_opt_float(f[8], "drain_deadline"),
             left=check_bool(f[9], "left"),
             protocol_version=check_opt_int(f[10], "protocol_version") if v2 else None,
+            next_cert_pem=next_pem,
+            next_cert_fingerprint=next_fp,
         )
         if m.node_id <= prev_node:
             raise SnapshotError("members not sorted by id (or id < 1)")

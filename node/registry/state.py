@@ -46,6 +46,7 @@ from dataclasses import replace
 from heapq import heappop, heappush
 
 from quorumd.api.ports import DrainState, TokenRole
+from quorumd.node.registry import certificates
 from quorumd.node.registry.apitoken import TOKEN_ID_RE
 from quorumd.node.registry.audit import AuditNote, AuditRecord, AuditTrail
 from quorumd.node.registry.commands import (
@@ -61,6 +62,7 @@ from quorumd.node.registry.commands import (
     MemberContext,
     MintJoinToken,
     Noop,
+    PinCertificate,
     RecordAudit,
     RegisterNodeInfo,
     ReleaseLease,
@@ -69,6 +71,7 @@ from quorumd.node.registry.commands import (
     SetDrain,
     SetMemberAddress,
     SetProtocolVersion,
+    UnpinCertificate,
     decode_command,
     decode_member_context,
     split_audited_context,
@@ -84,11 +87,7 @@ from quorumd.node.registry.records import (
     Member,
     StateError,
 )
-from quorumd.node.registry.snapshot_codec import (
-    encode_parts,
-    load_snapshot,
-    refound,
-)
+from quorumd.node.registry.snapshot_codec import encode_parts, load_snapshot, refound
 from quorumd.raft.core.types import ConfChange, ConfChangeType
 
 __all__ = ["StateMachine"]
@@ -161,9 +160,9 @@ class StateMachine:
     def has_member(self, node_id: int) -> bool:
         return node_id in self._members
 
-    def pins(self) -> dict[int, str]:
-        """node id -> certificate fingerprint, in id order."""
-        return {i: self._members[i].cert_fingerprint for i in sorted(self._members)}
+    def pins(self) -> dict[int, tuple[str, ...]]:
+        """node id -> pinned certificate fingerprints (the current one first), in id order."""
+        return {i: certificates.fingerprints(self._members[i]) for i in sorted(self._members)}
 
     def cert_pem(self, node_id: int) -> str | None:
         m = self._members.get(node_id)
@@ -442,6 +441,14 @@ class StateMachine:
                 return self._set_member_address(cmd)
             case RecordAudit():
                 return self._audit.append(cmd.ts, cmd.note).record_id
+            case PinCertificate() | UnpinCertificate():
+                m = self._need_member(cmd.node_id)
+                if isinstance(cmd, PinCertificate):
+                    m = certificates.pin(m, self._cluster_id, cmd)
+                else:
+                    m = certificates.unpin(m, cmd)
+                self._members[m.node_id] = m
+                return m
             case Audited():  # unwrapped by apply; a nested one is refused by the decoder
                 raise Rejection(ApplyCode.BAD_COMMAND, "an audited change cannot be audited again")
         raise Rejection(ApplyCode.BAD_COMMAND, "unhandled command")  # pragma: no cover

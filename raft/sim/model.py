@@ -184,5 +184,3 @@ class SimNode:
         self.is_leader = False
         self.suppressed = False
         self.doomed = False  # crash in the middle of the next Ready
-
-

@@ -162,4 +162,3 @@ class Nemesis:
         if kind == ConfChangeType.ADD_NONVOTER:
             sim._start(sim._new_node())
         sim._drain(leader)
-

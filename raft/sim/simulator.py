@@ -82,6 +82,7 @@ from .network import CALM, TICK_UNITS, SimNetwork
 _MT = {int(t): t.name for t in MessageType}
 _FULL = 7  # _handle_ready stage: everything
 
+
 class Simulation:
     def __init__(self, opts: SimOptions) -> None:
         for b in opts.bugs:

@@ -18,7 +18,7 @@ from .framing import split_host_port
 from .identity import _load_own_identity
 from .join import JoinHandler, JoinServer
 from .listener import Listener
-from .peers import Peers, Resolver
+from .peers import Peers, Pins, Resolver
 from .raft_channel import RaftChannel
 from .rpc import RpcChannel, RpcHandler
 from .stats import TransportStats
@@ -36,7 +36,7 @@ class ClusterTransport:
         cluster_id: str,
         cert_pem: bytes,
         key_pem: bytes,
-        pins: Mapping[int, str],
+        pins: Pins,
         addresses: Mapping[int, str],
         on_raft_frame: Callable[[int, bytes], None],
         *,
@@ -120,17 +120,23 @@ class ClusterTransport:
         """Serve the join channel: ``handler(request payload, client certificate DER) -> reply``."""
         self._join.handler = handler
 
-    def update_pins(self, pins: Mapping[int, str], addresses: Mapping[int, str]) -> None:
-        """Replace the member pins and addresses.
+    def update_pins(self, pins: Pins, addresses: Mapping[int, str]) -> None:
+        """Replace the member pins (one fingerprint per member, or several) and addresses.
 
-        A member whose pin is removed or changed has every live connection (both directions)
-        closed at once and its queued frames dropped; a member whose address changed has its
-        outgoing connections closed so they are redialed at the new address.
+        A member that is no longer pinned at all has every live connection (both directions)
+        closed and its queued frames dropped; a connection authenticated by a fingerprint that
+        is no longer pinned (a member rotated its certificate away from it) is retired: no new
+        use, closed once what is in flight is answered (``Peers.retire``), redialed as needed. A
+        member whose address changed has its outgoing connections closed so they are redialed
+        at the new address.
         """
         peers = self._peers
         old_pins, old_addresses = peers.pins, peers.addresses
         peers.set_maps(pins, addresses)
-        unpinned = sorted(nid for nid, fp in old_pins.items() if peers.pins.get(nid) != fp)
+        unpinned = sorted(nid for nid in old_pins if nid not in peers.pins)
+        rotated = sorted(
+            nid for nid, fps in old_pins.items() if nid in peers.pins and not set(fps) <= set(peers.pins[nid])
+        )
         moved = sorted(
             nid
             for nid, addr in old_addresses.items()
@@ -142,6 +148,13 @@ class ClusterTransport:
                 peers.retire(conn)
             self._raft.stop(nid)
             self._rpc.forget(nid)
+        for nid in rotated:
+            gone = set(old_pins[nid]) - set(peers.pins[nid])
+            log.info("peer_certificate_unpinned node=%d fingerprints=%s", nid, ",".join(sorted(gone)))
+            for conn in list(peers.member_conns.get(nid, ())):
+                if conn.fingerprint in gone:
+                    peers.member_conns[nid].discard(conn)
+                    peers.retire(conn)
         for nid in moved:
             log.info("peer_address_changed node=%d address=%s", nid, peers.addresses.get(nid))
             self._raft.abort_connection(nid)
@@ -151,6 +164,39 @@ class ClusterTransport:
         # (TLS handshake and proof, several ms of CPU) then sat inside the election (measured:
         # a drain's vote request reached the third member 12 ms late).
         self.connect_members()
+
+    def set_identity(self, cert_pem: bytes, key_pem: bytes) -> str:
+        """Switch this node to another certificate and key (a rotation); returns its fingerprint.
+
+        From now on the listener presents the new certificate and every dial proves it. This
+        node's own outgoing connections made with the old certificate are retired (no new use,
+        closed once their calls are answered; the Raft channel and the RPC pool redial with the
+        new one). Connections members dialed to this node stay until those members unpin the
+        old certificate (they retire them then). Raises TransportError for a certificate that
+        does not carry this node's identity or a key that is not its key."""
+        cert_der, key = _load_own_identity(self.node_id, self.cluster_id, cert_pem, key_pem)
+        peers = self._peers
+        old = peers.fingerprint
+        self._listener.set_context(_server_context(cert_pem, key_pem))
+        peers.set_identity(cert_der, key)
+        self.fingerprint = peers.fingerprint
+        for conn in list(peers.conns):
+            if conn.outbound and conn.local_fingerprint == old and not conn.retiring:
+                conns = peers.member_conns.get(conn.node_id)
+                if conns is not None:
+                    conns.discard(conn)
+                peers.retire(conn)
+        log.info("cluster_identity_switched old=%s new=%s", old, self.fingerprint)
+        return self.fingerprint
+
+    def connections_closed(self, fingerprint: str) -> list[asyncio.Future[None]]:
+        """The ``closed`` futures of the live connections this node dialed with its certificate
+        ``fingerprint`` (after ``set_identity``: the retired ones still finishing their calls)."""
+        return [
+            c.closed
+            for c in self._peers.conns
+            if c.outbound and c.local_fingerprint == fingerprint and not c.closed.done()
+        ]
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self, bind_address: str) -> int:

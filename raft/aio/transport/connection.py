@@ -46,7 +46,10 @@ class _Conn(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.node_id = 0
-        self.fingerprint = ""
+        self.fingerprint = ""  # the peer's (proven) certificate
+        self.local_fingerprint = ""  # this node's certificate on this connection
+        self.outbound = False  # dialed by this node
+        self.retiring = False  # its pin is gone: no new call on it, closed once idle (Peers.retire)
         self.join_cert_der = b""
         self.max_frame = MAX_AUTH_FRAME_BYTES
         self.lost = False

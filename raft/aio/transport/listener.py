@@ -73,6 +73,10 @@ class Listener:
         self._peers.spawn(self._accept_loop(sock))
         return int(sock.getsockname()[1])
 
+    def set_context(self, server_ctx: ssl.SSLContext) -> None:
+        """Present another certificate from the next handshake on (a rotation)."""
+        self._server_ctx = server_ctx
+
     def close(self) -> None:
         """Close the listening socket; only once the accept task is gone (no fd closed under the
         selector)."""
@@ -110,9 +114,12 @@ class Listener:
         assert loop is not None
         try:
             async with asyncio.timeout(self._connect_timeout):
+                # The certificate this handshake presents, and the one the client's proof must
+                # name: read together, so a rotation meanwhile (set_context) changes neither.
+                ctx, conn.local_fingerprint = self._server_ctx, peers.fingerprint
                 try:
                     await loop.connect_accepted_socket(
-                        lambda: conn, sock, ssl=self._server_ctx, ssl_handshake_timeout=self._connect_timeout
+                        lambda: conn, sock, ssl=ctx, ssl_handshake_timeout=self._connect_timeout
                     )
                 except ssl.SSLError as exc:  # TLS < 1.3, not TLS at all, ...
                     peers.refuse("handshake", conn, detail=str(exc.reason or type(exc).__name__))
@@ -157,7 +164,7 @@ class Listener:
             _, cert_der, signature = _unpack(frame, (FrameKind.PROOF,), 3)
             if type(cert_der) is not bytes or type(signature) is not bytes:
                 raise _Malformed("proof fields must be bytes")
-            _verify_proof(cert_der, signature, _proof_message(alpn, nonce, peers.fingerprint))
+            _verify_proof(cert_der, signature, _proof_message(alpn, nonce, conn.local_fingerprint))
         except _Malformed as exc:
             peers.refuse("bad_proof", conn)
             log.debug("bad_proof peer=%s error=%s", conn.peer, exc)

@@ -1,6 +1,7 @@
 """The members one transport talks to, and the bookkeeping its channels share.
 
-``Peers`` owns the member pins (node id -> certificate fingerprint) and addresses, the
+``Peers`` owns the member pins (node id -> the fingerprints of its certificates: one, or two while
+the member rotates its certificate) and addresses, the
 authenticated connections of each member (both directions), the pin check of a peer's
 certificate, refusals (``peer_refused``, logged and counted), and dialing a member: TLS, the pin
 and identity check of the proven server certificate, then the in-band proof (``tls``). It also
@@ -11,9 +12,14 @@ address it resolves to is tried in turn (``resolve``). ``dial_address`` also dia
 address whose member is not known yet: the proven certificate says which pinned member it is.
 
 Contexts never hold pins, so a pin change rebuilds nothing: ``ClusterTransport.update_pins``
-swaps the maps here and closes every live connection (both directions) of a member whose pin was
-removed or changed (``retire``); later connections from it are refused by the pin check, and
-every frame is also checked against the current pin before delivery (``still_pinned``).
+swaps the maps here and closes every live connection (both directions) that was authenticated by
+a fingerprint no longer pinned (``retire``: calls and requests in flight on it are answered
+first); later connections with it are refused by the pin check, and every frame is also checked
+against the current pins before delivery (``still_pinned``).
+
+This node's own certificate can change too (``set_identity``, a rotation): new dials prove the
+new certificate; each connection remembers which of this node's certificates it was made with
+(``_Conn.local_fingerprint``), so a handshake in flight completes with the one it started with.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ log = logging.getLogger(__name__)
 UNPIN_GRACE_SECONDS = 2.0  # an unpinned member's in-flight requests may still be answered this long
 
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]  # (host, port) -> IP addresses to try
+Pins = Mapping[int, str | Sequence[str]]  # node id -> its pinned fingerprint(s)
 
 
 def _factory(conn: _Conn) -> Callable[[], _Conn]:
@@ -67,7 +74,7 @@ class Peers:
         self._key = key
         self._client_ctx = {alpn: _client_context(alpn) for alpn in (ALPN_RAFT, ALPN_RPC)}
         self._connect_timeout = connect_timeout_seconds
-        self.pins: dict[int, str] = {}
+        self.pins: dict[int, tuple[str, ...]] = {}
         self.addresses: dict[int, str] = {}
         self._fp_to_node: dict[str, int] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # set by ClusterTransport.start
@@ -79,13 +86,21 @@ class Peers:
         self.on_raft_peer_lost: Callable[[int], None] | None = None
         self.resolver: Resolver | None = None  # None: the event loop's getaddrinfo (see resolve)
 
-    def set_maps(self, pins: Mapping[int, str], addresses: Mapping[int, str]) -> None:
-        for nid, fp in pins.items():
-            if not _FINGERPRINT_RE.fullmatch(fp):
+    def set_maps(self, pins: Pins, addresses: Mapping[int, str]) -> None:
+        normalized: dict[int, tuple[str, ...]] = {}
+        for nid, fps in pins.items():
+            fps = (fps,) if isinstance(fps, str) else tuple(fps)
+            if not fps or not all(_FINGERPRINT_RE.fullmatch(fp) for fp in fps):
                 raise ValueError(f"bad fingerprint for node {nid}")
-        self.pins = dict(pins)
+            normalized[nid] = fps
+        self.pins = normalized
         self.addresses = dict(addresses)
-        self._fp_to_node = {fp: nid for nid, fp in sorted(self.pins.items())}
+        self._fp_to_node = {fp: nid for nid, fps in sorted(normalized.items()) for fp in fps}
+
+    def set_identity(self, cert_der: bytes, key: ec.EllipticCurvePrivateKey) -> None:
+        """This node's certificate and key for every later dial (a rotation)."""
+        self._cert_der, self._key = cert_der, key
+        self.fingerprint = cert_fingerprint(cert_der)
 
     # --- tasks and connections -------------------------------------------------------------
     def spawn(self, coro: Coroutine[Any, Any, None], conn: _Conn | None = None) -> asyncio.Task[None]:
@@ -121,24 +136,29 @@ class Peers:
                 del self.member_conns[conn.node_id]
 
     def retire(self, conn: _Conn) -> None:
-        """Close an unpinned member's connection. It is refused every new frame at once (the pin
-        check), but requests it already has in flight get their replies first: the removal that
-        unpinned it is typically one of them (a member removing itself through the leader, a
-        leader removed after handing over). Closed when those finish, aborted after a grace."""
-        pending = [t for t in conn.tasks if not t.done()]
+        """Close a connection whose pin is gone (an unpinned member, or a certificate rotated
+        away from). No new call is made on it and every new frame it brings is refused (the pin
+        check), but what is already in flight finishes first: requests it brought get their
+        replies (the removal that unpinned a member is typically one of them: a member removing
+        itself through the leader, a leader removed after handing over), and calls made on it
+        get their answers (a rotation unpins a certificate while requests to or from that
+        member are under way). Closed when those finish, aborted after a grace."""
+        conn.retiring = True
+        pending: list[asyncio.Future[Any]] = [t for t in conn.tasks if not t.done()]
+        pending += [f for f in conn.rpc_pending.values() if not f.done()]
         if not pending or self.loop is None:
-            conn.abort()
+            conn.close()  # flushes what was written, then FIN
             return
         left = len(pending)
 
-        def one_done(_t: asyncio.Task[None]) -> None:
+        def one_done(_f: asyncio.Future[Any]) -> None:
             nonlocal left
             left -= 1
             if left == 0:
                 conn.close()  # flushes the replies, then FIN
 
-        for t in pending:
-            t.add_done_callback(one_done)
+        for f in pending:
+            f.add_done_callback(one_done)
         self.loop.call_later(UNPIN_GRACE_SECONDS, conn.abort)
 
     # --- authentication --------------------------------------------------------------------
@@ -190,7 +210,7 @@ class Peers:
         return nid, fp, None
 
     def still_pinned(self, conn: _Conn) -> bool:
-        return self.pins.get(conn.node_id) == conn.fingerprint
+        return conn.fingerprint in self.pins.get(conn.node_id, ())
 
     # --- outbound --------------------------------------------------------------------------
     async def resolve(self, host: str, port: int) -> list[str]:
@@ -275,6 +295,7 @@ class Peers:
                     self.refuse(reason, conn, fp)
                     raise _DialError(f"peer refused: {reason}")
                 conn.node_id = nid
+                conn.local_fingerprint, conn.outbound = self.fingerprint, True
                 await _client_prove(conn, alpn, fp, self._cert_der, self._key)
         except TimeoutError as exc:
             conn.abort()
@@ -282,7 +303,7 @@ class Peers:
         except OSError as exc:
             conn.abort()
             raise _DialError(f"{type(exc).__name__}: {exc}") from exc
-        if self.closing or self.pins.get(nid) != fp:
+        if self.closing or fp not in self.pins.get(nid, ()):
             conn.abort()
             raise _DialError("unpinned while dialing")
         self.admit(conn, nid, fp)

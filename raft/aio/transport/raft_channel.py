@@ -147,7 +147,13 @@ class RaftChannel:
             self._peers.stats.frames_dropped += 1
             return False
         conn = peer.conn
-        if conn is not None and not peer.frames and not conn.paused and conn.write_frames((frame,)):
+        if (
+            conn is not None
+            and not peer.frames
+            and not conn.paused
+            and not conn.retiring
+            and conn.write_frames((frame,))
+        ):
             # Fast path: connected, nothing queued, socket not backed up. Writing here saves the
             # writer task's wakeup (one loop iteration) on every message of the commit path.
             self._peers.stats.frames_sent += 1
@@ -166,7 +172,7 @@ class RaftChannel:
         while True:
             await peer.wakeup.wait()
             conn = peer.conn
-            if conn is None or conn.lost:
+            if conn is None or conn.lost or conn.retiring:
                 peer.conn = None
                 try:
                     conn = await self._peers.dial(peer.node_id, ALPN_RAFT)

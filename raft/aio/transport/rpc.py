@@ -86,7 +86,7 @@ class RpcChannel:
         try:
             peer = self.outgoing.get(node_id)
             conn = peer.conn if peer is not None else None
-            if conn is None or conn.lost or peers.closing or node_id not in peers.pins:
+            if conn is None or conn.lost or conn.retiring or peers.closing or node_id not in peers.pins:
                 conn = await self._connection(node_id, deadline)  # checks, dials when needed
             self._next_request_id += 1
             request_id = self._next_request_id
@@ -177,12 +177,12 @@ class RpcChannel:
         if peer is None:
             peer = self.outgoing[node_id] = _RpcPeer()
         conn = peer.conn
-        if conn is not None and not conn.lost:
+        if conn is not None and not conn.lost and not conn.retiring:
             return conn
         try:
             async with asyncio.timeout_at(deadline), peer.lock:
                 conn = peer.conn
-                if conn is not None and not conn.lost:
+                if conn is not None and not conn.lost and not conn.retiring:
                     return conn
                 conn = await peers.dial(node_id, ALPN_RPC)
         except TimeoutError:
