@@ -37,6 +37,7 @@ from quorumd.node.registry.commands import (
     gate,
     split_audited_context,
 )
+from quorumd.node.registry.protocol import PROTOCOL_VERSION
 from quorumd.node.registry.state import StateMachine
 from quorumd.node.tools.backup import load_archive_bytes
 from quorumd.raft.codec import packb
@@ -123,7 +124,7 @@ def test_audited_context_wraps_and_names_its_protocol() -> None:
     assert split_audited_context(inner) == (inner, 0.0, None)
     assert split_audited_context(b"") == (b"", 0.0, None)
     with pytest.raises(EntryNeedsNewerProtocol):
-        split_audited_context(packb([3, 3, b"", 1.0, note().wire()]))
+        split_audited_context(packb([3, PROTOCOL_VERSION + 1, b"", 1.0, note().wire()]))
     with pytest.raises(CommandError):
         split_audited_context(packb([3, 2, "not bytes", 1.0, note().wire()]))
 
@@ -202,7 +203,7 @@ def test_a_newer_audited_context_stops_before_anything_changes() -> None:
     h = make_cluster(1, 2)
     before = h.sm.snapshot()
     with pytest.raises(EntryNeedsNewerProtocol) as stop:
-        h.conf(ConfChangeType.REMOVE, 2, packb([3, 3, b"", 1.0, note().wire()]))
+        h.conf(ConfChangeType.REMOVE, 2, packb([3, PROTOCOL_VERSION + 1, b"", 1.0, note().wire()]))
     assert stop.value.index == h.index and h.sm.snapshot() == before
 
 

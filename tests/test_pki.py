@@ -41,7 +41,8 @@ def test_node_identity_round_trip() -> None:
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [f"quorumd://{CLUSTER}/node/7"]
     key = cert.public_key()
     assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
-    assert cert.not_valid_after_utc - cert.not_valid_before_utc > datetime.timedelta(days=3650)
+    # cluster.certificate-lifetime's default (365d) from now, valid from a day ago (clock skew)
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc == datetime.timedelta(days=366)
     private = serialization.load_pem_private_key(ident.key_pem, None)
     assert isinstance(private, ec.EllipticCurvePrivateKey)
     assert private.public_key().public_numbers() == key.public_numbers()

@@ -243,6 +243,8 @@ def test_conf_changes_maintain_registry_and_pins() -> None:
         "apiAddress": "https://10.0.0.2:5002",
         "binaryVersion": "0.1.0",
         "drainState": "active",
+        "certificateFingerprint": fp(2),
+        "certificateExpiresAt": None,  # this test's certificate text is not a certificate
     }
     before = h.sm.members()
     ok(h.conf(ConfChangeType.PROMOTE, 2))  # known id: no registry change

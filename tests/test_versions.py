@@ -136,7 +136,7 @@ def test_member_contexts_v1_v2_and_newer() -> None:
     v2 = MemberContext(**{**{f: getattr(base, f) for f in base.__slots__}, "protocol_version": 2})
     data = encode_member_context(v2)
     assert msgpack.unpackb(data)[:2] == [2, 2] and decode_member_context(data) == v2
-    newer = msgpack.packb([5, 3, *msgpack.unpackb(data)[2:]])
+    newer = msgpack.packb([5, PROTOCOL_VERSION + 1, *msgpack.unpackb(data)[2:]])
     with pytest.raises(EntryNeedsNewerProtocol):
         decode_member_context(newer)
     h = cluster(1)
@@ -199,10 +199,10 @@ def test_snapshot_v1_while_at_protocol_1_and_v2_after() -> None:
 
 
 def test_newer_snapshot_format_is_named() -> None:
-    data = msgpack.packb([4, 1, None, None, [], [], [], [], 3, [1, []], "more"])
+    data = msgpack.packb([5, 1, None, None, [], [], [], [], 3, [1, []], "more"])
     with pytest.raises(SnapshotFormatError) as err:
         check_snapshot_format(data)
-    assert (err.value.found, err.value.known) == (4, 3)
+    assert (err.value.found, err.value.known) == (5, 4)
     with pytest.raises(SnapshotFormatError):
         StateMachine().restore(data)
     check_snapshot_format(b"\x00garbage")  # not a format question: restore says what is wrong
@@ -250,12 +250,14 @@ def test_members_show_recorded_else_live_else_1_and_status_the_lowest() -> None:
     cmd = v.ratchet_command([1, 2, 3, 4], 5.0)
     assert cmd is None  # ...and while it (node 4, not answered yet) is a member, no ratchet
     cmd = v.ratchet_command([1, 2, 3], 5.0)
-    assert cmd == SetProtocolVersion(5.0, 2, ((1, 2), (2, 2), (3, 2)))
+    me = PROTOCOL_VERSION  # node 1 is this build
+    assert cmd == SetProtocolVersion(5.0, 2, ((1, me), (2, 2), (3, 2)))
     ok(h.run(cmd))
     assert v.cluster_version() == 2 and v.ratchet_command([1, 2, 3], 6.0) is None
     v.live[3] = (3, 0.0)  # upgraded further: recorded again, the cluster stays at the lowest
-    assert v.ratchet_command([1, 2, 3], 7.0) == SetProtocolVersion(7.0, 2, ((1, 2), (2, 2), (3, 3)))
+    assert v.ratchet_command([1, 2, 3], 7.0) == SetProtocolVersion(7.0, 2, ((1, me), (2, 2), (3, 3)))
     assert "protocol 1" in (v.join_refusal(1) or "") and "uses protocol 2" in (v.join_refusal(1) or "")
+    v.live[2] = (PROTOCOL_VERSION, 0.0)  # node 2 runs this build now
     # a restart announcement makes the node ask again
     v.after_apply([h.run(MarkNodeLeft(8.0, 3, True))])
     assert 3 not in v.live and v.needs_asking([1, 2, 3], recorded_too=True) == [3]
@@ -296,7 +298,7 @@ def test_daemon_stops_with_exit_1_on_an_entry_for_a_newer_protocol(tmp_path: Pat
         assert "raft_driver_died" not in node.log_text()
 
 
-def test_a_baseline_joiner_is_refused_by_a_cluster_at_protocol_2(tmp_path: Path) -> None:
+def test_a_baseline_joiner_is_refused_by_a_cluster_of_this_build(tmp_path: Path) -> None:
     c = VersionedCluster(tmp_path, 2)
     try:
         c.make_node(1)
@@ -305,7 +307,7 @@ def test_a_baseline_joiner_is_refused_by_a_cluster_at_protocol_2(tmp_path: Path)
         token_file = c.nodes[1].data_dir / "admin.token"
         wait_for("admin token", lambda: token_file.exists() and token_file.read_text().strip())
         c.token = token_file.read_text().strip()
-        wait_for("protocol 2", lambda: c.status(1)["clusterProtocolVersion"] == 2)
+        wait_for("this protocol", lambda: c.status(1)["clusterProtocolVersion"] == PROTOCOL_VERSION)
         c.make_node(2)
         c.use(2, baseline_python())
         c.add_node(2, start_only=True)
@@ -313,7 +315,7 @@ def test_a_baseline_joiner_is_refused_by_a_cluster_at_protocol_2(tmp_path: Path)
         assert proc is not None and proc.wait(timeout=60) == 1
         text = c.nodes[2].log_text()
         assert "protocol_too_old" in text, text[-2000:]
-        assert "this build speaks protocol 1; the cluster's log already uses protocol 2" in text
+        assert f"this build speaks protocol 1; the cluster's log already uses protocol {PROTOCOL_VERSION}" in text
         assert [m["nodeId"] for m in c.members(1)] == [1]
         refused = [
             x for x in c.nodes[1].log_text().splitlines() if "join_refused reason=protocol_too_old" in x

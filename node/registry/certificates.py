@@ -17,12 +17,11 @@ from dataclasses import replace
 
 from quorumd.node.registry.command_types import PinCertificate, UnpinCertificate
 from quorumd.node.registry.leases import Rejection
+from quorumd.node.registry.pem import cert_fingerprint, names_node, parse_pem
 from quorumd.node.registry.pem import expires_at as expires_at
 from quorumd.node.registry.pem import expires_at_rfc3339 as expires_at_rfc3339
 from quorumd.node.registry.pem import fingerprint_of as fingerprint_of
-from quorumd.node.registry.pem import parse_pem
 from quorumd.node.registry.records import ApplyCode, Member
-from quorumd.raft.aio.transport.identity import CertIdentityError, cert_fingerprint, cert_identity
 
 MAX_CERT_PEM_BYTES = 16 * 1024
 
@@ -34,12 +33,8 @@ def pin(member: Member, cluster_id: str | None, cmd: PinCertificate) -> Member:
     parsed = parse_pem(cmd.cert_pem)
     if parsed is None:
         raise Rejection(ApplyCode.INVALID_ARGUMENT, "not a PEM certificate")
-    try:
-        identity = cert_identity(parsed[0])
-    except CertIdentityError as exc:
-        raise Rejection(ApplyCode.INVALID_ARGUMENT, f"not a node certificate: {exc}") from None
-    if identity != (member.node_id, cluster_id):
-        raise Rejection(ApplyCode.INVALID_ARGUMENT, "the certificate names another node or cluster")
+    if not names_node(cmd.cert_pem, member.node_id, cluster_id):
+        raise Rejection(ApplyCode.INVALID_ARGUMENT, "the certificate does not name this node of this cluster")
     fp = cert_fingerprint(parsed[0])
     if fp == member.cert_fingerprint:
         return member  # already current: nothing to pin

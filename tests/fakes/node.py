@@ -203,6 +203,7 @@ class FakeNode:
         self.forwarded: list[ForwardedRequest] = []
         self.waited: list[int] = []
         self.barriers = 0
+        self.rotations = 0
         self.allocations: list[tuple[str, str, int | None]] = []
 
     # --- identity and routing -------------------------------------------------------------
@@ -227,12 +228,16 @@ class FakeNode:
         role = self.cluster.sm.authenticate(token_id, secret_hash, self.cluster.now())
         return None if role is None else Principal(token_id, role)
 
-    async def forward(self, request: ForwardedRequest, timeout_seconds: float) -> ForwardedResponse:
+    async def forward(
+        self, request: ForwardedRequest, timeout_seconds: float, *, to: int | None = None
+    ) -> ForwardedResponse:
         self.forwarded.append(request)
+        leader = self.cluster.leader_id if to is None else to
         if self.forward_failure == "unreachable":
-            raise LeaderUnreachable(f"node {self.cluster.leader_id} is unreachable")
-        leader = self.cluster.leader_id
+            raise LeaderUnreachable(f"node {leader} is unreachable")
         app = self.cluster.apps.get(leader)
+        if to is not None and app is None:  # a member with no API here: it is down
+            raise LeaderUnreachable(f"node {to} is unreachable")
         if leader == 0 or leader == self.node_id or app is None:
             raise LeaderUnavailable()
         try:
@@ -498,6 +503,13 @@ class FakeNode:
     async def allocate_lease(self, pool: str, holder: str, node_id: int | None) -> dict[str, Any]:
         lease, _created = await self.allocate_lease_reporting(pool, holder, node_id)
         return lease
+
+    async def rotate_certificate(self) -> dict[str, Any]:
+        """The fake has no transport: it records the call and answers its (unchanged) pin."""
+        self.rotations += 1
+        member = self.cluster.sm.member(self.node_id)
+        assert member is not None
+        return {"certificateFingerprint": member.cert_fingerprint, "certificateExpiresAt": None}
 
     async def release_lease(self, lease_id: int) -> None:
         await self._enter()
