@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import ssl
+import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,6 +40,7 @@ from prometheus_client import CollectorRegistry
 
 from quorumd.node.cluster import pki
 from quorumd.node.config.schema import config_from_dict
+from quorumd.node.daemon import apitls
 from quorumd.node.daemon.apitls import ApiTlsError, ApiTlsPair, ApiTlsReloader, load_api_tls
 from quorumd.node.daemon.datadir import FatalError
 from quorumd.node.daemon.sdnotify import install_signal_handlers
@@ -218,13 +220,14 @@ def _reloads(registry: CollectorRegistry, result: str) -> float:
     return value
 
 
-def test_the_reloader_swaps_only_a_good_pair(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.asyncio
+async def test_the_reloader_swaps_only_a_good_pair(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="quorumd.node.daemon.apitls")
     cert, key = tmp_path / "api.crt", tmp_path / "api.key"
     fp1 = _write_pair(cert, key, "one")
     registry = CollectorRegistry()
     reloader = ApiTlsReloader(registry)
-    assert reloader.reload() is False  # before the API serves: nothing to reload
+    assert await reloader.reload() is False  # before the API serves: nothing to reload
     assert "api_tls_reload_skipped reason=api_not_serving" in caplog.text
     assert _reloads(registry, "ok") == 0 and _reloads(registry, "failed") == 0
 
@@ -232,7 +235,7 @@ def test_the_reloader_swaps_only_a_good_pair(tmp_path: Path, caplog: pytest.LogC
     server = _FakeServer(first.context)
     reloader.serve(server, first)
     fp2 = _write_pair(cert, key, "two")
-    assert reloader.reload() is True
+    assert await reloader.reload() is True
     assert server.replaced == 1 and _served_fingerprint(server.ssl_context) == fp2 != fp1
     assert f"api_tls_reloaded fingerprint={fp2}" in caplog.text and f"previous={fp1}" in caplog.text
     assert _reloads(registry, "ok") == 1
@@ -241,7 +244,7 @@ def test_the_reloader_swaps_only_a_good_pair(tmp_path: Path, caplog: pytest.LogC
     k3, _ = _key_and_cert("three")
     _install(key, _key_pem(k3))  # the key of another certificate
     caplog.clear()
-    assert reloader.reload() is False
+    assert await reloader.reload() is False
     assert server.ssl_context is good and server.replaced == 1
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert record.getMessage().startswith(f"api_tls_reload_failed path={key} error=the key does not match")
@@ -249,13 +252,14 @@ def test_the_reloader_swaps_only_a_good_pair(tmp_path: Path, caplog: pytest.LogC
     assert _reloads(registry, "failed") == 1
 
     cert.unlink()
-    assert reloader.reload() is False and server.ssl_context is good
+    assert await reloader.reload() is False and server.ssl_context is good
     assert f"api_tls_reload_failed path={cert} error=cannot read" in caplog.text
     assert _reloads(registry, "failed") == 2 and _reloads(registry, "ok") == 1
     assert reloader.pair is not None and reloader.pair.fingerprint == fp2
 
 
-def test_api_ssl_context_without_api_tls_serves_and_reloads_the_generated_pair(tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_api_ssl_context_without_api_tls_serves_and_reloads_the_generated_pair(tmp_path: Path) -> None:
     cfg = config_from_dict({"data-dir": str(tmp_path / "data"), "cluster": {"node-id": 1}})
     pair = api_ssl_context(cfg)
     tls_dir = tmp_path / "data" / "tls"
@@ -265,9 +269,53 @@ def test_api_ssl_context_without_api_tls_serves_and_reloads_the_generated_pair(t
     reloader = ApiTlsReloader(CollectorRegistry())
     reloader.serve(server, pair)
     fp = _write_pair(pair.cert, pair.key, "operator-supplied")
-    assert reloader.reload() is True and _served_fingerprint(server.ssl_context) == fp
+    assert await reloader.reload() is True and _served_fingerprint(server.ssl_context) == fp
     pair.key.unlink()  # a reload never generates a pair
-    assert reloader.reload() is False and not pair.key.exists()
+    assert await reloader.reload() is False and not pair.key.exists()
+
+
+@pytest.mark.asyncio
+async def test_signals_during_a_reload_make_one_more_reload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = tmp_path / "api.crt", tmp_path / "api.key"
+    _write_pair(cert, key, "one")
+    first = load_api_tls(cert, key)
+    server = _FakeServer(first.context)
+    registry = CollectorRegistry()
+    reloader = ApiTlsReloader(registry)
+    reloader.serve(server, first)
+    loading, release = threading.Event(), threading.Event()
+    loads: list[int] = []
+
+    def held_load(c: Path, k: Path) -> ApiTlsPair:  # the first load waits until the test says
+        loads.append(1)
+        if len(loads) == 1:
+            loading.set()
+            assert release.wait(10)
+        return load_api_tls(c, k)
+
+    monkeypatch.setattr(apitls, "load_api_tls", held_load)
+    fp = _write_pair(cert, key, "two")
+    reloader.request()
+    assert await asyncio.to_thread(loading.wait, 10)
+    for _ in range(2):  # two SIGHUPs while the first load runs: one more reload after it
+        reloader.request()
+    release.set()
+    task = reloader._task
+    assert task is not None
+    await asyncio.wait_for(task, 10)
+    assert len(loads) == 2 and server.replaced == 2 and _reloads(registry, "ok") == 2
+    assert _served_fingerprint(server.ssl_context) == fp
+
+    loading.clear()
+    release.clear()
+    loads.clear()  # the next load is held again: the daemon stops while it runs
+    reloader.request()
+    assert await asyncio.to_thread(loading.wait, 10)
+    await reloader.close()  # cancelled: the context is not swapped
+    release.set()
+    assert reloader._task is None and server.replaced == 2
 
 
 def test_api_ssl_context_refuses_a_bad_configured_pair_at_start(tmp_path: Path) -> None:

@@ -276,6 +276,7 @@ class Daemon:
         self.api_port = await api_server.start(cfg.api.address, cfg.api.port, ssl_context=tls.context)
         self.api_tls.serve(api_server, tls)
         stack.push_async_callback(self._bounded, api_server.close(), 5.0)
+        stack.push_async_callback(self.api_tls.close)
         log.info("api_listening node=%d address=%s port=%d", cfg.node_id, cfg.api.address, self.api_port)
 
     async def _start_tasks(
@@ -594,5 +595,5 @@ class Daemon:
 
 async def main_async(cfg: Config) -> int:
     daemon = Daemon(cfg)
-    install_signal_handlers(daemon.stop_event, reload=daemon.api_tls.reload)
+    install_signal_handlers(daemon.stop_event, reload=daemon.api_tls.request)
     return await daemon.run()
