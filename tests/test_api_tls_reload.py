@@ -316,6 +316,8 @@ async def test_signals_during_a_reload_make_one_more_reload(
     await reloader.close()  # cancelled: the context is not swapped
     release.set()
     assert reloader._task is None and server.replaced == 2
+    reloader.request()  # a SIGHUP after the stop began starts nothing
+    assert reloader._task is None
 
 
 def test_api_ssl_context_refuses_a_bad_configured_pair_at_start(tmp_path: Path) -> None:

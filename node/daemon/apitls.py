@@ -3,8 +3,8 @@
 ``load_api_tls(cert, key)`` reads both files, checks them and builds the server's
 ``ssl.SSLContext``; the start (``startup.api_ssl_context``) and every reload use it, so a reloaded
 context is built exactly like the first one. The checks, each refused with an ``ApiTlsError``
-naming the file at fault: both files readable regular files; the certificate file starts with a PEM
-certificate (a chain may follow it); the key file holds an unencrypted PEM private key (an
+naming the file at fault: both files are readable regular files; the certificate file starts
+with a PEM certificate (a chain may follow it); the key file holds an unencrypted PEM private key (an
 encrypted one is refused rather than prompting for a passphrase); the key is the certificate's
 (same public key); and OpenSSL loads the pair (``load_cert_chain``, which checks the match
 again). A file replaced while it was being loaded is read again (up to ``LOAD_ATTEMPTS`` times),
@@ -75,7 +75,7 @@ class ApiTlsPair:
 
 def _read(path: Path) -> bytes:
     try:
-        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the event loop in open()
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block in open()
             raise ApiTlsError(path, "not a regular file")
         return path.read_bytes()
     except OSError as exc:
@@ -129,7 +129,7 @@ def _context(cert: Path, key: Path) -> ssl.SSLContext:
 
 
 def load_api_tls(cert: Path, key: Path) -> ApiTlsPair:
-    """Read, check and load the pair (``ApiTlsError`` when it cannot serve); blocking, ~1 ms."""
+    """Read, check and load the pair (``ApiTlsError`` when it cannot serve); blocking, ~2 ms."""
     cert, key = Path(cert), Path(key)
     for _ in range(LOAD_ATTEMPTS):
         cert_pem, key_pem = _read(cert), _read(key)
@@ -168,6 +168,7 @@ class ApiTlsReloader:
             self.reloads.labels(result)
         self._task: asyncio.Task[None] | None = None
         self._again = False
+        self._closed = False
 
     def serve(self, server: TlsServer, pair: ApiTlsPair) -> None:
         """``server`` serves ``pair``: from now on SIGHUP reloads it."""
@@ -181,7 +182,10 @@ class ApiTlsReloader:
 
     def request(self) -> None:
         """SIGHUP's callback (on the event loop): start a reload, or, when one is under way, have
-        one more run after it (it reads the files again)."""
+        one more run after it (it reads the files again). Nothing once the daemon stops."""
+        if self._closed:
+            log.info("api_tls_reload_skipped reason=stopping")
+            return
         if self._task is not None and not self._task.done():
             self._again = True
             return
@@ -221,7 +225,9 @@ class ApiTlsReloader:
         return True
 
     async def close(self) -> None:
-        """Stop a reload under way (the daemon's stop); its file reads end on their own."""
+        """Stop a reload under way (the daemon's stop), and take no more; its file reads end on
+        their own."""
+        self._closed = True
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
