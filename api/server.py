@@ -2,7 +2,8 @@
 
 ``ApiServer(api).start(host, port, ssl_context=...)`` listens; every request goes to one handler that
 turns the ``BaseRequest`` into the arguments of ``Api.handle`` and the ``Reply`` into a
-``web.Response``. aiohttp's C parser (llhttp) reads the request, its protocol
+``web.Response``. ``replace_ssl_context`` swaps the TLS context for the handshakes to come (the
+daemon's certificate reload). aiohttp's C parser (llhttp) reads the request, its protocol
 (``web_protocol.RequestHandler``) runs keep-alive, pipelining (answers in order; at most 32 parsed
 requests queued per connection, and a queued request's body buffers at most 128 KiB, then
 reading pauses) and the lingering close after an early answer. No router, no middleware chain:
@@ -261,6 +262,14 @@ class ApiServer:
         )
         port_bound: int = self._listener.sockets[0].getsockname()[1]
         return port_bound
+
+    def replace_ssl_context(self, context: ssl.SSLContext) -> None:
+        """TLS handshakes that start from now on use ``context`` (a certificate reload);
+        connections already past their handshake, and handshakes under way, keep the session
+        they have. Only a server started with TLS can be given a new context."""
+        if self.ssl_context is None:
+            raise RuntimeError("the API server was started without TLS")
+        self.ssl_context = context
 
     # --- admission ----------------------------------------------------------------------------
 

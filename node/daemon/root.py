@@ -2,8 +2,9 @@
 
 Each startup step is paired with its cleanup on one ``AsyncExitStack`` and unwound in reverse
 order with bounded timeouts. SIGTERM/SIGINT set the stop event (a second signal exits at once);
-a stopping leader hands leadership to the best voter first. Under systemd the daemon speaks
-sd_notify (READY=1 once the API serves and the node has joined, WATCHDOG=1, STOPPING=1).
+SIGHUP reloads the API certificate (node/daemon/apitls.py); a stopping leader hands leadership
+to the best voter first. Under systemd the daemon speaks sd_notify (READY=1 once the API serves
+and the node has joined, WATCHDOG=1, STOPPING=1).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from quorumd.node.cluster.operations import ClusterNode
 from quorumd.node.cluster.rpcs import register_internal_rpcs
 from quorumd.node.cluster.service import Identity
 from quorumd.node.config.schema import Config
+from quorumd.node.daemon.apitls import ApiTlsReloader
 from quorumd.node.daemon.backups import BackupScheduler
 from quorumd.node.daemon.datadir import (
     FatalError,
@@ -84,6 +86,7 @@ class Daemon:
         self.notifier = SdNotifier.from_env()
         self.metrics = Metrics(VERSION)
         self.metrics.set_source(self._node_view)
+        self.api_tls = ApiTlsReloader(self.metrics.registry)  # SIGHUP
         self.timing = timing_for(cfg)
         self.node: ClusterNode | None = None
         self.trace: ApplyTrace | None = None  # test-only (QUORUMD_TEST_APPLY_TRACE)
@@ -267,10 +270,11 @@ class Daemon:
         )
         self.app = app
         api_server = ApiServer(app, max_connections=cfg.api.max_connections)
-        self.api_port = await api_server.start(
-            cfg.api.address, cfg.api.port, ssl_context=api_ssl_context(cfg)
-        )
+        tls = api_ssl_context(cfg)
+        self.api_port = await api_server.start(cfg.api.address, cfg.api.port, ssl_context=tls.context)
+        self.api_tls.serve(api_server, tls)
         stack.push_async_callback(self._bounded, api_server.close(), 5.0)
+        stack.push_async_callback(self.api_tls.close)
         log.info("api_listening node=%d address=%s port=%d", cfg.node_id, cfg.api.address, self.api_port)
 
     async def _start_tasks(
@@ -576,5 +580,5 @@ class Daemon:
 
 async def main_async(cfg: Config) -> int:
     daemon = Daemon(cfg)
-    install_signal_handlers(daemon.stop_event)
+    install_signal_handlers(daemon.stop_event, reload=daemon.api_tls.request)
     return await daemon.run()

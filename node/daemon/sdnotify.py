@@ -1,5 +1,6 @@
-"""Talking to the service manager: signals, and a minimal ``sd_notify(3)`` client (READY=1,
-WATCHDOG=1, STOPPING=1, STATUS=... to systemd).
+"""Talking to the service manager: signals (SIGTERM/SIGINT stop, SIGHUP reloads the API
+certificate), and a minimal ``sd_notify(3)`` client (READY=1, WATCHDOG=1, STOPPING=1, STATUS=...
+to systemd).
 
 ``SdNotifier.from_env()`` reads ``NOTIFY_SOCKET`` (a filesystem path, or ``@name`` for the abstract
 namespace) and ``WATCHDOG_USEC``/``WATCHDOG_PID``. Without ``NOTIFY_SOCKET`` (not under systemd, or
@@ -16,7 +17,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,11 @@ def _positive_int(text: str | None) -> int | None:
     return value if value > 0 else None
 
 
-def install_signal_handlers(stop: asyncio.Event) -> None:
-    """SIGTERM/SIGINT set ``stop`` (a graceful stop); a second signal exits at once (code 1)."""
+def install_signal_handlers(stop: asyncio.Event, reload: Callable[[], object] | None = None) -> None:
+    """SIGTERM/SIGINT set ``stop`` (a graceful stop); a second one exits at once (code 1).
+    SIGHUP calls ``reload`` (the API certificate reload) and nothing else; it never stops the
+    daemon (without ``reload`` it is logged and ignored). Install early: SIGHUP's default action
+    would end the process."""
     loop = asyncio.get_running_loop()
     count = 0
 
@@ -116,5 +120,15 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
         log.info("signal_received signal=%s", signame)
         stop.set()
 
+    def on_hangup() -> None:
+        log.info("signal_received signal=SIGHUP action=%s", "reload" if reload is not None else "none")
+        if reload is None:
+            return
+        try:
+            reload()
+        except Exception:  # a bug in the reload must not take the loop's signal handling with it
+            log.exception("reload_failed signal=SIGHUP")
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)

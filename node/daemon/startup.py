@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import ssl
 import uuid
 from dataclasses import dataclass
 from functools import partial
@@ -23,6 +22,7 @@ from typing import Any
 from quorumd.node.cluster import pki
 from quorumd.node.cluster.service import pack, unpack
 from quorumd.node.config.schema import Config
+from quorumd.node.daemon.apitls import ApiTlsError, ApiTlsPair, load_api_tls
 from quorumd.node.daemon.datadir import FatalError, NewerFormatError, load_identity_files, write_node_file
 from quorumd.node.daemon.gcpolicy import gc_paused
 from quorumd.node.registry import jointoken
@@ -176,18 +176,19 @@ def resolve_identity(cfg: Config, meta: dict[str, Any] | None, *, has_state: boo
     return StartIdentity(cluster_id, cert_pem, key_pem, True)
 
 
-def api_ssl_context(cfg: Config) -> ssl.SSLContext:
-    """The API's TLS context: ``api.tls`` when configured, else a self-signed pair kept in the
-    data dir (generated once)."""
+def api_ssl_context(cfg: Config) -> ApiTlsPair:
+    """The API's TLS pair and context: ``api.tls`` when configured, else a self-signed pair kept
+    in the data dir (generated once). Built by ``load_api_tls``, as every SIGHUP reload is; a pair
+    that cannot serve stops the start (exit 1, naming the file)."""
     if cfg.api.tls is not None:
         cert, key = cfg.api.tls.cert, cfg.api.tls.key
     else:
         hosts = sorted({cfg.cluster.advertise_address.host, cfg.api.address} - {"0.0.0.0", "::"})
         cert, key = pki.load_or_create_api_cert(cfg.data_dir / "tls", hosts)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(cert), str(key))
-    return ctx
+    try:
+        return load_api_tls(cert, key)
+    except ApiTlsError as exc:
+        raise FatalError(f"API certificate: {exc}") from None
 
 
 # --- joining ----------------------------------------------------------------------------------
