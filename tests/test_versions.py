@@ -315,7 +315,8 @@ def test_a_baseline_joiner_is_refused_by_a_cluster_of_this_build(tmp_path: Path)
         assert proc is not None and proc.wait(timeout=60) == 1
         text = c.nodes[2].log_text()
         assert "protocol_too_old" in text, text[-2000:]
-        assert f"this build speaks protocol 1; the cluster's log already uses protocol {PROTOCOL_VERSION}" in text
+        expected = f"this build speaks protocol 1; the cluster's log already uses protocol {PROTOCOL_VERSION}"
+        assert expected in text
         assert [m["nodeId"] for m in c.members(1)] == [1]
         refused = [
             x for x in c.nodes[1].log_text().splitlines() if "join_refused reason=protocol_too_old" in x
