@@ -123,6 +123,7 @@ class Peers:
             conn.channel == ALPN_RAFT
             and conn.node_id
             and conn.node_id in self.member_conns
+            and not conn.retiring  # closed on purpose (a rotation): the peer is alive
             and not self.closing
             and self.on_raft_peer_lost is not None
         ):
