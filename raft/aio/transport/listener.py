@@ -4,8 +4,9 @@ Each accepted TCP connection gets one task: the TLS 1.3 handshake, then the serv
 in-band proof (``tls``): a fresh nonce (``CHALLENGE``), the client's ``PROOF``, and on raft/rpc
 the pin and identity check of the proven certificate (``Peers.check_member``) before ``ACCEPT``.
 An authenticated connection is handed to its channel: Raft and RPC connections get the channel's
-frame handler, a join connection is served by ``JoinServer`` in the same task. Every refusal is
-logged and counted (``Peers.refuse``); at most ``MAX_PENDING_HANDSHAKES`` run at a time.
+frame handler, a join connection is admitted to a slot (``JoinServer.admit``: idle strangers give
+way to newer connections) and served in the same task. Every refusal is logged and counted
+(``Peers.refuse``); at most ``MAX_PENDING_HANDSHAKES`` run at a time.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Listener:
         self._on_raft_frame = on_raft_frame
         self._on_rpc_request = on_rpc_request
         self._join = join
+        join.refuse = peers.refuse
         self._connect_timeout = connect_timeout_seconds
         self._socket: socket.socket | None = None
         self._pending_handshakes = 0
@@ -166,6 +168,10 @@ class Listener:
             conn.fingerprint = cert_fingerprint(cert_der)
             conn.join_cert_der = cert_der
             conn.max_frame = MAX_JOIN_FRAME_BYTES
+            refusal = self._join.admit(conn)  # after the proof: only a proven stranger competes
+            if refusal is not None:
+                peers.refuse(refusal, conn, conn.fingerprint)
+                return False
             conn.write_frames([packb([FrameKind.ACCEPT])])
             return True
         nid, fp, reason = peers.check_member(cert_der, None)
