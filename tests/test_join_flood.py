@@ -13,6 +13,8 @@ through the transport's own client (``join_call``) still gets in at once:
   byte by byte: five joins in a row all succeed, each well within the strangers' idle window.
 * a join connection that sends nothing is closed (``join_timeout``) well before the connect
   timeout that used to bound it.
+* one host opening as many TCP connections as there may be pending handshakes, and sending
+  nothing, holds only its per-source share (the rest: ``overload_source``); a joiner gets in.
 
 The idle window the strangers rely on is the transport's connect timeout (5 s); every join here
 must finish within ``JOIN_BOUND`` (well under it): before the fix each was refused outright.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import struct
 from collections.abc import AsyncIterator
@@ -37,6 +40,7 @@ from quorumd.node.cluster.pki import NodeIdentity, generate_node_identity, pem_t
 from quorumd.raft.aio.transport import (
     ALPN_JOIN,
     MAX_JOIN_CONNECTIONS,
+    MAX_PENDING_HANDSHAKES,
     ClusterTransport,
     join_call,
 )
@@ -238,3 +242,27 @@ async def test_a_join_connection_that_sends_nothing_is_closed_early(server: Serv
         assert join_module.JOIN_REQUEST_SECONDS < IDLE_WINDOW * 0.7
     finally:
         writer.transport.abort()
+
+
+@pytest.mark.asyncio
+async def test_one_host_cannot_fill_the_pending_handshakes(server: Server) -> None:
+    loop = asyncio.get_running_loop()
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(MAX_PENDING_HANDSHAKES):  # TCP only, never a TLS hello
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.setblocking(False)
+            s.bind(("127.0.0.2", 0))
+            async with asyncio.timeout(WAIT):
+                await loop.sock_connect(s, ("127.0.0.1", server.port))
+        stats = server.transport.stats
+        async with asyncio.timeout(WAIT):  # the server has accepted every one of them
+            while stats.connections_accepted < MAX_PENDING_HANDSHAKES:
+                await asyncio.sleep(0.01)
+        assert await real_join(server, "joiner") == b"welcome:joiner"
+        assert server.refused("overload") == 0
+        assert 0 < server.refused("overload_source") < MAX_PENDING_HANDSHAKES
+    finally:
+        for s in socks:
+            s.close()

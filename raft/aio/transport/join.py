@@ -46,14 +46,9 @@ JoinHandler = Callable[[bytes, bytes], Awaitable[bytes]]
 Refuse = Callable[..., None]  # ``Peers.refuse``: log and count a refusal, abort the connection
 
 
-def source_of(conn: _Conn) -> str:
-    """The source a join connection counts against: its IPv4 address (also when IPv4-mapped),
-    its IPv6 /64 (one host usually holds a whole /64), else its peer string."""
-    host = conn.peer.rpartition(":")[0].strip("[]")
-    if conn.transport is not None:
-        peername = conn.transport.get_extra_info("peername")
-        if isinstance(peername, tuple) and peername:
-            host = str(peername[0])
+def source_key(host: str) -> str:
+    """The source a connection counts against: its IPv4 address (also when IPv4-mapped), its
+    IPv6 /64 (one host usually holds a whole /64), else the host string as given."""
     try:
         ip = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
@@ -63,6 +58,16 @@ def source_of(conn: _Conn) -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
+
+
+def source_of(conn: _Conn) -> str:
+    """``source_key`` of a connection's peer."""
+    host = conn.peer.rpartition(":")[0].strip("[]")
+    if conn.transport is not None:
+        peername = conn.transport.get_extra_info("peername")
+        if isinstance(peername, tuple) and peername:
+            host = str(peername[0])
+    return source_key(host)
 
 
 class _Slot:

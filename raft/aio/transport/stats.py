@@ -16,7 +16,8 @@ class TransportStats:
     bad_proof, not_pinned, wrong_peer, bad_identity, identity_mismatch, no_certificate,
     join_unavailable (no join handler, or every join slot busy with a request), join_source_limit
     (every slot of that source busy), join_evicted (an idle join connection displaced by a newer
-    one), join_timeout (no join request in time), overload.
+    one), join_timeout (no join request in time), overload (256 handshakes pending), overload_source
+    (32 pending from that source).
     """
 
     frames_sent: int = 0
