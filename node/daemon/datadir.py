@@ -61,7 +61,7 @@ def disk_full_message(exc: BaseException | None) -> str | None:
     if path is None:
         words = (w.strip("'\",:") for e in chain for w in str(e).split())
         path = next((w for w in words if w.startswith("/")), "the data directory")
-    return f"disk full: {path}: no space left on the device (free space, then start quorumd again)"
+    return f"disk full: {path}: no space left on the device (free space: a new start waits for it)"
 
 
 def ensure_data_dir(path: Path) -> list[Path]:

@@ -115,7 +115,7 @@ class Metrics:
         )
         self.storage_retries = Counter(
             "quorumd_raft_storage_retries_total",
-            "Storage writes and snapshot saves retried because the process was out of file descriptors.",
+            "Storage writes and snapshot saves retried: out of file descriptors, or the disk was full.",
             ["what"],
             registry=r,
         )

@@ -52,6 +52,7 @@ from quorumd.node.daemon.startup import (
     resolve_identity,
     restore_state,
     timing_for,
+    wait_for_disk_space,
 )
 from quorumd.node.daemon.testhooks import ApplyTrace, LoopLagProbe, planted_bugs
 from quorumd.node.effects.gobgp import GoBgpSpeaker, SpeakerError, build_bgp_speaker
@@ -104,6 +105,9 @@ class Daemon:
 
     # --- startup -----------------------------------------------------------------------------
     async def run(self) -> int:
+        if not await wait_for_disk_space(self.data_dir, self.stop_event, self.notifier.notify):
+            log.info("shutdown_done node=%d exit_code=0 (stopped while the disk was full)", self.cfg.node_id)
+            return 0
         async with AsyncExitStack() as stack:
             await self._start(stack)
             await self.stop_event.wait()

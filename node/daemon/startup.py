@@ -1,6 +1,7 @@
 """The steps of a node's start that need no running node: storage, identity, state, TLS, joining.
 
-``open_storage`` opens the write-ahead log (refusing a newer build's data dir with exit 2 and a
+``wait_for_disk_space`` holds the start while the data dir's file system is full (see its
+docstring); ``open_storage`` opens the write-ahead log (refusing a newer build's data dir with exit 2 and a
 corrupt one with exit 1); ``resolve_identity`` decides whether this start is a restart, a join or
 a founding and loads or mints the node certificate accordingly; ``restore_state`` loads the
 stored snapshot into a ``StateMachine``; ``join_cluster`` runs the joiner's side of the join
@@ -13,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -32,6 +35,7 @@ from quorumd.node.registry.snapshot_codec import check_snapshot_format
 from quorumd.node.registry.state import StateMachine
 from quorumd.node.version import PROTOCOL_VERSION
 from quorumd.raft.aio.storage import LogStorage, RecoveredState, StorageError, StorageFormatError
+from quorumd.raft.aio.storage_errors import free_bytes
 from quorumd.raft.aio.transport import JoinPinMismatch, join_call
 from quorumd.raft.core.types import Snapshot
 
@@ -71,6 +75,71 @@ def heap_trim_seconds() -> float:
 
 
 # --- storage and state ------------------------------------------------------------------------
+START_FREE_BYTES = 1 << 20  # free space the start waits for: node.json, keys, the first records
+DISK_WAIT_MIN_SECONDS = 0.5
+DISK_WAIT_MAX_SECONDS = 10.0
+DISK_FULL_LOG_SECONDS = 60.0
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor (a first start's data dir may not exist yet)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+async def wait_for_disk_space(
+    data_dir: Path,
+    stop: asyncio.Event,
+    notify: Callable[[str], object],
+    need: int = START_FREE_BYTES,
+) -> bool:
+    """Hold the start until the data dir's file system has ``need`` bytes free; False when
+    ``stop`` is set first (a clean stop, exit 0).
+
+    A full disk at start is a condition to wait out, not a failure to exit on: exiting would
+    have systemd restart the node every ``RestartSec`` until ``StartLimitBurst`` gives up on it
+    for good (systemd 252, Debian bookworm's, has no growing restart delay). So: one ERROR line
+    ``disk_full path=... free=...`` (again at most every ``DISK_FULL_LOG_SECONDS``), a check
+    every 0.5 s doubling to ``DISK_WAIT_MAX_SECONDS``, and under systemd ``STATUS=`` plus
+    ``EXTEND_TIMEOUT_USEC=`` so that ``TimeoutStartSec`` does not kill the wait. Nothing in the
+    data dir is touched before there is room."""
+    started = time.monotonic()
+    delay = DISK_WAIT_MIN_SECONDS
+    logged_at: float | None = None
+    attempt = 0
+    while True:
+        path = _existing(data_dir)
+        free = free_bytes(path)
+        if free < 0 or free >= need:  # unknown (statvfs failed): opening the storage will tell
+            if logged_at is not None:
+                log.warning(
+                    "disk_space_recovered path=%s free=%d waited_seconds=%.1f",
+                    data_dir, free, time.monotonic() - started,
+                )  # fmt: skip
+                notify("STATUS=starting")
+            return True
+        attempt += 1
+        now = time.monotonic()
+        if logged_at is None or now - logged_at >= DISK_FULL_LOG_SECONDS:
+            logged_at = now
+            log.error(
+                "disk_full path=%s free=%d need=%d (the start waits until there is room)",
+                data_dir, free, need,
+            )  # fmt: skip
+        log.debug("disk_space_wait attempt=%d free=%d delay_seconds=%.1f", attempt, free, delay)
+        notify(
+            f"STATUS=disk full: {data_dir}: {free} bytes free, waiting for {need}\n"
+            f"EXTEND_TIMEOUT_USEC={int((delay + 30.0) * 1_000_000)}"
+        )
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+            return False
+        except TimeoutError:
+            pass
+        delay = min(delay * 2, DISK_WAIT_MAX_SECONDS)
+
+
 def check_state_format(raft_dir: Path, snapshot: Snapshot) -> None:
     """The storage's hook (before it changes anything): a state snapshot in a newer format."""
     try:

@@ -73,15 +73,20 @@ def snapshot_header(snapshot: Snapshot) -> bytes:
 
 def write_snapshot_file(path: Path, header: bytes, data: bytes, open_new: Callable[[Path, int], int]) -> None:
     """Write ``header + data`` to ``path`` through a fsynced temporary file renamed over it;
-    ``open_new(path, flags)`` opens the temporary file. The directory is not fsynced here."""
+    ``open_new(path, flags)`` opens the temporary file, which is removed again when writing it
+    fails. The directory is not fsynced here."""
     tmp = path.with_name(path.name + ".tmp")
     fd = open_new(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
-        write_all(fd, header)
-        write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            write_all(fd, header)
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # never leave a partial file behind (a full disk stays full)
+        raise
     os.replace(tmp, path)
 
 

@@ -22,8 +22,12 @@ Out of file descriptors (EMFILE/ENFILE) is transient, not a failure: the directo
 open for its fsyncs, and the only files opened while running (a new WAL segment, a snapshot's
 temporary file) are opened before anything changes, so such an open raises
 ``StorageTransientError`` with the storage untouched and usable; the driver retries with a
-bounded backoff. Any other I/O error stops the storage (``_failed``): after a failed write or
-fsync the state of the page cache is unknown.
+bounded backoff. A full disk (ENOSPC/EDQUOT) is transient too when ``write`` or ``open`` reports
+it (``StorageFullError``): an append that did not fit is cut off again (``ftruncate`` to the
+synced size needs no space) and stays buffered, a snapshot's partial temporary file is removed;
+nothing that was synced changes and the retry writes the same bytes. Any other I/O error, and any
+failed fsync (ENOSPC included), stops the storage (``_failed``): after a failed fsync the state
+of the page cache is unknown.
 
 Durability: nothing is durable until ``sync()`` returns. A bad record at the tail of the last
 segment with nothing valid after it is a torn write and is truncated (see ``wal.py``); any other
@@ -48,11 +52,14 @@ from ..codec import CodecError, encode_entry
 from ..core.types import Entry, HardState, Snapshot, SnapshotMeta
 from . import replay, snapshots, wal
 from .storage_errors import (
+    DISK_FULL_ERRNOS,
     TRANSIENT_ERRNOS,
     StorageCorruptError,
     StorageError,
     StorageFormatError,
+    StorageFullError,
     StorageTransientError,
+    free_bytes,
 )
 from .wal import RecordType
 
@@ -91,6 +98,7 @@ class LogStorage:
         self._written_hard_state = HardState()  # latest written to the current segment
         self._failed: str | None = None
         self.transient_errors = 0  # opens refused for lack of file descriptors (retried)
+        self.full_errors = 0  # writes and opens refused for lack of space (retried)
         self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)  # for fsyncs: see module doc
 
     def _open_new(self, path: Path, flags: int) -> int:
@@ -101,6 +109,9 @@ class LogStorage:
             if exc.errno in TRANSIENT_ERRNOS:
                 self.transient_errors += 1
                 raise StorageTransientError(f"cannot open {path} now: {exc.strerror}") from exc
+            if exc.errno in DISK_FULL_ERRNOS:
+                self.full_errors += 1
+                raise StorageFullError(path, free_bytes(self._dir)) from exc
             raise
 
     def _fsync_directory(self) -> None:
@@ -333,7 +344,13 @@ class LogStorage:
         self._buf.clear()
         try:
             wal.write_all(self._fd, data)
-            self._size += len(data)
+        except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS:
+                self._undo_write(data, exc)
+            self._failed = f"write of {self._segments[-1].path} failed: {exc}"
+            raise StorageError(self._failed) from exc
+        self._size += len(data)
+        try:
             started = time.perf_counter()
             wal.fsync_data(self._fd)
             if self._dir_dirty:
@@ -348,6 +365,19 @@ class LogStorage:
         self._buf_max_index = 0
         self._written_hard_state = self._hard_state
         return spent
+
+    def _undo_write(self, data: bytes, exc: OSError) -> None:
+        """A write that did not fit: cut what landed off again and keep ``data`` buffered, so the
+        segment is as last synced and the retry writes the same bytes (``StorageFullError``)."""
+        path = self._segments[-1].path
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError as undo:
+            self._failed = f"write of {path} failed ({exc}) and could not be cut back: {undo}"
+            raise StorageError(self._failed) from exc
+        self._buf = [data]
+        self.full_errors += 1
+        raise StorageFullError(path, free_bytes(self._dir)) from exc
 
     def _roll(self) -> None:
         """Start a new segment (written by the next ``_sync_now``) headed by the hard state."""
@@ -434,6 +464,9 @@ class LogStorage:
         except StorageTransientError:
             raise
         except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS and not path.exists():  # it did not land: no change
+                self.full_errors += 1
+                raise StorageFullError(path, free_bytes(self._dir)) from exc
             self._failed = f"cannot write snapshot {path}: {exc}"
             raise StorageError(self._failed) from exc
         self._snapshot = meta
@@ -501,5 +534,6 @@ __all__ = [
     "StorageCorruptError",
     "StorageError",
     "StorageFormatError",
+    "StorageFullError",
     "StorageTransientError",
 ]

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 from ..core.ready import RaftError
@@ -22,6 +23,26 @@ class StorageTransientError(StorageError):
 
 
 TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class StorageFullError(StorageTransientError):
+    """No space left (ENOSPC/EDQUOT) for a write or a new file: nothing was changed (a partial
+    append is cut off again, a partial snapshot file removed); the same call works once space
+    is free. ``path``: the file; ``free``: bytes available in its file system then (-1: unknown)."""
+
+    def __init__(self, path: Path, free: int) -> None:
+        super().__init__(f"disk full: {path}: free={free}")
+        self.path, self.free = path, free
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use in the file system of ``path`` (-1: unknown)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize
 
 
 class StorageCorruptError(StorageError):
@@ -40,9 +61,12 @@ class StorageFormatError(StorageError):
 
 
 __all__ = [
+    "DISK_FULL_ERRNOS",
     "TRANSIENT_ERRNOS",
     "StorageCorruptError",
     "StorageError",
     "StorageFormatError",
+    "StorageFullError",
     "StorageTransientError",
+    "free_bytes",
 ]

@@ -56,8 +56,14 @@ from .identity import (
     identity_uri,
     validate_identity,
 )
-from .join import MAX_JOIN_CONNECTIONS, JoinHandler, join_call
-from .listener import MAX_PENDING_HANDSHAKES
+from .join import (
+    JOIN_REQUEST_SECONDS,
+    MAX_JOIN_CONNECTIONS,
+    MAX_JOIN_CONNECTIONS_PER_SOURCE,
+    JoinHandler,
+    join_call,
+)
+from .listener import MAX_PENDING_HANDSHAKES, MAX_PENDING_HANDSHAKES_PER_SOURCE
 from .peers import UNPIN_GRACE_SECONDS
 from .rpc import MAX_RPC_INFLIGHT_PER_CONNECTION, RPC_SWEEP_SECONDS, RpcHandler
 from .stats import TransportStats
@@ -68,12 +74,15 @@ __all__ = [
     "ALPN_RAFT",
     "ALPN_RPC",
     "CHANNELS",
+    "JOIN_REQUEST_SECONDS",
     "MAX_AUTH_FRAME_BYTES",
     "MAX_FRAME_BYTES",
     "MAX_JOIN_CONNECTIONS",
+    "MAX_JOIN_CONNECTIONS_PER_SOURCE",
     "MAX_JOIN_FRAME_BYTES",
     "MAX_NODE_ID",
     "MAX_PENDING_HANDSHAKES",
+    "MAX_PENDING_HANDSHAKES_PER_SOURCE",
     "MAX_RPC_INFLIGHT_PER_CONNECTION",
     "NONCE_BYTES",
     "RPC_SWEEP_SECONDS",

@@ -4,8 +4,11 @@ Each accepted TCP connection gets one task: the TLS 1.3 handshake, then the serv
 in-band proof (``tls``): a fresh nonce (``CHALLENGE``), the client's ``PROOF``, and on raft/rpc
 the pin and identity check of the proven certificate (``Peers.check_member``) before ``ACCEPT``.
 An authenticated connection is handed to its channel: Raft and RPC connections get the channel's
-frame handler, a join connection is served by ``JoinServer`` in the same task. Every refusal is
-logged and counted (``Peers.refuse``); at most ``MAX_PENDING_HANDSHAKES`` run at a time.
+frame handler, a join connection is admitted to a slot (``JoinServer.admit``: idle strangers give
+way to newer connections) and served in the same task. Every refusal is logged and counted
+(``Peers.refuse``); at most ``MAX_PENDING_HANDSHAKES`` run at a time, at most
+``MAX_PENDING_HANDSHAKES_PER_SOURCE`` of them from one source (``join.source_key``), so that one
+host holding connections open without a TLS hello cannot shut the port for everyone else.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ from .connection import FrameHandler, _Conn
 from .errors import _Malformed
 from .framing import MAX_JOIN_FRAME_BYTES, FrameKind, _unpack
 from .identity import NONCE_BYTES, _proof_message, _verify_proof, cert_fingerprint
-from .join import JoinServer
+from .join import JoinServer, source_key
 from .peers import Peers
 from .tls import ALPN_JOIN, ALPN_RAFT, CHANNELS, _tls_facts
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING_HANDSHAKES = 256
+MAX_PENDING_HANDSHAKES_PER_SOURCE = 32  # one host cannot fill the whole pending cap
 
 
 class Listener:
@@ -48,9 +52,11 @@ class Listener:
         self._on_raft_frame = on_raft_frame
         self._on_rpc_request = on_rpc_request
         self._join = join
+        join.refuse = peers.refuse
         self._connect_timeout = connect_timeout_seconds
         self._socket: socket.socket | None = None
         self._pending_handshakes = 0
+        self._pending_by_source: dict[str, int] = {}
 
     async def listen(self, host: str, port: int) -> int:
         """Bind ``host:port`` (port 0 picks one) and start accepting; returns the bound port."""
@@ -99,16 +105,23 @@ class Listener:
                 continue
             peers.stats.connections_accepted += 1
             conn = _Conn(loop, peers.stats, "handshake")
+            source = "?"
             if isinstance(addr, tuple) and len(addr) >= 2:
                 conn.peer = f"{addr[0]}:{addr[1]}"
+                source = source_key(str(addr[0]))
             if self._pending_handshakes >= MAX_PENDING_HANDSHAKES:
                 sock.close()
                 peers.refuse("overload", conn)
                 continue
+            if self._pending_by_source.get(source, 0) >= MAX_PENDING_HANDSHAKES_PER_SOURCE:
+                sock.close()
+                peers.refuse("overload_source", conn)
+                continue
             self._pending_handshakes += 1
-            peers.spawn(self._serve_inbound(conn, sock))
+            self._pending_by_source[source] = self._pending_by_source.get(source, 0) + 1
+            peers.spawn(self._serve_inbound(conn, sock, source))
 
-    async def _serve_inbound(self, conn: _Conn, sock: socket.socket) -> None:
+    async def _serve_inbound(self, conn: _Conn, sock: socket.socket, source: str) -> None:
         peers = self._peers
         loop = peers.loop
         assert loop is not None
@@ -134,6 +147,9 @@ class Listener:
             return
         finally:
             self._pending_handshakes -= 1
+            left = self._pending_by_source.pop(source) - 1
+            if left:
+                self._pending_by_source[source] = left
             if conn.transport is None:
                 sock.close()
         if ok and conn.channel == ALPN_JOIN:
@@ -173,6 +189,10 @@ class Listener:
             conn.fingerprint = cert_fingerprint(cert_der)
             conn.join_cert_der = cert_der
             conn.max_frame = MAX_JOIN_FRAME_BYTES
+            refusal = self._join.admit(conn)  # after the proof: only a proven stranger competes
+            if refusal is not None:
+                peers.refuse(refusal, conn, conn.fingerprint)
+                return False
             conn.write_frames([packb([FrameKind.ACCEPT])])
             return True
         nid, fp, reason = peers.check_member(cert_der, None)

@@ -14,7 +14,10 @@ class TransportStats:
     no_proof (closed after the handshake without proving its certificate: a client that refused
     our certificate, such as a joiner pinned to another one; logged at INFO), timeout, alpn,
     bad_proof, not_pinned, wrong_peer, bad_identity, identity_mismatch, no_certificate,
-    join_unavailable, overload.
+    join_unavailable (no join handler, or every join slot busy with a request), join_source_limit
+    (every slot of that source busy), join_evicted (an idle join connection displaced by a newer
+    one), join_timeout (no join request in time), overload (256 handshakes pending), overload_source
+    (32 pending from that source).
     """
 
     frames_sent: int = 0
