@@ -137,6 +137,7 @@ class LeaseWriter:
     released: set[str] = field(default_factory=set)
     maybe_released: set[str] = field(default_factory=set)
     failures: int = 0
+    failed: list[str] = field(default_factory=list)  # every failed answer, for the report
     bad: list[str] = field(default_factory=list)  # answers that must never happen (e.g. a 500)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -196,6 +197,7 @@ class LeaseWriter:
                 self.acked[str(lease["id"])] = lease
             else:
                 self.failures += 1
+                self.failed.append(f"allocate via node {nid} at {time.time():.3f}: HTTP {st} {body}")
                 if st in (400, 401, 403, 404, 409, 500):  # 401: a restarted node lost the token
                     self.bad.append(f"allocate via node {nid}: HTTP {st} {body}")
 

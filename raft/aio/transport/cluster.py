@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .connection import _Conn
 from .framing import split_host_port
 from .identity import _load_own_identity
 from .join import JoinHandler, JoinServer
@@ -22,7 +23,7 @@ from .peers import Peers, Pins, Resolver
 from .raft_channel import RaftChannel
 from .rpc import RpcChannel, RpcHandler
 from .stats import TransportStats
-from .tls import _server_context
+from .tls import ALPN_RAFT, _server_context
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,7 @@ class ClusterTransport:
             log.info("peer_certificate_unpinned node=%d fingerprints=%s", nid, ",".join(sorted(gone)))
             for conn in list(peers.member_conns.get(nid, ())):
                 if conn.fingerprint in gone:
-                    peers.member_conns[nid].discard(conn)
-                    peers.retire(conn)
+                    self._retire(conn)
         for nid in moved:
             log.info("peer_address_changed node=%d address=%s", nid, peers.addresses.get(nid))
             self._raft.abort_connection(nid)
@@ -182,12 +182,17 @@ class ClusterTransport:
         self.fingerprint = peers.fingerprint
         for conn in list(peers.conns):
             if conn.outbound and conn.local_fingerprint == old and not conn.retiring:
-                conns = peers.member_conns.get(conn.node_id)
-                if conns is not None:
-                    conns.discard(conn)
-                peers.retire(conn)
+                self._retire(conn)
         log.info("cluster_identity_switched old=%s new=%s", old, self.fingerprint)
         return self.fingerprint
+
+    def _retire(self, conn: _Conn) -> None:
+        """Stop using ``conn`` gently: an outgoing Raft connection is replaced (the new one first),
+        any other is retired (closed once its calls and requests are answered)."""
+        if conn.outbound and conn.channel == ALPN_RAFT and self._raft.outgoing.get(conn.node_id) is not None:
+            self._raft.replace_connection(conn.node_id)
+        else:
+            self._peers.retire(conn)
 
     def connections_closed(self, fingerprint: str) -> list[asyncio.Future[None]]:
         """The ``closed`` futures of the live connections this node dialed with its certificate

@@ -119,22 +119,26 @@ class Peers:
 
     def _forget(self, conn: _Conn) -> None:
         self.conns.discard(conn)
-        if (
-            conn.channel == ALPN_RAFT
-            and conn.node_id
-            and conn.node_id in self.member_conns
-            and not conn.retiring  # closed on purpose (a rotation): the peer is alive
-            and not self.closing
-            and self.on_raft_peer_lost is not None
-        ):
-            # An authenticated Raft connection closed (the peer process exited or reset it): a
-            # hint for failure detection, never a decision (the engine still needs PreVote to win).
-            self.on_raft_peer_lost(conn.node_id)
         members = self.member_conns.get(conn.node_id)
+        was_member = members is not None and conn in members
         if members is not None:
             members.discard(conn)
             if not members:
                 del self.member_conns[conn.node_id]
+        if (
+            conn.channel == ALPN_RAFT
+            and conn.node_id
+            and was_member
+            and not conn.retiring  # closed on purpose (a rotation): the peer is alive
+            and not self.closing
+            and self.on_raft_peer_lost is not None
+            and not any(c.channel == ALPN_RAFT and not c.lost for c in members or ())
+        ):
+            # An authenticated Raft connection closed (the peer process exited or reset it) and
+            # no other Raft connection with that peer is left (a peer replacing its connection,
+            # e.g. after a certificate rotation, opens the new one first): a hint for failure
+            # detection, never a decision (the engine still needs PreVote to win).
+            self.on_raft_peer_lost(conn.node_id)
 
     def retire(self, conn: _Conn) -> None:
         """Close a connection whose pin is gone (an unpinned member, or a certificate rotated

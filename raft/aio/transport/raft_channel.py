@@ -111,6 +111,17 @@ class RaftChannel:
         peer.redial.set()
         peer.wakeup.set()
 
+    def replace_connection(self, node_id: int) -> None:
+        """Dial ``node_id`` again and close the current connection once the new one is up (a
+        certificate rotation: the peer always has a live Raft connection with this node, so it
+        never takes the switch for this node's failure)."""
+        peer = self.outgoing.get(node_id)
+        if peer is None or peer.conn is None or peer.conn.lost:
+            return
+        peer.conn.retiring = True
+        peer.redial.set()
+        peer.wakeup.set()
+
     # --- inbound ---------------------------------------------------------------------------
     def on_inbound(self, conn: _Conn, frame: bytes) -> None:
         if not self._peers.still_pinned(conn):
@@ -173,10 +184,13 @@ class RaftChannel:
             await peer.wakeup.wait()
             conn = peer.conn
             if conn is None or conn.lost or conn.retiring:
+                replaced = conn if conn is not None and not conn.lost else None
                 peer.conn = None
                 try:
                     conn = await self._peers.dial(peer.node_id, ALPN_RAFT)
                 except Exception as exc:  # _DialError, or a bug: either way back off and retry
+                    if replaced is not None:
+                        replaced.close()
                     if not isinstance(exc, _DialError):
                         log.exception("raft_dial_error node=%d", peer.node_id)
                     stats.frames_dropped += len(peer.frames)
@@ -195,6 +209,8 @@ class RaftChannel:
                     except TimeoutError:
                         backoff = min(backoff * 2, self._backoff_max)
                     continue
+                if replaced is not None:
+                    replaced.close()  # after the new one is up: flushes what it has, then FIN
                 if peer.failing:
                     log.info("raft_peer_reconnected node=%d", peer.node_id)
                 peer.failing = False
