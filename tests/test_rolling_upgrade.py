@@ -80,6 +80,8 @@ ROUTES = [
     "GET /api/v1/backup (an upgraded node serves it; a baseline node answers 404: it has no backups)",
     "GET /api/v1/cluster/autopilot/what-if (served once the leader is upgraded; 404 before)",
     "GET /api/v1/audit (an upgraded node serves its replica's trail; a baseline node answers 404)",
+    "POST /api/v1/cluster/members/{id}/rotate-certificate (mixed: 409 feature_unavailable through an "
+    "upgraded node, 404 through a baseline one; upgraded: 200, the old pin gone on every node)",
 ]
 
 
@@ -273,6 +275,11 @@ def exercise_routes(c: VersionedCluster, via: int, tag: str) -> None:
     assert what_if == expected, f"GET what-if via {via} (leader {leader}): HTTP {what_if}"
     audit = _raw_get(api + "/api/v1/audit?limit=5", c.token)
     assert audit == (200 if upgraded else 404), f"GET /api/v1/audit via {via}: HTTP {audit}"
+    # below cluster protocol 3 a rotation is refused (nothing written a baseline node cannot read)
+    st, body, _ = c.api(via, "POST", f"/api/v1/cluster/members/{via}/rotate-certificate")
+    assert (st, body.get("code") if upgraded else None) == (
+        (409, "feature_unavailable") if upgraded else (404, None)
+    ), f"rotate-certificate via {via}: HTTP {st} {body}"
 
 
 def check_step(c: VersionedCluster, step: str) -> None:
@@ -395,6 +402,25 @@ def test_rolling_upgrade_from_the_baseline_under_load(tmp_path: Path) -> None:
             addresses = [(x["pool"], x["address"]) for x in table]
             assert len(addresses) == len(set(addresses)), f"node {nid}: an address is leased twice"
             assert table == tables[leader], f"node {nid} and the leader hold different lease tables"
+        # Upgraded: a certificate rotation goes through (protocol 3), seen by every node.
+        before = {
+            m["nodeId"]: m["certificateFingerprint"]
+            for m in _call(c, leader, "GET", "/api/v1/cluster/members")
+        }
+        rotated = _call(c, leader, "POST", f"/api/v1/cluster/members/{leader}/rotate-certificate")
+        assert rotated["certificateFingerprint"] != before[leader]
+        for nid in c.nodes:
+            wait_for(
+                f"the new pin on {nid}",
+                lambda nid=nid: (
+                    {
+                        m["nodeId"]: m["certificateFingerprint"]
+                        for m in _call(c, nid, "GET", "/api/v1/cluster/members")
+                    }[leader]
+                    == rotated["certificateFingerprint"]
+                ),
+                10,
+            )
         # With this build's leader, a write through a follower is visible there when it answers.
         follower = next(n for n in sorted(c.nodes) if n != leader)
         for i in range(30):
