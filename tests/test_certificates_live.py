@@ -76,6 +76,12 @@ def identity_files(c: Cluster, node_id: int) -> tuple[bytes, bytes]:
     return (tls / "node.crt").read_bytes(), (tls / "node.key").read_bytes()
 
 
+def stable_since(c: Cluster, via: int) -> dict[int, str]:
+    status, body, _ = c.api(via, "GET", "/api/v1/cluster/autopilot")
+    assert status == 200, body
+    return {s["nodeId"]: s["stableSince"] for s in body["result"]["servers"]}
+
+
 def healthy(c: Cluster, via: int) -> bool:
     status, body, _ = c.api(via, "GET", "/api/v1/cluster/autopilot")
     return status == 200 and bool(body["result"]["healthy"])
@@ -93,11 +99,15 @@ def test_rotate_a_follower_then_the_leader_under_load(tmp_path: Path) -> None:
         old = {n: identity_files(c, n) for n in (follower, leader)}
         writer = LeaseWriter(c, "p", seed=22, threads=3).start()
         writer.wait_acks(200)
+        wait_for("a healthy cluster", lambda: healthy(c, leader))
+        stable_before = stable_since(c, leader)
 
         status, body = rotate(c, follower, via=third)
         assert status == 200, body
         assert body["result"]["certificateFingerprint"] != before[follower]
         writer.wait_acks(200)
+        # the same member to autopilot: its stabilization clock is kept across the rotation
+        assert stable_since(c, leader)[follower] == stable_before[follower]
         status, body = rotate(c, leader, via=follower)
         assert status == 200, body
         writer.wait_acks(200)

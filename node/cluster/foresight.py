@@ -25,6 +25,10 @@ from quorumd.node.registry.autopilot import (
     transfer_target,
     what_if,
 )
+from quorumd.node.registry.commands import PinCertificate
+from quorumd.node.registry.records import ApplyResult
+
+MAX_TRACKED_ROTATIONS = 64
 
 
 class ForesightService(FencedService):
@@ -33,6 +37,25 @@ class ForesightService(FencedService):
         self.autopilot_settings = autopilot
         self._autopilot: Autopilot | None = None
         self._last_view: AutopilotView | None = None
+        # A rotated certificate keeps its member's incarnation (autopilot's clocks): the next
+        # certificate's fingerprint -> the incarnation of the one it replaces.
+        self._incarnations: dict[str, str] = {}
+        self.add_apply_listener(self._follow_rotations)
+
+    def _follow_rotations(self, results: Sequence[ApplyResult]) -> None:
+        for r in results:
+            if r.ok and isinstance(r.command, PinCertificate):
+                m = self.sm.member(r.command.node_id)
+                if m is not None and m.next_cert_fingerprint is not None:
+                    now = self._incarnations.get(m.cert_fingerprint, m.cert_fingerprint)
+                    self._incarnations[m.next_cert_fingerprint] = now
+        if len(self._incarnations) > 4 * MAX_TRACKED_ROTATIONS:  # forget rotations long done
+            pinned = {fp for m in self.sm.members() for fp in (m.cert_fingerprint, m.next_cert_fingerprint)}
+            self._incarnations = {k: v for k, v in self._incarnations.items() if k in pinned}
+
+    def incarnation(self, cert_fingerprint: str) -> str:
+        """A member's incarnation: the fingerprint it had before its rotations (this node saw)."""
+        return self._incarnations.get(cert_fingerprint, cert_fingerprint)
 
     # --- leadership ----------------------------------------------------------------------------
     @property
@@ -99,7 +122,7 @@ class ForesightService(FencedService):
                     last_term=core.term if p.recent_active or p.node_id == core.node_id else last_term,
                     left=bool(mem and mem.left),
                     drain_state=mem.drain_state if mem is not None else DrainState.ACTIVE,
-                    incarnation=mem.cert_fingerprint if mem is not None else "",
+                    incarnation=self.incarnation(mem.cert_fingerprint) if mem is not None else "",
                 )
             )
         view = self._autopilot.evaluate(
