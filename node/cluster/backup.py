@@ -14,9 +14,10 @@ after a ReadIndex round through the leader, which holds the same state at that i
 Held archives (``ArchiveStore``, one per node). At most ``MAX_HELD`` at once; a new one is refused
 (503 ``backup_busy``) when the held ones and the new one together exceed ``MAX_HELD_BYTES`` (one
 archive alone is always allowed). One is dropped once its last byte is read, when its reader
-releases it, after ``IDLE_SECONDS`` without a read, and when its maker stops leading in the term
-it was made in: a relay then fails and the client's connection is aborted short of the announced
-length (never a complete-looking body). Held pieces are the state's cached chunk encodings
+releases it, after ``IDLE_SECONDS`` without a read, and once its maker no longer leads in the term
+it was made in (seen at the next read, or by the store before it admits another): a relay then
+fails and the client's connection is aborted short of the announced length (never a
+complete-looking body). Held pieces are the state's cached chunk encodings
 themselves: an archive costs memory only as those chunks change under it.
 
 ``backup.read`` (see also node/cluster/rpcs.py): ``[transfer, offset, max_bytes, token]`` from
