@@ -220,6 +220,20 @@ async def test_a_leader_change_part_way_fails_the_relay(monkeypatch: pytest.Monk
 
 
 @pytest.mark.asyncio
+async def test_a_leader_change_part_way_fails_the_leaders_own_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backup_mod, "STREAM_PIECE_BYTES", 512)
+    leader, _ = pair(300)
+    stream = await leader.backups.archive()
+    got = 0
+    with pytest.raises(BackupGone, match="leadership_changed"):
+        async for piece in stream.chunks():
+            got += len(piece)
+            leader.leading = False  # it stepped down
+    assert 0 < got < stream.size and not leader.backups.store.held
+    stream.close()
+
+
+@pytest.mark.asyncio
 async def test_backup_read_refusals() -> None:
     leader, _follower = pair(50)
     rpc = leader.backups.rpc_read
