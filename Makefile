@@ -42,6 +42,10 @@ test: lint typecheck unit
 upgrade-test: $(STAMP)
 	$(BIN)/pytest -q -s tests/test_rolling_upgrade.py tests/test_upgrade_fixture.py
 
+# GET /api/v1/backup at 100,000 leases, through the leader and through a follower (BENCHMARKS.md)
+bench-backup: $(STAMP)
+	$(BIN)/python bench/backup.py --leases 100000 --via-follower
+
 # 10,000 simulator seeds (long; see README for the last run's time)
 soak: $(STAMP)
 	$(BIN)/python -m quorumd.raft.sim --sweep 10000 --steps 5000 --nodes 3,5 --jobs 2

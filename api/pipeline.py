@@ -14,6 +14,11 @@ result schema and the error codes it documents. ``run_call`` executes a ``Call``
 
 After a successful forwarded call the follower waits until it has applied the leader's index
 (read-your-writes) before answering with the leader's status and body.
+
+A reply may carry its body as a ``BodyStream`` (``Reply.stream``; the HTTP server writes it in
+pieces). Such a body does not travel in one forwarded answer: on the leader, a forwarded call
+gets the stream's ``handoff`` instead (a handle), and on the follower the route's ``relay``
+takes the place of the plain forward and turns that handle back into a stream (GET /backup).
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 import orjson
@@ -76,6 +81,27 @@ class ErrorDoc:
     codes: tuple[str, ...]
 
 
+class BodyStream(Protocol):
+    """A body sent in pieces; its length is known before the first one (``Content-Length``)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def chunks(self) -> AsyncIterator[bytes | memoryview]:
+        """The body in order. Raising part-way fails the answer visibly: the connection is
+        aborted short of ``size`` bytes."""
+        ...
+
+    def close(self) -> None:
+        """Release the body's resources (idempotent; called after the last piece too)."""
+        ...
+
+    def handoff(self, holder: str) -> Any:
+        """The result a forwarded call answers instead of the body (``holder``: the forwarding
+        member's limiter key, ``member:N``); the stream is then the holder's to pull."""
+        ...
+
+
 @dataclass(slots=True)
 class Reply:
     status: int = 200
@@ -84,8 +110,11 @@ class Reply:
     content_type: str = JSON_CONTENT_TYPE
     headers: dict[str, str] = field(default_factory=dict)
     applied_index: int = 0
+    stream: BodyStream | None = None  # the body, in pieces (then ``body`` is unused)
 
     def encoded(self) -> bytes:
+        if self.stream is not None:
+            return b""
         return self.body if self.body is not None else result_body(self.result)
 
 
@@ -113,6 +142,8 @@ RunFn = Callable[[Context, Args], Awaitable[Reply]]
 # Called on a follower whose forward failed with 502/504: may settle the outcome from the local
 # replica (None: keep the error). See ``routes_cluster.removed_leader_outcome``.
 RecoverFn = Callable[[Context, Args, ApiError], Awaitable[Reply | None]]
+# Runs on a follower instead of ``forward`` (it may call ``forward`` itself): see ``BodyStream``.
+RelayFn = Callable[[Context, "Route", "Call", Args], Awaitable[Reply]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +178,7 @@ class Route:
     # which cost ~4% of the leader's CPU on the write path.
     self_bounded: bool = False
     success_headers: tuple[tuple[str, str], ...] = ()  # documented headers of a success: (name, text)
+    relay: RelayFn | None = None  # see RelayFn
 
     @property
     def cluster(self) -> bool:
@@ -309,9 +341,14 @@ async def _run_placed(ctx: Context, route: Route, call: Call, args: Args) -> Rep
             except TimeoutError:
                 raise CommitTimeout("the operation did not complete in time") from None
         reply.applied_index = node.applied_index()
+        if reply.stream is not None and call.hops > 0:  # the forwarding member pulls the body
+            handle = reply.stream.handoff(call.client or "")
+            return Reply(result=handle, applied_index=reply.applied_index)
         return reply
     if call.hops > 0:
         raise LeaderUnavailable("this node is not the leader (forwarded at most once); retry shortly")
+    if route.relay is not None:
+        return await route.relay(ctx, route, call, args)
     return await forward(ctx, route, call, args)
 
 

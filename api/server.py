@@ -19,6 +19,11 @@ no-store``; every error the server produces itself is a JSON error envelope coun
 metrics under ``unmatched``, parse errors included (``_Connection.handle_error``), and is followed
 by ``Connection: close``. HEAD gets the headers of the answer without its body.
 
+A reply whose body is a stream (``Reply.stream``: a backup archive) is written piece by piece,
+one piece per event-loop step, each write waiting while the client is behind (the loop is never
+held for the whole body); a stream that fails part-way aborts the connection, so the client gets
+fewer bytes than ``Content-Length`` announced, never a complete-looking body.
+
 Limits (module constants; the timeouts and caps are constructor parameters):
 - request line: target up to ``MAX_TARGET_BYTES`` (8192; 414 beyond); version HTTP/1.0 or HTTP/1.1
   only (anything else the parser accepts, e.g. ``HTTP/2.0`` or ``HTTP/0.9``, is 400: RFC 9112 2.3,
@@ -94,7 +99,7 @@ from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _Er
 from .accept import _feed, _Gate, _Reader
 from .app import MAX_BODY_BYTES, TOO_LARGE_MESSAGE, Api
 from .errors import ApiError, BadRequest, InternalError, PayloadTooLarge
-from .pipeline import Reply
+from .pipeline import BodyStream, Reply
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +125,17 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BASE_HEADERS = {"Cache-Control": "no-store", "Server": "quorumd"}
 
 
-def _response(reply: Reply, *, close: bool = False) -> web.Response:
+def _headers(reply: Reply) -> dict[str, str]:
     headers = {"Content-Type": reply.content_type, **_BASE_HEADERS}
     for name, value in reply.headers.items():
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
             continue  # never split the header section (values come from our own code)
         headers[name] = value
-    response = web.Response(status=reply.status, body=reply.encoded(), headers=headers)
+    return headers
+
+
+def _response(reply: Reply, *, close: bool = False) -> web.Response:
+    response = web.Response(status=reply.status, body=reply.encoded(), headers=_headers(reply))
     if close:
         response.force_close()
     return response
@@ -443,12 +452,46 @@ class ApiServer:
                     return _response(api.rejected(request.method, read), close=True)
                 body = read
             reply = await api.handle(request.method, path, query, body, authorization, client)
+            if reply.stream is not None:
+                return await self._stream(request, reply, reply.stream)
             return _response(reply, close=self._closing)
         except (asyncio.CancelledError, ConnectionError):
             raise  # the client is gone: aiohttp drops the connection
         except Exception:  # Api.handle does not raise; a bug here still gets an envelope
             log.exception("api_server_error method=%s", request.method)
             return _response(api.rejected(request.method, InternalError()), close=True)
+
+    async def _stream(self, request: web.BaseRequest, reply: Reply, stream: BodyStream) -> web.StreamResponse:
+        """Write a streamed body (see the module docstring); ``stream`` is closed in every case."""
+        sent = 0
+        try:
+            response = web.StreamResponse(status=reply.status, headers=_headers(reply))
+            response.content_length = stream.size
+            if self._closing:
+                response.force_close()
+            await response.prepare(request)
+            if request.method != "HEAD":
+                async for piece in stream.chunks():
+                    await response.write(piece)  # waits only when the transport is over its limit
+                    sent += len(piece)
+                    await asyncio.sleep(0)  # one piece per loop step, however fast the client
+            if sent != stream.size and request.method != "HEAD":
+                raise ValueError(f"the stream ended after {sent} of {stream.size} bytes")
+            await response.write_eof()
+            return response
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the stream failed, or the client is gone
+            if not isinstance(exc, ConnectionError):
+                log.warning(
+                    "api_stream_aborted sent=%d size=%d error=%s", sent, stream.size, type(exc).__name__
+                )
+            transport = request.transport
+            if transport is not None:
+                transport.abort()  # nothing more is sent: the client sees the body cut short
+            raise ConnectionResetError("the streamed body failed") from exc
+        finally:
+            stream.close()
 
     def _check_head(self, request: web.BaseRequest) -> ApiError | None:
         if isinstance(request, _UnsupportedVersion):

@@ -20,10 +20,15 @@ How it runs (the product's own modules and commands, nothing mocked):
 4. ``GET /api/v1/backup`` is called ``--rounds`` times (the first right after the start, with the
    lease table's snapshot cache cold: the worst case; the others warm), each time recording wall
    time, size, whether the digest matches and the probe's longest round trip during the call;
-5. with ``--writers`` > 0 the backups run while that many threads allocate leases.
+5. with ``--writers`` > 0 the backups run while that many threads allocate leases;
+6. with ``--via-follower`` a second node joins (promoted by autopilot and caught up before the
+   rounds, with its own loop probe) and ``--rounds`` more backups are requested through it: the
+   leader makes each archive and the follower relays it in chunks (``follower_rounds``: the
+   stalls of both loops).
 
-Run: ``.venv/bin/python bench/backup.py [--leases N] [--rounds R] [--writers W] [--dir DIR]``
-(``make bench-backup`` runs 100,000 leases); prints one JSON object.
+Run: ``.venv/bin/python bench/backup.py [--leases N] [--rounds R] [--writers W] [--via-follower]
+[--dir DIR]`` (``make bench-backup`` runs 100,000 leases through the leader and through a
+follower); prints one JSON object.
 """
 
 from __future__ import annotations
@@ -146,6 +151,35 @@ def max_lag(path: Path, start: float, end: float) -> dict[str, float]:
     return {"wall_ms": wall, "cpu_ms": cpu}
 
 
+def get_json(port: int, path: str, token: str | None = None, body: Any = None) -> tuple[int, Any]:
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=_SSL, timeout=30)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = None
+    if body is not None:
+        data = json.dumps(body)
+        headers["Content-Type"] = "application/json"
+    try:
+        conn.request("POST" if body is not None else "GET", path, data, headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw else None
+    finally:
+        conn.close()
+
+
+def wait_until(what: str, check: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)  # polling interval of a bounded wait
+
+
 def fetch_backup(port: int, token: str) -> tuple[int, bytes, dict[str, str]]:
     conn = http.client.HTTPSConnection("127.0.0.1", port, context=_SSL, timeout=120)
     conn.request("GET", "/api/v1/backup", headers={"Authorization": f"Bearer {token}"})
@@ -170,7 +204,44 @@ def writer(port: int, token: str, stop: threading.Event, counter: list[int], see
     conn.close()
 
 
-def run(leases: int, rounds: int, writers: int, directory: Path) -> dict[str, Any]:
+def join_follower(directory: Path, leader_api: int, leader_raft: int, admin: str,
+                  procs: list[subprocess.Popen[bytes]]) -> tuple[int, Path]:  # fmt: skip
+    """Node 2 joined to the restored node, a voter and caught up: (its API port, its probe file)."""
+    status, body = get_json(leader_api, "/api/v1/cluster/pki/join-tokens", admin, {"nodeID": 2})
+    assert status == 201, body
+    token_file = directory / "node2.join-token"
+    token_file.write_text(body["result"]["token"] + "\n")
+    api_port, raft_port = free_port(), free_port()
+    cfg = directory / "node2.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "data-dir": str(directory / "data2"),
+        "api": {"address": "127.0.0.1", "port": api_port},
+        "cluster": {"node-id": 2, "bind-address": f"127.0.0.1:{raft_port}",
+                    "peers": [f"127.0.0.1:{leader_raft}"], "join-token-file": str(token_file)},
+    }))  # fmt: skip
+    lag_file = directory / "loop-lag-2.txt"
+    log = open(directory / "node2.log", "wb")  # noqa: SIM115 - inherited by the child
+    env = {**os.environ, "QUORUMD_TEST_LOOP_PROBE": str(lag_file)}
+    procs.append(subprocess.Popen([sys.executable, "-m", "quorumd.node.cli", "run", "--config", str(cfg)],
+                                  stdout=log, stderr=log, env=env))  # fmt: skip
+    log.close()
+
+    def caught_up() -> bool:
+        s0, members = get_json(leader_api, "/api/v1/cluster/members", admin)
+        s1, lead = get_json(leader_api, "/api/v1/status")
+        s2, me = get_json(api_port, "/api/v1/status")
+        voter = s0 == 200 and any(m["nodeId"] == 2 and m["suffrage"] == "voter" for m in members["result"])
+        return voter and s1 == s2 == 200 and me["result"]["ready"] and (
+            me["result"]["appliedIndex"] >= lead["result"]["commitIndex"]
+        )
+
+    # Promoted by autopilot, then caught up: the join's own work (the snapshot sent and
+    # installed, the promotion) is over before the measured rounds start.
+    wait_until("node 2 a voter, caught up", caught_up, 600)
+    return api_port, lag_file
+
+
+def run(leases: int, rounds: int, writers: int, directory: Path, via_follower: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"leases": leases, "host_cpus": os.cpu_count()}
     t0 = time.perf_counter()
     sm, token = build_state(leases)
@@ -212,6 +283,7 @@ def run(leases: int, rounds: int, writers: int, directory: Path) -> dict[str, An
     lag_file = directory / "loop-lag.txt"
     env = {**os.environ, "QUORUMD_TEST_LOOP_PROBE": str(lag_file)}
     proc = subprocess.Popen([*cli, "run", "--config", str(cfg)], stdout=log, stderr=log, env=env)
+    procs = [proc]
     try:
         t0 = time.perf_counter()
         deadline = time.monotonic() + 120
@@ -272,9 +344,50 @@ def run(leases: int, rounds: int, writers: int, directory: Path) -> dict[str, An
         out["probe_requests"] = len(probe.samples)
         lines = [x for x in (directory / "node.log").read_text().splitlines() if "backup_taken" in x]
         out["daemon_log"] = lines[-rounds:]
+        if via_follower:
+            out.update(relay_rounds(directory, api_port, raft_port, admin, lag_file, rounds, procs))
     finally:
-        stop_processes([proc], 15)
+        stop_processes(procs, 15)
         log.close()
+    return out
+
+
+def relay_rounds(directory: Path, api_port: int, raft_port: int, admin: str, lag_file: Path, rounds: int,
+                 procs: list[subprocess.Popen[bytes]]) -> dict[str, Any]:  # fmt: skip
+    """Step 6 of the module docstring."""
+    out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    port2, lag_file2 = join_follower(directory, api_port, raft_port, admin, procs)
+    out["follower_caught_up_s"] = round(time.perf_counter() - t0, 1)
+    probe = LoopProbe(port2).start()
+    idle_start, idle_wall = time.perf_counter(), time.time()
+    time.sleep(3.0)  # the follower's idle baseline window
+    out["follower_probe_idle_ms"] = profile_ms(probe.between(idle_start, time.perf_counter()))
+    out["follower_loop_lag_idle_ms"] = max_lag(lag_file2, idle_wall, time.time())
+    results = []
+    for r in range(rounds):
+        start, wall = time.perf_counter(), time.time()
+        status, body, headers = fetch_backup(port2, admin)
+        end, wall_end = time.perf_counter(), time.time()
+        assert status == 200, (status, body[:200])
+        results.append({
+            "round": r,
+            "seconds": round(end - start, 3),
+            "bytes": len(body),
+            "digest_ok": headers["X-Quorumd-Backup-Sha256"] == hashlib.sha256(body).hexdigest(),
+            "follower_probe_worst_ms": round(probe.worst_between(start, end) * 1000, 2),
+            "follower_loop_lag_max_ms": max_lag(lag_file2, wall, wall_end),
+            "leader_loop_lag_max_ms": max_lag(lag_file, wall, wall_end),
+        })  # fmt: skip
+        time.sleep(0.5)  # spacing between rounds, so each window is its own
+    probe.stop()
+    out["follower_rounds"] = results
+    for who in ("follower", "leader"):
+        for kind in ("cpu_ms", "wall_ms"):
+            worst = max(x[f"{who}_loop_lag_max_ms"][kind] for x in results)
+            out[f"relay_worst_{who}_loop_lag_{kind}"] = worst
+    relayed = [x for x in (directory / "node2.log").read_text().splitlines() if "backup_relayed" in x]
+    out["follower_log"] = relayed[-rounds:]
     return out
 
 
@@ -283,15 +396,16 @@ def main() -> int:
     p.add_argument("--leases", type=int, default=100_000)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--writers", type=int, default=0)
+    p.add_argument("--via-follower", action="store_true")
     p.add_argument("--dir", default=None)
     a = p.parse_args()
     if a.dir:
         directory = Path(a.dir)
         directory.mkdir(parents=True, exist_ok=False)
-        print(json.dumps(run(a.leases, a.rounds, a.writers, directory), indent=2))
+        print(json.dumps(run(a.leases, a.rounds, a.writers, directory, a.via_follower), indent=2))
     else:
         with tempfile.TemporaryDirectory(prefix="qd-bench-backup-") as tmp:
-            print(json.dumps(run(a.leases, a.rounds, a.writers, Path(tmp)), indent=2))
+            print(json.dumps(run(a.leases, a.rounds, a.writers, Path(tmp), a.via_follower), indent=2))
     return 0
 
 

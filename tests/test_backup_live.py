@@ -1,14 +1,19 @@
 """Backup and restore with real daemons, run as an operator would.
 
 * ``test_backup_through_a_follower_then_restore_elsewhere``: a 3-node cluster under a bounded
-  write load through every node; ``quorumctl backup save`` through a follower (the follower
-  confirms the leader's commit index by ReadIndex and serves its own replica). Every host is then
+  write load through every node; ``quorumctl backup save`` through a follower, which forwards it:
+  the leader makes the archive (its header names the leader; its index is at least the leader's
+  commit index before the request) and the follower relays it in many small chunks
+  (``QUORUMD_TEST_BACKUP_CHUNK_BYTES``). Every host is then
   lost; ``quorumd restore`` builds a fresh data dir with other ports, and the restored node serves
   every pool and every lease acknowledged before the backup was requested (owner ids kept), a
   pre-backup API token works, a pre-backup join token is refused, a fresh join token brings a
   second node in (its old leases count for it again), and scheduled backups run on it.
 * ``test_backup_headers_and_route``: the GET /api/v1/backup answer (headers, body digest, the
   OpenAPI entry) and its refusals (no token, a readonly token).
+* On a cluster restored from an ~8 MB archive (tests/test_backup_relay_live.py): a leader change
+  while a follower relays fails the client's download visibly, and a rogue member cannot take a
+  backup without an admin token.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import yaml
 
 from quorumd.api.app import all_routes
 from quorumd.api.openapi import build_document
+from quorumd.node.registry.archive import decode_archive
 from tests.cluster import _SSL, Cluster, wait_for
 from tests.daemon_support import LeaseWriter, list_leases, metric_samples
 
@@ -82,7 +88,9 @@ def test_backup_headers_and_route(tmp_path: Path) -> None:
 
 
 def test_backup_through_a_follower_then_restore_elsewhere(tmp_path: Path) -> None:
-    c = Cluster(tmp_path / "old", 3, cluster_overrides={"snapshot-threshold": 300, "trailing-logs": 50})
+    chunk = 1024
+    c = Cluster(tmp_path / "old", 3, cluster_overrides={"snapshot-threshold": 300, "trailing-logs": 50},
+                env={"QUORUMD_TEST_BACKUP_CHUNK_BYTES": str(chunk)})  # fmt: skip
     (tmp_path / "old").mkdir()
     archive = tmp_path / "cluster.backup"
     writer: LeaseWriter | None = None
@@ -95,13 +103,23 @@ def test_backup_through_a_follower_then_restore_elsewhere(tmp_path: Path) -> Non
         old_join = c.mint(9)
         writer = LeaseWriter(c, "w", seed=1010, threads=3).start()
         writer.wait_acks(150, timeout=60)
-        follower = next(n for n in (1, 2, 3) if n != c.wait_leader())
+        lead = c.wait_leader()
+        follower = next(n for n in (1, 2, 3) if n != lead)
+        commit_before = int(c.status(lead)["commitIndex"])
         with writer._lock:
             before = dict(writer.acked)
         token_file = c.nodes[1].data_dir / "admin.token"
         saved = run("quorumd.node.ctl.main", "--endpoint", c.nodes[follower].api, "--insecure",
                     "--token-file", str(token_file), "backup", "save", str(archive))  # fmt: skip
         assert saved.returncode == 0, saved.stderr
+        # made by the leader at an index confirmed after the request arrived, relayed in chunks
+        made = decode_archive(archive.read_bytes()).header
+        assert made.node_id != follower and made.index >= commit_before, (made, follower, commit_before)
+        assert any(f"backup_taken index={made.index} " in x and "leader=True" in x
+                   for x in c.nodes[made.node_id].log_text().splitlines())  # fmt: skip
+        relayed = f"backup_relayed leader={made.node_id} index={made.index} bytes={archive.stat().st_size}"
+        assert f"{relayed} chunk_bytes={chunk}" in c.nodes[follower].log_text()
+        assert archive.stat().st_size > 8 * chunk  # many chunks
         writer.wait_acks(50, timeout=60)  # the load went on during and after the backup
         writer.stop()
         assert not writer.bad, writer.bad[:5]

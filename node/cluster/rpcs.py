@@ -49,6 +49,13 @@ Per RPC (``from_id``: the caller's certificate-proven node id):
     (refused otherwise, nothing changes). The leader validates the addresses as the config keys
     are validated and records them through the log; other members answer with the leader's id
     and address, and dial the caller at the announced address (a local hint, still pin-checked).
+``backup.read`` -- any member, with the authority of the API request that made the archive. A
+    leader answers a forwarded ``GET /api/v1/backup`` (authorized as above: an admin token) with a
+    handle instead of the body and keeps the archive for the forwarding member only; that member
+    pulls it in chunks, each read carrying the client's token, which the leader checks against
+    its replica every time (an admin token with the token id of the request). Another member, an
+    unknown or dropped archive, a token that is not that admin token: refused (the archive is
+    dropped on a wrong token). Changes nothing but the leader's held archives (node/cluster/backup.py).
 
 The join channel (a different ALPN on the same port) is the only one open to non-members: the
 joiner proves possession of its key and presents a join token, checked as for ``join.forward``.
@@ -65,6 +72,7 @@ from quorumd.api.errors import ApiError
 from quorumd.api.ports import DrainState, ForwardedRequest, ForwardedResponse
 from quorumd.node.cluster.addresses import ADDRESS_RPC
 from quorumd.node.cluster.audit import own_event
+from quorumd.node.cluster.backup import READ_RPC
 from quorumd.node.cluster.operations import ClusterNode
 from quorumd.node.cluster.service import pack, unpack
 from quorumd.node.registry.audit import AuditAction
@@ -262,6 +270,7 @@ def register_internal_rpcs(
     transport.register_rpc("join.forward", join_forward)
     transport.register_rpc("node.info", node.versions.rpc_node_info)
     transport.register_rpc(ADDRESS_RPC, node.rpc_member_address)  # moves the caller only
+    transport.register_rpc(READ_RPC, _api_errors_as_remote(node.backups.rpc_read))
     transport.register_join_handler(node.handle_join)
 
 

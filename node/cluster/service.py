@@ -22,7 +22,6 @@ from typing import Any
 import msgpack
 
 from quorumd.api.errors import ApiError
-from quorumd.api.extensions import BackupArchive
 from quorumd.api.ports import (
     DrainState,
     ForwardedRequest,
@@ -30,7 +29,7 @@ from quorumd.api.ports import (
     Principal,
 )
 from quorumd.node.cluster.audit import AuditAction, AuditWriter
-from quorumd.node.cluster.backup import take_archive
+from quorumd.node.cluster.backup import NodeBackups
 from quorumd.node.cluster.versions import ProtocolVersions
 from quorumd.node.daemon.gcpolicy import gc_paused
 from quorumd.node.effects.token import FencingToken
@@ -141,6 +140,7 @@ class ClusterService:
         self.tick_seconds = tick_seconds
         self.max_trailing_logs = max_trailing_logs
         self.trail = AuditWriter(self)
+        self.backups = NodeBackups(self)  # GET /backup and backup.read (see cluster/backup.py)
         self._caught_up = False  # see is_ready
         self.driver: RaftDriver | None = None
         self._rpc = rpc  # (node_id, method, payload, timeout) -> awaitable bytes
@@ -495,12 +495,6 @@ class ClusterService:
         return [
             r.as_dict() for r in self.sm.audit_records(after=after, limit=limit, action=action, actor=actor)
         ]
-
-    async def backup_archive(self) -> BackupArchive:
-        """GET /backup: this replica's state after a ReadIndex barrier (see cluster/backup.py)."""
-        archive = await take_archive(self, linearizable=True)
-        await self.trail.record_request(AuditAction.BACKUP_EXPORT, "cluster", {"index": archive.index})
-        return archive
 
     # --- NodeApi: leader operations (membership ones live in operations.py) ---------------
     async def create_pool(self, name: str, cidr: str) -> dict[str, Any]:

@@ -50,6 +50,7 @@ __all__ = [
     "archive_parts",
     "decode_archive",
     "encode_archive",
+    "sealed_parts",
 ]
 
 ARCHIVE_MAGIC = b"QRMDBAK\n"
@@ -110,11 +111,12 @@ def archive_parts(header: ArchiveHeader, state: bytes | Sequence[bytes]) -> list
     ]
 
 
-def encode_archive(header: ArchiveHeader, state: bytes | Sequence[bytes]) -> tuple[bytes, str]:
-    """The archive bytes and their SHA-256 (hex).
+def sealed_parts(header: ArchiveHeader, state: bytes | Sequence[bytes]) -> tuple[list[bytes], str]:
+    """The whole archive as pieces (the trailing digest the last one; the state's pieces are
+    not copied) and the SHA-256 (hex) of their concatenation.
 
-    The serving node runs this in a worker thread: hashing releases the GIL piece by piece, and
-    the one copy of the state is the final join (which holds it; see cluster/backup.py)."""
+    Hashing releases the GIL piece by piece: the serving node runs this in a worker thread
+    and sends the pieces as they are (see cluster/backup.py)."""
     parts = archive_parts(header, state)
     content = hashlib.sha256()
     for p in parts:
@@ -123,7 +125,13 @@ def encode_archive(header: ArchiveHeader, state: bytes | Sequence[bytes]) -> tup
     whole = content.copy()
     whole.update(digest)
     parts.append(digest)
-    return b"".join(parts), whole.hexdigest()
+    return parts, whole.hexdigest()
+
+
+def encode_archive(header: ArchiveHeader, state: bytes | Sequence[bytes]) -> tuple[bytes, str]:
+    """The archive bytes and their SHA-256 (hex): ``sealed_parts`` joined (one copy)."""
+    parts, sha256 = sealed_parts(header, state)
+    return b"".join(parts), sha256
 
 
 def decode_archive(data: bytes) -> Archive:

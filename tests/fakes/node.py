@@ -17,6 +17,10 @@ on: a slow leader), ``raise_next`` (an exception the next operation raises), ``a
 
 Pool create/delete and token revoke write their audit record as the node does (the request's
 origin, in the same entry), so API tests can read the trail through ``GET /audit``.
+
+Backups (``FakeNode.backups``): the leader makes a stand-in body sent in small pieces; a
+forwarded request's handle names it in ``FakeCluster.held_backups``, where the follower's relay
+takes it from.
 """
 
 from __future__ import annotations
@@ -24,12 +28,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from quorumd.api.errors import Conflict, LeaderTimeout, LeaderUnavailable, LeaderUnreachable, NotFound
-from quorumd.api.extensions import BackupArchive
 from quorumd.api.origin import current_origin
 from quorumd.api.ports import DrainState, ForwardedRequest, ForwardedResponse, Principal, TokenRole
 from quorumd.node.cluster.addresses import validate_addresses
@@ -97,6 +100,7 @@ class FakeCluster:
         self.autopilot = Autopilot(AUTOPILOT)
         self.last_token_id = ""
         self._last_ts = 0.0
+        self.held_backups: dict[str, tuple[FakeArchive, str]] = {}  # transfer -> (archive, holder)
         self.run(SetClusterSecrets(self.stamp(), FAKE_CLUSTER_ID, secrets.token_bytes(32)))
 
     # --- applying --------------------------------------------------------------------------
@@ -205,6 +209,7 @@ class FakeNode:
         self.barriers = 0
         self.rotations = 0
         self.allocations: list[tuple[str, str, int | None]] = []
+        self.backups = FakeBackups(self)
 
     # --- identity and routing -------------------------------------------------------------
     @property
@@ -259,14 +264,6 @@ class FakeNode:
 
     def is_isolated(self) -> bool:
         return self.isolated
-
-    async def backup_archive(self) -> BackupArchive:
-        """A stand-in body (the archive format is the node layer's), counted as a barrier."""
-        self.barriers += 1
-        if self.cluster.leader_id == 0:
-            raise LeaderUnavailable()
-        body = b"quorumd fake backup %d\n" % self.cluster.applied
-        return BackupArchive(body, self.cluster.applied, hashlib.sha256(body).hexdigest(), FAKE_CLUSTER_ID)
 
     # --- reads ----------------------------------------------------------------------------
     def _member(self, node_id: int) -> MemberView:
@@ -514,3 +511,52 @@ class FakeNode:
     async def release_lease(self, lease_id: int) -> None:
         await self._enter()
         self.cluster.run(ReleaseLease(self.cluster.stamp(), lease_id))
+
+
+class FakeArchive:
+    """A stand-in archive body (the format is the node layer's), sent 8 bytes at a time."""
+
+    def __init__(self, cluster: FakeCluster, maker: int) -> None:
+        self.cluster = cluster
+        self.body = b"quorumd fake backup %d by %d\n" % (cluster.applied, maker)
+        self.index = cluster.applied
+        self.sha256 = hashlib.sha256(self.body).hexdigest()
+        self.cluster_id = FAKE_CLUSTER_ID
+        self.closed = False
+
+    @property
+    def size(self) -> int:
+        return len(self.body)
+
+    async def chunks(self) -> AsyncIterator[bytes | memoryview]:
+        for i in range(0, len(self.body), 8):
+            yield self.body[i : i + 8]
+
+    def close(self) -> None:
+        self.closed = True
+
+    def handoff(self, holder: str) -> dict[str, Any]:
+        transfer = secrets.token_hex(8)
+        self.cluster.held_backups[transfer] = (self, holder)
+        return {"transfer": transfer, "index": self.index}
+
+
+class FakeBackups:
+    """``FakeNode.backups`` (see the module docstring)."""
+
+    def __init__(self, node: FakeNode) -> None:
+        self.node = node
+
+    async def archive(self) -> FakeArchive:
+        """Counted as a barrier, like the node's ReadIndex round."""
+        self.node.barriers += 1
+        if self.node.cluster.leader_id == 0:
+            raise LeaderUnavailable()
+        return FakeArchive(self.node.cluster, self.node.node_id)
+
+    def relayed(self) -> bool:
+        return self.node.cluster_enabled and not self.node.is_leader()
+
+    async def relay(self, handle: Mapping[str, Any], token: str, timeout: float) -> FakeArchive:
+        archive, _holder = self.node.cluster.held_backups.pop(str(handle["transfer"]))
+        return archive
