@@ -17,30 +17,52 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from quorumd.api.ports import DrainState, TokenRole
 from quorumd.node.cluster import pki
 from quorumd.node.cluster.service import pack, unpack
 from quorumd.node.registry import jointoken
+from quorumd.node.registry.audit import Actor, AuditAction, SystemComponent, note_of
 from quorumd.node.registry.commands import (
     AllocateLease,
+    Audited,
     CreateApiToken,
     CreatePool,
     MarkNodeLeft,
     MemberContext,
+    PinCertificate,
     RegisterNodeInfo,
     RevokeApiToken,
     SetDrain,
+    UnpinCertificate,
     encode_command,
     encode_member_context,
 )
 from quorumd.node.version import PROTOCOL_VERSION
 from quorumd.raft.aio.transport import ClusterTransport, RpcError, join_call
 
-INTERNAL_RPCS = ("api.forward", "node.propose", "member.remove", "node.wait_applied", "join.forward")
+INTERNAL_RPCS = (
+    "api.forward",
+    "node.propose",
+    "member.remove",
+    "node.wait_applied",
+    "join.forward",
+    "node.info",
+    "member.address",
+    "backup.read",
+)
 
 
 def _forward(method: str, path: str, token: str, hops: int = 1, body: bytes = b"") -> bytes:
     return pack([method, path, [], body, token, hops])
+
+
+def pem_of(cert_der: bytes) -> str:
+    if not cert_der:
+        return "-----BEGIN CERTIFICATE-----\nnot one\n-----END CERTIFICATE-----\n"
+    return x509.load_der_x509_certificate(cert_der).public_bytes(serialization.Encoding.PEM).decode()
 
 
 def hostile_calls(
@@ -49,9 +71,34 @@ def hostile_calls(
     now = time.time()
     bad_token = "qd_" + "0" * 12 + "_" + "A" * 43
     calls: list[tuple[str, bytes]] = []
+    own_pem = pem_of(cert_der)
+    forged = "sha256:" + "ab" * 32
     for v in victims:
+        rotation = note_of(
+            AuditAction.CERTIFICATE_ROTATE, f"node:{v}", Actor.system(SystemComponent.CERTIFICATES)
+        )
         calls += [
+            # another member's certificate pins: pin its own certificate as theirs, unpin theirs
+            ("node.propose", encode_command(PinCertificate(now, v, own_pem))),
+            ("node.propose", encode_command(UnpinCertificate(now, v, forged))),
+            ("node.propose", encode_command(Audited(now, rotation, UnpinCertificate(now, v, forged)))),
+            (
+                "api.forward",
+                _forward("POST", f"/api/v1/cluster/members/{v}/rotate-certificate", bad_token, 1, b"{}"),
+            ),
             ("member.remove", pack([v])),
+            # moving another member
+            (
+                "member.address",
+                pack(
+                    {
+                        "node_id": v,
+                        "raft_address": "203.0.113.9:7000",
+                        "api_address": "https://203.0.113.9:5002",
+                        "protocol_version": PROTOCOL_VERSION,
+                    }
+                ),
+            ),
             ("node.propose", encode_command(SetDrain(now, v, DrainState.DRAINING, None))),
             ("node.propose", encode_command(SetDrain(now, v, DrainState.DRAINED, None))),
             ("node.propose", encode_command(SetDrain(now, v, DrainState.DRAINED, now + 3600))),
@@ -96,6 +143,9 @@ def hostile_calls(
         ("node.wait_applied", pack([1, math.nan])),
         ("node.wait_applied", pack([1, -1])),
         ("node.wait_applied", b"zz"),
+        ("backup.read", pack(["no-such-transfer", 0, 1 << 20, bad_token])),
+        ("backup.read", b"\x00"),
+        ("node.info", b""),
         ("no.such.method", b""),
     ]
     return calls
