@@ -494,8 +494,9 @@ class RotatingFake:
     apply at once), every member confirms at once, and a wait on the replica for something it
     does not hold times out at once (nothing else will be applied)."""
 
-    def __init__(self, h: Harness, using: int) -> None:
+    def __init__(self, h: Harness, using: int, leader: Harness | None = None) -> None:
         self.h, self.sm = h, h.sm
+        self.leader = leader or h  # where proposals commit (another replica: this one lags)
         cert = ident(ME, using)
         self.identity = Identity(ME, CLUSTER, "0.1.0", "r", "a", cert.fingerprint, cert.cert_pem.decode())
         self.versions = ProtocolVersions(ME, h.sm)
@@ -514,7 +515,7 @@ class RotatingFake:
 
     async def propose(self, cmd: Command) -> ApplyResult:
         self.proposed.append(cmd)
-        return self.h.run(cmd)
+        return self.leader.run(cmd)
 
     async def wait_state(self, pred: Any, timeout: float) -> bool:
         return bool(pred())
@@ -536,8 +537,10 @@ class SwitchRecorder:
         return []
 
 
-def rotation_on(tmp_path: Path, h: Harness, using: int) -> tuple[CertificateRotation, RotatingFake]:
-    node = RotatingFake(h, using)
+def rotation_on(
+    tmp_path: Path, h: Harness, using: int, leader: Harness | None = None
+) -> tuple[CertificateRotation, RotatingFake]:
+    node = RotatingFake(h, using, leader)
     rot = CertificateRotation(node, tmp_path, 86400.0, 3600.0)  # type: ignore[arg-type]
     rot.files.write(ident(ME, using).cert_pem, ident(ME, using).key_pem)
     rot.transport = SwitchRecorder()
@@ -569,6 +572,21 @@ async def test_a_rotation_switched_before_a_crash_only_unpins(tmp_path: Path) ->
     [audited] = node.proposed
     assert isinstance(audited, Audited) and audited.command == UnpinCertificate(audited.ts, ME, fp(ME, 0))
     assert audited.note.action == AuditAction.CERTIFICATE_ROTATE and audited.note.target == f"node:{ME}"
+    assert isinstance(rot.transport, SwitchRecorder) and rot.transport.switched == []
+
+
+@pytest.mark.asyncio
+async def test_a_rotation_never_switches_to_a_pin_its_replica_has_not_applied(tmp_path: Path) -> None:
+    leader = cluster_at(3)
+    rot, node = rotation_on(tmp_path, cluster_at(3), using=0, leader=leader)
+    with pytest.raises(ApiError) as err:
+        await rot.rotate()
+    assert (err.value.status, err.value.code) == (504, "commit_timeout")
+    [pinned] = node.proposed
+    assert isinstance(pinned, PinCertificate) and leader.sm.pins()[ME][0] == fp(ME, 0)
+    assert node.identity.fingerprint == fp(ME, 0) and rot.files.load()[0] == ident(ME, 0).cert_pem
+    kept = rot.files.read_next()  # kept: the next rotation switches to it once it is pinned
+    assert kept is not None and kept[0] == pinned.cert_pem.encode()
     assert isinstance(rot.transport, SwitchRecorder) and rot.transport.switched == []
 
 
