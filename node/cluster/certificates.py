@@ -114,8 +114,13 @@ class CertificateRotation:
         node = self.node
         me = node.identity.node_id
         node.versions.check(PinCertificate(0.0, me, ""))  # 409 feature_unavailable below protocol 3
-        member = self._member()
         active = node.identity.fingerprint
+        # This node only uses a certificate its replica saw pinned. A replica that does not pin it
+        # is behind (after a restart, until the commit index is relearned): deciding on it could
+        # pin a fresh certificate in place of the one in use. Wait until it has caught up.
+        in_use = "the pin of the certificate it uses"
+        await self._await_own(lambda m: active in certificates.fingerprints(m), in_use)
+        member = self._member()
         if member.next_cert_fingerprint == active:  # switched already: only the unpin is left
             old, new = member.cert_fingerprint, active
         else:

@@ -250,6 +250,8 @@ def gate(cmd: Command, cluster_version: int) -> None:
     exception is the ratchet itself: ``SetProtocolVersion`` may establish the version it needs
     (the leader proposes it only once every member reports that version, and the state machine
     checks the list it carries against the registry)."""
+    if type(cmd) is Audited:  # readable only where the change it carries is
+        gate(cmd.command, cluster_version)
     needs = OP_PROTOCOL[_OP_OF_TYPE[type(cmd)]]
     if needs <= cluster_version:
         return

@@ -181,7 +181,9 @@ class ClusterTransport:
         peers.set_identity(cert_der, key)
         self.fingerprint = peers.fingerprint
         for conn in list(peers.conns):
-            if conn.outbound and conn.local_fingerprint == old and not conn.retiring:
+            # A dial still proving itself (no fingerprint yet) finishes with the old certificate:
+            # its channel replaces it once it is up (RaftChannel._writer, RpcChannel._connection).
+            if conn.outbound and conn.local_fingerprint == old and conn.fingerprint and not conn.retiring:
                 self._retire(conn)
         log.info("cluster_identity_switched old=%s new=%s", old, self.fingerprint)
         return self.fingerprint

@@ -223,6 +223,9 @@ class RaftChannel:
             frames = peer.frames
             peer.frames, peer.queued_bytes = [], 0
             peer.wakeup.clear()
+            if conn.local_fingerprint != self._peers.fingerprint and not conn.retiring:
+                conn.retiring = True  # dialed while this node switched certificates: replace it
+                peer.wakeup.set()
             if frames:
                 if not conn.write_frames(frames):
                     stats.frames_dropped += len(frames)

@@ -66,7 +66,8 @@ class RpcChannel:
         """Drop the connection to ``node_id`` (its address changed): the next call dials again."""
         peer = self.outgoing.get(node_id)
         if peer is not None and peer.conn is not None:
-            peer.conn.abort()
+            peer.conn.abort()  # lost only on a later turn of the loop: no call may pick it meanwhile
+            peer.conn = None
 
     def close(self) -> None:
         self.outgoing.clear()
@@ -185,6 +186,9 @@ class RpcChannel:
                 if conn is not None and not conn.lost and not conn.retiring:
                     return conn
                 conn = await peers.dial(node_id, ALPN_RPC)
+                if conn.local_fingerprint != peers.fingerprint:  # switched certificates meanwhile
+                    conn.close()
+                    conn = await peers.dial(node_id, ALPN_RPC)
         except TimeoutError:
             raise RpcUnreachable(f"could not connect to node {node_id} in time") from None
         except _DialError as exc:
