@@ -343,6 +343,8 @@ def check_announcements(
         if problem:
             out.append(Violation("announcements", f"{label}: node {v.node_id} {problem}"))
     return out
+
+
 def check_no_unauthorized_membership_change(
     observations: list[tuple[str, Any, Any]],
 ) -> list[Violation]:
