@@ -207,6 +207,21 @@ def test_fenced_silent_flags_a_fenced_node_that_announces() -> None:
     assert check_fenced_silent(ok) == []
     bad = check_fenced_silent([*ok, SpeakerSample(2.0, 1, True, True, 2)])
     assert len(bad) == 1 and "node 1 is fenced" in str(bad[0])
+    # a real speaker: the read-back may show prefixes for a moment after the fence, never long
+    spell = [
+        SpeakerSample(0.5, 3, False, True, 2),
+        SpeakerSample(1.0, 3, True, False, 2),  # fenced: stopped at once, withdrawal read back later
+        SpeakerSample(1.3, 3, True, False, 2),
+        SpeakerSample(1.6, 3, True, False, 0),
+        SpeakerSample(3.0, 3, False, True, 2),  # rejoined
+        SpeakerSample(4.0, 3, True, False, 2),  # a new spell starts its own grace
+    ]
+    assert check_fenced_silent(spell, withdraw_grace=0.5) == []
+    assert len(check_fenced_silent(spell)) == 3  # the stub: at once
+    late = check_fenced_silent([*spell, SpeakerSample(4.6, 3, True, False, 1)], withdraw_grace=0.5)
+    assert len(late) == 1 and "t=4.600: node 3 is fenced but its speaker stopped with 1" in str(late[0])
+    running = check_fenced_silent([SpeakerSample(1.0, 4, True, True, 0)], withdraw_grace=5.0)
+    assert len(running) == 1 and "speaker runs" in str(running[0])
 
 
 def test_fence_logs_flag_a_speaker_change_inside_a_fenced_interval() -> None:

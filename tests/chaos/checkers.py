@@ -269,11 +269,19 @@ class SpeakerSample:
     announced: int
 
 
-def check_fenced_silent(samples: list[SpeakerSample]) -> list[Violation]:
-    """No node announces a prefix (or runs its speaker) while it reports itself fenced."""
+def check_fenced_silent(samples: list[SpeakerSample], withdraw_grace: float = 0.0) -> list[Violation]:
+    """No node runs its speaker while it reports itself fenced, nor announces a prefix. A real
+    speaker's announcements are read back from the speaker process, so they reach zero a moment
+    after the fence: ``withdraw_grace`` seconds after the first fenced sample of a fenced spell
+    (the stub: 0, at once). The route collector checks the same from the network's side."""
     out: list[Violation] = []
-    for s in samples:
-        if s.isolated and (s.running or s.announced > 0):
+    fenced_since: dict[int, float] = {}
+    for s in sorted(samples, key=lambda x: x.at):
+        if not s.isolated:
+            fenced_since.pop(s.node_id, None)
+            continue
+        since = fenced_since.setdefault(s.node_id, s.at)
+        if s.running or (s.announced > 0 and s.at - since >= withdraw_grace):
             out.append(
                 Violation(
                     "fencing",

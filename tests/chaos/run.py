@@ -78,6 +78,7 @@ class RunConfig:
     announce_seconds: float = 30.0  # bound on the wait for announcements to settle after a heal
     bgp: str = "stub"  # the nodes' speaker: stub, or a real one (SPEAKERS) peering with a collector
     route_bound_seconds: float = 20.0  # bound on the collector's RIB reaching the intended state
+    withdraw_grace_seconds: float = 2.0  # a real speaker's read-back may show routes this long after a fence
     first_faults: tuple[str, ...] = ()  # the nemesis starts with these, then chooses by seed
 
     def replay_command(self) -> str:
@@ -195,7 +196,8 @@ def run_chaos(cfg: RunConfig) -> RunResult:
 
             nemesis.after_recovered = after_heal
         asyncio.run(_drive(cfg, cluster, nemesis, workload, samples))
-        result.violations += fence_violations + check_fenced_silent(samples)
+        grace = 0.0 if routes is None else cfg.withdraw_grace_seconds
+        result.violations += fence_violations + check_fenced_silent(samples, grace)
         _say(f"workload done: {sorted(workload.counts.items())}; nemesis rounds {nemesis.rounds}")
         views, autopilot, final = _converge(cluster, len(voters), cfg.converge_seconds)
         result.violations += check_converged(views, autopilot, len(voters))
@@ -215,7 +217,8 @@ def run_chaos(cfg: RunConfig) -> RunResult:
         )
         result.violations += check_no_unauthorized_membership_change(nemesis.membership_observations)
         current = {i: (f"{n.addr}:{RAFT_PORT}", n.api) for i, n in cluster.nodes.items()}
-        result.violations += check_moves(nemesis.moves, history, _final_listings(cluster), current)
+        listings = _final_listings(cluster, current, 30.0)
+        result.violations += check_moves(nemesis.moves, history, listings, current)
         if routes is not None:
             routes.converge("after the final heal", lambda: intended_routes(cluster))
             result.violations += check_routes(routes.checks)
@@ -408,17 +411,22 @@ def _settled_announcements(
         time.sleep(0.2)  # poll interval of a bounded wait
 
 
-def _final_listings(cluster: NsCluster) -> dict[int, Listing | None]:
-    """Every node's members list (its own replica): member -> (raftAddress, apiAddress)."""
-    out: dict[int, Listing | None] = {}
-    for nid in sorted(cluster.nodes):
-        try:
-            rows = cluster.call(nid, "GET", "/api/v1/cluster/members")
-        except (OSError, ApiCallError, ValueError):
-            out[nid] = None
-            continue
-        out[nid] = {int(m["nodeId"]): (str(m["raftAddress"]), str(m["apiAddress"])) for m in rows}
-    return out
+def _final_listings(cluster: NsCluster, want: Listing, timeout: float) -> dict[int, Listing | None]:
+    """Every node's members list (its own replica): member -> (raftAddress, apiAddress). Polled
+    (bounded) until every node answers with ``want``; the last answers otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out: dict[int, Listing | None] = {}
+        for nid in sorted(cluster.nodes):
+            try:
+                rows = cluster.call(nid, "GET", "/api/v1/cluster/members")
+            except (OSError, ApiCallError, ValueError):
+                out[nid] = None
+                continue
+            out[nid] = {int(m["nodeId"]): (str(m["raftAddress"]), str(m["apiAddress"])) for m in rows}
+        if all(v == want for v in out.values()) or time.monotonic() >= deadline:
+            return out
+        time.sleep(0.5)  # poll interval of a bounded wait
 
 
 def _create_pool(cluster: NsCluster) -> None:
