@@ -409,7 +409,7 @@ def test_route_watch_records_convergence_and_its_failure() -> None:
     from tests.chaos.netcheckers import check_routes
 
     stale = {1: {"10.0.0.1/32": "10.9.0.11"}, 2: {}}
-    fresh = {1: {}, 2: {}}
+    fresh: dict[int, dict[str, str]] = {1: {}, 2: {}}
     watch = RouteWatch(cast(Collector, _FakeCollector([stale, stale, fresh])), lambda: 7.0, bound_seconds=5.0)
     ok = watch.withdrawn("node 1 drained", [1])
     assert ok.seconds is not None and ok.last_diff == ()

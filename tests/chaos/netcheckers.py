@@ -15,6 +15,7 @@ Pure functions of recorded data, like ``checkers``; the unit tests feed them syn
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tests.chaos.checkers import Violation
@@ -42,7 +43,7 @@ class MoveRecord:
 def check_moves(
     moves: list[MoveRecord],
     history: History,
-    final: dict[int, Listing | None] | None = None,
+    final: Mapping[int, Listing | None] | None = None,
     current: Listing | None = None,
 ) -> list[Violation]:
     out: list[Violation] = []
