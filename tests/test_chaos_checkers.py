@@ -242,6 +242,20 @@ def test_fence_logs_flag_a_speaker_change_inside_a_fenced_interval() -> None:
         {2: "t0 WARNING x node=2 node_isolated node=2\nt1 INFO x node=2 bgp_announce prefix=10.0.0.2/32\n"}
     )
     assert len(bad) == 1 and "node 2 changed its speaker while fenced" in str(bad[0])
+    # a real speaker: a change sent before the fence (a SIGSTOP in between) is confirmed after it
+    real = (
+        "2026-12-07T01:53:37.533Z WARNING x node=5 node_isolated node=5 stalled_seconds=4.2\n"
+        "2026-12-07T01:53:37.533Z INFO x node=5 bgp_speaker_stopped speaker=gobgp\n"
+        "2026-12-07T01:53:37.877Z INFO x node=5 bgp_announce prefix=198.18.0.10/32\n"
+    )
+    assert check_fence_logs({5: real}, in_flight_grace=2.0) == []
+    assert len(check_fence_logs({5: real})) == 1  # the stub: never
+    late = real + "2026-12-07T01:53:39.600Z INFO x node=5 bgp_announce prefix=198.18.0.11/32\n"
+    (v,) = check_fence_logs({5: late}, in_flight_grace=2.0)
+    assert "198.18.0.11/32" in str(v)
+    started = real + "2026-12-07T01:53:37.900Z INFO x node=5 bgp_speaker_started prefixes=1\n"
+    (v,) = check_fence_logs({5: started}, in_flight_grace=2.0)
+    assert "bgp_speaker_started" in str(v)
 
 
 def test_announcements_match_the_active_nodes_leases() -> None:

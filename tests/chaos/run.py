@@ -78,7 +78,8 @@ class RunConfig:
     announce_seconds: float = 30.0  # bound on the wait for announcements to settle after a heal
     bgp: str = "stub"  # the nodes' speaker: stub, or a real one (SPEAKERS) peering with a collector
     route_bound_seconds: float = 20.0  # bound on the collector's RIB reaching the intended state
-    withdraw_grace_seconds: float = 2.0  # a real speaker's read-back may show routes this long after a fence
+    # a real speaker confirms changes sent before a fence (and reads back its RIB) up to this late
+    withdraw_grace_seconds: float = 2.0
     first_faults: tuple[str, ...] = ()  # the nemesis starts with these, then chooses by seed
 
     def replay_command(self) -> str:
@@ -213,7 +214,8 @@ def run_chaos(cfg: RunConfig) -> RunResult:
                 i: n.log_path.read_text(errors="replace")
                 for i, n in cluster.nodes.items()
                 if n.log_path.exists()
-            }
+            },
+            grace,
         )
         result.violations += check_no_unauthorized_membership_change(nemesis.membership_observations)
         if not cfg.nonvoters:  # the planted-bug scenario diverges on purpose: addresses are not its point
