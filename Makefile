@@ -56,8 +56,9 @@ bench: $(STAMP)
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk etcd-server etcd-client)
 	$(BIN)/python bench/run.py
 
+# CHAOS_ARGS: more flags of the run, e.g. CHAOS_ARGS="--bgp gobgp" (real speakers and a route collector)
 chaos: $(STAMP)
-	$(BIN)/python -m tests.chaos --minutes 30
+	$(BIN)/python -m tests.chaos --minutes 30 $(CHAOS_ARGS)
 
 # Deployment images, built offline (deploy/image/build.sh): a debootstrapped Debian base (reused once
 # built), quorumd:local from wheels of this checkout, quorumd-prometheus:local. Starts dockerd if needed.

@@ -1,5 +1,7 @@
-"""Unit tests of the chaos checkers 1 (exclusive), 2 (durable) and 4 (converged) on synthetic
-histories and final states; each checker is shown to pass a good input and to fail a bad one."""
+"""Unit tests of the chaos checkers on synthetic histories and final states: 1 (exclusive),
+2 (durable), 4 (converged), 5 (fencing, announcements), 6 (moves), 7 (the route collector's RIB)
+and the parsing of the collector's routes; each checker is shown to pass a good input and to fail
+a bad one."""
 
 from __future__ import annotations
 
@@ -205,6 +207,21 @@ def test_fenced_silent_flags_a_fenced_node_that_announces() -> None:
     assert check_fenced_silent(ok) == []
     bad = check_fenced_silent([*ok, SpeakerSample(2.0, 1, True, True, 2)])
     assert len(bad) == 1 and "node 1 is fenced" in str(bad[0])
+    # a real speaker: the read-back may show prefixes for a moment after the fence, never long
+    spell = [
+        SpeakerSample(0.5, 3, False, True, 2),
+        SpeakerSample(1.0, 3, True, False, 2),  # fenced: stopped at once, withdrawal read back later
+        SpeakerSample(1.3, 3, True, False, 2),
+        SpeakerSample(1.6, 3, True, False, 0),
+        SpeakerSample(3.0, 3, False, True, 2),  # rejoined
+        SpeakerSample(4.0, 3, True, False, 2),  # a new spell starts its own grace
+    ]
+    assert check_fenced_silent(spell, withdraw_grace=0.5) == []
+    assert len(check_fenced_silent(spell)) == 3  # the stub: at once
+    late = check_fenced_silent([*spell, SpeakerSample(4.6, 3, True, False, 1)], withdraw_grace=0.5)
+    assert len(late) == 1 and "t=4.600: node 3 is fenced but its speaker stopped with 1" in str(late[0])
+    running = check_fenced_silent([SpeakerSample(1.0, 4, True, True, 0)], withdraw_grace=5.0)
+    assert len(running) == 1 and "speaker runs" in str(running[0])
 
 
 def test_fence_logs_flag_a_speaker_change_inside_a_fenced_interval() -> None:
@@ -225,6 +242,20 @@ def test_fence_logs_flag_a_speaker_change_inside_a_fenced_interval() -> None:
         {2: "t0 WARNING x node=2 node_isolated node=2\nt1 INFO x node=2 bgp_announce prefix=10.0.0.2/32\n"}
     )
     assert len(bad) == 1 and "node 2 changed its speaker while fenced" in str(bad[0])
+    # a real speaker: a change sent before the fence (a SIGSTOP in between) is confirmed after it
+    real = (
+        "2026-12-07T01:53:37.533Z WARNING x node=5 node_isolated node=5 stalled_seconds=4.2\n"
+        "2026-12-07T01:53:37.533Z INFO x node=5 bgp_speaker_stopped speaker=gobgp\n"
+        "2026-12-07T01:53:37.877Z INFO x node=5 bgp_announce prefix=198.18.0.10/32\n"
+    )
+    assert check_fence_logs({5: real}, in_flight_grace=2.0) == []
+    assert len(check_fence_logs({5: real})) == 1  # the stub: never
+    late = real + "2026-12-07T01:53:39.600Z INFO x node=5 bgp_announce prefix=198.18.0.11/32\n"
+    (v,) = check_fence_logs({5: late}, in_flight_grace=2.0)
+    assert "198.18.0.11/32" in str(v)
+    started = real + "2026-12-07T01:53:37.900Z INFO x node=5 bgp_speaker_started prefixes=1\n"
+    (v,) = check_fence_logs({5: started}, in_flight_grace=2.0)
+    assert "bgp_speaker_started" in str(v)
 
 
 def test_announcements_match_the_active_nodes_leases() -> None:
@@ -250,6 +281,8 @@ def test_announcements_match_the_active_nodes_leases() -> None:
     assert len(found) == 4, found
     assert "does not own" in found[0] and "running=True while drained" in found[1]
     assert "still fenced" in found[2] and "announces 0 prefixes, owns 2" in found[3]
+
+
 def test_no_unauthorized_membership_change_checker() -> None:
     from tests.chaos.checkers import check_no_unauthorized_membership_change
 
@@ -260,3 +293,147 @@ def test_no_unauthorized_membership_change_checker() -> None:
     for after in (gone, drained, None):
         (v,) = check_no_unauthorized_membership_change([("rogue 41", same, after)])
         assert v.checker == "unauthorized_membership" and "rogue 41" in v.message
+
+
+# --- 6. moves --------------------------------------------------------------------------------------
+OLD, NEW = ("10.9.0.12:7000", "https://10.9.0.12:5002"), ("10.9.0.32:7000", "https://10.9.0.32:5002")
+
+
+def _op_through(h: History, node: int, addr: str, at: float, status: str = OK) -> None:
+    op = h.invoke(READ, client=0, node=node, at=at, pool=P, addr=addr)
+    op.leases = []
+    h.complete(op, status, at + 0.1)
+
+
+def _move(**over: Any) -> Any:
+    from tests.chaos.netcheckers import MoveRecord
+
+    fields: dict[str, Any] = {
+        "node": 2,
+        "at": 10.0,
+        "old_raft": OLD[0],
+        "raft": NEW[0],
+        "api": NEW[1],
+        "listings": {1: NEW, 2: NEW, 3: NEW},
+        "ready": True,
+        "settled_seconds": 1.5,
+    }
+    return MoveRecord(**{**fields, **over})
+
+
+def test_moves_pass_when_every_node_lists_the_new_address_and_the_node_serves() -> None:
+    from tests.chaos.netcheckers import check_moves
+
+    h = History()
+    _op_through(h, 2, OLD[1], 5.0)
+    _op_through(h, 2, NEW[1], 11.0)
+    final = {n: {1: ("a", "b"), 2: NEW} for n in (1, 2, 3)}
+    assert check_moves([_move()], h, final, {1: ("a", "b"), 2: NEW}) == []
+    # back and forth: a second move to the old address, served there too
+    _op_through(h, 2, OLD[1], 21.0)
+    back = _move(at=20.0, old_raft=NEW[0], raft=OLD[0], api=OLD[1], listings={1: OLD, 2: OLD, 3: OLD})
+    assert check_moves([_move(), back], h) == []
+
+
+def test_moves_fail_on_a_stale_listing_a_node_not_ready_or_not_serving() -> None:
+    from tests.chaos.netcheckers import check_moves
+
+    h = History()
+    _op_through(h, 2, OLD[1], 11.0)  # through the old address: does not count
+    _op_through(h, 2, NEW[1], 9.0)  # before the move: does not count
+    _op_through(h, 2, NEW[1], 12.0, status=INFO)  # not acknowledged: does not count
+    _op_through(h, 3, NEW[1], 12.0)  # another node's client: does not count
+    found = [str(v) for v in check_moves([_move()], h)]
+    assert len(found) == 1 and "no operation through https://10.9.0.32:5002 succeeded" in found[0]
+    _op_through(h, 2, NEW[1], 12.0)
+    bad = _move(listings={1: NEW, 2: NEW, 3: OLD, 4: None}, ready=False)
+    found = [str(v) for v in check_moves([bad], h)]
+    assert len(found) == 3, found
+    assert "node 3 lists it at ('10.9.0.12:7000'" in found[0] and "node 4 lists it at None" in found[1]
+    assert "never reported ready" in found[2]
+    (same,) = check_moves([_move(raft=OLD[0], api=NEW[1])], h)[:1]
+    assert "did not change" in str(same)
+    assert "no node's members list" in str(check_moves([_move(listings={})], h)[0])
+
+
+def test_moves_final_listing_must_show_every_member_where_it_is() -> None:
+    from tests.chaos.netcheckers import check_moves
+
+    current = {1: ("a", "b"), 2: NEW}
+    final = {1: {1: ("a", "b"), 2: NEW}, 2: {1: ("a", "b"), 2: OLD}, 3: None}
+    found = [str(v) for v in check_moves([], History(), final, current)]
+    assert len(found) == 2, found
+    assert "node 2 lists node 2 at ('10.9.0.12:7000'" in found[0] and "node 3's members unread" in found[1]
+
+
+# --- 7. the route collector ---------------------------------------------------------------------------
+BIRD_ROUTES = """BIRD 2.0.12 ready.
+Table master4:
+198.18.0.3/32        unicast [n3 01:31:12.944] * (100) [AS65003?]
+	via 10.213.78.13 on eth0
+198.18.0.2/32        unicast [n12 01:31:14.978] * (100) [AS65012?]
+	via 10.213.78.32 on eth0
+198.18.0.1/32        unicast [n1 01:31:11.388] * (100) [AS65001?]
+	via 10.213.78.11 on eth0
+198.18.0.9/32        unicast [n1 01:31:11.388] * (100) [AS65001?]
+	via 10.213.78.11 on eth0
+
+Table master6:
+"""
+
+
+def test_collector_routes_parse_per_session_with_next_hops() -> None:
+    from tests.chaos.collector import parse_routes
+
+    rib = parse_routes(BIRD_ROUTES, [1, 2, 3, 12])
+    assert rib == {
+        1: {"198.18.0.1/32": "10.213.78.11", "198.18.0.9/32": "10.213.78.11"},
+        2: {},
+        3: {"198.18.0.3/32": "10.213.78.13"},
+        12: {"198.18.0.2/32": "10.213.78.32"},
+    }
+
+
+def test_rib_diff_names_missing_extra_and_wrong_next_hop_routes() -> None:
+    from tests.chaos.collector import rib_diff
+
+    rib = {1: {"10.0.0.1/32": "10.9.0.11", "10.0.0.2/32": "10.9.0.11"}, 2: {"10.0.0.3/32": "10.9.0.12"}}
+    assert rib_diff({1: dict(rib[1]), 2: {"10.0.0.3/32": ""}}, rib) == []  # "" = any next hop
+    assert rib_diff({1: dict(rib[1])}, rib) == []  # only the checked nodes count
+    diff = rib_diff({1: {"10.0.0.1/32": "10.9.0.31", "10.0.0.4/32": "10.9.0.11"}, 2: {}, 3: {}}, rib)
+    assert len(diff) == 4, diff
+    assert "node 1: 1 routes missing" in diff[0] and "10.0.0.4/32" in diff[0]
+    assert "node 1: 1 routes not wanted" in diff[1] and "10.0.0.2/32" in diff[1]
+    assert "10.0.0.1/32 via 10.9.0.11 not 10.9.0.31" in diff[2]
+    assert "node 2: 1 routes not wanted" in diff[3]
+
+
+class _FakeCollector:
+    def __init__(self, ribs: list[dict[int, dict[str, str]]]) -> None:
+        self.ribs = ribs
+
+    def routes(self) -> dict[int, dict[str, str]]:
+        return self.ribs.pop(0) if len(self.ribs) > 1 else self.ribs[0]
+
+
+def test_route_watch_records_convergence_and_its_failure() -> None:
+    from typing import cast
+
+    from tests.chaos.collector import Collector, RouteWatch
+    from tests.chaos.netcheckers import check_routes
+
+    stale = {1: {"10.0.0.1/32": "10.9.0.11"}, 2: {}}
+    fresh: dict[int, dict[str, str]] = {1: {}, 2: {}}
+    watch = RouteWatch(cast(Collector, _FakeCollector([stale, stale, fresh])), lambda: 7.0, bound_seconds=5.0)
+    ok = watch.withdrawn("node 1 drained", [1])
+    assert ok.seconds is not None and ok.last_diff == ()
+    never = RouteWatch(cast(Collector, _FakeCollector([stale])), lambda: 9.0, bound_seconds=0.3)
+    bad = never.converge("after the heal", lambda: {1: {}, 2: {"10.0.0.5/32": "10.9.0.12"}})
+    assert bad.seconds is None and len(bad.last_diff) == 2
+    unread = never.converge("unreadable intended state", lambda: None)
+    assert unread.seconds is None and "could not be read" in unread.last_diff[0]
+    assert check_routes(watch.checks) == []
+    found = [str(v) for v in check_routes(never.checks)]
+    assert len(found) == 2 and found[0].startswith("[routes] t=9.0s after the heal:")
+    assert "node 1: 1 routes not wanted" in found[0] and "node 2: 1 routes missing" in found[0]
+    assert "2 checks, 2 never converged" in never.summary()

@@ -1,8 +1,11 @@
 """Short real-network chaos runs inside ``make test`` (needs root, ``ip netns`` and ``nft``).
 
-* ``test_chaos_short``: 5 nodes in network namespaces, every nemesis fault, the lease workload,
-  then every checker must pass. ``QUORUMD_CHAOS_SEED`` pins the seed, ``QUORUMD_CHAOS_SECONDS``
-  the duration (default 120 s).
+* ``test_lab_moves_a_node_and_removes_everything``: the lab alone (no daemons): a node moves
+  back and forth between its address slots, fault rules follow it, and cleanup leaves nothing.
+* ``test_chaos_short``: 5 nodes in network namespaces, every nemesis fault (the first round is a
+  move of a node to a new address), the lease workload, then every checker must pass.
+  ``QUORUMD_CHAOS_SEED`` pins the seed, ``QUORUMD_CHAOS_SECONDS`` the duration (default 120 s),
+  ``QUORUMD_CHAOS_BGP=gobgp`` runs real speakers and the route collector (needs gobgpd and BIRD).
 * ``test_chaos_detects_planted_bug`` (PLANTED BUG, a self-check of the checkers): the nodes run
   with ``QUORUMD_TEST_BUGS=bug_nonvoter_counts`` (a leader counts nonvoters toward its commit
   quorum), 3 voters + 2 nonvoters, and the nemesis puts the leader with both nonvoters on one side
@@ -20,11 +23,13 @@ import fcntl
 import os
 import random
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 
-from tests.chaos.netns import LOCK_DIR
+from tests.chaos.netns import LOCK_DIR, NetLab
 from tests.chaos.run import RunConfig, run_chaos
 
 pytestmark = [
@@ -53,19 +58,80 @@ def _seed() -> int:
     return int(env) if env else random.SystemRandom().randrange(1, 2**31)
 
 
+LISTEN = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 7999))
+s.listen(16)
+s.settimeout(20)
+try:
+    while True:
+        s.accept()[0].close()
+except OSError:
+    pass
+"""
+CONNECT = (
+    "import socket, sys\n"
+    "socket.create_connection((sys.argv[1], 7999), float(sys.argv[2])).close()\n"
+    "print('ok')\n"
+)
+
+
+def _reaches(lab: NetLab, src: int, addr: str, timeout: float = 1.0) -> bool:
+    """One TCP connection attempt from node ``src``'s namespace to ``addr``."""
+    return lab.run_in(src, [sys.executable, "-c", CONNECT, addr, str(timeout)], check=False).strip() == "ok"
+
+
+@pytest.mark.timeout(120)
+def test_lab_moves_a_node_and_removes_everything() -> None:
+    lab = NetLab(3, collector=True)
+    listener: subprocess.Popen[bytes] | None = None
+    try:
+        lab.setup()
+        first = lab.addr(1)
+        lab.isolate(1)  # the other nodes' rules name node 1: they must follow it
+        seen = [first]
+        for slot in (1, 2, 0, 2):  # on to fresh addresses, back home, and again
+            new = lab.move(1, slot)
+            assert new == lab.addr(1) and lab.node_addrs(1) == [new]
+            for other in (2, 3):
+                rules = lab.run_in(other, ["nft", "list", "table", "inet", "chaos"])
+                assert f"ip saddr {new} drop" in rules and f"ip daddr {new} drop" in rules, rules
+                assert all(f" {a} " not in rules for a in seen if a != new), rules
+            seen.append(new)
+        assert len(set(seen)) == 3 and seen[3] == first
+        listener = subprocess.Popen(lab.exec_argv(1, [sys.executable, "-c", LISTEN, lab.addr(1)]))
+        assert not _reaches(lab, 2, lab.addr(1))  # isolated at its new address
+        lab.heal()
+        attempts = 40  # bounded: at most 40 connection attempts of 0.5 s
+        assert any(_reaches(lab, 2, lab.addr(1), 0.5) for _ in range(attempts)), "unreachable after the heal"
+        assert not _reaches(lab, 2, first, 0.5)  # nothing answers at the address it left
+    finally:
+        if listener is not None:
+            listener.kill()
+            listener.wait(timeout=10)
+        lab.destroy()
+    assert lab.left_behind == [] and lab.leftovers() == []
+
+
 @pytest.mark.timeout(900)
 def test_chaos_short(chaos_lock: None) -> None:
     cfg = RunConfig(
         seconds=float(os.environ.get("QUORUMD_CHAOS_SECONDS", "120")),
         seed=_seed(),
         linearizability_budget_seconds=180.0,
+        first_faults=("move",),
+        bgp=os.environ.get("QUORUMD_CHAOS_BGP", "stub"),
     )
     result = run_chaos(cfg)
     assert result.ok, (
         f"chaos seed {cfg.seed} failed (kept {result.directory}); replay: {cfg.replay_command()}\n"
         + (result.error or "")
         + "\n".join(str(v) for v in result.violations[:20])
+        + (f"\nleft over: {result.leftovers}" if result.leftovers else "")
     )
+    assert result.summary["moves"], "the first round moves a node"
 
 
 @pytest.mark.timeout(900)

@@ -1,4 +1,6 @@
-"""``python -m tests.chaos --minutes M --seed S [--keep]``: one chaos run (needs root and ip netns).
+"""``python -m tests.chaos --minutes M --seed S [--keep] [--bgp gobgp]``: one chaos run (needs root and
+ip netns; ``--bgp gobgp`` also gobgpd and BIRD: every node runs a real speaker peering with a route
+collector, and the route checks read the collector's RIB).
 
 Also re-checks a kept history offline: ``python -m tests.chaos --check DIR/history.json``.
 Exit status: 0 pass, 1 a checker found a violation or the run failed.
@@ -14,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 
 from tests.chaos.checkers import check_exclusive
+from tests.chaos.collector import SPEAKERS
 from tests.chaos.history import History
 from tests.chaos.linearizability import check_history
 from tests.chaos.nemesis import FAULTS
@@ -40,6 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bugs", default="", help="QUORUMD_TEST_BUGS for the nodes (planted bugs)")
     ap.add_argument("--nonvoters", type=int, default=0, help="the last N nodes stay nonvoters")
     ap.add_argument("--faults", type=_parse_faults, default=None, help="name=weight,... (default: all)")
+    ap.add_argument(
+        "--first-faults",
+        type=lambda text: tuple(name for part in text.split(",") for name in _parse_faults(part)),
+        default=(),
+        help="name,... run first, in this order, before the seeded choice",
+    )
+    ap.add_argument(
+        "--bgp",
+        choices=("stub", *SPEAKERS),
+        default="stub",
+        help="the nodes' BGP speaker: stub (default) or gobgp (gobgpd peering with a BIRD collector)",
+    )
     ap.add_argument("--check", type=Path, default=None, help="re-check a saved history.json and exit")
     args = ap.parse_args(argv)
 
@@ -68,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         nonvoters=args.nonvoters,
         faults=args.faults or dict(FAULTS),
         linearizability_budget_seconds=max(300.0, seconds),
+        bgp=args.bgp,
+        first_faults=args.first_faults,
     )
     result = run_chaos(cfg)
     return 0 if result.ok else 1

@@ -28,6 +28,7 @@ the unit tests feed them synthetic histories.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from tests.chaos.history import ALLOCATE, FAIL, OK, READ, RELEASE, REMOVE, History, LeaseObs
@@ -269,11 +270,19 @@ class SpeakerSample:
     announced: int
 
 
-def check_fenced_silent(samples: list[SpeakerSample]) -> list[Violation]:
-    """No node announces a prefix (or runs its speaker) while it reports itself fenced."""
+def check_fenced_silent(samples: list[SpeakerSample], withdraw_grace: float = 0.0) -> list[Violation]:
+    """No node runs its speaker while it reports itself fenced, nor announces a prefix. A real
+    speaker's announcements are read back from the speaker process, so they reach zero a moment
+    after the fence: ``withdraw_grace`` seconds after the first fenced sample of a fenced spell
+    (the stub: 0, at once). The route collector checks the same from the network's side."""
     out: list[Violation] = []
-    for s in samples:
-        if s.isolated and (s.running or s.announced > 0):
+    fenced_since: dict[int, float] = {}
+    for s in sorted(samples, key=lambda x: x.at):
+        if not s.isolated:
+            fenced_since.pop(s.node_id, None)
+            continue
+        since = fenced_since.setdefault(s.node_id, s.at)
+        if s.running or (s.announced > 0 and s.at - since >= withdraw_grace):
             out.append(
                 Violation(
                     "fencing",
@@ -284,9 +293,21 @@ def check_fenced_silent(samples: list[SpeakerSample]) -> list[Violation]:
     return out
 
 
-def check_fence_logs(logs: dict[int, str]) -> list[Violation]:
+def _log_time(line: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(line[:24].replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def check_fence_logs(logs: dict[int, str], in_flight_grace: float = 0.0) -> list[Violation]:
     """From each node's log: between ``node_isolated`` and the next ``node_rejoined`` (or the end
-    of that process: a restart banner) the speaker neither starts nor announces anything."""
+    of that process: a restart banner) the speaker neither starts nor announces anything.
+
+    A real speaker logs ``bgp_announce`` when the speaker process confirms a change, so a change
+    sent before the fence (say, just before a SIGSTOP) may be confirmed after it: such a line is
+    allowed within ``in_flight_grace`` seconds of ``node_isolated`` (the stub: 0, never). A start
+    of the speaker is never allowed."""
     out: list[Violation] = []
     for nid, text in sorted(logs.items()):
         fenced_since = ""
@@ -296,6 +317,15 @@ def check_fence_logs(logs: dict[int, str]) -> list[Violation]:
             elif " node_isolated " in line:
                 fenced_since = line[:24]
             elif fenced_since and (" bgp_speaker_started" in line or " bgp_announce " in line):
+                since, at = _log_time(fenced_since), _log_time(line)
+                in_flight = (
+                    " bgp_announce " in line
+                    and since is not None
+                    and at is not None
+                    and (at - since).total_seconds() < in_flight_grace
+                )
+                if in_flight:
+                    continue
                 out.append(
                     Violation(
                         "fencing",
@@ -343,6 +373,8 @@ def check_announcements(
         if problem:
             out.append(Violation("announcements", f"{label}: node {v.node_id} {problem}"))
     return out
+
+
 def check_no_unauthorized_membership_change(
     observations: list[tuple[str, Any, Any]],
 ) -> list[Violation]:

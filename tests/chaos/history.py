@@ -58,6 +58,7 @@ class Op:
     leases: list[LeaseObs] | None = None  # READ ok: the full listing of the pool
     http_status: int = 0
     error: str = ""
+    addr: str = ""  # the API base URL called (a moved node is called at its new address)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

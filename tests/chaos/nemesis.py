@@ -22,6 +22,17 @@ should run answers ``/status`` again before the next round. Faults:
   leader before and after the attack are recorded (``membership_observations``) for the checker
   "no membership change without an authorized API request"; then the rogue removes itself (the
   one change a member may ask for), or the admin removes it.
+* ``move``: a node (often the leader) is stopped (SIGTERM, sometimes SIGKILL), its namespace's
+  address is replaced by another of its address slots (``NetLab.move``: back to an address it
+  had before or on to a fresh one), every config names the new address, and it starts there with
+  its data dir, node id and certificate, under the ongoing workload. The workload's clients of
+  that node follow it. The nemesis then waits (bounded) until the node is ready, every node's
+  members list shows its new ``raftAddress`` and ``apiAddress``, and a consistent read through
+  the new API address (recorded in the history) succeeds; the ``MoveRecord`` feeds checker 6.
+
+With a route collector (``routes``, the ``--bgp gobgp`` runs) the faults also wait (bounded) for
+the collector's RIB to show what the fault must do to it: a killed or stopped node's routes
+withdrawn, a drained node's withdrawn, a minority node that reports itself fenced withdrawn.
 
 The schedule is a pure function of the seed; wall-clock timing (and so the exact interleaving with
 the workload) is not, which is why a failing run keeps its whole history for offline re-checking.
@@ -37,8 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.chaos.history import FAIL, INFO, OK, REMOVE, History
-from tests.chaos.nscluster import NsCluster
+from tests.chaos.collector import RouteWatch
+from tests.chaos.history import FAIL, INFO, OK, READ, REMOVE, History, LeaseObs
+from tests.chaos.netcheckers import MoveRecord
+from tests.chaos.nscluster import RAFT_PORT, NsCluster
+from tests.chaos.workload import POOL
 from tests.cluster import ApiCallError, http
 
 FAULTS: dict[str, int] = {
@@ -52,7 +66,9 @@ FAULTS: dict[str, int] = {
     "transfer": 2,
     "remove_rejoin": 1,
     "rogue_member": 3,
+    "move": 3,
 }
+MOVE_SLOTS = 3  # a node moves among its first three address slots: back, forth and to fresh ones
 
 
 @dataclass
@@ -74,6 +90,11 @@ class Nemesis:
     after_recovered: Callable[[], Awaitable[None]] | None = None  # a check after every heal
     # (what, members before, members after) around each unauthorized attempt: see checkers.py
     membership_observations: list[tuple[str, Any, Any]] = field(default_factory=list)
+    first_faults: tuple[str, ...] = ()  # run these first, in order, then the seeded choice
+    routes: RouteWatch | None = None  # the route collector's watch (real speakers)
+    endpoints: dict[int, str] | None = None  # the workload's API address of each node (a move updates it)
+    moves: list[MoveRecord] = field(default_factory=list)
+    fault_counts: dict[str, int] = field(default_factory=dict)  # rounds of each fault
 
     def __post_init__(self) -> None:
         self.rng = random.Random(f"{self.seed}/nemesis")
@@ -135,11 +156,15 @@ class Nemesis:
         names = sorted(self.faults)
         weights = [self.faults[n] for n in names]
         self.log(f"nemesis start seed={self.seed}")
-        for _ in range(max_rounds):
+        for k in range(max_rounds):
             if stop.is_set() or time.monotonic() >= deadline:
                 break
             name = self.rng.choices(names, weights=weights)[0]
+            if k < len(self.first_faults):
+                name = self.first_faults[k]
             self.rounds += 1
+            self.fault_counts[name] = self.fault_counts.get(name, 0) + 1
+            self.log(f"round {self.rounds}: {name}")
             try:
                 await getattr(self, f"_fault_{name}")()
             finally:
@@ -171,12 +196,14 @@ class Nemesis:
         await self._bg(self.cluster.lab.partition, [a, b])
         self.log(f"partition {a} | {b}")
         await self._hold()
+        await self._fenced_withdrawn(a)
 
     async def _fault_isolate_leader(self) -> None:
         lid = await self._leader() or self.rng.choice(sorted(self.cluster.nodes))
         await self._bg(self.cluster.lab.isolate, lid)
         self.log(f"isolate leader {lid}")
         await self._hold()
+        await self._fenced_withdrawn([lid])
 
     async def _fault_leader_with_nonvoters(self) -> None:
         """The leader and every nonvoter on one side, the other voters on the other (a leader that
@@ -215,6 +242,7 @@ class Nemesis:
         victim = lid if lid and self.rng.random() < 0.5 else self.rng.choice(sorted(self.cluster.nodes))
         await self._bg(self.cluster.kill, victim)
         self.log(f"SIGKILL node {victim}{' (leader)' if victim == lid else ''}")
+        await self._withdrawn(f"node {victim} killed", [victim])
         await self._hold()
         await self._bg(self.cluster.start, victim)
         self.log(f"restart node {victim}")
@@ -234,6 +262,8 @@ class Nemesis:
             "POST", f"/api/v1/cluster/members/{node}/drain?deadlineSeconds={deadline_seconds}", timeout=30
         )
         self.log(f"drain node {node} deadlineSeconds={deadline_seconds} -> {status} {_short(body)}")
+        if status == 200:
+            await self._withdrawn(f"node {node} drained (deadlineSeconds={deadline_seconds})", [node])
 
     async def _resume(self, node: int) -> None:
         for _ in range(20):
@@ -366,6 +396,120 @@ class Nemesis:
             self.log(f"admin removes rogue member {rogue_id} -> {status} {_short(body)}")
             if not await self._removed(rogue_id):
                 self.problems.append(f"t={self.now():.1f}: rogue member {rogue_id} could not be removed")
+
+    # --- moves ------------------------------------------------------------------------------------
+    async def _fault_move(self) -> None:
+        lid = await self._leader()
+        node = lid if lid and self.rng.random() < 0.4 else self.rng.choice(sorted(self.cluster.nodes))
+        kill = self.rng.random() < 0.3
+        lab = self.cluster.lab
+        slot = self.rng.choice([k for k in range(MOVE_SLOTS) if k != lab.slots[node]])
+        old = self.cluster.nodes[node].addr
+        await self._bg(self.cluster.kill if kill else self.cluster.stop, node)
+        role = " (leader)" if node == lid else ""
+        self.log(f"{'SIGKILL' if kill else 'SIGTERM'} node {node}{role} to move it")
+        await self._withdrawn(f"node {node} stopped to move", [node])
+        new = await self._bg(self.cluster.move, node, slot)
+        if self.routes is not None:
+            await self._bg(self.routes.collector.set_neighbor, node)
+        if self.endpoints is not None:
+            self.endpoints[node] = self.cluster.nodes[node].api
+        at = self.now()
+        await self._bg(self.cluster.start, node)
+        self.log(f"move node {node} {old} -> {new} (slot {slot}); started there")
+        await self._settle_move(node, at, f"{old}:{RAFT_PORT}")
+
+    async def _settle_move(self, node: int, at: float, old_raft: str) -> None:
+        """Bounded wait until the moved node is ready, listed at its new addresses by every running
+        node, and has served a consistent read through its new API address; record the outcome."""
+        n = self.cluster.nodes[node]
+        want = (f"{n.addr}:{RAFT_PORT}", n.api)
+        began = time.monotonic()
+        deadline = began + self.recover_seconds
+        ready = served = False
+        listings: dict[int, tuple[str, str] | None] = {}
+        seen: dict[str, float] = {}  # phase -> seconds after the start, for the log
+        while True:
+            ready = ready or await self._bg(self._ready, node)
+            listings = await self._bg(self._listings_of, node)
+            listed = bool(listings) and all(e == want for e in listings.values())
+            if ready and listed and not served:
+                served = await self._probe_read(node)
+            for phase, done in (("ready", ready), ("listed", listed), ("served", served)):
+                if done:
+                    seen.setdefault(phase, time.monotonic() - began)
+            if (ready and listed and served) or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.1)  # poll interval of a bounded wait
+        settled = time.monotonic() - began if ready and listed and served else None
+        self.moves.append(MoveRecord(node, at, old_raft, want[0], want[1], listings, ready, settled))
+        if settled is None:
+            self.problems.append(f"t={self.now():.1f}: moved node {node} not settled in time")
+            self.log(f"WARN moved node {node}: ready={ready} listings={listings} served={served}")
+        else:
+            phases = " ".join(f"{k} {v:.2f}s" for k, v in seen.items())
+            self.log(f"moved node {node} settled at {want[0]} (after the start: {phases})")
+
+    def _ready(self, node: int) -> bool:
+        try:
+            return bool(self.cluster.status(node)["ready"])
+        except (OSError, ApiCallError, ValueError, KeyError):
+            return False
+
+    def _listings_of(self, node: int) -> dict[int, tuple[str, str] | None]:
+        """Each running node's entry (raftAddress, apiAddress) for ``node`` in its own members list."""
+        out: dict[int, tuple[str, str] | None] = {}
+        for nid, other in sorted(self.cluster.nodes.items()):
+            if not other.alive() or other.paused:
+                continue
+            try:
+                rows = self.cluster.call(nid, "GET", "/api/v1/cluster/members", timeout=3.0)
+            except (OSError, ApiCallError, ValueError):
+                out[nid] = None
+                continue
+            me = next((m for m in rows if m["nodeId"] == node), None)
+            out[nid] = None if me is None else (str(me["raftAddress"]), str(me["apiAddress"]))
+        return out
+
+    async def _probe_read(self, node: int) -> bool:
+        """A consistent read of the pool through the node's API, recorded in the history."""
+        base = self.cluster.nodes[node].api
+        op = self.history.invoke(READ, client=-1, node=node, at=self.now(), pool=POOL, addr=base)
+        url = f"{base}/api/v1/leases?pool={POOL}&limit=10000&consistent=true"
+        try:
+            status, body, _ = await self._bg(lambda: http("GET", url, self.cluster.token, timeout=8.0))
+        except OSError as exc:
+            self.history.complete(op, INFO, self.now(), error=type(exc).__name__)
+            return False
+        if status == 200:
+            op.leases = [LeaseObs.from_api(x) for x in body["result"]]
+            self.history.complete(op, OK, self.now(), http_status=status)
+            return True
+        self.history.complete(op, FAIL if 400 <= status < 500 else INFO, self.now(), http_status=status)
+        return False
+
+    # --- the route collector ------------------------------------------------------------------------
+    async def _withdrawn(self, label: str, nodes: list[int]) -> None:
+        if self.routes is not None:
+            check = await self._bg(self.routes.withdrawn, label, nodes)
+            self.log(f"collector: {label}: routes withdrawn after {check.seconds}s")
+
+    async def _fenced_withdrawn(self, side: list[int]) -> None:
+        """The nodes of a cut-off minority that report themselves fenced have no route at the
+        collector (a minority cannot hear a quorum, so it stays fenced while the cut holds)."""
+        if self.routes is None:
+            return
+        fenced = []
+        for nid in side:
+            node = self.cluster.nodes[nid]
+            if node.alive() and not node.paused:
+                try:
+                    if (await self._bg(self.cluster.status, nid)).get("isolated"):
+                        fenced.append(nid)
+                except (OSError, ApiCallError, ValueError):
+                    continue
+        if fenced:
+            await self._withdrawn(f"nodes {fenced} fenced", fenced)
 
 
 def _short(body: Any) -> str:

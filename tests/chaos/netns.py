@@ -6,6 +6,12 @@ Topology (everything here is created by the run and deleted when it ends)::
     root ns: qc<X>h 10.213.X.1/24 --veth--+
                                           |  ns qc<X>-br: bridge br0
     ns qc<X>-n<i>: eth0 10.213.X.(10+i) --+
+    ns qc<X>-c: eth0 10.213.X.2 ----------+  (optional: a route collector)
+
+A node can move (``move``): its namespace's address is replaced by the address of another of its
+slots, ``10.213.X.(10 + i + 20 * slot)`` (slot 0 is where it starts), so addresses are never
+shared between nodes and a node can move back and forth or on to a fresh address. Addresses live
+inside the namespaces, so deleting the namespaces removes every address a run added.
 
 The root namespace gets an address on the bridge so the test process reaches every node's API
 directly; that traffic is never filtered. ``X`` is chosen by a free-subnet probe under an flock
@@ -13,9 +19,10 @@ directly; that traffic is never filtered. ``X`` is chosen by a free-subnet probe
 concurrent runs never share a subnet, and a lock that can be taken proves its previous holder is
 gone, so leftovers of that subnet (namespaces, the host veth) are removed first.
 
-Faults are stateless nftables drops by peer address in each node namespace's ``inet chaos``
-table (chains on the input and output hooks). The whole table is rewritten atomically
-(``nft -f -``) from the lab's current rule set at every change. ``tc netem`` is not used.
+Faults are stateless nftables drops by peer (written with the peer's current address) in each node
+namespace's ``inet chaos`` table (chains on the input and output hooks). The whole table is
+rewritten atomically (``nft -f -``) from the lab's current rule set at every change (and for the
+rules naming a node when it moves). ``tc netem`` is not used.
 """
 
 from __future__ import annotations
@@ -31,7 +38,11 @@ from pathlib import Path
 
 LOCK_DIR = Path("/run/lock") if Path("/run/lock").is_dir() else Path("/tmp")
 HOST_OCTET = 1
+COLLECTOR_OCTET = 2
 BASE_OCTET = 10
+SLOT_STRIDE = 20  # node i's slot k is 10.213.X.(BASE_OCTET + i + SLOT_STRIDE * k)
+MAX_NODES = SLOT_STRIDE - 1
+MAX_SLOTS = (254 - BASE_OCTET - MAX_NODES) // SLOT_STRIDE + 1
 
 
 class NetnsError(RuntimeError):
@@ -56,9 +67,17 @@ class NetLab:
 
     n_nodes: int
     subnet: int = 0  # X of 10.213.X.0/24; 0 = probe for a free one
-    drops: dict[int, set[tuple[str, str]]] = field(default_factory=dict)  # node -> {(hook, peer addr)}
+    collector: bool = False  # also a namespace for a route collector (``collector_ns``)
+    drops: dict[int, set[tuple[str, int]]] = field(default_factory=dict)  # node -> {(hook, peer node)}
+    slots: dict[int, int] = field(default_factory=dict)  # node -> its current address slot
+    left_behind: list[str] = field(default_factory=list)  # what ``destroy`` could not remove
     _lock_fd: int = -1
     _up: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n_nodes <= MAX_NODES:
+            raise ValueError(f"1..{MAX_NODES} nodes")
+        self.slots = {i: 0 for i in self.nodes()}
 
     # --- names and addresses -------------------------------------------------------------------
     @property
@@ -76,11 +95,21 @@ class NetLab:
     def host_addr(self) -> str:
         return f"10.213.{self.subnet}.{HOST_OCTET}"
 
-    def addr(self, node: int) -> str:
-        return f"10.213.{self.subnet}.{BASE_OCTET + node}"
+    @property
+    def collector_ns(self) -> str:
+        return f"qc{self.subnet}-c"
 
-    def node_of(self, addr: str) -> int:
-        return int(addr.rsplit(".", 1)[1]) - BASE_OCTET
+    @property
+    def collector_addr(self) -> str:
+        return f"10.213.{self.subnet}.{COLLECTOR_OCTET}"
+
+    def slot_addr(self, node: int, slot: int) -> str:
+        assert 0 <= slot < MAX_SLOTS, slot
+        return f"10.213.{self.subnet}.{BASE_OCTET + node + SLOT_STRIDE * slot}"
+
+    def addr(self, node: int) -> str:
+        """The node's current address."""
+        return self.slot_addr(node, self.slots[node])
 
     def nodes(self) -> list[int]:
         return list(range(1, self.n_nodes + 1))
@@ -133,6 +162,15 @@ class NetLab:
             run(["ip", "-n", ns, "link", "set", "lo", "up"])
             self.drops[i] = set()
             self._apply(i)
+        if self.collector:
+            ns = self.collector_ns
+            run(["ip", "netns", "add", ns])
+            run(["ip", "link", "add", "name", "eth0", "netns", ns, "type", "veth",
+                 "peer", "name", "pc", "netns", br])  # fmt: skip
+            run(["ip", "-n", br, "link", "set", "pc", "master", "br0", "up"])
+            run(["ip", "-n", ns, "addr", "add", f"{self.collector_addr}/24", "dev", "eth0"])
+            run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+            run(["ip", "-n", ns, "link", "set", "lo", "up"])
         run(["ip", "link", "add", "name", self.host_if, "type", "veth", "peer", "name", "host", "netns", br])
         run(["ip", "-n", br, "link", "set", "host", "master", "br0", "up"])
         run(["ip", "addr", "add", f"{self.host_addr}/24", "dev", self.host_if])
@@ -146,7 +184,10 @@ class NetLab:
             run(["ip", "link", "del", self.host_if], check=False)
             for i in self.nodes():
                 run(["ip", "netns", "del", self.ns(i)], check=False)
+            if self.collector:
+                run(["ip", "netns", "del", self.collector_ns], check=False)
             run(["ip", "netns", "del", self.bridge_ns], check=False)
+            self.left_behind = self.leftovers()  # looked at while the subnet's lock is still held
         if self._lock_fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)
@@ -168,13 +209,50 @@ class NetLab:
     def run_in(self, node: int, argv: Sequence[str], *, check: bool = True) -> str:
         return run(self.exec_argv(node, argv), check=check)
 
+    def collector_argv(self, argv: Sequence[str]) -> list[str]:
+        assert self.collector, "lab made without a collector namespace"
+        return ["ip", "netns", "exec", self.collector_ns, *argv]
+
+    def leftovers(self) -> list[str]:
+        """Namespaces and host interfaces of this lab's subnet that still exist (after ``destroy``:
+        none)."""
+        prefix = f"qc{self.subnet}-"
+        names = [ln.split()[0] for ln in run(["ip", "netns", "list"], check=False).splitlines() if ln.split()]
+        out = [n for n in names if n.startswith(prefix)]
+        if run(["ip", "-o", "link", "show", self.host_if], check=False).strip():
+            out.append(self.host_if)
+        return out
+
+    # --- moving a node ---------------------------------------------------------------------------
+    def node_addrs(self, node: int) -> list[str]:
+        """The IPv4 addresses on the node namespace's eth0."""
+        out = run(["ip", "-n", self.ns(node), "-o", "-4", "addr", "show", "dev", "eth0"])
+        return [line.split()[3].split("/")[0] for line in out.splitlines() if len(line.split()) > 3]
+
+    def move(self, node: int, slot: int) -> str:
+        """Give the node the address of ``slot`` instead of its current one; returns the new address.
+        The old address is deleted first (deleting a primary address would take the same subnet's
+        secondaries with it), so the namespace holds exactly one address afterwards. Fault rules
+        naming the node follow it."""
+        old, new = self.addr(node), self.slot_addr(node, slot)
+        if old == new:
+            return new
+        ns = self.ns(node)
+        run(["ip", "-n", ns, "addr", "del", f"{old}/24", "dev", "eth0"])
+        run(["ip", "-n", ns, "addr", "add", f"{new}/24", "dev", "eth0"])
+        self.slots[node] = slot
+        for i in self.nodes():  # rules are written with addresses: rewrite those naming the node
+            if i == node or any(peer == node for _hook, peer in self.drops.get(i, ())):
+                self._apply(i)
+        return new
+
     # --- faults --------------------------------------------------------------------------------------
     def _apply(self, node: int) -> None:
         rules_in = "".join(
-            f"    ip saddr {a} drop\n" for hook, a in sorted(self.drops[node]) if hook == "input"
+            f"    ip saddr {self.addr(p)} drop\n" for hook, p in sorted(self.drops[node]) if hook == "input"
         )
         rules_out = "".join(
-            f"    ip daddr {a} drop\n" for hook, a in sorted(self.drops[node]) if hook == "output"
+            f"    ip daddr {self.addr(p)} drop\n" for hook, p in sorted(self.drops[node]) if hook == "output"
         )
         script = (
             "table inet chaos {}\n"
@@ -188,19 +266,19 @@ class NetLab:
         )
         run(["ip", "netns", "exec", self.ns(node), "nft", "-f", "-"], stdin=script)
 
-    def _set(self, new: dict[int, set[tuple[str, str]]]) -> None:
+    def _set(self, new: dict[int, set[tuple[str, int]]]) -> None:
         for i in self.nodes():
             want = new.get(i, set())
             if want != self.drops.get(i):
                 self.drops[i] = set(want)
                 self._apply(i)
 
-    def cut_rules(self, pairs: Iterable[tuple[int, int]]) -> dict[int, set[tuple[str, str]]]:
+    def cut_rules(self, pairs: Iterable[tuple[int, int]]) -> dict[int, set[tuple[str, int]]]:
         """Rules that drop every packet from a to b for each (a, b) (one direction each)."""
-        new: dict[int, set[tuple[str, str]]] = {i: set() for i in self.nodes()}
+        new: dict[int, set[tuple[str, int]]] = {i: set() for i in self.nodes()}
         for a, b in pairs:
-            new[a].add(("output", self.addr(b)))
-            new[b].add(("input", self.addr(a)))
+            new[a].add(("output", b))
+            new[b].add(("input", a))
         return new
 
     def partition(self, groups: Sequence[Iterable[int]]) -> None:
@@ -236,8 +314,6 @@ class NetLab:
 
     def describe(self) -> str:
         cuts = sorted(
-            (self.node_of(a), i) if hook == "input" else (i, self.node_of(a))
-            for i, rules in self.drops.items()
-            for hook, a in rules
+            (p, i) if hook == "input" else (i, p) for i, rules in self.drops.items() for hook, p in rules
         )
         return "none" if not cuts else " ".join(f"{a}->{b}" for a, b in sorted(set(cuts)))

@@ -6,8 +6,10 @@ execs in place, so the Popen pid is the daemon's pid and signals reach it direct
 bind/advertise and the API listen on the namespace address with fixed ports (every node has its
 own network stack). Node 1 founds the cluster; the others join with tokens minted through
 ``POST /api/v1/cluster/pki/join-tokens`` with the founder's ``<data-dir>/admin.token`` and passed
-in ``cluster.join-token-file``. A node can be killed, paused, restarted with its data, or wiped
-and re-joined under the same id with a new data directory and a new token.
+in ``cluster.join-token-file``. A node can be killed, paused, restarted with its data, wiped
+and re-joined under the same id with a new data directory and a new token, or moved to another
+address of its namespace (``move``: every node's config then names it there; the caller restarts
+it). ``bgp_config`` adds a ``bgp`` section to every node's config (a real speaker).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,7 @@ class NsNode:
     proc: subprocess.Popen[bytes] | None = None
     paused: bool = False
     starts: int = 0
+    join_token_file: Path | None = None  # kept in the config once written (restarts reuse it)
 
     @property
     def api(self) -> str:
@@ -83,6 +87,7 @@ class NsCluster:
     cluster_overrides: dict[str, Any] = field(default_factory=dict)
     nodes: dict[int, NsNode] = field(default_factory=dict)
     token: str = ""
+    bgp_config: Callable[[NsNode], dict[str, Any]] | None = None  # the ``bgp`` section of a node
 
     def __post_init__(self) -> None:
         for i in self.lab.nodes():
@@ -108,13 +113,17 @@ class NsCluster:
             tf = node.config_path.parent / f"join-token.{node.generation}"
             tf.write_text(join_token + "\n")
             os.chmod(tf, 0o600)
-            cluster["join-token-file"] = str(tf)
+            node.join_token_file = tf
+        if node.join_token_file is not None:
+            cluster["join-token-file"] = str(node.join_token_file)
         cfg: dict[str, Any] = {
             "data-dir": str(node.data_dir),
             "log-level": "debug" if os.environ.get("QUORUMD_TEST_DEBUG") else "info",
             "api": {"address": node.addr, "port": API_PORT},
             "cluster": cluster,
         }
+        if self.bgp_config is not None:
+            cfg["bgp"] = self.bgp_config(node)
         node.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     # --- processes ----------------------------------------------------------------------------------
@@ -235,6 +244,19 @@ class NsCluster:
         token = wait_for(f"join token for {node_id}", lambda: self.mint(node_id), 60)
         self.write_config(self.nodes[node_id], join_token=token)
         self.start(node_id)
+
+    def move(self, node_id: int, slot: int) -> str:
+        """The host of a stopped node changes address: its namespace gets the address of ``slot``
+        and every node's config says so (the moved node's bind, advertise and API address; every
+        node's ``cluster.peers``, kept current as the operations guide asks). Data dir, node id and
+        certificate stay. Returns the new address; the caller starts the node again."""
+        node = self.nodes[node_id]
+        assert not node.alive(), f"node {node_id} still running"
+        node.addr = self.lab.move(node_id, slot)
+        for other in self.nodes.values():
+            if other.config_path.exists():
+                self.write_config(other)
+        return node.addr
 
     def wipe_and_rejoin(self, node_id: int) -> None:
         """A replaced host: stop, new empty data dir, new join token, start."""

@@ -8,7 +8,12 @@ checkers 1 (exclusive), 2 (durable), 3 (linearizable) and 4 (converged). Checker
 isolation fencing) runs throughout: every node's /status is sampled while the nemesis works (no node may
 announce while fenced), after every heal the announcements must come to equal the active leases of
 the active nodes (a bounded poll), and at the end each node's log is scanned for speaker changes
-inside its fenced intervals. Every run prints its seed
+inside its fenced intervals. Checker 6 (moves, ``netcheckers``) judges every move of a node to a
+new address and every node's final members list. With ``bgp`` set to a real speaker
+(``gobgp``) every node runs gobgpd peering with a BIRD route collector in its own namespace
+(``collector``); the nemesis waits for the collector's RIB to withdraw a killed, stopped, drained
+or fenced node's routes, and after every heal (the workload held: quiescence) and at the end the
+RIB must reach the intended state within a bound (checker 7, routes). Every run prints its seed
 and the one command that replays it. The run directory (history.json, nemesis.log, node logs and
 configs, report.txt) is kept when the run fails or ``keep`` is set; cleanup of processes and
 namespaces happens in ``finally`` (and in atexit hooks for the hard cases).
@@ -40,11 +45,13 @@ from tests.chaos.checkers import (
     check_fenced_silent,
     check_no_unauthorized_membership_change,
 )
+from tests.chaos.collector import SPEAKERS, Collector, RouteWatch, bgp_section, intended_routes
 from tests.chaos.history import History, LeaseObs
 from tests.chaos.linearizability import LinearizabilityReport, check_history
 from tests.chaos.nemesis import FAULTS, Nemesis
+from tests.chaos.netcheckers import Listing, check_moves, check_routes
 from tests.chaos.netns import NetLab
-from tests.chaos.nscluster import NsCluster
+from tests.chaos.nscluster import RAFT_PORT, NsCluster
 from tests.chaos.workload import POOL, POOL_CIDR, Workload, WorkloadConfig
 from tests.cluster import ApiCallError, http, wait_for
 
@@ -69,9 +76,18 @@ class RunConfig:
     cluster_overrides: dict[str, Any] = field(default_factory=dict)
     sample_seconds: float = 0.3  # how often every node's fence and speaker are sampled
     announce_seconds: float = 30.0  # bound on the wait for announcements to settle after a heal
+    bgp: str = "stub"  # the nodes' speaker: stub, or a real one (SPEAKERS) peering with a collector
+    route_bound_seconds: float = 20.0  # bound on the collector's RIB reaching the intended state
+    # a real speaker confirms changes sent before a fence (and reads back its RIB) up to this late
+    withdraw_grace_seconds: float = 2.0
+    first_faults: tuple[str, ...] = ()  # the nemesis starts with these, then chooses by seed
 
     def replay_command(self) -> str:
         cmd = f"cd {REPO} && .venv/bin/python -m tests.chaos --seconds {self.seconds:g} --seed {self.seed}"
+        if self.bgp != "stub":
+            cmd += f" --bgp {self.bgp}"
+        if self.first_faults:
+            cmd += " --first-faults " + ",".join(self.first_faults)
         if self.bugs:
             cmd += f" --bugs {self.bugs}"
         if self.nonvoters:
@@ -89,10 +105,11 @@ class RunResult:
     linearizability: LinearizabilityReport | None = None
     error: str = ""
     summary: dict[str, Any] = field(default_factory=dict)
+    leftovers: list[str] = field(default_factory=list)  # namespaces/interfaces left after cleanup
 
     @property
     def ok(self) -> bool:
-        return not self.violations and not self.error
+        return not self.violations and not self.error and not self.leftovers
 
     def checkers_failed(self) -> set[str]:
         return {v.checker for v in self.violations}
@@ -109,10 +126,16 @@ def run_chaos(cfg: RunConfig) -> RunResult:
     _say(f"replay: {cfg.replay_command()}")
     result = RunResult(cfg.seed, directory)
     history = History()
-    lab = NetLab(cfg.nodes)
+    real_bgp = cfg.bgp != "stub"
+    lab = NetLab(cfg.nodes, collector=real_bgp)
     cluster: NsCluster | None = None
     nemesis: Nemesis | None = None
+    collector: Collector | None = None
     try:
+        if real_bgp and cfg.bgp not in SPEAKERS:
+            raise ValueError(f"unknown speaker {cfg.bgp!r}; known: stub, {', '.join(SPEAKERS)}")
+        if real_bgp and cfg.nonvoters:
+            raise ValueError("the planted-bug scenario (nonvoters) runs with the stub speaker only")
         lab.setup()
         _say(f"lab subnet 10.213.{lab.subnet}.0/24 host {lab.host_addr}")
         env = {"QUORUMD_TEST_BUGS": cfg.bugs} if cfg.bugs else {}
@@ -121,6 +144,12 @@ def run_chaos(cfg: RunConfig) -> RunResult:
             overrides["autopilot"] = {**overrides.get("autopilot", {}), "server-stabilization-time": "10h"}
         cluster = NsCluster(lab, directory, env=env, cluster_overrides=overrides)
         atexit.register(cluster.close)
+        if real_bgp:
+            collector = Collector(lab, directory / "collector", lab.nodes())
+            atexit.register(collector.stop)
+            collector.start()
+            cluster.bgp_config = lambda node: bgp_section(lab, node.node_id)
+            _say(f"route collector (BIRD) at {lab.collector_addr}; speakers: {cfg.bgp}")
         voters = set(range(1, cfg.nodes - cfg.nonvoters + 1))
         t_form = time.monotonic()
         cluster.form(voters=voters)
@@ -135,23 +164,41 @@ def run_chaos(cfg: RunConfig) -> RunResult:
             directory / "nemesis.log",
             faults=cfg.faults,
             recover_seconds=cfg.recover_seconds,
+            first_faults=cfg.first_faults,
         )
-        workload = Workload(
-            {i: n.api for i, n in cluster.nodes.items()}, cluster.token, history, cfg.seed, t0, cfg.workload
-        )
+        routes = None if collector is None else RouteWatch(collector, nemesis.now, cfg.route_bound_seconds)
+        nemesis.routes = routes
+        endpoints = {i: n.api for i, n in cluster.nodes.items()}
+        nemesis.endpoints = endpoints
+        workload = Workload(endpoints, cluster.token, history, cfg.seed, t0, cfg.workload)
         samples: list[SpeakerSample] = []
         fence_violations: list[Violation] = []
         if not cfg.nonvoters:  # the planted-bug scenario keeps nonvoters: announcements are not its point
 
             async def after_heal() -> None:
                 label = f"after the heal at t={nemesis.now():.1f}s"
-                fence_violations.extend(
-                    await asyncio.to_thread(_settled_announcements, cluster, label, cfg, None)
-                )
+                if routes is None:
+                    fence_violations.extend(
+                        await asyncio.to_thread(_settled_announcements, cluster, label, cfg, None)
+                    )
+                    return
+                # quiescence: the workload is held while the speakers and the collector settle
+                quiet = await workload.quiesce(cfg.workload.request_timeout_seconds + 2.0)
+                try:
+                    fence_violations.extend(
+                        await asyncio.to_thread(_settled_announcements, cluster, label, cfg, None)
+                    )
+                    check = await asyncio.to_thread(
+                        routes.converge, f"{label} (quiescent: {quiet})", lambda: intended_routes(cluster)
+                    )
+                    nemesis.log(f"collector: {label}: intended state after {check.seconds}s")
+                finally:
+                    workload.resume()
 
             nemesis.after_recovered = after_heal
         asyncio.run(_drive(cfg, cluster, nemesis, workload, samples))
-        result.violations += fence_violations + check_fenced_silent(samples)
+        grace = 0.0 if routes is None else cfg.withdraw_grace_seconds
+        result.violations += fence_violations + check_fenced_silent(samples, grace)
         _say(f"workload done: {sorted(workload.counts.items())}; nemesis rounds {nemesis.rounds}")
         views, autopilot, final = _converge(cluster, len(voters), cfg.converge_seconds)
         result.violations += check_converged(views, autopilot, len(voters))
@@ -167,9 +214,17 @@ def run_chaos(cfg: RunConfig) -> RunResult:
                 i: n.log_path.read_text(errors="replace")
                 for i, n in cluster.nodes.items()
                 if n.log_path.exists()
-            }
+            },
+            grace,
         )
         result.violations += check_no_unauthorized_membership_change(nemesis.membership_observations)
+        if not cfg.nonvoters:  # the planted-bug scenario diverges on purpose: addresses are not its point
+            current = {i: (f"{n.addr}:{RAFT_PORT}", n.api) for i, n in cluster.nodes.items()}
+            listings = _final_listings(cluster, current, 20.0)
+            result.violations += check_moves(nemesis.moves, history, listings, current)
+        if routes is not None:
+            routes.converge("after the final heal", lambda: intended_routes(cluster))
+            result.violations += check_routes(routes.checks)
         _say(f"checking linearizability of {len(history.ops)} ops")
         lin = check_history(history, budget_seconds=cfg.linearizability_budget_seconds)
         result.linearizability = lin
@@ -186,14 +241,23 @@ def run_chaos(cfg: RunConfig) -> RunResult:
             "final_leases": None if final is None else len(final),
             "speaker_samples": len(samples),
             "fenced_samples": sum(1 for x in samples if x.isolated),
+            "bgp": cfg.bgp,
+            "moves": [
+                f"node {m.node} -> {m.raft} at t={m.at:.0f}s settled in "
+                + ("never" if m.settled_seconds is None else f"{m.settled_seconds:.1f}s")
+                for m in nemesis.moves
+            ],
+            "nemesis_faults": dict(sorted(nemesis.fault_counts.items())),
         }
+        if routes is not None:
+            result.summary["route_checks"] = routes.summary()
     except BaseException as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         _say("run aborted:\n" + traceback.format_exc())
         if isinstance(exc, KeyboardInterrupt | SystemExit):
-            _finish(cfg, result, history, nemesis, cluster, lab)
+            _finish(cfg, result, history, nemesis, cluster, lab, collector)
             raise
-    _finish(cfg, result, history, nemesis, cluster, lab)
+    _finish(cfg, result, history, nemesis, cluster, lab, collector)
     return result
 
 
@@ -204,21 +268,28 @@ def _finish(
     nemesis: Nemesis | None,
     cluster: NsCluster | None,
     lab: NetLab,
+    collector: Collector | None = None,
 ) -> None:
     try:
         history.save(result.directory / "history.json", {"seed": cfg.seed, "replay": cfg.replay_command()})
-        report = _report(cfg, result)
-        (result.directory / "report.txt").write_text(report)
-        print(report, flush=True)
     finally:
-        if cluster is not None:
-            cluster.close()
-            atexit.unregister(cluster.close)
-        lab.destroy()
-        if result.ok and not cfg.keep:
-            shutil.rmtree(result.directory, ignore_errors=True)
-        else:
-            _say(f"kept {result.directory} (history.json, nemesis.log, node*/quorumd.log, report.txt)")
+        try:
+            if cluster is not None:
+                cluster.close()
+                atexit.unregister(cluster.close)
+            if collector is not None:
+                collector.stop()
+                atexit.unregister(collector.stop)
+        finally:
+            lab.destroy()
+            result.leftovers = list(lab.left_behind)
+            report = _report(cfg, result)
+            (result.directory / "report.txt").write_text(report)
+            print(report, flush=True)
+            if result.ok and not cfg.keep:
+                shutil.rmtree(result.directory, ignore_errors=True)
+            else:
+                _say(f"kept {result.directory} (history.json, nemesis.log, node*/quorumd.log, report.txt)")
 
 
 def _report(cfg: RunConfig, result: RunResult) -> str:
@@ -231,6 +302,8 @@ def _report(cfg: RunConfig, result: RunResult) -> str:
         lines.append(f"{k}: {v}")
     if result.error:
         lines.append(f"error: {result.error}")
+    if result.leftovers:
+        lines.append(f"LEFT OVER after cleanup: {result.leftovers}")
     for v in result.violations[:50]:
         lines.append(f"VIOLATION {v}")
     if len(result.violations) > 50:
@@ -339,6 +412,24 @@ def _settled_announcements(
         if time.monotonic() >= deadline:
             return problems
         time.sleep(0.2)  # poll interval of a bounded wait
+
+
+def _final_listings(cluster: NsCluster, want: Listing, timeout: float) -> dict[int, Listing | None]:
+    """Every node's members list (its own replica): member -> (raftAddress, apiAddress). Polled
+    (bounded) until every node answers with ``want``; the last answers otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out: dict[int, Listing | None] = {}
+        for nid in sorted(cluster.nodes):
+            try:
+                rows = cluster.call(nid, "GET", "/api/v1/cluster/members")
+            except (OSError, ApiCallError, ValueError):
+                out[nid] = None
+                continue
+            out[nid] = {int(m["nodeId"]): (str(m["raftAddress"]), str(m["apiAddress"])) for m in rows}
+        if all(v == want for v in out.values()) or time.monotonic() >= deadline:
+            return out
+        time.sleep(0.5)  # poll interval of a bounded wait
 
 
 def _create_pool(cluster: NsCluster) -> None:

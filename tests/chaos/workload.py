@@ -5,6 +5,9 @@ Each client is bound to one node and loops (bounded in count and in time) over a
 ``DELETE /api/v1/leases/{id}`` (release of a lease id the clients have seen for that holder) and
 ``GET /api/v1/leases?pool=P&limit=10000&consistent=true`` (a linearizable read of the whole pool).
 Holders come from a small shared set so operations on one holder overlap and conflict.
+A client looks its node's address up before every operation (``endpoints`` follows a moved
+node) and records it in the operation. ``quiesce`` holds every client before its next operation
+and waits (bounded) until none is in flight; ``resume`` lets them go on.
 
 Classification of answers: 2xx is ``ok``; 4xx is a definite ``fail`` (nothing happened; for a
 release a 404 also says the lease was absent); a timeout, a 5xx or a connection error is ``info``
@@ -49,6 +52,22 @@ class Workload:
     cfg: WorkloadConfig = field(default_factory=WorkloadConfig)
     known: dict[str, int] = field(default_factory=dict)  # holder -> a lease id last seen for it
     counts: dict[str, int] = field(default_factory=dict)
+    gate: asyncio.Event = field(default_factory=asyncio.Event)  # set: clients may start operations
+    inflight: int = 0
+
+    def __post_init__(self) -> None:
+        self.gate.set()
+
+    async def quiesce(self, timeout: float) -> bool:
+        """Hold every client before its next operation; True once none is in flight (bounded)."""
+        self.gate.clear()
+        deadline = time.monotonic() + timeout
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # poll interval of a bounded wait
+        return self.inflight == 0
+
+    def resume(self) -> None:
+        self.gate.set()
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -77,21 +96,28 @@ class Workload:
         stop: asyncio.Event,
         deadline: float,
     ) -> None:
-        base = self.endpoints[node]
         kinds = [ALLOCATE, RELEASE, READ]
         for _ in range(self.cfg.max_ops_per_client):
+            while not self.gate.is_set() and not stop.is_set() and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.gate.wait(), 0.2)
             if stop.is_set() or time.monotonic() >= deadline:
                 return
             kind = rng.choices(kinds, weights=self.cfg.weights)[0]
             holder = f"h{rng.randrange(self.cfg.holders)}"
             if kind == RELEASE and holder not in self.known:
                 kind = ALLOCATE
-            if kind == ALLOCATE:
-                await self._allocate(client, node, base, holder, session)
-            elif kind == RELEASE:
-                await self._release(client, node, base, holder, self.known[holder], session)
-            else:
-                await self._read(client, node, base, session)
+            base = self.endpoints[node]
+            self.inflight += 1
+            try:
+                if kind == ALLOCATE:
+                    await self._allocate(client, node, base, holder, session)
+                elif kind == RELEASE:
+                    await self._release(client, node, base, holder, self.known[holder], session)
+                else:
+                    await self._read(client, node, base, session)
+            finally:
+                self.inflight -= 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), rng.uniform(*self.cfg.think_seconds))
 
@@ -125,7 +151,7 @@ class Workload:
         self, client: int, node: int, base: str, holder: str, session: aiohttp.ClientSession
     ) -> None:
         op = self.history.invoke(ALLOCATE, client=client, node=node, at=self.now(), pool=POOL,
-                                 holder=holder, owner=node)  # fmt: skip
+                                 holder=holder, owner=node, addr=base)  # fmt: skip
         status, code, body, err = await self._request(
             session, "POST", f"{base}/api/v1/leases", {"pool": POOL, "holder": holder, "nodeId": node}
         )
@@ -139,7 +165,7 @@ class Workload:
         self, client: int, node: int, base: str, holder: str, lease_id: int, session: aiohttp.ClientSession
     ) -> None:
         op = self.history.invoke(RELEASE, client=client, node=node, at=self.now(), pool=POOL,
-                                 holder=holder, lease_id=lease_id)  # fmt: skip
+                                 holder=holder, lease_id=lease_id, addr=base)  # fmt: skip
         status, code, _body, err = await self._request(session, "DELETE", f"{base}/api/v1/leases/{lease_id}")
         if status == OK or code == 404:
             if self.known.get(holder) == lease_id:
@@ -148,7 +174,7 @@ class Workload:
         self._count(RELEASE, status)
 
     async def _read(self, client: int, node: int, base: str, session: aiohttp.ClientSession) -> None:
-        op = self.history.invoke(READ, client=client, node=node, at=self.now(), pool=POOL)
+        op = self.history.invoke(READ, client=client, node=node, at=self.now(), pool=POOL, addr=base)
         status, code, body, err = await self._request(
             session, "GET", f"{base}/api/v1/leases?pool={POOL}&limit=10000&consistent=true"
         )
