@@ -18,7 +18,8 @@ it, or by its renewal loop), goes:
 5. unpin the old certificate through the log (``UnpinCertificate``, with the audit record
    ``certificate_rotate``). Each member then retires the connections it still has that were
    authenticated by the old certificate, again only once their calls are answered: no request
-   fails on the way, and from then on the old key opens no cluster connection anywhere.
+   fails on the way, and from then on the old key opens no cluster connection anywhere. The
+   rotation answers once every member that answers has applied the unpin.
 
 Every step is idempotent and the order keeps one invariant: the certificate this node uses is
 pinned at every moment (it switches only to a pin it saw applied on every member, and unpins the
@@ -139,6 +140,8 @@ class CertificateRotation:
         unpin = UnpinCertificate(time.time(), me, old)
         await self._announce(unpin, self._note(old, new, by_request))
         await self._await_own(lambda m: certificates.fingerprints(m) == (new,), "the unpin")
+        # answer once every live member shows the new pin alone (as a token change does)
+        await self._confirmed_everywhere(required=False)
         log.info("certificate_rotated node=%d old=%s new=%s", me, old, new)
 
     async def _switch(self, pending: tuple[bytes, bytes], old: str) -> None:
@@ -249,8 +252,9 @@ class CertificateRotation:
         if not await node.wait_state(holds, node.propose_timeout * 2):
             raise ApiError(504, "commit_timeout", f"this node did not apply {what} in time")
 
-    async def _confirmed_everywhere(self) -> None:
-        """Every other member has applied what this node has (the new pin among it)."""
+    async def _confirmed_everywhere(self, *, required: bool = True) -> None:
+        """Every other member has applied what this node has (the new pin among it). Not
+        ``required`` (after the unpin): a member that does not confirm is only logged."""
         node = self.node
         me = node.identity.node_id
         index = node.applied_index()
@@ -266,9 +270,11 @@ class CertificateRotation:
 
         answers: list[bool] = await asyncio.gather(*(confirmed(n) for n in others))
         missing = [n for n, ok in zip(others, answers, strict=True) if not ok]
-        if missing:
+        if missing and required:
             log.warning("certificate_pin_unconfirmed nodes=%s", missing)
             raise member_unreachable(missing)
+        if missing:
+            log.info("certificate_unpin_unconfirmed nodes=%s", missing)
 
 
 __all__ = ["CertificateRotation", "IdentitySwitch", "member_unreachable"]

@@ -361,6 +361,8 @@ class GoBgpSpeaker:
         delete = sorted_prefixes(delete[: s.batch])
         add = sorted_prefixes(add[: max(0, s.batch - len(delete))])
         deleted = await asyncio.gather(*(self.cli.delete(p) for p in delete), return_exceptions=True)
+        if not self._admin:
+            add = []  # stopped (a fence, a drain) while the withdrawals were sent: announce nothing more
         added = await asyncio.gather(
             *(self.cli.add(p, s.next_hop6 if ":" in p and s.next_hop6 else s.next_hop) for p in add),
             return_exceptions=True,
