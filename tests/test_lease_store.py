@@ -61,6 +61,8 @@ def test_row_store_matches_a_dict(ops: list[tuple[str, int]], after: int) -> Non
     assert list(store.rows_from(None)) == [model[i] for i in sorted(model)]
     assert list(store.rows_from(after)) == [model[i] for i in sorted(model) if i > after]
     assert [r for rows in store.chunk_rows() for r in rows] == [model[i] for i in sorted(model)]
+    for limit in (1, 7, CHUNK + 1):
+        assert store.take_from(after, limit) == [model[i] for i in sorted(model) if i > after][:limit]
     some = IdSet()
     for i in sorted(model)[::3]:
         some.add(i)

@@ -178,6 +178,24 @@ class RowStore:
         for i in range(k, len(keys)):
             yield from chunks[keys[i]][1]
 
+    def take_from(self, after: int | None, limit: int) -> list[bytes]:
+        """At most ``limit`` rows of ids greater than ``after``, in id order (list slices)."""
+        keys, chunks = self._keys, self._chunks
+        out: list[bytes] = []
+        k = 0
+        if after is not None:
+            first = after >> CHUNK_BITS
+            k = bisect_left(keys, first)
+            if k < len(keys) and keys[k] == first:
+                lows, rows = chunks[first]
+                start = bisect_right(lows, after & LOW)
+                out = rows[start : start + limit]
+                k += 1
+        while len(out) < limit and k < len(keys):
+            out += chunks[keys[k]][1][: limit - len(out)]
+            k += 1
+        return out
+
     def rows_of(self, ids: IdSet, after: int | None = None) -> Iterator[bytes]:
         """Rows of the ids in ``ids`` greater than ``after`` (all held here), in id order."""
         chunks = self._chunks

@@ -38,7 +38,7 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from itertools import compress
+from itertools import compress, repeat
 from math import isfinite
 from typing import Any, NamedTuple
 
@@ -198,6 +198,7 @@ def parse_cidr(cidr: str) -> IPNetwork:
 
 
 _INVERT = bytes.maketrans(b"\x00\x01", b"\x01\x00")
+_new = tuple.__new__
 
 
 class LeaseTable:
@@ -259,14 +260,20 @@ class LeaseTable:
             if p is None:
                 return []
             rows = self._rows.rows_of(p.index, after)
-        else:
-            rows = self._rows.rows_from(after)
+        else:  # one decoding call for the page: its rows joined behind an array header
+            page = self._rows.take_from(after, limit)
+            spaces = {name: p.space for name, p in self._pools.items()}
+            decoded = unpackb(array_header(len(page)) + b"".join(page))
+            for r in decoded:
+                r.append(spaces[r[1]])
+            return list(map(_new, repeat(Lease, len(decoded)), decoded))
         out: list[Lease] = []
         spaces = {name: p.space for name, p in self._pools.items()}
         for row in rows:
             r = unpackb(row)
             if pool_filter is None or r[1] == pool_filter:
-                out.append(Lease(r[0], r[1], r[2], r[3], r[4], r[5], spaces[r[1]]))
+                r.append(spaces[r[1]])
+                out.append(_new(Lease, r))  # a Lease from the decoded row, without a call per field
                 if len(out) >= limit:
                     break
         return out
@@ -534,7 +541,8 @@ class LeaseTable:
 
     def _lease(self, row: bytes) -> Lease:
         r = unpackb(row)
-        return Lease(r[0], r[1], r[2], r[3], r[4], r[5], self._pools[r[1]].space)
+        r.append(self._pools[r[1]].space)
+        return _new(Lease, r)
 
     def _sorted_pools(self) -> list[_Pool]:
         return [self._pools[name] for name in sorted(self._pools)]
