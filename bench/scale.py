@@ -87,6 +87,8 @@ def size_phase(work: Path, n_rounds: int, seconds: float, stamp: str, etcd: bool
             name = f"quorumd-{voters}" + (f"+{nonvoters}nv" if nonvoters else "")
             log(f"size: {name}")
             targets.append(Target(name, cluster=sc.voters_cluster(work, voters, nonvoters)))
+            members = targets[-1].cluster.members()  # type: ignore[union-attr]
+            out.setdefault("members", {})[name] = {str(m["nodeId"]): m["suffrage"] for m in members}
         if etcd and shutil.which("etcd"):
             for members in (3, 5, 7):
                 log(f"size: etcd-{members}")

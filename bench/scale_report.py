@@ -288,6 +288,10 @@ def plot(res: dict[str, Any], path: Path) -> bool:
     )
     ax.set_xticks([3, 5, 7])
     ax.set_ylim(0, 1.2)
+    nv = sz.get("quorumd-3+4nv", {}).get("cpu_ratio_vs_3")
+    if nv is not None:
+        note = f"3 voters + 4 nonvoters: leader CPU/write {nv:.2f}x of 3 voters (target <= 1.5x)"
+        ax.text(3.1, 0.08, note, fontsize=8)
     ax.legend()
     ax = axes[1][0]
     rss = [max(st[s]["rss_mb"].values()) if st[s]["rss_mb"] else None for s in st]
@@ -304,7 +308,8 @@ def plot(res: dict[str, Any], path: Path) -> bool:
         ax.plot(labels, [st[s].get(key) for s in st], "o-", label=label)
     ax.axhline(5.0, color="red", ls="--", lw=0.8, label="5 (list ms, startup s)")
     ax.axhline(15.0, color="orange", ls="--", lw=0.8, label="15 s (catch-up)")
-    ax.set(title="reads, startup, catch-up", xlabel="leases held")
+    ax.set(title="reads, startup, catch-up (log scale)", xlabel="leases held")
+    ax.set_yscale("log")
     ax.legend(fontsize=8)
     fig.suptitle(f"quorumd at scale, {res.get('started')} (2 cores shared by every process)")
     fig.tight_layout()
