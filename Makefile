@@ -58,7 +58,7 @@ bench-scale: $(STAMP)
 	@command -v wrk >/dev/null && command -v etcd >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk etcd-server etcd-client)
 	$(BIN)/python -c 'import matplotlib' 2>/dev/null && test -x $(BIN)/py-spy || $(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/scale.py $(SCALE_ARGS)
 
 chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos --minutes 30
