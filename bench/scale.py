@@ -57,6 +57,7 @@ def state_phase(work: Path, sizes: list[int], n_rounds: int, seconds: float, sta
         for t in targets:
             assert t.cluster is not None
             out["list"][t.name] = sc.list_latency(t.cluster)
+            out["list"][t.name]["wrk"] = sc.list_latency_wrk(t.cluster)
             out["clusters"][t.name]["restart_one"] = sc.restart_one(t.cluster)
             ready = out["clusters"][t.name]["restart_one"]["ready_s"]
             log(f"state {t.name}: list {out['list'][t.name]} restart {ready} s")
