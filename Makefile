@@ -53,7 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 # quorumd at 0 / 100k / 1M leases and with 3 / 5 / 7 voters and nonvoters, etcd beside it (about
-# 25 minutes; see README); installs wrk, etcd and the bench extra (matplotlib, py-spy) when missing.
+# 15 minutes; see README); installs wrk, etcd and the bench extra (matplotlib, py-spy) when missing.
 bench-scale: $(STAMP)
 	@command -v wrk >/dev/null && command -v etcd >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk etcd-server etcd-client)
