@@ -11,8 +11,8 @@ from __future__ import annotations
 import yaml
 
 from quorumd.node.config.schema import config_from_dict
-from tests import test_compose_live, test_systemd_live
 from tests.docker_support import doc_blocks, doc_commands
+from tests.integration import test_compose_live, test_systemd_live
 
 
 def test_docs_compose_section_is_what_the_compose_test_runs() -> None:

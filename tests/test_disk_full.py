@@ -40,8 +40,7 @@ from quorumd.raft.aio.fdretry import StorageRetries
 from quorumd.raft.aio.storage import LogStorage, StorageError
 from quorumd.raft.core.types import Entry, EntryType, HardState
 from tests.cluster import ApiCallError, Cluster, wait_for
-from tests.daemon_support import list_leases, log_lines, metric_sum
-from tests.test_daemon_notify import FakeSystemd
+from tests.daemon_support import FakeSystemd, list_leases, log_lines, metric_sum
 from tests.test_storage import snap
 
 pytestmark = [
