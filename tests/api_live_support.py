@@ -1,4 +1,4 @@
-"""Helpers for the real-daemon API tests (tests/test_api_live.py, tests/test_ctl_live.py).
+"""Helpers for the real-daemon API tests (tests/test_api_live.py, tests/integration/test_ctl_live.py).
 
 - ``DOC``/``OPS``: the OpenAPI document the code builds, and its operations; tests walk these so a
   new route without a live test fails.

@@ -1,4 +1,4 @@
-"""Helpers of the live deployment tests (tests/test_compose_live.py, tests/test_systemd_live.py).
+"""Helpers of the live deployment tests (tests/integration/test_compose_live.py, tests/integration/test_systemd_live.py).
 
 Those tests run the walk-throughs of docs/operations.md for real, in docker containers built
 offline by deploy/image/build.sh. They hold the documented commands as constants and check first

@@ -1,6 +1,6 @@
 """Address changes over HTTP against FakeNodes: PATCH /cluster/members/{id} (role, inputs, forwarding,
 OpenAPI), and ``quorumctl members set-address``. The semantic checks of the addresses (like the
-config keys) run in the real node: tests/test_addresses.py and tests/test_addresses_live.py."""
+config keys) run in the real node: tests/test_addresses.py and tests/integration/test_addresses_live.py."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@
   second node in (its old leases count for it again), and scheduled backups run on it.
 * ``test_backup_headers_and_route``: the GET /api/v1/backup answer (headers, body digest, the
   OpenAPI entry) and its refusals (no token, a readonly token).
-* On a cluster restored from an ~8 MB archive (tests/test_backup_relay_live.py): a leader change
+* On a cluster restored from an ~8 MB archive (tests/integration/test_backup_relay_live.py): a leader change
   while a follower relays fails the client's download visibly, and a rogue member cannot take a
   backup without an admin token.
 """
