@@ -79,7 +79,19 @@ def http(
         return exc.code, parsed, dict(exc.headers)
 
 
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+RETRIED: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, ApiCallError, TypeError)
+
+
+def wait_for(
+    what: str,
+    fn: Callable[[], Any],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    *,
+    retried: tuple[type[BaseException], ...] = RETRIED,
+) -> Any:
+    """Poll ``fn`` until it returns a truthy value, at most ``timeout`` seconds; the errors in
+    ``retried`` count as "not yet" (the last one is named on timeout), any other propagates."""
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
     while time.monotonic() < deadline:
@@ -87,7 +99,7 @@ def wait_for(what: str, fn: Callable[[], Any], timeout: float = 30.0, interval: 
             result = fn()
             if result:
                 return result
-        except (OSError, ValueError, KeyError, ApiCallError, TypeError) as exc:
+        except retried as exc:
             last = exc
         time.sleep(interval)  # polling interval of a bounded wait, not a synchronization sleep
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last})")
@@ -222,18 +234,23 @@ class Cluster:
     def form(self, *, voters: bool = True) -> Cluster:
         for i in range(1, self.n + 1):
             self.make_node(i)
-        first = self.nodes[1]
-        self.write_config(first)
-        self.start(first)
-        token_file = first.data_dir / "admin.token"
-        wait_for("admin token", lambda: token_file.exists() and token_file.read_text().strip())
-        self.token = token_file.read_text().strip()
+        self.start_first(1)
         self.wait_ready(1)
         for i in range(2, self.n + 1):
             self.add_node(i, start_only=True)
         if voters:
             self.wait_voters(set(range(1, self.n + 1)))
         return self
+
+    def start_first(self, node_id: int = 1) -> Node:
+        """Start the founding node (or a standalone one) and take its admin token."""
+        node = self.nodes.get(node_id) or self.make_node(node_id)
+        self.write_config(node)
+        self.start(node)
+        token_file = node.data_dir / "admin.token"
+        wait_for("admin token", lambda: token_file.exists() and token_file.read_text().strip())
+        self.token = token_file.read_text().strip()
+        return node
 
     def mint(self, node_id: int, via: int | None = None) -> str:
         via = via or self.leader_id() or 1

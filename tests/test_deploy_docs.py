@@ -1,9 +1,9 @@
 """The deployment walk-throughs of docs/operations.md are exactly what the live tests run.
 
-tests/integration/test_compose_live.py and tests/integration/test_systemd_live.py (``make compose-test``, ``make
-systemd-test``) need docker and run outside ``make test``; this module checks, without docker, that
-the docs' command blocks are still the commands those tests hold and run, so the runbook cannot
-drift from what is tested.
+tests/integration/test_compose_live.py and tests/integration/test_systemd_live.py
+(``make compose-test``, ``make systemd-test``) need docker and run outside ``make test``; this
+module checks, without docker, that the docs' command blocks are still the commands those tests
+hold and run, so the runbook cannot drift from what is tested.
 """
 
 from __future__ import annotations

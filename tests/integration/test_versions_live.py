@@ -52,12 +52,7 @@ def test_daemon_stops_with_exit_1_on_an_entry_for_a_newer_protocol(tmp_path: Pat
 def test_a_baseline_joiner_is_refused_by_a_cluster_of_this_build(tmp_path: Path) -> None:
     c = VersionedCluster(tmp_path, 2)
     try:
-        c.make_node(1)
-        c.write_config(c.nodes[1])
-        c.start(c.nodes[1])
-        token_file = c.nodes[1].data_dir / "admin.token"
-        wait_for("admin token", lambda: token_file.exists() and token_file.read_text().strip())
-        c.token = token_file.read_text().strip()
+        c.start_first(1)
         wait_for("this protocol", lambda: c.status(1)["clusterProtocolVersion"] == PROTOCOL_VERSION)
         c.make_node(2)
         c.use(2, baseline_python())

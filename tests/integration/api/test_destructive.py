@@ -181,12 +181,7 @@ def test_leader_removal_sent_to_the_leader_and_the_last_voter(tmp_path: Path) ->
 def test_standalone_answers_404_on_every_cluster_route(tmp_path: Path) -> None:
     c = Cluster(tmp_path, 1, cluster_overrides={"enabled": False})
     try:
-        node = c.make_node(1)
-        c.write_config(node)
-        c.start(node)
-        token_file = node.data_dir / "admin.token"
-        wait_for("admin token", lambda: token_file.exists() and token_file.read_text().strip())
-        c.token = token_file.read_text().strip()
+        node = c.start_first(1)
         wait_for("api up", lambda: request(node.api, "GET", "/healthz").status == 200)
         cluster_ops = [(m, t) for m, t in OPS if is_cluster_route(t)]
         assert len(cluster_ops) >= 7
@@ -203,5 +198,7 @@ def test_standalone_answers_404_on_every_cluster_route(tmp_path: Path) -> None:
             assert r.status == 200, str(r)
         res = _req(c, 1, "POST", "/api/v1/pools", body={"name": "s", "cidr": "fd00::/120"}).result
         assert res["name"] == "s"
+        lease = _req(c, 1, "POST", "/api/v1/leases", body={"pool": "s", "holder": "h"}).result
+        assert lease["address"].startswith("fd00::")
     finally:
         shutdown(c)

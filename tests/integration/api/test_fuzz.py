@@ -4,7 +4,6 @@ through every node: every answer is a documented one.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -24,6 +23,7 @@ from tests.api_live_support import (
     op_doc,
     voters,
 )
+from tests.api_strategies import RequestStrategies
 
 pytestmark = pytest.mark.xdist_group("apilive")
 
@@ -33,20 +33,6 @@ _MEMBER_MUTATIONS = {
     ("POST", "/api/v1/cluster/members/{id}/drain"),
     ("POST", "/api/v1/cluster/members/{id}/promote"),
 }
-JSON_SCALARS = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(),
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=12),
-)
-JSON_VALUES = st.recursive(
-    JSON_SCALARS,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)
-    ),
-    max_leaves=6,
-)
 NAMES: dict[str, list[Any]] = {
     "pool": [WALK_POOL, LOAD_POOL, "fz-a", "fz-b"],
     "name": ["fz-a", "fz-b", "fz-c", WALK_POOL],
@@ -60,86 +46,13 @@ NAMES: dict[str, list[Any]] = {
     ],
     "holder": ["fz1", "fz2", "fz3"],
 }
-
-
-def _valid(name: str, schema: dict[str, Any]) -> st.SearchStrategy[Any]:
-    if "enum" in schema:
-        return st.sampled_from(schema["enum"])
-    kind = schema.get("type")
-    if kind == "integer":
-        lo, hi = schema.get("minimum", 0), schema.get("maximum", 10**6)
-        edges = st.sampled_from([lo, hi, 1, 2, 3, NOT_A_MEMBER] if hi <= 63 else [lo, hi])
-        return st.one_of(edges, st.integers(lo, hi))
-    if kind == "boolean":
-        return st.booleans()
-    choices = NAMES.get(name)
-    pattern = schema.get("pattern")
-    gen: st.SearchStrategy[Any]
-    if pattern and "\\u0000" not in pattern:
-        gen = st.from_regex(pattern, fullmatch=True)
-    else:
-        gen = st.text(
-            alphabet=st.characters(blacklist_categories=("Cc", "Cs")),
-            min_size=schema.get("minLength", 0),
-            max_size=min(schema.get("maxLength", 20), 40),
-        )
-    return st.one_of(st.sampled_from(choices), gen) if choices else gen
-
-
-def _any(name: str, schema: dict[str, Any]) -> st.SearchStrategy[Any]:
-    near: st.SearchStrategy[Any] = st.nothing()
-    if schema.get("type") == "integer":
-        lo, hi = schema.get("minimum", 0), schema.get("maximum", 10**6)
-        near = st.sampled_from([lo - 1, hi + 1, 2**64, True, 1.5, float(lo), str(lo), None])
-    return st.one_of(_valid(name, schema), near, JSON_VALUES)
-
-
-def _as_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def _text(name: str, schema: dict[str, Any]) -> st.SearchStrategy[str]:
-    return st.one_of(
-        _valid(name, schema).map(_as_text),
-        _valid(name, schema).map(_as_text),
-        st.sampled_from(["", "-1", "0", "01", "1.0", "null", "yes", " 1", "9" * 22]),
-        st.text(max_size=20),
-    )
+STRATEGIES = RequestStrategies(NAMES, small_ints=(1, 2, 3, NOT_A_MEMBER), max_text=40)
 
 
 @st.composite
 def fuzz_cases(draw: st.DrawFn) -> dict[str, Any]:
     method, template = draw(st.sampled_from(OPS))
-    op = op_doc(method, template)
-    values: dict[str, str] = {}
-    query: list[tuple[str, str]] = []
-    for p in op.get("parameters", []):
-        if p["in"] == "path":
-            values[p["name"]] = draw(
-                _text(p["name"], p["schema"]).filter(lambda s: s not in ("", ".", "..") and "/" not in s)
-            )
-        elif draw(st.booleans()):
-            query.append((p["name"], draw(_text(p["name"], p["schema"]))))
-    if draw(st.integers(0, 9)) == 0:
-        query.append((draw(st.text(min_size=1, max_size=6)), draw(st.text(max_size=6))))
-    raw: bytes | None = None
-    if "requestBody" in op:
-        schema = op["requestBody"]["content"]["application/json"]["schema"]
-        kind = draw(st.integers(0, 9))
-        if kind <= 6:
-            obj: dict[str, Any] = {}
-            for name, fschema in schema["properties"].items():
-                if name in schema.get("required", []) or draw(st.booleans()):
-                    obj[name] = draw(_valid(name, fschema) if kind <= 3 else _any(name, fschema))
-            if kind == 6:
-                obj[draw(st.text(max_size=6))] = draw(JSON_VALUES)
-            raw = json.dumps(obj).encode()
-        elif kind <= 8:
-            raw = json.dumps(draw(JSON_VALUES)).encode()
-        else:
-            raw = draw(st.binary(max_size=30))
+    values, query, raw = STRATEGIES.request_parts(draw, op_doc(method, template))
     return {
         "method": method,
         "template": template,
