@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck unit bgp-test upgrade-test soak bench bench-backup chaos clean dockerd image compose-test systemd-test
+.PHONY: venv demo test lint typecheck unit bgp-test upgrade-test soak bench bench-backup bench-scale chaos clean dockerd image compose-test systemd-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -55,6 +55,14 @@ bench: $(STAMP)
 	@command -v wrk >/dev/null && command -v etcd >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk etcd-server etcd-client)
 	$(BIN)/python bench/run.py
+
+# quorumd at 0 / 100k / 1M leases and with 3 / 5 / 7 voters and nonvoters, etcd beside it (about
+# 15 minutes; see README); installs wrk, etcd and the bench extra (matplotlib, py-spy) when missing.
+bench-scale: $(STAMP)
+	@command -v wrk >/dev/null && command -v etcd >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk etcd-server etcd-client)
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null && test -x $(BIN)/py-spy || $(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python bench/scale.py $(SCALE_ARGS)
 
 # CHAOS_ARGS: more flags of the run, e.g. CHAOS_ARGS="--bgp gobgp" (real speakers and a route collector)
 chaos: $(STAMP)

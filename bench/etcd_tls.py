@@ -36,18 +36,19 @@ def _post(url: str, body: dict[str, Any], timeout: float = 2.0) -> dict[str, Any
 
 
 class EtcdTls:
-    def __init__(self) -> None:
+    def __init__(self, members: int = 3) -> None:
+        self.n = members
         self.dir = Path(tempfile.mkdtemp(prefix="bench-etcd-tls-"))
-        self.client = [free_port() for _ in range(3)]
-        self.peer = [free_port() for _ in range(3)]
+        self.client = [free_port() for _ in range(members)]
+        self.peer = [free_port() for _ in range(members)]
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def url(self, i: int, path: str) -> str:
         return f"https://127.0.0.1:{self.client[i]}{path}"
 
     def start(self) -> None:
-        initial = ",".join(f"n{j}=https://127.0.0.1:{self.peer[j]}" for j in range(3))
-        for i in range(3):
+        initial = ",".join(f"n{j}=https://127.0.0.1:{self.peer[j]}" for j in range(self.n))
+        for i in range(self.n):
             log = open(self.dir / f"n{i}.log", "wb")  # noqa: SIM115 - handed to the child
             argv = [
                 shutil.which("etcd") or "/usr/bin/etcd",
@@ -66,7 +67,7 @@ class EtcdTls:
     def leader(self, timeout: float = 60.0) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for i in range(3):
+            for i in range(self.n):
                 st = _post(self.url(i, "/v3/maintenance/status"), {})
                 if st and st.get("leader") == st["header"]["member_id"]:
                     if _post(self.url(i, "/v3/kv/put"), {"key": "cHJvYmU=", "value": "eA=="}):

@@ -13,16 +13,14 @@ IPv4 pools of /30 or shorter skip the network and broadcast addresses; from clus
 or shorter skip the subnet-router anycast address (RFC 4291 2.6.1; /127 and /128: RFC 6164).
 
 Lease ids are increasing integers assigned here. Listing is sorted by id with ``after``
-pagination through ``_IdIndex``: a sorted id list (appends are the common case since ids
-increase) with lazy deletion (a released or moved id stays as a tombstone, recognised by a
-membership test against the lease itself, until tombstones outnumber live ids, then the list is
-compacted), so neither allocation nor release costs O(n) per call in the common path, and a page
-costs O(log n + page size) amortized. One index covers all leases, one each pool, one each owning
-node; each keeps a live count, so active counts are O(1).
-
-Memory: a node may hold hundreds of thousands of leases, so a lease is one small tuple (its
-address is derived from the pool's base and the lease's offset when asked for, not stored) and
-the indices hold only id lists, not sets.
+pagination. Storage (``quorumd.node.registry.lease_store``): each lease is one ``bytes`` row,
+its own snapshot encoding, kept by id in 4096-id chunks; the indices (one each pool, one each
+owning node) are sorted id sets in the same chunks, two bytes an id, and each pool maps its
+holders to their rows. A page costs O(log n + page size) and decodes only the rows it returns;
+allocation and release cost O(log n) plus a move within one chunk; active counts are O(1).
+Nothing per lease is a Python object but its row and its holder string (about 200 bytes a
+lease in all, against ~400 for a tuple per lease with its fields and dict entries); the
+address is derived from the pool's base and the lease's offset when asked for.
 
 Snapshot form (canonical: pools sorted by name, leases by id; free offsets are not stored,
 they are derived from the high-water mark and the live offsets on load):
@@ -36,14 +34,19 @@ import heapq
 import ipaddress
 import logging
 import re
-from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterator
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import compress, repeat
 from math import isfinite
 from typing import Any, NamedTuple
 
+import msgpack
+from msgpack import unpackb
+
 from quorumd.node.registry.commands import CommandError, check_float, check_int, check_list, check_str
+from quorumd.node.registry.lease_store import CHUNK_BITS, LOW, IdSet, RowStore, array_header
 from quorumd.raft.codec import packb
 
 logger = logging.getLogger(__name__)
@@ -162,59 +165,11 @@ class PoolInfo:
         }
 
 
-class _IdIndex:
-    """Sorted lease ids with lazy deletion (see the module docstring).
-
-    ``live(id)`` says whether an id listed here still belongs to the index (the lease exists and
-    is in this pool / owned by this node). The table calls ``add`` only for an id that is not
-    live here and ``discard`` only for one that was, after updating the lease itself."""
-
-    __slots__ = ("_count", "_ids", "_live")
-
-    def __init__(self, live: Callable[[int], bool]) -> None:
-        self._ids: list[int] = []
-        self._count = 0
-        self._live = live
-
-    def __len__(self) -> int:
-        return self._count
-
-    def fill(self, sorted_ids: list[int]) -> None:
-        """Set the contents of an empty index to ``sorted_ids`` (all live, increasing)."""
-        self._ids = sorted_ids
-        self._count = len(sorted_ids)
-
-    def add(self, lease_id: int) -> None:
-        self._count += 1
-        ids = self._ids
-        if not ids or ids[-1] < lease_id:
-            ids.append(lease_id)
-            return
-        pos = bisect_left(ids, lease_id)
-        if pos == len(ids) or ids[pos] != lease_id:  # else: a tombstone comes back to life
-            ids.insert(pos, lease_id)
-
-    def discard(self, lease_id: int) -> None:
-        self._count -= 1
-        if len(self._ids) > 2 * self._count + 32:
-            live = self._live
-            self._ids = [i for i in self._ids if live(i)]
-
-    def iter_from(self, after: int | None) -> Iterator[int]:
-        """Live ids greater than ``after`` in increasing order (do not mutate while iterating)."""
-        ids, live = self._ids, self._live
-        start = 0 if after is None else bisect_right(ids, after)
-        for k in range(start, len(ids)):
-            lease_id = ids[k]
-            if live(lease_id):
-                yield lease_id
-
-
 class _Pool:
     __slots__ = ("capacity", "created_at", "free", "holders", "hwm", "index", "name", "network", "space",
                  "span")  # fmt: skip
 
-    def __init__(self, name: str, network: IPNetwork, created_at: float, leases: dict[int, Lease]) -> None:
+    def __init__(self, name: str, network: IPNetwork, created_at: float) -> None:
         self.name = name
         self.network = network
         self.created_at = created_at
@@ -224,13 +179,8 @@ class _Pool:
         self.set_rule(1)  # capacity: how many can be handed out (offsets [span - capacity, span))
         self.hwm = 0  # offsets [0, hwm) have been handed out at least once
         self.free: list[int] = []  # min-heap of released offsets < hwm
-        self.holders: dict[str, int] = {}  # holder -> lease id
-
-        def live(lease_id: int) -> bool:
-            lease = leases.get(lease_id)
-            return lease is not None and lease.pool == name
-
-        self.index = _IdIndex(live)
+        self.holders: dict[str, bytes] = {}  # holder -> the lease's row
+        self.index = IdSet()  # the pool's lease ids
 
     def set_rule(self, protocol: int) -> None:  # from protocol 2 on, IPv6 /126 and shorter skip offset 0
         skip = protocol >= 2 and self.network.version == 6 and self.network.prefixlen <= 126
@@ -238,7 +188,6 @@ class _Pool:
 
     def info(self) -> PoolInfo:
         return PoolInfo(self.name, str(self.network), self.capacity, len(self.index), self.created_at)
-
 
 def parse_cidr(cidr: str) -> IPNetwork:
     """Strict CIDR parse (host bits must be zero); raises ``Rejection('invalid_cidr')``."""
@@ -248,39 +197,21 @@ def parse_cidr(cidr: str) -> IPNetwork:
         raise Rejection("invalid_cidr", f"invalid CIDR {cidr!r}: {exc}") from None
 
 
-_CHUNK_BITS = 12
-_CHUNK = 1 << _CHUNK_BITS
-
-
-def _array_header(n: int) -> bytes:
-    """msgpack's header of an n-element array."""
-    if n < 16:
-        return bytes((0x90 | n,))
-    if n < 0x10000:
-        return b"\xdc" + n.to_bytes(2, "big")
-    return b"\xdd" + n.to_bytes(4, "big")
-
-
-def _array_header_size(n: int) -> int:
-    return 1 if n < 16 else 3 if n < 0x10000 else 5
+_INVERT = bytes.maketrans(b"\x00\x01", b"\x01\x00")
+_new = tuple.__new__
 
 
 class LeaseTable:
     """Pools, leases and their indices. Mutators raise ``Rejection`` before changing anything."""
 
-    __slots__ = ("_all", "_by_node", "_dirty", "_leases", "_next_id", "_packed", "_pools", "_protocol")
+    __slots__ = ("_by_node", "_next_id", "_pools", "_protocol", "_rows")
 
     def __init__(self) -> None:
         self._pools: dict[str, _Pool] = {}
-        self._leases: dict[int, Lease] = {}
-        self._all = _IdIndex(self._leases.__contains__)
-        self._by_node: dict[int, _IdIndex] = {}
+        self._rows = RowStore()  # lease id -> row (lease_store's module docstring)
+        self._by_node: dict[int, IdSet] = {}
         self._next_id = 1
         self._protocol = 1  # the cluster protocol version: selects the allocation rule
-        # Snapshot encoding cache (see packed_dump): chunk -> the msgpack encoding of its leases,
-        # and the chunks changed since they were encoded.
-        self._packed: dict[int, bytes] = {}
-        self._dirty: set[int] = set()
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -292,10 +223,11 @@ class LeaseTable:
         return None if p is None else p.info()
 
     def lease(self, lease_id: int) -> Lease | None:
-        return self._leases.get(lease_id)
+        row = self._rows.get(lease_id)
+        return None if row is None else self._lease(row)
 
     def lease_count(self) -> int:
-        return len(self._leases)
+        return len(self._rows)
 
     def active_count(self, node_id: int) -> int:
         idx = self._by_node.get(node_id)
@@ -317,21 +249,31 @@ class LeaseTable:
         if limit <= 0:
             return []
         pool_filter: str | None = None  # only when the owner index is the one walked
+        rows: Iterator[bytes]
         if node_id is not None:
             idx = self._by_node.get(node_id)
-            pool_filter = pool
+            if idx is None:
+                return []
+            rows, pool_filter = self._rows.rows_of(idx, after), pool
         elif pool is not None:
             p = self._pools.get(pool)
-            idx = None if p is None else p.index
-        else:
-            idx = self._all
-        if idx is None:
-            return []
+            if p is None:
+                return []
+            rows = self._rows.rows_of(p.index, after)
+        else:  # one decoding call for the page: its rows joined behind an array header
+            page = self._rows.take_from(after, limit)
+            spaces = {name: p.space for name, p in self._pools.items()}
+            decoded = unpackb(array_header(len(page)) + b"".join(page))
+            for r in decoded:
+                r.append(spaces[r[1]])
+            return list(map(_new, repeat(Lease, len(decoded)), decoded))
         out: list[Lease] = []
-        for lease_id in idx.iter_from(after):
-            lease = self._leases[lease_id]
-            if pool_filter is None or lease.pool == pool_filter:
-                out.append(lease)
+        spaces = {name: p.space for name, p in self._pools.items()}
+        for row in rows:
+            r = unpackb(row)
+            if pool_filter is None or r[1] == pool_filter:
+                r.append(spaces[r[1]])
+                out.append(_new(Lease, r))  # a Lease from the decoded row, without a call per field
                 if len(out) >= limit:
                     break
         return out
@@ -341,7 +283,13 @@ class LeaseTable:
         idx = self._by_node.get(node_id)
         if idx is None:
             return []
-        return [self._leases[i].prefix for i in idx.iter_from(None)]
+        pools = self._pools
+        out: list[str] = []
+        for row in self._rows.rows_of(idx):
+            r = unpackb(row)
+            space = pools[r[1]].space
+            out.append(f"{space.address(r[2])}/{32 if space.version == 4 else 128}")
+        return out
 
     # --- mutators ----------------------------------------------------------------------------
 
@@ -359,7 +307,7 @@ class LeaseTable:
         for other in self._sorted_pools():
             if other.network.version == network.version and other.network.overlaps(network):
                 raise Rejection("pool_overlap", f"{network} overlaps pool {other.name!r}")
-        p = _Pool(name, network, ts, self._leases)
+        p = _Pool(name, network, ts)
         p.set_rule(self._protocol)
         if p.capacity <= 0:  # pragma: no cover - every network has at least one usable address
             raise Rejection("invalid_cidr", f"{network} has no usable address")
@@ -387,15 +335,14 @@ class LeaseTable:
             raise Rejection("invalid_argument", f"holder must be 1-{MAX_HOLDER_CHARS} characters")
         existing = p.holders.get(holder)
         if existing is not None:
-            lease = self._leases[existing]
-            if lease.node_id != node_id:
-                old_owner = lease.node_id
-                lease = lease._replace(node_id=node_id)
-                self._leases[existing] = lease
-                self._dirty.add(existing >> _CHUNK_BITS)
-                self._node_discard(old_owner, existing)
-                self._node_index(node_id).add(existing)
-            return lease
+            lease_id, name, offset, held_by, old_owner, created_at = unpackb(existing)
+            if old_owner != node_id:
+                row = packb((lease_id, name, offset, held_by, node_id, created_at))
+                self._rows.replace(lease_id, row)
+                p.holders[holder] = row
+                self._node_discard(old_owner, lease_id)
+                self._node_index(node_id).add(lease_id)
+            return Lease(lease_id, name, offset, held_by, node_id, created_at, p.space)
         first = p.span - p.capacity  # the lowest offset handed out
         while p.free and p.free[0] < first:  # released before the rule changed: never again
             heapq.heappop(p.free)
@@ -407,23 +354,24 @@ class LeaseTable:
             raise Rejection("pool_exhausted", f"pool {pool!r} has no free address")
         lease_id = self._next_id
         self._next_id += 1
-        lease = Lease(lease_id, pool, offset, holder, node_id, ts, p.space)
-        self._insert(p, lease)
-        return lease
+        row = packb((lease_id, pool, offset, holder, node_id, ts))
+        self._rows.append(lease_id, row)
+        p.holders[holder] = row
+        p.index.add(lease_id)
+        self._node_index(node_id).add(lease_id)
+        return Lease(lease_id, pool, offset, holder, node_id, ts, p.space)
 
     def release(self, lease_id: int) -> Lease:
-        lease = self._leases.get(lease_id)
-        if lease is None:
+        row = self._rows.pop(lease_id)
+        if row is None:
             raise Rejection("unknown_lease", f"unknown lease {lease_id}")
-        p = self._pools[lease.pool]
-        del self._leases[lease_id]
-        self._dirty.add(lease_id >> _CHUNK_BITS)
-        del p.holders[lease.holder]
+        _, pool, offset, holder, node_id, created_at = unpackb(row)
+        p = self._pools[pool]
+        del p.holders[holder]
         p.index.discard(lease_id)
-        self._all.discard(lease_id)
-        self._node_discard(lease.node_id, lease_id)
-        heapq.heappush(p.free, lease.offset)
-        return lease
+        self._node_discard(node_id, lease_id)
+        heapq.heappush(p.free, offset)
+        return Lease(lease_id, pool, offset, holder, node_id, created_at, p.space)
 
     def purge_node(self, node_id: int) -> int:
         """Release every lease ``node_id`` owns; returns how many."""
@@ -439,89 +387,103 @@ class LeaseTable:
 
     def dump(self) -> list[Any]:
         pools = [[p.name, str(p.network), p.created_at, p.hwm] for p in self._sorted_pools()]
-        # The lease dict is in id order: ids only grow, and a re-owned lease keeps its slot.
-        leases = [lease[:6] for lease in self._leases.values()]  # msgpack packs tuples as arrays
+        leases = [unpackb(row) for row in self._rows.rows_from(None)]
         return [self._next_id, pools, leases]
 
     def packed_dump(self) -> bytes:
-        """``msgpack.packb(self.dump(), use_bin_type=True)``, byte for byte, without re-encoding
-        leases that did not change since the last call.
-
-        A snapshot used to pack every lease (300,000 leases: ~300 ms of the event loop, several
-        times a minute under write load). Leases are kept in 4096-id chunks, each chunk's
-        encoding is cached until one of its leases is added, re-owned or released, and the list
-        is the array header followed by the chunks' encodings in id order -- exactly what
-        msgpack writes for the whole list. tests/test_state.py compares the two."""
+        """``msgpack.packb(self.dump(), use_bin_type=True)``, byte for byte, without encoding
+        any lease: each row already is its lease's encoding (tests/test_state.py compares)."""
         return b"".join(self.packed_dump_parts())
 
     def packed_dump_parts(self) -> list[bytes]:
-        """``packed_dump()`` as pieces (the cached chunk encodings themselves, not copied)."""
-        for chunk in self._dirty:
-            self._encode_chunk(chunk)
-        self._dirty.clear()
-        packed = self._packed
+        """``packed_dump()`` as pieces: the head, then one piece per 4096-id chunk (its rows
+        joined, ~1 ms per 100,000 leases)."""
         pools = [[p.name, str(p.network), p.created_at, p.hwm] for p in self._sorted_pools()]
-        head = b"\x93" + packb(self._next_id) + packb(pools) + _array_header(len(self._leases))
-        return [head, *(packed[c] for c in sorted(packed))]
+        head = b"\x93" + packb(self._next_id) + packb(pools) + array_header(len(self._rows))
+        return [head, *map(b"".join, self._rows.chunk_rows())]
 
     def encode_dirty_chunks(self, max_chunks: int) -> int:
-        """Refresh the cache of at most ``max_chunks`` changed chunks; returns how many remain.
-
-        A caller that must not hold the event loop for long (a backup of a cold cache right
-        after a restart: ~1 ms per thousand leases) calls this between yields until it returns
-        0, then ``packed_dump`` has little left to do."""
-        for _ in range(min(max_chunks, len(self._dirty))):
-            self._encode_chunk(self._dirty.pop())
-        return len(self._dirty)
-
-    def _encode_chunk(self, chunk: int) -> None:
-        leases, packed = self._leases, self._packed
-        base = chunk << _CHUNK_BITS
-        items = [lease[:6] for i in range(base, base + _CHUNK) if (lease := leases.get(i)) is not None]
-        if items:
-            encoded = packb(items)
-            packed[chunk] = encoded[_array_header_size(len(items)) :]
-        else:
-            packed.pop(chunk, None)
+        """What ``packed_dump`` leaves to do beforehand: nothing (the rows are the encoding);
+        kept for callers that prepare a snapshot in steps. Always 0."""
+        return 0
 
     @classmethod
     def load(cls, obj: object) -> LeaseTable:
         """Rebuild from ``dump()`` output; raises ``SnapshotError`` on any inconsistency."""
-        try:
-            return cls._load(obj)
-        except (CommandError, Rejection) as exc:
-            raise SnapshotError(f"lease table: {exc}") from None
+        table, n, leases = cls._load_head(obj)
+        return table._load_rows(n, iter(leases))
 
     @classmethod
-    def _load(cls, obj: object) -> LeaseTable:
-        table = cls()
-        next_id_raw, pools_raw, leases_raw = check_list(obj, "lease table", 3)
-        table._next_id = check_int(next_id_raw, "next_lease_id")
-        if table._next_id < 1:
-            raise SnapshotError("next_lease_id < 1")
-        prev_name: str | None = None
-        for item in check_list(pools_raw, "pools"):
-            name_raw, cidr_raw, created_raw, hwm_raw = check_list(item, "pool", 4)
-            name = check_str(name_raw, "pool name")
-            if prev_name is not None and name <= prev_name:
-                raise SnapshotError("pools not sorted by name")
-            prev_name = name
-            table.create_pool(name, check_str(cidr_raw, "cidr"), check_float(created_raw, "created_at"))
-            p = table._pools[name]
-            if str(p.network) != cidr_raw:
-                raise SnapshotError(f"pool {name!r}: non-canonical cidr")
-            hwm = check_int(hwm_raw, "hwm")
-            if not 0 <= hwm <= p.span:
-                raise SnapshotError(f"pool {name!r}: hwm out of range")
-            p.hwm = hwm
-        used: dict[str, set[int]] = {name: set() for name in table._pools}
-        leases = table._leases
-        pools = table._pools
-        pool_ids: dict[str, list[int]] = {name: [] for name in pools}
-        node_ids: dict[int, list[int]] = {}
-        prev_id = 0
-        next_id = table._next_id
-        for item in check_list(leases_raw, "leases"):
+    def load_stream(cls, unpacker: msgpack.Unpacker) -> LeaseTable:
+        """Rebuild from an ``Unpacker`` positioned at ``dump()``'s encoding: the lease rows are
+        decoded one at a time (a million of them never exist as decoded objects at once)."""
+        try:
+            if unpacker.read_array_header() != 3:
+                raise SnapshotError("lease table: expected 3 items")
+            head = [unpacker.unpack(), unpacker.unpack(), []]
+            table, _, _ = cls._load_head(head)
+            n = unpacker.read_array_header()
+        except (msgpack.UnpackException, ValueError) as exc:
+            if isinstance(exc, SnapshotError):
+                raise
+            raise SnapshotError(f"lease table: undecodable ({type(exc).__name__})") from None
+        return table._load_rows(n, (unpacker.unpack() for _ in range(n)))
+
+    @classmethod
+    def _load_head(cls, obj: object) -> tuple[LeaseTable, int, list[Any]]:
+        try:
+            next_id_raw, pools_raw, leases_raw = check_list(obj, "lease table", 3)
+            leases = check_list(leases_raw, "leases")
+            table = cls()
+            table._next_id = check_int(next_id_raw, "next_lease_id")
+            if table._next_id < 1:
+                raise SnapshotError("next_lease_id < 1")
+            prev_name: str | None = None
+            for item in check_list(pools_raw, "pools"):
+                name_raw, cidr_raw, created_raw, hwm_raw = check_list(item, "pool", 4)
+                name = check_str(name_raw, "pool name")
+                if prev_name is not None and name <= prev_name:
+                    raise SnapshotError("pools not sorted by name")
+                prev_name = name
+                table.create_pool(name, check_str(cidr_raw, "cidr"), check_float(created_raw, "created_at"))
+                p = table._pools[name]
+                if str(p.network) != cidr_raw:
+                    raise SnapshotError(f"pool {name!r}: non-canonical cidr")
+                hwm = check_int(hwm_raw, "hwm")
+                if not 0 <= hwm <= p.span:
+                    raise SnapshotError(f"pool {name!r}: hwm out of range")
+                p.hwm = hwm
+        except (CommandError, Rejection) as exc:
+            raise SnapshotError(f"lease table: {exc}") from None
+        return table, len(leases), leases
+
+    def _load_rows(self, n: int, items: Iterator[Any]) -> LeaseTable:
+        try:
+            self._fill(n, items)
+        except (CommandError, Rejection) as exc:
+            raise SnapshotError(f"lease table: {exc}") from None
+        except (msgpack.UnpackException, ValueError) as exc:
+            if isinstance(exc, SnapshotError):
+                raise
+            raise SnapshotError(f"lease table: undecodable ({type(exc).__name__})") from None
+        return self
+
+    def _fill(self, n: int, items: Iterator[Any]) -> None:
+        """Validate and add ``n`` rows in id order. The indices are built chunk by chunk here
+        (the per-call path, ``IdSet.add``, costs more than the rest of a row's work)."""
+        pools = self._pools
+        taken = {name: bytearray(p.hwm) for name, p in pools.items()}  # offset -> 1 once seen
+        pool_chunks: dict[str, dict[int, array[int]]] = {name: {} for name in pools}
+        node_chunks: dict[int, dict[int, array[int]]] = {}
+        counts: dict[int, int] = {}
+        row_chunks: dict[int, tuple[array[int], list[bytes]]] = {}
+        pack = msgpack.Packer(use_bin_type=True).pack
+        prev_id, chunk = 0, -1
+        lows: array[int] = array("H")
+        rows: list[bytes] = []
+        next_id = self._next_id
+        for _ in range(n):
+            item = next(items)
             if type(item) is not list or len(item) != 6:
                 check_list(item, "lease", 6)  # raises with the usual message
             lease_id, pool, offset, holder, node_id, created_at = item
@@ -538,63 +500,61 @@ class LeaseTable:
             p = p_or_none
             if type(offset) is not int:
                 offset = check_int(offset, "offset")
-            taken = used[pool]
-            if not 0 <= offset < p.hwm or offset in taken:
+            seen = taken[pool]
+            if not 0 <= offset < p.hwm or seen[offset]:
                 raise SnapshotError(f"lease {lease_id}: bad or duplicate offset")
-            taken.add(offset)
+            seen[offset] = 1
             if type(holder) is not str:
                 holder = check_str(holder, "holder")
-            if not holder or holder in p.holders:
-                raise SnapshotError(f"lease {lease_id}: empty or duplicate holder")
             if type(node_id) is not int:
                 node_id = check_int(node_id, "node_id")
             if type(created_at) is not float or not isfinite(created_at):
                 created_at = check_float(created_at, "created_at")
-            leases[lease_id] = Lease(lease_id, p.name, offset, holder, node_id, created_at, p.space)
-            p.holders[holder] = lease_id
-            pool_ids[pool].append(lease_id)
-            ids = node_ids.get(node_id)
-            if ids is None:
-                ids = node_ids[node_id] = []
-            ids.append(lease_id)
-        # Ids arrived in increasing order, so every index's list is already sorted.
-        table._all.fill(list(leases))
-        for name, p in pools.items():
-            p.index.fill(pool_ids[name])
-            taken = used[name]
-            p.free = [o for o in range(p.hwm) if o not in taken]  # sorted, hence a valid heap
-        for node_id, ids in node_ids.items():
-            table._node_index(node_id).fill(ids)
-        table._dirty.update({lease_id >> _CHUNK_BITS for lease_id in leases})
-        return table
+            row = pack((lease_id, p.name, offset, holder, node_id, created_at))
+            if not holder or p.holders.setdefault(holder, row) is not row:
+                raise SnapshotError(f"lease {lease_id}: empty or duplicate holder")
+            low = lease_id & LOW
+            if lease_id >> CHUNK_BITS != chunk:
+                chunk = lease_id >> CHUNK_BITS
+                lows, rows = row_chunks[chunk] = (array("H"), [])
+            lows.append(low)
+            rows.append(row)
+            by_chunk = pool_chunks[pool]
+            if (ids := by_chunk.get(chunk)) is None:
+                ids = by_chunk[chunk] = array("H")
+            ids.append(low)
+            if (nodes := node_chunks.get(node_id)) is None:
+                nodes = node_chunks[node_id] = {}
+                counts[node_id] = 0
+            if (ids := nodes.get(chunk)) is None:
+                ids = nodes[chunk] = array("H")
+            ids.append(low)
+            counts[node_id] += 1
+        self._rows.fill(row_chunks, n)
+        for name, p in pools.items():  # offsets below hwm not held: sorted, hence a valid heap
+            p.index.fill(pool_chunks[name], len(p.holders))
+            p.free = list(compress(range(p.hwm), taken[name].translate(_INVERT)))
+        for node_id, nodes in node_chunks.items():
+            self._node_index(node_id).fill(nodes, counts[node_id])
 
     # --- internals ---------------------------------------------------------------------------
+
+    def _lease(self, row: bytes) -> Lease:
+        r = unpackb(row)
+        r.append(self._pools[r[1]].space)
+        return _new(Lease, r)
 
     def _sorted_pools(self) -> list[_Pool]:
         return [self._pools[name] for name in sorted(self._pools)]
 
-    def _insert(self, p: _Pool, lease: Lease) -> None:
-        self._leases[lease.lease_id] = lease
-        self._dirty.add(lease.lease_id >> _CHUNK_BITS)
-        p.holders[lease.holder] = lease.lease_id
-        p.index.add(lease.lease_id)
-        self._all.add(lease.lease_id)
-        self._node_index(lease.node_id).add(lease.lease_id)
-
-    def _node_index(self, node_id: int) -> _IdIndex:
+    def _node_index(self, node_id: int) -> IdSet:
         idx = self._by_node.get(node_id)
         if idx is None:
-            leases = self._leases
-
-            def live(lease_id: int) -> bool:
-                lease = leases.get(lease_id)
-                return lease is not None and lease.node_id == node_id
-
-            idx = self._by_node[node_id] = _IdIndex(live)
+            idx = self._by_node[node_id] = IdSet()
         return idx
 
     def _node_discard(self, node_id: int, lease_id: int) -> None:
         idx = self._by_node[node_id]
         idx.discard(lease_id)
-        if not idx:
+        if not len(idx):
             del self._by_node[node_id]

@@ -13,6 +13,7 @@ validates types and cross-references before a single field of the live state is 
 
 from __future__ import annotations
 
+import io
 import logging
 from heapq import heapify
 from typing import TYPE_CHECKING
@@ -36,7 +37,6 @@ from quorumd.node.registry.commands import (
     pack,
     role_from_code,
     role_to_code,
-    unpack,
 )
 from quorumd.node.registry.leases import LeaseTable, SnapshotError
 from quorumd.node.registry.records import (
@@ -116,21 +116,43 @@ def check_snapshot_format(data: bytes) -> None:
 
 def load_snapshot(data: bytes) -> StateMachine:
     """A state machine holding the snapshot ``data`` (any format this build reads); raises
-    ``SnapshotError`` (or ``SnapshotFormatError``) for anything else."""
+    ``SnapshotError`` (or ``SnapshotFormatError``) for anything else.
+
+    Decoded as a stream: the fields before and after the lease table whole, the lease table
+    one row at a time (``LeaseTable.load_stream``), so a million leases never exist as decoded
+    objects at once (that cost ~2x the table's own memory at peak and left the heap fragmented)."""
     from quorumd.node.registry.state import StateMachine  # the state machine this codec fills
 
-    obj = unpack(data, "snapshot")
-    items = check_list(obj, "snapshot")
-    version = check_int(items[0], "snapshot version") if items else 0
+    if type(data) is not bytes:
+        raise SnapshotError("snapshot: expected bytes")
+    # Read through a BytesIO (which shares ``data``) rather than fed: feeding copies it whole.
+    unpacker = msgpack.Unpacker(io.BytesIO(data), raw=False, use_list=True, strict_map_key=True)
+    try:
+        count = unpacker.read_array_header()
+        version = unpacker.unpack() if count else 0
+    except Exception as exc:  # msgpack raises a handful of unrelated types on garbage
+        raise SnapshotError(f"snapshot: undecodable ({type(exc).__name__})") from None
+    version = check_int(version, "snapshot version")
     if version > SNAPSHOT_VERSION:
         raise SnapshotFormatError(version)
     if version not in (SNAPSHOT_VERSION_V1, SNAPSHOT_VERSION_V2, SNAPSHOT_VERSION_V3, SNAPSHOT_VERSION):
         raise SnapshotError("unsupported snapshot version")
+    expected = {1: 8, 2: 9, 3: 10, 4: 10}[version]
+    if count != expected:
+        raise SnapshotError(f"snapshot: expected {expected} items, got {count}")
     v2 = version >= SNAPSHOT_VERSION_V2  # v3: the v2 fields, then the audit trail
     v4 = version >= SNAPSHOT_VERSION  # v4: v3, each member row with its next certificate
-    (_, applied_raw, cluster_raw, key_raw, members_raw, join_raw, api_raw, leases_raw, *rest) = check_list(
-        items, "snapshot", {1: 8, 2: 9, 3: 10, 4: 10}[version]
-    )
+    try:
+        fields = [unpacker.unpack() for _ in range(6)]
+        applied_raw, cluster_raw, key_raw, members_raw, join_raw, api_raw = fields
+        leases = LeaseTable.load_stream(unpacker)
+        rest = [unpacker.unpack() for _ in range(count - 8)]
+        if unpacker.tell() != len(data):
+            raise SnapshotError("snapshot: extra data after the snapshot")
+    except SnapshotError:
+        raise
+    except Exception as exc:
+        raise SnapshotError(f"snapshot: undecodable ({type(exc).__name__})") from None
     sm = StateMachine()
     if version >= SNAPSHOT_VERSION_V3:
         sm._audit = AuditTrail.load(rest[1])
@@ -205,7 +227,7 @@ def load_snapshot(data: bytes) -> StateMachine:
     # A lease may name an owner that is not a member: a state restored from a backup keeps the
     # leases of every node id (they count again for a node of that id that joins). Removing a
     # member still purges its leases.
-    sm._leases = LeaseTable.load(leases_raw)
+    sm._leases = leases
     sm._leases.set_protocol(sm._cluster_protocol)
     return sm
 

@@ -3,7 +3,7 @@
 ``SetMemberAddress`` needs cluster protocol 2, so while a member of the baseline build (protocol
 1) is in the cluster the leader cannot record the move: the gate refuses it (a leader of this
 build) or the RPC is unknown (a baseline leader). The moved node keeps asking; once the last
-baseline member is upgraded the leader ratchets the cluster to protocol 2 (the moved node's own
+baseline member is upgraded the leader ratchets the cluster to this build's protocol (the moved node's own
 request told it that node's version, which it could not ask over the old address), the gate
 opens, the next request is recorded, and the cluster is healthy again without operator action.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from quorumd.node.version import PROTOCOL_VERSION
 from tests.baseline_support import BaselineUnavailable, baseline_python
 from tests.cluster import free_port, wait_for
 from tests.integration.test_addresses_live import M, addresses, healthy, listed_everywhere, write_through
@@ -75,8 +76,12 @@ def test_a_move_waits_for_the_gate_and_happens_when_it_opens(mixed: VersionedClu
         assert "member_address_deferred node_id=2 reason=feature_unavailable" in c.nodes[3].log_text()
 
     t0 = time.monotonic()
-    upgrade_in_place(c, 1)  # the last baseline member: the ratchet can move to protocol 2
-    wait_for("cluster protocol 2", lambda: c.status(1)["clusterProtocolVersion"] == 2, 60)
+    upgrade_in_place(c, 1)  # the last baseline member: the ratchet can move to this build's protocol
+    wait_for(
+        "this build's cluster protocol",
+        lambda: c.status(1)["clusterProtocolVersion"] == PROTOCOL_VERSION,
+        60,
+    )
     wait_for("node 2 listed at its new addresses", lambda: listed_everywhere(c, 2, new), 60)
     c.wait_ready(2, 60)
     wait_for("autopilot healthy, failure tolerance 1", lambda: healthy(c), 60)

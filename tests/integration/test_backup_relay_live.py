@@ -33,6 +33,7 @@ import pytest
 from quorumd.node.cluster.service import pack, unpack
 from quorumd.node.registry.archive import decode_archive
 from quorumd.node.registry.commands import AllocateLease, encode_command
+from quorumd.node.version import PROTOCOL_VERSION
 from tests.cluster import _SSL, Cluster, free_port, wait_for
 from tests.rogue_member import RogueMember
 from tests.test_backup import make_archive, sample_state
@@ -78,7 +79,7 @@ def c(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         cl.wait_voters({1, 2, 3}, timeout=120)
         for nid in (2, 3):
             wait_for(f"node {nid} caught up", lambda nid=nid: cl.applied(nid) >= cl.applied(1), 60)
-        wait_for("protocol 2", lambda: cl.status(2)["clusterProtocolVersion"] == 2, 60)
+        wait_for("this protocol", lambda: cl.status(2)["clusterProtocolVersion"] == PROTOCOL_VERSION, 60)
         yield cl
     finally:
         cl.close()
@@ -211,8 +212,9 @@ def test_rogue_member_cannot_take_a_backup_without_an_admin_token(c: Cluster) ->
     assert out["guessed"][0] == "error" and b"backup_gone" in out["guessed"][1], out["guessed"]
     assert out["readonly_read"][0] == "error" and b"forbidden" in out["readonly_read"][1], out
     assert out["after_refusal"][0] == "error" and b"backup_gone" in out["after_refusal"][1], out
-    assert f"internal_rpc_refused method=backup.read node={rogue_id} reason=token" in c.nodes[
-        out["lead"]
-    ].log_text()
+    assert (
+        f"internal_rpc_refused method=backup.read node={rogue_id} reason=token"
+        in c.nodes[out["lead"]].log_text()
+    )
     assert out["removed"][0] == "ok", out["removed"]
     wait_for("rogue removed", lambda: rogue_id not in {m["nodeId"] for m in c.members()})

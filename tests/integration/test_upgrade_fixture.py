@@ -79,7 +79,7 @@ def test_current_build_serves_the_baseline_state(tmp_path: Path) -> None:
         c.wait_ready(1, timeout=60)
         # alone at protocol 2, the node ratchets the cluster to it (within a reconcile or two);
         # read its state after that, so what it shows does not depend on the moment
-        wait_for("protocol 2", lambda: c.status(1)["clusterProtocolVersion"] == PROTOCOL_VERSION)
+        wait_for("this protocol", lambda: c.status(1)["clusterProtocolVersion"] == PROTOCOL_VERSION)
         members = c.ok(1, "GET", "/api/v1/cluster/members")
         keep = ("nodeId", "raftAddress", "suffrage", "drainState", "activeLeases", "binaryVersion")
         assert [{k: m[k] for k in keep} for m in members] == [{k: m[k] for k in keep} for m in exp["members"]]
