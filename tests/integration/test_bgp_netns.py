@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import shutil
 import ssl
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -60,7 +61,7 @@ def v6(lab: NetLab, i: int) -> str:
 
 def prefixes(collector: Collector) -> dict[int, set[str]]:
     """The collector's RIB: prefixes learned from each node's session."""
-    return {node: set(routes) for node, routes in prefixes(collector).items()}
+    return {node: set(routes) for node, routes in collector.routes().items()}
 
 
 class BgpNsCluster(NsCluster):
@@ -79,6 +80,9 @@ def lab() -> Iterator[NetLab]:
     with NetLab(3, collector=True) as lab:
         for i in lab.nodes():
             lab.run_in(i, ["ip", "addr", "add", f"{v6(lab, i)}/64", "dev", "eth0", "nodad"])
+        # the collector on the nodes' IPv6 link too: the /128 routes' next hops are reachable there
+        collector_v6 = ["ip", "addr", "add", f"{v6(lab, 0)}/64", "dev", "eth0", "nodad"]
+        subprocess.run(lab.collector_argv(collector_v6), check=True, capture_output=True, timeout=10)
         yield lab
 
 
