@@ -5,12 +5,13 @@
   recording every acknowledged answer; ``list_leases`` pages through a node's whole lease table.
 - ``check_apply_traces``: compare the ``QUORUMD_TEST_APPLY_TRACE`` files of every node and every
   incarnation (see ``quorumd.node.daemon.testhooks.ApplyTrace``): one entry and one state per index.
-- ``FakeSystemd``: the receiving end of ``NOTIFY_SOCKET`` (sd_notify datagrams).
+- ``FakeSystemd``, ``fake_systemd``: the receiving end of ``NOTIFY_SOCKET`` (sd_notify datagrams).
 - ``quiesce``: wait until every node has applied the same index and the leader has nothing newer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import random
@@ -18,7 +19,9 @@ import socket
 import threading
 import time
 import urllib.request
+import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,3 +381,15 @@ class FakeSystemd:
 
     def count(self, state: str) -> int:
         return sum(state in text.split("\n") for text in self.texts())
+
+
+@contextlib.contextmanager
+def fake_systemd() -> Iterator[FakeSystemd]:
+    """A ``FakeSystemd`` on an abstract-namespace socket (``NOTIFY_SOCKET=@name``), closed at the end."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"quorumd-test-notify-{uuid.uuid4().hex}"
+    sock.bind("\0" + name)
+    try:
+        yield FakeSystemd(sock, "@" + name)
+    finally:
+        sock.close()
