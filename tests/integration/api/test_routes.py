@@ -421,12 +421,17 @@ def _audit(live: Live, nid: int) -> None:
     name = _pool_name(nid, "audit")
 
     def recorded() -> list[dict[str, Any]]:
-        live.call(nid, "POST", "/api/v1/pools", body={"name": name, "cidr": f"10.{90 + nid}.0.0/28"})
+        live.call(nid, "POST", "/api/v1/pools", body={"name": name, "cidr": f"10.{120 + nid}.0.0/28"})
         live.call(nid, "DELETE", "/api/v1/pools/{name}", {"name": name})
+        found: list[dict[str, Any]] = []
         q = {"action": "pool_delete", "limit": "1000", "consistent": "true"}
-        return [
-            r for r in live.call(nid, "GET", "/api/v1/audit", query=q).result if r["target"] == f"pool:{name}"
-        ]
+        for _ in range(100):  # oldest first, a page at a time: the other suites audit many deletes
+            page = live.call(nid, "GET", "/api/v1/audit", query=q).result
+            found += [r for r in page if r["target"] == f"pool:{name}"]
+            if len(page) < 1000:
+                break
+            q["after"] = str(page[-1]["id"])
+        return found
 
     rec = wait_for("an audited write", recorded, 30, interval=0.2)[-1]
     assert rec["viaNodeId"] == nid and rec["actor"]["type"] == "token" and rec["sourceAddress"] == "127.0.0.1"
