@@ -33,14 +33,14 @@ unit: $(STAMP)
 # network namespaces (about 35 s; needs root and the Debian packages gobgpd and bird2, which
 # .ci/run installs). Kept out of `unit` so its 1-second bounds never share the 2 cores with it.
 bgp-test: $(STAMP)
-	$(BIN)/pytest -q -n 0 -m bgp tests/test_bgp_netns.py
+	$(BIN)/pytest -q -n 0 -m bgp tests/integration/test_bgp_netns.py
 
 test: lint typecheck unit
 
 # The rolling upgrade from the baseline build (017d9cc) and the baseline data dir fixture alone
 # (both are also in `unit`). The baseline virtualenv is cached in .upgrade-cache/.
 upgrade-test: $(STAMP)
-	$(BIN)/pytest -q -s tests/test_rolling_upgrade.py tests/test_upgrade_fixture.py
+	$(BIN)/pytest -q -s tests/integration/test_rolling_upgrade.py tests/integration/test_upgrade_fixture.py
 
 # GET /api/v1/backup at 100,000 leases, through the leader and through a follower (BENCHMARKS.md)
 bench-backup: $(STAMP)
@@ -78,12 +78,12 @@ image: $(STAMP) dockerd
 
 # docs/operations.md's docker-compose walk-through against deploy/compose (see docs for its time).
 compose-test: image
-	QUORUMD_DOCKER_TESTS=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_compose_live.py
+	QUORUMD_DOCKER_TESTS=1 $(BIN)/pytest -q -p no:cacheprovider tests/integration/test_compose_live.py
 
 # docs/operations.md's three-host systemd walk-through in three systemd containers.
 systemd-test: $(STAMP) dockerd
 	deploy/image/build.sh host
-	QUORUMD_DOCKER_TESTS=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_systemd_live.py
+	QUORUMD_DOCKER_TESTS=1 $(BIN)/pytest -q -p no:cacheprovider tests/integration/test_systemd_live.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .upgrade-cache

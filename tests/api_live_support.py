@@ -1,4 +1,4 @@
-"""Helpers for the real-daemon API tests (tests/test_api_live.py, tests/test_ctl_live.py).
+"""Helpers for the real-daemon API tests (tests/test_api_live.py, tests/integration/test_ctl_live.py).
 
 - ``DOC``/``OPS``: the OpenAPI document the code builds, and its operations; tests walk these so a
   new route without a live test fails.
@@ -61,6 +61,8 @@ def bad_token() -> str:
     """A well-formed token never issued, with a token id of its own: the failed-authentication
     limiter counts per presented token id too, so tests that expect 401 must not share one."""
     return f"qd_{secrets.token_hex(6)}_" + "A" * 43
+
+
 MANUAL_PROMOTION: dict[str, Any] = {
     # Autopilot never promotes by itself during a test run, so joined nodes stay nonvoters until
     # a test promotes them; a small trailing-logs bound makes "not caught up" cheap to provoke.
@@ -404,3 +406,133 @@ class LoadThread:
 
     def successes(self) -> int:
         return sum(1 for _, _, r in self.replies if r.status < 300)
+
+
+# --- the shared cluster of tests/integration/api ---------------------------------------------------
+VIAS = ("leader", "follower")
+WALK_POOL = "walk"
+LOAD_POOL = "load"
+NOT_A_MEMBER = 42
+MESSAGES = {
+    ("DELETE", "/api/v1/cluster/members/{id}"): "Cluster member removed",
+    ("POST", "/api/v1/cluster/members/{id}/promote"): "Cluster member promoted to voter",
+    ("POST", "/api/v1/cluster/members/{id}/resume"): "Cluster member resumed",
+}
+
+
+def op_id(op: tuple[str, str]) -> str:
+    return f"{op[0]} {op[1]}"
+
+
+@dataclass
+class Live:
+    """The shared cluster, its readonly token, and the calls made through it."""
+
+    c: Cluster
+    readonly: str
+    spares: dict[str, int] = field(default_factory=dict)
+    next_spare: int = 10
+    log: list[tuple[int, str, str, int]] = field(default_factory=list)
+
+    def leader(self) -> int:
+        return self.c.wait_leader()
+
+    def followers(self) -> list[int]:
+        lead = self.leader()
+        ms = self.c.members(lead)
+        return sorted(
+            m["nodeId"]
+            for m in ms
+            if m["nodeId"] != lead
+            and m["suffrage"] == "voter"
+            and m["drainState"] == "active"
+            and self.c.nodes[m["nodeId"]].alive()
+        )
+
+    def node(self, via: str) -> int:
+        return self.leader() if via == "leader" else self.followers()[0]
+
+    def token_for(self, kind: str | None) -> str | None:
+        return {"admin": self.c.token, "readonly": self.readonly}.get(kind or "", kind)
+
+    def call(
+        self,
+        nid: int,
+        method: str,
+        template: str,
+        values: dict[str, Any] | None = None,
+        *,
+        token: str | None = "admin",
+        body: Any = _NO_BODY,
+        raw: bytes | None = None,
+        query: Any = None,
+        source: str | None = None,
+        timeout: float = 20.0,
+    ) -> LiveReply:
+        """One request of a documented operation on node ``nid``; the answer is checked."""
+        tok = self.token_for(token)
+        if source is None and tok not in (None, self.c.token, self.readonly):
+            source = fresh_source()  # a wrong token: keep the failed-auth limiter away from others
+        r = request(
+            self.c.nodes[nid].api,
+            method,
+            fill(template, values),
+            token=tok,
+            body=body,
+            raw=raw,
+            query=query,
+            source=source,
+            timeout=timeout,
+        )
+        check_documented(method, template, r)
+        self.log.append((nid, method, template, r.status))
+        return r
+
+    def members(self, nid: int, *, consistent: bool = False) -> dict[int, dict[str, Any]]:
+        """The member list served by ``nid``. Its local replica sees ``nid``'s own writes at once
+        (read-your-writes); for writes made through other nodes, read with ``consistent``."""
+        query = {"consistent": "true"} if consistent else None
+        r = self.call(nid, "GET", "/api/v1/cluster/members", query=query)
+        return {m["nodeId"]: m for m in r.result}
+
+    def spare(self, role: str) -> int:
+        """A joined, caught-up member for one test (``role``: leader, follower, lagging); the
+        first call joins one for every role at once. Ids are never reused (a removed node's data
+        directory stays behind)."""
+        sid = self.spares.get(role)
+        if sid is None or sid not in self.c.nodes:
+            # the first call joins all of them in parallel; later calls just the missing one
+            wanted = [role] if self.spares else list(dict.fromkeys([role, *SPARE_ROLES]))
+            for r in wanted:
+                self.spares[r] = self.next_spare
+                self.next_spare += 1
+            join_nonvoters(self.c, [self.spares[r] for r in wanted])
+            sid = self.spares[role]
+        return sid
+
+
+SPARE_ROLES = ("leader", "follower", "lagging")
+
+
+def drain_target(live: Live, nid: int) -> int:
+    return next(f for f in live.followers() if f != nid)
+
+
+def path_values(template: str) -> dict[str, str]:
+    if "{name}" in template:
+        return {"name": "nope"}
+    if template.startswith("/api/v1/tokens/"):
+        return {"id": "000000000000"}
+    if "{id}" in template:
+        return {"id": str(NOT_A_MEMBER)}
+    return {}
+
+
+def auth_probe(method: str, template: str) -> tuple[dict[str, str], Any]:
+    values = path_values(template)
+    if template == "/api/v1/cluster/members/{id}" or "/members/{id}/" in template:
+        values = {"id": "2"}
+    if template == "/api/v1/pools/{name}":
+        values = {"name": WALK_POOL}
+    body = {"deadlineSeconds": 0} if template.endswith("/drain") else _NO_BODY
+    return values, body

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import yaml
 
@@ -79,7 +79,19 @@ def http(
         return exc.code, parsed, dict(exc.headers)
 
 
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+RETRIED: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, ApiCallError, TypeError)
+
+
+def wait_for(
+    what: str,
+    fn: Callable[[], Any],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    *,
+    retried: tuple[type[BaseException], ...] = RETRIED,
+) -> Any:
+    """Poll ``fn`` until it returns a truthy value, at most ``timeout`` seconds; the errors in
+    ``retried`` count as "not yet" (the last one is named on timeout), any other propagates."""
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
     while time.monotonic() < deadline:
@@ -87,10 +99,178 @@ def wait_for(what: str, fn: Callable[[], Any], timeout: float = 30.0, interval: 
             result = fn()
             if result:
                 return result
-        except (OSError, ValueError, KeyError, ApiCallError, TypeError) as exc:
+        except retried as exc:
             last = exc
         time.sleep(interval)  # polling interval of a bounded wait, not a synchronization sleep
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last})")
+
+
+def merge_section(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` laid over it; a nested section (``autopilot``) is merged key by key."""
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class DaemonNode(Protocol):
+    node_id: int
+    proc: subprocess.Popen[bytes] | None
+
+    @property
+    def api(self) -> str: ...
+    @property
+    def data_dir(self) -> Path: ...
+    @property
+    def config_path(self) -> Path: ...
+    @property
+    def log_path(self) -> Path: ...
+    def alive(self) -> bool: ...
+
+
+NodeT = TypeVar("NodeT", bound=DaemonNode)
+
+
+class DaemonCluster(Generic[NodeT]):
+    """What every real-daemon harness shares, wherever its nodes run: the process launch and its
+    log, the admin token, join tokens, and the status, leader and member queries through the API.
+    A subclass says where a node runs (``where``: on loopback as is, or inside a network namespace),
+    how its config is written and how formation goes."""
+
+    nodes: dict[int, NodeT]
+    token: str
+    env: dict[str, str]
+    probe_timeout: float = 3.0  # a status probe while looking for the leader
+    fail_fast: bool = False  # waits for nodes raise at once when one of their processes has exited
+
+    # --- processes ------------------------------------------------------------------------------
+    def where(self, node_id: int, argv: list[str]) -> list[str]:
+        """The command line that runs ``argv`` where node ``node_id`` lives (here: this host)."""
+        return argv
+
+    def launch(
+        self,
+        node: NodeT,
+        argv: list[str] | None = None,
+        *,
+        banner: str = "",
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        """Start ``argv`` (default: this build's ``quorumd run`` with the node's config) where the
+        node runs, its output appended to the node's log."""
+        if argv is None:
+            argv = [sys.executable, "-m", "quorumd.node.cli", "run", "--config", str(node.config_path)]
+        with open(node.log_path, "ab") as out:
+            if banner:
+                out.write(banner.encode())
+                out.flush()
+            node.proc = subprocess.Popen(
+                self.where(node.node_id, argv),
+                stdout=out,
+                stderr=out,
+                env={**os.environ, **self.env} if env is None else env,
+                cwd=cwd,
+            )
+
+    def check_running(self, node_id: int) -> None:
+        """Raise at once (instead of waiting out a deadline) when the node's process has exited."""
+        node = self.nodes[node_id]
+        if node.proc is not None and node.proc.poll() is not None:
+            raise RuntimeError(
+                f"node {node_id} exited with {node.proc.returncode}:\n{self.log_tail(node_id, 20)}"
+            )
+
+    def log_tail(self, node_id: int, lines: int = 30) -> str:
+        path = self.nodes[node_id].log_path
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    # --- the API ----------------------------------------------------------------------------------
+    def api(
+        self,
+        node_id: int,
+        method: str,
+        path: str,
+        body: Any = None,
+        token: str | None = "admin",
+        timeout: float = 10.0,
+    ) -> tuple[int, Any, dict[str, str]]:
+        tok = self.token if token == "admin" else token
+        return http(method, f"{self.nodes[node_id].api}{path}", tok, body, timeout=timeout)
+
+    def call(self, node_id: int, method: str, path: str, body: Any = None, timeout: float = 10.0) -> Any:
+        """An admin call that must succeed: its ``result``."""
+        status, resp, _ = self.api(node_id, method, path, body, timeout=timeout)
+        if status >= 300:
+            raise ApiCallError(status, resp)
+        return resp["result"] if isinstance(resp, dict) else resp
+
+    ok = call
+
+    def status(self, node_id: int, timeout: float = 3.0) -> dict[str, Any]:
+        status, body, _ = http("GET", f"{self.nodes[node_id].api}/api/v1/status", timeout=timeout)
+        if status != 200:
+            raise ApiCallError(status, body)
+        return dict(body["result"])
+
+    def applied(self, node_id: int) -> int:
+        return int(self.status(node_id)["appliedIndex"])
+
+    def mint(self, node_id: int, via: int | None = None) -> str:
+        """A join token for ``node_id``, minted through the leader (or ``via``)."""
+        via = via or self.leader_id() or 1
+        status, body, _ = http(
+            "POST", f"{self.nodes[via].api}/api/v1/cluster/pki/join-tokens", self.token, {"nodeID": node_id}
+        )
+        if status != 201:
+            raise ApiCallError(status, body)
+        return str(body["result"]["token"])
+
+    def leader_id(self) -> int:
+        """The node that says it leads (0: none answers so), skipping stopped and paused ones."""
+        for nid, node in self.nodes.items():
+            if not node.alive() or getattr(node, "paused", False):
+                continue
+            try:
+                st = self.status(nid, timeout=self.probe_timeout)
+            except (OSError, ApiCallError, ValueError):
+                continue
+            if st.get("role") == "leader":
+                return nid
+        return 0
+
+    def wait_leader(self, exclude: set[int] | None = None, timeout: float = 30.0) -> int:
+        def check() -> int:
+            lid = self.leader_id()
+            return lid if lid and lid not in (exclude or set()) else 0
+
+        return int(wait_for("a leader", check, timeout, interval=0.1))
+
+    def wait_ready(self, node_id: int, timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            if self.fail_fast:
+                self.check_running(node_id)
+            return bool(self.status(node_id)["ready"])
+
+        wait_for(f"node {node_id} ready", ready, timeout, interval=0.1)
+
+    def members(self, node_id: int | None = None) -> list[dict[str, Any]]:
+        return list(self.call(node_id or self.wait_leader(), "GET", "/api/v1/cluster/members"))
+
+    def wait_member(self, node_id: int, timeout: float = 60.0) -> None:
+        wait_for(
+            f"node {node_id} member", lambda: any(m["nodeId"] == node_id for m in self.members()), timeout
+        )
+
+    def wait_voters(self, ids: set[int], timeout: float = 60.0) -> None:
+        def check() -> bool:
+            for nid in ids if self.fail_fast else ():
+                self.check_running(nid)
+            return {m["nodeId"] for m in self.members() if m["suffrage"] == "voter"} == ids
+
+        wait_for(f"voters {sorted(ids)}", check, timeout, interval=0.1)
 
 
 @dataclass
@@ -120,7 +300,9 @@ class Node:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-class Cluster:
+class Cluster(DaemonCluster[Node]):
+    """Daemons on loopback addresses, ports from the OS."""
+
     def __init__(
         self,
         directory: Path,
@@ -167,11 +349,7 @@ class Cluster:
                 "last-contact-threshold": "2s",
             },
         }
-        for k, v in self.cluster_overrides.items():
-            if isinstance(v, dict) and isinstance(cluster.get(k), dict):
-                cluster[k] = {**cluster[k], **v}
-            else:
-                cluster[k] = v
+        cluster = merge_section(cluster, self.cluster_overrides)
         if join_token is not None:
             tf = self.directory / f"node{node.node_id}.join-token"
             tf.write_text(join_token + "\n")
@@ -187,15 +365,7 @@ class Cluster:
 
     # --- processes ------------------------------------------------------------------------------
     def start(self, node: Node) -> None:
-        out = open(node.log_path, "ab")  # noqa: SIM115 - inherited by the child
-        env = {**os.environ, **self.env}
-        node.proc = subprocess.Popen(
-            [sys.executable, "-m", "quorumd.node.cli", "run", "--config", str(node.config_path)],
-            stdout=out,
-            stderr=out,
-            env=env,
-        )
-        out.close()
+        self.launch(node)
 
     def stop(self, node_id: int, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         node = self.nodes[node_id]
@@ -222,12 +392,7 @@ class Cluster:
     def form(self, *, voters: bool = True) -> Cluster:
         for i in range(1, self.n + 1):
             self.make_node(i)
-        first = self.nodes[1]
-        self.write_config(first)
-        self.start(first)
-        token_file = first.data_dir / "admin.token"
-        wait_for("admin token", lambda: token_file.exists() and token_file.read_text().strip())
-        self.token = token_file.read_text().strip()
+        self.start_first(1)
         self.wait_ready(1)
         for i in range(2, self.n + 1):
             self.add_node(i, start_only=True)
@@ -235,14 +400,15 @@ class Cluster:
             self.wait_voters(set(range(1, self.n + 1)))
         return self
 
-    def mint(self, node_id: int, via: int | None = None) -> str:
-        via = via or self.leader_id() or 1
-        status, body, _ = http(
-            "POST", f"{self.nodes[via].api}/api/v1/cluster/pki/join-tokens", self.token, {"nodeID": node_id}
-        )
-        if status != 201:
-            raise ApiCallError(status, body)
-        return str(body["result"]["token"])
+    def start_first(self, node_id: int = 1) -> Node:
+        """Start the founding node (or a standalone one) and take its admin token."""
+        node = self.nodes.get(node_id) or self.make_node(node_id)
+        self.write_config(node)
+        self.start(node)
+        token_file = node.data_dir / "admin.token"
+        wait_for("admin token", lambda: token_file.exists() and token_file.read_text().strip())
+        self.token = token_file.read_text().strip()
+        return node
 
     def add_node(self, node_id: int, *, start_only: bool = False) -> Node:
         node = self.nodes.get(node_id) or self.make_node(node_id)
@@ -252,72 +418,6 @@ class Cluster:
         if not start_only:
             self.wait_member(node_id)
         return node
-
-    # --- queries ------------------------------------------------------------------------------
-    def api(
-        self,
-        node_id: int,
-        method: str,
-        path: str,
-        body: Any = None,
-        token: str | None = "admin",
-        timeout: float = 10.0,
-    ) -> tuple[int, Any, dict[str, str]]:
-        tok = self.token if token == "admin" else token
-        return http(method, f"{self.nodes[node_id].api}{path}", tok, body, timeout=timeout)
-
-    def ok(self, node_id: int, method: str, path: str, body: Any = None) -> Any:
-        status, resp, _ = self.api(node_id, method, path, body)
-        if status >= 300:
-            raise ApiCallError(status, resp)
-        return resp["result"]
-
-    def status(self, node_id: int) -> dict[str, Any]:
-        status, body, _ = http("GET", f"{self.nodes[node_id].api}/api/v1/status", timeout=3)
-        if status != 200:
-            raise ApiCallError(status, body)
-        return dict(body["result"])
-
-    def leader_id(self) -> int:
-        for nid, node in self.nodes.items():
-            if not node.alive():
-                continue
-            try:
-                st = self.status(nid)
-            except (OSError, ApiCallError):
-                continue
-            if st["role"] == "leader":
-                return nid
-        return 0
-
-    def wait_leader(self, exclude: set[int] | None = None, timeout: float = 30.0) -> int:
-        def check() -> int:
-            lid = self.leader_id()
-            return lid if lid and lid not in (exclude or set()) else 0
-
-        return int(wait_for("a leader", check, timeout))
-
-    def wait_ready(self, node_id: int, timeout: float = 30.0) -> None:
-        wait_for(f"node {node_id} ready", lambda: self.status(node_id)["ready"], timeout)
-
-    def members(self, node_id: int | None = None) -> list[dict[str, Any]]:
-        nid = node_id or self.wait_leader()
-        return list(self.ok(nid, "GET", "/api/v1/cluster/members"))
-
-    def wait_member(self, node_id: int, timeout: float = 60.0) -> None:
-        wait_for(
-            f"node {node_id} member", lambda: any(m["nodeId"] == node_id for m in self.members()), timeout
-        )
-
-    def wait_voters(self, ids: set[int], timeout: float = 60.0) -> None:
-        def check() -> bool:
-            ms = self.members()
-            return {m["nodeId"] for m in ms if m["suffrage"] == "voter"} == ids
-
-        wait_for(f"voters {sorted(ids)}", check, timeout)
-
-    def applied(self, node_id: int) -> int:
-        return int(self.status(node_id)["appliedIndex"])
 
 
 class RanReceiver:

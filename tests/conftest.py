@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import pytest_asyncio
 
+from tests.api_support import Env, close_env, make_env
 from tests.cluster import RanReceiver
 
 
@@ -17,3 +19,13 @@ def ran() -> Iterator[RanReceiver]:
         yield r
     finally:
         r.close()
+
+
+@pytest_asyncio.fixture
+async def env() -> AsyncIterator[Env]:
+    """Fake nodes (leader and follower) over the real state machine, each behind the real API app."""
+    e = await make_env()
+    try:
+        yield e
+    finally:
+        await close_env(e)

@@ -5,18 +5,23 @@
   recording every acknowledged answer; ``list_leases`` pages through a node's whole lease table.
 - ``check_apply_traces``: compare the ``QUORUMD_TEST_APPLY_TRACE`` files of every node and every
   incarnation (see ``quorumd.node.daemon.testhooks.ApplyTrace``): one entry and one state per index.
+- ``FakeSystemd``, ``fake_systemd``: the receiving end of ``NOTIFY_SOCKET`` (sd_notify datagrams).
 - ``quiesce``: wait until every node has applied the same index and the leader has nothing newer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import random
+import socket
 import threading
 import time
 import urllib.request
+import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,3 +353,43 @@ def replica_state(data_dir: Path, scratch: Path) -> StateMachine:
 
 def node_fingerprint(data_dir: Path) -> str:
     return pki.fingerprint(pki.pem_to_der((data_dir / "tls" / "node.crt").read_bytes()))
+
+
+# --- sd_notify ---------------------------------------------------------------------------------
+MAX_DATAGRAMS = 10_000
+
+
+@dataclass
+class FakeSystemd:
+    """The receiving end of NOTIFY_SOCKET; ``drain()`` collects what has arrived, without blocking."""
+
+    sock: socket.socket
+    env_value: str
+    messages: list[tuple[float, str]] = field(default_factory=list)
+
+    def drain(self) -> list[str]:
+        for _ in range(MAX_DATAGRAMS):
+            try:
+                data = self.sock.recv(4096, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            self.messages.append((time.monotonic(), data.decode()))
+        return self.texts()
+
+    def texts(self) -> list[str]:
+        return [text for _, text in self.messages]
+
+    def count(self, state: str) -> int:
+        return sum(state in text.split("\n") for text in self.texts())
+
+
+@contextlib.contextmanager
+def fake_systemd() -> Iterator[FakeSystemd]:
+    """A ``FakeSystemd`` on an abstract-namespace socket (``NOTIFY_SOCKET=@name``), closed at the end."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"quorumd-test-notify-{uuid.uuid4().hex}"
+    sock.bind("\0" + name)
+    try:
+        yield FakeSystemd(sock, "@" + name)
+    finally:
+        sock.close()

@@ -1,4 +1,5 @@
-"""Helpers of the live deployment tests (tests/test_compose_live.py, tests/test_systemd_live.py).
+"""Helpers of the live deployment tests (tests/integration/test_compose_live.py and
+tests/integration/test_systemd_live.py).
 
 Those tests run the walk-throughs of docs/operations.md for real, in docker containers built
 offline by deploy/image/build.sh. They hold the documented commands as constants and check first
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests import cluster
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "operations.md"
@@ -126,19 +129,13 @@ def sh_json(command: str, **kwargs: Any) -> Any:
     return json.loads(sh(command, **kwargs).stdout)
 
 
+# A docker command that fails (``sh`` raises AssertionError) or hangs is retried too.
+DOCKER_RETRIED = (*cluster.RETRIED, AssertionError, subprocess.TimeoutExpired)
+
+
 def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0, interval: float = 1.0) -> Any:
-    """Poll ``fn`` until it returns a truthy value, at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = fn()
-            if result:
-                return result
-        except (AssertionError, OSError, ValueError, KeyError, TypeError, subprocess.TimeoutExpired) as exc:
-            last = exc
-        time.sleep(interval)  # polling interval of a bounded wait
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last})")
+    """``tests.cluster.wait_for`` at the pace of containers, retrying failed commands."""
+    return cluster.wait_for(what, fn, timeout, interval, retried=DOCKER_RETRIED)
 
 
 class Stopwatch:

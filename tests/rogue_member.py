@@ -1,6 +1,6 @@
 """A rogue cluster member for tests: a node that joined as a nonvoter with a join token, built from
 the real join call and the real ``ClusterTransport``, that calls every internal RPC with hostile
-arguments. Shared by the live test (tests/test_rogue_member_live.py) and the chaos nemesis.
+arguments. Shared by the live test (tests/integration/test_rogue_member_live.py) and the chaos nemesis.
 
 ``hostile_calls(victims, admin_token_id)`` lists (method, payload) pairs, none of which may change
 membership or state when sent by a member that holds no API token: removing other members, drain

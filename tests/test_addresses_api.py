@@ -1,30 +1,18 @@
 """Address changes over HTTP against FakeNodes: PATCH /cluster/members/{id} (role, inputs, forwarding,
 OpenAPI), and ``quorumctl members set-address``. The semantic checks of the addresses (like the
-config keys) run in the real node: tests/test_addresses.py and tests/test_addresses_live.py."""
+config keys) run in the real node: tests/test_addresses.py and tests/integration/test_addresses_live.py."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
-import pytest_asyncio
 
 from quorumd.api.app import all_routes
 from quorumd.api.openapi import build_document
 from quorumd.node.ctl.main import UsageError, parse
-from tests.api_support import Env, close_env, make_env, request
+from tests.api_support import Env, request
 
 pytestmark = pytest.mark.asyncio
 M = "/api/v1/cluster/members"
-
-
-@pytest_asyncio.fixture
-async def env() -> AsyncIterator[Env]:
-    e = await make_env()
-    try:
-        yield e
-    finally:
-        await close_env(e)
 
 
 @pytest.mark.parametrize("via", ["leader", "follower"])

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
 from quorumd.api.app import Api, all_routes, build_app
@@ -23,15 +21,6 @@ from tests.fakes.node import FakeCluster, FakeNode
 pytestmark = pytest.mark.asyncio
 VIA = ["leader", "follower"]
 M = "/api/v1/cluster/members"
-
-
-@pytest_asyncio.fixture
-async def env() -> AsyncIterator[Env]:
-    e = await make_env()
-    try:
-        yield e
-    finally:
-        await close_env(e)
 
 
 def _doc() -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """Property-based fuzz of the API over its OpenAPI document, against FakeNode-backed apps.
 
-Hand-rolled hypothesis strategies walk the document: an operation, path and query values (valid
-per schema, near the bounds, or arbitrary text), a body (a valid object, a mutated one, any JSON
-value or raw bytes), a token (admin, readonly, none, garbage), and the node serving it (leader or
-follower, which forwards). Properties: never a 5xx; the status is documented for the operation;
+Hypothesis strategies walk the document (tests/api_strategies.py): an operation, path and query
+values (valid per schema, near the bounds, or arbitrary text), a body (a valid object, a mutated
+one, any JSON value or raw bytes), a token (admin, readonly, none, garbage), and the node serving
+it (leader or follower, which forwards). Properties: never a 5xx; the status is documented for the operation;
 the body matches the documented schema for that status; error codes are among the documented
 ones. Derandomized (fixed seed) and bounded, so runs are reproducible and quick.
 """
@@ -22,6 +22,7 @@ from yarl import URL
 
 from quorumd.api.app import all_routes
 from quorumd.api.openapi import build_document
+from tests.api_strategies import RequestStrategies
 from tests.api_support import Env, Reply, check_response, close_env, make_env
 
 DOC = build_document(all_routes())
@@ -32,105 +33,16 @@ INTERESTING: dict[str, list[Any]] = {
     "cidr": ["10.0.0.0/30", "10.1.0.0/24", "fd00::/126", "10.0.0.1/24", "10.0.0.0/16", "x", "::/0"],
     "holder": ["h1", "h2", "h3"],
 }
-JSON_SCALARS = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(),
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=20),
-)
-JSON_VALUES = st.recursive(
-    JSON_SCALARS,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)
-    ),
-    max_leaves=8,
-)
-
-
-def _valid_value(name: str, schema: dict[str, Any]) -> st.SearchStrategy[Any]:
-    if "enum" in schema:
-        return st.sampled_from(schema["enum"])
-    kind = schema.get("type")
-    if kind == "integer":
-        lo, hi = schema.get("minimum", 0), schema.get("maximum", 10**6)
-        small = st.integers(max(lo, 0), max(min(hi, 8), lo))
-        return st.one_of(small, st.integers(lo, hi), st.sampled_from([lo, hi]))
-    if kind == "boolean":
-        return st.booleans()
-    pattern = schema.get("pattern")
-    choices = INTERESTING.get(name)
-    if pattern and "\\u0000" not in pattern:
-        regex = st.from_regex(pattern, fullmatch=True)
-        return st.one_of(st.sampled_from(choices), regex) if choices else regex
-    text = st.text(
-        alphabet=st.characters(blacklist_categories=("Cc", "Cs")),
-        min_size=schema.get("minLength", 0),
-        max_size=schema.get("maxLength", 20),
-    )
-    return st.one_of(st.sampled_from(choices), text) if choices else text
-
-
-def _any_value(name: str, schema: dict[str, Any]) -> st.SearchStrategy[Any]:
-    kind = schema.get("type")
-    near: st.SearchStrategy[Any] = st.nothing()
-    if kind == "integer":
-        lo, hi = schema.get("minimum", 0), schema.get("maximum", 10**6)
-        near = st.sampled_from([lo - 1, hi + 1, -1, 2**64, True, False, 1.5, float(lo), str(lo)])
-    return st.one_of(_valid_value(name, schema), _valid_value(name, schema), near, JSON_VALUES)
-
-
-def _as_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def _text_value(name: str, schema: dict[str, Any]) -> st.SearchStrategy[str]:
-    return st.one_of(
-        _valid_value(name, schema).map(_as_text),
-        _valid_value(name, schema).map(_as_text),
-        st.sampled_from(["", "-1", "0", "01", "1.0", "null", "true", "yes", " 1", "99999999999999999999"]),
-        st.text(max_size=30),
-    )
-
-
-def _path_segment(name: str, schema: dict[str, Any]) -> st.SearchStrategy[str]:
-    return _text_value(name, schema).filter(lambda s: s not in ("", ".", "..") and "/" not in s)
+STRATEGIES = RequestStrategies(INTERESTING)
 
 
 @st.composite
 def cases(draw: st.DrawFn) -> dict[str, Any]:
     method, template = draw(st.sampled_from(OPS))
-    op = DOC["paths"][template][method]
+    values, query, body = STRATEGIES.request_parts(draw, DOC["paths"][template][method])
     path = template
-    query: list[tuple[str, str]] = []
-    for p in op.get("parameters", []):
-        if p["in"] == "path":
-            value = draw(_path_segment(p["name"], p["schema"]))
-            path = path.replace("{" + p["name"] + "}", quote(value, safe=""))
-        elif draw(st.booleans()):
-            query.append((p["name"], draw(_text_value(p["name"], p["schema"]))))
-    if draw(st.integers(0, 9)) == 0:
-        query.append((draw(st.text(min_size=1, max_size=8)), draw(st.text(max_size=8))))
-    body: bytes | None = None
-    if "requestBody" in op:
-        schema = op["requestBody"]["content"]["application/json"]["schema"]
-        props: dict[str, Any] = schema["properties"]
-        kind = draw(st.integers(0, 9))
-        if kind <= 6:  # an object, mostly valid, sometimes with wrong values or extra fields
-            obj: dict[str, Any] = {}
-            for name, fschema in props.items():
-                if name in schema.get("required", []) or draw(st.booleans()):
-                    strat = _valid_value(name, fschema) if kind <= 3 else _any_value(name, fschema)
-                    obj[name] = draw(strat)
-            if kind == 6:
-                obj[draw(st.text(max_size=8))] = draw(JSON_VALUES)
-            body = json.dumps(obj).encode()
-        elif kind <= 8:
-            body = json.dumps(draw(JSON_VALUES)).encode()
-        else:
-            body = draw(st.binary(max_size=40))
+    for name, value in values.items():
+        path = path.replace("{" + name + "}", quote(value, safe=""))
     return {
         "method": method.upper(),
         "template": template,

@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from openapi_spec_validator import validate
 from prometheus_client import CollectorRegistry
 
 from quorumd.api.app import all_routes, build_app
 from quorumd.api.openapi import build_document
 from quorumd.api.ports import TokenRole
-from tests.api_support import Env, check_response, close_env, make_env, request, sample_path
+from tests.api_support import Env, check_response, request, sample_path
 from tests.fakes.node import FakeCluster, FakeNode
 
 DOC = build_document(all_routes())
-
-
-@pytest_asyncio.fixture
-async def env() -> AsyncIterator[Env]:
-    e = await make_env()
-    try:
-        yield e
-    finally:
-        await close_env(e)
 
 
 def test_document_is_valid_openapi_31() -> None:

@@ -155,6 +155,18 @@ async def connect(
     return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=ssl_context), WAIT)
 
 
+@contextlib.asynccontextmanager
+async def connection(
+    port: int, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """``connect``, closed at the end of the block (also on failure)."""
+    reader, writer = await connect(port, ssl_context)
+    try:
+        yield reader, writer
+    finally:
+        await close(writer)
+
+
 async def send(writer: asyncio.StreamWriter, data: bytes) -> None:
     writer.write(data)
     await asyncio.wait_for(writer.drain(), WAIT)
@@ -227,12 +239,9 @@ def drain_state(s: Served, node_id: int) -> DrainState:
 
 
 async def request_once(s: Served, data: bytes) -> Response:
-    reader, writer = await connect(s.port)
-    try:
+    async with connection(s.port) as (reader, writer):
         await send(writer, data)
         return await read_response(reader)
-    finally:
-        await close(writer)
 
 
 async def metrics_text(s: Served) -> str:
@@ -245,8 +254,7 @@ async def metrics_text(s: Served) -> str:
 
 
 async def test_keep_alive_two_requests_on_one_connection(srv: Served) -> None:
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         for _ in range(2):
             await send(writer, req("/healthz"))
             r = await read_response(reader)
@@ -255,16 +263,13 @@ async def test_keep_alive_two_requests_on_one_connection(srv: Served) -> None:
             assert r.headers["content-type"].startswith("application/json")
             assert "connection" not in r.headers
             assert r.json == {"result": {"status": "ok"}}
-    finally:
-        await close(writer)
 
 
 # --- 2. pipelining ---------------------------------------------------------------------------------
 
 
 async def test_pipelined_requests_answered_in_order(srv: Served) -> None:
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         await send(writer, req("/healthz") + req("/api/v1/nope") + req("/readyz"))
         first, second, third = [await read_response(reader) for _ in range(3)]
         assert (first.status, second.status, third.status) == (200, 404, 200)
@@ -274,23 +279,18 @@ async def test_pipelined_requests_answered_in_order(srv: Served) -> None:
         # the connection is still usable afterwards
         await send(writer, req("/healthz"))
         assert (await read_response(reader)).status == 200
-    finally:
-        await close(writer)
 
 
 async def test_pipelined_request_after_a_failed_encoding_is_answered(srv: Served) -> None:
     """A result JSON cannot encode is a 500 envelope on a connection that stays usable."""
     srv.node.unencodable_status = True
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         await send(writer, req("/api/v1/status") + req("/healthz"))
         failed = await read_response(reader)
         assert (failed.status, failed.code) == (500, "internal")
         assert "connection" not in failed.headers
         after = await read_response(reader)
         assert after.status == 200 and after.json == {"result": {"status": "ok"}}
-    finally:
-        await close(writer)
     text = await metrics_text(srv)
     assert 'quorumd_api_requests_total{method="GET",route="/api/v1/status",status="500"} 1.0' in text
 
@@ -299,34 +299,27 @@ async def test_pipelined_request_after_a_failed_encoding_is_answered(srv: Served
 
 
 async def test_connection_close_honoured(srv: Served) -> None:
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         await send(writer, req("/healthz", "Connection: close"))
         r = await read_response(reader)
         assert r.status == 200 and r.json == {"result": {"status": "ok"}}
         assert r.headers["connection"].lower() == "close"
         assert_standard_headers(r)
         assert await read_to_eof(reader) == b""
-    finally:
-        await close(writer)
 
 
 async def test_http10_closes_unless_keep_alive_is_asked_for(srv: Served) -> None:
     # Plain HTTP/1.0 (no Host: RFC 9112 allows it): one answer, no keep-alive offered, then EOF.
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         await send(writer, b"GET /healthz HTTP/1.0\r\n\r\n")
         r = await read_response(reader, version=ANY_1X)
         assert r.status == 200 and r.json == {"result": {"status": "ok"}}
         assert r.headers.get("connection", "close").lower() == "close"
         assert_standard_headers(r)
         assert await read_to_eof(reader) == b""
-    finally:
-        await close(writer)
     # HTTP/1.0 with Connection: keep-alive: the answer says keep-alive, and the connection serves
     # the next request.
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         for _ in range(2):
             await send(writer, b"GET /healthz HTTP/1.0\r\nHost: test\r\nConnection: keep-alive\r\n\r\n")
             r = await read_response(reader, version=ANY_1X)
@@ -336,8 +329,6 @@ async def test_http10_closes_unless_keep_alive_is_asked_for(srv: Served) -> None
         r = await read_response(reader, version=ANY_1X)
         assert r.status == 200 and r.headers.get("connection", "close").lower() == "close"
         assert await read_to_eof(reader) == b""
-    finally:
-        await close(writer)
 
 
 # --- 4. Expect: 100-continue ----------------------------------------------------------------------
@@ -358,8 +349,7 @@ def _pool_post(token: str | None, body: bytes, *extra: str, version: str = "HTTP
 
 async def test_expect_100_continue(srv: Served) -> None:
     body = json.dumps({"name": "pool-a", "cidr": "10.0.0.0/24"}).encode()
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         await send(writer, _pool_post(srv.admin, body))
         interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
         assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -368,8 +358,6 @@ async def test_expect_100_continue(srv: Served) -> None:
         assert r.status == 201, r.body
         assert r.json["result"]["name"] == "pool-a"
         assert "pool-a" in srv.cluster.pools
-    finally:
-        await close(writer)
 
 
 @pytest.mark.parametrize(
@@ -389,38 +377,31 @@ async def test_expect_100_continue_only_after_authentication(
     token = {"nobody": None, "wrong": "not-a-token", "readonly": srv.readonly, "admin": srv.admin}[who]
     body = json.dumps({"name": "pool-x", "cidr": "10.9.0.0/24"}).encode()
     head = _pool_post(token, body).replace(b"POST /api/v1/pools ", f"POST {path} ".encode(), 1)
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         await send(writer, head)
         r = await read_response(reader)
         assert r.status != 100, "100 Continue sent before the request was authorised"
         assert_closing_error(r, status, code)
         writer.write_eof()  # the client gives up on the body: the server closes at once
         assert await read_to_eof(reader) == b""
-    finally:
-        await close(writer)
     assert "pool-x" not in srv.cluster.pools
 
 
 async def test_expect_100_continue_ignored_for_http10(srv: Served) -> None:
     body = json.dumps({"name": "pool-h", "cidr": "10.8.0.0/24"}).encode()
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         # RFC 9110 10.1.1: an HTTP/1.0 expectation is ignored; the body follows the head at once.
         await send(writer, _pool_post(srv.admin, body, version="HTTP/1.0") + body)
         r = await read_response(reader, version=ANY_1X)
         assert r.status == 201, r.body
         assert await read_to_eof(reader) == b""
-    finally:
-        await close(writer)
 
 
 # --- 5. body limits --------------------------------------------------------------------------------
 
 
 async def test_content_length_over_limit_refused_before_body(srv: Served) -> None:
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         # the body is never sent: the server answers from the header alone
         await send(
             writer,
@@ -430,14 +411,11 @@ async def test_content_length_over_limit_refused_before_body(srv: Served) -> Non
         assert_closing_error(r, 413, "payload_too_large")
         writer.write_eof()
         assert await read_to_eof(reader) == b""
-    finally:
-        await close(writer)
     assert srv.cluster.pools == {}
 
 
 async def test_chunked_body_growing_over_limit_refused(srv: Served) -> None:
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         await send(
             writer, req("/api/v1/pools", bearer(srv.admin), "Transfer-Encoding: chunked", method="POST")
         )
@@ -446,8 +424,6 @@ async def test_chunked_body_growing_over_limit_refused(srv: Served) -> None:
         assert_closing_error(r, 413, "payload_too_large")
         writer.write_eof()
         assert await read_to_eof(reader) == b""
-    finally:
-        await close(writer)
     assert srv.cluster.pools == {}
 
 
@@ -475,21 +451,17 @@ async def test_chunked_body_within_limit_accepted(srv: Served) -> None:
     ids=["garbage", "header-without-colon", "length-and-chunked", "tls-hello"],
 )
 async def test_malformed_request_is_400_and_closed(srv: Served, raw: bytes) -> None:
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         await send(writer, raw)
         r = await read_response(reader)
         assert_closing_error(r, 400, "bad_request")
         assert await read_to_eof(reader) == b""
-    finally:
-        await close(writer)
 
 
 async def test_malformed_body_framing_is_one_400(srv: Served) -> None:
     """A head the handler has accepted (it sent 100 Continue), then a chunk size that is not hex:
     one 400 envelope, then the close."""
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         await send(
             writer,
             req(
@@ -505,13 +477,10 @@ async def test_malformed_body_framing_is_one_400(srv: Served) -> None:
         r = await read_response(reader)
         assert_closing_error(r, 400, "bad_request")
         assert await read_to_eof(reader) == b""
-    finally:
-        await close(writer)
 
 
 async def test_malformed_request_after_an_answered_one(srv: Served) -> None:
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         await send(writer, req("/healthz"))
         first = await read_response(reader)
         assert first.status == 200 and "connection" not in first.headers
@@ -519,16 +488,13 @@ async def test_malformed_request_after_an_answered_one(srv: Served) -> None:
         second = await read_response(reader)
         assert_closing_error(second, 400, "bad_request")
         assert await read_to_eof(reader) == b""
-    finally:
-        await close(writer)
 
 
 async def test_request_in_the_same_read_as_garbage_is_answered_or_never_run(srv: Served) -> None:
     """aiohttp drops requests parsed in the same read as a malformed one after them: such a request
     must then not have been executed (the client sees the 400 and nothing else)."""
     body = json.dumps({"name": "pool-g", "cidr": "10.7.0.0/24"}).encode()
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         await send(
             writer, req("/api/v1/pools", bearer(srv.admin), method="POST", body=body) + b"BLAH\r\n\r\n"
         )
@@ -540,8 +506,6 @@ async def test_request_in_the_same_read_as_garbage_is_answered_or_never_run(srv:
             assert "pool-g" not in srv.cluster.pools
         assert_closing_error(first, 400, "bad_request")
         assert await read_to_eof(reader) == b""
-    finally:
-        await close(writer)
 
 
 @pytest.mark.parametrize(
@@ -560,42 +524,33 @@ async def test_request_in_the_same_read_as_garbage_is_answered_or_never_run(srv:
 async def test_host_and_version_checked(srv: Served, raw: bytes, code: str) -> None:
     """RFC 9112 3.2: an HTTP/1.1 request without Host, or any with two, is 400; a version the
     server does not speak is 400 (RFC 9112 2.3), answered as HTTP/1.1."""
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         await send(writer, raw)
         r = await read_response(reader)
         assert_closing_error(r, 400, code)
         assert await read_to_eof(reader) == b""
-    finally:
-        await close(writer)
 
 
 # --- 7. header and target limits ------------------------------------------------------------------
 
 
 async def test_header_field_too_large_is_431(srv: Served) -> None:
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         # aiohttp counts the name of a request's first field only, so a value alone may reach the
         # limit; one byte more is refused whatever the name
         await send(writer, req("/healthz", "X-Big: " + "v" * (MAX_FIELD_BYTES + 1)))
         r = await read_response(reader)
         assert_closing_error(r, 431, "headers_too_large")
         assert await read_to_eof(reader) == b""
-    finally:
-        await close(writer)
 
 
 async def test_too_many_header_fields_is_431(srv: Served) -> None:
     pads = [f"X-Pad-{i:02d}: v" for i in range(MAX_HEADERS)]  # with Host: one too many
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         await send(writer, req("/healthz", *pads))
         r = await read_response(reader)
         assert_closing_error(r, 431, "headers_too_large")
         assert await read_to_eof(reader) == b""
-    finally:
-        await close(writer)
 
 
 async def test_header_section_at_the_limits_is_served(srv: Served) -> None:
@@ -606,14 +561,11 @@ async def test_header_section_at_the_limits_is_served(srv: Served) -> None:
 
 
 async def test_request_target_too_long_is_414(srv: Served) -> None:
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         await send(writer, req("/healthz?x=" + "a" * MAX_TARGET_BYTES))
         r = await read_response(reader)
         assert_closing_error(r, 414, "uri_too_long")
         assert await read_to_eof(reader) == b""
-    finally:
-        await close(writer)
 
 
 async def test_endless_header_value_refused_with_flat_memory_and_live_loop(srv: Served) -> None:
@@ -671,8 +623,7 @@ async def test_endless_header_value_refused_with_flat_memory_and_live_loop(srv: 
 
 
 async def test_head_has_no_body_and_pipelined_get_follows(srv: Served) -> None:
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         await send(writer, req("/healthz", method="HEAD") + req("/healthz"))
         head = await read_response(reader, head=True)
         assert head.status == 405
@@ -682,16 +633,13 @@ async def test_head_has_no_body_and_pipelined_get_follows(srv: Served) -> None:
         # the next bytes on the wire are the next response, not a body
         after = await read_response(reader)
         assert after.status == 200 and after.json == {"result": {"status": "ok"}}
-    finally:
-        await close(writer)
 
 
 # --- 9. 404 / 405 --------------------------------------------------------------------------------------
 
 
 async def test_method_not_allowed_and_not_found(srv: Served) -> None:
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         await send(writer, req("/healthz", method="POST"))
         r = await read_response(reader)
         assert r.status == 405 and r.code == "method_not_allowed"
@@ -713,16 +661,13 @@ async def test_method_not_allowed_and_not_found(srv: Served) -> None:
         # errors do not close a keep-alive connection
         await send(writer, req("/healthz"))
         assert (await read_response(reader)).status == 200
-    finally:
-        await close(writer)
 
 
 # --- 10. path and query decoding --------------------------------------------------------------------
 
 
 async def test_percent_encoded_path_and_query(srv: Served) -> None:
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         body = json.dumps({"name": "pool-a", "cidr": "10.0.0.0/24"}).encode()
         await send(writer, req("/api/v1/pools", bearer(srv.admin), method="POST", body=body))
         r = await read_response(reader)
@@ -745,8 +690,6 @@ async def test_percent_encoded_path_and_query(srv: Served) -> None:
         await send(writer, req("/api/v1/leases?pool=Bad%20Name", bearer(srv.admin)))
         r = await read_response(reader)
         assert r.status == 400 and r.code == "invalid_pool_name"
-    finally:
-        await close(writer)
 
 
 # --- 11. timeouts ------------------------------------------------------------------------------------
@@ -755,14 +698,11 @@ async def test_percent_encoded_path_and_query(srv: Served) -> None:
 async def test_idle_keep_alive_connection_closed() -> None:
     s = await _serve(keepalive_timeout=0.2)
     try:
-        reader, writer = await connect(s.port)
-        try:
+        async with connection(s.port) as (reader, writer):
             await send(writer, req("/healthz"))
             r = await read_response(reader)
             assert r.status == 200 and "connection" not in r.headers
             assert await read_to_eof(reader) == b""
-        finally:
-            await close(writer)
     finally:
         await s.server.close()
 
@@ -798,15 +738,12 @@ async def test_slowloris_head_is_dropped() -> None:
 async def test_unfinished_body_gets_408() -> None:
     s = await _serve(body_timeout=0.2)
     try:
-        reader, writer = await connect(s.port)
-        try:
+        async with connection(s.port) as (reader, writer):
             await send(writer, req("/api/v1/pools", bearer(s.admin), method="POST", body=b"{}")[:-1])
             r = await read_response(reader)
             assert_closing_error(r, 408, "request_timeout")
             writer.write_eof()
             assert await read_to_eof(reader) == b""
-        finally:
-            await close(writer)
     finally:
         await s.server.close()
 
@@ -921,8 +858,7 @@ async def test_close_is_bounded_when_an_answer_never_comes() -> None:
     s = await _serve(shutdown_grace=0.2)
     s.cluster.set_drain(3, DrainState.DRAINED)
     s.node.gate = asyncio.Event()
-    reader, writer = await connect(s.port)
-    try:
+    async with connection(s.port) as (reader, writer):
         await send(writer, req(f"{M}/3/resume", bearer(s.admin), method="POST"))
         await asyncio.wait_for(s.node.resume_entered.wait(), WAIT)
         loop = asyncio.get_running_loop()
@@ -931,8 +867,6 @@ async def test_close_is_bounded_when_an_answer_never_comes() -> None:
         assert loop.time() - started < 2 * 0.2 + 1.0
         assert await read_to_eof(reader) == b""
         assert s.server.open_connections == 0
-    finally:
-        await close(writer)
 
 
 # --- 15. the connection cap ----------------------------------------------------------------------------
@@ -994,15 +928,12 @@ async def test_tls_request(tmp_path: Path) -> None:
     server_ctx, client_ctx = _tls_contexts(tmp_path)
     s = await _serve(server_ctx)
     try:
-        reader, writer = await connect(s.port, client_ctx)
-        try:
+        async with connection(s.port, client_ctx) as (reader, writer):
             for _ in range(2):
                 await send(writer, req("/healthz"))
                 r = await read_response(reader)
                 assert r.status == 200 and r.json == {"result": {"status": "ok"}}
                 assert_standard_headers(r)
-        finally:
-            await close(writer)
         assert await asyncio.wait_for(s.released.get(), WAIT) == 0
     finally:
         await s.server.close()
@@ -1017,12 +948,9 @@ async def test_tls_handshake_timeout_frees_the_connection(tmp_path: Path) -> Non
             assert await read_to_eof(reader) == b""  # closed by the handshake timeout
             assert await asyncio.wait_for(s.released.get(), WAIT) == 0
             # the slot is free again for a real client
-            tls_reader, tls_writer = await connect(s.port, client_ctx)
-            try:
+            async with connection(s.port, client_ctx) as (tls_reader, tls_writer):
                 await send(tls_writer, req("/healthz"))
                 assert (await read_response(tls_reader)).status == 200
-            finally:
-                await close(tls_writer)
         finally:
             await close(writer)
     finally:
@@ -1172,8 +1100,7 @@ def _fd_reserve_scenario(tmp_path: Path) -> None:
 
 
 async def test_upgrade_request_gets_exactly_one_answer(srv: Served) -> None:
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         await send(
             writer,
             req(
@@ -1189,14 +1116,11 @@ async def test_upgrade_request_gets_exactly_one_answer(srv: Served) -> None:
         await send(writer, req("/healthz"))
         second = await read_response(reader)
         assert second.status == 200, second
-    finally:
-        await close(writer)
 
 
 async def test_100_continue_waits_for_earlier_pipelined_answers(srv: Served) -> None:
     body = json.dumps({"name": "pool-b", "cidr": "10.1.0.0/24"}).encode()
-    reader, writer = await connect(srv.port)
-    try:
+    async with connection(srv.port) as (reader, writer):
         await send(writer, req("/healthz") + _pool_post(srv.admin, body))
         first = await read_response(reader)
         assert first.status == 200 and first.json == {"result": {"status": "ok"}}
@@ -1205,5 +1129,3 @@ async def test_100_continue_waits_for_earlier_pipelined_answers(srv: Served) -> 
         await send(writer, body)
         created = await read_response(reader)
         assert created.status == 201, created
-    finally:
-        await close(writer)

@@ -3,11 +3,8 @@ entry as the change, retention, snapshots), the protocol gate, and GET /audit on
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import msgpack
 import pytest
-import pytest_asyncio
 
 from quorumd.api.ports import DrainState
 from quorumd.api.routes_audit import AUDIT_ACTIONS
@@ -42,7 +39,7 @@ from quorumd.node.registry.state import StateMachine
 from quorumd.node.tools.backup import load_archive_bytes
 from quorumd.raft.codec import packb
 from quorumd.raft.core.types import ConfChangeType
-from tests.api_support import Env, close_env, make_env, request
+from tests.api_support import Env, request
 from tests.test_state import cluster as make_cluster
 from tests.test_state import ctx, ok
 
@@ -273,15 +270,6 @@ def test_corrupt_trail_in_a_snapshot_is_refused() -> None:
 
 
 # --- the API (fake node) ----------------------------------------------------------------------------
-
-
-@pytest_asyncio.fixture
-async def env() -> AsyncIterator[Env]:
-    e = await make_env()
-    try:
-        yield e
-    finally:
-        await close_env(e)
 
 
 @pytest.mark.asyncio

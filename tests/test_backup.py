@@ -1,6 +1,6 @@
 """Backup archives without a running cluster: the format and its refusals (with a fuzz of the
 decoder), ``quorumd backup verify``, ``quorumd restore`` (refusals; the restored data dir is
-exercised live in tests/test_backup_live.py), the refounded state, and scheduled backups on a
+exercised live in tests/integration/test_backup_live.py), the refounded state, and scheduled backups on a
 disk that fills up (a small tmpfs)."""
 
 from __future__ import annotations

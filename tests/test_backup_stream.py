@@ -4,7 +4,7 @@ part-way, and the HTTP server writing a streamed body (and aborting one that fai
 
 The node is a stand-in with the real state machine (tests/test_backup.py ``sample_state``) and the
 real ``NodeBackups``; ``call_member`` calls the leader's ``backup.read`` handler directly, with
-the node layer's error mapping. Live daemons: tests/test_backup_live.py.
+the node layer's error mapping. Live daemons: tests/integration/test_backup_live.py.
 """
 
 from __future__ import annotations

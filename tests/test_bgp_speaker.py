@@ -2,7 +2,7 @@
 supervisor (restart with capped backoff, death with the parent, bounded close) driven by a fake
 speaker program, and ``GoBgpSpeaker`` against a real ``gobgpd`` on loopback (skipped when the
 Debian package ``gobgpd`` is not installed). The peering test in network namespaces is
-``tests/test_bgp_netns.py`` (``make bgp-test``).
+``tests/integration/test_bgp_netns.py`` (``make bgp-test``).
 """
 
 from __future__ import annotations

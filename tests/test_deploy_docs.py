@@ -1,9 +1,9 @@
 """The deployment walk-throughs of docs/operations.md are exactly what the live tests run.
 
-tests/test_compose_live.py and tests/test_systemd_live.py (``make compose-test``, ``make
-systemd-test``) need docker and run outside ``make test``; this module checks, without docker, that
-the docs' command blocks are still the commands those tests hold and run, so the runbook cannot
-drift from what is tested.
+tests/integration/test_compose_live.py and tests/integration/test_systemd_live.py
+(``make compose-test``, ``make systemd-test``) need docker and run outside ``make test``; this
+module checks, without docker, that the docs' command blocks are still the commands those tests
+hold and run, so the runbook cannot drift from what is tested.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import yaml
 
 from quorumd.node.config.schema import config_from_dict
-from tests import test_compose_live, test_systemd_live
 from tests.docker_support import doc_blocks, doc_commands
+from tests.integration import test_compose_live, test_systemd_live
 
 
 def test_docs_compose_section_is_what_the_compose_test_runs() -> None:

@@ -55,7 +55,9 @@ class ListApp:
         self.values = data.split(b"\n") if data else []
 
 
-class Cluster:
+class DriverCluster:
+    """In-process ``RaftDriver``s on real storage, frames delivered in memory (no daemons)."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.drivers: dict[int, RaftDriver] = {}
@@ -137,8 +139,8 @@ class Cluster:
                     await asyncio.sleep(0.01)
 
 
-async def three(tmp_path: Path, **kw: Any) -> Cluster:
-    c = Cluster(tmp_path)
+async def three(tmp_path: Path, **kw: Any) -> DriverCluster:
+    c = DriverCluster(tmp_path)
     c.start(1, founder=True, **kw)
     await c.leader()
     await c.add(2, **kw)
@@ -244,7 +246,7 @@ async def test_ticks_continue_when_the_timer_fires_before_the_clock_reaches_its_
         return real_call_at(when - 0.0015, callback, *args, **kw)  # fires 1.5 ms early
 
     monkeypatch.setattr(loop, "call_at", early_call_at)
-    c = Cluster(tmp_path)
+    c = DriverCluster(tmp_path)
     try:
         d = c.start(1, founder=True)
         ticks = 0
@@ -471,7 +473,7 @@ async def test_out_of_file_descriptors_in_storage_is_retried_never_fatal(
 ) -> None:
     """Snapshots and WAL segment rolls refused with EMFILE: the driver backs off and retries,
     every proposal commits, the driver keeps running, and a restart recovers every write."""
-    c = Cluster(tmp_path)
+    c = DriverCluster(tmp_path)
     try:
         lead = c.start(1, founder=True, snapshot_threshold=10)
         await c.leader()

@@ -8,7 +8,6 @@ build runs ``python -m quorumd.node.cli run --config FILE`` like this one.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,21 +28,15 @@ class VersionedCluster(Cluster):
         return self.pythons.get(node_id, self.default_python)
 
     def start(self, node: Node) -> None:
-        out = open(node.log_path, "ab")  # noqa: SIM115 - inherited by the child
         env = {**os.environ, **self.env}
         env.pop("PYTHONPATH", None)  # the interpreter's own installed quorumd, nothing else
-        node.proc = subprocess.Popen(
-            [
-                str(self.python_of(node.node_id)),
-                "-m",
-                "quorumd.node.cli",
-                "run",
-                "--config",
-                str(node.config_path),
-            ],
-            stdout=out,
-            stderr=out,
-            env=env,
-            cwd=str(self.directory),  # not the source tree: its folders must not shadow the install
-        )
-        out.close()
+        argv = [
+            str(self.python_of(node.node_id)),
+            "-m",
+            "quorumd.node.cli",
+            "run",
+            "--config",
+            str(node.config_path),
+        ]
+        # not the source tree as working directory: its folders must not shadow the install
+        self.launch(node, argv, env=env, cwd=self.directory)

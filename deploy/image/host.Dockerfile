@@ -1,4 +1,4 @@
-# A stand-in for one host of the systemd walk-through in docs/operations.md (tests/test_systemd_live.py):
+# A stand-in for one host of the systemd walk-through in docs/operations.md (tests/integration/test_systemd_live.py):
 # the debootstrapped base with systemd as PID 1 and curl. Nothing of quorumd is in the image: the
 # test installs it as the documentation says. Run it with
 #   --cap-add SYS_ADMIN --security-opt seccomp=unconfined --cgroupns=host

@@ -152,6 +152,12 @@ class Collector:
     def routes(self) -> Rib:
         return parse_routes(self.birdc("show", "route"), self.nodes)
 
+    def neighbor_capabilities(self, node: int) -> str:
+        """The capabilities node ``node``'s speaker advertised (``show protocols all``)."""
+        text = self.birdc("show", "protocols", "all", f"n{node}")
+        section = text.split("Neighbor capabilities", 1)[1]
+        return section.split("Session:", 1)[0]
+
     def established(self) -> dict[int, bool]:
         states: dict[int, bool] = {}
         for line in self.birdc("show", "protocols").splitlines():

@@ -18,7 +18,6 @@ import functools
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Any
 import yaml
 
 from tests.chaos.netns import NetLab
-from tests.cluster import ApiCallError, http, wait_for
+from tests.cluster import ApiCallError, DaemonCluster, http, merge_section, wait_for
 
 RAFT_PORT = 7000
 API_PORT = 5002
@@ -80,7 +79,9 @@ class NsNode:
 
 
 @dataclass
-class NsCluster:
+class NsCluster(DaemonCluster[NsNode]):
+    """``DaemonCluster`` whose nodes run in the lab's namespaces, on fixed ports."""
+
     lab: NetLab
     directory: Path
     env: dict[str, str] = field(default_factory=dict)
@@ -88,6 +89,9 @@ class NsCluster:
     nodes: dict[int, NsNode] = field(default_factory=dict)
     token: str = ""
     bgp_config: Callable[[NsNode], dict[str, Any]] | None = None  # the ``bgp`` section of a node
+
+    probe_timeout = 2.0
+    fail_fast = True
 
     def __post_init__(self) -> None:
         for i in self.lab.nodes():
@@ -102,13 +106,7 @@ class NsCluster:
             "advertise-address": f"{node.addr}:{RAFT_PORT}",
             "peers": [f"{n.addr}:{RAFT_PORT}" for n in self.nodes.values()],
         }
-        for k, v in {**DEFAULT_CLUSTER, **self.cluster_overrides}.items():
-            if isinstance(v, dict) and isinstance(cluster.get(k), dict):
-                cluster[k] = {**cluster[k], **v}
-            else:
-                cluster[k] = v
-        if isinstance(self.cluster_overrides.get("autopilot"), dict):
-            cluster["autopilot"] = {**DEFAULT_CLUSTER["autopilot"], **self.cluster_overrides["autopilot"]}
+        cluster = merge_section(merge_section(cluster, DEFAULT_CLUSTER), self.cluster_overrides)
         if join_token is not None:
             tf = node.config_path.parent / f"join-token.{node.generation}"
             tf.write_text(join_token + "\n")
@@ -127,21 +125,13 @@ class NsCluster:
         node.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     # --- processes ----------------------------------------------------------------------------------
+    def where(self, node_id: int, argv: list[str]) -> list[str]:
+        return self.lab.exec_argv(node_id, argv)  # ``ip netns exec`` execs in place: same pid
+
     def start(self, node_id: int) -> None:
         node = self.nodes[node_id]
         assert not node.alive(), f"node {node_id} already running"
-        with open(node.log_path, "ab") as out:
-            out.write(f"\n===== start #{node.starts} generation {node.generation} =====\n".encode())
-            out.flush()
-            node.proc = subprocess.Popen(
-                self.lab.exec_argv(
-                    node_id,
-                    [sys.executable, "-m", "quorumd.node.cli", "run", "--config", str(node.config_path)],
-                ),
-                stdout=out,
-                stderr=out,
-                env={**os.environ, **self.env},
-            )
+        self.launch(node, banner=f"\n===== start #{node.starts} generation {node.generation} =====\n")
         node.starts += 1
         node.paused = False
 
@@ -231,15 +221,6 @@ class NsCluster:
             return True
         raise ApiCallError(status, body)
 
-    def mint(self, node_id: int) -> str:
-        via = self.leader_id() or 1
-        status, body, _ = http(
-            "POST", f"{self.nodes[via].api}/api/v1/cluster/pki/join-tokens", self.token, {"nodeID": node_id}
-        )
-        if status != 201:
-            raise ApiCallError(status, body)
-        return str(body["result"]["token"])
-
     def join(self, node_id: int) -> None:
         token = wait_for(f"join token for {node_id}", lambda: self.mint(node_id), 60)
         self.write_config(self.nodes[node_id], join_token=token)
@@ -263,66 +244,6 @@ class NsCluster:
         self.kill(node_id)
         self.nodes[node_id].generation += 1
         self.join(node_id)
-
-    # --- queries --------------------------------------------------------------------------------
-    def call(self, node_id: int, method: str, path: str, body: Any = None, timeout: float = 10.0) -> Any:
-        status, resp, _ = http(method, f"{self.nodes[node_id].api}{path}", self.token, body, timeout=timeout)
-        if status >= 300:
-            raise ApiCallError(status, resp)
-        return resp["result"] if isinstance(resp, dict) else resp
-
-    def status(self, node_id: int, timeout: float = 3.0) -> dict[str, Any]:
-        status, body, _ = http("GET", f"{self.nodes[node_id].api}/api/v1/status", timeout=timeout)
-        if status != 200:
-            raise ApiCallError(status, body)
-        return dict(body["result"])
-
-    def leader_id(self) -> int:
-        for nid, node in self.nodes.items():
-            if not node.alive() or node.paused:
-                continue
-            try:
-                st = self.status(nid, timeout=2)
-            except (OSError, ApiCallError, ValueError):
-                continue
-            if st.get("role") == "leader":
-                return nid
-        return 0
-
-    def wait_leader(self, timeout: float = 30.0) -> int:
-        return int(wait_for("a leader", self.leader_id, timeout, interval=0.1))
-
-    def check_running(self, node_id: int) -> None:
-        """Raise at once (instead of waiting out a deadline) when the node's process has exited."""
-        node = self.nodes[node_id]
-        if node.proc is not None and node.proc.poll() is not None:
-            raise RuntimeError(
-                f"node {node_id} exited with {node.proc.returncode}:\n{self.log_tail(node_id, 20)}"
-            )
-
-    def wait_ready(self, node_id: int, timeout: float = 30.0) -> None:
-        def ready() -> bool:
-            self.check_running(node_id)
-            return bool(self.status(node_id)["ready"])
-
-        wait_for(f"node {node_id} ready", ready, timeout, interval=0.1)
-
-    def members(self) -> list[dict[str, Any]]:
-        return list(self.call(self.wait_leader(), "GET", "/api/v1/cluster/members"))
-
-    def wait_voters(self, ids: set[int], timeout: float = 60.0) -> None:
-        def check() -> bool:
-            for nid in ids:
-                self.check_running(nid)
-            return {m["nodeId"] for m in self.members() if m["suffrage"] == "voter"} == ids
-
-        wait_for(f"voters {sorted(ids)}", check, timeout, interval=0.2)
-
-    def log_tail(self, node_id: int, lines: int = 30) -> str:
-        path = self.nodes[node_id].log_path
-        if not path.exists():
-            return ""
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def monotonic() -> float:

@@ -32,7 +32,7 @@ from tests.cluster import Cluster, free_port, wait_for
 pytestmark = pytest.mark.xdist_group("test_prometheus_live")
 
 PROMETHEUS = Path("/usr/bin/prometheus")
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PROM_DIR = REPO / "deploy" / "prometheus"
 
 

@@ -1,8 +1,9 @@
 """The BGP speaker proven on the wire: a 3-node quorumd cluster whose GoBGP speakers peer with a BIRD
 route collector (a different implementation) in its own network namespace.
 
-Topology (tests/chaos/netns.py): namespaces n1..n3 run quorumd (which runs gobgpd), n4 runs
-``bird`` with one passive eBGP session per node (quorumd dials out). Every check reads the
+Topology (tests/chaos/netns.py): namespaces n1..n3 run quorumd (which runs gobgpd), the lab's
+collector namespace runs ``bird`` with one passive eBGP session per node (quorumd dials out;
+tests/chaos/collector.py, the chaos run's collector). Every check reads the
 collector's RIB through its own CLI (``birdc show route protocol nX``):
 
 - the RIB holds exactly the /32 and /128 of each node's active leases;
@@ -21,7 +22,6 @@ Everything it starts (processes, namespaces) is removed at the end, also on fail
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import ssl
 import subprocess
@@ -35,6 +35,7 @@ import pytest
 import yaml
 
 from tests.bgp_support import kill_quietly, process_gone
+from tests.chaos.collector import Collector, bgp_section
 from tests.chaos.netns import NetLab
 from tests.chaos.nscluster import NsCluster
 from tests.cluster import wait_for
@@ -51,100 +52,16 @@ pytestmark = [
     ),
 ]
 
-COLLECTOR = 4  # the lab's 4th namespace holds the collector
-COLLECTOR_AS = 64512
-ROUTE_RE = re.compile(r"^(\S+/\d+)\s+\S+\s+\[(n\d)\b")
 APPEAR_SECONDS = 1.0  # within 1 s of the API answer
-
-
-def node_as(i: int) -> int:
-    return 65000 + i
 
 
 def v6(lab: NetLab, i: int) -> str:
     return f"fd00:213:{lab.subnet}::{10 + i}"
 
 
-class Collector:
-    """BIRD in the collector namespace; read through birdc."""
-
-    def __init__(self, lab: NetLab, directory: Path, nodes: list[int]) -> None:
-        self.lab = lab
-        self.dir = directory
-        self.sock = directory / "bird.ctl"
-        self.nodes = nodes
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def config(self) -> str:
-        me = self.lab.addr(COLLECTOR)
-        out = [
-            f"router id {me};",
-            "protocol device {}",
-            "template bgp quorumd {",
-            f"  local {me} as {COLLECTOR_AS};",
-            "  passive on;",  # the nodes dial out
-            "  ipv4 { import all; export none; };",
-            "  ipv6 { import all; export none; };",
-            "}",
-        ]
-        for i in self.nodes:
-            out.append(f"protocol bgp n{i} from quorumd {{ neighbor {self.lab.addr(i)} as {node_as(i)}; }}")
-        return "\n".join(out) + "\n"
-
-    def start(self) -> None:
-        conf = self.dir / "bird.conf"
-        conf.write_text(self.config())
-        log = open(self.dir / "bird.log", "ab")  # noqa: SIM115 (kept for the process's life)
-        self.proc = subprocess.Popen(
-            self.lab.exec_argv(
-                COLLECTOR,
-                ["bird", "-f", "-c", str(conf), "-s", str(self.sock), "-P", str(self.dir / "bird.pid")],
-            ),
-            stdout=log,
-            stderr=log,
-        )
-        log.close()
-        wait_for("bird control socket", lambda: self.birdc("show", "status").find("Daemon is up") >= 0, 20)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-    def birdc(self, *args: str) -> str:
-        proc = subprocess.run(
-            ["birdc", "-s", str(self.sock), *args], capture_output=True, text=True, timeout=5
-        )
-        if proc.returncode != 0:
-            raise OSError(f"birdc {' '.join(args)}: {proc.returncode} {proc.stderr.strip()}")
-        return proc.stdout
-
-    def routes(self) -> dict[int, set[str]]:
-        """The collector's RIB: prefixes learned from each node's session."""
-        out: dict[int, set[str]] = {i: set() for i in self.nodes}
-        for line in self.birdc("show", "route").splitlines():
-            m = ROUTE_RE.match(line)
-            if m:
-                out[int(m.group(2)[1:])].add(m.group(1))
-        return out
-
-    def neighbor_capabilities(self, node: int) -> str:
-        """The capabilities node ``node``'s speaker advertised (``show protocols all``)."""
-        text = self.birdc("show", "protocols", "all", f"n{node}")
-        section = text.split("Neighbor capabilities", 1)[1]
-        return section.split("Session:", 1)[0]
-
-    def established(self) -> dict[int, bool]:
-        states: dict[int, bool] = {}
-        for line in self.birdc("show", "protocols").splitlines():
-            parts = line.split()
-            if parts and re.fullmatch(r"n\d", parts[0]):
-                states[int(parts[0][1:])] = "Established" in line
-        return states
+def prefixes(collector: Collector) -> dict[int, set[str]]:
+    """The collector's RIB: prefixes learned from each node's session."""
+    return {node: set(routes) for node, routes in collector.routes().items()}
 
 
 class BgpNsCluster(NsCluster):
@@ -154,20 +71,18 @@ class BgpNsCluster(NsCluster):
         super().write_config(node, join_token)
         cfg = yaml.safe_load(node.config_path.read_text())
         i = node.node_id
-        cfg["bgp"] = {
-            "speaker": "gobgp",
-            "local-as": node_as(i),
-            "next-hop6": v6(self.lab, i),
-            "peers": [{"address": self.lab.addr(COLLECTOR), "remote-as": COLLECTOR_AS}],
-        }
+        cfg["bgp"] = {**bgp_section(self.lab, i), "next-hop6": v6(self.lab, i)}
         node.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
 @pytest.fixture
 def lab() -> Iterator[NetLab]:
-    with NetLab(4) as lab:
+    with NetLab(3, collector=True) as lab:
         for i in lab.nodes():
             lab.run_in(i, ["ip", "addr", "add", f"{v6(lab, i)}/64", "dev", "eth0", "nodad"])
+        # the collector on the nodes' IPv6 link too: the /128 routes' next hops are reachable there
+        collector_v6 = ["ip", "addr", "add", f"{v6(lab, 0)}/64", "dev", "eth0", "nodad"]
+        subprocess.run(lab.collector_argv(collector_v6), check=True, capture_output=True, timeout=10)
         yield lab
 
 
@@ -207,7 +122,6 @@ def timed(what: str, fn: Any, timeout: float) -> float:
 def test_collector_rib_follows_leases_drain_and_kill(lab: NetLab, tmp_path: Path) -> None:
     collector = Collector(lab, tmp_path, [1, 2, 3])
     cluster = BgpNsCluster(lab, tmp_path)
-    del cluster.nodes[COLLECTOR]
     timings: dict[str, list[float]] = {}
     try:
         collector.start()
@@ -239,19 +153,19 @@ def test_collector_rib_follows_leases_drain_and_kill(lab: NetLab, tmp_path: Path
             )
             leases[lease["id"]] = lease
             p = prefix_of(lease["address"])
-            return timed(f"{p} at the collector", lambda: p in collector.routes()[owner], 10)
+            return timed(f"{p} at the collector", lambda: p in prefixes(collector)[owner], 10)
 
         # new leases appear within 1 s of the API answer
         for owner in (1, 2, 3):
             for k, pool in enumerate(("p4", "p4", "p6")):
                 timings.setdefault("appear", []).append(allocate(owner, pool, f"ue-{owner}-{k}"))
-        assert collector.routes() == expected()
+        assert prefixes(collector) == expected()
 
         # /status and the metrics say what gobgpd holds
         for i in (1, 2, 3):
             bgp = cluster.status(i)["bgp"]
             assert bgp["speaker"] == "gobgp" and bgp["running"] is True and bgp["announcedPrefixes"] == 3
-            assert bgp["peers"] == [{"address": lab.addr(COLLECTOR), "state": "established"}]
+            assert bgp["peers"] == [{"address": lab.collector_addr, "state": "established"}]
             metrics = scrape(cluster.nodes[i].api)
             assert "quorumd_bgp_announced_prefixes 3.0" in metrics
             assert "quorumd_bgp_speaker_running 1.0" in metrics
@@ -263,9 +177,9 @@ def test_collector_rib_follows_leases_drain_and_kill(lab: NetLab, tmp_path: Path
             del leases[lease_id]
             p = prefix_of(lease["address"])
             timings.setdefault("disappear", []).append(
-                timed(f"{p} withdrawn", lambda p=p, o=owner: p not in collector.routes()[o], 10)
+                timed(f"{p} withdrawn", lambda p=p, o=owner: p not in prefixes(collector)[o], 10)
             )
-        assert collector.routes() == expected()
+        assert prefixes(collector) == expected()
 
         # drain withdraws all of node 2's routes within 1 s of the call returning; resume re-announces
         drained = 2
@@ -273,8 +187,8 @@ def test_collector_rib_follows_leases_drain_and_kill(lab: NetLab, tmp_path: Path
             1 if drained != 1 else 3, "POST", f"/api/v1/cluster/members/{drained}/drain", {}
         )
         assert result["drainState"] == "drained"
-        timings["drain"] = [timed("drain withdraws", lambda: not collector.routes()[drained], 10)]
-        assert collector.routes() == {**expected(), drained: set()}
+        timings["drain"] = [timed("drain withdraws", lambda: not prefixes(collector)[drained], 10)]
+        assert prefixes(collector) == {**expected(), drained: set()}
         # /status follows the read-back (the next pass or poll, well within a second)
         wait_for(
             "status reads back the withdrawal",
@@ -283,7 +197,7 @@ def test_collector_rib_follows_leases_drain_and_kill(lab: NetLab, tmp_path: Path
         )
         assert cluster.status(drained)["bgp"]["running"] is False
         cluster.call(1, "POST", f"/api/v1/cluster/members/{drained}/resume", {})
-        timings["resume"] = [timed("resume re-announces", lambda: collector.routes() == expected(), 10)]
+        timings["resume"] = [timed("resume re-announces", lambda: prefixes(collector) == expected(), 10)]
 
         # kill -9 of quorumd: gobgpd dies with it, the session and its routes go within seconds
         victim = 3
@@ -293,28 +207,28 @@ def test_collector_rib_follows_leases_drain_and_kill(lab: NetLab, tmp_path: Path
         timings["kill"] = [
             timed(
                 "session and routes dropped",
-                lambda: not collector.established()[victim] and not collector.routes()[victim],
+                lambda: not collector.established()[victim] and not prefixes(collector)[victim],
                 5,
             )
         ]
         wait_for("gobgpd dies with quorumd", lambda: process_gone(speaker_pid), 5)
-        assert collector.routes() == {**expected(), victim: set()}
+        assert prefixes(collector) == {**expected(), victim: set()}
         # its restart announces them again
         cluster.start(victim)
-        timings["restart"] = [timed("restart re-announces", lambda: collector.routes() == expected(), 90)]
+        timings["restart"] = [timed("restart re-announces", lambda: prefixes(collector) == expected(), 90)]
         cluster.wait_ready(victim, 60)
-        assert collector.routes() == expected()
+        assert prefixes(collector) == expected()
         # removal: drain (withdraws), then remove; the purged leases are never announced again.
         # (Forced removal of an active node is withdrawn by the removed node's isolation
         # fencing, a removed node is not told, it stops hearing from a quorum.)
         removed = 2
         cluster.call(1, "POST", f"/api/v1/cluster/members/{removed}/drain", {})
-        timings["remove"] = [timed("drain before removal", lambda: not collector.routes()[removed], 10)]
+        timings["remove"] = [timed("drain before removal", lambda: not prefixes(collector)[removed], 10)]
         cluster.call(1, "DELETE", f"/api/v1/cluster/members/{removed}")
         for lease_id in [k for k, v in leases.items() if v["nodeId"] == removed]:
             del leases[lease_id]
         wait_for("removal seen", lambda: removed not in {m["nodeId"] for m in cluster.members()}, 10)
-        assert collector.routes() == expected()
+        assert prefixes(collector) == expected()
         print("bgp timings (s):", {k: [round(x, 3) for x in v] for k, v in timings.items()})
         for key in ("appear", "disappear", "drain"):
             assert max(timings[key]) <= APPEAR_SECONDS, (key, timings[key])

@@ -16,9 +16,7 @@ where that is what is being tested.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -61,14 +59,9 @@ class OpsCluster(Cluster):
         if version is None:
             super().start(node)
             return
-        out = open(node.log_path, "ab")  # noqa: SIM115 - inherited by the child
-        node.proc = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCHER, str(version), "run", "--config", str(node.config_path)],
-            stdout=out,
-            stderr=out,
-            env={**os.environ, **self.env},
+        self.launch(
+            node, [sys.executable, "-c", _LAUNCHER, str(version), "run", "--config", str(node.config_path)]
         )
-        out.close()
 
 
 @pytest.fixture(scope="module")

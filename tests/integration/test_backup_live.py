@@ -11,7 +11,7 @@
   second node in (its old leases count for it again), and scheduled backups run on it.
 * ``test_backup_headers_and_route``: the GET /api/v1/backup answer (headers, body digest, the
   OpenAPI entry) and its refusals (no token, a readonly token).
-* On a cluster restored from an ~8 MB archive (tests/test_backup_relay_live.py): a leader change
+* On a cluster restored from an ~8 MB archive (tests/integration/test_backup_relay_live.py): a leader change
   while a follower relays fails the client's download visibly, and a rogue member cannot take a
   backup without an admin token.
 """
@@ -63,12 +63,7 @@ def test_backup_headers_and_route(tmp_path: Path) -> None:
 
     c = Cluster(tmp_path, 1, cluster_overrides={"enabled": False})
     try:
-        node = c.make_node(1)
-        c.write_config(node)
-        c.start(node)
-        token_file = node.data_dir / "admin.token"
-        wait_for("admin token", lambda: token_file.exists() and token_file.read_text().strip())
-        c.token = token_file.read_text().strip()
+        node = c.start_first(1)
         c.wait_ready(1)
         c.ok(1, "POST", "/api/v1/pools", {"name": "p", "cidr": "10.9.0.0/24"})
         status, body, headers = fetch(f"{node.api}/api/v1/backup", c.token)

@@ -10,44 +10,18 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from tests.cluster import Cluster, http, wait_for
+from tests.daemon_support import FakeSystemd
 
 pytestmark = pytest.mark.xdist_group("test_daemon_notify")
 
 WATCHDOG_USEC = 400_000  # WatchdogSec=0.4s: the daemon pings every 0.2 s
-MAX_DATAGRAMS = 10_000
-
-
-@dataclass
-class FakeSystemd:
-    """The receiving end of NOTIFY_SOCKET; ``drain()`` collects what has arrived, without blocking."""
-
-    sock: socket.socket
-    env_value: str
-    messages: list[tuple[float, str]] = field(default_factory=list)
-
-    def drain(self) -> list[str]:
-        for _ in range(MAX_DATAGRAMS):
-            try:
-                data = self.sock.recv(4096, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                break
-            self.messages.append((time.monotonic(), data.decode()))
-        return self.texts()
-
-    def texts(self) -> list[str]:
-        return [text for _, text in self.messages]
-
-    def count(self, state: str) -> int:
-        return sum(state in text.split("\n") for text in self.texts())
 
 
 @pytest.fixture(params=["path", "abstract"])

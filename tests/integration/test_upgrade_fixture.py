@@ -25,7 +25,7 @@ from quorumd.node.registry.records import SNAPSHOT_VERSION
 from quorumd.raft.codec import VERSION as CODEC_VERSION
 from tests.cluster import Cluster, http, wait_for
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "baseline-017d9cc"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "baseline-017d9cc"
 pytestmark = pytest.mark.xdist_group("daemons")
 
 

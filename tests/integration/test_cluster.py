@@ -238,21 +238,3 @@ def test_metrics_exposed(cluster: Cluster) -> None:
         "quorumd_api_requests_total",
     ):
         assert name in text
-
-
-def test_standalone_mode(tmp_path: Path) -> None:
-    c = Cluster(tmp_path, 1, cluster_overrides={"enabled": False})
-    try:
-        node = c.make_node(1)
-        c.write_config(node)
-        c.start(node)
-        token_file = node.data_dir / "admin.token"
-        wait_for("admin token", lambda: token_file.exists() and token_file.read_text().strip())
-        c.token = token_file.read_text().strip()
-        st, body, _ = c.api(1, "GET", "/api/v1/cluster/members")
-        assert st == 404 and body["code"] == "clustering_disabled"
-        c.ok(1, "POST", "/api/v1/pools", {"name": "s", "cidr": "fd00::/120"})
-        lease = c.ok(1, "POST", "/api/v1/leases", {"pool": "s", "holder": "h"})
-        assert lease["address"].startswith("fd00::")
-    finally:
-        c.close()

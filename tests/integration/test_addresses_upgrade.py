@@ -20,7 +20,7 @@ import pytest
 from quorumd.node.version import PROTOCOL_VERSION
 from tests.baseline_support import BaselineUnavailable, baseline_python
 from tests.cluster import free_port, wait_for
-from tests.test_addresses_live import M, addresses, healthy, listed_everywhere, write_through
+from tests.integration.test_addresses_live import M, addresses, healthy, listed_everywhere, write_through
 from tests.upgrade_support import VersionedCluster
 
 pytestmark = [pytest.mark.upgrade, pytest.mark.xdist_group("upgrade")]
