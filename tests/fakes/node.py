@@ -32,7 +32,14 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from quorumd.api.errors import Conflict, LeaderTimeout, LeaderUnavailable, LeaderUnreachable, NotFound
+from quorumd.api.errors import (
+    ApiError,
+    Conflict,
+    LeaderTimeout,
+    LeaderUnavailable,
+    LeaderUnreachable,
+    NotFound,
+)
 from quorumd.api.origin import current_origin
 from quorumd.api.ports import DrainState, ForwardedRequest, ForwardedResponse, Principal, TokenRole
 from quorumd.node.cluster.addresses import validate_addresses
@@ -505,7 +512,8 @@ class FakeNode:
         """The fake has no transport: it records the call and answers its (unchanged) pin."""
         self.rotations += 1
         member = self.cluster.sm.member(self.node_id)
-        assert member is not None
+        if member is None:  # as the real node: not (or no longer) a member
+            raise ApiError(409, "not_a_member", "this node is not a member of the cluster yet")
         return {"certificateFingerprint": member.cert_fingerprint, "certificateExpiresAt": None}
 
     async def release_lease(self, lease_id: int) -> None:

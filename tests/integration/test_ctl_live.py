@@ -425,6 +425,20 @@ def test_members_set_address(q: Ctl) -> None:
     assert q.run("members", "set-address", "3")[0] == 2  # neither --raft nor --api: a usage error
 
 
+@covers("members rotate-certificate")
+def test_members_rotate_certificate(q: Ctl) -> None:
+    """Node 3's certificate through node 2: the new fingerprint printed and listed; 404 for a
+    non-member."""
+    before = next(m for m in q.json("members", "list") if m["nodeId"] == 3)["certificateFingerprint"]
+    out = q.ok("members", "rotate-certificate", "3")
+    assert "certificate rotated: sha256:" in out and before not in out, out
+    res = q.json("members", "rotate-certificate", "3")
+    conforms(res, "POST", "/api/v1/cluster/members/{id}/rotate-certificate")
+    listed = next(m for m in q.json("members", "list") if m["nodeId"] == 3)
+    assert listed["certificateFingerprint"] == res["certificateFingerprint"]
+    q.fails("members", "rotate-certificate", "40", status=404, code="member_not_found")
+
+
 @covers("backup save")
 def test_backup_save(q: Ctl, tmp_path: Path) -> None:
     """Saved through a follower: atomic, 0600, digest checked; the file verifies offline."""

@@ -124,6 +124,20 @@ def _set_address(live: Live, nid: int) -> None:
     assert live.members(nid, consistent=True)[target]["raftAddress"] == me["raftAddress"]
 
 
+@scenario("POST", "/api/v1/cluster/members/{id}/rotate-certificate")
+def _rotate_certificate(live: Live, nid: int) -> None:
+    """Another voter's certificate through this node (forwarded to that member): its new pin on
+    this node's members list when the call answers; an unknown id is 404 and changes nothing."""
+    path = "/api/v1/cluster/members/{id}/rotate-certificate"
+    target = next(i for i in (1, 2, 3) if i != nid)
+    before = live.members(nid, consistent=True)[target]["certificateFingerprint"]
+    r = live.call(nid, "POST", path, {"id": target})
+    assert r.status == 200 and r.result["certificateFingerprint"] != before, str(r)
+    assert live.members(nid)[target]["certificateFingerprint"] == r.result["certificateFingerprint"]
+    r = live.call(nid, "POST", path, {"id": 40})
+    assert r.status == 404 and r.code == "member_not_found", str(r)
+
+
 @scenario("POST", "/api/v1/cluster/members/{id}/promote")
 def _promote(live: Live, nid: int) -> None:
     via = "leader" if nid == live.leader() else "follower"
