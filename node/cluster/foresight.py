@@ -28,7 +28,7 @@ from quorumd.node.registry.autopilot import (
 from quorumd.node.registry.commands import PinCertificate
 from quorumd.node.registry.records import ApplyResult
 
-MAX_TRACKED_ROTATIONS = 64
+MAX_INCARNATION_ALIASES = 256  # past this, aliases of certificates no longer pinned are dropped
 
 
 class ForesightService(FencedService):
@@ -49,7 +49,7 @@ class ForesightService(FencedService):
                 if m is not None and m.next_cert_fingerprint is not None:
                     now = self._incarnations.get(m.cert_fingerprint, m.cert_fingerprint)
                     self._incarnations[m.next_cert_fingerprint] = now
-        if len(self._incarnations) > 4 * MAX_TRACKED_ROTATIONS:  # forget rotations long done
+        if len(self._incarnations) > MAX_INCARNATION_ALIASES:  # forget rotations long done
             pinned = {fp for m in self.sm.members() for fp in (m.cert_fingerprint, m.next_cert_fingerprint)}
             self._incarnations = {k: v for k, v in self._incarnations.items() if k in pinned}
 
