@@ -15,12 +15,12 @@ import pytest
 
 from quorumd.api.errors import BadRequest
 from quorumd.node.cluster.addresses import (
-    AddressChanges,
+    AddressBook,
     parse_api_address,
     parse_raft_address,
     validate_addresses,
 )
-from quorumd.node.cluster.service import Identity
+from quorumd.node.cluster.service import ClusterService, Identity
 from quorumd.node.config.values import ValueProblem
 from quorumd.node.registry.commands import (
     COMMAND_ENVELOPE_V2,
@@ -344,14 +344,15 @@ def test_a_mixed_cluster_allocates_alike_at_protocol_1() -> None:
 # --- the member.address handler and dial hints (no network: this node follows, leader unknown) --
 
 
-def _service(sm: StateMachine) -> AddressChanges:
+def _service(sm: StateMachine) -> AddressBook:
     identity = Identity(1, "c", "0", "10.0.0.1:7000", "https://10.0.0.1:5002", "sha256:00", "")
-    return AddressChanges(
+    service = ClusterService(
         identity, sm, cluster_enabled=True, propose_timeout_seconds=1.0, tick_seconds=0.1, max_trailing_logs=1
     )
+    return AddressBook(service)
 
 
-def _ask(svc: AddressChanges, from_id: int, **fields: object) -> dict[str, object]:
+def _ask(svc: AddressBook, from_id: int, **fields: object) -> dict[str, object]:
     req = {"node_id": from_id, "raft_address": "127.0.0.9:7100", "api_address": "https://127.0.0.9:5102"}
     req["protocol_version"] = 2
     req.update(fields)
@@ -380,7 +381,7 @@ def test_an_announcement_is_a_dial_hint_until_the_registry_changes() -> None:
     svc.on_dial_addresses_changed = lambda: changed.append(1)
     answer = _ask(svc, 2)
     assert answer["reason"] == "not_leader" and answer["leader"] == 0  # a follower: no proposal
-    assert changed == [1] and svc.versions.live_version(2) == 2  # it said what it speaks
+    assert changed == [1] and svc.service.versions.live_version(2) == 2  # it said what it speaks
     registry = {m.node_id: m.raft_address for m in h.sm.members() if m.node_id != 1}
     assert svc.dial_addresses(registry) == {2: "127.0.0.9:7100", 3: "10.0.0.3:7000"}
     _ask(svc, 2)

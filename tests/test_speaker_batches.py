@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from quorumd.api.ports import DrainState
 from quorumd.node.cluster.operations import ClusterNode
-from quorumd.node.cluster.service import Identity
+from quorumd.node.cluster.service import ClusterService, Identity
 from quorumd.node.effects.bgp import StubBgpSpeaker
 from quorumd.node.effects.ran import WebhookRanNotifier
 from quorumd.node.effects.token import FencingToken
@@ -27,13 +27,16 @@ ME = 1
 
 def node() -> tuple[ClusterNode, StubBgpSpeaker]:
     bgp = StubBgpSpeaker()
-    n = ClusterNode(
+    service = ClusterService(
         Identity(ME, "c", "0.1.0", "10.0.0.1:7000", "https://10.0.0.1:5002", "sha256:00", "pem"),
         StateMachine(),
         cluster_enabled=True,
         propose_timeout_seconds=1.0,
         tick_seconds=0.01,
         max_trailing_logs=10,
+    )
+    n = ClusterNode(
+        service,
         autopilot=AutopilotSettings(),
         reconcile_interval_seconds=1.0,
         bgp=bgp,
@@ -56,7 +59,7 @@ class Log:
         return Entry(term, self.index, EntryType.NORMAL, encode_command(cmd))  # type: ignore[arg-type]
 
     def apply(self, *cmds: object) -> None:
-        self.n.apply_entries([self.entry(c) for c in cmds])
+        self.n.service.apply_entries([self.entry(c) for c in cmds])
 
 
 def started() -> tuple[ClusterNode, StubBgpSpeaker, Log]:
@@ -67,7 +70,8 @@ def started() -> tuple[ClusterNode, StubBgpSpeaker, Log]:
         ConfChange(ConfChangeType.ADD_NONVOTER, 2, ctx(2)),
         CreatePool(1.0, "p", "10.9.0.0/24"),
     )
-    assert n.sm.member(ME) is not None and n.sm.member(ME).drain_state == DrainState.ACTIVE  # type: ignore[union-attr]
+    me = n.service.sm.member(ME)
+    assert me is not None and me.drain_state == DrainState.ACTIVE
     bgp.start()
     log.apply(CreatePool(1.5, "q", "10.8.0.0/24"))  # the first apply while running: the full set
     return n, bgp, log
@@ -76,7 +80,7 @@ def started() -> tuple[ClusterNode, StubBgpSpeaker, Log]:
 def test_allocate_then_release_in_one_batch_withdraws_it() -> None:
     n, bgp, log = started()
     log.apply(AllocateLease(2.0, "p", "a", ME), AllocateLease(3.0, "p", "b", ME), ReleaseLease(4.0, 1))
-    assert bgp.announced == frozenset(n.sm.announced_prefixes(ME))
+    assert bgp.announced == frozenset(n.service.sm.announced_prefixes(ME))
     assert len(bgp.announced) == 1
     assert bgp.fencing_token == FencingToken(2, log.index)
 
@@ -84,7 +88,7 @@ def test_allocate_then_release_in_one_batch_withdraws_it() -> None:
 def test_allocate_then_reown_in_one_batch_withdraws() -> None:
     n, bgp, log = started()
     log.apply(AllocateLease(2.0, "p", "a", ME), AllocateLease(3.0, "p", "a", 2))
-    assert bgp.announced == frozenset() == frozenset(n.sm.announced_prefixes(ME))
+    assert bgp.announced == frozenset() == frozenset(n.service.sm.announced_prefixes(ME))
 
 
 def test_release_then_allocate_the_same_address_again_announces_it() -> None:
@@ -93,5 +97,5 @@ def test_release_then_allocate_the_same_address_again_announces_it() -> None:
     (first,) = bgp.announced
     token = bgp.fencing_token
     log.apply(ReleaseLease(3.0, 1), AllocateLease(4.0, "p", "c", ME))  # the freed address again
-    assert bgp.announced == frozenset(n.sm.announced_prefixes(ME)) == {first}
+    assert bgp.announced == frozenset(n.service.sm.announced_prefixes(ME)) == {first}
     assert bgp.fencing_token == token  # nothing changed on the wire

@@ -1,5 +1,9 @@
 """Addresses change: a member that comes back elsewhere, and the operator's PATCH.
 
+``AddressBook`` is the part of ``ClusterNode`` that owns all of it, over the node's
+``ClusterService``: the local dial hints (``dial_addresses``, read by the daemon's pin book), this
+node's own address (``keep_own_address``), the ``member.address`` RPC and ``set_member_address``.
+
 A node restarted with a different ``cluster.advertise-address`` (same data dir, node id and
 certificate) is unreachable for the others: they dial the old address from the registry. So the
 moved node acts first. ``keep_own_address`` (every node, from startup) sees that its own registry
@@ -115,11 +119,11 @@ def validate_addresses(raft_address: str | None, api_address: str | None) -> tup
     return raft, api
 
 
-class AddressChanges(ClusterService):
-    """The address operations of a running node (see the module docstring)."""
+class AddressBook:
+    """The address operations of a running node (see the module docstring), over its service."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, service: ClusterService) -> None:
+        self.service = service
         # node id -> (announced raft address, the registry's address then): see dial_addresses
         self._address_hints: dict[int, tuple[str, str]] = {}
         self.on_dial_addresses_changed: Callable[[], None] | None = None  # the daemon re-reads them
@@ -162,16 +166,17 @@ class AddressChanges(ClusterService):
     # --- the moved node ------------------------------------------------------------------------
     def own_entry_moved(self) -> bool:
         """This node's registry entry names a cluster address it does not listen on."""
-        m = self.sm.member(self.identity.node_id)
-        return m is not None and m.raft_address != self.identity.raft_address
+        m = self.service.sm.member(self.service.identity.node_id)
+        return m is not None and m.raft_address != self.service.identity.raft_address
 
     def unheard(self) -> bool:
         """A member that knows no leader: it may be that nobody can reach it (its entry was set to
         an address it does not listen on, e.g. a PATCH while it ran): it announces where it is."""
-        me = self.identity.node_id
-        if self.driver is None or self.leader_id() != 0 or self.sm.member(me) is None:
+        svc = self.service
+        me = svc.identity.node_id
+        if svc.driver is None or svc.leader_id() != 0 or svc.sm.member(me) is None:
             return False
-        members = self.running_driver.core.config.members()
+        members = svc.driver.core.config.members()
         return me in members and len(members) > 1
 
     async def keep_own_address(self, seeds: Sequence[str] = (), rpc_at: RpcAt | None = None) -> None:
@@ -181,17 +186,18 @@ class AddressChanges(ClusterService):
         answers at the address this replica has for it (they all moved). A member that knows no
         leader announces itself too (``unheard``): every node that hears it dials it where it is,
         and a leader whose registry says otherwise records where it really is."""
+        svc = self.service
         backoff = RETRY_MIN_SECONDS
         while True:
             moved = self.own_entry_moved()
             if not moved and not self.unheard():
                 backoff = RETRY_MIN_SECONDS
-                await self.wait_state(lambda: self.own_entry_moved() or self.unheard(), UNHEARD_CHECK_SECONDS)
+                await svc.wait_state(lambda: self.own_entry_moved() or self.unheard(), UNHEARD_CHECK_SECONDS)
                 continue
             recorded = await self.announce_own_address(seeds, rpc_at, quiet=not moved)
             if moved and recorded:
-                if await self.wait_state(lambda: not self.own_entry_moved(), self.propose_timeout):
-                    log.info("own_address_recorded address=%s", self.identity.raft_address)
+                if await svc.wait_state(lambda: not self.own_entry_moved(), svc.propose_timeout):
+                    log.info("own_address_recorded address=%s", svc.identity.raft_address)
                     backoff = RETRY_MIN_SECONDS
                     continue
             await asyncio.sleep(backoff)  # retry pacing (the gate, no leader yet): not a sync wait
@@ -201,9 +207,9 @@ class AddressChanges(ClusterService):
         self, seeds: Sequence[str] = (), rpc_at: RpcAt | None = None, *, quiet: bool = False
     ) -> bool:
         """One round: ask every other member at once; True when the leader recorded it."""
-        me = self.identity.node_id
-        if self.is_leader():  # e.g. a one-node cluster moved: nobody else to ask
-            ident = self.identity
+        me = self.service.identity.node_id
+        if self.service.is_leader():  # e.g. a one-node cluster moved: nobody else to ask
+            ident = self.service.identity
             try:
                 await self._propose_address_change(
                     SetMemberAddress(time.time(), me, ident.raft_address, ident.api_address), ACTOR_JOIN
@@ -212,18 +218,18 @@ class AddressChanges(ClusterService):
                 log.info("own_address_announce_retry address=%s reasons=%s", ident.raft_address, exc.code)
                 return False
             return True
-        others = [m.node_id for m in self.sm.members() if m.node_id != me]
-        if self._rpc is None or not others:
+        others = [m.node_id for m in self.service.sm.members() if m.node_id != me]
+        if self.service.rpc is None or not others:
             return False
         payload = pack(
             {
                 "node_id": me,
-                "raft_address": self.identity.raft_address,
-                "api_address": self.identity.api_address,
+                "raft_address": self.service.identity.raft_address,
+                "api_address": self.service.identity.api_address,
                 "protocol_version": PROTOCOL_VERSION,
             }
         )
-        timeout = self.propose_timeout + 1.0
+        timeout = self.service.propose_timeout + 1.0
         answers = await asyncio.gather(*(self._ask(nid, payload, timeout) for nid in others))
         if any(a.get("ok") for a in answers):
             return True
@@ -234,7 +240,7 @@ class AddressChanges(ClusterService):
         self._follow_leader_hints(by_node)
         reasons = sorted({str(a.get("reason")) for a in answers})
         level = logging.DEBUG if quiet else logging.INFO
-        here = self.identity.raft_address
+        here = self.service.identity.raft_address
         log.log(level, "own_address_announce_retry address=%s reasons=%s", here, reasons)
         return False
 
@@ -248,9 +254,9 @@ class AddressChanges(ClusterService):
     ) -> bool:
         """Ask whoever answers at a configured peer address this node has not tried. A member that
         answers there (its certificate says which) is dialed there from now on (a local hint)."""
-        me = self.identity.node_id
-        registry = {m.node_id: m.raft_address for m in self.sm.members() if m.node_id != me}
-        tried = {*self.dial_addresses(registry).values(), self.identity.raft_address}
+        me = self.service.identity.node_id
+        registry = {m.node_id: m.raft_address for m in self.service.sm.members() if m.node_id != me}
+        tried = {*self.dial_addresses(registry).values(), self.service.identity.raft_address}
         probe = [a for a in dict.fromkeys(seeds) if a not in tried]
         if not probe:
             return False
@@ -279,8 +285,8 @@ class AddressChanges(ClusterService):
             leader, where = a.get("leader"), a.get("leader_address")
             if a.get("reason") != "not_leader" or type(leader) is not int or type(where) is not str:
                 continue
-            m = self.sm.member(leader)
-            if m is None or leader == self.identity.node_id or where == m.raft_address:
+            m = self.service.sm.member(leader)
+            if m is None or leader == self.service.identity.node_id or where == m.raft_address:
                 continue
             if answers.get(leader, {}).get("reason") != "RpcUnreachable":
                 continue
@@ -290,9 +296,10 @@ class AddressChanges(ClusterService):
                 continue
 
     async def _ask(self, node_id: int, payload: bytes, timeout: float) -> dict[str, Any]:
-        assert self._rpc is not None
+        rpc = self.service.rpc
+        assert rpc is not None
         try:
-            raw = await self._rpc(node_id, ADDRESS_RPC, payload, timeout)
+            raw = await rpc(node_id, ADDRESS_RPC, payload, timeout)
             answer = unpack(raw)
         except RpcError as exc:
             return {"ok": False, "reason": type(exc).__name__}
@@ -313,8 +320,8 @@ class AddressChanges(ClusterService):
             log.warning("member_address_refused from=%d target=%d reason=not_own_entry", from_id, node_id)
             return _refused("forbidden", "a member may only change its own addresses")
         # It said what it speaks: the leader cannot ask it over the old address (see the docstring).
-        self.versions.live[from_id] = (pv, time.monotonic())
-        m = self.sm.member(from_id)
+        self.service.versions.live[from_id] = (pv, time.monotonic())
+        m = self.service.sm.member(from_id)
         if m is None:
             return _refused("forbidden", f"node {from_id} is not a member")
         try:
@@ -323,9 +330,10 @@ class AddressChanges(ClusterService):
             return _refused(exc.code, exc.message)
         assert raft is not None and api is not None
         self._hint_address(from_id, raft, m.raft_address)  # dial it where it is, now (any node)
-        if not self.is_leader():
-            leader = self.leader_id()
-            where = self.dial_addresses({m.node_id: m.raft_address for m in self.sm.members()}).get(leader)
+        svc = self.service
+        if not svc.is_leader():
+            leader = svc.leader_id()
+            where = self.dial_addresses({m.node_id: m.raft_address for m in svc.sm.members()}).get(leader)
             return pack({"ok": False, "reason": "not_leader", "leader": leader, "leader_address": where})
         if (m.raft_address, m.api_address) != (raft, api):
             cmd = SetMemberAddress(time.time(), from_id, raft, api)
@@ -334,7 +342,7 @@ class AddressChanges(ClusterService):
             except ApiError as exc:
                 log.info("member_address_deferred node_id=%d reason=%s", from_id, exc.code)
                 return _refused(exc.code, exc.message)
-            self.running_driver.flush_commit_broadcast()
+            self.service.running_driver.flush_commit_broadcast()
         return pack({"ok": True})
 
     async def set_member_address(
@@ -344,23 +352,24 @@ class AddressChanges(ClusterService):
         if raft_address is None and api_address is None:
             raise BadRequest("give raftAddress, apiAddress or both", code="missing_field")
         raft, api = validate_addresses(raft_address, api_address)
-        m = self.sm.member(node_id)
+        m = self.service.sm.member(node_id)
         if m is None:
             raise NotFound(f"node {node_id} is not a cluster member", code="member_not_found")
         if raft is not None:
-            taken = [o.node_id for o in self.sm.members() if o.node_id != node_id and o.raft_address == raft]
+            others = self.service.sm.members()
+            taken = [o.node_id for o in others if o.node_id != node_id and o.raft_address == raft]
             if taken:
                 raise Conflict(f"raftAddress {raft} is node {taken[0]}'s", code="address_in_use")
         cmd = SetMemberAddress(time.time(), node_id, raft or m.raft_address, api or m.api_address)
         if (cmd.raft_address, cmd.api_address) != (m.raft_address, m.api_address):
             await self._propose_address_change(cmd, ACTOR_API)
-        return next(item for item in self.members() if item["nodeId"] == node_id)
+        return next(item for item in self.service.members() if item["nodeId"] == node_id)
 
     async def _propose_address_change(self, cmd: SetMemberAddress, actor: str) -> None:
         """The one place an address change is proposed, with its ``member_address_changed`` record
         in the same entry (target ``node:N``, detail the new and previous addresses; the system
         actor ``join`` for a member's own announcement, the caller's token for a PATCH)."""
-        old = self.sm.member(cmd.node_id)
+        old = self.service.sm.member(cmd.node_id)
         detail = {
             "raftAddress": cmd.raft_address,
             "apiAddress": cmd.api_address,
@@ -370,10 +379,10 @@ class AddressChanges(ClusterService):
         target = f"node:{cmd.node_id}"
         action = AuditAction.MEMBER_ADDRESS_CHANGED
         if actor == ACTOR_JOIN:
-            note = self.trail.system_note(SystemComponent.JOIN, action, target, detail)
+            note = self.service.trail.system_note(SystemComponent.JOIN, action, target, detail)
         else:  # the PATCH being served: its token, receiving node and client address
-            note = self.trail.request_note(action, target, detail)
-        await self.trail.propose(cmd, note)
+            note = self.service.trail.request_note(action, target, detail)
+        await self.service.trail.propose(cmd, note)
         log.info(
             "member_address_change node_id=%d raft_address=%s api_address=%s was=%s actor=%s",
             cmd.node_id, cmd.raft_address, cmd.api_address, old.raft_address if old else "", actor,

@@ -1,10 +1,11 @@
-"""FencedService: the running node's isolation fence on top of ``ClusterService``.
+"""IsolationGuard: the running node's isolation fence, one part of ``ClusterNode``.
 
-The decision is ``quorumd.node.cluster.fencing.IsolationFence``; this layer feeds it (the arrival
-time of every peer's Raft frames, the node's role and readiness), checks it every ``step`` and
-before any speaker change (``_fence_guard``), stops the speaker the moment the node fences, and
-asks the subclass to restore its side effects when it rejoins (``_rejoined``: the speaker comes
-back only for an ``active`` node). ``/readyz`` answers 503 ``isolated`` while fenced.
+The decision is ``quorumd.node.cluster.fencing.IsolationFence``; this part feeds it (the arrival
+time of every peer's Raft frames, the node's role and readiness from the ``ClusterService``),
+checks it every step of ``fence_loop`` and before any speaker change (``guard``), stops the BGP
+speaker the moment the node fences, and calls ``rejoined`` when it rejoins (the node's drain side
+effects then bring the speaker back, only for an ``active`` node). ``on_isolation(isolated)`` is
+the metrics hook. ``/readyz`` answers 503 ``isolated`` while fenced (``is_isolated``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from quorumd.node.cluster.fencing import FenceChange, IsolationFence
 from quorumd.node.cluster.service import ClusterService
@@ -23,24 +23,25 @@ from quorumd.raft.core.types import Role
 log = logging.getLogger(__name__)
 
 
-class FencedService(ClusterService):
+class IsolationGuard:
+    """See the module docstring. ``fence_after_seconds`` None: three election timeouts."""
+
     def __init__(
         self,
-        *args: Any,
+        service: ClusterService,
         bgp: BgpSpeaker,
+        *,
+        rejoined: Callable[[], None],
         election_timeout_seconds: float,
-        isolation_fence_after_seconds: float | None = None,
-        **kwargs: Any,
+        fence_after_seconds: float | None = None,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        self.service = service
         self.bgp = bgp
+        self._rejoined = rejoined
         self.election_timeout = election_timeout_seconds
         self.on_isolation: Callable[[bool], None] | None = None  # metrics hook: fn(isolated)
-        self.fence_after = (
-            3.0 * election_timeout_seconds
-            if isolation_fence_after_seconds is None
-            else isolation_fence_after_seconds
-        )
+        default = 3.0 * election_timeout_seconds
+        self.fence_after = default if fence_after_seconds is None else fence_after_seconds
         self._fence = self._new_fence()
         self._heard: dict[int, float] = {}  # peer -> monotonic time its last Raft frame arrived
 
@@ -51,10 +52,6 @@ class FencedService(ClusterService):
             election_timeout_seconds=self.election_timeout,
         )
 
-    def _rejoined(self) -> None:
-        """Bring the side effects back after a fence (the subclass knows the drain state)."""
-
-    # --- isolation fencing ---------------------------------------------------------
     def is_isolated(self) -> bool:
         return self._fence.fenced
 
@@ -64,10 +61,11 @@ class FencedService(ClusterService):
 
     def _quorum_contact_at(self) -> float | None:
         """When this node last knew it was in contact with a quorum (see fencing.py), or None."""
-        if self.driver is None:
+        svc = self.service
+        if svc.driver is None:
             return None
-        core = self.running_driver.core
-        me = self.identity.node_id
+        core = svc.driver.core
+        me = svc.identity.node_id
         if core.role == Role.LEADER:
             voters = core.config.voters
             if not voters:
@@ -80,34 +78,35 @@ class FencedService(ClusterService):
             return self._heard.get(leader)
         return None
 
-    def _fence_check(self) -> None:
+    def check(self) -> None:
         """One check of the fence; stops the speaker at once when it fences (before any
-        announcement that may follow), kicks the side effects when it rejoins."""
-        if not self._cluster_enabled or self.driver is None:
+        announcement that may follow), calls ``rejoined`` when it rejoins."""
+        svc = self.service
+        if not svc.cluster_enabled or svc.driver is None:
             return
         now = time.monotonic()
-        change = self._fence.check(now, self._quorum_contact_at(), self.is_ready())
+        change = self._fence.check(now, self._quorum_contact_at(), svc.is_ready())
         if change is FenceChange.FENCED:
             stall = self._fence.stalled_for
             self._fence.stalled_for = 0.0
             log.warning(
                 "node_isolated node=%d silent_seconds=%.3f fence_after_seconds=%.3f stalled_seconds=%.3f",
-                self.identity.node_id, self._fence.silent_seconds(now), self.fence_after, stall,
+                svc.identity.node_id, self._fence.silent_seconds(now), self.fence_after, stall,
             )  # fmt: skip
             if self.bgp.running:
-                self.bgp.stop(token=self.applied_token)
+                self.bgp.stop(token=svc.applied_token)
             if self.on_isolation is not None:
                 self.on_isolation(True)
         elif change is FenceChange.REJOINED:
-            log.info("node_rejoined node=%d applied=%d", self.identity.node_id, self.applied_index())
+            log.info("node_rejoined node=%d applied=%d", svc.identity.node_id, svc.applied_index())
             if self.on_isolation is not None:
                 self.on_isolation(False)
             self._rejoined()
 
-    def _fence_guard(self) -> None:
+    def guard(self) -> None:
         """Before any speaker change: a process that was paused checks first (cheap otherwise)."""
         if self._fence.stalled(time.monotonic()):
-            self._fence_check()
+            self.check()
 
     async def fence_loop(self) -> None:
         """Check the fence often enough to fence within ``fence_after`` plus one step."""
@@ -115,4 +114,4 @@ class FencedService(ClusterService):
         self._fence = self._new_fence()
         while True:
             await asyncio.sleep(step)
-            self._fence_check()
+            self.check()

@@ -12,29 +12,27 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from quorumd.api.errors import ApiError
 from quorumd.node.cluster import pki
-from quorumd.node.cluster.service import pack, unpack
+from quorumd.node.cluster.service import ClusterService, pack, unpack
 from quorumd.node.registry import jointoken
 from quorumd.node.registry.audit import AuditAction, SystemComponent
 from quorumd.node.registry.commands import decode_member_context
 from quorumd.raft.core.types import ConfChange, ConfChangeType
 
-if TYPE_CHECKING:
-    from quorumd.node.cluster.operations import ClusterNode
-
 log = logging.getLogger(__name__)
 
 
 class JoinHandler:
-    def __init__(self, node: ClusterNode) -> None:
-        self.node = node
+    """``ClusterNode.joins``: the join channel's handler and ``join.forward``, over the service."""
+
+    def __init__(self, service: ClusterService) -> None:
+        self.service = service
 
     async def handle(self, payload: bytes, client_cert_der: bytes) -> bytes:
         """The join bootstrap handler (any node; a follower forwards to the leader)."""
-        n = self.node
+        n = self.service
         try:
             req = unpack(payload)
             token, node_id = str(req["token"]), int(req["node_id"])
@@ -58,14 +56,14 @@ class JoinHandler:
         self, from_id: int, token: str, node_id: int, ctx: bytes, der: bytes, protocol: int = 1
     ) -> bytes:
         """A join request relayed by member ``from_id`` (``join.forward``, node/cluster/rpcs.py)."""
-        n = self.node
+        n = self.service
         if not n.is_leader():
             return pack({"ok": False, "reason": "no_leader", "message": "not the leader"})
         log.info("join_relayed node_id=%d via=%d", node_id, from_id)
         return await self._as_leader(token, node_id, ctx, der, protocol)
 
     def _refused(self, reason: str, message: str) -> bytes:
-        n = self.node
+        n = self.service
         log.warning("join_refused reason=%s detail=%s", reason, message)
         if n.on_join_result:
             n.on_join_result("rejected")
@@ -74,7 +72,7 @@ class JoinHandler:
     async def _as_leader(
         self, token: str, node_id: int, ctx_bytes: bytes, der: bytes, protocol: int = 1
     ) -> bytes:
-        n = self.node
+        n = self.service
         key, cluster_id = n.sm.join_key, n.sm.cluster_id
         if key is None or cluster_id is None:
             return pack({"ok": False, "reason": "no_leader", "message": "cluster not initialized"})

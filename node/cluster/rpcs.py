@@ -74,7 +74,7 @@ from quorumd.node.cluster.addresses import ADDRESS_RPC
 from quorumd.node.cluster.audit import own_event
 from quorumd.node.cluster.backup import READ_RPC
 from quorumd.node.cluster.operations import ClusterNode
-from quorumd.node.cluster.service import pack, unpack
+from quorumd.node.cluster.service import ClusterService, pack, unpack
 from quorumd.node.registry.audit import AuditAction
 from quorumd.node.registry.commands import (
     Audited,
@@ -123,7 +123,7 @@ def _own_rotation(cmd: object, from_id: int) -> object:
     return cmd
 
 
-async def node_propose(node: ClusterNode, from_id: int, payload: bytes) -> bytes:
+async def node_propose(node: ClusterService, from_id: int, payload: bytes) -> bytes:
     """``node.propose``: a member announces a fact about itself (see the module docstring)."""
     try:
         cmd = decode_command(payload)
@@ -159,7 +159,7 @@ async def node_propose(node: ClusterNode, from_id: int, payload: bytes) -> bytes
     return pack(True)
 
 
-async def member_remove(node: ClusterNode, from_id: int, payload: bytes) -> bytes:
+async def member_remove(node: ClusterService, from_id: int, payload: bytes) -> bytes:
     """``member.remove``: the caller asks the leader to remove the caller itself."""
     try:
         node_id, *rest = unpack(payload)  # [id], or [id, the audited context of the removal]
@@ -191,7 +191,7 @@ async def member_remove(node: ClusterNode, from_id: int, payload: bytes) -> byte
     return pack(True)
 
 
-async def wait_applied(node: ClusterNode, from_id: int, payload: bytes) -> bytes:
+async def wait_applied(node: ClusterService, from_id: int, payload: bytes) -> bytes:
     """``node.wait_applied``: answer once this node has applied ``index`` (bounded)."""
     try:
         index, timeout = unpack(payload)
@@ -224,7 +224,9 @@ def register_internal_rpcs(
     """Serve every internal RPC of the module docstring on ``transport``.
 
     ``dispatch_forwarded(request, source)`` runs a forwarded API request (the API's pipeline);
-    ``after_forward`` runs after each (the daemon flushes the commit index to the followers)."""
+    ``after_forward`` runs after each (the daemon flushes the commit index to the followers).
+    Each RPC is served by the part of ``node`` that owns it (most by its ``service``)."""
+    service = node.service
 
     async def api_forward(from_id: int, payload: bytes) -> bytes:
         try:
@@ -261,17 +263,19 @@ def register_internal_rpcs(
             der = bytes(der)
         except Exception as exc:
             raise RuntimeError("bad_request: malformed join.forward") from exc
-        return await node.join_forwarded(from_id, token, node_id, ctx, der, protocol)
+        return await node.joins.forwarded(from_id, token, node_id, ctx, der, protocol)
 
     transport.register_rpc("api.forward", api_forward)
-    transport.register_rpc("node.propose", _api_errors_as_remote(lambda f, p: node_propose(node, f, p)))
-    transport.register_rpc("member.remove", _api_errors_as_remote(lambda f, p: member_remove(node, f, p)))
-    transport.register_rpc("node.wait_applied", _api_errors_as_remote(lambda f, p: wait_applied(node, f, p)))
+    transport.register_rpc("node.propose", _api_errors_as_remote(lambda f, p: node_propose(service, f, p)))
+    transport.register_rpc("member.remove", _api_errors_as_remote(lambda f, p: member_remove(service, f, p)))
+    transport.register_rpc(
+        "node.wait_applied", _api_errors_as_remote(lambda f, p: wait_applied(service, f, p))
+    )
     transport.register_rpc("join.forward", join_forward)
-    transport.register_rpc("node.info", node.versions.rpc_node_info)
-    transport.register_rpc(ADDRESS_RPC, node.rpc_member_address)  # moves the caller only
-    transport.register_rpc(READ_RPC, _api_errors_as_remote(node.backups.rpc_read))
-    transport.register_join_handler(node.handle_join)
+    transport.register_rpc("node.info", service.versions.rpc_node_info)
+    transport.register_rpc(ADDRESS_RPC, node.addresses.rpc_member_address)  # moves the caller only
+    transport.register_rpc(READ_RPC, _api_errors_as_remote(service.backups.rpc_read))
+    transport.register_join_handler(node.joins.handle)
 
 
 __all__ = ["WAIT_APPLIED_MAX_SECONDS", "register_internal_rpcs"]

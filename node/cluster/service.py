@@ -1,11 +1,15 @@
-"""ClusterService: the running node's replicated state, its Raft driver, and the API operations.
+"""ClusterService: the replica of a running node: its state machine, Raft driver and API reads.
 
-It implements ``quorumd.api.ports.NodeApi`` (what the HTTP layer calls), the driver's
-``Application`` (applying committed entries to ``StateMachine``). The internal RPCs members send
-each other over the cluster channel, and who may call them, are in ``quorumd.node.cluster.rpcs``.
-Drain side effects and the leader's reconcile loop live in ``quorumd.node.cluster.operations``;
-members' protocol versions and the gate every proposal passes in ``quorumd.node.cluster.versions``.
-Audit records are written with their changes through ``self.trail`` (``quorumd.node.cluster.audit``).
+One part of ``quorumd.node.cluster.operations.ClusterNode`` (which composes it with the other
+parts and implements ``quorumd.api.ports.NodeApi``). It owns the ``StateMachine``, the driver's
+``Application`` (applying committed entries, snapshots), proposals and membership changes, the
+reads of the replica, forwarding to the leader, token authentication and the cluster RPC it was
+given; the other parts subscribe to applied entries (``add_apply_listener``) and call it, never
+the other way round. The internal RPCs members send each other, and who may call them, are in
+``quorumd.node.cluster.rpcs``; members' protocol versions and the gate every proposal passes in
+``quorumd.node.cluster.versions`` (``self.versions``). Audit records are written with their
+changes through ``self.trail`` (``quorumd.node.cluster.audit``); ``self.backups`` serves archives
+(``quorumd.node.cluster.backup``).
 """
 
 from __future__ import annotations
@@ -160,7 +164,6 @@ class ClusterService:
         # node id -> count: members whose pin the daemon keeps although the replica dropped
         # them, while an answer to them is being written (see pin_kept)
         self.pins_kept: dict[int, int] = {}
-        self.live_contact_seconds = 1.0  # see applied_on_every_live_member (ClusterNode: election timeout)
         self.on_pins_changed: Callable[[], None] | None = None
 
     # --- wiring ---------------------------------------------------------------------------
@@ -175,6 +178,11 @@ class ClusterService:
 
     def set_rpc(self, rpc: Callable[[int, str, bytes, float], Any]) -> None:
         self._rpc = rpc
+
+    @property
+    def rpc(self) -> Callable[[int, str, bytes, float], Any] | None:
+        """The cluster RPC, ``(node_id, method, payload, timeout) -> awaitable bytes`` (None: none yet)."""
+        return self._rpc
 
     @contextlib.contextmanager
     def pin_kept(self, node_id: int) -> Iterator[None]:
@@ -306,7 +314,7 @@ class ClusterService:
         assert isinstance(res, ApplyResult)
         return res
 
-    # --- NodeApi: identity and routing ------------------------------------------------------
+    # --- identity and routing (ClusterNode serves them as NodeApi) --------------------------
     @property
     def cluster_enabled(self) -> bool:
         return self._cluster_enabled
@@ -433,8 +441,8 @@ class ClusterService:
             self._caught_up = False
         return self._caught_up
 
-    # --- NodeApi: reads ---------------------------------------------------------------------
-    def _drain_state(self, node_id: int) -> str:
+    # --- reads of the replica (ClusterNode serves them as NodeApi) ---------------------------
+    def drain_state_of(self, node_id: int) -> str:
         m = self.sm.member(node_id)
         return str(m.drain_state) if m is not None else str(DrainState.ACTIVE)
 
@@ -458,14 +466,9 @@ class ClusterService:
             "commitIndex": core.commit_index if core else 0,
             "appliedIndex": core.applied_index if core else 0,
             "ready": self.is_ready(),
-            "drainState": self._drain_state(self.identity.node_id),
+            "drainState": self.drain_state_of(self.identity.node_id),
             "clusterProtocolVersion": self.versions.cluster_version(),
-            **self.extra_status(),
-        }
-
-    def extra_status(self) -> dict[str, Any]:
-        """Node-local extras for /status (the BGP speaker's state, see operations.py)."""
-        return {}
+        }  # ClusterNode.status adds the node's side effects (speaker, RAN, isolation)
 
     def members(self) -> list[dict[str, Any]]:
         core = self.running_driver.core
@@ -496,7 +499,7 @@ class ClusterService:
             r.as_dict() for r in self.sm.audit_records(after=after, limit=limit, action=action, actor=actor)
         ]
 
-    # --- NodeApi: leader operations (membership ones live in operations.py) ---------------
+    # --- leader operations (membership ones live in operations.py) ------------------------
     async def create_pool(self, name: str, cidr: str) -> dict[str, Any]:
         cmd = CreatePool(time.time(), name, cidr)
         res = await self.trail.propose_request(cmd, AuditAction.POOL_CREATE, f"pool:{name}", {"cidr": cidr})

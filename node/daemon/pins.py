@@ -4,11 +4,14 @@ Read from the replica (``StateMachine.pins``: one fingerprint per member, two wh
 rotates its certificate) after every applied entry that changes them, plus two local exceptions:
 a joiner trusts what the join answered until its own replica lists it, and a member the replica
 removed keeps its pin while an answer to it is being written (``ClusterService.pin_kept``).
+Where to dial a member is the registry's address unless this node holds a local dial hint for it
+(``AddressBook.dial_addresses``).
 """
 
 from __future__ import annotations
 
-from quorumd.node.cluster.operations import ClusterNode
+from quorumd.node.cluster.addresses import AddressBook
+from quorumd.node.cluster.service import ClusterService
 from quorumd.node.registry.commands import PinCertificate, SetMemberAddress, UnpinCertificate
 from quorumd.raft.aio.transport import ClusterTransport
 from quorumd.raft.core.types import ConfChange
@@ -30,8 +33,8 @@ class PinBook:
             self.bootstrap_pins[nid] = (fp,)
             self.bootstrap_addrs[nid] = raddr
 
-    def update(self, transport: ClusterTransport, node: ClusterNode) -> None:
-        sm = node.sm
+    def update(self, transport: ClusterTransport, service: ClusterService, addresses: AddressBook) -> None:
+        sm = service.sm
         pins = sm.pins()
         addrs = {m.node_id: m.raft_address for m in sm.members()}
         if self.node_id not in pins:
@@ -39,7 +42,7 @@ class PinBook:
             for nid, fp in self.bootstrap_pins.items():
                 pins.setdefault(nid, fp)
                 addrs.setdefault(nid, self.bootstrap_addrs[nid])
-        for nid in node.pins_kept:  # answering a removed member (ClusterService.pin_kept)
+        for nid in service.pins_kept:  # answering a removed member (ClusterService.pin_kept)
             if nid not in pins and nid in self._last_pins:
                 pins[nid] = self._last_pins[nid]
                 if nid in self._last_addrs:
@@ -47,4 +50,4 @@ class PinBook:
         pins.pop(self.node_id, None)
         addrs.pop(self.node_id, None)  # never dial itself (its own entry may be stale)
         self._last_pins, self._last_addrs = dict(pins), dict(addrs)
-        transport.update_pins(pins, node.dial_addresses(addrs))
+        transport.update_pins(pins, addresses.dial_addresses(addrs))

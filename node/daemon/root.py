@@ -27,7 +27,7 @@ from quorumd.node.cluster.backup import take_archive
 from quorumd.node.cluster.certificates import CertificateRotation
 from quorumd.node.cluster.operations import ClusterNode
 from quorumd.node.cluster.rpcs import register_internal_rpcs
-from quorumd.node.cluster.service import Identity
+from quorumd.node.cluster.service import ClusterService, Identity
 from quorumd.node.config.schema import Config
 from quorumd.node.daemon.apitls import ApiTlsReloader
 from quorumd.node.daemon.backups import BackupScheduler
@@ -191,7 +191,7 @@ class Daemon:
                 raise FatalError(f"bgp.speaker gobgp: {exc}") from exc
             stack.push_async_callback(self._bounded, node.bgp.close(2.0), 5.0)
         self.node = node
-        self.trace = ApplyTrace.from_env(cfg.node_id, node)
+        self.trace = ApplyTrace.from_env(cfg.node_id, node.service)
         if self.trace is not None:
             stack.callback(self.trace.close)
             if recovered.snapshot is not None:
@@ -232,7 +232,7 @@ class Daemon:
             on_raft_frame=self._on_raft_frame,
         )
         self.transport = transport
-        node.set_rpc(transport.rpc)
+        node.service.set_rpc(transport.rpc)
         if node.certificates is not None:
             node.certificates.transport = transport
         return transport
@@ -243,7 +243,7 @@ class Daemon:
         driver = RaftDriver(
             core,
             storage,
-            self.trace if self.trace is not None else node,
+            self.trace if self.trace is not None else node.service,
             transport.send if transport else (lambda _to, _frame: True),
             tick_seconds=self.timing.tick_seconds,
             snapshot_threshold=self.cfg.cluster.snapshot_threshold,
@@ -257,9 +257,9 @@ class Daemon:
             ),
         )
         self.driver = driver
-        node.driver = driver
-        node.add_apply_listener(self._after_apply)
-        node.on_pins_changed = self._update_pins
+        node.service.driver = driver
+        node.service.add_apply_listener(self._after_apply)
+        node.service.on_pins_changed = self._update_pins
         self._update_pins()
         return driver
 
@@ -290,10 +290,10 @@ class Daemon:
         seeds = [str(p) for p in cfg.cluster.peers]  # where to look when restarted elsewhere
         for coro, name in (
             (node.reconcile_loop(), "reconcile"),
-            (node.fence_loop(), "fence"),
+            (node.isolation.fence_loop(), "fence"),
             (self.heap.run(), "heap"),
             (self._announce_loop(), "announce"),
-            (node.keep_own_address(seeds, transport.rpc_at if transport else None), "own-address"),
+            (node.addresses.keep_own_address(seeds, transport.rpc_at if transport else None), "own-address"),
             (self._ready_loop(), "ready"),
             *([(node.certificates.run(), "certificates")] if transport and node.certificates else []),
         ):
@@ -306,14 +306,15 @@ class Daemon:
         await node.ran.start()
         stack.push_async_callback(self._bounded, node.ran.close(), 3.0)
         if cfg.bgp.enabled:
-            node.kick_drain_side_effects()
+            node.drain.kick()
 
     def _bootstrap(self, storage: LogStorage, node: ClusterNode) -> tuple[HardState, list[Entry]]:
-        hs, entries = RaftCore.bootstrap_entries(self.cfg.node_id, node.member_context(None))
+        svc = node.service
+        hs, entries = RaftCore.bootstrap_entries(self.cfg.node_id, svc.member_context(None))
         storage.append(entries)
         storage.set_hard_state(hs)
         storage.sync()
-        log.info("cluster_bootstrapped node=%d cluster=%s", self.cfg.node_id, node.identity.cluster_id)
+        log.info("cluster_bootstrapped node=%d cluster=%s", self.cfg.node_id, svc.identity.cluster_id)
         return hs, entries
 
     def _build_node(self, identity: Identity, sm: StateMachine) -> ClusterNode:
@@ -321,13 +322,18 @@ class Daemon:
         ap = cfg.cluster.autopilot
         bgp = build_bgp_speaker(cfg.bgp, self.data_dir, on_change=self.metrics.set_bgp)
         ran = WebhookRanNotifier(cfg.ran.notify_url, on_event=self.metrics.count_ran)
-        node = ClusterNode(
+        service = ClusterService(
             identity,
             sm,
             cluster_enabled=cfg.cluster.enabled,
             propose_timeout_seconds=cfg.cluster.propose_timeout_seconds,
             tick_seconds=self.timing.tick_seconds,
             max_trailing_logs=ap.max_trailing_logs,
+        )
+        service.trail.retention = cfg.audit.retention  # carried in every audit record's entry
+        service.on_join_result = self.metrics.count_join
+        node = ClusterNode(
+            service,
             autopilot=AutopilotSettings(
                 last_contact_threshold_seconds=ap.last_contact_threshold_seconds,
                 max_trailing_logs=ap.max_trailing_logs,
@@ -342,19 +348,17 @@ class Daemon:
             election_timeout_seconds=cfg.cluster.election_timeout_seconds,
             isolation_fence_after_seconds=cfg.cluster.isolation_fence_after_seconds,
         )
-        node.trail.retention = cfg.audit.retention  # carried in every audit record's entry
         c = cfg.cluster
         node.certificates = CertificateRotation(
-            node, self.data_dir, c.certificate_lifetime_seconds, c.certificate_renew_before_seconds
+            service, self.data_dir, c.certificate_lifetime_seconds, c.certificate_renew_before_seconds
         )
-        node.on_join_result = self.metrics.count_join
-        node.on_dial_addresses_changed = self._update_pins
-        node.on_isolation = self.metrics.set_isolated
+        node.addresses.on_dial_addresses_changed = self._update_pins
+        node.isolation.on_isolation = self.metrics.set_isolated
         return node
 
     # --- joining -------------------------------------------------------------------------------
     async def _join(self, claims: jointoken.JoinClaims, node: ClusterNode) -> None:
-        members = await join_cluster(self.cfg, claims, node.member_context(claims.token_id))
+        members = await join_cluster(self.cfg, claims, node.service.member_context(claims.token_id))
         self.pins.joined(members)
         self._update_pins()
 
@@ -365,21 +369,22 @@ class Daemon:
         moment its first batch was being applied: 401 for valid API tokens, missing leases.
         Bounded: a node that cannot apply in time starts anyway (and is not ready); a stop
         (signal, dead driver) ends the wait at once."""
-        if node.sm.applied_index >= commit:
+        svc = node.service
+        if svc.sm.applied_index >= commit:
             return
         started = time.monotonic()
         timeout = self.cfg.cluster.join_timeout_seconds
-        applied = asyncio.ensure_future(node.wait_state(lambda: node.sm.applied_index >= commit, timeout))
+        applied = asyncio.ensure_future(svc.wait_state(lambda: svc.sm.applied_index >= commit, timeout))
         stopped = asyncio.ensure_future(self.stop_event.wait())
         try:
             await asyncio.wait({applied, stopped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for t in (applied, stopped):
                 t.cancel()
-        ok = node.sm.applied_index >= commit
+        ok = svc.sm.applied_index >= commit
         log.info(
             "local_log_replayed node=%d applied=%d commit=%d seconds=%.3f complete=%s",
-            self.cfg.node_id, node.sm.applied_index, commit, time.monotonic() - started, ok,
+            self.cfg.node_id, svc.sm.applied_index, commit, time.monotonic() - started, ok,
         )  # fmt: skip
 
     def _on_driver_exit(self, task: asyncio.Task[None]) -> None:
@@ -415,12 +420,12 @@ class Daemon:
     def _on_raft_frame(self, from_id: int, frame: bytes) -> None:
         if self.driver is not None:
             if self.node is not None:
-                self.node.heard_from(from_id)  # isolation fencing
+                self.node.isolation.heard_from(from_id)  # isolation fencing
             self.driver.deliver(from_id, frame)
 
     def _update_pins(self) -> None:
         if self.transport is not None and self.node is not None:
-            self.pins.update(self.transport, self.node)
+            self.pins.update(self.transport, self.node.service, self.node.addresses)
 
     def _on_snapshot(self, _index: int) -> None:
         self.metrics.count_snapshot()
@@ -434,18 +439,18 @@ class Daemon:
         if old.leader_id != new.leader_id:
             self.metrics.count_leader_change()
         if self.node is not None and (old.role == Role.LEADER) != (new.role == Role.LEADER):
-            self.node.on_leadership_change(new.role == Role.LEADER)
+            self.node.foresight.on_leadership_change(new.role == Role.LEADER)
             if new.role == Role.LEADER:
                 self._tasks.append(asyncio.get_running_loop().create_task(self._on_became_leader()))
 
     async def _on_became_leader(self) -> None:
         """Founder duties that need a leader: cluster secrets and the first admin token."""
-        node = self.node
-        assert node is not None
+        assert self.node is not None
+        svc = self.node.service
         try:
-            if node.sm.cluster_id is None:
-                await node.propose(
-                    SetClusterSecrets(time.time(), node.identity.cluster_id, secrets.token_bytes(32))
+            if svc.sm.cluster_id is None:
+                await svc.propose(
+                    SetClusterSecrets(time.time(), svc.identity.cluster_id, secrets.token_bytes(32))
                 )
             token_file = self.data_dir / "admin.token"
             if self._founder and not token_file.exists():
@@ -455,7 +460,7 @@ class Daemon:
                 secret = secrets.token_bytes(32)
                 from quorumd.api.ports import TokenRole
 
-                await node.propose(
+                await svc.propose(
                     CreateApiToken(
                         time.time(), token_id, "admin", TokenRole.ADMIN, apitoken.hash_secret(secret), None
                     )
@@ -470,37 +475,37 @@ class Daemon:
     async def _backups(self, node: ClusterNode) -> None:
         """Scheduled backups (config ``backup``): see node/daemon/backups.py."""
 
+        svc = node.service
+
         async def archive() -> BackupArchive:
-            return await take_archive(node, linearizable=False)
+            return await take_archive(svc, linearizable=False)
 
         async def ready() -> None:
-            while not await node.wait_state(lambda: node.sm.cluster_id is not None, 60.0):
+            while not await svc.wait_state(lambda: svc.sm.cluster_id is not None, 60.0):
                 pass
 
         sched = BackupScheduler(
-            self.cfg.backup, self.cfg.node_id, node.identity.cluster_id, archive, self.metrics.backups
+            self.cfg.backup, self.cfg.node_id, svc.identity.cluster_id, archive, self.metrics.backups
         )
         await sched.run(ready)
 
     async def _announce_loop(self) -> None:
         """Keep this node's registry record current (version, API address, left flag)."""
-        node = self.node
-        assert node is not None
+        assert self.node is not None
+        svc = self.node.service
         while True:
-            m = node.sm.member(self.cfg.node_id)
+            m = svc.sm.member(self.cfg.node_id)
             try:
-                if m is not None and node.leader_id() != 0:
-                    if m.binary_version != VERSION or m.api_address != node.identity.api_address:
-                        await node.announce(
-                            RegisterNodeInfo(
-                                time.time(), self.cfg.node_id, node.identity.api_address, VERSION
-                            )
+                if m is not None and svc.leader_id() != 0:
+                    if m.binary_version != VERSION or m.api_address != svc.identity.api_address:
+                        await svc.announce(
+                            RegisterNodeInfo(time.time(), self.cfg.node_id, svc.identity.api_address, VERSION)
                         )
                     elif m.left:
-                        await node.announce(MarkNodeLeft(time.time(), self.cfg.node_id, False))
+                        await svc.announce(MarkNodeLeft(time.time(), self.cfg.node_id, False))
                     else:
-                        if not node.is_leader():  # the leader asks in its reconcile loop
-                            await node.versions.learn(node._rpc, node.running_driver.core.config.members())
+                        if not svc.is_leader():  # the leader asks in its reconcile loop
+                            await svc.versions.learn(svc.rpc, svc.running_driver.core.config.members())
                         await asyncio.sleep(2.0)
                         continue
             except ApiError as exc:
@@ -508,10 +513,10 @@ class Daemon:
             await asyncio.sleep(0.2)
 
     async def _ready_loop(self) -> None:
-        node = self.node
-        assert node is not None
-        while not node.is_ready():
-            await node.wait_state(node.is_ready, 0.5)
+        assert self.node is not None
+        svc = self.node.service
+        while not svc.is_ready():
+            await svc.wait_state(svc.is_ready, 0.5)
         self.notifier.notify("READY=1")
         log.info("node_ready node=%d", self.cfg.node_id)
         interval = self.notifier.watchdog_interval_seconds()
@@ -527,9 +532,9 @@ class Daemon:
         node, driver = self.node, self.driver
         if node is None or driver is None:
             return None
-        view = node.evaluate_autopilot() if node.is_leader() else None
+        view = node.foresight.evaluate_autopilot() if node.is_leader() else None
         expiry = node.certificates.expires_at() if node.certificates is not None else None
-        return node_view(node, driver.core, self.timing.tick_seconds, view, expiry)
+        return node_view(node.service, driver.core, self.timing.tick_seconds, view, expiry)
 
     def _register_rpcs(self, transport: ClusterTransport, node: ClusterNode) -> None:
         """Who may call what: see node/cluster/rpcs.py."""
@@ -548,7 +553,7 @@ class Daemon:
         if node is None or not self.cfg.cluster.enabled or self.exit_code != 0:
             return  # a dead driver (exit 1) cannot hand off or announce
         try:
-            if node.is_leader() and len(node.running_driver.core.config.voters) > 1:
+            if node.is_leader() and len(node.service.running_driver.core.config.voters) > 1:
                 new = await asyncio.wait_for(
                     node.hand_off_leadership(), self.cfg.cluster.election_timeout_seconds * 3
                 )
@@ -556,9 +561,9 @@ class Daemon:
                     node.trail.record_transfer(self.cfg.node_id, new, "stop", None),
                     self.cfg.cluster.propose_timeout_seconds,
                 )
-            if node.leader_id() != 0 and len(node.running_driver.core.config.members()) > 1:
+            if node.leader_id() != 0 and len(node.service.running_driver.core.config.members()) > 1:
                 await asyncio.wait_for(
-                    node.announce(MarkNodeLeft(time.time(), self.cfg.node_id, True)),
+                    node.service.announce(MarkNodeLeft(time.time(), self.cfg.node_id, True)),
                     self.cfg.cluster.propose_timeout_seconds,
                 )
         except (TimeoutError, ApiError) as exc:

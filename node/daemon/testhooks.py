@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from quorumd.node.cluster.operations import ClusterNode
+from quorumd.node.cluster.service import ClusterService
 from quorumd.node.daemon.datadir import FatalError
 from quorumd.raft.core.types import Entry, SnapshotMeta
 
@@ -39,7 +39,7 @@ def planted_bugs() -> dict[str, bool]:
 class ApplyTrace:
     """Test-only record of what this node applies (``QUORUMD_TEST_APPLY_TRACE=<directory>``).
 
-    Wraps the node as the driver's ``Application`` and appends, before the state machine sees
+    Wraps the node's service as the driver's ``Application`` and appends, before the state machine sees
     them, one line per applied entry (``E <index> <term> <sha256 of type+data>``), per snapshot
     restored (``R``), installed (``S``) or taken (``C``: ``<index> <sha256 of the snapshot>``) to
     ``<directory>/apply-node<id>.trace`` with one unbuffered ``write`` per batch, so a SIGKILL
@@ -48,7 +48,7 @@ class ApplyTrace:
     set in production (the daemon logs a warning when it is on).
     """
 
-    def __init__(self, directory: Path, node_id: int, app: ClusterNode) -> None:
+    def __init__(self, directory: Path, node_id: int, app: ClusterService) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / f"apply-node{node_id}.trace"
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -57,7 +57,7 @@ class ApplyTrace:
         log.warning("apply_trace_enabled path=%s (test-only)", self.path)
 
     @classmethod
-    def from_env(cls, node_id: int, app: ClusterNode) -> ApplyTrace | None:
+    def from_env(cls, node_id: int, app: ClusterService) -> ApplyTrace | None:
         directory = os.environ.get("QUORUMD_TEST_APPLY_TRACE", "")
         return cls(Path(directory), node_id, app) if directory else None
 
