@@ -344,7 +344,7 @@ def test_a_mixed_cluster_allocates_alike_at_protocol_1() -> None:
 # --- the member.address handler and dial hints (no network: this node follows, leader unknown) --
 
 
-def _service(sm: StateMachine) -> AddressBook:
+def _book(sm: StateMachine) -> AddressBook:
     identity = Identity(1, "c", "0", "10.0.0.1:7000", "https://10.0.0.1:5002", "sha256:00", "")
     service = ClusterService(
         identity, sm, cluster_enabled=True, propose_timeout_seconds=1.0, tick_seconds=0.1, max_trailing_logs=1
@@ -352,23 +352,23 @@ def _service(sm: StateMachine) -> AddressBook:
     return AddressBook(service)
 
 
-def _ask(svc: AddressBook, from_id: int, **fields: object) -> dict[str, object]:
+def _ask(book: AddressBook, from_id: int, **fields: object) -> dict[str, object]:
     req = {"node_id": from_id, "raft_address": "127.0.0.9:7100", "api_address": "https://127.0.0.9:5102"}
     req["protocol_version"] = 2
     req.update(fields)
-    return dict(msgpack.unpackb(asyncio.run(svc.rpc_member_address(from_id, msgpack.packb(req)))))
+    return dict(msgpack.unpackb(asyncio.run(book.rpc_member_address(from_id, msgpack.packb(req)))))
 
 
 def test_a_member_may_only_announce_itself() -> None:
-    svc = _service(cluster(1, 2, 3).sm)
+    book = _book(cluster(1, 2, 3).sm)
     changed: list[int] = []
-    svc.on_dial_addresses_changed = lambda: changed.append(1)
-    assert _ask(svc, 3, node_id=2)["reason"] == "forbidden"  # node 3 asks to move node 2
-    assert _ask(svc, 7, node_id=7)["reason"] == "forbidden"  # not a member
-    assert _ask(svc, 3, raft_address="0.0.0.0:1")["reason"] == "invalid_raft_address"
-    assert _ask(svc, 3, api_address="http://h:1")["reason"] == "invalid_api_address"
-    assert _ask(svc, 3, node_id="x")["reason"] == "malformed"
-    assert changed == [] and svc.dial_addresses({2: "10.0.0.2:7000", 3: "10.0.0.3:7000"}) == {
+    book.on_dial_addresses_changed = lambda: changed.append(1)
+    assert _ask(book, 3, node_id=2)["reason"] == "forbidden"  # node 3 asks to move node 2
+    assert _ask(book, 7, node_id=7)["reason"] == "forbidden"  # not a member
+    assert _ask(book, 3, raft_address="0.0.0.0:1")["reason"] == "invalid_raft_address"
+    assert _ask(book, 3, api_address="http://h:1")["reason"] == "invalid_api_address"
+    assert _ask(book, 3, node_id="x")["reason"] == "malformed"
+    assert changed == [] and book.dial_addresses({2: "10.0.0.2:7000", 3: "10.0.0.3:7000"}) == {
         2: "10.0.0.2:7000",
         3: "10.0.0.3:7000",
     }
@@ -376,31 +376,31 @@ def test_a_member_may_only_announce_itself() -> None:
 
 def test_an_announcement_is_a_dial_hint_until_the_registry_changes() -> None:
     h = cluster(1, 2, 3)
-    svc = _service(h.sm)
+    book = _book(h.sm)
     changed: list[int] = []
-    svc.on_dial_addresses_changed = lambda: changed.append(1)
-    answer = _ask(svc, 2)
+    book.on_dial_addresses_changed = lambda: changed.append(1)
+    answer = _ask(book, 2)
     assert answer["reason"] == "not_leader" and answer["leader"] == 0  # a follower: no proposal
-    assert changed == [1] and svc.service.versions.live_version(2) == 2  # it said what it speaks
+    assert changed == [1] and book.service.versions.live_version(2) == 2  # it said what it speaks
     registry = {m.node_id: m.raft_address for m in h.sm.members() if m.node_id != 1}
-    assert svc.dial_addresses(registry) == {2: "127.0.0.9:7100", 3: "10.0.0.3:7000"}
-    _ask(svc, 2)
+    assert book.dial_addresses(registry) == {2: "127.0.0.9:7100", 3: "10.0.0.3:7000"}
+    _ask(book, 2)
     assert changed == [1]  # the same hint again changes nothing
     ok(
         h.run(SetMemberAddress(9.0, 2, "127.0.0.10:7100", "https://127.0.0.10:5102"))
     )  # then recorded elsewhere
     registry = {m.node_id: m.raft_address for m in h.sm.members() if m.node_id != 1}
-    assert svc.dial_addresses(registry)[2] == "127.0.0.10:7100"  # the registry wins, the hint is gone
-    assert svc.dial_addresses({2: "10.0.0.2:7000"}) == {2: "10.0.0.2:7000"}
+    assert book.dial_addresses(registry)[2] == "127.0.0.10:7100"  # the registry wins, the hint is gone
+    assert book.dial_addresses({2: "10.0.0.2:7000"}) == {2: "10.0.0.2:7000"}
 
 
 def test_a_member_back_where_it_was_drops_its_hint() -> None:
     h = cluster(1, 2, 3)
-    svc = _service(h.sm)
+    book = _book(h.sm)
     changed: list[int] = []
-    svc.on_dial_addresses_changed = lambda: changed.append(1)
-    _ask(svc, 2)  # moved: dial it at 127.0.0.9:7100
-    assert svc.dial_addresses({2: "10.0.0.2:7000"}) == {2: "127.0.0.9:7100"}
-    _ask(svc, 2, raft_address="10.0.0.2:7000", api_address="https://10.0.0.2:5002")  # and back again
-    assert svc.dial_addresses({2: "10.0.0.2:7000"}) == {2: "10.0.0.2:7000"}
+    book.on_dial_addresses_changed = lambda: changed.append(1)
+    _ask(book, 2)  # moved: dial it at 127.0.0.9:7100
+    assert book.dial_addresses({2: "10.0.0.2:7000"}) == {2: "127.0.0.9:7100"}
+    _ask(book, 2, raft_address="10.0.0.2:7000", api_address="https://10.0.0.2:5002")  # and back again
+    assert book.dial_addresses({2: "10.0.0.2:7000"}) == {2: "10.0.0.2:7000"}
     assert changed == [1, 1]
