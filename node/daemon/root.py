@@ -474,7 +474,6 @@ class Daemon:
 
     async def _backups(self, node: ClusterNode) -> None:
         """Scheduled backups (config ``backup``): see node/daemon/backups.py."""
-
         svc = node.service
 
         async def archive() -> BackupArchive:
