@@ -108,8 +108,20 @@ def parse_text(f: Field, text: str, where: str) -> Any:
     return check_value(f, _convert_text(f, text, where), where)
 
 
+def _defaults(fields: Iterable[Field]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields:
+        if f.required:
+            raise BadRequest(f"query parameter {f.name!r} is required", code="missing_parameter")
+        if f.default is not None:
+            out[f.name] = f.default
+    return out
+
+
 def parse_query(fields: Iterable[Field], pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
     """Query parameters by name; unknown or repeated names are 400 errors. Defaults fill gaps."""
+    if isinstance(pairs, tuple | list) and not pairs:  # most calls: the defaults alone
+        return _defaults(fields)
     by_name = {f.name: f for f in fields}
     pairs = list(pairs)
     seen: set[str] = set()

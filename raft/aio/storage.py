@@ -36,6 +36,7 @@ bad record is corruption and ``open`` raises ``StorageCorruptError`` (the daemon
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import logging
@@ -86,8 +87,9 @@ class LogStorage:
         self._snapshot = snapshot  # latest saved snapshot
         self._snap_files: list[tuple[int, int]] = []  # (index, term) of valid files, ascending
         self._segments: list[wal.Segment] = []
-        self._fd = -1  # current (last) segment, O_APPEND
-        self._size = 0  # bytes in the current segment
+        self._fd = -1  # current (last) segment, written at ``_size`` (pwrite)
+        self._size = 0  # bytes of records in the current segment
+        self._allocated = 0  # its file size: records, then preallocated zeros (see wal.py)
         self._buf: list[bytes] = []
         self._buf_max_index = 0
         self._dir_dirty = False
@@ -100,6 +102,7 @@ class LogStorage:
         self.transient_errors = 0  # opens refused for lack of file descriptors (retried)
         self.full_errors = 0  # writes and opens refused for lack of space (retried)
         self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)  # for fsyncs: see module doc
+        self._last_end = 0  # recovery: the end of the records of the segment read last
 
     def _open_new(self, path: Path, flags: int) -> int:
         """``os.open`` of a file the storage creates while running; EMFILE/ENFILE is transient."""
@@ -213,8 +216,9 @@ class LogStorage:
         self._written_hard_state = self._hard_state
         if self._segments:
             last = self._segments[-1]
-            self._fd = os.open(last.path, os.O_WRONLY | os.O_APPEND)
-            self._size = os.fstat(self._fd).st_size
+            self._fd = os.open(last.path, os.O_WRONLY)
+            self._size = self._last_end
+            self._allocated = os.fstat(self._fd).st_size
             if conflict:  # a snapshot install was cut short: finish dropping the old log
                 self._restart_log()
         else:
@@ -247,7 +251,8 @@ class LogStorage:
         replay.apply_entries(log, contents.entries)
         seg.max_index = max((e.index for e in contents.entries), default=0)
         n, pos = len(contents.data), contents.end
-        if pos == n:
+        self._last_end = pos
+        if pos == n or (is_last and wal.is_zero(contents.data, pos)):  # all records, or preallocated
             return
         wal.check_tail(seg.path, contents.data, pos, is_last=is_last)
         logger.warning("wal torn tail truncated file=%s offset=%d dropped_bytes=%d", seg.path, pos, n - pos)
@@ -342,8 +347,10 @@ class LogStorage:
     def _sync_now(self) -> float:
         data = b"".join(self._buf)
         self._buf.clear()
+        if self._size + len(data) > self._allocated:
+            self._preallocate(len(data))
         try:
-            wal.write_all(self._fd, data)
+            wal.write_at(self._fd, data, self._size)
         except OSError as exc:
             if exc.errno in DISK_FULL_ERRNOS:
                 self._undo_write(data, exc)
@@ -375,16 +382,45 @@ class LogStorage:
         except OSError as undo:
             self._failed = f"write of {path} failed ({exc}) and could not be cut back: {undo}"
             raise StorageError(self._failed) from exc
+        self._allocated = self._size
         self._buf = [data]
         self.full_errors += 1
         raise StorageFullError(path, free_bytes(self._dir)) from exc
+
+    def _preallocate(self, need: int) -> None:
+        """Allocate the current segment ahead of the next ``need`` bytes (see wal.py). Best effort:
+        where the file system refuses (no space for a whole step, no fallocate), the write goes
+        ahead without, as an append (a full disk then shows as the write's own error)."""
+        size = max(wal.PREALLOCATE_BYTES, need + wal.PREALLOCATE_BYTES // 2)
+        try:
+            os.posix_fallocate(self._fd, self._allocated, size)
+        except OSError as exc:
+            logger.debug("wal preallocation refused file=%s reason=%s", self._segments[-1].path, exc)
+            self._allocated = max(self._allocated, os.fstat(self._fd).st_size)
+            return
+        self._allocated += size
+
+    def _cut_to_records(self) -> None:
+        """Cut the current segment to its records and make that durable before another segment
+        exists: only the last segment ever has a preallocated tail (see wal.py)."""
+        if self._fd < 0 or self._allocated <= self._size:
+            return
+        path = self._segments[-1].path
+        try:
+            os.ftruncate(self._fd, self._size)
+            wal.fsync_data(self._fd)
+        except OSError as exc:
+            self._failed = f"cannot cut {path} to its records: {exc}"
+            raise StorageError(self._failed) from exc
+        self._allocated = self._size
 
     def _roll(self) -> None:
         """Start a new segment (written by the next ``_sync_now``) headed by the hard state."""
         seq = self._segments[-1].seq + 1 if self._segments else 1
         path = wal.wal_path(self._dir, seq)
+        self._cut_to_records()
         try:
-            fd = self._open_new(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND)
+            fd = self._open_new(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         except StorageTransientError:
             raise
         except OSError as exc:
@@ -392,7 +428,7 @@ class LogStorage:
             raise StorageError(self._failed) from exc
         if self._fd >= 0:
             os.close(self._fd)
-        self._fd, self._size, self._dir_dirty = fd, 0, True
+        self._fd, self._size, self._allocated, self._dir_dirty = fd, 0, 0, True
         self._segments.append(wal.Segment(seq, path))
         self._buf.insert(0, wal.hard_state_record(self._written_hard_state))
         logger.debug("wal segment created file=%s", path.name)
@@ -510,6 +546,9 @@ class LogStorage:
             logger.debug("storage closed with unsynced records count=%d", len(self._buf))
             self._buf.clear()
         if self._fd >= 0:
+            if self._failed is None:  # a clean close leaves each segment its records only
+                with contextlib.suppress(StorageError):
+                    self._cut_to_records()
             os.close(self._fd)
             self._fd = -1
         if self._dir_fd >= 0:

