@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple, Protocol
 
+from .ports_backup import Backups
+
 
 class TokenRole(StrEnum):
     ADMIN = "admin"
@@ -66,6 +68,11 @@ class NodeInfo:
 
 
 class NodeApi(Protocol):
+    @property
+    def backups(self) -> Backups:
+        """GET /backup: archives made here, or relayed from the leader."""
+        ...
+
     # --- identity and routing -------------------------------------------------------------
     @property
     def cluster_enabled(self) -> bool: ...
@@ -170,9 +177,13 @@ class NodeApi(Protocol):
 
     async def delete_pool(self, name: str) -> None: ...
 
-    async def allocate_lease(self, pool: str, holder: str, node_id: int | None) -> dict[str, Any]:
-        """Returns the lease; ``node_id`` None means the node that received the HTTP request
-        (the HTTP layer passes the original receiver's id when it forwards)."""
+    async def allocate_lease_reporting(
+        self, pool: str, holder: str, node_id: int | None
+    ) -> tuple[dict[str, Any], bool]:
+        """Returns the lease and whether a new address was allocated (False: the same (pool,
+        holder) already held one, re-owned to ``node_id``). ``node_id`` None means the node that
+        received the HTTP request (the HTTP layer passes the original receiver's id when it
+        forwards)."""
         ...
 
     async def release_lease(self, lease_id: int) -> None: ...

@@ -17,19 +17,15 @@ from typing import Any
 
 import orjson
 
-from .errors import ApiError, LeaderUnreachable
-from .extensions import BackupStream, serves_backups
+from .errors import LeaderUnreachable
 from .pipeline import Access, Call, Context, ErrorDoc, Placement, Reply, Route, forward
+from .ports_backup import BackupStream
 from .validation import Args
 
 P = "/api/v1/backup"
 CONTENT_TYPE = "application/octet-stream"
 INDEX_HEADER = "X-Quorumd-Backup-Index"
 SHA256_HEADER = "X-Quorumd-Backup-Sha256"
-
-
-def _unavailable() -> ApiError:
-    return ApiError(404, "backup_unavailable", "this node does not serve backups")
 
 
 def _reply(archive: BackupStream) -> Reply:
@@ -47,17 +43,12 @@ def _reply(archive: BackupStream) -> Reply:
 
 
 async def backup(ctx: Context, args: Args) -> Reply:
-    node = ctx.node
-    if not serves_backups(node):
-        raise _unavailable()
-    return _reply(await node.backups.archive())
+    return _reply(await ctx.node.backups.archive())
 
 
 async def relay(ctx: Context, route: Route, call: Call, args: Args) -> Reply:
     """On a follower: the leader's archive, pulled in chunks (see the module docstring)."""
     node = ctx.node
-    if not serves_backups(node):
-        raise _unavailable()
     if not node.backups.relayed():
         return await backup(ctx, args)
     reply = await forward(ctx, route, call, args)
@@ -84,7 +75,6 @@ def routes() -> list[Route]:
             Placement.LEADER,
             raw_content_type=CONTENT_TYPE,
             errors=(
-                ErrorDoc(404, ("backup_unavailable",)),
                 ErrorDoc(503, ("backup_busy",)),
             ),
             success_headers=(

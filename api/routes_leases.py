@@ -1,8 +1,7 @@
 """Routes for address leases: allocate, list (paged by id), release.
 
 POST /leases answers 201 when it allocated a new address and 200 when the same (pool, holder)
-already held one (re-owned to the requested node) -- when the node implements
-``quorumd.api.extensions.LeaseAllocationReporting``; a node that does not answers 201 always.
+already held one (re-owned to the requested node).
 Without ``nodeId`` the lease belongs to the node that received the HTTP request: a follower
 writes its own id into the body before forwarding, so the leader never substitutes itself.
 """
@@ -10,7 +9,6 @@ writes its own id into the body before forwarding, so the leader never substitut
 from __future__ import annotations
 
 from .errors import encode_json
-from .extensions import reports_lease_allocation
 from .pipeline import Access, Context, ErrorDoc, Placement, Reply, Route
 from .schemas import array, ref
 from .validation import (
@@ -56,11 +54,8 @@ Q_AFTER = Field(
 async def allocate_lease(ctx: Context, args: Args) -> Reply:
     pool, holder = str(args.body["pool"]), str(args.body["holder"])
     owner = int(args.body.get("nodeId", ctx.node_id))
-    node = ctx.node
-    if reports_lease_allocation(node):
-        lease, created = await node.allocate_lease_reporting(pool, holder, owner)
-        return Reply(status=201 if created else 200, result=lease)
-    return Reply(status=201, result=await node.allocate_lease(pool, holder, owner))
+    lease, created = await ctx.node.allocate_lease_reporting(pool, holder, owner)
+    return Reply(status=201 if created else 200, result=lease)
 
 
 def _with_owner(ctx: Context, args: Args, body: bytes) -> bytes:

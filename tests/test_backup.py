@@ -22,8 +22,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quorumd.api.extensions import BackupArchive
 from quorumd.api.ports import DrainState, TokenRole
+from quorumd.api.ports_backup import BackupArchive
 from quorumd.node.config.schema import BackupConfig, config_from_dict
 from quorumd.node.daemon.backupmetrics import BackupMetrics
 from quorumd.node.daemon.backups import BackupScheduler

@@ -58,9 +58,9 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from quorumd.api.errors import ApiError
-from quorumd.api.extensions import BackupArchive
 from quorumd.api.origin import current_origin
 from quorumd.api.ports import TokenRole
+from quorumd.api.ports_backup import BackupArchive
 from quorumd.node.daemon.gcpolicy import gc_paused
 from quorumd.node.registry.archive import ArchiveHeader, encode_archive, sealed_parts
 from quorumd.node.registry.audit import AuditAction
@@ -257,7 +257,7 @@ class ArchiveStore:
 
 
 class LocalStream:
-    """A held archive sent by this node (``api.pipeline.BodyStream``, ``extensions.BackupStream``)."""
+    """A held archive sent by this node (``api.pipeline.BodyStream``, ``ports_backup.BackupStream``)."""
 
     def __init__(self, store: ArchiveStore, held: HeldArchive) -> None:
         self._store = store
@@ -404,7 +404,7 @@ class _Handle:
 
 
 class NodeBackups:
-    """``ClusterService.backups``: ``quorumd.api.extensions.Backups`` and ``backup.read``."""
+    """``ClusterService.backups``: ``quorumd.api.ports_backup.Backups`` and ``backup.read``."""
 
     def __init__(self, node: ClusterService) -> None:
         self.node = node

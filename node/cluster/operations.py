@@ -88,7 +88,7 @@ class ClusterNode:
         self.live_contact_seconds = election_timeout_seconds  # see applied_on_every_live_member
         self.trail = service.trail
         self.versions = service.versions
-        self.backups = service.backups  # the API's BackupSource (quorumd.api.extensions)
+        self.backups = service.backups  # NodeApi.backups (quorumd.api.ports_backup)
         # The order of the apply listeners: the service's (versions), foresight's, the drain's.
         self.foresight = Foresight(service, autopilot, election_timeout_seconds=election_timeout_seconds)
         self.isolation = IsolationGuard(
@@ -201,13 +201,9 @@ class ClusterNode:
     async def delete_pool(self, name: str) -> None:
         await self.service.delete_pool(name)
 
-    async def allocate_lease(self, pool: str, holder: str, node_id: int | None) -> dict[str, Any]:
-        return await self.service.allocate_lease(pool, holder, node_id)
-
     async def allocate_lease_reporting(
         self, pool: str, holder: str, node_id: int | None
     ) -> tuple[dict[str, Any], bool]:
-        """``quorumd.api.extensions.LeaseAllocationReporting`` (201 or 200 on POST /leases)."""
         return await self.service.allocate_lease_reporting(pool, holder, node_id)
 
     async def release_lease(self, lease_id: int) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from quorumd.api.errors import ApiError
-from quorumd.api.extensions import BackupArchive
+from quorumd.api.ports_backup import BackupArchive
 from quorumd.node.cluster import pki
 from quorumd.node.config.schema import BackupConfig
 from quorumd.node.daemon.backupmetrics import BackupMetrics

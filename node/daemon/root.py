@@ -20,7 +20,7 @@ from typing import Any
 
 from quorumd.api.app import build_app
 from quorumd.api.errors import ApiError
-from quorumd.api.extensions import BackupArchive
+from quorumd.api.ports_backup import BackupArchive
 from quorumd.api.server import ApiServer
 from quorumd.node.cluster import pki
 from quorumd.node.cluster.backup import take_archive

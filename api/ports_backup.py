@@ -1,37 +1,12 @@
-"""Optional extensions of ``quorumd.api.ports.NodeApi`` that the HTTP layer uses when present.
-
-``ports.py`` is the fixed contract; a node that also implements a protocol here gets the richer
-behaviour, one that does not still works.
-
-- ``LeaseAllocationReporting``: lets POST /leases tell a new allocation (201) from an existing
-  (pool, holder) lease returned again (200). Without it every allocation answers 201.
-- ``BackupSource``: serves GET /backup (its ``backups`` attribute). Without it the route answers
-  404 ``backup_unavailable``.
+"""The backup part of ``quorumd.api.ports.NodeApi``: ``NodeApi.backups`` (``Backups``) and what it
+hands the HTTP layer (``BackupStream``; ``BackupArchive`` for scheduled backups).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeGuard
-
-
-class LeaseAllocationReporting(Protocol):
-    async def allocate_lease_reporting(
-        self, pool: str, holder: str, node_id: int | None
-    ) -> tuple[dict[str, Any], bool]:
-        """Like ``NodeApi.allocate_lease``; the flag is True when a new address was allocated."""
-        ...
-
-
-def reports_lease_allocation(node: object) -> TypeGuard[LeaseAllocationReporting]:
-    """``isinstance(node, LeaseAllocationReporting)``, for the hot POST /leases path.
-
-    A runtime-checkable isinstance re-collects the protocol's members on every call (several µs
-    in Python 3.11); for this one-method protocol it means exactly "the attribute is present and
-    not None", which one getattr answers.
-    """
-    return getattr(node, "allocate_lease_reporting", None) is not None
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +61,3 @@ class Backups(Protocol):
         """The leader's archive named by ``handle`` (its answer to the forwarded request), pulled
         from it in chunks with the client's ``token`` (each pull bounded by ``timeout``)."""
         ...
-
-
-class BackupSource(Protocol):
-    backups: Backups
-
-
-def serves_backups(node: object) -> TypeGuard[BackupSource]:
-    return getattr(node, "backups", None) is not None
