@@ -510,10 +510,6 @@ class ClusterService:
             DeletePool(time.time(), name), AuditAction.POOL_DELETE, f"pool:{name}"
         )
 
-    async def allocate_lease(self, pool: str, holder: str, node_id: int | None) -> dict[str, Any]:
-        lease, _ = await self.allocate_lease_reporting(pool, holder, node_id)
-        return lease
-
     async def allocate_lease_reporting(
         self, pool: str, holder: str, node_id: int | None
     ) -> tuple[dict[str, Any], bool]:

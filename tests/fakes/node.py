@@ -504,10 +504,6 @@ class FakeNode:
         assert isinstance(lease, Lease)
         return lease.as_dict(), lease.created_at == cmd.ts
 
-    async def allocate_lease(self, pool: str, holder: str, node_id: int | None) -> dict[str, Any]:
-        lease, _created = await self.allocate_lease_reporting(pool, holder, node_id)
-        return lease
-
     async def rotate_certificate(self) -> dict[str, Any]:
         """The fake has no transport: it records the call and answers its (unchanged) pin."""
         self.rotations += 1
