@@ -3,11 +3,16 @@ entry as the change, retention, snapshots), the protocol gate, and GET /audit on
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+from typing import Any, cast
+
 import msgpack
 import pytest
 
 from quorumd.api.ports import DrainState
 from quorumd.api.routes_audit import AUDIT_ACTIONS
+from quorumd.node.cluster.audit import AuditWriter
 from quorumd.node.registry.archive import ArchiveHeader, encode_archive
 from quorumd.node.registry.audit import (
     Actor,
@@ -364,3 +369,30 @@ def test_the_trail_encoding_is_the_join_of_its_records(count: int) -> None:
         trail.append(float(i), note(retention=30))
     assert trail.packed() == packb(trail.dump())
     assert AuditTrail.load(msgpack.unpackb(trail.packed())).packed() == trail.packed()
+
+
+@pytest.mark.asyncio
+async def test_a_transfer_recorded_later_does_not_hold_its_caller() -> None:
+    """``record_transfer_later``: the caller goes on at once; the record is written by a task
+    the writer keeps until it ends (and a transfer is still recorded once per term and leader)."""
+    sm = SimpleNamespace(cluster_protocol_version=PROTOCOL_VERSION)
+    service = SimpleNamespace(sm=sm, running_driver=SimpleNamespace(core=SimpleNamespace(term=7)))
+    release = asyncio.Event()
+    written: list[AuditNote | None] = []
+
+    class Writer(AuditWriter):
+        async def record_event(self, note: AuditNote | None) -> None:
+            await release.wait()  # the round through the new leader
+            written.append(note)
+
+    trail = Writer(cast(Any, service))
+    trail.record_transfer_later(1, 2, "drain", None)
+    trail.record_transfer_later(1, 2, "drain", None)  # the same transfer: one record
+    trail.record_transfer_later(1, 0, "drain", None)  # no transfer happened: no record
+    assert written == [] and len(trail._later) == 2
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*trail._later), 5)
+    assert not trail._later
+    assert len(written) == 1 and written[0] is not None
+    assert written[0].action == AuditAction.LEADERSHIP_TRANSFER
+    assert dict(written[0].detail) == {"from": 1, "to": 2, "reason": "drain"}

@@ -20,6 +20,7 @@ operation proposes its change as it always did, unaudited (``enabled``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -66,6 +67,7 @@ class AuditWriter:
         self.node = node
         self.retention = retention
         self._transfers_recorded: set[tuple[int, int]] = set()  # (term, new leader): recorded once
+        self._later: set[asyncio.Task[None]] = set()  # record_transfer_later's records in flight
 
     def enabled(self) -> bool:
         """Whether audited entries may be written (every member reads them: protocol 2)."""
@@ -144,6 +146,18 @@ class AuditWriter:
                 503, "no_leader", "no leader is known; retry shortly", headers={"Retry-After": "1"}
             )
         await node.call_member(leader, "node.propose", encode_command(cmd), node.propose_timeout)
+
+    def record_transfer_later(self, old: int, new: int, reason: str, note: AuditNote | None) -> None:
+        """``record_transfer`` without waiting for its commit: a call that caused the transfer
+        answers once the transfer is done, not one more round through the new leader later (the
+        record is best effort either way). The task is kept until it ends."""
+        if new == 0 or new == old or not self.enabled():
+            return
+        task = asyncio.get_running_loop().create_task(
+            self.record_transfer(old, new, reason, note), name="audit-transfer"
+        )
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
 
     async def record_transfer(self, old: int, new: int, reason: str, note: AuditNote | None) -> None:
         """Record a completed leadership transfer (``new`` 0: none happened) through the new

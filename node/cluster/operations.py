@@ -348,7 +348,7 @@ class ClusterNode:
         if deadline_seconds > 0:
             if handing_off:
                 await self._wait_leadership_moved()
-                await self.trail.record_transfer(node_id, svc.leader_id(), "drain", note)
+                self.trail.record_transfer_later(node_id, svc.leader_id(), "drain", note)
             return DrainState.DRAINING
         # Synchronous: the target runs its side effects and confirms through the leader.
         if node_id == svc.identity.node_id:
@@ -362,7 +362,7 @@ class ClusterNode:
             )
         if node_id == svc.identity.node_id:
             await self._wait_leadership_moved()
-            await self.trail.record_transfer(node_id, svc.leader_id(), "drain", note if handing_off else None)
+            self.trail.record_transfer_later(node_id, svc.leader_id(), "drain", note if handing_off else None)
         return DrainState.DRAINED
 
     def _transfer_after(self, node_id: int) -> Callable[[RaftCore], None] | None:
