@@ -291,8 +291,12 @@ def run_paired(rounds: int, duration: float, short: float) -> dict[str, Any]:
                 r = run_wrk(e.url(e_lead, "/v3/kv/put"), ETCD_BODY, conc, dur, ok_substring="revision")
                 pids = [p.pid for p in e.procs]
             # The next run starts once this system has finished the work its load left behind
-            # (snapshots, compaction, garbage collection), so neither runs in the other's wake.
+            # (snapshots, compaction, garbage collection) and the kernel has written its dirty
+            # pages back, so neither runs in the other's wake (its disk's fsyncs included).
             r["settle_s"] = wait_quiet(pids)
+            t0 = time.monotonic()
+            os.sync()
+            r["sync_s"] = round(time.monotonic() - t0, 3)
             return r
 
         for system in ("quorumd", "etcd"):
