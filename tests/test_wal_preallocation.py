@@ -46,6 +46,13 @@ def records_end(path: Path) -> int:
     return record_starts(path)[-1]
 
 
+def write_batches(st: LogStorage, last: int, tag: bytes = b"") -> None:
+    """Entries 1..``last`` in synced batches of ten."""
+    for first in range(1, last + 1, 10):
+        st.append(entries(first, min(first + 9, last), tag=tag))
+        st.sync()
+
+
 def crashed_copy(st: LogStorage, src: Path, dst: Path) -> Path:
     """The directory as a crash would leave it now: the files copied while the storage is open
     (every record written so far was synced), the open segment with its preallocated tail."""
@@ -141,9 +148,7 @@ def test_a_valid_record_after_zeros_is_corruption_not_a_tail(tmp_path: Path) -> 
 def test_closed_segments_hold_their_records_only(tmp_path: Path) -> None:
     st, _ = LogStorage.open(tmp_path, segment_bytes=1024)
     with st:
-        for first in range(1, 200, 10):
-            st.append(entries(first, first + 9, tag=b"y" * 30))
-            st.sync()
+        write_batches(st, 200, tag=b"y" * 30)
         files = wal_files(tmp_path)
         assert len(files) > 3
         for path in files[:-1]:
@@ -154,9 +159,7 @@ def test_closed_segments_hold_their_records_only(tmp_path: Path) -> None:
 def test_a_zero_tail_in_a_closed_segment_is_corruption(tmp_path: Path) -> None:
     st, _ = LogStorage.open(tmp_path, segment_bytes=1024)
     with st:
-        for first in range(1, 100, 10):
-            st.append(entries(first, first + 9, tag=b"y" * 30))
-            st.sync()
+        write_batches(st, 100, tag=b"y" * 30)
     first = wal_files(tmp_path)[0]
     with first.open("ab") as f:  # never written so: a closed segment is cut and synced first
         f.write(bytes(4096))
@@ -174,9 +177,7 @@ def test_refused_preallocation_writes_as_appends(
     monkeypatch.setattr(storage_mod.os, "posix_fallocate", refuse)
     st, _ = LogStorage.open(tmp_path)
     with st:
-        for first in range(1, 50, 10):
-            st.append(entries(first, first + 9))
-            st.sync()
+        write_batches(st, 50)
         path = wal_files(tmp_path)[-1]
         assert path.stat().st_size == records_end(path)
     st, rec = LogStorage.open(tmp_path)
