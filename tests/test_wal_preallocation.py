@@ -14,7 +14,7 @@ import pytest
 
 from quorumd.raft.aio import storage as storage_mod
 from quorumd.raft.aio import wal as wal_mod
-from quorumd.raft.aio.storage import LogStorage, StorageCorruptError
+from quorumd.raft.aio.storage import LogStorage, StorageCorruptError, StorageError
 from quorumd.raft.core.types import Entry, EntryType, HardState
 
 STEP = wal_mod.PREALLOCATE_BYTES
@@ -214,3 +214,13 @@ def test_one_fdatasync_per_sync_with_preallocation(tmp_path: Path, monkeypatch: 
         st.append(entries(4, 6))
         st.sync()
         assert len(calls) == 2
+
+
+def test_a_zero_step_writes_as_appends(tmp_path: Path) -> None:
+    st, _ = LogStorage.open(tmp_path, preallocate_bytes=0)
+    with st:
+        write_batches(st, 30)
+        path = wal_files(tmp_path)[-1]
+        assert path.stat().st_size == records_end(path)
+    with pytest.raises(StorageError, match="must not be negative"):
+        LogStorage.open(tmp_path / "other", preallocate_bytes=-1)

@@ -28,6 +28,7 @@ from quorumd.node.config.schema import Config
 from quorumd.node.daemon.apitls import ApiTlsError, ApiTlsPair, load_api_tls
 from quorumd.node.daemon.datadir import FatalError, NewerFormatError, load_identity_files, write_node_file
 from quorumd.node.daemon.gcpolicy import gc_paused
+from quorumd.node.daemon.testhooks import wal_preallocate_bytes
 from quorumd.node.registry import jointoken
 from quorumd.node.registry.leases import SnapshotError
 from quorumd.node.registry.records import SnapshotFormatError
@@ -155,7 +156,11 @@ def open_storage(data_dir: Path) -> tuple[LogStorage, RecoveredState]:
     """Open ``<data-dir>/raft`` (blocking: run it in an executor)."""
     raft_dir = data_dir / "raft"
     try:
-        return LogStorage.open(raft_dir, check_snapshot=partial(check_state_format, raft_dir))
+        return LogStorage.open(
+            raft_dir,
+            preallocate_bytes=wal_preallocate_bytes(),
+            check_snapshot=partial(check_state_format, raft_dir),
+        )
     except StorageFormatError as exc:  # a newer build's data dir: refuse, change nothing
         raise NewerFormatError(str(exc)) from exc
     except StorageError as exc:  # corrupt beyond a torn tail, locked, unreadable: refuse to start

@@ -2,7 +2,9 @@
 
 ``QUORUMD_TEST_BUGS`` plants engine bugs for the chaos tests' self-check; ``QUORUMD_TEST_APPLY_TRACE``
 records every applied entry and snapshot for the crash tests; ``QUORUMD_TEST_LOOP_PROBE`` records
-event-loop lag for the backup benchmark. None is ever set in production.
+event-loop lag for the backup benchmark; ``QUORUMD_TEST_WAL_PREALLOCATE_BYTES`` sets the WAL's
+preallocation step (the live disk-full test uses a small one, so a few writes use it up). None is
+ever set in production.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from quorumd.node.cluster.service import ClusterService
 from quorumd.node.daemon.datadir import FatalError
+from quorumd.raft.aio.wal import PREALLOCATE_BYTES
 from quorumd.raft.core.types import Entry, SnapshotMeta
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,18 @@ def planted_bugs() -> dict[str, bool]:
             raise FatalError(f"QUORUMD_TEST_BUGS: unknown planted bug {n!r}")
         log.warning("planted_bug_enabled name=%s (test-only)", n)
     return {n: True for n in names}
+
+
+def wal_preallocate_bytes() -> int:
+    """The WAL's preallocation step: ``QUORUMD_TEST_WAL_PREALLOCATE_BYTES`` (test-only, logged)
+    or the storage's own."""
+    text = os.environ.get("QUORUMD_TEST_WAL_PREALLOCATE_BYTES", "").strip()
+    if not text:
+        return PREALLOCATE_BYTES
+    if not text.isdigit():
+        raise FatalError(f"QUORUMD_TEST_WAL_PREALLOCATE_BYTES: not a byte count: {text!r}")
+    log.warning("wal_preallocate_bytes_set bytes=%s (test-only)", text)
+    return int(text)
 
 
 class ApplyTrace:

@@ -78,10 +78,16 @@ class LogStorage:
     """WAL + snapshots of one node. Build it with ``LogStorage.open``."""
 
     def __init__(
-        self, directory: Path, segment_bytes: int, lock_fd: int, snapshot: SnapshotMeta | None
+        self,
+        directory: Path,
+        segment_bytes: int,
+        lock_fd: int,
+        snapshot: SnapshotMeta | None,
+        preallocate_bytes: int = wal.PREALLOCATE_BYTES,
     ) -> None:
         self._dir = directory
         self._segment_bytes = segment_bytes
+        self._preallocate_bytes = preallocate_bytes  # 0: append only (see wal.py)
         self._roll_at_next_sync = False
         self._lock_fd = lock_fd
         self._snapshot = snapshot  # latest saved snapshot
@@ -127,12 +133,16 @@ class LogStorage:
         directory: Path,
         *,
         segment_bytes: int = 64 << 20,
+        preallocate_bytes: int = wal.PREALLOCATE_BYTES,
         check_snapshot: Callable[[Snapshot], None] | None = None,
     ) -> tuple[LogStorage, RecoveredState]:
         """``check_snapshot``: called with the snapshot recovery chose before anything in the
-        directory is changed; what it raises aborts ``open`` (the caller's own format check)."""
+        directory is changed; what it raises aborts ``open`` (the caller's own format check).
+        ``preallocate_bytes``: the step by which the open segment is allocated ahead (0: none)."""
         if segment_bytes < 1:
             raise StorageError(f"segment_bytes must be positive, got {segment_bytes}")
+        if preallocate_bytes < 0:
+            raise StorageError(f"preallocate_bytes must not be negative, got {preallocate_bytes}")
         directory = Path(directory)
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -149,7 +159,7 @@ class LogStorage:
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            return cls._recover(directory, segment_bytes, lock_fd, check_snapshot)
+            return cls._recover(directory, segment_bytes, preallocate_bytes, lock_fd, check_snapshot)
         except OSError as exc:
             os.close(lock_fd)
             raise StorageError(f"cannot recover {directory}: {exc}") from exc
@@ -162,7 +172,12 @@ class LogStorage:
 
     @classmethod
     def _recover(
-        cls, directory: Path, segment_bytes: int, lock_fd: int, check: Callable[[Snapshot], None] | None
+        cls,
+        directory: Path,
+        segment_bytes: int,
+        preallocate_bytes: int,
+        lock_fd: int,
+        check: Callable[[Snapshot], None] | None,
     ) -> tuple[LogStorage, RecoveredState]:
         wal_files: list[tuple[int, Path]] = []
         snaps: list[tuple[int, int, Path]] = []
@@ -190,7 +205,7 @@ class LogStorage:
         wal.check_sequence(wal_files)
         if not wal_files and snaps:
             raise StorageCorruptError(f"snapshots but no wal segments in {directory}")
-        self = cls(directory, segment_bytes, lock_fd, snapshot.meta if snapshot else None)
+        self = cls(directory, segment_bytes, lock_fd, snapshot.meta if snapshot else None, preallocate_bytes)
         try:
             return self._finish_recovery(valid, wal_files, snapshot, leftovers)
         except BaseException:
@@ -347,7 +362,7 @@ class LogStorage:
     def _sync_now(self) -> float:
         data = b"".join(self._buf)
         self._buf.clear()
-        if self._size + len(data) > self._allocated:
+        if self._size + len(data) > self._allocated and self._preallocate_bytes:
             self._preallocate(len(data))
         try:
             wal.write_at(self._fd, data, self._size)
@@ -391,7 +406,8 @@ class LogStorage:
         """Allocate the current segment ahead of the next ``need`` bytes (see wal.py). Best effort:
         where the file system refuses (no space for a whole step, no fallocate), the write goes
         ahead without, as an append (a full disk then shows as the write's own error)."""
-        size = max(wal.PREALLOCATE_BYTES, need + wal.PREALLOCATE_BYTES // 2)
+        step = self._preallocate_bytes
+        size = max(step, need + step // 2)
         try:
             os.posix_fallocate(self._fd, self._allocated, size)
         except OSError as exc:

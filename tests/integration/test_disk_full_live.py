@@ -47,6 +47,9 @@ def has_all(c: Cluster, nid: int, acked: list[str]) -> bool:
 def test_a_full_disk_is_waited_out_and_no_acknowledged_write_is_lost(tmp_path: Path) -> None:
     with small_tmpfs(tmp_path / "node1", "8m") as disk:  # node 1's data dir, nothing else
         c = Cluster(tmp_path, 3)
+        # The WAL's open segment is allocated ahead (4 MiB steps): writes into that space never
+        # meet a full disk. A small step here, so that a few writes use it up.
+        c.env["QUORUMD_TEST_WAL_PREALLOCATE_BYTES"] = "4096"
         try:
             c.form()
             node = c.nodes[1]
