@@ -199,21 +199,30 @@ def measure_transfer(c: Cluster, tries: int) -> dict[str, list[float]]:
 
 
 def autopilot_latency(c: Cluster) -> dict[str, float]:
+    """p50 of GET /cluster/autopilot on the leader and through a follower, the calls alternated
+    (the order flipped each time) so that both see the same moments of the host."""
     lead = c.wait_leader()
     follower = next(n for n in c.nodes if n != lead)
-    out = {}
-    for label, nid in (("leader", lead), ("follower", follower)):
-        conn = KeepAlive(c.nodes[nid].api, c.token)
-        conn.call("GET", "/api/v1/cluster/autopilot")
-        samples = []
-        for _ in range(200):
-            t = time.perf_counter()
-            st, _ = conn.call("GET", "/api/v1/cluster/autopilot")
-            if st == 200:
-                samples.append((time.perf_counter() - t) * 1000)
-        conn.close()
-        out[f"autopilot_{label}_ms_p50"] = round(statistics.median(samples), 3) if samples else float("nan")
-    return out
+    where = {"leader": lead, "follower": follower}
+    conns = {label: KeepAlive(c.nodes[nid].api, c.token) for label, nid in where.items()}
+    samples: dict[str, list[float]] = {label: [] for label in conns}
+    try:
+        for conn in conns.values():
+            conn.call("GET", "/api/v1/cluster/autopilot")
+        for i in range(400):
+            order = ("leader", "follower") if i % 2 == 0 else ("follower", "leader")
+            for label in order:
+                t = time.perf_counter()
+                st, _ = conns[label].call("GET", "/api/v1/cluster/autopilot")
+                if st == 200:
+                    samples[label].append((time.perf_counter() - t) * 1000)
+    finally:
+        for conn in conns.values():
+            conn.close()
+    return {
+        f"autopilot_{label}_ms_p50": round(statistics.median(xs), 3) if xs else float("nan")
+        for label, xs in samples.items()
+    }
 
 
 def run_quorumd(bench: Path, duration: float, long_duration: float, tries: int) -> dict[str, Any]:
@@ -242,6 +251,7 @@ def run_quorumd(bench: Path, duration: float, long_duration: float, tries: int) 
                     f"quorumd wrk c={conc} {dur:.0f}s: {r.get('throughput_ok_per_s')} ok/s "
                     f"p50={r.get('p50_ms')} ms errors={r.get('errors')} leader_changed={r['leader_changed']}"
                 )
+        wait_quiet([p.pid for n in c.nodes if (p := c.nodes[n].proc) is not None])  # the load's wake
         res.update(autopilot_latency(c))
         res["rss_mb"] = {str(n): rss_mb(p.pid) for n in c.nodes if (p := c.nodes[n].proc) is not None}
         # The load only allocates, so the table grows with throughput: say how big it was.
