@@ -127,3 +127,16 @@ def test_modules_stay_readable(path: Path) -> None:
         return
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{rel(path)} has {lines} lines (split it by responsibility)"
+
+
+def test_the_running_node_is_composed_not_inherited() -> None:
+    """``ClusterNode`` and its parts hold what they use; none builds on another class of ours."""
+    from quorumd.node.cluster.addresses import AddressBook
+    from quorumd.node.cluster.drain import DrainEffects
+    from quorumd.node.cluster.foresight import Foresight
+    from quorumd.node.cluster.isolation import IsolationGuard
+    from quorumd.node.cluster.operations import ClusterNode
+    from quorumd.node.cluster.service import ClusterService
+
+    for cls in (ClusterNode, ClusterService, IsolationGuard, Foresight, AddressBook, DrainEffects):
+        assert cls.__mro__ == (cls, object), cls
