@@ -164,33 +164,32 @@ class RowStore:
             del self._keys[bisect_left(self._keys, c)]
         return row
 
+    def _after(self, after: int | None) -> tuple[int, list[bytes], int]:
+        """Where the ids greater than ``after`` begin: the index in ``_keys`` of the first chunk
+        wholly after it, and the rows of the chunk holding ``after`` (empty when none) with the
+        position in them of the first greater id."""
+        if after is None:
+            return 0, [], 0
+        keys, first = self._keys, after >> CHUNK_BITS
+        k = bisect_left(keys, first)
+        if k < len(keys) and keys[k] == first:
+            lows, rows = self._chunks[first]
+            return k + 1, rows, bisect_right(lows, after & LOW)
+        return k, [], 0
+
     def rows_from(self, after: int | None) -> Iterator[bytes]:
         """Rows of ids greater than ``after``, in id order (do not mutate while iterating)."""
         keys, chunks = self._keys, self._chunks
-        k = 0
-        if after is not None:
-            first = after >> CHUNK_BITS
-            k = bisect_left(keys, first)
-            if k < len(keys) and keys[k] == first:
-                lows, rows = chunks[first]
-                yield from rows[bisect_right(lows, after & LOW) :]
-                k += 1
+        k, rows, start = self._after(after)
+        yield from rows[start:]
         for i in range(k, len(keys)):
             yield from chunks[keys[i]][1]
 
     def take_from(self, after: int | None, limit: int) -> list[bytes]:
         """At most ``limit`` rows of ids greater than ``after``, in id order (list slices)."""
         keys, chunks = self._keys, self._chunks
-        out: list[bytes] = []
-        k = 0
-        if after is not None:
-            first = after >> CHUNK_BITS
-            k = bisect_left(keys, first)
-            if k < len(keys) and keys[k] == first:
-                lows, rows = chunks[first]
-                start = bisect_right(lows, after & LOW)
-                out = rows[start : start + limit]
-                k += 1
+        k, rows, start = self._after(after)
+        out = rows[start : start + limit]
         while len(out) < limit and k < len(keys):
             out += chunks[keys[k]][1][: limit - len(out)]
             k += 1
