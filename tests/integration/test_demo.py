@@ -69,46 +69,53 @@ def processes_under(directory: Path) -> list[int]:
     return pids
 
 
+class DemoRun:
+    """``quorumd demo`` started as a shell would (its own process group), its output read by a
+    thread so that ``read_until`` can wait for a line with a deadline."""
+
+    def __init__(self, directory: Path, base: int) -> None:
+        argv = [sys.executable, "-m", "quorumd.node.cli", "demo", "--nodes", str(NODES)]
+        self.proc = subprocess.Popen(
+            [*argv, "--base-port", str(base), "--dir", str(directory)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its own process group, as a shell gives a foreground job
+        )
+        self._lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+
+    def read_until(self, needle: str, timeout: float) -> str:
+        """All output so far, once a line with ``needle`` has come (asserts within ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while not any(needle in x for x in self.output):
+            assert time.monotonic() < deadline, f"no {needle!r} from the demo: {''.join(self.output)}"
+            try:
+                self.output.append(self._lines.get(timeout=1.0))
+            except queue.Empty:
+                alive = self.proc.poll() is None or not self._lines.empty()
+                assert alive, f"demo exited {self.proc.returncode}: {''.join(self.output)}"
+        return "".join(self.output)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
 def test_demo_runs_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     directory = tmp_path / "demo"
     base = free_base_port()
-    demo = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "quorumd.node.cli",
-            "demo",
-            "--nodes",
-            str(NODES),
-            "--base-port",
-            str(base),
-            "--dir",
-            str(directory),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group, as a shell gives a foreground job
-    )
-    lines: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:
-        assert demo.stdout is not None
-        for line in demo.stdout:
-            lines.put(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    output: list[str] = []
+    run = DemoRun(directory, base)
+    demo = run.proc
     try:
-        deadline = time.monotonic() + 120
-        while not any("Ctrl-C stops the cluster" in x for x in output):
-            assert demo.poll() is None, f"demo exited {demo.returncode}: {''.join(output)}"
-            assert time.monotonic() < deadline, f"demo did not come up: {''.join(output)}"
-            try:
-                output.append(lines.get(timeout=1.0))
-            except queue.Empty:
-                continue
-        text = "".join(output)
+        text = run.read_until("Ctrl-C stops the cluster", 120)
         apis = re.findall(r"node (\d+): API (https://127\.0\.0\.1:\d+)", text)
         assert [int(n) for n, _ in apis] == list(range(1, NODES + 1)), text
         token_file = re.search(r"admin token file: (\S+)", text)
@@ -135,9 +142,7 @@ def test_demo_runs_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
             with pytest.raises(OSError):
                 http("GET", f"{api}/healthz", timeout=2)
     finally:
-        if demo.poll() is None:
-            os.killpg(demo.pid, signal.SIGKILL)
-            demo.wait(10)
+        run.kill()
         for pid in processes_under(directory):  # only the daemons this test started
             os.kill(pid, signal.SIGKILL)
 
@@ -158,34 +163,8 @@ def test_demo_keeps_the_others_running_when_a_node_is_killed(tmp_path: Path) -> 
     demo's daemons cleanly."""
     directory = tmp_path / "demo"
     base = free_base_port()
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "quorumd.node.cli", "demo", "--nodes", str(NODES), "--base-port", str(base),
-         "--dir", str(directory)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    lines: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:
-        assert demo.stdout is not None
-        for line in demo.stdout:
-            lines.put(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    output: list[str] = []
-
-    def read_until(needle: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while not any(needle in x for x in output):
-            assert time.monotonic() < deadline, f"no {needle!r} from the demo: {''.join(output)}"
-            try:
-                output.append(lines.get(timeout=1.0))
-            except queue.Empty:
-                assert demo.poll() is None or not lines.empty(), f"demo exited: {''.join(output)}"
-        return "".join(output)
-
+    run = DemoRun(directory, base)
+    demo, read_until = run.proc, run.read_until
     restarted: subprocess.Popen[bytes] | None = None
     try:
         text = read_until("Ctrl-C stops the cluster", 120)
@@ -218,9 +197,7 @@ def test_demo_keeps_the_others_running_when_a_node_is_killed(tmp_path: Path) -> 
         for i in (1, 3):
             assert f"shutdown_done node={i} exit_code=0" in (directory / f"node{i}.log").read_text()
     finally:
-        if demo.poll() is None:
-            os.killpg(demo.pid, signal.SIGKILL)
-            demo.wait(10)
+        run.kill()
         if restarted is not None and restarted.poll() is None:
             restarted.terminate()
             restarted.wait(30)
