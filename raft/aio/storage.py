@@ -37,6 +37,7 @@ bad record is corruption and ``open`` raises ``StorageCorruptError`` (the daemon
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import gc
 import logging
@@ -405,12 +406,15 @@ class LogStorage:
     def _preallocate(self, need: int) -> None:
         """Allocate the current segment ahead of the next ``need`` bytes (see wal.py). Best effort:
         where the file system refuses (no space for a whole step, no fallocate), the write goes
-        ahead without, as an append (a full disk then shows as the write's own error)."""
+        ahead without, as an append (a full disk then shows as the write's own error). A file
+        system without fallocate is not asked again: every later write would pay the refusal."""
         step = self._preallocate_bytes
         size = max(step, need + step // 2)
         try:
             os.posix_fallocate(self._fd, self._allocated, size)
         except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._preallocate_bytes = 0
             logger.debug("wal preallocation refused file=%s reason=%s", self._segments[-1].path, exc)
             self._allocated = max(self._allocated, os.fstat(self._fd).st_size)
             return
