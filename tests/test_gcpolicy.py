@@ -25,7 +25,9 @@ def _cycle() -> weakref.ref[_Node]:
 
 @pytest.fixture(autouse=True)
 def _restore_gc() -> Iterator[None]:
+    threshold = gc.get_threshold()
     yield
+    gc.set_threshold(*threshold)
     gc.unfreeze()
     gc.collect()
 
@@ -36,6 +38,22 @@ def test_settled_freezes_the_long_lived_state() -> None:
     policy.settled()
     assert gc.get_freeze_count() > len(keep) // 2
     assert policy.full_collections == 1 and policy.freezes == 1
+
+
+def test_settled_raises_only_the_young_generations_threshold() -> None:
+    gc.set_threshold(700, 10, 10)
+    GcPolicy().settled()
+    assert gc.get_threshold() == (10_000, 10, 10)
+    GcPolicy(young_threshold=2_000).settled()
+    assert gc.get_threshold() == (2_000, 10, 10)
+
+
+def test_a_young_cycle_is_collected_automatically_within_the_threshold() -> None:
+    GcPolicy(young_threshold=1_000).settled()
+    young = _cycle()
+    keep = [[] for _ in range(3_000)]  # net container allocations past the threshold
+    assert young() is None
+    assert len(keep) == 3_000
 
 
 def test_young_cycles_are_collected_at_snapshots_and_frozen_ones_at_the_full_pass() -> None:
