@@ -198,6 +198,32 @@ async def test_snapshot_and_compaction_then_restart(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
+async def test_snapshots_grow_apart_as_the_state_grows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At least one entry per KiB of the last snapshot between two snapshots: with entries of
+    2 KiB each snapshot waits for about twice as many entries as the state held, instead of
+    every ``snapshot_threshold`` (10) entries; a restart still recovers every write."""
+    caplog.set_level(logging.INFO, logger="quorumd.raft.aio.driver")
+    c = await three(tmp_path, snapshot_threshold=10)
+    try:
+        lead = await c.leader()
+        for i in range(150):
+            await asyncio.wait_for(lead.propose(b"%04d" % i + b"x" * 2048), 5)
+        taken = [r.getMessage() for r in caplog.records if r.getMessage().startswith("raft_snapshot_taken")]
+        # A fixed interval of 10 would take ~15 per node (45); growing intervals (10, ~30,
+        # ~90) take 2-4 per node.
+        assert 3 <= len(taken) <= 15, taken
+        nid, commit = lead.core.node_id, lead.core.commit_index
+        await c.stop(nid)
+        d = c.start(nid, snapshot_threshold=10)
+        await asyncio.wait_for(d.wait_applied(commit), 10)
+        assert c.apps[nid].values[-150:] == [b"%04d" % i + b"x" * 2048 for i in range(150)]
+    finally:
+        await c.close()
+
+
+@pytest.mark.asyncio
 async def test_proposal_timeout_ends_the_wait_and_leaves_the_driver_usable(tmp_path: Path) -> None:
     c = await three(tmp_path)
     try:
