@@ -41,19 +41,10 @@ from ..core.types import (
     SnapshotMeta,
 )
 from .fdretry import StorageRetries
+from .policy import entries_per_snapshot, write_on_loop
 
 log = logging.getLogger(__name__)
 
-# A follower's batch written on the loop thread at most this big (else the storage thread).
-_INLINE_MAX_ENTRIES = 1024
-_INLINE_MAX_BYTES = 1 << 20
-# ... and only while this disk's fsyncs are fast (moving average): on a slow disk the loop would
-# stall for every write, and the hand-off is then a small share of the wait.
-_INLINE_MAX_FSYNC_SECONDS = 0.001
-
-# Snapshots: the log may grow by one entry per this many bytes of the last snapshot before the
-# next one is taken, when that is more than the configured threshold (_entries_per_snapshot).
-SNAPSHOT_BYTES_PER_ENTRY = 1024
 _TIMER_SLACK_SECONDS = 0.002  # a tick timer may fire up to ~1 ms before its deadline (libuv)
 
 
@@ -124,8 +115,8 @@ class RaftDriver:
         self._app = app
         self._send = send
         self._tick_seconds = tick_seconds
-        # See _entries_per_snapshot: at least ``snapshot_threshold`` entries between snapshots,
-        # more with a large state.
+        # At least ``snapshot_threshold`` entries between snapshots, more with a large state
+        # (policy.entries_per_snapshot).
         self._snapshot_threshold = snapshot_threshold
         recovered = core.snapshot
         self._snapshot_every = self._entries_per_snapshot(len(recovered.data) if recovered is not None else 0)
@@ -443,31 +434,13 @@ class RaftDriver:
                 fut.set_result(rs.index)
 
     def _persist_inline(self, rd: Ready) -> bool:
-        """Whether to write this batch on the loop thread instead of the storage thread.
-
-        A follower or candidate cannot answer the leader before its write is durable; handing
-        the write to the storage thread and back cost more than the fsync itself here (measured
-        per write: handoffs p50 0.22 ms, p90 1.2 ms; fsync p50 0.2 ms), and every Raft round
-        (append, vote, the new leader's first entry) pays it. Its API stalls meanwhile, so only
-        while this disk's fsyncs average under a millisecond; on a slower disk the hand-off is a
-        small share of the wait and the loop stays free. A leader writes inline only when this
-        batch is all it has in flight (nothing else waits to commit, no proposal or message is
-        queued): the usual case at one client, where the hand-off back from the thread was a
-        round trip's worth of the write's latency (wrk, 1 client: p50 1.06 -> 0.99 ms, A/B 3 runs
-        each). With more in flight the thread lets it parse requests and read acks during its
-        own fsync. Snapshots, large batches and anything while a snapshot save holds the storage
-        thread (the storage is not shared between threads) stay on the thread."""
+        """Whether to write this batch on the loop thread (``policy.write_on_loop``)."""
         if rd.snapshot is not None or self._snapshotting:
             return False
-        if self.core.role == Role.LEADER and (
+        busy = self.core.role == Role.LEADER and bool(
             len(self._waiting) > len(rd.entries) or self._proposals or self._inbox
-        ):
-            return False
-        if self._fsync_avg > _INLINE_MAX_FSYNC_SECONDS:
-            return False
-        if len(rd.entries) > _INLINE_MAX_ENTRIES:
-            return False
-        return sum(len(e.data) for e in rd.entries) <= _INLINE_MAX_BYTES
+        )
+        return write_on_loop(rd.entries, leader_has_more_in_flight=busy, fsync_avg_seconds=self._fsync_avg)
 
     @property
     def storage_retries(self) -> int:
@@ -562,22 +535,7 @@ class RaftDriver:
             self.hooks.on_soft_state(old, new)
 
     def _entries_per_snapshot(self, snapshot_bytes: int) -> int:
-        """How many applied entries after a snapshot of ``snapshot_bytes`` start the next one.
-
-        At least the configured threshold, and at least one entry per ``SNAPSHOT_BYTES_PER_ENTRY``
-        bytes of the last snapshot: taking a snapshot costs in proportion to the state (encoding
-        it stops the loop, ~57 ms at a million leases, and its ~37 MB are written and synced on
-        the disk the log's fsyncs wait for), so with a fixed count its cost per write grew with
-        the state; this way it stays about the same per write at any size (a million leases:
-        every ~36,000 entries instead of 8,192). The log kept meanwhile stays bounded by the
-        same rule (~200 bytes an entry in memory: a fifth of the snapshot's size at most), and so
-        does what a restart replays after loading the snapshot.
-
-        Members snapshot at different log positions (up to 3/16 of the count apart, by node id):
-        taking a snapshot stops a node's loop for tens of milliseconds with a large state, and
-        when every member stopped at the same index, commits stalled too."""
-        base = max(self._snapshot_threshold, snapshot_bytes // SNAPSHOT_BYTES_PER_ENTRY)
-        return base + (self.core.node_id % 4) * (base // 16)
+        return entries_per_snapshot(self._snapshot_threshold, snapshot_bytes, self.core.node_id)
 
     def _after_advance(self) -> None:
         core = self.core
