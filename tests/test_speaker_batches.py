@@ -99,3 +99,34 @@ def test_release_then_allocate_the_same_address_again_announces_it() -> None:
     log.apply(ReleaseLease(3.0, 1), AllocateLease(4.0, "p", "c", ME))  # the freed address again
     assert bgp.announced == frozenset(n.service.sm.announced_prefixes(ME)) == {first}
     assert bgp.fencing_token == token  # nothing changed on the wire
+
+
+def test_another_nodes_new_leases_leave_the_speaker_alone() -> None:
+    n, bgp, log = started()
+    log.apply(AllocateLease(2.0, "p", "mine", ME))
+    token = bgp.fencing_token
+    log.apply(*(AllocateLease(3.0 + i, "p", f"other{i}", 2) for i in range(5)), ReleaseLease(9.0, 3))
+    assert bgp.announced == frozenset(n.service.sm.announced_prefixes(ME))
+    assert len(bgp.announced) == 1
+    assert bgp.fencing_token == token
+
+
+def test_a_lease_reowned_away_in_a_later_batch_is_withdrawn() -> None:
+    n, bgp, log = started()
+    log.apply(AllocateLease(2.0, "p", "a", ME), AllocateLease(2.5, "p", "b", 2))
+    assert len(bgp.announced) == 1
+    log.apply(AllocateLease(3.0, "p", "c", 2), AllocateLease(4.0, "p", "a", 2))  # "a" moves to node 2
+    assert bgp.announced == frozenset() == frozenset(n.service.sm.announced_prefixes(ME))
+    assert bgp.fencing_token == FencingToken(2, log.index)
+
+
+def test_a_new_lease_given_and_taken_back_within_one_batch_is_not_announced() -> None:
+    n, bgp, log = started()
+    log.apply(
+        AllocateLease(2.0, "p", "x", 2),  # another node's
+        AllocateLease(3.0, "p", "x", ME),  # moved here
+        AllocateLease(4.0, "p", "x", 2),  # and back
+        AllocateLease(5.0, "p", "y", ME),
+    )
+    assert bgp.announced == frozenset(n.service.sm.announced_prefixes(ME))
+    assert len(bgp.announced) == 1

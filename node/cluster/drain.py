@@ -63,6 +63,7 @@ class DrainEffects:
         self._task: asyncio.Task[None] | None = None
         self._again = False
         self._prefixes_dirty = True
+        self._next_lease_id = 0  # the state's next lease id after the last batch (0: not seen yet)
         self._drain_token: FencingToken | None = None  # the entry that set this node's drain state
         self.drain_call_hands_off = False  # a drain call of this leader is handing off (it records)
         service.add_apply_listener(self._after_apply)
@@ -75,6 +76,9 @@ class DrainEffects:
         net: dict[str, bool] = {}  # prefix -> announced after this batch (True) or withdrawn
         entries = svc.applying
         token: FencingToken | None = None  # of the last entry that changed this node's prefixes
+        # Leases with ids from ``created`` on were allocated in this batch; ``given`` holds those
+        # of them this batch gave to this node (possibly taken away again later in the batch).
+        created, given = self._next_lease_id, set[int]()
         for i, r in enumerate(results):
             cmd = r.command
             if isinstance(cmd, AllocateLease | ReleaseLease):
@@ -85,13 +89,22 @@ class DrainEffects:
                 # partition) may allocate and release, or allocate and re-own, the same address.
                 lease = r.value
                 if r.error is None and isinstance(lease, Lease):
-                    net[lease.prefix] = isinstance(cmd, AllocateLease) and lease.node_id == me
+                    mine = isinstance(cmd, AllocateLease) and lease.node_id == me
+                    if mine:
+                        given.add(lease.lease_id)
+                    elif lease.node_id != me and lease.lease_id >= created and lease.lease_id not in given:
+                        # Allocated in this batch to another node and never this node's: nothing
+                        # of it was ever announced here. Most leases of a cluster are another
+                        # node's: their prefix text and withdrawal were most of this hook's cost.
+                        continue
+                    net[lease.prefix] = mine
                     token = token_of(entries, i, token)
             elif isinstance(cmd, ConfChange):
                 self._prefixes_dirty = True  # a removal purges leases: recompute once
                 token = token_of(entries, i, token)
             elif isinstance(cmd, SetDrain) and cmd.node_id == me and r.error is None:
                 self._drain_token = token_of(entries, i, self._drain_token)
+        self._next_lease_id = svc.sm.next_lease_id()
         if not results:  # snapshot restored
             self._prefixes_dirty = True
             token = self._drain_token = svc.applied_token

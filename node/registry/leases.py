@@ -278,6 +278,11 @@ class LeaseTable:
                     break
         return out
 
+    def next_lease_id(self) -> int:
+        """The id the next new lease gets: ids only grow, so every lease with an id from here
+        on is allocated after this call."""
+        return self._next_id
+
     def announced_prefixes(self, node_id: int) -> list[str]:
         """``addr/32`` or ``addr/128`` for each lease the node owns, in lease id order."""
         idx = self._by_node.get(node_id)

@@ -246,6 +246,9 @@ class StateMachine:
     def announced_prefixes(self, node_id: int) -> list[str]:
         return self._leases.announced_prefixes(node_id)
 
+    def next_lease_id(self) -> int:
+        return self._leases.next_lease_id()
+
     # --- apply -------------------------------------------------------------------------------
 
     def apply(self, index: int, data: bytes, decoded: Command | None = None) -> ApplyResult:
