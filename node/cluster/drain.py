@@ -38,6 +38,7 @@ from quorumd.raft.core.types import ConfChange
 
 # The node's logger: these records keep the logger name they have always had (log filters key on it).
 log = logging.getLogger("quorumd.node.cluster.operations")
+_LEASE_CHANGES = (AllocateLease, ReleaseLease)  # a tuple: ``A | B`` would build a union per entry
 
 
 class DrainEffects:
@@ -81,7 +82,7 @@ class DrainEffects:
         created, given = self._next_lease_id, set[int]()
         for i, r in enumerate(results):
             cmd = r.command
-            if isinstance(cmd, AllocateLease | ReleaseLease):
+            if isinstance(cmd, _LEASE_CHANGES):
                 # The speaker follows lease changes by delta: one lease costs O(1) however many
                 # this node holds (a full recompute per apply was O(leases) and dominated the
                 # write path's CPU at a few thousand leases).

@@ -49,6 +49,7 @@ from quorumd.raft.codec import packb
 from quorumd.raft.core.types import ConfChange, ConfChangeType
 
 log = logging.getLogger(__name__)
+_RESTARTS = (RegisterNodeInfo, MarkNodeLeft)  # a tuple: ``A | B`` would build a union per entry
 
 NODE_INFO_RPC = "node.info"
 POLL_TIMEOUT_SECONDS = 1.0
@@ -139,7 +140,7 @@ class ProtocolVersions:
         """Forget what a member said once it restarts, stops or leaves (see the docstring)."""
         for r in results:
             cmd = r.command
-            restarted = isinstance(cmd, RegisterNodeInfo | MarkNodeLeft)
+            restarted = isinstance(cmd, _RESTARTS)
             if restarted or (isinstance(cmd, ConfChange) and cmd.type == ConfChangeType.REMOVE):
                 self.live.pop(cmd.node_id, None)  # type: ignore[union-attr]
 

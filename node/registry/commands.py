@@ -260,9 +260,12 @@ def gate(cmd: Command, cluster_version: int) -> None:
     raise FeatureUnavailable(_OP_OF_TYPE[type(cmd)], needs, cluster_version)
 
 
+_AUDIT_WRAPPERS = (Audited, RecordAudit)  # a tuple: ``A | B`` would build a union per command
+
+
 def _items(cmd: Command) -> list[Any]:
     """The list ``cmd`` is encoded as (its envelope included)."""
-    if isinstance(cmd, Audited | RecordAudit):
+    if isinstance(cmd, _AUDIT_WRAPPERS):
         raise CommandError("an audited change cannot be audited again")
     op, fields = _fields(cmd)
     needs = OP_PROTOCOL[op]
