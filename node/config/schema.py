@@ -230,7 +230,7 @@ TABLE = Table(
         Key("cluster.election-timeout", Duration(), "1000ms",
             "randomized in [T, 2T); must be >= 5 x heartbeat-interval"),
         Key("cluster.snapshot-threshold", Int(1), 8192,
-            "entries since the last snapshot before taking a new one (>= 1)"),
+            "entries between snapshots (>= 1); with a large state, one per KiB of the last snapshot"),
         Key("cluster.trailing-logs", Int(0), 10240,
             "entries kept after a snapshot for slow followers (>= 0)"),
         Key("cluster.isolation-fence-after", Duration(), None, example="3s",
