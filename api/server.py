@@ -1,8 +1,9 @@
 """HTTP/1.1 server for the API: aiohttp's low-level server (``aiohttp.web.Server``), no router.
 
 ``ApiServer(api).start(host, port, ssl_context=...)`` listens; every request goes to one handler that
-turns the ``BaseRequest`` into the arguments of ``Api.handle`` and the ``Reply`` into a
-``web.Response``. ``replace_ssl_context`` swaps the TLS context for the handshakes to come (the
+turns the ``BaseRequest`` into the arguments of ``Api.handle`` and the ``Reply`` into an answer
+(``answers.answer``: a keep-alive answer with a plain body is written whole in one call, any
+other through ``web.Response``). ``replace_ssl_context`` swaps the TLS context for the handshakes to come (the
 daemon's certificate reload). aiohttp's C parser (llhttp) reads the request, its protocol
 (``web_protocol.RequestHandler``) runs keep-alive, pipelining (answers in order; at most 32 parsed
 requests queued per connection, and a queued request's body buffers at most 128 KiB, then
@@ -97,6 +98,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _ErrInfo
 
 from .accept import _feed, _Gate, _Reader
+from .answers import answer, headers_of, response
 from .app import MAX_BODY_BYTES, TOO_LARGE_MESSAGE, Api
 from .errors import ApiError, BadRequest, InternalError, PayloadTooLarge
 from .pipeline import BodyStream, Reply
@@ -122,25 +124,6 @@ BACKLOG = 1024
 READ_BUFFER_BYTES = 64 * 1024
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_BASE_HEADERS = {"Cache-Control": "no-store", "Server": "quorumd"}
-
-
-def _headers(reply: Reply) -> dict[str, str]:
-    headers = {"Content-Type": reply.content_type, **_BASE_HEADERS}
-    for name, value in reply.headers.items():
-        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
-            continue  # never split the header section (values come from our own code)
-        headers[name] = value
-    return headers
-
-
-def _response(reply: Reply, *, close: bool = False) -> web.Response:
-    response = web.Response(status=reply.status, body=reply.encoded(), headers=_headers(reply))
-    if close:
-        response.force_close()
-    return response
-
-
 def _parse_error(status: int, exc: BaseException | None) -> ApiError:
     """The envelope for an error aiohttp's protocol reports (parser errors arrive as 400)."""
     if status >= 500:
@@ -206,7 +189,7 @@ class _Connection(RequestHandler):
         )
         if request.writer.output_size > 0:
             raise ConnectionError("an answer is already under way; cannot send the error")
-        return _response(self._owner.api.rejected("OTHER", _parse_error(status, exc)), close=True)
+        return response(self._owner.api.rejected("OTHER", _parse_error(status, exc)), close=True)
 
 
 class ApiServer:
@@ -427,7 +410,7 @@ class ApiServer:
         try:
             refusal = self._check_head(request)
             if refusal is not None:
-                return _response(api.rejected(request.method, refusal), close=True)
+                return response(api.rejected(request.method, refusal), close=True)
             rel = request.rel_url
             path = rel.raw_path
             query = rel.raw_query_string
@@ -438,47 +421,47 @@ class ApiServer:
             if request.body_exists:
                 length = request.content_length
                 if length is not None and length > MAX_BODY_BYTES:
-                    return _response(
+                    return response(
                         api.rejected(request.method, PayloadTooLarge(TOO_LARGE_MESSAGE)), close=True
                     )
                 if request.version is HttpVersion11 and headers.get("Expect", "").lower() == "100-continue":
                     early = api.precheck(request.method, path, authorization, client)
                     if early is not None:
-                        return _response(early, close=True)
+                        return response(early, close=True)
                     await request.writer.write(_CONTINUE)
                     request.writer.output_size = 0  # the answer proper has not started
                 read = await self._read_body(request)
                 if isinstance(read, ApiError):
-                    return _response(api.rejected(request.method, read), close=True)
+                    return response(api.rejected(request.method, read), close=True)
                 body = read
             reply = await api.handle(request.method, path, query, body, authorization, client)
             if reply.stream is not None:
                 return await self._stream(request, reply, reply.stream)
-            return _response(reply, close=self._closing)
+            return answer(request, reply, close=self._closing)
         except (asyncio.CancelledError, ConnectionError):
             raise  # the client is gone: aiohttp drops the connection
         except Exception:  # Api.handle does not raise; a bug here still gets an envelope
             log.exception("api_server_error method=%s", request.method)
-            return _response(api.rejected(request.method, InternalError()), close=True)
+            return response(api.rejected(request.method, InternalError()), close=True)
 
     async def _stream(self, request: web.BaseRequest, reply: Reply, stream: BodyStream) -> web.StreamResponse:
         """Write a streamed body (see the module docstring); ``stream`` is closed in every case."""
         sent = 0
         try:
-            response = web.StreamResponse(status=reply.status, headers=_headers(reply))
-            response.content_length = stream.size
+            streamed = web.StreamResponse(status=reply.status, headers=headers_of(reply))
+            streamed.content_length = stream.size
             if self._closing:
-                response.force_close()
-            await response.prepare(request)
+                streamed.force_close()
+            await streamed.prepare(request)
             if request.method != "HEAD":
                 async for piece in stream.chunks():
-                    await response.write(piece)  # waits only when the transport is over its limit
+                    await streamed.write(piece)  # waits only when the transport is over its limit
                     sent += len(piece)
                     await asyncio.sleep(0)  # one piece per loop step, however fast the client
             if sent != stream.size and request.method != "HEAD":
                 raise ValueError(f"the stream ended after {sent} of {stream.size} bytes")
-            await response.write_eof()
-            return response
+            await streamed.write_eof()
+            return streamed
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the stream failed, or the client is gone
