@@ -7,6 +7,7 @@ by wrk (C, ~10 us per request). Returns the Lua script's JSON plus derived figur
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 SCRIPT = Path(__file__).resolve().parent / "wrk_post.lua"
+_RUNS = itertools.count(1)
 
 
 def available() -> bool:
@@ -32,9 +34,17 @@ def run_wrk(
     ok_substring: str | None = None,
     timeout_s: float = 5.0,
 ) -> dict[str, Any]:
-    """POST ``body`` (``$key``/``$key_b64`` replaced per request) at fixed concurrency."""
+    """POST ``body`` (``$key``/``$key_b64`` replaced per request) at fixed concurrency. The keys
+    are new in every run (``w<run>.<thread>-<n>``): every write creates a lease (or an etcd key)
+    rather than re-owning one an earlier run created."""
     threads = 1 if concurrency < 2 else 2
-    env = {**os.environ, "WRK_BODY": body, "WRK_AUTH": auth or "", "WRK_OK": ok_substring or ""}
+    env = {
+        **os.environ,
+        "WRK_BODY": body,
+        "WRK_RUN": f"{next(_RUNS)}.",
+        "WRK_AUTH": auth or "",
+        "WRK_OK": ok_substring or "",
+    }
     argv = [
         "wrk",
         "-t",

@@ -1,10 +1,12 @@
--- wrk script for quorumd and etcd: one POST per request with a body made unique per thread and
--- request. Environment: WRK_BODY (a template where $key and $key_b64 are replaced), WRK_AUTH (an
--- optional bearer token), WRK_OK (a substring a successful reply must contain, optional).
+-- wrk script for quorumd and etcd: one POST per request with a body made unique per run, thread and
+-- request. Environment: WRK_BODY (a template where $key and $key_b64 are replaced), WRK_RUN (a
+-- prefix that makes the keys of this run new, optional), WRK_AUTH (an optional bearer token),
+-- WRK_OK (a substring a successful reply must contain, optional).
 -- Prints one JSON line at the end (requests, 2xx-and-substring ok count, errors, latency percentiles).
 local body_t = os.getenv("WRK_BODY") or "{}"
 local auth = os.getenv("WRK_AUTH")
 local must = os.getenv("WRK_OK")
+local run = os.getenv("WRK_RUN") or ""
 local b64chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 local function b64(data)
@@ -36,7 +38,7 @@ end
 
 function request()
   counter = counter + 1
-  local key = "w" .. tid .. "-" .. counter
+  local key = "w" .. run .. tid .. "-" .. counter
   local body = body_t:gsub("%$key_b64", b64(key)):gsub("%$key", key)
   return wrk.format(nil, nil, nil, body)
 end
