@@ -1,6 +1,7 @@
 """The HTTP/1.1 server (``quorumd.api.server``) over raw sockets: keep-alive, pipelining, limits,
 timeouts, HEAD, Expect, Host and version checks, disconnects, metrics, graceful shutdown, the
-connection cap, the descriptor reserve and TLS, against a FakeNode leader.
+connection cap, the descriptor reserve, TLS and the answers written whole, against a FakeNode
+leader.
 
 Every test runs on both event loops (asyncio's and uvloop, the daemon's). Waits end on observable
 events (an answer, an EOF, a released connection); ``WAIT`` is only the safety net.
