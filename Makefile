@@ -46,7 +46,7 @@ upgrade-test: $(STAMP)
 bench-backup: $(STAMP)
 	$(BIN)/python bench/backup.py --leases 100000 --via-follower
 
-# 10,000 simulator seeds (long; see README for the last run's time)
+# 10,000 simulator seeds (about 7 minutes; tests/README.md has the last run)
 soak: $(STAMP)
 	$(BIN)/python -m quorumd.raft.sim --sweep 10000 --steps 5000 --nodes 3,5 --jobs 2
 
