@@ -1,10 +1,10 @@
 """How a ``Reply`` goes out on an aiohttp connection.
 
 Most answers are an HTTP/1.1 keep-alive answer with a body in memory and no header of their own:
-``answer`` writes those itself, status line, head and body in one ``bytes`` and one writer call
-(``WholeAnswer``). aiohttp's ``web.Response`` does the same with a header multidict, a
+``answer`` writes those itself, status line, headers and body in one ``bytes`` and one writer call
+(``WholeAnswer``). aiohttp's ``web.Response`` builds the same bytes through a header multidict, a
 preparation step per header rule and two writer calls; at 64 clients that was ~10% of the
-leader's CPU (BENCHMARKS.md). Every other answer (HEAD, HTTP/1.0, a client that asked to close,
+leader's CPU (bench/notes.md). Every other answer (HEAD, HTTP/1.0, a client that asked to close,
 a connection being closed, a status without a body, a reply carrying headers of its own) is a
 ``web.Response``, so aiohttp's rules apply to it unchanged. Both carry the same headers:
 ``Content-Type``, ``Content-Length``, ``Date``, ``Server: quorumd`` and ``Cache-Control:
