@@ -13,12 +13,11 @@ no-store``.
 
 from __future__ import annotations
 
-import time
-from email.utils import formatdate
 from http import HTTPStatus
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.helpers import rfc822_formatted_time  # the Date web.Response writes (cached a second)
 from aiohttp.http import HttpVersion11
 
 from .pipeline import Reply
@@ -27,26 +26,6 @@ BASE_HEADERS = {"Cache-Control": "no-store", "Server": "quorumd"}
 _BASE_LINES = "".join(f"{name}: {value}\r\n" for name, value in BASE_HEADERS.items())
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 _NO_BODY_STATUSES = frozenset((204, 304))
-
-
-class _Date:
-    """The ``Date`` header's value (RFC 9110 5.6.7), formatted once a second."""
-
-    __slots__ = ("_second", "_text")
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._text = ""
-
-    def now(self) -> str:
-        second = int(time.time())
-        if second != self._second:
-            self._text = formatdate(second, usegmt=True)
-            self._second = second
-        return self._text
-
-
-_date = _Date()
 
 
 def headers_of(reply: Reply) -> dict[str, str]:
@@ -96,7 +75,7 @@ def whole(reply: Reply) -> bytes:
     head = (
         f"HTTP/1.1 {reply.status} {_REASONS.get(reply.status, '')}\r\n"
         f"Content-Type: {reply.content_type}\r\n{_BASE_LINES}"
-        f"Date: {_date.now()}\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"Date: {rfc822_formatted_time()}\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode("latin-1") + body
 

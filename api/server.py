@@ -1,15 +1,14 @@
 """HTTP/1.1 server for the API: aiohttp's low-level server (``aiohttp.web.Server``), no router.
 
-``ApiServer(api).start(host, port, ssl_context=...)`` listens; every request goes to one handler that
-turns the ``BaseRequest`` into the arguments of ``Api.handle`` and the ``Reply`` into an answer
-(``answers.answer``: a keep-alive answer with a plain body is written whole in one call, any
-other through ``web.Response``). ``replace_ssl_context`` swaps the TLS context for the handshakes to come (the
-daemon's certificate reload). aiohttp's C parser (llhttp) reads the request, its protocol
+``ApiServer(api).start(host, port, ssl_context=...)`` listens; every request goes to one handler
+that turns the ``BaseRequest`` into the arguments of ``Api.handle`` and the ``Reply`` into an answer
+(``answers.answer``: a keep-alive answer with a plain body is written whole in one call, any other
+through ``web.Response``). ``replace_ssl_context`` swaps the TLS context for the handshakes to come
+(the daemon's certificate reload). aiohttp's C parser (llhttp) reads the request, its protocol
 (``web_protocol.RequestHandler``) runs keep-alive, pipelining (answers in order; at most 32 parsed
-requests queued per connection, and a queued request's body buffers at most 128 KiB, then
-reading pauses) and the lingering close after an early answer. No router, no middleware chain:
-those were half of the leader's CPU when the API was an ``aiohttp.web`` application
-(BENCHMARKS.md).
+requests queued per connection, and a queued request's body buffers at most 128 KiB, then reading
+pauses) and the lingering close after an early answer. No router, no middleware chain: those were
+half of the leader's CPU when the API was an ``aiohttp.web`` application (BENCHMARKS.md).
 
 A connection goes through three objects: ``_Gate`` (the protocol of the accepted socket: admits or
 closes it, starts TLS), ``_Reader`` (a buffered protocol in front of aiohttp's, so that uvloop
