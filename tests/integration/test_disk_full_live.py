@@ -122,7 +122,7 @@ def test_a_full_disk_is_waited_out_and_no_acknowledged_write_is_lost(tmp_path: P
             wait_for("node 1 has every acknowledged write", lambda: has_all(c, 1, acked), 60)
             # An acknowledged write is on a majority; the third node may still be applying it.
             for nid in (2, 3):
-                wait_for(f"node {nid} has every acknowledged write", lambda nid=nid: has_all(c, nid, acked), 30)
+                wait_for(f"node {nid} has every write", lambda nid=nid: has_all(c, nid, acked), 30)
             assert "Traceback" not in node.log_text()
         finally:
             c.close()
