@@ -161,8 +161,14 @@ def test_collector_rib_follows_leases_drain_and_kill(lab: NetLab, tmp_path: Path
                 timings.setdefault("appear", []).append(allocate(owner, pool, f"ue-{owner}-{k}"))
         assert prefixes(collector) == expected()
 
-        # /status and the metrics say what gobgpd holds
+        # /status and the metrics say what gobgpd holds (what gobgpd accepted, counted once the
+        # node's own CLI call returns: the collector may have the route a moment before)
         for i in (1, 2, 3):
+            wait_for(
+                f"node {i} reports its prefixes",
+                lambda i=i: cluster.status(i)["bgp"]["announcedPrefixes"] == 3,
+                10,
+            )
             bgp = cluster.status(i)["bgp"]
             assert bgp["speaker"] == "gobgp" and bgp["running"] is True and bgp["announcedPrefixes"] == 3
             assert bgp["peers"] == [{"address": lab.collector_addr, "state": "established"}]

@@ -257,7 +257,9 @@ def test_drain_deadline_expires_with_leases_still_held(cluster: OpsCluster, ran:
     assert elapsed >= deadline - 0.05, f"drained after {elapsed:.2f}s, before its {deadline}s deadline"
     assert member(c, f, lead)["activeLeases"] >= 1  # ended by the deadline, not by the lease count
     lead_now = c.wait_leader()
-    assert f"member_drained node_id={f} reason=deadline" in c.nodes[lead_now].log_text()
+    # (The leader logs the flip once its proposal returns, a moment after the entry applied.)
+    line = f"member_drained node_id={f} reason=deadline"
+    wait_for("the deadline drain logged", lambda: line in c.nodes[lead_now].log_text(), 10)
     # draining -> drained is one drain: exactly one "GUAMI unavailable" event.
     wait_for("F sees itself drained", lambda: c.status(f)["drainState"] == "drained")
     wait_for("RAN webhook event for F", lambda: ran.count(f) == hook_before + 1)
@@ -343,7 +345,9 @@ def test_deadline_watch_survives_a_leader_kill(cluster: OpsCluster, ran: RanRece
     elapsed = time.monotonic() - t0
     assert elapsed >= deadline - 0.05
     assert member(c, f, g)["activeLeases"] >= 1
-    # G flipped it (the old leader's log gained no such line before it died).
+    # G flipped it (the old leader's log gained no such line before it died). G logs the flip once
+    # its proposal returns, a moment after the entry applied.
+    wait_for("G logs the deadline drain", lambda: c.nodes[g].log_text().count(line) > g_lines, 10)
     assert c.nodes[g].log_text().count(line) == g_lines + 1
     assert c.nodes[lead].log_text().count(line) == lead_lines
     assert c.leader_id() == g  # the draining F never took over

@@ -229,8 +229,13 @@ def test_compose_walkthrough(workdir: Path) -> None:
     # --- drain and resume of node 3 through its own port ----------------------------------------------
     out = sh(DRAIN3, cwd=cwd, timeout=60).stdout
     assert "drained" in out, out
-    drained = {m["nodeId"]: m["drainState"] for m in ctl_json(1, "members list", cwd=cwd, timeout=20)}
-    assert drained == {1: "active", 2: "active", 3: "drained"}
+
+    # node 1 lists its own replica, which may apply the drain a moment after the leader answered
+    def drain_states() -> dict[int, str]:
+        return {m["nodeId"]: m["drainState"] for m in ctl_json(1, "members list", cwd=cwd, timeout=20)}
+
+    wait_for("node 1 sees node 3 drained", lambda: drain_states()[3] == "drained", 30)
+    assert drain_states() == {1: "active", 2: "active", 3: "drained"}
     refused = ctl(
         3, "leases allocate --pool ue --holder imsi-003 --node-id 3", cwd=cwd, timeout=30, check=False
     )

@@ -30,6 +30,7 @@ from tests.api_live_support import (
     op_doc,
     resolve_refs,
     shutdown,
+    voters,
 )
 from tests.cluster import Cluster, free_port, wait_for
 
@@ -138,6 +139,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp("ctllive"), 3, cluster_overrides=MANUAL_PROMOTION)
     try:
         form_with_manual_promotion(c)
+        # Formation waited on the leader's view; the tests list members through node 2, whose own
+        # replica may take the last promotion in a moment later.
+        for nid in (1, 2, 3):
+            wait_for(f"node {nid} lists three voters", lambda nid=nid: voters(c, nid) == {1, 2, 3}, 30)
         yield c
     finally:
         shutdown(c)
