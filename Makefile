@@ -19,6 +19,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check raft api node tests bench
+	$(BIN)/ruff format --check raft api node tests bench
 
 # mypy cannot follow the editable install's import hook, so it reads a symlinked package tree.
 typecheck: $(STAMP)

@@ -74,9 +74,7 @@ def routes() -> list[Route]:
             Access.ADMIN,
             Placement.LEADER,
             raw_content_type=CONTENT_TYPE,
-            errors=(
-                ErrorDoc(503, ("backup_busy",)),
-            ),
+            errors=(ErrorDoc(503, ("backup_busy",)),),
             success_headers=(
                 (INDEX_HEADER, "The Raft index of the state in the archive."),
                 (SHA256_HEADER, "Lowercase hex SHA-256 of the whole body."),

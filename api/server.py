@@ -123,6 +123,8 @@ BACKLOG = 1024
 READ_BUFFER_BYTES = 64 * 1024
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
 def _parse_error(status: int, exc: BaseException | None) -> ApiError:
     """The envelope for an error aiohttp's protocol reports (parser errors arrive as 400)."""
     if status >= 500:

@@ -231,8 +231,11 @@ def join_follower(directory: Path, leader_api: int, leader_raft: int, admin: str
         s1, lead = get_json(leader_api, "/api/v1/status")
         s2, me = get_json(api_port, "/api/v1/status")
         voter = s0 == 200 and any(m["nodeId"] == 2 and m["suffrage"] == "voter" for m in members["result"])
-        return voter and s1 == s2 == 200 and me["result"]["ready"] and (
-            me["result"]["appliedIndex"] >= lead["result"]["commitIndex"]
+        return (
+            voter
+            and s1 == s2 == 200
+            and me["result"]["ready"]
+            and (me["result"]["appliedIndex"] >= lead["result"]["commitIndex"])
         )
 
     # Promoted by autopilot, then caught up: the join's own work (the snapshot sent and

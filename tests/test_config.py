@@ -284,8 +284,9 @@ TOY = Table(
         Key("bgp.peers.remote-as", Int(1, 4_294_967_295), REQUIRED, "neighbour AS"),
         Key("bgp.peers.port", Int(1, 65535), 179, "BGP port"),
         Section("cluster"),
-        Key("cluster.certificate-lifetime", Duration(high="3650d"), "365d",
-            "node certificates live this long"),
+        Key(
+            "cluster.certificate-lifetime", Duration(high="3650d"), "365d", "node certificates live this long"
+        ),
     ],
 )
 
@@ -343,8 +344,16 @@ def test_toy_table_lists_of_mappings_and_nested_sections() -> None:
     )
     assert TOY.dump(cfg)["bgp"]["peers"][1] == {"address": "r2:179", "remote-as": 65002, "port": 1179}
     assert toy(TOY.dump(cfg)) == cfg
-    assert TOY.names == ("bgp", "bgp.enabled", "bgp.peers", "bgp.peers.address", "bgp.peers.remote-as",
-                         "bgp.peers.port", "cluster", "cluster.certificate-lifetime")
+    assert TOY.names == (
+        "bgp",
+        "bgp.enabled",
+        "bgp.peers",
+        "bgp.peers.address",
+        "bgp.peers.remote-as",
+        "bgp.peers.port",
+        "cluster",
+        "cluster.certificate-lifetime",
+    )
 
 
 @pytest.mark.parametrize(
@@ -352,10 +361,16 @@ def test_toy_table_lists_of_mappings_and_nested_sections() -> None:
     [
         ({"bgp": {"peers": {"address": "a:1"}}}, "bgp.peers", "expected a list of mappings"),
         ({"bgp": {"peers": ["a:1"]}}, "bgp.peers[0]", "expected a mapping"),
-        ({"bgp": {"peers": [{"address": "a:1", "remote-as": 1}, {"address": "b:1"}]}},
-         "bgp.peers[1].remote-as", "is required"),
-        ({"bgp": {"peers": [{"address": "a:1", "remote-as": 1, "prot": 1}]}},
-         "bgp.peers[0].prot", "did you mean 'port'"),
+        (
+            {"bgp": {"peers": [{"address": "a:1", "remote-as": 1}, {"address": "b:1"}]}},
+            "bgp.peers[1].remote-as",
+            "is required",
+        ),
+        (
+            {"bgp": {"peers": [{"address": "a:1", "remote-as": 1, "prot": 1}]}},
+            "bgp.peers[0].prot",
+            "did you mean 'port'",
+        ),
         ({"bgp": {"peers": [{"address": "0.0.0.0:1", "remote-as": 1}]}}, "bgp.peers[0].address", "reach"),
         ({"bgp": {"peers": [{"address": "a:1", "remote-as": 0}]}}, "bgp.peers[0].remote-as", "1..4294967295"),
         ({"bgp": {"peers": [{"address": "a:1", "remote-as": 1, "port": 1}]}}, "bgp.peers[0].port", "tcpmux"),

@@ -189,6 +189,7 @@ class _Pool:
     def info(self) -> PoolInfo:
         return PoolInfo(self.name, str(self.network), self.capacity, len(self.index), self.created_at)
 
+
 def parse_cidr(cidr: str) -> IPNetwork:
     """Strict CIDR parse (host bits must be zero); raises ``Rejection('invalid_cidr')``."""
     try:
