@@ -421,18 +421,28 @@ class Cluster(DaemonCluster[Node]):
 
 
 class RanReceiver:
-    """A RAN webhook endpoint on 127.0.0.1: records every JSON event the daemons POST to it."""
+    """A RAN webhook endpoint on 127.0.0.1: records every JSON event the daemons POST to it, once
+    per ``eventId`` as a RAN would (a delivery retried after a slow attempt repeats its id; the
+    repeats are counted apart)."""
 
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
+        self.repeats = 0
+        self._ids: set[str] = set()
         self._lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                event = json.loads(raw)
                 with receiver._lock:
-                    receiver.events.append(json.loads(raw))
+                    event_id = event.get("eventId")
+                    if event_id is not None and event_id in receiver._ids:
+                        receiver.repeats += 1
+                    else:
+                        receiver._ids.add(event_id)
+                        receiver.events.append(event)
                 self.send_response(204)
                 self.end_headers()
 
@@ -445,7 +455,7 @@ class RanReceiver:
         self._thread.start()
 
     def of(self, node_id: int) -> list[dict[str, Any]]:
-        """Every event node ``node_id`` sent, in arrival order."""
+        """Every event node ``node_id`` sent (each ``eventId`` once), in arrival order."""
         with self._lock:
             return [e for e in self.events if e.get("nodeId") == node_id]
 
