@@ -422,13 +422,11 @@ class Cluster(DaemonCluster[Node]):
 
 class RanReceiver:
     """A RAN webhook endpoint on 127.0.0.1: records every JSON event the daemons POST to it, once
-    per ``eventId`` as a RAN would (a delivery retried after a slow attempt repeats its id; the
-    repeats are counted apart)."""
+    per ``eventId`` as a RAN would (a delivery retried after a slow attempt repeats its id)."""
 
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
-        self.repeats = 0
-        self._ids: set[str] = set()
+        self._ids: set[str | None] = set()
         self._lock = threading.Lock()
         receiver = self
 
@@ -438,9 +436,7 @@ class RanReceiver:
                 event = json.loads(raw)
                 with receiver._lock:
                     event_id = event.get("eventId")
-                    if event_id is not None and event_id in receiver._ids:
-                        receiver.repeats += 1
-                    else:
+                    if event_id is None or event_id not in receiver._ids:
                         receiver._ids.add(event_id)
                         receiver.events.append(event)
                 self.send_response(204)
