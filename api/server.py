@@ -47,7 +47,11 @@ Limits (module constants; the timeouts and caps are constructor parameters):
 - time: a request head must be complete within ``keepalive_timeout`` (default 30 s) of the
   connection being established or of the previous answer, otherwise the connection is closed
   (aiohttp's keep-alive timer, which also closes idle connections: slow-loris heads are dropped);
-  a body must arrive within ``body_timeout`` (30 s; 408 otherwise); the TLS handshake within
+  a body must arrive within ``body_timeout`` (30 s; 408 otherwise); an answer the client does
+  not read: once the server's writes have waited ``send_timeout`` (30 s) for the client without
+  any progress (the transport paused writing and did not resume), the connection is aborted
+  (pipelined requests whose answers are never read would otherwise hold it, and its slot under
+  ``max_connections``, for ever); the TLS handshake within
   ``handshake_timeout`` (10 s); a TLS close_notify exchange within ``TLS_SHUTDOWN_SECONDS`` (5 s);
   after an answer that left body bytes unread, ``LINGER_SECONDS`` (3 s) of discarding them before
   the close, so the client reads the answer rather than a reset.
@@ -111,6 +115,7 @@ MAX_HEADERS = 32
 # are told apart.
 KEEPALIVE_TIMEOUT = 30.0
 BODY_TIMEOUT = 30.0
+SEND_TIMEOUT = 30.0
 HANDSHAKE_TIMEOUT = 10.0
 TLS_SHUTDOWN_SECONDS = 5.0
 LINGER_SECONDS = 3.0
@@ -148,17 +153,40 @@ class _UnsupportedVersion(web.BaseRequest):
 class _Connection(RequestHandler):
     """aiohttp's HTTP/1.1 protocol for one connection, with JSON error answers and accounting."""
 
-    __slots__ = ("_owner", "_released", "body_refused")
+    __slots__ = ("_owner", "_released", "_send_stalled", "body_refused")
 
     def __init__(self, owner: ApiServer, **kwargs: Any) -> None:
         super().__init__(owner.web_server, loop=owner.loop, **kwargs)
         self._owner = owner
         self._released = False
+        self._send_stalled: asyncio.TimerHandle | None = None  # aborts when writing stays paused
         self.body_refused = False  # the parser refused the framing of the body being read
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_send_timer()
         super().connection_lost(exc)
         self._owner._release(self)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_stalled is None:
+            self._send_stalled = self._owner.loop.call_later(self._owner.send_timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        self._stop_send_timer()
+        super().resume_writing()
+
+    def _stop_send_timer(self) -> None:
+        if self._send_stalled is not None:
+            self._send_stalled.cancel()
+            self._send_stalled = None
+
+    def _send_timed_out(self) -> None:
+        self._send_stalled = None
+        log.debug("api_send_timeout seconds=%s", self._owner.send_timeout)
+        transport = self.transport
+        if transport is not None:
+            transport.abort()  # connection_lost follows: the writes waiting fail, the slot is freed
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -205,6 +233,7 @@ class ApiServer:
         fd_reserve: int = FD_RESERVE,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         body_timeout: float = BODY_TIMEOUT,
+        send_timeout: float = SEND_TIMEOUT,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         shutdown_grace: float = SHUTDOWN_GRACE,
         on_refused: Callable[[str], None] | None = None,
@@ -215,6 +244,7 @@ class ApiServer:
         self.fd_reserve = fd_reserve
         self.keepalive_timeout = keepalive_timeout
         self.body_timeout = body_timeout
+        self.send_timeout = send_timeout
         self.handshake_timeout = handshake_timeout
         self.shutdown_grace = shutdown_grace
         self.on_refused = on_refused

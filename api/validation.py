@@ -36,10 +36,36 @@ class Field:
     default: Any = None
 
 
+def _end_anchored(text: str) -> str:
+    """``text`` with each ``$`` outside a character class made ``\\Z``: in JSON Schema (ECMA-262)
+    ``$`` is the end of the value, in Python also the place before a final newline, which would
+    let ``"pool-a\\n"`` through ``^[a-z0-9]+$``."""
+    out: list[str] = []
+    escaped = in_class = False
+    class_start = 0  # where a class's members begin: a "]" there is one of them (Python's rule)
+    for i, ch in enumerate(text):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif in_class:
+            if ch == "^" and i == class_start:
+                class_start += 1
+            elif ch == "]" and i > class_start:
+                in_class = False
+        elif ch == "[":
+            in_class, class_start = True, i + 1
+        elif ch == "$":
+            out.append("\\Z")
+            continue
+        out.append(ch)
+    return "".join(out)
+
+
 def _pattern(text: str) -> re.Pattern[str]:
     pat = _PATTERN_CACHE.get(text)
     if pat is None:
-        pat = _PATTERN_CACHE[text] = re.compile(text)
+        pat = _PATTERN_CACHE[text] = re.compile(_end_anchored(text))
     return pat
 
 

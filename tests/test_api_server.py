@@ -695,6 +695,27 @@ async def test_percent_encoded_path_and_query(srv: Served) -> None:
         assert r.status == 400 and r.code == "invalid_pool_name"
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body", "code"),
+    [
+        ("POST", "/api/v1/pools", {"name": "pool-a\n", "cidr": "10.0.0.0/24"}, "invalid_pool_name"),
+        ("GET", "/api/v1/pools/pool-a%0A", None, "invalid_pool_name"),
+        ("GET", "/api/v1/leases?pool=pool-a%0A", None, "invalid_pool_name"),
+        ("GET", "/api/v1/tokens/0123456789ab%0A", None, "invalid_token_id"),
+        ("POST", "/api/v1/tokens", {"name": "ops\n", "role": "readonly"}, "invalid_field"),
+    ],
+    ids=["pool-body", "pool-path", "pool-query", "token-id", "token-name"],
+)
+async def test_a_trailing_newline_does_not_pass_a_pattern(
+    srv: Served, method: str, path: str, body: dict[str, Any] | None, code: str
+) -> None:
+    """A schema pattern's ``$`` is the end of the value (JSON Schema), not "before a final newline"."""
+    data = json.dumps(body).encode() if body is not None else b""
+    r = await request_once(srv, req(path, bearer(srv.admin), method=method, body=data))
+    assert (r.status, r.code) == (400, code), r.body
+    assert srv.cluster.pools == {} and len(srv.cluster.tokens) == 2  # the admin and the reader
+
+
 # --- 11. timeouts ------------------------------------------------------------------------------------
 
 
@@ -747,6 +768,67 @@ async def test_unfinished_body_gets_408() -> None:
             assert_closing_error(r, 408, "request_timeout")
             writer.write_eof()
             assert await read_to_eof(reader) == b""
+    finally:
+        await s.server.close()
+
+
+async def _unread_connection(
+    port: int, ssl_context: ssl.SSLContext | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose socket has a small receive buffer, for a client that never reads."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    opened = asyncio.open_connection(
+        sock=sock, ssl=ssl_context, server_hostname="127.0.0.1" if ssl_context else None
+    )
+    return await asyncio.wait_for(opened, WAIT)
+
+
+async def _wait_until(condition: Any, seconds: float = WAIT) -> None:
+    """Wait for ``condition()`` to hold, checking on every loop step; fail after ``seconds``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not condition():
+        assert loop.time() < deadline, "the condition never held"
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_client_that_never_reads_its_answers_is_dropped(tmp_path: Path, tls: bool) -> None:
+    """Pipelined requests whose answers the client never reads: once the server's writes have
+    waited ``send_timeout`` for the client, the connection is closed and its slot freed."""
+    server_ctx, client_ctx = _tls_contexts(tmp_path) if tls else (None, None)
+    s = await _serve(server_ctx, send_timeout=0.3, max_connections=1)
+    try:
+        _, writer = await _unread_connection(s.port, client_ctx)
+        try:
+            writer.write(req("/api/v1/openapi.json") * 400)  # never drained: the client reads nothing
+            # the server's writes stall behind the unread answers ...
+            await _wait_until(lambda: any(c.writing_paused for c in s.server.connections))
+            # ... and it gives up on the client rather than holding the connection for ever
+            assert await asyncio.wait_for(s.released.get(), WAIT) == 0
+        finally:
+            writer.transport.abort()
+        async with connection(s.port, client_ctx) as (reader, writer):  # the slot is free again
+            await send(writer, req("/healthz"))
+            assert (await read_response(reader)).status == 200
+    finally:
+        await s.server.close()
+
+
+async def test_client_that_reads_slowly_keeps_its_connection() -> None:
+    """Writes that wait and then resume each time the client reads do not count as a stall."""
+    s = await _serve(send_timeout=2.0)
+    try:
+        async with connection(s.port) as (reader, writer):
+            count = 60
+            await send(writer, req("/api/v1/openapi.json") * count)
+            await _wait_until(lambda: any(c.writing_paused for c in s.server.connections))
+            answers = [await read_response(reader) for _ in range(count)]
+            assert all(r.status == 200 for r in answers)
+            await send(writer, req("/healthz"))
+            assert (await read_response(reader)).status == 200
     finally:
         await s.server.close()
 

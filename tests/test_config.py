@@ -6,7 +6,11 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import re
+import resource
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -745,6 +749,94 @@ def test_config_types_are_frozen() -> None:
             setattr(obj, dataclasses.fields(obj)[0].name, None)
         assert not hasattr(obj, "__dict__")  # slotted
     assert isinstance(cfg, Config) and isinstance(cfg.cluster, ClusterConfig)
+
+
+@pytest.mark.parametrize(
+    ("text", "key_path", "fragment"),
+    [
+        ("cluster:\n  node-id: 010\n", "cluster.node-id", "octal"),  # YAML 1.1 would give 8
+        ("cluster:\n  node-id: 1\napi:\n  port: 05002\n", "api.port", "octal"),  # would give 2562
+        ("cluster:\n  node-id: 1:00\n", "cluster.node-id", "base 60"),  # would give 60
+        ("cluster:\n  node-id: 1\nbackup:\n  keep: 1:0:0\n", "backup.keep", "base 60"),
+    ],
+)
+def test_integers_yaml_reads_in_another_base_are_refused(
+    tmp_path: Path, text: str, key_path: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.key_path == key_path
+    assert fragment in str(info.value) and info.value.line is not None
+
+
+@pytest.mark.parametrize("text", ["0", "-7", "+7", "10", "1_000", "0x1f", "0b101"])
+def test_plain_integers_still_load(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, f"cluster:\n  node-id: 1\nbogus: {text}\n")
+    with pytest.raises(ConfigError, match=r"^bogus: unknown key"):  # the value itself loads
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://a b.example/",
+        "http://amf.exa\nmple/ran",  # the URL parser drops the newline: amf.example
+        "https://amf.example/ran\tevents",
+        "http://amf_1.example/",
+        "http://-amf.example/",
+        "http://amf..example/",
+    ],
+)
+def test_notify_url_needs_a_valid_host_and_no_whitespace(url: str) -> None:
+    err = error_of({"cluster": {"node-id": 1}, "ran": {"notify-url": url}})
+    assert err.key_path == "ran.notify-url", err
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://amf.example:8443/ran", "http://10.0.0.1/", "http://[fd00::1]:80/x", "http://bücher.example/"],
+)
+def test_notify_url_forms_accepted(url: str) -> None:
+    assert config_from_dict({"cluster": {"node-id": 1}, "ran": {"notify-url": url}}).ran.notify_url == url
+
+
+def _cli_under_memory_limit(config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``quorumd run --config`` with its address space capped: an unbounded read fails fast."""
+
+    def cap() -> None:
+        limit = 1024 * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "quorumd.node.cli", "run", "--config", str(config)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=cap,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+
+
+def test_endless_join_token_file_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    config = write(
+        tmp_path, "cluster:\n  node-id: 2\n  peers: [a.example:7000]\n  join-token-file: /dev/zero\n"
+    )
+    res = _cli_under_memory_limit(config, tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.startswith("quorumd: config error: cluster.join-token-file: "), res.stderr
+    assert "larger than" in res.stderr
+
+
+def test_endless_config_file_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    res = _cli_under_memory_limit(Path("/dev/zero"), tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.startswith("quorumd: config error: ") and "larger than" in res.stderr, res.stderr
+    big = tmp_path / "big.yaml"
+    big.write_text("cluster:\n  node-id: 1\n" + "# padding\n" * (2 * 1024 * 1024 // 10))
+    with pytest.raises(ConfigError, match="larger than"):
+        load_config(big)
 
 
 # --- logging -------------------------------------------------------------------------------------

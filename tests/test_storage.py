@@ -302,7 +302,7 @@ def test_snapshot_round_trip_and_retention(tmp_path: Path) -> None:
         assert rec.entries == entries(26, 30)
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "rename"])
+@pytest.mark.parametrize("damage", ["flip", "header", "truncate", "empty", "rename"])
 def test_corrupt_snapshot_is_skipped(tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture) -> None:
     st, _ = reopen(tmp_path)
     with st:
@@ -314,6 +314,9 @@ def test_corrupt_snapshot_is_skipped(tmp_path: Path, damage: str, caplog: pytest
     raw = bytearray(newest.read_bytes())
     if damage == "flip":
         raw[len(raw) // 2] ^= 0x10
+        newest.write_bytes(raw)
+    elif damage == "header":  # the reserved field of the header (always 0)
+        raw[6] ^= 0x10
         newest.write_bytes(raw)
     elif damage == "truncate":
         newest.write_bytes(raw[:-3])
@@ -704,3 +707,176 @@ def test_out_of_file_descriptors_is_transient_and_leaves_the_storage_usable(
         assert [e.index for e in rec.entries] == [4, 5, 6, 7, 8]
     finally:
         st.close()
+
+
+# --- crashes between the steps of a multi-step update ----------------------------------------
+def test_a_segment_left_empty_by_a_crash_is_headed_by_the_hard_state(tmp_path: Path) -> None:
+    """A crash right after a new segment was created (or while its first record was written)
+    leaves it empty; once the older segments are compacted away, the hard state must survive."""
+    st, _ = reopen(tmp_path)
+    with st:
+        st.set_hard_state(HardState(5, 2, 10))
+        st.append(entries(1, 10, term=5))
+        st.sync()
+    wal_mod.wal_path(tmp_path, 2).write_bytes(b"")  # the crash: created, nothing written yet
+    st, rec = reopen(tmp_path)
+    with st:
+        assert rec.hard_state == HardState(5, 2, 10)
+        st.append(entries(11, 12, term=5))
+        st.sync()
+        st.save_snapshot(snap(12, 5))
+        st.compact(12)
+        assert len(wal_files(tmp_path)) == 1
+    st, rec = reopen(tmp_path)
+    with st:
+        assert rec.hard_state == HardState(5, 2, 10)
+        assert rec.snapshot == snap(12, 5) and rec.entries == []
+
+
+def test_a_crash_while_an_install_drops_the_old_log_recovers_the_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Installing a snapshot that conflicts with the log removes the old segments one by one; a
+    crash before any of those steps must reopen as the snapshot alone, never as a log gap nor
+    with stale entries after it."""
+    d = tmp_path / "raft"
+    write_log(d, 100, segment_bytes=256)
+    assert len(wal_files(d)) >= 4
+    crashes: list[Path] = []
+    real_unlink, real_ftruncate = os.unlink, os.ftruncate
+
+    def crash_copy() -> None:
+        dst = tmp_path / f"crash{len(crashes)}"
+        shutil.copytree(d, dst, ignore=shutil.ignore_patterns("LOCK"))
+        crashes.append(dst)
+
+    def unlink(path, *a, **kw):  # type: ignore[no-untyped-def]
+        crash_copy()
+        real_unlink(path, *a, **kw)
+
+    def ftruncate(fd: int, length: int) -> None:
+        crash_copy()
+        real_ftruncate(fd, length)
+
+    st, _ = reopen(d, segment_bytes=256)
+    with st:
+        st.set_hard_state(HardState(7, 1, 30))
+        st.sync()
+        monkeypatch.setattr(os, "unlink", unlink)
+        monkeypatch.setattr(os, "ftruncate", ftruncate)
+        st.install_snapshot(snap(40, 7))  # the log has term 1 at index 40: it is dropped
+        monkeypatch.undo()
+    crash_copy()
+    assert len(crashes) >= 4
+    for c in crashes:
+        st, rec = reopen(c, segment_bytes=256)
+        with st:
+            assert rec.snapshot == snap(40, 7), c
+            assert rec.entries == [] and (st.last_index, st.last_term) == (40, 7), c
+            assert rec.hard_state == HardState(7, 1, 30), c
+            st.append(entries(41, 42, term=7))
+            st.sync()
+        st, rec = reopen(c, segment_bytes=256)
+        with st:
+            assert rec.entries == entries(41, 42, term=7), c
+
+
+def test_open_makes_what_it_recovered_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process killed between a write and its fsync leaves records in the page cache only; the
+    next ``open`` reads them as the log and the node acts on them (votes, acknowledges), so
+    ``open`` must fsync the segment they are in and the directory before returning them."""
+    st, _ = reopen(tmp_path, segment_bytes=256)
+    with st:
+        st.append(entries(1, 30))
+        st.sync()
+        st.set_hard_state(HardState(4, 2, 0))
+        st.append(entries(31, 31, term=4))
+        payload = b"".join(st._buf)  # written by the killed process, never synced
+    last = wal_files(tmp_path)[-1]
+    with last.open("ab") as f:
+        f.write(payload)
+    synced: set[str] = set()
+    real_fsync, real_fsync_data = os.fsync, wal_mod.fsync_data
+
+    def record(fd: int) -> None:
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(os, "fsync", lambda fd: (record(fd), real_fsync(fd))[1])
+    monkeypatch.setattr(wal_mod, "fsync_data", lambda fd: (record(fd), real_fsync_data(fd))[1])
+    st, rec = reopen(tmp_path, segment_bytes=256)
+    with st:
+        assert rec.hard_state == HardState(4, 2, 0) and rec.entries[-1] == entries(31, 31, term=4)[0]
+        assert {str(last.resolve()), str(tmp_path.resolve())} <= synced
+
+
+def test_creating_the_data_directory_makes_its_name_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first hard state is synced into a directory ``open`` created: the directories that
+    hold the new names (the parent of each one created) must be fsynced too, or a power loss
+    can take the whole directory, and the votes in it, away."""
+    synced: set[str] = set()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    st, _ = reopen(tmp_path / "a" / "raft")
+    with st:
+        assert {str(tmp_path.resolve()), str((tmp_path / "a").resolve())} <= synced
+        synced.clear()
+    st, _ = reopen(tmp_path / "a" / "raft")
+    with st:
+        assert str(tmp_path.resolve()) not in synced  # nothing created: nothing more to fsync
+
+
+def test_a_snapshot_install_retried_on_a_full_disk_stays_retryable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An install whose new segment did not fit is retried: the retry writes the same snapshot
+    file again, and a full disk then must again be ``StorageFullError`` (nothing changed: the
+    file already there is the same snapshot), not a failure that stops the storage."""
+    import errno
+
+    write_log(tmp_path, 50)
+    real_pwrite, real_write = os.pwrite, os.write
+    full = {"pwrite": 1, "write": 0}
+
+    def is_full(call: str) -> bool:
+        if full[call]:
+            full[call] -= 1
+            return True
+        return False
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        if is_full("pwrite"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    def write(fd: int, data: bytes) -> int:
+        if os.path.realpath(f"/proc/self/fd/{fd}").endswith(".tmp") and is_full("write"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    st, _ = reopen(tmp_path)
+    with st:
+        st.set_hard_state(HardState(3, 2, 40))
+        st.sync()
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "write", write)
+        with pytest.raises(storage_mod.StorageFullError):
+            st.install_snapshot(snap(80, 3))  # the snapshot landed, the new segment did not fit
+        full["write"] = 1
+        with pytest.raises(storage_mod.StorageFullError):
+            st.install_snapshot(snap(80, 3))  # the same snapshot file does not fit this time
+        st.install_snapshot(snap(80, 3))  # space again: the same call succeeds
+        monkeypatch.undo()
+        assert (st.last_index, st.last_term) == (80, 3)
+        st.append(entries(81, 82, term=3))
+        st.sync()
+    st, rec = reopen(tmp_path)
+    with st:
+        assert rec.snapshot == snap(80, 3) and rec.entries == entries(81, 82, term=3)
+        assert rec.hard_state == HardState(3, 2, 40)

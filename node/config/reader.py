@@ -3,7 +3,11 @@
 - Mappings come back as ``Mapping`` (a ``dict`` that remembers the line of each key and any key
   written twice); ``line_of`` and ``check_keys`` read that back for the schema walker.
 - A scalar YAML itself cannot build (``2001-02-30``, ``!!int x``, ``!!int`` with nothing after it)
-  is an error naming its dotted key and line, with a hint to quote it.
+  is an error naming its dotted key and line, with a hint to quote it. So is an integer YAML 1.1
+  reads in another base than it seems to have: a leading zero (``010`` is octal 8) or colons
+  (``1:00`` is base 60, i.e. 60).
+- A file is read up to ``MAX_FILE_BYTES`` (``read_bounded``): a larger one, or a device that never
+  ends, is an error rather than a read that exhausts memory.
 - Syntax errors carry their line and column; an empty file or a non-mapping top level is an error.
 - ``check_keys`` refuses a duplicate key, then an unknown key with a "did you mean" hint.
 """
@@ -19,7 +23,18 @@ import yaml
 
 from quorumd.node.config.values import ConfigError, describe, quote
 
-__all__ = ["Mapping", "check_keys", "join", "line_of", "os_reason", "read_yaml"]
+__all__ = [
+    "MAX_FILE_BYTES",
+    "Mapping",
+    "check_keys",
+    "join",
+    "line_of",
+    "os_reason",
+    "read_bounded",
+    "read_yaml",
+]
+
+MAX_FILE_BYTES = 1024 * 1024  # a config file is far smaller (the example with every key: ~5 KiB)
 
 
 class Mapping(dict[Any, Any]):
@@ -39,6 +54,10 @@ class _BadValue(yaml.constructor.ConstructorError):
         self.key_path = key_path
 
 
+class _OtherBase(ValueError):
+    """An integer YAML 1.1 reads in a base its text does not show; the message says which."""
+
+
 class _StrictLoader(yaml.SafeLoader):
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -53,9 +72,23 @@ class _StrictLoader(yaml.SafeLoader):
             kind = str(node.tag).rsplit(":", 1)[-1]
             what = quote(node.value) if isinstance(node.value, str) else "the value"
             hint = "; quote it to make it a string" if node.tag.startswith("tag:yaml.org") else ""
-            raise _BadValue(
-                ".".join(self.key_stack), f"{what} is not a valid YAML {kind}{hint}", node.start_mark
-            ) from exc
+            problem = str(exc) if isinstance(exc, _OtherBase) else f"{what} is not a valid YAML {kind}{hint}"
+            raise _BadValue(".".join(self.key_stack), problem, node.start_mark) from exc
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """SafeLoader's integers, refusing those YAML 1.1 reads as octal (``010``: 8) or base 60
+    (``1:00``: 60): a silently different number is worse than an error."""
+    value: int = loader.construct_yaml_int(node)
+    digits = str(node.value).replace("_", "").lstrip("+-")
+    if ":" in digits:
+        raise _OtherBase(f"{quote(node.value)} is a base 60 number in YAML ({value}); write {value}")
+    if len(digits) > 1 and digits[0] == "0" and digits[1] not in "bx":
+        raise _OtherBase(
+            f"{quote(node.value)} is an octal number in YAML ({value}); write {value}, "
+            f"or {digits.lstrip('0') or '0'} without the leading zero"
+        )
+    return value
 
 
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> Mapping:
@@ -81,6 +114,7 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> Mappi
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def os_reason(exc: BaseException) -> str:
@@ -89,11 +123,21 @@ def os_reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def read_bounded(file: Path, limit: int = MAX_FILE_BYTES) -> str:
+    """The UTF-8 text of ``file``, reading at most ``limit`` + 1 bytes: ``ValueError`` when it is
+    larger (a device such as /dev/zero included), ``OSError`` or ``UnicodeDecodeError`` otherwise."""
+    with file.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"it is larger than {limit} bytes")
+    return data.decode("utf-8")
+
+
 def read_yaml(file: Path) -> dict[Any, Any]:
     """The top-level mapping of a config file; ``ConfigError`` for anything that is not one."""
     try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_bounded(file)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError("", f"cannot read config file {file}: {os_reason(exc)}") from exc
     try:
         data = yaml.load(text, Loader=_StrictLoader)

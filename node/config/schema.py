@@ -90,7 +90,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quorumd.node.config.reader import line_of, os_reason, read_yaml
+from quorumd.node.config.reader import line_of, os_reason, read_bounded, read_yaml
 from quorumd.node.config.table import REQUIRED, Fields, Key, Rule, Section, Table
 from quorumd.node.config.values import (
     MAX_ECHO_CHARS,
@@ -150,6 +150,7 @@ MIN_NODE_ID = 1
 MAX_NODE_ID = 63
 ELECTION_TO_HEARTBEAT_MIN_RATIO = 5
 MAX_TOKEN_CHARS = 4096
+MAX_TOKEN_FILE_BYTES = 64 * 1024  # the token and any whitespace around it
 
 JOIN_TOKEN = Token(max_chars=MAX_TOKEN_CHARS)
 HOST_PORT = Address()
@@ -483,8 +484,8 @@ def _cluster_rules(f: Fields) -> None:
 
 def _read_token_file(f: Fields, path: Path) -> str:
     try:
-        token = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
+        token = read_bounded(path, MAX_TOKEN_FILE_BYTES).strip()
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise f.error("join-token-file", f"cannot read {path}: {os_reason(exc)}") from exc
     if not token:
         raise f.error("join-token-file", f"{path} is empty")

@@ -333,9 +333,22 @@ class Address(Text):
         return str(value)
 
 
+def _valid_url_host(host: str) -> bool:
+    """An IP literal or a DNS name, internationalized names in their IDNA form."""
+    if _is_ip(host):
+        return True
+    try:
+        ascii_name = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    return _is_dns_name(ascii_name)
+
+
 @dataclass(frozen=True, slots=True)
 class Url(Text):
-    """A URL with one of ``schemes`` and a host."""
+    """A URL with one of ``schemes`` and a host that is an IP address or a DNS name. No whitespace
+    or control character anywhere: URL parsers drop tabs and newlines inside a URL without a word
+    (``http://amf.exa<newline>mple/`` would reach ``amf.example``)."""
 
     schemes: tuple[str, ...] = ("http", "https")
     what = "a URL"
@@ -343,12 +356,16 @@ class Url(Text):
     def parse(self, raw: object, base_dir: Path) -> object:
         url = self.text(raw).strip()
         expected = f"expected an {' or '.join(s + '://' for s in self.schemes)} URL, got {quote(url)}"
+        if any(ch.isspace() or not ch.isprintable() for ch in url):
+            raise ValueProblem(f"{expected}: a URL has no whitespace or control characters (write %20)")
         try:
             parts = urlsplit(url)
         except ValueError as exc:  # e.g. an unclosed [IPv6 bracket
             raise ValueProblem(f"{expected}: {exc}") from None
         if parts.scheme not in self.schemes or not parts.hostname:
             raise ValueProblem(expected)
+        if not _valid_url_host(parts.hostname):
+            raise ValueProblem(f"{expected}: {quote(parts.hostname)} is neither an IP address nor a DNS name")
         try:
             _ = parts.port
         except ValueError:

@@ -21,8 +21,9 @@ Layout (all integers big-endian)::
 Decoding checks, in this order, and names the first problem: empty, too short to hold the fixed
 fields (truncated), bad magic (not a quorumd backup), a format version newer than this build reads,
 lengths that run past the end (truncated) or stop before it (trailing data), the digest, and then
-the header's fields. ``decode_archive`` raises only ``ArchiveError``; whether the state itself is
-valid is for ``StateMachine.restore`` to say (the offline tools do both).
+the header's fields (a key given twice is malformed; ``createdAt`` is a time in years 1970..9999).
+``decode_archive`` raises only ``ArchiveError``; whether the state itself is valid is for
+``StateMachine.restore`` to say (the offline tools do both).
 
 A later format version may add header keys (readers ignore keys they do not know) or change the
 layout (then the version goes up; every build reads the versions before it).
@@ -57,6 +58,7 @@ ARCHIVE_MAGIC = b"QRMDBAK\n"
 ARCHIVE_FORMAT_VERSION = 1
 DIGEST_BYTES = 32
 MAX_HEADER_BYTES = 1 << 16
+MAX_CREATED_AT = 253402300799.0  # 9999-12-31T23:59:59Z: the last time the tools can show
 _PREFIX = struct.Struct(">8sHI")  # magic, format version, header length
 _STATE_LEN = struct.Struct(">Q")
 FIXED_BYTES = _PREFIX.size + _STATE_LEN.size + DIGEST_BYTES
@@ -169,9 +171,20 @@ def decode_archive(data: bytes) -> Archive:
     return Archive(header, state, hashlib.sha256(data).hexdigest(), n)
 
 
+def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    doc: dict[Any, Any] = {}
+    for key, value in pairs:
+        if key in doc:
+            raise ArchiveError(f"malformed header: {key} appears twice")
+        doc[key] = value
+    return doc
+
+
 def _decode_header(raw: bytes) -> ArchiveHeader:
     try:
-        doc = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        doc = msgpack.unpackb(raw, raw=False, strict_map_key=True, object_pairs_hook=_unique_keys)
+    except ArchiveError:
+        raise
     except Exception as exc:  # msgpack raises several types for malformed input
         raise ArchiveError(f"malformed header: {type(exc).__name__}") from None
     if not isinstance(doc, dict):
@@ -183,7 +196,7 @@ def _decode_header(raw: bytes) -> ArchiveHeader:
         cluster_id=cluster_id,
         index=_int(doc, "index"),
         term=_int(doc, "term"),
-        created_at=_float(doc, "createdAt"),
+        created_at=_time(doc, "createdAt"),
         node_id=_int(doc, "nodeId"),
         version=_str(doc, "version"),
         state_format=_int(doc, "stateFormat"),
@@ -212,6 +225,13 @@ def _float(doc: dict[Any, Any], key: str) -> float:
     if not math.isfinite(value):
         raise ArchiveError(f"malformed header: {key} is not finite")
     return float(value)
+
+
+def _time(doc: dict[Any, Any], key: str) -> float:
+    value = _float(doc, key)
+    if not 0 <= value <= MAX_CREATED_AT:
+        raise ArchiveError(f"malformed header: {key} is not a time between 1970 and 9999")
+    return value
 
 
 def _str(doc: dict[Any, Any], key: str) -> str:

@@ -398,10 +398,7 @@ def _decode_fields(op: OpCode, ts: float, f: list[Any]) -> Command:
         case OpCode.AUDITED:
             arity(2)
             note = decode_note(f[0])
-            inner = decode_items(f[1])
-            if isinstance(inner, Audited | RecordAudit):
-                raise CommandError("AUDITED: an audited change cannot be audited again")
-            return Audited(ts, note, inner)
+            return Audited(ts, note, decode_items(f[1], audited=True))
         case OpCode.RECORD_AUDIT:
             arity(1)
             return RecordAudit(ts, decode_note(f[0]))
@@ -440,8 +437,10 @@ def decode_command(data: bytes) -> Command:
     return decode_items(items)
 
 
-def decode_items(items: object) -> Command:
-    """The general decoder of an unpacked command (see decode_command)."""
+def decode_items(items: object, *, audited: bool = False) -> Command:
+    """The general decoder of an unpacked command (see decode_command). ``audited``: ``items``
+    is the change an ``Audited`` carries, refused when it is itself audited before its fields
+    are decoded (a chain of them would otherwise recurse as deep as msgpack nests)."""
     items = check_list(items, "command")
     if len(items) < 3:
         raise CommandError("command: too short")
@@ -460,6 +459,8 @@ def decode_items(items: object) -> Command:
         raise CommandError(f"command: unknown op {code}") from None
     if head == 1 and OP_PROTOCOL[op] > 1:
         raise CommandError(f"command: {op.name} outside the envelope that names its protocol")
+    if audited and (op == OpCode.AUDITED or op == OpCode.RECORD_AUDIT):
+        raise CommandError("AUDITED: an audited change cannot be audited again")
     ts = check_float(items[head + 1], "ts")
     return _decode_fields(op, ts, items[head + 2 :])
 

@@ -40,13 +40,15 @@ def read_snapshot(path: Path, index: int, term: int) -> Snapshot:
     raw = path.read_bytes()
     if len(raw) < SNAP_HEAD.size:
         raise ValueError(f"short file ({len(raw)} bytes)")
-    magic, version, _, meta_len, data_len, crc = SNAP_HEAD.unpack_from(raw)
+    magic, version, reserved, meta_len, data_len, crc = SNAP_HEAD.unpack_from(raw)
     if magic != SNAP_MAGIC:
         raise ValueError("bad magic")
     if version > SNAP_VERSION:
         raise StorageFormatError(path, version, SNAP_VERSION, "snapshot file")
     if version != SNAP_VERSION:
         raise ValueError(f"unsupported version {version}")
+    if reserved != 0:  # written as 0 and not covered by the CRC: anything else is damage
+        raise ValueError(f"bad header (reserved field {reserved})")
     if SNAP_HEAD.size + meta_len + data_len != len(raw):
         raise ValueError(f"length mismatch (header says {meta_len}+{data_len}, file has {len(raw)})")
     body = memoryview(raw)[SNAP_HEAD.size :]

@@ -1,9 +1,8 @@
 """The on-disk log of one Raft node: ``LogStorage`` (synchronous, one thread) and its recovery.
 
-The asyncio driver calls ``LogStorage`` from a single executor thread; nothing here is async.
-The file formats live elsewhere: WAL segments and their records in ``wal.py``, snapshot files in
-``snapshots.py``; the exceptions are in ``storage_errors.py`` (re-exported here). This module owns
-the directory (``directory``), what the files mean together, and opening it again:
+Called from one thread at a time; nothing here is async. File formats: ``wal.py`` (segments),
+``snapshots.py``; errors: ``storage_errors.py`` (re-exported here); creating and locking the
+directory: ``directory.py``. This module owns what the files mean together, and opening them again:
 
 - ``wal-<seq:016x>.log``: WAL segments, replayed in ``seq`` order, none missing. Every segment
   begins with a HARD_STATE record, so older segments can be deleted safely (``compact``).
@@ -11,34 +10,17 @@ the directory (``directory``), what the files mean together, and opening it agai
   are kept. ``.tmp`` leftovers of an interrupted write are removed when opening.
 - ``LOCK``: an flock held while open, so two processes never share a directory.
 
-Format versions: a CRC-valid WAL record or a snapshot file in a newer format than this build knows
-raises ``StorageFormatError`` from ``open`` before anything in the directory is changed (no temp
-file removed, no torn tail truncated): the daemon refuses to start.
-
-Log semantics (``replay.py``): the last writer wins; entries at or before the snapshot index are
-not returned.
-
-Out of file descriptors (EMFILE/ENFILE) is transient, not a failure: the directory's fd is held
-open for its fsyncs, and the only files opened while running (a new WAL segment, a snapshot's
-temporary file) are opened before anything changes, so such an open raises
-``StorageTransientError`` with the storage untouched and usable; the driver retries with a
-bounded backoff. A full disk (ENOSPC/EDQUOT) is transient too when ``write`` or ``open`` reports
-it (``StorageFullError``): an append that did not fit is cut off again (``ftruncate`` to the
-synced size needs no space) and stays buffered, a snapshot's partial temporary file is removed;
-nothing that was synced changes and the retry writes the same bytes. Any other I/O error, and any
-failed fsync (ENOSPC included), stops the storage (``_failed``): after a failed fsync the state
-of the page cache is unknown.
-
-Durability: nothing is durable until ``sync()`` returns. A bad record at the tail of the last
-segment with nothing valid after it is a torn write and is truncated (see ``wal.py``); any other
-bad record is corruption and ``open`` raises ``StorageCorruptError`` (the daemon refuses to start).
+A CRC-valid WAL record or snapshot file in a newer format than this build knows raises
+``StorageFormatError`` from ``open`` before anything in the directory changes. Log semantics
+(``replay.py``): the last writer wins; entries at or before the snapshot index are not returned.
+Failures (EMFILE/ENFILE and a full disk are transient, other I/O errors and failed fsyncs stop
+the storage) and what ``open`` makes durable: docs/design.md, "Storage".
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import gc
 import logging
 import os
@@ -53,6 +35,7 @@ from types import TracebackType
 from ..codec import CodecError, encode_entry
 from ..core.types import Entry, HardState, Snapshot, SnapshotMeta
 from . import replay, snapshots, wal
+from .directory import open_locked
 from .storage_errors import (
     DISK_FULL_ERRNOS,
     TRANSIENT_ERRNOS,
@@ -112,7 +95,7 @@ class LogStorage:
         self._last_end = 0  # recovery: the end of the records of the segment read last
 
     def _open_new(self, path: Path, flags: int) -> int:
-        """``os.open`` of a file the storage creates while running; EMFILE/ENFILE is transient."""
+        """``os.open`` of a file the storage opens while running; EMFILE/ENFILE is transient."""
         try:
             return os.open(path, flags, 0o600)
         except OSError as exc:
@@ -145,16 +128,7 @@ class LogStorage:
         if preallocate_bytes < 0:
             raise StorageError(f"preallocate_bytes must not be negative, got {preallocate_bytes}")
         directory = Path(directory)
-        try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            lock_fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise StorageError(f"cannot open data directory {directory}: {exc}") from exc
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(lock_fd)
-            raise StorageError(f"data directory {directory} is in use by another process") from None
+        lock_fd = open_locked(directory)
         # Recovery allocates millions of acyclic objects; the cyclic GC would rescan them again
         # and again (measured: 2x slower). Pause it for the duration, process-wide.
         gc_was_enabled = gc.isenabled()
@@ -235,6 +209,13 @@ class LogStorage:
             self._fd = os.open(last.path, os.O_WRONLY)
             self._size = self._last_end
             self._allocated = os.fstat(self._fd).st_size
+            if self._size == 0:  # created, then a crash before its first record: head it now
+                self._buf.append(wal.hard_state_record(self._hard_state))
+                self._dir_dirty = True
+                self._sync_now()
+            else:  # a killed process's last records may be in the page cache only: recovery
+                wal.fsync_data(self._fd)  # returns them as the log, so they must be durable
+                self._fsync_directory()  # and so must the names of the files it read
             if conflict:  # a snapshot install was cut short: finish dropping the old log
                 self._restart_log()
         else:
@@ -485,10 +466,25 @@ class LogStorage:
         logger.info("storage installed snapshot index=%d term=%d", meta.index, meta.term)
 
     def _restart_log(self) -> None:
-        """Drop every entry: a fresh durable segment (hard state only), then delete the others."""
+        """Drop every entry: a fresh durable segment (hard state only), then the old ones emptied
+        newest first and deleted (see docs/design.md, "Storage": never stale entries after a crash)."""
         old = self._segments[:]
-        self._roll()
-        self._sync_now()
+        fds: list[int] = []
+        try:
+            for seg in old[1:]:  # opened before anything changes (EMFILE: StorageTransientError)
+                fds.append(self._open_new(seg.path, os.O_WRONLY))
+            self._roll()
+            self._sync_now()
+            for seg, fd in zip(reversed(old[1:]), reversed(fds), strict=True):
+                try:
+                    os.ftruncate(fd, 0)
+                    os.fsync(fd)
+                except OSError as exc:
+                    self._failed = f"cannot empty {seg.path}: {exc}"
+                    raise StorageError(self._failed) from exc
+        finally:
+            for fd in fds:
+                os.close(fd)
         for seg in old:
             self._unlink(seg.path)
         del self._segments[: len(old)]
@@ -516,13 +512,19 @@ class LogStorage:
         path = snapshots.snap_path(self._dir, meta.index, meta.term)
         try:
             snapshots.write_snapshot_file(path, header, snapshot.data, self._open_new)
-            self._fsync_directory()
         except StorageTransientError:
             raise
         except OSError as exc:
-            if exc.errno in DISK_FULL_ERRNOS and not path.exists():  # it did not land: no change
+            # Not renamed: ``path`` is as it was (absent, or this same snapshot from an earlier
+            # call, e.g. an install retried), so nothing changed.
+            if exc.errno in DISK_FULL_ERRNOS:
                 self.full_errors += 1
                 raise StorageFullError(path, free_bytes(self._dir)) from exc
+            self._failed = f"cannot write snapshot {path}: {exc}"
+            raise StorageError(self._failed) from exc
+        try:
+            self._fsync_directory()
+        except OSError as exc:
             self._failed = f"cannot write snapshot {path}: {exc}"
             raise StorageError(self._failed) from exc
         self._snapshot = meta

@@ -2,7 +2,8 @@
 
 Every channel's connections, in both directions, are ``_Conn`` objects; what a frame means is up
 to the handler its channel installs. Losing the connection fails its pending RPC calls
-(``RpcUnreachable``) and cancels the handler tasks it owns.
+(``RpcUnreachable``) and cancels the handler tasks it owns. With ``stall_seconds`` set, a connection
+whose writes stay paused (the peer stopped reading) that long is aborted.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ class _Conn(asyncio.BufferedProtocol):
         self._inbox_waiter: asyncio.Future[None] | None = None
         self.paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        self.stall_seconds: float | None = None  # writes backed up this long: the connection is aborted
+        self._stall_timer: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -103,6 +106,9 @@ class _Conn(asyncio.BufferedProtocol):
             return
         self.lost = True
         self._buf, self._len = bytearray(), 0
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         if not self.closed.done():
             self.closed.set_result(None)
         for waiter in (self._inbox_waiter, self._drain_waiter):
@@ -119,9 +125,14 @@ class _Conn(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.paused = True
+        if self.stall_seconds is not None and self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(self.stall_seconds, self._stalled)
 
     def resume_writing(self) -> None:
         self.paused = False
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
@@ -221,6 +232,12 @@ class _Conn(asyncio.BufferedProtocol):
             await self._drain_waiter
         if self.lost:
             raise ConnectionResetError("connection lost")
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        if self.paused and not self.lost:
+            log.warning("peer_stalled channel=%s peer=%s node=%d", self.channel, self.peer, self.node_id)
+            self.abort()
 
     def malformed(self, reason: str) -> None:
         if self.stats is not None:

@@ -154,6 +154,7 @@ class JoinServer:
             _, payload = _unpack(frame, (FrameKind.JOIN_REQUEST,), 2)
             if type(payload) is not bytes:
                 raise _Malformed("join payload must be bytes")
+            conn.use_handler(_on_unexpected_frame)  # one request: a later frame closes the connection
             self._stats.join_requests += 1
             log.info("join_request peer=%s fingerprint=%s", conn.peer, conn.fingerprint)
             try:
@@ -168,7 +169,6 @@ class JoinServer:
             conn.write_frames([out])
             async with asyncio.timeout(self._write_timeout):
                 await conn.drain()
-            conn.use_handler(_on_unexpected_frame)
             conn.close()
         except _Malformed as exc:
             conn.malformed(str(exc))

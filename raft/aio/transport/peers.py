@@ -308,6 +308,9 @@ class Peers:
         except OSError as exc:
             conn.abort()
             raise _DialError(f"{type(exc).__name__}: {exc}") from exc
+        except BaseException:  # cancelled (the caller's deadline, a stopped channel): no half-open connection
+            conn.abort()
+            raise
         if self.closing or fp not in self.pins.get(nid, ()):
             conn.abort()
             raise _DialError("unpinned while dialing")

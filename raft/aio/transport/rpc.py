@@ -3,7 +3,9 @@
 Concurrent calls to one member are multiplexed over one connection per peer by request id
 (``[kind, request id, method, payload]``); server handlers run as tasks owned by their
 connection, at most ``MAX_RPC_INFLIGHT_PER_CONNECTION`` at a time. A caller sees
-``RpcUnreachable``, ``RpcTimeout`` or ``RpcRemoteError``.
+``RpcUnreachable``, ``RpcTimeout`` or ``RpcRemoteError``. A connection whose writes stay backed up
+for the write timeout (the peer reads neither requests nor answers) is aborted, either direction
+(``_Conn.stall_seconds``): the calls on it fail and the next call dials again.
 
 Deadlines, both sides, are checked by one sweep every ``RPC_SWEEP_SECONDS`` while any is pending:
 the calls' futures and the handlers' tasks. A timer per call (or an ``asyncio.timeout`` context)
@@ -133,6 +135,7 @@ class RpcChannel:
                     conn = await peers.dial_address(address, ALPN_RPC, None)
                 except _DialError as exc:
                     raise RpcUnreachable(f"{address}: {exc}") from None
+                conn.stall_seconds = self._write_timeout
                 conn.use_handler(self._on_response)
                 self._next_request_id += 1
                 request_id = self._next_request_id
@@ -193,6 +196,7 @@ class RpcChannel:
             raise RpcUnreachable(f"could not connect to node {node_id} in time") from None
         except _DialError as exc:
             raise RpcUnreachable(f"node {node_id}: {exc}") from None
+        conn.stall_seconds = self._write_timeout
         conn.use_handler(self._on_response)
         if self.outgoing.get(node_id) is peer:
             peer.conn = conn
@@ -226,6 +230,7 @@ class RpcChannel:
         except _Malformed as exc:
             conn.malformed(str(exc))
             return
+        conn.stall_seconds = self._write_timeout  # a caller that stops reading answers is dropped
         handler = self._handlers.get(method)
         if handler is None:
             self._reply(conn, request_id, method, FrameKind.RPC_ERROR, f"unknown method {method!r}".encode())
