@@ -140,8 +140,12 @@ class Context:
 
 RunFn = Callable[[Context, Args], Awaitable[Reply]]
 # Called on a follower whose forward failed with 502/504: may settle the outcome from the local
-# replica (None: keep the error). See ``routes_cluster.removed_leader_outcome``.
-RecoverFn = Callable[[Context, Args, ApiError], Awaitable[Reply | None]]
+# replica (None: keep the error).
+SettleFn = Callable[[ApiError], Awaitable[Reply | None]]
+# Called on a follower just before it forwards, while its replica still shows the state the
+# request met: the ``SettleFn`` for a forward that then fails, or None when a lost answer could
+# not be settled (see ``routes_cluster.removed_leader_outcome``).
+RecoverFn = Callable[[Context, Args], SettleFn | None]
 # Runs on a follower instead of ``forward`` (it may call ``forward`` itself): see ``BodyStream``.
 RelayFn = Callable[[Context, "Route", "Call", Args], Awaitable[Reply]]
 
@@ -398,11 +402,12 @@ async def forward(ctx: Context, route: Route, call: Call, args: Args, *, to: int
     timeout = ctx.forward_timeout_seconds
     if route.long_running:
         timeout = max(timeout, ctx.operation_timeout_seconds + 1.0)
+    settle = route.recover(ctx, args) if route.recover is not None else None
     try:
         resp = await node.forward(request, timeout, to=to)  # bounded by the port: 504 LeaderTimeout
     except ApiError as exc:
-        if route.recover is not None and exc.status in (502, 504):
-            settled = await route.recover(ctx, args, exc)
+        if settle is not None and exc.status in (502, 504):
+            settled = await settle(exc)
             if settled is not None:
                 return settled
         raise

@@ -9,7 +9,7 @@ whose replica is authoritative; a follower only checks the syntax before forward
 from __future__ import annotations
 
 from .errors import ApiError, BadRequest, NotFound
-from .pipeline import Access, Context, ErrorDoc, Placement, Reply, Route
+from .pipeline import Access, Context, ErrorDoc, Placement, Reply, Route, SettleFn
 from .schemas import array, ref
 from .validation import CONSISTENT_QUERY, NODE_ID_SCHEMA, Args, Field, node_id_path
 
@@ -80,17 +80,24 @@ async def remove_member(ctx: Context, args: Args) -> Reply:
     return Reply(result={"message": "Cluster member removed"})
 
 
-async def removed_leader_outcome(ctx: Context, args: Args, exc: ApiError) -> Reply | None:
+def removed_leader_outcome(ctx: Context, args: Args) -> SettleFn | None:
     """A follower forwarded "remove node X" to the leader X and lost the answer (502/504).
 
     Removing the leader hands leadership over and then removes X; a follower that applies the
     removal drops its connections to X at once (X's pin is gone), which can cut off X's answer.
-    When the local replica shows X is no longer a member, the removal happened: say so.
+    When the local replica showed X as a member before the forward and no longer does after it,
+    the removal happened: say so. A node the replica did not know is never reported removed.
     """
     node_id = int(args.path["id"])
-    if ctx.node.has_member(node_id):
+    if not ctx.node.has_member(node_id):
         return None
-    return Reply(result={"message": "Cluster member removed"})
+
+    async def settle(exc: ApiError) -> Reply | None:
+        if ctx.node.has_member(node_id):
+            return None
+        return Reply(result={"message": "Cluster member removed"})
+
+    return settle
 
 
 async def promote_member(ctx: Context, args: Args) -> Reply:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .pipeline import Access, Context, ErrorDoc, Placement, Reply, Route
 from .schemas import array, ref
 from .validation import CONSISTENT_QUERY, POOL_NAME_PATH, POOL_NAME_SCHEMA, Args, Field, cidr_check
@@ -10,13 +12,23 @@ P = "/api/v1/pools"
 NAME = Field(
     "name", POOL_NAME_SCHEMA, "Pool name: [a-z0-9][a-z0-9._-]{0,62}.", required=True, code="invalid_pool_name"
 )
+
+
+def _cidr_problem(value: Any) -> str | None:
+    """A network in CIDR notation: an IPv6 zone index (``fe80::%eth0/64``, which ``ipaddress``
+    accepts, with any characters after ``%``) names one host's interface, not a network."""
+    if "%" in value:
+        return "must not carry an IPv6 zone index (%...)"
+    return cidr_check(value)
+
+
 CIDR = Field(
     "cidr",
     {"type": "string", "minLength": 1, "maxLength": 64},
     "IPv4 or IPv6 network in CIDR notation (host bits zero).",
     required=True,
     code="invalid_cidr",
-    check=cidr_check,
+    check=_cidr_problem,
 )
 POOL_404 = ErrorDoc(404, ("pool_not_found",))
 

@@ -99,6 +99,9 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     except BackupToolError as exc:
         print(f"quorumd restore: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"quorumd restore: interrupted, nothing kept in {cfg.data_dir}", file=sys.stderr)
+        return 130
     return 0
 
 

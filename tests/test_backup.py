@@ -5,6 +5,7 @@ disk that fills up (a small tmpfs)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -437,3 +438,67 @@ def test_archive_of_the_first_backup_format_stays_readable(tmp_path: Path) -> No
     target = tmp_path / "restored"
     done = quorumd("restore", "--config", str(_config(tmp_path, target)), "--from", str(path))
     assert done.returncode == 0, done.stderr
+
+
+class _CountedMetrics(BackupMetrics):
+    """Sets ``counted`` at every count, so a test can wait for the scheduler's next result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counted = asyncio.Event()
+
+    def count(self, result: str, at: float | None = None) -> None:
+        super().count(result, at)
+        self.counted.set()
+
+    async def next_count(self, task: asyncio.Task[None]) -> dict[str, int]:
+        """The counts after the next result of the scheduler ``task`` (which must not end)."""
+        self.counted.clear()
+        waiter = asyncio.ensure_future(self.counted.wait())
+        done, _ = await asyncio.wait({waiter, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        assert waiter in done, f"no result counted; the schedule {task}"
+        return dict(self.counts)
+
+
+@pytest.mark.asyncio
+async def test_a_backup_dir_that_cannot_be_made_is_counted_and_retried(tmp_path: Path) -> None:
+    blocker = tmp_path / "backups"
+    blocker.write_text("a file where the directory should be")
+    body = b"archive"
+
+    async def archive() -> BackupArchive:
+        return BackupArchive(body, 7, hashlib.sha256(body).hexdigest(), CLUSTER)
+
+    async def ready() -> None:
+        return None
+
+    metrics = _CountedMetrics()
+    sched = BackupScheduler(BackupConfig(blocker / "q", 0.01, 2), 1, CLUSTER, archive, metrics)
+    task = asyncio.create_task(sched.run(ready))
+    try:
+        assert (await metrics.next_count(task))["failed"] >= 1
+        assert metrics.enabled and not task.done()  # exported, so the staleness alert can fire
+        blocker.unlink()
+        while (await metrics.next_count(task))["ok"] == 0:
+            pass
+        assert [p.read_bytes() for p in sched.archives()] == [body]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.asyncio
+async def test_pruning_never_removes_the_archive_just_written(tmp_path: Path) -> None:
+    body = b"new archive"
+
+    async def archive() -> BackupArchive:
+        return BackupArchive(body, 9, hashlib.sha256(body).hexdigest(), CLUSTER)
+
+    later = tmp_path / f"quorumd-{CLUSTER}-20990101T000000Z-n1-8.backup"  # written before the clock went back
+    later.write_bytes(b"older archive")
+    sched = BackupScheduler(BackupConfig(tmp_path, 3600.0, 1), 1, CLUSTER, archive, BackupMetrics())
+    path = await sched.run_once()
+    assert path is not None and path.read_bytes() == body
+    assert sched.archives() == [path]

@@ -11,7 +11,11 @@ import asyncio
 import datetime as dt
 import ipaddress
 import json
+import os
+import resource
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from quorumd.node.ctl import client as ctl_client
 from quorumd.node.ctl import main as ctl
 
 TOKEN = "qd_test.secret"
@@ -638,6 +643,43 @@ async def test_timeout_exits_3(api: FakeApi, capsys: pytest.CaptureFixture[str])
     assert "no answer from" in err and "within 0.1 s" in err
 
 
+@pytest.mark.asyncio
+async def test_a_deeply_nested_answer_exits_3(api: FakeApi, capsys: pytest.CaptureFixture[str]) -> None:
+    async def deep(_: web.Request) -> web.StreamResponse:
+        body = b'{"result":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        return web.Response(body=body, content_type="application/json")
+
+    api.raw("GET", "/status", deep)
+    assert await _run(api, "status") == 3
+    out, err = _out(capsys)
+    assert out == "" and "not an API envelope" in err
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_an_answer_beyond_the_bound_exits_3(
+    api: FakeApi, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, chunked: bool
+) -> None:
+    monkeypatch.setattr(ctl_client, "MAX_ANSWER_BYTES", 1 << 20, raising=False)
+    body = b'{"result": "ok"}' + b" " * (3 << 20)  # a valid envelope, padded
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        if not chunked:
+            return web.Response(body=body, content_type="application/json")
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for i in range(0, len(body), 1 << 16):
+            await resp.write(body[i : i + (1 << 16)])
+        await resp.write_eof()
+        return resp
+
+    api.raw("GET", "/status", huge)
+    assert await _run(api, "status") == 3
+    _, err = _out(capsys)
+    assert f"larger than {1 << 20} bytes" in err
+
+
 # --- options and environment -------------------------------------------------------------------
 
 
@@ -668,6 +710,48 @@ async def test_endpoint_and_token_resolution(
 
 
 @pytest.mark.asyncio
+async def test_an_oversized_token_file_is_a_usage_error(
+    api: FakeApi, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    big = tmp_path / "big.token"
+    big.write_text("a" * (1 << 20))
+    assert await ctl.run(["--endpoint", api.endpoint, "--token-file", str(big), "status"], env={}) == 2
+    assert api.seen == []
+    _, err = _out(capsys)
+    assert f"token file {big} is larger than" in err
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+
+def test_a_token_file_that_never_ends_is_a_usage_error() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "quorumd.node.ctl.main", "--endpoint", "http://127.0.0.1:1",
+         "--token-file", "/dev/zero", "status"],
+        capture_output=True, text=True, timeout=60, check=False, preexec_fn=_limit_memory,
+    )  # fmt: skip
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "token file /dev/zero is larger than" in res.stderr
+
+
+@pytest.mark.asyncio
+async def test_a_reader_that_goes_away_is_no_traceback(api: FakeApi) -> None:
+    api.ok("GET", "/leases", [_lease(i) for i in range(1, 3000)])  # more than a pipe holds
+    r, w = os.pipe()
+    os.close(r)  # ``quorumctl leases list | head -0``
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "quorumd.node.ctl.main", "--endpoint", api.endpoint, "--token", TOKEN,
+            "leases", "list", stdout=w, stderr=subprocess.PIPE,
+        )  # fmt: skip
+    finally:
+        os.close(w)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 141 and err == b"", err.decode()[-2000:]
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize(
     "argv",
     [
@@ -679,6 +763,8 @@ async def test_endpoint_and_token_resolution(
         ["--token-file", "/nonexistent/token", "status"],
         ["--token", "two words", "status"],
         ["--endpoint", "ftp://host", "status"],
+        ["--endpoint", "https://user:pw@127.0.0.1:1", "--token", "t", "status"],
+        ["--endpoint", "https://a..b:1", "--token", "t", "status"],
         ["--endpoint", "https://127.0.0.1:1", "--cacert", "/nonexistent/ca.pem", "status"],
         ["leases", "list", "--limit", "0"],
         ["join-token", "create"],

@@ -25,6 +25,8 @@ from yarl import URL
 API_PREFIX = "/api/v1"
 DEFAULT_ENDPOINT = "https://127.0.0.1:5002"
 DEFAULT_TIMEOUT_SECONDS = 60.0
+# The largest JSON answer read (a page of 10,000 leases is a few MiB): beyond it is not the API.
+MAX_ANSWER_BYTES = 64 << 20
 
 
 class CtlError(Exception):
@@ -71,6 +73,12 @@ def normalize_endpoint(endpoint: str) -> URL:
         raise SettingsError(f"invalid endpoint {endpoint!r}") from exc
     if url.scheme not in ("http", "https") or not url.host:
         raise SettingsError(f"invalid endpoint {endpoint!r}: expected http(s)://HOST:PORT")
+    if url.user is not None or url.password is not None:
+        raise SettingsError(f"invalid endpoint {endpoint!r}: no user or password in the URL (use --token)")
+    try:
+        url.host.encode("idna")  # what name resolution does with it
+    except UnicodeError:
+        raise SettingsError(f"invalid endpoint {endpoint!r}: {url.host!r} is not a valid host name") from None
     path = url.path.rstrip("/")
     if path.endswith(API_PREFIX):
         path = path[: -len(API_PREFIX)]
@@ -162,7 +170,7 @@ class CtlClient:
                     async for chunk in resp.content.iter_chunked(1 << 20):
                         sink(chunk)
                     return dict(resp.headers)
-                raw = await resp.read()
+                raw = await _read_bounded(resp)
                 return _unwrap(resp.status, resp.reason, resp.headers.get("Retry-After"), raw)
         except aiohttp.ClientConnectorCertificateError as exc:
             raise EndpointError(
@@ -181,6 +189,19 @@ class CtlClient:
             raise EndpointError(f"request to {self.display} failed: {type(exc).__name__}: {exc}") from exc
 
 
+async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes:
+    """The body of a JSON answer; ``EndpointError`` beyond ``MAX_ANSWER_BYTES``."""
+    limit = MAX_ANSWER_BYTES
+    if resp.content_length is not None and resp.content_length > limit:
+        raise EndpointError(f"HTTP {resp.status}: the answer is larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(1 << 20):
+        body += chunk
+        if len(body) > limit:
+            raise EndpointError(f"HTTP {resp.status}: the answer is larger than {limit} bytes")
+    return bytes(body)
+
+
 def _os_reason(err: OSError) -> str:
     if isinstance(err, socket.gaierror):
         return err.strerror or str(err)
@@ -192,7 +213,7 @@ def _os_reason(err: OSError) -> str:
 def _unwrap(status: int, reason: str | None, retry_after: str | None, raw: bytes) -> Any:
     try:
         doc = json.loads(raw) if raw else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         doc = None
     if 200 <= status < 300:
         if isinstance(doc, dict) and "result" in doc:

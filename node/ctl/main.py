@@ -8,7 +8,8 @@ Endpoint: ``--endpoint``, else ``$QUORUMD_ENDPOINT``, else ``https://127.0.0.1:5
 Output: aligned tables (``-o table``, the default) or the envelope's ``result`` as JSON (``-o json``).
 Exit codes: 0 success; 1 the API answered with an error (``error: <message> (<code>) [HTTP n]`` on
 stderr); 2 usage error (bad arguments, unreadable token or CA file); 3 the endpoint cannot be
-reached or does not speak the API (connection refused, DNS, TLS verification, timeout).
+reached or does not speak the API (connection refused, DNS, TLS verification, timeout, an answer
+that is not JSON or larger than ``client.MAX_ANSWER_BYTES``); 141 the output's reader went away.
 
 The argument tree and the handlers live here; the HTTP session and error mapping in
 ``ctl_client``; the tables in ``ctl_format``.
@@ -45,6 +46,7 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
 LEASE_PAGE_DEFAULT = 1000
+MAX_TOKEN_FILE_BYTES = 64 << 10
 
 
 class UsageError(Exception):
@@ -434,9 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _read_token_file(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
+            text = f.read(MAX_TOKEN_FILE_BYTES + 1)
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read token file {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    if len(text) > MAX_TOKEN_FILE_BYTES:
+        raise UsageError(f"token file {path} is larger than {MAX_TOKEN_FILE_BYTES} bytes: not a token")
+    token = text.strip()
     if not token:
         raise UsageError(f"token file {path} is empty")
     return token
@@ -527,9 +532,14 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(inv, int):
         return inv
     try:
-        return asyncio.run(execute(inv))
+        code = asyncio.run(execute(inv))
+        sys.stdout.flush()
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (``quorumctl ... | head``)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
 
 
 if __name__ == "__main__":

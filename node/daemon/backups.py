@@ -75,8 +75,12 @@ class BackupScheduler:
         """The schedule; cancelled by the daemon at shutdown. ``ready`` returns once the replica
         holds the cluster secrets."""
         loop = asyncio.get_running_loop()
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        delay = await loop.run_in_executor(None, self.first_delay_seconds, time.time())
+        try:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            delay = await loop.run_in_executor(None, self.first_delay_seconds, time.time())
+        except OSError as exc:  # counted by the first backup, which fails the same way or works
+            log.error("backup_dir_unusable dir=%s reason=%s", self.dir, exc.strerror or type(exc).__name__)
+            delay = 0.0
         self.metrics.enable(self.interval, self.metrics.last_success)
         log.info("backup_schedule dir=%s interval=%.0fs keep=%d first_in=%.0fs",
                  self.dir, self.interval, self.keep, delay)  # fmt: skip
@@ -107,7 +111,8 @@ class BackupScheduler:
     def _write_and_prune(self, path: Path, body: bytes) -> None:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         pki.write_private_file(path, body)  # temp file, fsync, rename, fsync dir; 0600
-        for old in self.archives()[: -self.keep]:
+        others = [p for p in self.archives() if p != path]  # never the one just written (clock set back)
+        for old in others[: max(0, len(others) - (self.keep - 1))]:
             try:
                 old.unlink()
             except OSError as exc:

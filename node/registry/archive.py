@@ -136,6 +136,25 @@ def encode_archive(header: ArchiveHeader, state: bytes | Sequence[bytes]) -> tup
     return b"".join(parts), sha256
 
 
+PROBE_BYTES = _PREFIX.size + MAX_HEADER_BYTES + _STATE_LEN.size  # enough to read the lengths
+
+
+def declared_length(head: bytes) -> int | None:
+    """The whole length of the archive whose first bytes are ``head`` (``PROBE_BYTES`` is always
+    enough), from its own length fields; None when ``head`` does not say (too short, or not an
+    archive of a format this build reads: ``decode_archive`` names the problem)."""
+    if len(head) < _PREFIX.size:
+        return None
+    magic, version, head_len = _PREFIX.unpack_from(head, 0)
+    if magic != ARCHIVE_MAGIC or not 1 <= version <= ARCHIVE_FORMAT_VERSION or head_len > MAX_HEADER_BYTES:
+        return None
+    state_at = _PREFIX.size + head_len + _STATE_LEN.size
+    if len(head) < state_at:
+        return None
+    (state_len,) = _STATE_LEN.unpack_from(head, _PREFIX.size + head_len)
+    return int(state_at + state_len + DIGEST_BYTES)
+
+
 def decode_archive(data: bytes) -> Archive:
     """Check and split an archive; raises ``ArchiveError`` naming the first problem."""
     n = len(data)

@@ -23,8 +23,10 @@ Then ``quorumd run`` leads at once; other hosts join with empty data dirs and ne
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,13 @@ from quorumd.node.config.schema import Config
 from quorumd.node.daemon.datadir import ensure_data_dir, write_node_file
 from quorumd.node.daemon.startup import api_url
 from quorumd.node.registry import apitoken
-from quorumd.node.registry.archive import Archive, ArchiveError, decode_archive
+from quorumd.node.registry.archive import (
+    PROBE_BYTES,
+    Archive,
+    ArchiveError,
+    declared_length,
+    decode_archive,
+)
 from quorumd.node.registry.leases import SnapshotError
 from quorumd.node.registry.records import SNAPSHOT_VERSION, ApiToken, Member
 from quorumd.node.registry.state import StateMachine
@@ -76,11 +84,40 @@ def load_archive_bytes(data: bytes) -> LoadedArchive:
     return LoadedArchive(archive, sm)
 
 
-def load_archive(path: Path) -> LoadedArchive:
+def read_archive_file(path: Path) -> bytes:
+    """The bytes of the archive file at ``path``: a regular file (never a device or a pipe, which
+    may not end), read only as far as the archive it starts with declares."""
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO: no wait for a writer
     except OSError as exc:
         raise BackupToolError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise BackupToolError(f"{path}: cannot read: it is a directory")
+        if not stat.S_ISREG(mode):
+            raise BackupToolError(f"{path}: cannot read: not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            head = f.read(PROBE_BYTES)
+            size = os.fstat(fd).st_size
+            expected = declared_length(head)
+            if expected is None or size <= len(head):
+                return head
+            if size < expected:
+                raise BackupToolError(f"{path}: truncated: {size} bytes of {expected}")
+            if size > expected:
+                raise BackupToolError(f"{path}: trailing data: {size} bytes, the archive ends at {expected}")
+            return head + f.read(expected - len(head))
+    except OSError as exc:
+        raise BackupToolError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except MemoryError:
+        raise BackupToolError(f"{path}: cannot read: too large to check in memory") from None
+    finally:
+        os.close(fd)
+
+
+def load_archive(path: Path) -> LoadedArchive:
+    data = read_archive_file(path)
     try:
         return load_archive_bytes(data)
     except ArchiveError as exc:
@@ -153,6 +190,9 @@ def restore(cfg: Config, archive_path: Path) -> str:
     sm.refound(index, member, secrets.token_bytes(32), admin)
     config = Configuration(voters=frozenset({node_id}), nonvoters=frozenset())
     snap = Snapshot(SnapshotMeta(index, term, config), sm.snapshot())
+    top = data_dir  # the outermost directory this run creates (removed on failure)
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
     try:
         ensure_data_dir(data_dir)
         storage, _ = LogStorage.open(data_dir / "raft")
@@ -165,8 +205,10 @@ def restore(cfg: Config, archive_path: Path) -> str:
         write_node_file(data_dir, {"node_id": node_id, "cluster_id": header.cluster_id, "founder": True})
         token_text = apitoken.format_api_token(token_id, secret)
         pki.write_private_file(data_dir / "admin.token", (token_text + "\n").encode())
-    except Exception as exc:
-        _undo(data_dir, existed)
+    except BaseException as exc:  # Ctrl-C too: never a half-written data dir
+        _undo(data_dir if existed else top, existed)
+        if not isinstance(exc, Exception):
+            raise
         raise BackupToolError(f"restore failed, nothing kept in {data_dir}: {exc}") from None
     return "\n".join(
         [

@@ -44,8 +44,10 @@ def parse_peers(text: str) -> dict[int, HostPort]:
         if not part:
             continue
         nid_s, sep, addr = part.partition("=")
-        if not sep or not nid_s.isdigit() or not 1 <= int(nid_s) <= 63:
+        if not sep or not (nid_s.isascii() and nid_s.isdigit()) or not 1 <= int(nid_s) <= 63:
             raise RecoverError(f"--peers: expected ID=HOST:PORT with ID in 1..63, got {part!r}")
+        if int(nid_s) in peers:
+            raise RecoverError(f"--peers: node {int(nid_s)} is given twice")
         try:
             peers[int(nid_s)] = parse_host_port(addr)
         except Exception as exc:
