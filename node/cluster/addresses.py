@@ -50,6 +50,7 @@ member's own announcement, the API token for a PATCH).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -81,6 +82,22 @@ RpcAt = Callable[[str, str, bytes, float], Awaitable[tuple[int, bytes]]]  # Clus
 def parse_raft_address(text: str) -> str:
     """A reachable ``host:port`` as ``cluster.advertise-address`` takes it, canonical form."""
     return str(_RAFT_ADDRESS.parse(text, Path(".")))
+
+
+def same_raft_address(a: str, b: str) -> bool:
+    """Whether two ``host:port`` texts name one address: an IP literal however it is spelled
+    (``[fd00:0::2]`` is ``[FD00::2]``), a DNS name in any case."""
+    return _address_key(a) == _address_key(b)
+
+
+def _address_key(text: str) -> str:
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]").lower()
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        host = host.rstrip(".")
+    return f"{host}:{port}"
 
 
 def parse_api_address(text: str) -> str:
@@ -127,6 +144,8 @@ class AddressBook:
         # node id -> (announced raft address, the registry's address then): see dial_addresses
         self._address_hints: dict[int, tuple[str, str]] = {}
         self.on_dial_addresses_changed: Callable[[], None] | None = None  # the daemon re-reads them
+        # PATCHes one at a time: each checks address_in_use against the ones before it committed
+        self._patch_lock = asyncio.Lock()
 
     # --- where to dial ---------------------------------------------------------------------------
     def dial_addresses(self, registry: dict[int, str]) -> dict[int, str]:
@@ -352,17 +371,22 @@ class AddressBook:
         if raft_address is None and api_address is None:
             raise BadRequest("give raftAddress, apiAddress or both", code="missing_field")
         raft, api = validate_addresses(raft_address, api_address)
-        m = self.service.sm.member(node_id)
-        if m is None:
-            raise NotFound(f"node {node_id} is not a cluster member", code="member_not_found")
-        if raft is not None:
-            others = self.service.sm.members()
-            taken = [o.node_id for o in others if o.node_id != node_id and o.raft_address == raft]
-            if taken:
-                raise Conflict(f"raftAddress {raft} is node {taken[0]}'s", code="address_in_use")
-        cmd = SetMemberAddress(time.time(), node_id, raft or m.raft_address, api or m.api_address)
-        if (cmd.raft_address, cmd.api_address) != (m.raft_address, m.api_address):
-            await self._propose_address_change(cmd, ACTOR_API)
+        async with self._patch_lock:
+            m = self.service.sm.member(node_id)
+            if m is None:
+                raise NotFound(f"node {node_id} is not a cluster member", code="member_not_found")
+            if raft is not None:
+                others = self.service.sm.members()
+                taken = [
+                    o.node_id
+                    for o in others
+                    if o.node_id != node_id and same_raft_address(o.raft_address, raft)
+                ]
+                if taken:
+                    raise Conflict(f"raftAddress {raft} is node {taken[0]}'s", code="address_in_use")
+            cmd = SetMemberAddress(time.time(), node_id, raft or m.raft_address, api or m.api_address)
+            if (cmd.raft_address, cmd.api_address) != (m.raft_address, m.api_address):
+                await self._propose_address_change(cmd, ACTOR_API)
         return next(item for item in self.service.members() if item["nodeId"] == node_id)
 
     async def _propose_address_change(self, cmd: SetMemberAddress, actor: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from quorumd.api.errors import ApiError
 from quorumd.node.cluster import pki
@@ -27,8 +28,11 @@ log = logging.getLogger(__name__)
 class JoinHandler:
     """``ClusterNode.joins``: the join channel's handler and ``join.forward``, over the service."""
 
-    def __init__(self, service: ClusterService) -> None:
+    def __init__(self, service: ClusterService, settle: Callable[[], Awaitable[None]] | None = None) -> None:
         self.service = service
+        # Waits until no membership change is in flight (``ClusterNode._settle_membership``): the
+        # token and the id are judged again then, right before the join is proposed.
+        self._settle = settle
 
     async def handle(self, payload: bytes, client_cert_der: bytes) -> bytes:
         """The join bootstrap handler (any node; a follower forwards to the leader)."""
@@ -69,6 +73,28 @@ class JoinHandler:
             n.on_join_result("rejected")
         return pack({"ok": False, "reason": reason, "message": message})
 
+    def _spent(self, token_id: bytes, node_id: int, der: bytes, cluster_id: str) -> bytes | None:
+        """The answer when the token is spent or the id taken (None: neither)."""
+        n = self.service
+        member = n.sm.member(node_id)
+        if member is not None and n.sm.is_join_token_consumed(token_id):
+            # The same joiner again (it died after the join committed, before it stored the
+            # answer): its TLS-proven certificate is the one pinned for this node, so the join
+            # is idempotent for it. Anyone else presenting the spent token is a replay.
+            try:
+                same = pki.fingerprint(der) == member.cert_fingerprint
+            except Exception:  # a malformed certificate is never the member's
+                same = False
+            if same:
+                log.info("join_repeated node_id=%d", node_id)
+                members = [[m.node_id, m.raft_address, m.cert_fingerprint] for m in n.sm.members()]
+                return pack({"ok": True, "cluster_id": cluster_id, "members": members})
+        if n.sm.is_join_token_consumed(token_id):
+            return self._refused("replayed", "join token was already used")
+        if n.sm.has_member(node_id):
+            return self._refused("already_member", f"node {node_id} is already a member")
+        return None
+
     async def _as_leader(
         self, token: str, node_id: int, ctx_bytes: bytes, der: bytes, protocol: int = 1
     ) -> bytes:
@@ -82,23 +108,9 @@ class JoinHandler:
             )
         except jointoken.JoinTokenError as exc:
             return self._refused(exc.reason, str(exc))
-        member = n.sm.member(node_id)
-        if member is not None and n.sm.is_join_token_consumed(claims.token_id):
-            # The same joiner again (it died after the join committed, before it stored the
-            # answer): its TLS-proven certificate is the one pinned for this node, so the join
-            # is idempotent for it. Anyone else presenting the spent token is a replay.
-            try:
-                same = pki.fingerprint(der) == member.cert_fingerprint
-            except Exception:  # a malformed certificate is never the member's
-                same = False
-            if same:
-                log.info("join_repeated node_id=%d", node_id)
-                members = [[m.node_id, m.raft_address, m.cert_fingerprint] for m in n.sm.members()]
-                return pack({"ok": True, "cluster_id": cluster_id, "members": members})
-        if n.sm.is_join_token_consumed(claims.token_id):
-            return self._refused("replayed", "join token was already used")
-        if n.sm.has_member(node_id):
-            return self._refused("already_member", f"node {node_id} is already a member")
+        spent = self._spent(claims.token_id, node_id, der, cluster_id)
+        if spent is not None:
+            return spent
         try:
             ctx = decode_member_context(ctx_bytes)
             fp = pki.fingerprint(der)
@@ -112,6 +124,14 @@ class JoinHandler:
         ):
             return self._refused("bad_certificate", "certificate does not match the joining node")
         async with n.versions.lock:  # no ratchet between this check and the join's commit
+            if self._settle is not None:
+                # Judged again with no change in flight, and proposed with no await in between:
+                # ``change_membership`` retries behind an uncommitted change without looking again
+                # (the token spent and its member removed meanwhile would admit this one).
+                await self._settle()
+                spent = self._spent(claims.token_id, node_id, der, cluster_id)
+                if spent is not None:
+                    return spent
             too_old = n.versions.join_refusal(protocol)
             if too_old is not None:
                 return self._refused("protocol_too_old", too_old)

@@ -107,7 +107,7 @@ class ClusterNode:
             hand_off=self.hand_off_leadership,  # a draining leader's hand-off
         )
         self.addresses = AddressBook(service)
-        self.joins = JoinHandler(service)
+        self.joins = JoinHandler(service, settle=self._settle_membership)
         self.certificates: CertificateRotation | None = None  # attached by the daemon
 
     # --- NodeApi: identity and routing (the service) -----------------------------------------
@@ -298,15 +298,39 @@ class ClusterNode:
         log.info("member_remove_answer_lost node_id=%d removed=%s", node_id, ok)
         return ok
 
+    def _membership_settled(self) -> bool:
+        """No membership change in flight: the last one appended is applied here, and this leader
+        has committed an entry of its term (a change proposed now is not held back)."""
+        core = self.service.running_driver.core
+        return (
+            core.pending_conf_index <= self.service.sm.applied_index
+            and core.log.term(core.log.commit) == core.term
+        )
+
+    async def _settle_membership(self) -> None:
+        """Wait (at most the propose timeout) until ``_membership_settled``. A check made then and
+        the change proposed right after it, with no await between, judge the configuration the
+        change applies to: ``change_membership`` retries a change held back by an uncommitted
+        one after that one commits, without looking again (a PROMOTE of a member removed
+        meanwhile would add it back as a voter with no registry entry and no pin)."""
+        svc = self.service
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + svc.propose_timeout
+        while svc.is_leader() and not self._membership_settled():
+            left = deadline - loop.time()
+            if left <= 0 or not await svc.wait_state(self._membership_settled, left):
+                return  # change_membership answers (commit_timeout, no_leader)
+
     async def promote_member(self, node_id: int) -> None:
         svc = self.service
-        self._need_member(node_id)
         core = svc.running_driver.core
-        if node_id in core.config.voters:
-            raise ApiError(409, "already_voter", f"node {node_id} is already a voter")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(3.0, svc.propose_timeout)
         while True:
+            await self._settle_membership()
+            self._need_member(node_id)
+            if node_id in core.config.voters:
+                raise ApiError(409, "already_voter", f"node {node_id} is already a voter")
             peer = next((p for p in core.status().peers if p.node_id == node_id), None)
             lag = core.last_index - (peer.match_index if peer else 0)
             if peer is not None and lag <= svc.max_trailing_logs:
