@@ -161,6 +161,17 @@ def wait_rejoined(c: NsCluster, nid: int) -> None:
 
 
 # --- tests -----------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def healed_after(cluster: NsCluster) -> Iterator[None]:
+    """The module shares one cluster: a test that fails while the lab is cut or a node is stopped
+    leaves it healed and running for the next test, which would otherwise fail for that reason."""
+    yield
+    cluster.lab.heal()
+    for nid in cluster.nodes:
+        if cluster.nodes[nid].paused:
+            cluster.unpause(nid)
+
+
 def test_cut_off_follower_fences_within_the_bound_and_rejoins_after_the_heal(cluster: NsCluster) -> None:
     c = cluster
     lead = c.wait_leader()
