@@ -573,4 +573,5 @@ class ApiServer:
             await asyncio.wait(list(self._handshakes), timeout=0.1)
         if self._listener is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._listener.wait_closed(), 0.1)
+                async with asyncio.timeout(0.1):
+                    await self._listener.wait_closed()

@@ -154,3 +154,24 @@ def test_the_running_node_is_composed_not_inherited() -> None:
 
     for cls in (ClusterNode, ClusterService, IsolationGuard, Foresight, AddressBook, DrainEffects):
         assert cls.__mro__ == (cls, object), cls
+
+
+def _calls_wait_for(path: Path) -> list[int]:
+    return [
+        node.lineno
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "wait_for"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "asyncio"
+    ]
+
+
+@pytest.mark.parametrize("path", [p for f in PACKAGES for p in product_modules(f)], ids=rel)
+def test_deadlines_use_asyncio_timeout(path: Path) -> None:
+    """``asyncio.wait_for`` on this Python returns normally when what it awaits completes just as
+    its task is cancelled, so the cancellation is lost (a loop around it then never ends, and a
+    shutdown that cancels once waits for ever); ``async with asyncio.timeout(...)`` does not."""
+    lines = _calls_wait_for(path)
+    assert not lines, f"{rel(path)} calls asyncio.wait_for at lines {lines}"

@@ -231,7 +231,8 @@ class ClusterNode:
         # after TimeoutNow), else callers that need the new leader (remove of the leader) see 0.
         while (svc.is_leader() or svc.leader_id() in (0, me)) and loop.time() < deadline:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(svc.running_driver.wait_leader_change(), deadline - loop.time())
+                async with asyncio.timeout(deadline - loop.time()):
+                    await svc.running_driver.wait_leader_change()
         new = svc.leader_id()
         log.info("leader_transfer_done new_leader=%d", new)
         return new if new != me else 0
@@ -418,7 +419,8 @@ class ClusterNode:
             if svc.is_leader() and self.foresight.best_transfer_target(exclude=me) == 0:
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(svc.running_driver.wait_leader_change(), deadline - loop.time())
+                async with asyncio.timeout(deadline - loop.time()):
+                    await svc.running_driver.wait_leader_change()
 
     async def resume_member(self, node_id: int) -> None:
         m = self._need_member(node_id)

@@ -256,7 +256,8 @@ class ClusterService:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._state_waiters.append((pred, fut))
         try:
-            await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                await fut
             return True
         except TimeoutError:
             return False
@@ -296,7 +297,8 @@ class ClusterService:
         while True:
             try:
                 fut = self.running_driver.propose_conf_change(cc)
-                res = await asyncio.wait_for(fut, max(0.05, deadline - loop.time()))
+                async with asyncio.timeout(max(0.05, deadline - loop.time())):
+                    res = await fut
                 break
             except ConfChangeError as exc:
                 msg = str(exc)

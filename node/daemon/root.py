@@ -553,18 +553,13 @@ class Daemon:
             return  # a dead driver (exit 1) cannot hand off or announce
         try:
             if node.is_leader() and len(node.service.running_driver.core.config.voters) > 1:
-                new = await asyncio.wait_for(
-                    node.hand_off_leadership(), self.cfg.cluster.election_timeout_seconds * 3
-                )
-                await asyncio.wait_for(
-                    node.trail.record_transfer(self.cfg.node_id, new, "stop", None),
-                    self.cfg.cluster.propose_timeout_seconds,
-                )
+                async with asyncio.timeout(self.cfg.cluster.election_timeout_seconds * 3):
+                    new = await node.hand_off_leadership()
+                async with asyncio.timeout(self.cfg.cluster.propose_timeout_seconds):
+                    await node.trail.record_transfer(self.cfg.node_id, new, "stop", None)
             if node.leader_id() != 0 and len(node.service.running_driver.core.config.members()) > 1:
-                await asyncio.wait_for(
-                    node.service.announce(MarkNodeLeft(time.time(), self.cfg.node_id, True)),
-                    self.cfg.cluster.propose_timeout_seconds,
-                )
+                async with asyncio.timeout(self.cfg.cluster.propose_timeout_seconds):
+                    await node.service.announce(MarkNodeLeft(time.time(), self.cfg.node_id, True))
         except (TimeoutError, ApiError) as exc:
             log.info("graceful_stop_partial reason=%s", type(exc).__name__)
 
@@ -581,7 +576,8 @@ class Daemon:
     @staticmethod
     async def _bounded(aw: Any, timeout: float) -> None:
         try:
-            await asyncio.wait_for(aw, timeout)
+            async with asyncio.timeout(timeout):
+                await aw
         except TimeoutError:
             log.warning("cleanup_timeout")
 

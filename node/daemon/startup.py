@@ -134,7 +134,8 @@ async def wait_for_disk_space(
             f"EXTEND_TIMEOUT_USEC={int((delay + 30.0) * 1_000_000)}"
         )
         try:
-            await asyncio.wait_for(stop.wait(), delay)
+            async with asyncio.timeout(delay):
+                await stop.wait()
             return False
         except TimeoutError:
             pass

@@ -55,9 +55,9 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from quorumd.node.config.schema import BgpConfig
 from quorumd.node.effects.bgp import (
@@ -83,6 +83,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux
 
 
@@ -106,6 +108,7 @@ class GoBgpSpeaker:
         self._token: Any = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._tmp_dir: Path | None = None
         self._pid_seen: int | None = None
         self._pid_since = 0.0
@@ -228,10 +231,13 @@ class GoBgpSpeaker:
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop reconciling and stop gobgpd (its sessions close: the peers drop the routes)."""
+        self._closing = True  # the reconciler ends at its next turn even if a cancellation is lost
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            await asyncio.wait({task}, timeout=timeout)
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if not done:
+                log.warning("bgp_reconcile_close_timeout")
         await self.supervisor.close(timeout)
         self._rib = frozenset()
         self._answering = False
@@ -243,9 +249,14 @@ class GoBgpSpeaker:
 
     # --- reconciler ---------------------------------------------------------------------------------
     async def _reconcile_loop(self) -> None:
-        while True:
+        while not self._closing:
+            # asyncio.timeout, not wait_for: wait_for returns normally when the wake-up and a
+            # cancellation arrive together, and the cancellation of this loop is lost
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval_seconds)
+                async with asyncio.timeout(self.settings.poll_interval_seconds):
+                    await self._wake.wait()
+            if self._closing:
+                return
             self._wake.clear()
             local, self._dirty = self._dirty, False
             try:
@@ -320,11 +331,11 @@ class GoBgpSpeaker:
             return True  # (one round of CLI calls less between a lease and its route)
         if not self._rib_known or len(self._rib) <= self.settings.small_rib or now >= self._next_full_read:
             return False
-        v4, v6 = await asyncio.gather(self.cli.count("ipv4"), self.cli.count("ipv6"))
+        v4, v6 = await _together(self.cli.count("ipv4"), self.cli.count("ipv6"))
         return v4 + v6 == len(self._rib)
 
     async def _read_back(self, now: float) -> None:
-        v4, v6 = await asyncio.gather(self.cli.rib("ipv4"), self.cli.rib("ipv6"))
+        v4, v6 = await _together(self.cli.rib("ipv4"), self.cli.rib("ipv6"))
         rib = v4 | v6
         if rib != self._rib or not self._rib_known:
             self._sample = heapq.nsmallest(SAMPLE_PREFIXES, rib, key=prefix_sort_key)
@@ -351,7 +362,7 @@ class GoBgpSpeaker:
         rib = set(self._rib)
         if not self._admin and delete and len(delete) == len(rib) and len(delete) > s.concurrency:
             # A stop withdraws everything: one call per family instead of one per prefix.
-            await asyncio.gather(self.cli.delete_all("ipv4"), self.cli.delete_all("ipv6"))
+            await _together(self.cli.delete_all("ipv4"), self.cli.delete_all("ipv6"))
             sample = heapq.nsmallest(SAMPLE_PREFIXES, delete, key=prefix_sort_key)
             log.info("bgp_withdraw count=%d sample=%s", len(delete), ",".join(sample))
             self._rib = frozenset()
@@ -432,6 +443,18 @@ class GoBgpSpeaker:
             "--log-level",
             "info",
         ]
+
+
+async def _together(*calls: Awaitable[T]) -> list[T]:
+    """Run the calls concurrently; return (or raise the first failure) once every one has ended.
+    Unlike a plain ``gather``, a failed or cancelled call never leaves the others running."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    out: list[T] = []
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+        out.append(r)
+    return out
 
 
 def build_bgp_speaker(

@@ -136,19 +136,16 @@ class GoBgpCli:
                 )
             except OSError as exc:
                 raise SpeakerError(f"cannot run {self.program}: {exc}") from exc
+            # asyncio.timeout, not wait_for: wait_for returns the result when the call ends just
+            # as the caller is cancelled, and the caller's cancellation is lost.
             try:
-                out, err = await asyncio.wait_for(proc.communicate(), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    out, err = await proc.communicate()
             except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), 2.0)
+                await _reap(proc, 2.0)
                 raise SpeakerError(f"gobgp {' '.join(args[:3])}: no answer in {self.timeout:g}s") from None
             except asyncio.CancelledError:  # reap it (bounded) so nothing outlives the call
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                    await asyncio.wait_for(proc.wait(), 1.0)
+                await _reap(proc, 1.0)
                 raise
         if proc.returncode != 0:
             detail = err.decode("utf-8", "replace").strip()[:200]
@@ -185,6 +182,15 @@ class GoBgpCli:
 
     async def delete_all(self, family: str) -> None:
         await self.run("global", "rib", "del", "all", "-a", family)
+
+
+async def _reap(proc: asyncio.subprocess.Process, timeout: float) -> None:
+    """Kill a call's process and wait (bounded) for it to exit."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await proc.wait()
 
 
 def _family(prefix: str) -> str:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 MAX_LINE_CHARS = 400
 READ_CHUNK = 4096
+READER_GRACE = 1.0  # seconds the output is still read after the child exited
 
 
 def pdeathsig_preexec(parent_pid: int | None = None) -> Callable[[], None]:
@@ -104,7 +105,8 @@ class ProcessSupervisor:
     async def wait_running(self, timeout: float) -> bool:
         """Wait (bounded) until a child runs; True if one does."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._started.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._started.wait()
         return self.pid is not None
 
     def kill(self) -> None:
@@ -116,25 +118,31 @@ class ProcessSupervisor:
                 proc.kill()
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Stop supervising: SIGTERM the child, SIGKILL it after ``timeout``; idempotent."""
+        """Stop supervising: SIGTERM the child, SIGKILL it after ``timeout``; idempotent. Returns
+        with the supervising task ended (bounded: a child that does not finish is given up on)."""
         self._closing.set()
         proc = self._proc
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
             try:
-                await asyncio.wait_for(proc.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await proc.wait()
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), 2.0)
+                    async with asyncio.timeout(2.0):
+                        await proc.wait()
         task, self._task = self._task, None
         if task is not None:
             done, _ = await asyncio.wait({task}, timeout=3.0)
             if not done:
                 log.warning("supervisor_close_timeout name=%s", self.name)
-                task.cancel()
+                task.cancel()  # its cleanup is bounded: kill, then at most READER_GRACE for the output
+                done, _ = await asyncio.wait({task}, timeout=READER_GRACE + 1.0)
+                if not done:
+                    log.error("supervisor_task_left name=%s", self.name)
 
     # --- internals -----------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -154,7 +162,8 @@ class ProcessSupervisor:
                 self.name, rc, uptime, delay,
             )  # fmt: skip
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), delay)
+                async with asyncio.timeout(delay):  # not wait_for: it can lose a cancellation
+                    await self._closing.wait()
 
     async def _run_once(self) -> int | None:
         try:
@@ -174,6 +183,9 @@ class ProcessSupervisor:
             self.last_exit = None
             return None
         self._proc = proc
+        if self._closing.is_set():  # close came while it was being spawned: it saw no child
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
         self.starts += 1
         self._started.set()
         log.info("speaker_process_started name=%s pid=%d starts=%d", self.name, proc.pid, self.starts)
@@ -186,10 +198,12 @@ class ProcessSupervisor:
             if proc.returncode is None:  # cancelled: never leave the child behind
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(reader, 1.0)
-            if not reader.done():
-                reader.cancel()
+            try:  # a cancellation here still ends the task (never suppressed)
+                await asyncio.wait({reader}, timeout=READER_GRACE)
+            finally:
+                if not reader.done():
+                    reader.cancel()
+                    await asyncio.wait({reader})  # it ends at its next step
         self.last_exit = rc
         self._notify()
         return rc

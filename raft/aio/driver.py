@@ -163,7 +163,8 @@ class RaftDriver:
         self._wake.set()
         if self._task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), 5.0)
+                async with asyncio.timeout(5.0):
+                    await asyncio.shield(self._task)
             except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
         if self._snapshot_save is not None and not self._snapshot_save.done():
