@@ -441,7 +441,14 @@ class Daemon:
         if self.node is not None and (old.role == Role.LEADER) != (new.role == Role.LEADER):
             self.node.foresight.on_leadership_change(new.role == Role.LEADER)
             if new.role == Role.LEADER:
-                self._tasks.append(asyncio.get_running_loop().create_task(self._on_became_leader()))
+                self._keep_task(asyncio.get_running_loop().create_task(self._on_became_leader()))
+
+    def _keep_task(self, task: asyncio.Task[Any]) -> None:
+        """One more task of the daemon's own (cancelled and awaited at the stop); those that ended
+        without an error are let go, so that every leadership gained does not keep one for ever
+        (one that failed stays, for the stop to log)."""
+        self._tasks = [t for t in self._tasks if not (t.done() and (t.cancelled() or t.exception() is None))]
+        self._tasks.append(task)
 
     async def _on_became_leader(self) -> None:
         """Founder duties that need a leader: cluster secrets and the first admin token."""
@@ -566,12 +573,15 @@ class Daemon:
     async def _cancel_tasks(self) -> None:
         """Cancel the daemon's own tasks and wait for them; a task that had failed is logged with
         its error (never swallowed), and the stop goes on."""
-        for t in self._tasks:
-            t.cancel()
-        results = await asyncio.gather(*self._tasks, return_exceptions=True)
-        for t, result in zip(self._tasks, results, strict=True):
-            if isinstance(result, Exception):
-                log.error("task_failed task=%s error=%s", t.get_name(), result, exc_info=result)
+        awaited: set[asyncio.Task[Any]] = set()
+        while pending := [t for t in self._tasks if t not in awaited]:  # (a task may start meanwhile)
+            for t in pending:
+                t.cancel()
+            results = await asyncio.gather(*pending, return_exceptions=True)
+            for t, result in zip(pending, results, strict=True):
+                if isinstance(result, Exception):
+                    log.error("task_failed task=%s error=%s", t.get_name(), result, exc_info=result)
+            awaited.update(pending)
 
     @staticmethod
     async def _bounded(aw: Any, timeout: float) -> None:
