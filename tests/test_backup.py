@@ -309,7 +309,7 @@ def test_verify_cli(tmp_path: Path) -> None:
     assert res.returncode == 1 and "cannot read" in res.stderr and "Traceback" not in res.stderr
 
 
-def _config(tmp_path: Path, data_dir: Path) -> Path:
+def restore_config(tmp_path: Path, data_dir: Path) -> Path:
     cfg = tmp_path / "restore.yaml"
     cfg.write_text(
         yaml.safe_dump(
@@ -329,7 +329,7 @@ def test_restore_refusals_write_nothing(tmp_path: Path) -> None:
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
-    res = quorumd("restore", "--config", str(_config(tmp_path, busy)), "--from", str(archive))
+    res = quorumd("restore", "--config", str(restore_config(tmp_path, busy)), "--from", str(archive))
     assert res.returncode == 2 and str(busy) in res.stderr and "not empty" in res.stderr, res
     assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
 
@@ -339,7 +339,7 @@ def test_restore_refusals_write_nothing(tmp_path: Path) -> None:
         for target in (tmp_path / f"absent-{name}", tmp_path / f"empty-{name}"):
             if target.name.startswith("empty"):
                 target.mkdir()
-            res = quorumd("restore", "--config", str(_config(tmp_path, target)), "--from", str(bad))
+            res = quorumd("restore", "--config", str(restore_config(tmp_path, target)), "--from", str(bad))
             assert res.returncode == 1 and ("truncated" in res.stderr or "empty" in res.stderr), res
             assert "Traceback" not in res.stderr
             assert not target.exists() or list(target.iterdir()) == []
@@ -352,13 +352,13 @@ def test_restore_writes_a_founder_data_dir(tmp_path: Path) -> None:
     archive = tmp_path / "a.backup"
     archive.write_bytes(make_archive(sample_state(5)))
     target = tmp_path / "fresh"
-    res = quorumd("restore", "--config", str(_config(tmp_path, target)), "--from", str(archive))
+    res = quorumd("restore", "--config", str(restore_config(tmp_path, target)), "--from", str(archive))
     assert res.returncode == 0, res.stderr
     assert "5 leases" in res.stdout
     for rel in ("admin.token", "node.json", "tls/node.key", "tls/node.crt"):
         assert stat.S_IMODE((target / rel).stat().st_mode) == 0o600, rel
     assert stat.S_IMODE(target.stat().st_mode) == 0o700
-    again = quorumd("restore", "--config", str(_config(tmp_path, target)), "--from", str(archive))
+    again = quorumd("restore", "--config", str(restore_config(tmp_path, target)), "--from", str(archive))
     assert again.returncode == 2 and str(target) in again.stderr
 
 
@@ -436,7 +436,7 @@ def test_archive_of_the_first_backup_format_stays_readable(tmp_path: Path) -> No
     assert res.returncode == 0, res.stderr
     assert f"cluster id: {CLUSTER}" in res.stdout and "leases:     5" in res.stdout
     target = tmp_path / "restored"
-    done = quorumd("restore", "--config", str(_config(tmp_path, target)), "--from", str(path))
+    done = quorumd("restore", "--config", str(restore_config(tmp_path, target)), "--from", str(path))
     assert done.returncode == 0, done.stderr
 
 

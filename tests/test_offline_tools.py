@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from quorumd.node import cli
 from quorumd.node.config.schema import load_config
 from quorumd.node.tools import backup as backup_tool
 from quorumd.node.tools.recover import RecoverError, parse_peers
-from tests.test_backup import make_archive, sample_state, small_tmpfs
+from tests.test_backup import make_archive, restore_config, sample_state, small_tmpfs
 
 MEMORY_LIMIT = 1 << 30
 
@@ -36,20 +35,6 @@ def quorumd(*args: str) -> subprocess.CompletedProcess[str]:
         check=False,
         preexec_fn=_limit_memory,
     )
-
-
-def _config(tmp_path: Path, data_dir: Path) -> Path:
-    cfg = tmp_path / "node.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "data-dir": str(data_dir),
-                "api": {"address": "127.0.0.1", "port": 5999},
-                "cluster": {"node-id": 4, "bind-address": "127.0.0.1:7999"},
-            }
-        )
-    )
-    return cfg
 
 
 def test_verify_refuses_what_is_not_an_archive_file(tmp_path: Path) -> None:
@@ -85,7 +70,7 @@ def test_an_interrupted_restore_keeps_nothing(tmp_path: Path, monkeypatch: pytes
     archive = tmp_path / "a.backup"
     archive.write_bytes(make_archive(sample_state()))
     target = tmp_path / "data"
-    cfg = load_config(str(_config(tmp_path, target)))
+    cfg = load_config(str(restore_config(tmp_path, target)))
 
     def interrupted(*_: object) -> None:
         raise KeyboardInterrupt
@@ -105,7 +90,7 @@ def test_a_restore_that_runs_out_of_space_keeps_nothing(tmp_path: Path) -> None:
     archive.write_bytes(make_archive(sample_state(12_000)))  # about 300 kB
     with small_tmpfs(tmp_path, "256k") as mnt:
         target = mnt / "srv" / "quorumd" / "data"  # its parents are made by the restore too
-        res = quorumd("restore", "--config", str(_config(tmp_path, target)), "--from", str(archive))
+        res = quorumd("restore", "--config", str(restore_config(tmp_path, target)), "--from", str(archive))
         assert res.returncode == 1 and "nothing kept" in res.stderr, res.stderr[-2000:]
         assert list(mnt.iterdir()) == []
 
@@ -125,6 +110,6 @@ def test_recover_refuses_bad_peers(
 ) -> None:
     with pytest.raises(RecoverError, match=needle):
         parse_peers(peers)
-    cfg = _config(tmp_path, tmp_path / "data")
+    cfg = restore_config(tmp_path, tmp_path / "data")
     assert cli.main(["recover", "--config", str(cfg), "--peers", peers]) == 1
     assert needle in capsys.readouterr().err
