@@ -14,7 +14,7 @@ import struct
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgpack
@@ -268,13 +268,14 @@ def test_refound_keeps_leases_tokens_and_replaces_members_and_join_key() -> None
 # --- the CLI ---------------------------------------------------------------------------------------
 
 
-def quorumd(*args: str) -> subprocess.CompletedProcess[str]:
+def quorumd(*args: str, preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "quorumd.node.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        preexec_fn=preexec_fn,
     )
 
 

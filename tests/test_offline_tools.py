@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import resource
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from quorumd.node.config.schema import load_config
 from quorumd.node.tools import backup as backup_tool
 from quorumd.node.tools.recover import RecoverError, parse_peers
 from tests.test_backup import make_archive, restore_config, sample_state, small_tmpfs
+from tests.test_backup import quorumd as run_quorumd
 
 MEMORY_LIMIT = 1 << 30
 
@@ -27,14 +27,7 @@ def _limit_memory() -> None:
 
 def quorumd(*args: str) -> subprocess.CompletedProcess[str]:
     """The command in a child whose address space is bounded: reading without a bound fails."""
-    return subprocess.run(
-        [sys.executable, "-m", "quorumd.node.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        preexec_fn=_limit_memory,
-    )
+    return run_quorumd(*args, preexec_fn=_limit_memory)
 
 
 def test_verify_refuses_what_is_not_an_archive_file(tmp_path: Path) -> None:
