@@ -322,11 +322,16 @@ class Cluster(DaemonCluster[Node]):
 
     # --- configuration ------------------------------------------------------------------------
     def make_node(self, node_id: int) -> Node:
+        # The kernel may hand out a port it just handed out (then released): never one that another
+        # node of this cluster already has.
+        taken = {p for n in self.nodes.values() for p in (n.raft_port, n.api_port)}
+        raft_port = next(p for p in iter(free_port, None) if p not in taken)
+        api_port = next(p for p in iter(free_port, None) if p not in taken and p != raft_port)
         node = Node(
             node_id=node_id,
             directory=self.directory,
-            raft_port=free_port(),
-            api_port=free_port(),
+            raft_port=raft_port,
+            api_port=api_port,
             config_path=self.directory / f"node{node_id}.yaml",
             log_path=self.directory / f"node{node_id}.log",
         )
